@@ -1,0 +1,84 @@
+/* commandbus Lua binding: what the binding's files share, and the bridge
+ * between the Lua 5.4 and LuaJIT (5.1) C APIs, so that one source builds for
+ * both. */
+#ifndef COMMANDBUS_BINDING_H
+#define COMMANDBUS_BINDING_H
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "commandbus/error.h"
+#include "commandbus/runtime.h"
+
+/* ---- compatibility ------------------------------------------------------------ */
+
+#if LUA_VERSION_NUM < 502
+#define lua_rawlen(L, i) lua_objlen((L), (i))
+#define lua_absindex(L, i) ((i) > 0 || (i) <= LUA_REGISTRYINDEX ? (i) : lua_gettop(L) + (i) + 1)
+#endif
+
+/* LuaJIT numbers are doubles: integers beyond 2^53 would silently round, so
+ * they travel as decimal strings there. Lua 5.4 has 64-bit integers. */
+static inline void cbL_pushint64(lua_State *L, int64_t v) {
+#if LUA_VERSION_NUM >= 503
+  lua_pushinteger(L, (lua_Integer)v);
+#else
+  if (v > 9007199254740992LL || v < -9007199254740992LL) {
+    char buf[24];
+    snprintf(buf, sizeof buf, "%lld", (long long)v);
+    lua_pushstring(L, buf);
+  } else {
+    lua_pushnumber(L, (lua_Number)v);
+  }
+#endif
+}
+
+/* An int64 from an integral number or a decimal string; 0 and *ok = 0 when
+ * the value is neither. */
+int64_t cbL_toint64(lua_State *L, int idx, int *ok);
+int64_t cbL_checkint64(lua_State *L, int idx);
+
+/* Optional fields of an options table at idx (which may be nil). */
+double cbL_optfield_number(lua_State *L, int idx, const char *field, double def);
+int cbL_optfield_int(lua_State *L, int idx, const char *field, int def);
+const char *cbL_optfield_string(lua_State *L, int idx, const char *field, const char *def);
+
+/* ---- errors (errors.c) ------------------------------------------------------- */
+
+/* Pushes nil and an error object {code=, message=, sqlstate=}; returns 2. */
+int cbL_pusherror(lua_State *L, const cb_err *err);
+int cbL_pusherrorcode(lua_State *L, int code, const char *fmt, ...);
+void cbL_open_errors(lua_State *L);
+
+/* ---- JSON through a private lua-cjson instance (json.c) ----------------------- */
+
+void cbL_open_json(lua_State *L);
+/* Encodes the value at idx; pushes the JSON string and returns 1, or pushes
+ * an error message and returns 0. */
+int cbL_json_encode(lua_State *L, int idx);
+/* Decodes a JSON text; pushes the value (or nil+message: returns 0). */
+int cbL_json_decode(lua_State *L, const char *text);
+
+/* ---- the bus (bus.c) ------------------------------------------------------- */
+
+#define CBL_BUS_MT "commandbus.bus"
+
+typedef struct cbL_bus {
+  cb_runtime *rt; /* NULL once freed */
+} cbL_bus;
+
+cbL_bus *cbL_checkbus(lua_State *L, int idx);
+void cbL_open_bus(lua_State *L);
+
+/* ---- queues (queue.c) ---------------------------------------------------- */
+
+void cbL_open_queue(lua_State *L);
+/* bus:queue(name): pushes the queue object (or nil, err). */
+int cbL_bus_queue(lua_State *L);
+int cbL_bus_list_queues(lua_State *L);
+/* The runtime of the open bus at idx, or NULL after pushing nil, CLOSED. */
+cb_runtime *cbL_bus_runtime(lua_State *L, int idx);
+
+#endif

@@ -1,0 +1,400 @@
+/* commandbus Lua binding: pgmq queues, `bus:queue(name)`.
+ *
+ * A queue object remembers its bus (a registry reference, so the bus outlives
+ * it) and its validated name. Messages are Lua tables, sent as JSON objects;
+ * what a read returns is {msg_id=, read_ct=, enqueued_at=, vt=, message=}. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "binding.h"
+#include "commandbus/queue.h"
+
+#define QUEUE_MT "commandbus.queue"
+
+typedef struct cbL_queue {
+  int bus_ref;
+  char name[CB_QUEUE_NAME_MAX + 1];
+} cbL_queue;
+
+static cbL_queue *check_queue(lua_State *L) { return luaL_checkudata(L, 1, QUEUE_MT); }
+
+/* The queue's runtime, or NULL after pushing nil, err. */
+static cb_runtime *queue_runtime(lua_State *L, cbL_queue *q) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, q->bus_ref);
+  cb_runtime *rt = cbL_bus_runtime(L, lua_gettop(L));
+  if (rt == NULL) {
+    lua_remove(L, -3); /* the bus, under nil, err */
+    return NULL;
+  }
+  lua_pop(L, 1);
+  return rt;
+}
+
+int cbL_bus_queue(lua_State *L) {
+  cbL_checkbus(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  if (lua_type(L, 2) != LUA_TSTRING) luaL_argerror(L, 2, "queue name must be a string");
+  cb_err err;
+  if (cb_queue_name_valid(name, &err) != CB_OK) return cbL_pusherror(L, &err);
+  cbL_queue *q = lua_newuserdata(L, sizeof *q);
+  q->bus_ref = LUA_NOREF;
+  snprintf(q->name, sizeof q->name, "%s", name);
+  luaL_getmetatable(L, QUEUE_MT);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, 1);
+  q->bus_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 1;
+}
+
+static int l_gc(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  luaL_unref(L, LUA_REGISTRYINDEX, q->bus_ref);
+  q->bus_ref = LUA_NOREF;
+  return 0;
+}
+
+static int ok_or_error(lua_State *L, int rc, cb_err *err) {
+  if (rc != CB_OK) return cbL_pusherror(L, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* queue:create() -> true | nil, err */
+static int l_create(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  cb_err err;
+  return ok_or_error(L, cb_queue_create(rt, q->name, &err), &err);
+}
+
+/* queue:drop() -> true (it existed) | false | nil, err */
+static int l_drop(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  cb_err err;
+  int existed = 0;
+  if (cb_queue_drop(rt, q->name, &existed, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_pushboolean(L, existed);
+  return 1;
+}
+
+/* Encodes the message at idx as a JSON object; pushes it, or returns 0 after
+ * pushing nil, INVALID_ARGUMENT. */
+static int encode_message(lua_State *L, int idx, int position) {
+  if (lua_type(L, idx) != LUA_TTABLE) {
+    if (position)
+      cbL_pusherrorcode(L, CB_EINVAL, "message #%d must be a table, got %s", position, luaL_typename(L, idx));
+    else
+      cbL_pusherrorcode(L, CB_EINVAL, "message must be a table, got %s", luaL_typename(L, idx));
+    return 0;
+  }
+  if (!cbL_json_encode(L, idx)) {
+    const char *why = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    cbL_pusherrorcode(L, CB_EINVAL, "cannot encode message as JSON: %s", why ? why : "?");
+    return 0;
+  }
+  return 1;
+}
+
+static double opt_delay(lua_State *L, int idx) {
+  if (!lua_isnoneornil(L, idx)) luaL_checktype(L, idx, LUA_TTABLE);
+  double delay = cbL_optfield_number(L, idx, "delay", 0);
+  if (delay < 0) luaL_argerror(L, idx, "delay must not be negative");
+  return delay;
+}
+
+/* queue:send(msg, {delay=}) -> msg_id | nil, err */
+static int l_send(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  double delay = opt_delay(L, 3);
+  if (!encode_message(L, 2, 0)) return 2;
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  int64_t id;
+  cb_err err;
+  if (cb_queue_send(rt, q->name, lua_tostring(L, -1), delay, &id, &err) != CB_OK) return cbL_pusherror(L, &err);
+  cbL_pushint64(L, id);
+  return 1;
+}
+
+static void push_ids(lua_State *L, const int64_t *ids, size_t n) {
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    cbL_pushint64(L, ids[i]);
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+}
+
+/* queue:send_batch({msg, ...}, {delay=}) -> {msg_id, ...} | nil, err */
+static int l_send_batch(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  double delay = opt_delay(L, 3);
+  size_t n = lua_rawlen(L, 2);
+  if (n == 0) {
+    lua_newtable(L);
+    return 1;
+  }
+
+  /* Encoded pieces are pushed and concatenated one at a time, keeping the
+   * buffer's stack discipline. */
+  lua_pushliteral(L, "[");
+  for (size_t i = 1; i <= n; i++) {
+    lua_rawgeti(L, 2, (int)i);
+    if (!encode_message(L, -1, (int)i)) return 2;
+    lua_remove(L, -2);
+    if (i < n) lua_pushliteral(L, ",");
+    else lua_pushliteral(L, "]");
+    lua_concat(L, 3);
+  }
+
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  int64_t *ids = NULL;
+  size_t count = 0;
+  cb_err err;
+  if (cb_queue_send_batch(rt, q->name, lua_tostring(L, -1), delay, &ids, &count, &err) != CB_OK)
+    return cbL_pusherror(L, &err);
+  push_ids(L, ids, count);
+  free(ids);
+  return 1;
+}
+
+/* Pushes a list of message tables; returns 1, or 2 (nil, err) when a stored
+ * message is not valid JSON (it cannot be: PostgreSQL validated it). */
+static int push_messages(lua_State *L, cb_messages *m) {
+  lua_createtable(L, (int)m->count, 0);
+  for (size_t i = 0; i < m->count; i++) {
+    cb_message *msg = &m->items[i];
+    lua_createtable(L, 0, 5);
+    cbL_pushint64(L, msg->msg_id);
+    lua_setfield(L, -2, "msg_id");
+    lua_pushinteger(L, msg->read_ct);
+    lua_setfield(L, -2, "read_ct");
+    lua_pushstring(L, msg->enqueued_at);
+    lua_setfield(L, -2, "enqueued_at");
+    lua_pushstring(L, msg->vt);
+    lua_setfield(L, -2, "vt");
+    if (msg->message) {
+      if (!cbL_json_decode(L, msg->message)) lua_pushnil(L);
+      lua_setfield(L, -2, "message");
+    }
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  cb_messages_free(m);
+  return 1;
+}
+
+static int read_args(lua_State *L, double *vt, int *qty) {
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  *vt = cbL_optfield_number(L, 2, "vt", 30);
+  *qty = cbL_optfield_int(L, 2, "qty", 1);
+  if (*vt < 0) luaL_argerror(L, 2, "vt must not be negative");
+  if (*qty < 1) luaL_argerror(L, 2, "qty must be at least 1");
+  return 0;
+}
+
+/* queue:read{vt=30, qty=1} -> {message, ...} | nil, err */
+static int l_read(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  double vt;
+  int qty;
+  read_args(L, &vt, &qty);
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  cb_messages m;
+  cb_err err;
+  if (cb_queue_read(rt, q->name, vt, qty, &m, &err) != CB_OK) return cbL_pusherror(L, &err);
+  return push_messages(L, &m);
+}
+
+/* queue:read_with_poll{vt=30, qty=1, max_wait=5, poll_interval=0.1} */
+static int l_read_with_poll(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  double vt;
+  int qty;
+  read_args(L, &vt, &qty);
+  double max_wait = cbL_optfield_number(L, 2, "max_wait", 5);
+  double poll = cbL_optfield_number(L, 2, "poll_interval", 0.1);
+  if (max_wait < 0) luaL_argerror(L, 2, "max_wait must not be negative");
+  if (poll <= 0) luaL_argerror(L, 2, "poll_interval must be positive");
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  cb_messages m;
+  cb_err err;
+  if (cb_queue_read_with_poll(rt, q->name, vt, qty, max_wait, poll, &m, &err) != CB_OK)
+    return cbL_pusherror(L, &err);
+  return push_messages(L, &m);
+}
+
+/* queue:pop{qty=1} -> {message, ...} | nil, err */
+static int l_pop(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  int qty = cbL_optfield_int(L, 2, "qty", 1);
+  if (qty < 1) luaL_argerror(L, 2, "qty must be at least 1");
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  cb_messages m;
+  cb_err err;
+  if (cb_queue_pop(rt, q->name, qty, &m, &err) != CB_OK) return cbL_pusherror(L, &err);
+  return push_messages(L, &m);
+}
+
+/* delete/archive(id) -> boolean; delete/archive({id, ...}) -> {done ids} */
+static int id_op(lua_State *L, int archive) {
+  cbL_queue *q = check_queue(L);
+  int single = lua_type(L, 2) != LUA_TTABLE;
+  size_t n = single ? 1 : lua_rawlen(L, 2);
+  int64_t *ids = malloc((n ? n : 1) * sizeof *ids);
+  if (ids == NULL) return cbL_pusherrorcode(L, CB_ENOMEM, "out of memory");
+  for (size_t i = 0; i < n; i++) {
+    int ok;
+    if (single) {
+      ids[i] = cbL_toint64(L, 2, &ok);
+    } else {
+      lua_rawgeti(L, 2, (int)i + 1);
+      ids[i] = cbL_toint64(L, -1, &ok);
+      lua_pop(L, 1);
+    }
+    if (!ok) {
+      free(ids);
+      return luaL_argerror(L, 2, "message id (integer) or list of ids expected");
+    }
+  }
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) {
+    free(ids);
+    return 2;
+  }
+  int64_t *done = NULL;
+  size_t count = 0;
+  cb_err err;
+  int rc = n == 0 ? CB_OK
+           : archive ? cb_queue_archive(rt, q->name, ids, n, &done, &count, &err)
+                     : cb_queue_delete(rt, q->name, ids, n, &done, &count, &err);
+  free(ids);
+  if (rc != CB_OK) return cbL_pusherror(L, &err);
+  if (single) lua_pushboolean(L, count == 1);
+  else push_ids(L, done, count);
+  free(done);
+  return 1;
+}
+
+static int l_delete(lua_State *L) { return id_op(L, 0); }
+static int l_archive(lua_State *L) { return id_op(L, 1); }
+
+/* queue:set_vt(id, seconds) -> message | false (no such message) | nil, err */
+static int l_set_vt(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  int64_t id = cbL_checkint64(L, 2);
+  double secs = luaL_checknumber(L, 3);
+  if (secs < 0) luaL_argerror(L, 3, "seconds must not be negative");
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  cb_messages m;
+  cb_err err;
+  if (cb_queue_set_vt(rt, q->name, id, secs, &m, &err) != CB_OK) return cbL_pusherror(L, &err);
+  if (m.count == 0) {
+    cb_messages_free(&m);
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  push_messages(L, &m);
+  lua_rawgeti(L, -1, 1);
+  return 1;
+}
+
+/* queue:metrics() -> {queue_name=, queue_length=, newest_msg_age_sec=, ...} */
+static int l_metrics(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  cb_queue_metrics m;
+  cb_err err;
+  if (cb_queue_metrics_get(rt, q->name, &m, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_createtable(L, 0, 6);
+  lua_pushstring(L, q->name);
+  lua_setfield(L, -2, "queue_name");
+  cbL_pushint64(L, m.queue_length);
+  lua_setfield(L, -2, "queue_length");
+  if (m.newest_msg_age_sec >= 0) {
+    cbL_pushint64(L, m.newest_msg_age_sec);
+    lua_setfield(L, -2, "newest_msg_age_sec");
+    cbL_pushint64(L, m.oldest_msg_age_sec);
+    lua_setfield(L, -2, "oldest_msg_age_sec");
+  }
+  cbL_pushint64(L, m.total_messages);
+  lua_setfield(L, -2, "total_messages");
+  lua_pushstring(L, m.scrape_time);
+  lua_setfield(L, -2, "scrape_time");
+  return 1;
+}
+
+/* queue:purge() -> count | nil, err */
+static int l_purge(lua_State *L) {
+  cbL_queue *q = check_queue(L);
+  cb_runtime *rt = queue_runtime(L, q);
+  if (rt == NULL) return 2;
+  int64_t count;
+  cb_err err;
+  if (cb_queue_purge(rt, q->name, &count, &err) != CB_OK) return cbL_pusherror(L, &err);
+  cbL_pushint64(L, count);
+  return 1;
+}
+
+static int l_name(lua_State *L) {
+  lua_pushstring(L, check_queue(L)->name);
+  return 1;
+}
+
+static int l_tostring(lua_State *L) {
+  lua_pushfstring(L, "commandbus.queue (%s)", check_queue(L)->name);
+  return 1;
+}
+
+/* bus:list_queues() -> {{queue_name=, is_partitioned=, is_unlogged=, created_at=}, ...} */
+int cbL_bus_list_queues(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
+  cb_queue_info *qs = NULL;
+  size_t n = 0;
+  cb_err err;
+  if (cb_queue_list(rt, &qs, &n, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, qs[i].name);
+    lua_setfield(L, -2, "queue_name");
+    lua_pushboolean(L, qs[i].is_partitioned);
+    lua_setfield(L, -2, "is_partitioned");
+    lua_pushboolean(L, qs[i].is_unlogged);
+    lua_setfield(L, -2, "is_unlogged");
+    lua_pushstring(L, qs[i].created_at);
+    lua_setfield(L, -2, "created_at");
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  free(qs);
+  return 1;
+}
+
+void cbL_open_queue(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"create", l_create}, {"drop", l_drop},         {"send", l_send},
+      {"send_batch", l_send_batch}, {"read", l_read}, {"read_with_poll", l_read_with_poll},
+      {"pop", l_pop},       {"delete", l_delete},     {"archive", l_archive},
+      {"set_vt", l_set_vt}, {"metrics", l_metrics},   {"purge", l_purge},
+      {"name", l_name},     {NULL, NULL},
+  };
+  luaL_newmetatable(L, QUEUE_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, l_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+}

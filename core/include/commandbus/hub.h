@@ -1,0 +1,59 @@
+/* commandbus: the change hub, a version counter per key.
+ *
+ * A waiter subscribes to a key *before* it reads the state it waits on, then
+ * waits for the key's version to move past the one it saw: a change that lands
+ * between the read and the wait is never lost. Every component that changes
+ * state (and the listener connection, for PostgreSQL notifications) calls
+ * cb_hub_notify. A key lives in the hub only while it has subscribers, so the
+ * hub does not grow with the keys it has seen. All functions are safe from any
+ * thread. */
+#ifndef COMMANDBUS_HUB_H
+#define COMMANDBUS_HUB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cb_hub cb_hub;
+typedef struct cb_hub_sub cb_hub_sub;
+
+cb_hub *cb_hub_new(void);
+/* Frees the hub. No subscription may outlive it. */
+void cb_hub_free(cb_hub *hub);
+
+/* Subscribes to key (copied); NULL when out of memory. The subscription
+ * starts at the key's current version. Owned by the caller, which releases it
+ * with cb_hub_unsubscribe; one thread at a time may wait on it. */
+cb_hub_sub *cb_hub_subscribe(cb_hub *hub, const char *key);
+void cb_hub_unsubscribe(cb_hub_sub *sub);
+
+/* The version the subscription has seen so far. */
+uint64_t cb_hub_sub_version(const cb_hub_sub *sub);
+
+/* Waits until the key's version differs from the one the subscription has
+ * seen, or timeout_ms passes (negative: no limit). Returns 1 when it moved
+ * (and records the new version), 0 on timeout, CB_ECLOSED once the hub is
+ * closed. */
+int cb_hub_wait(cb_hub_sub *sub, int timeout_ms);
+
+/* Bumps key's version and wakes its waiters; a key without subscribers costs
+ * one lookup and is not stored. */
+void cb_hub_notify(cb_hub *hub, const char *key);
+
+/* Bumps every key (after a lost notification connection, say: anything may
+ * have changed). */
+void cb_hub_notify_all(cb_hub *hub);
+
+/* Wakes every waiter for good: waits return CB_ECLOSED from now on. */
+void cb_hub_close(cb_hub *hub);
+
+/* Number of keys currently held (those with subscribers). */
+size_t cb_hub_size(cb_hub *hub);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

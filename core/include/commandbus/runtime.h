@@ -1,0 +1,128 @@
+/* commandbus: the sync runtime.
+ *
+ * A runtime owns one libuv loop thread, and that thread owns every PostgreSQL
+ * connection: a pool of nonblocking libpq connections in pipeline mode, plus
+ * one listener connection for LISTEN/NOTIFY. Other threads never touch a
+ * connection; they hand the loop *units of work* and either block until the
+ * units complete (cb_runtime_exec) or get a callback on the loop thread
+ * (cb_runtime_submit).
+ *
+ * A unit is a list of statements executed as one transaction: they go out in
+ * one pipeline segment closed by a Sync, so PostgreSQL runs them in one
+ * implicit transaction and an error in any rolls back all. Several units
+ * submitted together go out in one write and come back in one round trip,
+ * each still atomic on its own. Statements are prepared once per connection
+ * (keyed by their SQL text) unless added with CB_STMT_ONESHOT.
+ *
+ * Lifecycle: cb_runtime_close stops the loop, fails whatever is queued or in
+ * flight with CB_ECLOSED, and joins the thread; later calls fail with
+ * CB_ECLOSED. cb_runtime_free closes and frees; no other thread may be using
+ * the runtime then. Runtimes still open at process exit are closed by an
+ * atexit hook, so no thread outlives main(). */
+#ifndef COMMANDBUS_RUNTIME_H
+#define COMMANDBUS_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "commandbus/error.h"
+#include "commandbus/hub.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cb_runtime cb_runtime;
+typedef struct cb_unit cb_unit;
+typedef struct pg_result cb_result; /* libpq's PGresult, read through cb_result_* */
+
+typedef struct cb_runtime_options {
+  const char *conninfo;   /* libpq conninfo or URI; NULL or "" uses PG* variables */
+  int pool_size;          /* connections for queries; <= 0 means 2 */
+  int connect_timeout_ms; /* per connection attempt; <= 0 means 5000 */
+  const char *application_name; /* NULL means "commandbus" */
+} cb_runtime_options;
+
+/* Starts the loop thread and connects the pool. Returns CB_ECONNECTION (and no
+ * runtime) when no connection of the pool could be made within the timeout. */
+int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *err);
+void cb_runtime_close(cb_runtime *rt);
+void cb_runtime_free(cb_runtime *rt);
+int cb_runtime_is_closed(cb_runtime *rt);
+
+/* The hub fed by this runtime's listener (keys are channel names) and by the
+ * components above it. Lives as long as the runtime. */
+cb_hub *cb_runtime_hub(cb_runtime *rt);
+
+/* True on the runtime's loop thread. */
+int cb_runtime_on_loop(cb_runtime *rt);
+
+/* --- units of work ------------------------------------------------------ */
+
+enum { CB_STMT_ONESHOT = 1 }; /* do not prepare (DDL, rare statements) */
+
+cb_unit *cb_unit_new(void);
+void cb_unit_free(cb_unit *u);
+/* Forgets statements and results so the unit can be filled again. */
+void cb_unit_reset(cb_unit *u);
+
+/* Appends a statement; sql and params are copied, a NULL param is SQL NULL.
+ * Returns the statement's index, or a negative cb_code. */
+int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *params);
+int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *const *params, int flags);
+int cb_unit_count(const cb_unit *u);
+
+/* After completion: CB_OK, or the first error (the transaction rolled back). */
+int cb_unit_status(const cb_unit *u);
+const cb_err *cb_unit_error(const cb_unit *u);
+/* Statement i's result; NULL when the unit failed before reaching it. */
+const cb_result *cb_unit_result(const cb_unit *u, int i);
+
+typedef void (*cb_unit_done)(cb_unit *u, void *arg);
+/* A callback run on the loop thread when the unit completes (async use). */
+void cb_unit_on_done(cb_unit *u, cb_unit_done done, void *arg);
+
+int cb_result_rows(const cb_result *r);
+int cb_result_columns(const cb_result *r);
+const char *cb_result_value(const cb_result *r, int row, int col); /* "" for NULL */
+int cb_result_is_null(const cb_result *r, int row, int col);
+int64_t cb_result_int(const cb_result *r, int row, int col);
+/* Rows affected by an INSERT/UPDATE/DELETE. */
+int64_t cb_result_affected(const cb_result *r);
+
+/* Runs n units in one round trip and blocks until all complete. Returns CB_OK
+ * when they ran (each unit has its own status), CB_EDEADLOCK from the loop
+ * thread, CB_ECLOSED on a closed runtime. */
+int cb_runtime_exec_many(cb_runtime *rt, cb_unit *const *units, size_t n, cb_err *err);
+/* One unit; returns the unit's own status (and copies its error to err). */
+int cb_runtime_exec(cb_runtime *rt, cb_unit *u, cb_err *err);
+
+/* Hands n units to the loop; each unit's on_done callback runs on the loop
+ * thread when it completes (also when it fails or the runtime closes). The
+ * units must stay alive until then. From the loop thread itself this sends
+ * them directly. Returns CB_ECLOSED (callbacks not called) on a closed
+ * runtime. */
+int cb_runtime_submit(cb_runtime *rt, cb_unit *const *units, size_t n);
+
+/* Runs fn(arg) on the loop thread (asynchronously). */
+int cb_runtime_call(cb_runtime *rt, void (*fn)(cb_runtime *rt, void *arg), void *arg);
+
+/* --- notifications ------------------------------------------------------ */
+
+/* Makes sure the listener connection LISTENs on channel (a valid identifier,
+ * at most 63 bytes). From then on, each notification on it bumps the hub key
+ * of the same name; after a reconnection every listened key is bumped, since
+ * notifications may have been missed. Blocking; idempotent. */
+int cb_runtime_listen(cb_runtime *rt, const char *channel, cb_err *err);
+
+/* --- configuration ------------------------------------------------------ */
+
+/* The default number of handler lanes for workers and routers: the value set
+ * here (n > 0), else COMMANDBUS_SYNC_THREADS, else min(32, cores). */
+void cb_set_default_threads(int n);
+int cb_default_threads(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

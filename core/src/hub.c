@@ -1,0 +1,230 @@
+/* commandbus: the change hub (see hub.h).
+ *
+ * One mutex guards the whole table; waits use one condition variable per
+ * entry, so a notify wakes only that key's waiters. Entries are reference
+ * counted by their subscriptions and freed with the last one. */
+#include "commandbus/hub.h"
+
+#include "commandbus/error.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct hub_entry {
+  struct hub_entry *next; /* bucket chain */
+  uint64_t hash;
+  uint64_t version;
+  int subscribers;
+  pthread_cond_t changed;
+  char key[];
+} hub_entry;
+
+struct cb_hub {
+  pthread_mutex_t lock; /* guards everything below and every entry */
+  hub_entry **buckets;
+  size_t nbuckets; /* a power of two */
+  size_t count;
+  int closed;
+};
+
+struct cb_hub_sub {
+  cb_hub *hub;
+  hub_entry *entry;
+  uint64_t seen;
+};
+
+static uint64_t hash_key(const char *key) {
+  uint64_t h = 1469598103934665603ULL; /* FNV-1a, then a final mix */
+  for (const unsigned char *p = (const unsigned char *)key; *p; p++) {
+    h ^= *p;
+    h *= 1099511628211ULL;
+  }
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdULL;
+  h ^= h >> 33;
+  return h;
+}
+
+cb_hub *cb_hub_new(void) {
+  cb_hub *hub = calloc(1, sizeof *hub);
+  if (hub == NULL) return NULL;
+  hub->nbuckets = 64;
+  hub->buckets = calloc(hub->nbuckets, sizeof *hub->buckets);
+  if (hub->buckets == NULL) {
+    free(hub);
+    return NULL;
+  }
+  pthread_mutex_init(&hub->lock, NULL);
+  return hub;
+}
+
+void cb_hub_free(cb_hub *hub) {
+  if (hub == NULL) return;
+  for (size_t i = 0; i < hub->nbuckets; i++) {
+    hub_entry *e = hub->buckets[i];
+    while (e) {
+      hub_entry *next = e->next;
+      pthread_cond_destroy(&e->changed);
+      free(e);
+      e = next;
+    }
+  }
+  pthread_mutex_destroy(&hub->lock);
+  free(hub->buckets);
+  free(hub);
+}
+
+static hub_entry *find(cb_hub *hub, const char *key, uint64_t h) {
+  for (hub_entry *e = hub->buckets[h & (hub->nbuckets - 1)]; e; e = e->next)
+    if (e->hash == h && strcmp(e->key, key) == 0) return e;
+  return NULL;
+}
+
+/* Doubles the bucket array when the table is dense; failure only costs speed. */
+static void maybe_grow(cb_hub *hub) {
+  if (hub->count < hub->nbuckets * 2) return;
+  size_t n = hub->nbuckets * 2;
+  hub_entry **b = calloc(n, sizeof *b);
+  if (b == NULL) return;
+  for (size_t i = 0; i < hub->nbuckets; i++) {
+    hub_entry *e = hub->buckets[i];
+    while (e) {
+      hub_entry *next = e->next;
+      e->next = b[e->hash & (n - 1)];
+      b[e->hash & (n - 1)] = e;
+      e = next;
+    }
+  }
+  free(hub->buckets);
+  hub->buckets = b;
+  hub->nbuckets = n;
+}
+
+cb_hub_sub *cb_hub_subscribe(cb_hub *hub, const char *key) {
+  cb_hub_sub *sub = malloc(sizeof *sub);
+  if (sub == NULL) return NULL;
+  uint64_t h = hash_key(key);
+  pthread_mutex_lock(&hub->lock);
+  hub_entry *e = find(hub, key, h);
+  if (e == NULL) {
+    size_t len = strlen(key);
+    e = calloc(1, sizeof *e + len + 1);
+    if (e == NULL) {
+      pthread_mutex_unlock(&hub->lock);
+      free(sub);
+      return NULL;
+    }
+    memcpy(e->key, key, len + 1);
+    e->hash = h;
+    pthread_cond_init(&e->changed, NULL);
+    maybe_grow(hub);
+    size_t b = h & (hub->nbuckets - 1);
+    e->next = hub->buckets[b];
+    hub->buckets[b] = e;
+    hub->count++;
+  }
+  e->subscribers++;
+  sub->hub = hub;
+  sub->entry = e;
+  sub->seen = e->version;
+  pthread_mutex_unlock(&hub->lock);
+  return sub;
+}
+
+void cb_hub_unsubscribe(cb_hub_sub *sub) {
+  if (sub == NULL) return;
+  cb_hub *hub = sub->hub;
+  hub_entry *e = sub->entry;
+  pthread_mutex_lock(&hub->lock);
+  if (--e->subscribers == 0) {
+    hub_entry **pp = &hub->buckets[e->hash & (hub->nbuckets - 1)];
+    while (*pp != e) pp = &(*pp)->next;
+    *pp = e->next;
+    hub->count--;
+    pthread_cond_destroy(&e->changed);
+    free(e);
+  }
+  pthread_mutex_unlock(&hub->lock);
+  free(sub);
+}
+
+uint64_t cb_hub_sub_version(const cb_hub_sub *sub) { return sub->seen; }
+
+int cb_hub_wait(cb_hub_sub *sub, int timeout_ms) {
+  cb_hub *hub = sub->hub;
+  hub_entry *e = sub->entry;
+  struct timespec deadline;
+  if (timeout_ms >= 0) {
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+      deadline.tv_sec++;
+      deadline.tv_nsec -= 1000000000L;
+    }
+  }
+  int rc = 0;
+  pthread_mutex_lock(&hub->lock);
+  for (;;) {
+    if (hub->closed) {
+      rc = CB_ECLOSED;
+      break;
+    }
+    if (e->version != sub->seen) {
+      sub->seen = e->version;
+      rc = 1;
+      break;
+    }
+    if (timeout_ms < 0) {
+      pthread_cond_wait(&e->changed, &hub->lock);
+    } else if (pthread_cond_timedwait(&e->changed, &hub->lock, &deadline) == ETIMEDOUT) {
+      if (e->version != sub->seen) continue; /* changed just as time ran out */
+      rc = hub->closed ? CB_ECLOSED : 0;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&hub->lock);
+  return rc;
+}
+
+void cb_hub_notify(cb_hub *hub, const char *key) {
+  uint64_t h = hash_key(key);
+  pthread_mutex_lock(&hub->lock);
+  hub_entry *e = find(hub, key, h);
+  if (e) {
+    e->version++;
+    pthread_cond_broadcast(&e->changed);
+  }
+  pthread_mutex_unlock(&hub->lock);
+}
+
+static void bump_all(cb_hub *hub) {
+  for (size_t i = 0; i < hub->nbuckets; i++)
+    for (hub_entry *e = hub->buckets[i]; e; e = e->next) {
+      e->version++;
+      pthread_cond_broadcast(&e->changed);
+    }
+}
+
+void cb_hub_notify_all(cb_hub *hub) {
+  pthread_mutex_lock(&hub->lock);
+  bump_all(hub);
+  pthread_mutex_unlock(&hub->lock);
+}
+
+void cb_hub_close(cb_hub *hub) {
+  pthread_mutex_lock(&hub->lock);
+  hub->closed = 1;
+  bump_all(hub);
+  pthread_mutex_unlock(&hub->lock);
+}
+
+size_t cb_hub_size(cb_hub *hub) {
+  pthread_mutex_lock(&hub->lock);
+  size_t n = hub->count;
+  pthread_mutex_unlock(&hub->lock);
+  return n;
+}

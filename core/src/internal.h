@@ -1,0 +1,120 @@
+/* commandbus: structures shared by runtime.c and pg.c. Not installed.
+ *
+ * Threads: fields marked [loop] are touched only by the loop thread; fields
+ * marked [lock] are guarded by cb_runtime.lock; [init] are set before the loop
+ * thread starts and read-only after. */
+#ifndef COMMANDBUS_INTERNAL_H
+#define COMMANDBUS_INTERNAL_H
+
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <uv.h>
+
+#include "commandbus/runtime.h"
+
+/* One statement of a unit: offsets into the unit's arena, so that the arena
+ * may grow while the unit is being filled. */
+typedef struct unit_stmt {
+  size_t sql;     /* offset of the NUL-terminated SQL text */
+  size_t params;  /* index of the first entry in param_offsets */
+  int nparams;
+  int flags;      /* CB_STMT_* */
+} unit_stmt;
+
+#define PARAM_NULL ((size_t)-1)
+
+struct cb_unit {
+  unit_stmt *stmts;
+  int nstmts, stmts_cap;
+  size_t *param_offsets; /* arena offsets, PARAM_NULL for SQL NULL */
+  size_t nparam_offsets, param_offsets_cap;
+  char *arena;
+  size_t arena_len, arena_cap;
+  PGresult **results; /* one per statement, NULL until it arrives */
+  int results_cap;
+  int status;
+  cb_err err;
+  cb_unit_done done;
+  void *done_arg;
+  /* Set by the runtime while the unit is queued or in flight. */
+  cb_unit *next;
+  int group_end;   /* last unit of a group that must share one connection */
+  int to_listener; /* run on the listener connection */
+};
+
+/* What the connection expects next from the server, in pipeline order. */
+enum { SLOT_PREPARE, SLOT_PREPARE_SYNC, SLOT_STMT, SLOT_SYNC };
+typedef struct pipe_slot {
+  int kind;
+  int index; /* statement index for SLOT_PREPARE/SLOT_STMT */
+  cb_unit *unit;
+} pipe_slot;
+
+typedef struct stmt_cache_entry {
+  char *sql; /* NULL: empty */
+  uint64_t hash;
+  int id;
+} stmt_cache_entry;
+
+enum { CONN_IDLE, CONN_CONNECTING, CONN_READY };
+
+typedef struct cb_conn {
+  cb_runtime *rt;       /* [init] */
+  int index;            /* [init] -1 for the listener */
+  PGconn *pg;           /* [loop] */
+  uv_poll_t *poll;      /* [loop] heap: freed by its close callback */
+  int poll_fd;          /* [loop] */
+  int poll_events;      /* [loop] */
+  int state;            /* [loop] CONN_* */
+  int ever_connected;   /* [loop] */
+  int startup_reported; /* [loop] the first attempt was reported to cb_runtime_new */
+  uv_timer_t timer;     /* [loop] connect timeout, then reconnect backoff */
+  int backoff_ms;       /* [loop] */
+  pipe_slot *slots;     /* [loop] ring of what the server will answer */
+  size_t slot_head, slot_count, slot_cap;
+  int units_in_flight;  /* [loop] */
+  int want_write;       /* [loop] PQflush left data to send */
+  stmt_cache_entry *cache; /* [loop] prepared statements of this session */
+  size_t cache_cap, cache_count;
+  int next_stmt_id;     /* [loop] */
+  char last_error[256]; /* [loop] */
+} cb_conn;
+
+struct cb_runtime {
+  uv_loop_t loop;      /* [loop] */
+  uv_async_t wake;     /* [loop]; uv_async_send from any thread */
+  pthread_t thread;    /* [init] */
+  int thread_started;  /* [init] */
+
+  pthread_mutex_t lock;
+  pthread_cond_t started; /* signalled when the first connection attempts end */
+  cb_unit *submitted_head, *submitted_tail; /* [lock] handed over, not yet taken */
+  struct pending_call *calls_head, *calls_tail; /* [lock] */
+  int closing;         /* [lock] no new work accepted */
+  int closed;          /* [lock] the loop thread has been joined */
+  int startup_pending; /* [lock] pool connections still making their first attempt */
+  char **channels;     /* [lock] channels LISTENed on (or being) */
+  size_t nchannels, channels_cap;
+
+  cb_unit *pending_head, *pending_tail; /* [loop] waiting for a connection */
+  cb_conn *conns;      /* [init] the pool */
+  int nconns;
+  cb_conn listener;
+  char *conninfo;      /* [init] */
+  char *application_name; /* [init] */
+  int connect_timeout_ms; /* [init] */
+  cb_hub *hub;         /* [init] */
+  cb_runtime *next_open; /* guarded by the global list's lock */
+};
+
+/* pg.c: connections, run on the loop thread. */
+void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index);
+void cb__conn_start(cb_conn *conn);
+void cb__conn_shutdown(cb_conn *conn); /* fails in-flight units with CB_ECLOSED, closes handles */
+void cb__dispatch(cb_runtime *rt);     /* sends pending units where a connection is ready */
+
+/* runtime.c: completion of a unit (loop thread). */
+void cb__unit_complete(cb_unit *u, int status, const cb_err *err);
+void cb__startup_attempt_done(cb_runtime *rt);
+
+#endif

@@ -1,0 +1,540 @@
+/* commandbus: PostgreSQL connections on the loop thread.
+ *
+ * Each connection is nonblocking libpq in pipeline mode, watched by a
+ * uv_poll_t on its socket. A connection keeps a ring of "slots", one per
+ * answer the server owes it in pipeline order (a Prepare, a statement, a
+ * Sync), so that each PGresult is matched to its unit without any state on
+ * the server side. A broken connection fails the units in flight on it with
+ * CB_ECONNECTION and reconnects with backoff; a new socket always gets a new
+ * poll handle (libpq may hand out a new socket with the same number). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 5000
+#define MAX_PARAMS 256
+
+static void on_poll(uv_poll_t *handle, int status, int events);
+static void conn_broken(cb_conn *conn, const char *why);
+static void send_units(cb_conn *conn, cb_unit *first);
+
+/* ---- prepared statement cache (per connection) -------------------------- */
+
+static uint64_t hash_sql(const char *s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    h ^= *p;
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
+static void cache_clear(cb_conn *conn) {
+  for (size_t i = 0; i < conn->cache_cap; i++) free(conn->cache[i].sql);
+  free(conn->cache);
+  conn->cache = NULL;
+  conn->cache_cap = conn->cache_count = 0;
+}
+
+static stmt_cache_entry *cache_slot(stmt_cache_entry *tab, size_t cap, const char *sql, uint64_t h) {
+  size_t i = h & (cap - 1);
+  while (tab[i].sql && !(tab[i].hash == h && strcmp(tab[i].sql, sql) == 0)) i = (i + 1) & (cap - 1);
+  return &tab[i];
+}
+
+/* The statement's id on this connection, or -1 when it is not prepared yet
+ * (then *fresh is set and the id is reserved: the caller sends a Prepare). */
+static int cache_lookup(cb_conn *conn, const char *sql, int *fresh) {
+  *fresh = 0;
+  if (conn->cache_count * 2 >= conn->cache_cap) {
+    size_t cap = conn->cache_cap ? conn->cache_cap * 2 : 64;
+    stmt_cache_entry *tab = calloc(cap, sizeof *tab);
+    if (tab == NULL) return -1;
+    for (size_t i = 0; i < conn->cache_cap; i++)
+      if (conn->cache[i].sql) *cache_slot(tab, cap, conn->cache[i].sql, conn->cache[i].hash) = conn->cache[i];
+    free(conn->cache);
+    conn->cache = tab;
+    conn->cache_cap = cap;
+  }
+  uint64_t h = hash_sql(sql);
+  stmt_cache_entry *e = cache_slot(conn->cache, conn->cache_cap, sql, h);
+  if (e->sql) return e->id;
+  e->sql = strdup(sql);
+  if (e->sql == NULL) return -1;
+  e->hash = h;
+  e->id = conn->next_stmt_id++;
+  conn->cache_count++;
+  *fresh = 1;
+  return e->id;
+}
+
+/* ---- slots --------------------------------------------------------------- */
+
+static int push_slot(cb_conn *conn, int kind, cb_unit *u, int index) {
+  if (conn->slot_count == conn->slot_cap) {
+    size_t cap = conn->slot_cap ? conn->slot_cap * 2 : 64;
+    pipe_slot *s = malloc(cap * sizeof *s);
+    if (s == NULL) return -1;
+    for (size_t i = 0; i < conn->slot_count; i++) s[i] = conn->slots[(conn->slot_head + i) % conn->slot_cap];
+    free(conn->slots);
+    conn->slots = s;
+    conn->slot_cap = cap;
+    conn->slot_head = 0;
+  }
+  pipe_slot *s = &conn->slots[(conn->slot_head + conn->slot_count) % conn->slot_cap];
+  s->kind = kind;
+  s->unit = u;
+  s->index = index;
+  conn->slot_count++;
+  return 0;
+}
+
+static pipe_slot *head_slot(cb_conn *conn) {
+  return conn->slot_count ? &conn->slots[conn->slot_head] : NULL;
+}
+
+static void pop_slot(cb_conn *conn) {
+  conn->slot_head = (conn->slot_head + 1) % conn->slot_cap;
+  conn->slot_count--;
+}
+
+/* Fails every unit still owed an answer on this connection. */
+static void fail_in_flight(cb_conn *conn, int code, const char *why) {
+  cb_err err;
+  cb_err_set(&err, code, "%s", why);
+  while (conn->slot_count) {
+    pipe_slot s = *head_slot(conn);
+    pop_slot(conn);
+    if (s.kind == SLOT_SYNC) {
+      conn->units_in_flight--;
+      cb__unit_complete(s.unit, code, &err);
+    }
+  }
+}
+
+/* ---- poll handle ---------------------------------------------------------- */
+
+static void free_handle(uv_handle_t *h) { free(h); }
+
+static void poll_close(cb_conn *conn) {
+  if (conn->poll) {
+    uv_poll_stop(conn->poll);
+    uv_close((uv_handle_t *)conn->poll, free_handle);
+    conn->poll = NULL;
+  }
+  conn->poll_fd = -1;
+  conn->poll_events = 0;
+}
+
+static int poll_watch(cb_conn *conn, int events) {
+  int fd = PQsocket(conn->pg);
+  if (fd < 0) return -1;
+  if (conn->poll && conn->poll_fd != fd) poll_close(conn);
+  if (conn->poll == NULL) {
+    conn->poll = malloc(sizeof *conn->poll);
+    if (conn->poll == NULL || uv_poll_init(&conn->rt->loop, conn->poll, fd) != 0) {
+      free(conn->poll);
+      conn->poll = NULL;
+      return -1;
+    }
+    conn->poll->data = conn;
+    conn->poll_fd = fd;
+    conn->poll_events = 0;
+  }
+  if (events != conn->poll_events) {
+    if (uv_poll_start(conn->poll, events, on_poll) != 0) return -1;
+    conn->poll_events = events;
+  }
+  return 0;
+}
+
+static void watch_ready(cb_conn *conn) {
+  if (poll_watch(conn, UV_READABLE | (conn->want_write ? UV_WRITABLE : 0)) < 0)
+    conn_broken(conn, "cannot watch the connection's socket");
+}
+
+/* ---- connecting ----------------------------------------------------------- */
+
+static void on_retry_timer(uv_timer_t *t) { cb__conn_start(t->data); }
+
+static void on_connect_timeout(uv_timer_t *t) {
+  cb_conn *conn = t->data;
+  if (conn->state == CONN_CONNECTING) conn_broken(conn, "timed out connecting to PostgreSQL");
+}
+
+void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index) {
+  memset(conn, 0, sizeof *conn);
+  conn->rt = rt;
+  conn->index = index;
+  conn->poll_fd = -1;
+  conn->state = CONN_IDLE;
+  uv_timer_init(&rt->loop, &conn->timer);
+  conn->timer.data = conn;
+}
+
+static void relisten(cb_conn *conn);
+
+/* Server notices ("relation already exists, skipping") are not errors; libpq
+ * would print them on stderr. */
+static void ignore_notice(void *arg, const char *message) {
+  (void)arg;
+  (void)message;
+}
+
+static void connected(cb_conn *conn) {
+  uv_timer_stop(&conn->timer);
+  PQsetNoticeProcessor(conn->pg, ignore_notice, NULL);
+  if (PQsetnonblocking(conn->pg, 1) != 0 || PQenterPipelineMode(conn->pg) != 1) {
+    conn_broken(conn, PQerrorMessage(conn->pg));
+    return;
+  }
+  int reconnected = conn->ever_connected;
+  conn->state = CONN_READY;
+  conn->ever_connected = 1;
+  conn->backoff_ms = 0;
+  conn->last_error[0] = '\0';
+  watch_ready(conn);
+  if (conn->index >= 0 && !conn->startup_reported) {
+    conn->startup_reported = 1;
+    cb__startup_attempt_done(conn->rt);
+  }
+  if (conn->index < 0 && reconnected) relisten(conn);
+  cb__dispatch(conn->rt);
+}
+
+static void continue_connect(cb_conn *conn) {
+  switch (PQconnectPoll(conn->pg)) {
+    case PGRES_POLLING_OK:
+      connected(conn);
+      return;
+    case PGRES_POLLING_READING:
+      if (poll_watch(conn, UV_READABLE) < 0) conn_broken(conn, "cannot watch the connection's socket");
+      return;
+    case PGRES_POLLING_WRITING:
+      if (poll_watch(conn, UV_WRITABLE) < 0) conn_broken(conn, "cannot watch the connection's socket");
+      return;
+    default:
+      conn_broken(conn, PQerrorMessage(conn->pg));
+      return;
+  }
+}
+
+void cb__conn_start(cb_conn *conn) {
+  cb_runtime *rt = conn->rt;
+  const char *keys[] = {"dbname", "application_name", NULL};
+  const char *values[] = {rt->conninfo, rt->application_name, NULL};
+  conn->pg = PQconnectStartParams(keys, values, 1);
+  conn->state = CONN_CONNECTING;
+  if (conn->pg == NULL || PQstatus(conn->pg) == CONNECTION_BAD) {
+    conn_broken(conn, conn->pg ? PQerrorMessage(conn->pg) : "out of memory");
+    return;
+  }
+  uv_timer_start(&conn->timer, on_connect_timeout, (uint64_t)rt->connect_timeout_ms, 0);
+  continue_connect(conn);
+}
+
+/* Called for every failure: of a connection attempt or of a live connection.
+ * Fails what was in flight, forgets the session (its prepared statements),
+ * and schedules the next attempt. */
+static void conn_broken(cb_conn *conn, const char *why) {
+  cb_runtime *rt = conn->rt;
+  conn->state = CONN_IDLE; /* first: callbacks below must not pick it */
+  char msg[sizeof conn->last_error];
+  snprintf(msg, sizeof msg, "%s", why && *why ? why : "connection lost");
+  size_t n = strlen(msg);
+  while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = '\0';
+  memcpy(conn->last_error, msg, sizeof msg);
+
+  poll_close(conn);
+  if (conn->pg) {
+    PQfinish(conn->pg);
+    conn->pg = NULL;
+  }
+  char full[320];
+  snprintf(full, sizeof full, "lost the connection to PostgreSQL: %s", msg);
+  fail_in_flight(conn, CB_ECONNECTION, full);
+  cache_clear(conn);
+  conn->want_write = 0;
+  uv_timer_stop(&conn->timer);
+  /* The pool's first attempts are reported to cb_runtime_new, which fails
+   * fast on an unreachable database; later attempts retry with backoff. */
+  if (conn->index >= 0 && !conn->startup_reported) {
+    conn->startup_reported = 1;
+    cb__startup_attempt_done(rt);
+  }
+  conn->backoff_ms = conn->backoff_ms ? conn->backoff_ms * 2 : BACKOFF_MIN_MS;
+  if (conn->backoff_ms > BACKOFF_MAX_MS) conn->backoff_ms = BACKOFF_MAX_MS;
+  uv_timer_start(&conn->timer, on_retry_timer, (uint64_t)conn->backoff_ms, 0);
+  if (conn->index < 0) cb_hub_notify_all(rt->hub); /* notifications may be lost */
+  cb__dispatch(rt);
+}
+
+static void free_unit_when_done(cb_unit *u, void *arg) {
+  (void)arg;
+  cb_unit_free(u);
+}
+
+static void relisten(cb_conn *conn) {
+  cb_runtime *rt = conn->rt;
+  pthread_mutex_lock(&rt->lock);
+  size_t n = rt->nchannels;
+  char **copy = n ? malloc(n * sizeof *copy) : NULL;
+  for (size_t i = 0; copy && i < n; i++) copy[i] = strdup(rt->channels[i]);
+  pthread_mutex_unlock(&rt->lock);
+  if (copy == NULL) return;
+  /* One unit, answered by nobody: its completion frees it. */
+  cb_unit *u = cb_unit_new();
+  for (size_t i = 0; i < n; i++) {
+    char sql[96];
+    snprintf(sql, sizeof sql, "LISTEN \"%s\"", copy[i]);
+    if (u) cb_unit_add_flags(u, sql, 0, NULL, CB_STMT_ONESHOT);
+    free(copy[i]);
+  }
+  free(copy);
+  if (u == NULL) return;
+  cb_unit_on_done(u, free_unit_when_done, NULL);
+  u->group_end = 1;
+  u->next = NULL;
+  send_units(conn, u);
+  cb_hub_notify_all(rt->hub);
+}
+
+/* ---- sending ---------------------------------------------------------------- */
+
+static void fill_values(const cb_unit *u, const unit_stmt *s, const char **values) {
+  for (int p = 0; p < s->nparams; p++) {
+    size_t off = u->param_offsets[s->params + (size_t)p];
+    values[p] = off == PARAM_NULL ? NULL : u->arena + off;
+  }
+}
+
+/* Writes one unit into the pipeline: first, in a segment of their own, the
+ * Prepares this session lacks (so that an error inside the unit, which makes
+ * PostgreSQL skip the rest of its segment, can never skip a Prepare the cache
+ * already counts on); then the statements and the Sync that closes the
+ * unit's transaction. Returns 0, or -1 when libpq refused (the connection is
+ * then broken); the unit's Sync slot is pushed in any case, so that it is
+ * completed exactly once. */
+static int send_unit(cb_conn *conn, cb_unit *u) {
+  PGconn *pg = conn->pg;
+  const char *values[MAX_PARAMS];
+  int ids[u->nstmts > 0 ? u->nstmts : 1];
+  int ok = 1, prepared = 0;
+  conn->units_in_flight++;
+  for (int i = 0; ok && i < u->nstmts; i++) {
+    const unit_stmt *s = &u->stmts[i];
+    if (s->nparams > MAX_PARAMS) {
+      cb_err_set(&u->err, CB_EINVAL, "too many parameters (%d) in one statement", s->nparams);
+      u->status = CB_EINVAL;
+    }
+    ids[i] = -1;
+    if (s->flags & CB_STMT_ONESHOT) continue;
+    int fresh;
+    ids[i] = cache_lookup(conn, u->arena + s->sql, &fresh);
+    if (ids[i] < 0) ok = 0;
+    else if (fresh) {
+      char name[24];
+      snprintf(name, sizeof name, "cb%d", ids[i]);
+      ok = PQsendPrepare(pg, name, u->arena + s->sql, s->nparams, NULL) && push_slot(conn, SLOT_PREPARE, u, i) == 0;
+      prepared = 1;
+    }
+  }
+  if (ok && prepared) ok = PQpipelineSync(pg) && push_slot(conn, SLOT_PREPARE_SYNC, u, -1) == 0;
+  for (int i = 0; ok && u->status == CB_OK && i < u->nstmts; i++) {
+    const unit_stmt *s = &u->stmts[i];
+    fill_values(u, s, values);
+    if (ids[i] < 0) {
+      ok = PQsendQueryParams(pg, u->arena + s->sql, s->nparams, NULL, values, NULL, NULL, 0);
+    } else {
+      char name[24];
+      snprintf(name, sizeof name, "cb%d", ids[i]);
+      ok = PQsendQueryPrepared(pg, name, s->nparams, values, NULL, NULL, 0);
+    }
+    ok = ok && push_slot(conn, SLOT_STMT, u, i) == 0;
+  }
+  if (ok) ok = PQpipelineSync(pg);
+  if (push_slot(conn, SLOT_SYNC, u, -1) < 0) ok = 0;
+  return ok ? 0 : -1;
+}
+
+static void flush(cb_conn *conn) {
+  int r = PQflush(conn->pg);
+  if (r < 0) {
+    conn_broken(conn, PQerrorMessage(conn->pg));
+    return;
+  }
+  conn->want_write = r == 1;
+  watch_ready(conn);
+}
+
+/* Sends a chain of units (ending at a group_end) on a ready connection. */
+static void send_units(cb_conn *conn, cb_unit *u) {
+  int failed = 0;
+  while (u) {
+    cb_unit *next = u->group_end ? NULL : u->next;
+    u->next = NULL;
+    if (failed) { /* never sent: owed a failure like the rest */
+      conn->units_in_flight++;
+      push_slot(conn, SLOT_SYNC, u, -1);
+    } else if (send_unit(conn, u) < 0) {
+      failed = 1;
+    }
+    u = next;
+  }
+  if (failed) conn_broken(conn, PQerrorMessage(conn->pg));
+  else flush(conn);
+}
+
+static cb_conn *least_loaded(cb_runtime *rt, int *connecting) {
+  cb_conn *best = NULL;
+  *connecting = 0;
+  for (int i = 0; i < rt->nconns; i++) {
+    cb_conn *c = &rt->conns[i];
+    if (c->state == CONN_CONNECTING) *connecting = 1;
+    if (c->state != CONN_READY) continue;
+    if (best == NULL || c->units_in_flight < best->units_in_flight) best = c;
+  }
+  return best;
+}
+
+void cb__dispatch(cb_runtime *rt) {
+  while (rt->pending_head) {
+    cb_unit *first = rt->pending_head;
+    cb_unit *last = first;
+    while (!last->group_end && last->next) last = last->next;
+    int connecting;
+    cb_conn *conn;
+    if (first->to_listener) {
+      conn = rt->listener.state == CONN_READY ? &rt->listener : NULL;
+      connecting = rt->listener.state == CONN_CONNECTING || rt->listener.state == CONN_IDLE;
+    } else {
+      conn = least_loaded(rt, &connecting);
+    }
+    if (conn == NULL && connecting) return; /* wait for it */
+    rt->pending_head = last->next;
+    if (rt->pending_head == NULL) rt->pending_tail = NULL;
+    last->next = NULL;
+    last->group_end = 1;
+    if (conn == NULL) {
+      cb_err err;
+      cb_err_set(&err, CB_ECONNECTION, "no connection to PostgreSQL%s%s",
+                 rt->conns[0].last_error[0] ? ": " : "", rt->conns[0].last_error);
+      while (first) {
+        cb_unit *next = first->next;
+        cb__unit_complete(first, CB_ECONNECTION, &err);
+        first = next;
+      }
+      continue;
+    }
+    send_units(conn, first);
+  }
+}
+
+/* ---- receiving -------------------------------------------------------------- */
+
+static void record_error(cb_unit *u, const PGresult *r) {
+  if (u->status != CB_OK) return;
+  const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+  /* Class 08 (connection exception) and 57P01..57P03 (the server is shutting
+   * down or the backend was terminated) mean the connection is going away:
+   * report them as CONNECTION, like a dropped socket. */
+  int lost = state && (strncmp(state, "08", 2) == 0 || strncmp(state, "57P0", 4) == 0);
+  u->status = lost ? CB_ECONNECTION : CB_EDATABASE;
+  u->err.code = u->status;
+  snprintf(u->err.sqlstate, sizeof u->err.sqlstate, "%s", state ? state : "");
+  const char *primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+  const char *detail = PQresultErrorField(r, PG_DIAG_MESSAGE_DETAIL);
+  snprintf(u->err.message, sizeof u->err.message, "%s%s%s", primary ? primary : PQresultErrorMessage(r),
+           detail ? ": " : "", detail ? detail : "");
+}
+
+static void read_results(cb_conn *conn) {
+  PGconn *pg = conn->pg;
+  while (conn->slot_count && !PQisBusy(pg)) {
+    PGresult *r = PQgetResult(pg);
+    pipe_slot *s = head_slot(conn);
+    if (s->kind == SLOT_SYNC || s->kind == SLOT_PREPARE_SYNC) {
+      if (r == NULL) continue; /* tolerated: nothing owed between results */
+      ExecStatusType st = PQresultStatus(r);
+      PQclear(r);
+      if (st != PGRES_PIPELINE_SYNC) continue;
+      int kind = s->kind;
+      cb_unit *u = s->unit;
+      pop_slot(conn);
+      if (kind == SLOT_SYNC) {
+        conn->units_in_flight--;
+        cb__unit_complete(u, CB_OK, NULL);
+      }
+      continue;
+    }
+    if (r == NULL) { /* end of this command's results */
+      pop_slot(conn);
+      continue;
+    }
+    ExecStatusType st = PQresultStatus(r);
+    cb_unit *u = s->unit;
+    if (st == PGRES_FATAL_ERROR) record_error(u, r);
+    /* A Prepare that did not succeed must not stay in the cache. Names are
+     * never reused, so dropping the whole cache is safe (and rare). */
+    if (s->kind == SLOT_PREPARE && st != PGRES_COMMAND_OK) cache_clear(conn);
+    if (s->kind == SLOT_STMT && (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)) {
+      if (u->results[s->index]) PQclear(u->results[s->index]);
+      u->results[s->index] = r;
+    } else {
+      PQclear(r);
+    }
+  }
+}
+
+static void read_notifications(cb_conn *conn) {
+  PGnotify *n;
+  while ((n = PQnotifies(conn->pg)) != NULL) {
+    cb_hub_notify(conn->rt->hub, n->relname);
+    PQfreemem(n);
+  }
+}
+
+static void on_poll(uv_poll_t *handle, int status, int events) {
+  cb_conn *conn = handle->data;
+  if (conn->state == CONN_CONNECTING) {
+    continue_connect(conn);
+    return;
+  }
+  if (status < 0) {
+    conn_broken(conn, uv_strerror(status));
+    return;
+  }
+  if (events & UV_READABLE) {
+    if (!PQconsumeInput(conn->pg)) {
+      conn_broken(conn, PQerrorMessage(conn->pg));
+      return;
+    }
+    read_results(conn);
+    if (conn->pg == NULL) return;
+    read_notifications(conn);
+    if (PQstatus(conn->pg) == CONNECTION_BAD) {
+      conn_broken(conn, PQerrorMessage(conn->pg));
+      return;
+    }
+  }
+  if (conn->want_write || (events & UV_WRITABLE)) flush(conn);
+}
+
+void cb__conn_shutdown(cb_conn *conn) {
+  fail_in_flight(conn, CB_ECLOSED, "the runtime was closed");
+  poll_close(conn);
+  if (conn->pg) {
+    PQfinish(conn->pg);
+    conn->pg = NULL;
+  }
+  cache_clear(conn);
+  free(conn->slots);
+  conn->slots = NULL;
+  conn->slot_cap = conn->slot_count = 0;
+  conn->state = CONN_IDLE;
+  uv_timer_stop(&conn->timer);
+  uv_close((uv_handle_t *)&conn->timer, NULL);
+}

@@ -1,0 +1,504 @@
+/* commandbus: the queue client (see queue.h). */
+#include "commandbus/queue.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define SQL_MAX 1024
+
+/* Every queue DDL statement runs under this transaction-level advisory lock,
+ * so that two processes creating queues at once never race on the schema. */
+#define QUEUE_DDL_LOCK "SELECT pg_advisory_xact_lock(7236871042)"
+
+#define MESSAGE_COLUMNS "msg_id, read_ct, enqueued_at, vt, message"
+
+int cb_queue_name_valid(const char *name, cb_err *err) {
+  if (name == NULL) return cb_err_set(err, CB_EINVAL, "queue name expected, got nothing");
+  size_t n = strlen(name);
+  if (n == 0) return cb_err_set(err, CB_EINVAL, "queue name is empty");
+  if (n > CB_QUEUE_NAME_MAX)
+    return cb_err_set(err, CB_EINVAL, "queue name is %zu bytes long; at most %d allowed", n, CB_QUEUE_NAME_MAX);
+  for (size_t i = 0; i < n; i++) {
+    char c = name[i];
+    if (!((c >= 'a' && c <= 'z') || c == '_' || (i > 0 && c >= '0' && c <= '9')))
+      return cb_err_set(err, CB_EINVAL,
+                        "invalid queue name `%.60s`: use lower-case letters, digits and _, not starting with a digit",
+                        name);
+  }
+  return CB_OK;
+}
+
+static void fmt_double(char *buf, size_t len, double v) { snprintf(buf, len, "%.6f", v); }
+
+static int add_sql(cb_unit *u, int flags, const char *params[], int nparams, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static int add_sql(cb_unit *u, int flags, const char *params[], int nparams, const char *fmt, ...) {
+  char sql[SQL_MAX];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(sql, sizeof sql, fmt, ap);
+  va_end(ap);
+  if (n < 0 || (size_t)n >= sizeof sql) return CB_EINTERNAL;
+  return cb_unit_add_flags(u, sql, nparams, params, flags);
+}
+
+/* An id list as a PostgreSQL array literal: "{1,2,3}". malloc'd. */
+static char *id_array(const int64_t *ids, size_t n) {
+  char *s = malloc(n * 21 + 3);
+  if (s == NULL) return NULL;
+  char *p = s;
+  *p++ = '{';
+  for (size_t i = 0; i < n; i++) p += sprintf(p, i ? ",%" PRId64 : "%" PRId64, ids[i]);
+  *p++ = '}';
+  *p = '\0';
+  return s;
+}
+
+int cb_queue_add_notify(cb_unit *u, const char *queue) {
+  char channel[80];
+  snprintf(channel, sizeof channel, "pgmq_notify_%s", queue);
+  const char *params[] = {channel};
+  return cb_unit_add(u, "SELECT pg_notify($1, '')", 1, params);
+}
+
+int cb_queue_add_send(cb_unit *u, const char *queue, const char *json, double delay) {
+  char d[32];
+  fmt_double(d, sizeof d, delay);
+  const char *params[] = {json, d};
+  int i = add_sql(u, 0, params, 2,
+                  "INSERT INTO pgmq.q_%s (vt, message) "
+                  "VALUES (clock_timestamp() + make_interval(secs => $2::float8), $1::jsonb) RETURNING msg_id",
+                  queue);
+  if (i < 0) return i;
+  int rc = cb_queue_add_notify(u, queue);
+  return rc < 0 ? rc : i;
+}
+
+int cb_queue_add_send_batch(cb_unit *u, const char *queue, const char *json_array, double delay) {
+  char d[32];
+  fmt_double(d, sizeof d, delay);
+  const char *params[] = {json_array, d};
+  int i = add_sql(u, 0, params, 2,
+                  "INSERT INTO pgmq.q_%s (vt, message) "
+                  "SELECT clock_timestamp() + make_interval(secs => $2::float8), m "
+                  "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(m, i) ORDER BY i RETURNING msg_id",
+                  queue);
+  if (i < 0) return i;
+  int rc = cb_queue_add_notify(u, queue);
+  return rc < 0 ? rc : i;
+}
+
+int cb_queue_add_read(cb_unit *u, const char *queue, double vt, int qty) {
+  char v[32], q[16];
+  fmt_double(v, sizeof v, vt);
+  snprintf(q, sizeof q, "%d", qty);
+  const char *params[] = {v, q};
+  return add_sql(u, 0, params, 2,
+                 "WITH c AS (SELECT msg_id FROM pgmq.q_%s WHERE vt <= clock_timestamp() "
+                 "ORDER BY msg_id LIMIT $2::int FOR UPDATE SKIP LOCKED) "
+                 "UPDATE pgmq.q_%s m SET vt = clock_timestamp() + make_interval(secs => $1::float8), "
+                 "read_ct = m.read_ct + 1 FROM c WHERE m.msg_id = c.msg_id "
+                 "RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message",
+                 queue, queue);
+}
+
+int cb_queue_add_pop(cb_unit *u, const char *queue, int qty) {
+  char q[16];
+  snprintf(q, sizeof q, "%d", qty);
+  const char *params[] = {q};
+  return add_sql(u, 0, params, 1,
+                 "WITH c AS (SELECT msg_id FROM pgmq.q_%s WHERE vt <= clock_timestamp() "
+                 "ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED) "
+                 "DELETE FROM pgmq.q_%s m USING c WHERE m.msg_id = c.msg_id "
+                 "RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message",
+                 queue, queue);
+}
+
+int cb_queue_add_delete(cb_unit *u, const char *queue, const int64_t *ids, size_t n) {
+  char *arr = id_array(ids, n);
+  if (arr == NULL) return CB_ENOMEM;
+  const char *params[] = {arr};
+  int i = add_sql(u, 0, params, 1, "DELETE FROM pgmq.q_%s WHERE msg_id = ANY($1::bigint[]) RETURNING msg_id",
+                  queue);
+  free(arr);
+  return i;
+}
+
+int cb_queue_add_archive(cb_unit *u, const char *queue, const int64_t *ids, size_t n) {
+  char *arr = id_array(ids, n);
+  if (arr == NULL) return CB_ENOMEM;
+  const char *params[] = {arr};
+  int i = add_sql(u, 0, params, 1,
+                  "WITH d AS (DELETE FROM pgmq.q_%s WHERE msg_id = ANY($1::bigint[]) RETURNING " MESSAGE_COLUMNS
+                  ") INSERT INTO pgmq.a_%s (" MESSAGE_COLUMNS ") SELECT " MESSAGE_COLUMNS
+                  " FROM d RETURNING msg_id",
+                  queue, queue);
+  free(arr);
+  return i;
+}
+
+int cb_queue_add_set_vt(cb_unit *u, const char *queue, int64_t id, double vt) {
+  char v[32], idtext[24];
+  fmt_double(v, sizeof v, vt);
+  snprintf(idtext, sizeof idtext, "%" PRId64, id);
+  const char *params[] = {idtext, v};
+  return add_sql(u, 0, params, 2,
+                 "UPDATE pgmq.q_%s SET vt = clock_timestamp() + make_interval(secs => $2::float8) "
+                 "WHERE msg_id = $1::bigint RETURNING " MESSAGE_COLUMNS,
+                 queue);
+}
+
+/* ---- results ---------------------------------------------------------------- */
+
+void cb_messages_free(cb_messages *m) {
+  if (m == NULL) return;
+  free(m->items);
+  cb_unit_free(m->owner);
+  m->items = NULL;
+  m->owner = NULL;
+  m->count = 0;
+}
+
+int cb_messages_take(cb_messages *m, cb_unit *u, int index, cb_err *err) {
+  const cb_result *r = cb_unit_result(u, index);
+  int rows = cb_result_rows(r);
+  m->count = 0;
+  m->items = NULL;
+  m->owner = u;
+  if (rows == 0) return CB_OK;
+  m->items = calloc((size_t)rows, sizeof *m->items);
+  if (m->items == NULL) {
+    cb_messages_free(m);
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
+  for (int i = 0; i < rows; i++) {
+    cb_message *msg = &m->items[i];
+    msg->msg_id = cb_result_int(r, i, 0);
+    msg->read_ct = (int32_t)cb_result_int(r, i, 1);
+    msg->enqueued_at = cb_result_value(r, i, 2);
+    msg->vt = cb_result_value(r, i, 3);
+    msg->message = cb_result_is_null(r, i, 4) ? NULL : cb_result_value(r, i, 4);
+  }
+  /* The UPDATE ... RETURNING of a read comes back in no particular order;
+   * callers expect queue order. */
+  for (size_t i = 1; i < (size_t)rows; i++) {
+    cb_message x = m->items[i];
+    size_t j = i;
+    while (j > 0 && m->items[j - 1].msg_id > x.msg_id) {
+      m->items[j] = m->items[j - 1];
+      j--;
+    }
+    m->items[j] = x;
+  }
+  m->count = (size_t)rows;
+  return CB_OK;
+}
+
+static int64_t *ids_of(const cb_result *r, size_t *count) {
+  int rows = cb_result_rows(r);
+  *count = (size_t)rows;
+  int64_t *ids = malloc(((size_t)rows + 1) * sizeof *ids);
+  if (ids == NULL) return NULL;
+  for (int i = 0; i < rows; i++) ids[i] = cb_result_int(r, i, 0);
+  return ids;
+}
+
+/* ---- blocking operations ------------------------------------------------------ */
+
+/* Runs a unit built by `build` (which returns the index of the interesting
+ * statement). On success *u_out holds the completed unit; the caller frees it. */
+static int run(cb_runtime *rt, cb_unit **u_out, int *index, int built, cb_unit *u, cb_err *err) {
+  *u_out = NULL;
+  if (built < 0) {
+    cb_unit_free(u);
+    return cb_err_set(err, built, "cannot build the statement: %s", cb_strerror(built));
+  }
+  int rc = cb_runtime_exec(rt, u, err);
+  if (rc != CB_OK) {
+    cb_unit_free(u);
+    return rc;
+  }
+  *index = built;
+  *u_out = u;
+  return CB_OK;
+}
+
+#define CHECK_NAME(q)                              \
+  do {                                             \
+    int rc_ = cb_queue_name_valid((q), err);       \
+    if (rc_ != CB_OK) return rc_;                  \
+  } while (0)
+
+#define NEW_UNIT(u)                                                       \
+  cb_unit *u = cb_unit_new();                                             \
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory")
+
+static int pgmq_extension_installed(cb_runtime *rt, int *installed, cb_err *err) {
+  NEW_UNIT(u);
+  cb_unit_add(u, "SELECT count(*) FROM pg_extension WHERE extname = 'pgmq'", 0, NULL);
+  int rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_OK) *installed = cb_result_int(cb_unit_result(u, 0), 0, 0) > 0;
+  cb_unit_free(u);
+  return rc;
+}
+
+int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
+  CHECK_NAME(queue);
+  int ext = 0;
+  int rc = pgmq_extension_installed(rt, &ext, err);
+  if (rc != CB_OK) return rc;
+  NEW_UNIT(u);
+  const char *params[] = {queue};
+  if (ext) {
+    cb_unit_add_flags(u, "SELECT pgmq.create($1::text)", 1, params, CB_STMT_ONESHOT);
+  } else {
+    const int o = CB_STMT_ONESHOT;
+    cb_unit_add_flags(u, QUEUE_DDL_LOCK, 0, NULL, o);
+    cb_unit_add_flags(u, "CREATE SCHEMA IF NOT EXISTS pgmq", 0, NULL, o);
+    cb_unit_add_flags(u,
+                      "CREATE TABLE IF NOT EXISTS pgmq.meta (queue_name varchar UNIQUE NOT NULL, "
+                      "is_partitioned boolean NOT NULL, is_unlogged boolean NOT NULL, "
+                      "created_at timestamptz NOT NULL DEFAULT now())",
+                      0, NULL, o);
+    add_sql(u, o, NULL, 0,
+            "CREATE TABLE IF NOT EXISTS pgmq.q_%s (msg_id bigint PRIMARY KEY GENERATED ALWAYS AS IDENTITY, "
+            "read_ct integer NOT NULL DEFAULT 0, enqueued_at timestamptz NOT NULL DEFAULT now(), "
+            "vt timestamptz NOT NULL, message jsonb)",
+            queue);
+    add_sql(u, o, NULL, 0, "CREATE INDEX IF NOT EXISTS q_%s_vt_idx ON pgmq.q_%s (vt ASC)", queue, queue);
+    add_sql(u, o, NULL, 0,
+            "CREATE TABLE IF NOT EXISTS pgmq.a_%s (msg_id bigint PRIMARY KEY, read_ct integer NOT NULL DEFAULT 0, "
+            "enqueued_at timestamptz NOT NULL DEFAULT now(), archived_at timestamptz NOT NULL DEFAULT now(), "
+            "vt timestamptz NOT NULL, message jsonb)",
+            queue);
+    add_sql(u, o, NULL, 0, "CREATE INDEX IF NOT EXISTS archived_at_idx_%s ON pgmq.a_%s (archived_at)", queue,
+            queue);
+    cb_unit_add_flags(u,
+                      "INSERT INTO pgmq.meta (queue_name, is_partitioned, is_unlogged) VALUES ($1, false, false) "
+                      "ON CONFLICT (queue_name) DO NOTHING",
+                      1, params, o);
+  }
+  rc = cb_runtime_exec(rt, u, err);
+  cb_unit_free(u);
+  return rc;
+}
+
+int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) {
+  CHECK_NAME(queue);
+  *existed = 0;
+  char table[64];
+  snprintf(table, sizeof table, "pgmq.q_%s", queue);
+  NEW_UNIT(probe);
+  const char *tp[] = {table};
+  cb_unit_add(probe,
+              "SELECT to_regclass($1) IS NOT NULL, "
+              "EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgmq')",
+              1, tp);
+  int rc = cb_runtime_exec(rt, probe, err);
+  if (rc != CB_OK) {
+    cb_unit_free(probe);
+    return rc;
+  }
+  *existed = cb_result_value(cb_unit_result(probe, 0), 0, 0)[0] == 't';
+  int ext = cb_result_value(cb_unit_result(probe, 0), 0, 1)[0] == 't';
+  cb_unit_free(probe);
+  if (!*existed) return CB_OK;
+  NEW_UNIT(u);
+  const char *params[] = {queue};
+  if (ext) {
+    cb_unit_add_flags(u, "SELECT pgmq.drop_queue($1::text)", 1, params, CB_STMT_ONESHOT);
+  } else {
+    cb_unit_add_flags(u, QUEUE_DDL_LOCK, 0, NULL, CB_STMT_ONESHOT);
+    add_sql(u, CB_STMT_ONESHOT, NULL, 0, "DROP TABLE IF EXISTS pgmq.q_%s", queue);
+    add_sql(u, CB_STMT_ONESHOT, NULL, 0, "DROP TABLE IF EXISTS pgmq.a_%s", queue);
+    cb_unit_add_flags(u, "DELETE FROM pgmq.meta WHERE queue_name = $1", 1, params, CB_STMT_ONESHOT);
+  }
+  rc = cb_runtime_exec(rt, u, err);
+  cb_unit_free(u);
+  return rc;
+}
+
+int cb_queue_send(cb_runtime *rt, const char *queue, const char *json, double delay, int64_t *msg_id,
+                  cb_err *err) {
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  int index;
+  int rc = run(rt, &u, &index, cb_queue_add_send(u, queue, json, delay), u, err);
+  if (rc != CB_OK) return rc;
+  *msg_id = cb_result_int(cb_unit_result(u, index), 0, 0);
+  cb_unit_free(u);
+  return CB_OK;
+}
+
+int cb_queue_send_batch(cb_runtime *rt, const char *queue, const char *json_array, double delay, int64_t **ids,
+                        size_t *count, cb_err *err) {
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  int index;
+  int rc = run(rt, &u, &index, cb_queue_add_send_batch(u, queue, json_array, delay), u, err);
+  if (rc != CB_OK) return rc;
+  *ids = ids_of(cb_unit_result(u, index), count);
+  cb_unit_free(u);
+  return *ids ? CB_OK : cb_err_set(err, CB_ENOMEM, "out of memory");
+}
+
+static int take(cb_runtime *rt, cb_unit *u, int built, cb_messages *out, cb_err *err) {
+  int index;
+  int rc = run(rt, &u, &index, built, u, err);
+  if (rc != CB_OK) return rc;
+  return cb_messages_take(out, u, index, err);
+}
+
+int cb_queue_read(cb_runtime *rt, const char *queue, double vt, int qty, cb_messages *out, cb_err *err) {
+  memset(out, 0, sizeof *out);
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  return take(rt, u, cb_queue_add_read(u, queue, vt, qty), out, err);
+}
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int cb_queue_read_with_poll(cb_runtime *rt, const char *queue, double vt, int qty, double max_wait,
+                            double poll_interval, cb_messages *out, cb_err *err) {
+  memset(out, 0, sizeof *out);
+  CHECK_NAME(queue);
+  char channel[80];
+  snprintf(channel, sizeof channel, "pgmq_notify_%s", queue);
+  int rc = cb_runtime_listen(rt, channel, err);
+  if (rc != CB_OK) return rc;
+  /* Subscribe before the first read: a send that commits between the read
+   * and the wait still moves the version, so no wake-up is lost. */
+  cb_hub_sub *sub = cb_hub_subscribe(cb_runtime_hub(rt), channel);
+  if (sub == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (poll_interval <= 0) poll_interval = 0.1;
+  double deadline = now_seconds() + max_wait;
+  for (;;) {
+    rc = cb_queue_read(rt, queue, vt, qty, out, err);
+    if (rc != CB_OK || out->count > 0) break;
+    double left = deadline - now_seconds();
+    if (left <= 0) break;
+    cb_messages_free(out);
+    double wait = left < poll_interval ? left : poll_interval;
+    if (cb_hub_wait(sub, (int)(wait * 1000.0 + 0.5)) == CB_ECLOSED) {
+      rc = cb_err_set(err, CB_ECLOSED, "the runtime was closed");
+      break;
+    }
+  }
+  cb_hub_unsubscribe(sub);
+  return rc;
+}
+
+int cb_queue_pop(cb_runtime *rt, const char *queue, int qty, cb_messages *out, cb_err *err) {
+  memset(out, 0, sizeof *out);
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  return take(rt, u, cb_queue_add_pop(u, queue, qty), out, err);
+}
+
+static int id_op(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **done, size_t *count,
+                 int archive, cb_err *err) {
+  *done = NULL;
+  *count = 0;
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  int built = archive ? cb_queue_add_archive(u, queue, ids, n) : cb_queue_add_delete(u, queue, ids, n);
+  int index;
+  int rc = run(rt, &u, &index, built, u, err);
+  if (rc != CB_OK) return rc;
+  *done = ids_of(cb_unit_result(u, index), count);
+  cb_unit_free(u);
+  return *done ? CB_OK : cb_err_set(err, CB_ENOMEM, "out of memory");
+}
+
+int cb_queue_delete(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **deleted,
+                    size_t *count, cb_err *err) {
+  return id_op(rt, queue, ids, n, deleted, count, 0, err);
+}
+
+int cb_queue_archive(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **archived,
+                     size_t *count, cb_err *err) {
+  return id_op(rt, queue, ids, n, archived, count, 1, err);
+}
+
+int cb_queue_set_vt(cb_runtime *rt, const char *queue, int64_t id, double vt, cb_messages *out, cb_err *err) {
+  memset(out, 0, sizeof *out);
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  return take(rt, u, cb_queue_add_set_vt(u, queue, id, vt), out, err);
+}
+
+int cb_queue_metrics_get(cb_runtime *rt, const char *queue, cb_queue_metrics *out, cb_err *err) {
+  memset(out, 0, sizeof *out);
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  int built = add_sql(u, 0, NULL, 0,
+                      "SELECT count(*), "
+                      "coalesce(extract(epoch FROM clock_timestamp() - max(enqueued_at))::bigint, -1), "
+                      "coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at))::bigint, -1), "
+                      "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgmq.q_%s_msg_id_seq), "
+                      "clock_timestamp() FROM pgmq.q_%s",
+                      queue, queue);
+  int index;
+  int rc = run(rt, &u, &index, built, u, err);
+  if (rc != CB_OK) return rc;
+  const cb_result *r = cb_unit_result(u, index);
+  out->queue_length = cb_result_int(r, 0, 0);
+  out->newest_msg_age_sec = cb_result_int(r, 0, 1);
+  out->oldest_msg_age_sec = cb_result_int(r, 0, 2);
+  out->total_messages = cb_result_int(r, 0, 3);
+  snprintf(out->scrape_time, sizeof out->scrape_time, "%s", cb_result_value(r, 0, 4));
+  cb_unit_free(u);
+  return CB_OK;
+}
+
+int cb_queue_purge(cb_runtime *rt, const char *queue, int64_t *count, cb_err *err) {
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  int index;
+  int rc = run(rt, &u, &index, add_sql(u, CB_STMT_ONESHOT, NULL, 0, "DELETE FROM pgmq.q_%s", queue), u, err);
+  if (rc != CB_OK) return rc;
+  *count = cb_result_affected(cb_unit_result(u, index));
+  cb_unit_free(u);
+  return CB_OK;
+}
+
+int cb_queue_list(cb_runtime *rt, cb_queue_info **queues, size_t *count, cb_err *err) {
+  *queues = NULL;
+  *count = 0;
+  NEW_UNIT(u);
+  /* pgmq.meta exists once any queue was created; before, the list is empty. */
+  cb_unit_add(u, "SELECT to_regclass('pgmq.meta') IS NOT NULL", 0, NULL);
+  int rc = cb_runtime_exec(rt, u, err);
+  int exists = rc == CB_OK && cb_result_value(cb_unit_result(u, 0), 0, 0)[0] == 't';
+  cb_unit_reset(u);
+  if (rc == CB_OK && exists) {
+    cb_unit_add(u,
+                "SELECT queue_name, is_partitioned, is_unlogged, created_at FROM pgmq.meta ORDER BY queue_name",
+                0, NULL);
+    rc = cb_runtime_exec(rt, u, err);
+  }
+  if (rc == CB_OK) {
+    const cb_result *r = exists ? cb_unit_result(u, 0) : NULL;
+    int rows = cb_result_rows(r);
+    *queues = calloc((size_t)rows + 1, sizeof **queues);
+    if (*queues == NULL) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+    for (int i = 0; rc == CB_OK && i < rows; i++) {
+      cb_queue_info *q = &(*queues)[i];
+      snprintf(q->name, sizeof q->name, "%s", cb_result_value(r, i, 0));
+      q->is_partitioned = cb_result_value(r, i, 1)[0] == 't';
+      q->is_unlogged = cb_result_value(r, i, 2)[0] == 't';
+      snprintf(q->created_at, sizeof q->created_at, "%s", cb_result_value(r, i, 3));
+    }
+    if (rc == CB_OK) *count = (size_t)rows;
+  }
+  cb_unit_free(u);
+  return rc;
+}

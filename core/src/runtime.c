@@ -1,0 +1,522 @@
+/* commandbus: the sync runtime's loop thread, hand-over and lifecycle.
+ * Connections themselves live in pg.c. */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "commandbus/error.h"
+
+typedef struct pending_call {
+  struct pending_call *next;
+  void (*fn)(cb_runtime *rt, void *arg);
+  void *arg;
+} pending_call;
+
+/* ---- units ------------------------------------------------------------- */
+
+cb_unit *cb_unit_new(void) { return calloc(1, sizeof(cb_unit)); }
+
+static void clear_results(cb_unit *u) {
+  for (int i = 0; i < u->nstmts; i++) {
+    if (u->results && u->results[i]) {
+      PQclear(u->results[i]);
+      u->results[i] = NULL;
+    }
+  }
+}
+
+void cb_unit_reset(cb_unit *u) {
+  clear_results(u);
+  u->nstmts = 0;
+  u->nparam_offsets = 0;
+  u->arena_len = 0;
+  u->status = CB_OK;
+  cb_err_clear(&u->err);
+  u->next = NULL;
+  u->group_end = 0;
+  u->to_listener = 0;
+}
+
+void cb_unit_free(cb_unit *u) {
+  if (u == NULL) return;
+  clear_results(u);
+  free(u->stmts);
+  free(u->param_offsets);
+  free(u->arena);
+  free(u->results);
+  free(u);
+}
+
+static int grow(void **p, size_t *cap, size_t need, size_t elem) {
+  if (need <= *cap) return 0;
+  size_t n = *cap ? *cap : 8;
+  while (n < need) n *= 2;
+  void *q = realloc(*p, n * elem);
+  if (q == NULL) return -1;
+  *p = q;
+  *cap = n;
+  return 0;
+}
+
+static size_t arena_put(cb_unit *u, const char *s) {
+  size_t len = strlen(s) + 1;
+  if (grow((void **)&u->arena, &u->arena_cap, u->arena_len + len, 1) < 0) return PARAM_NULL;
+  size_t off = u->arena_len;
+  memcpy(u->arena + off, s, len);
+  u->arena_len += len;
+  return off;
+}
+
+int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *const *params, int flags) {
+  size_t scap = (size_t)u->stmts_cap, rcap = (size_t)u->results_cap;
+  if (grow((void **)&u->stmts, &scap, (size_t)u->nstmts + 1, sizeof *u->stmts) < 0) return CB_ENOMEM;
+  u->stmts_cap = (int)scap;
+  if (grow((void **)&u->results, &rcap, (size_t)u->nstmts + 1, sizeof *u->results) < 0) return CB_ENOMEM;
+  for (size_t i = (size_t)u->results_cap; i < rcap; i++) u->results[i] = NULL;
+  u->results_cap = (int)rcap;
+  if (grow((void **)&u->param_offsets, &u->param_offsets_cap, u->nparam_offsets + (size_t)nparams,
+           sizeof *u->param_offsets) < 0)
+    return CB_ENOMEM;
+  unit_stmt *s = &u->stmts[u->nstmts];
+  s->sql = arena_put(u, sql);
+  if (s->sql == PARAM_NULL) return CB_ENOMEM;
+  s->params = u->nparam_offsets;
+  s->nparams = nparams;
+  s->flags = flags;
+  for (int i = 0; i < nparams; i++) {
+    size_t off = PARAM_NULL;
+    if (params[i] != NULL && (off = arena_put(u, params[i])) == PARAM_NULL) return CB_ENOMEM;
+    u->param_offsets[u->nparam_offsets++] = off;
+  }
+  u->results[u->nstmts] = NULL;
+  return u->nstmts++;
+}
+
+int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *params) {
+  return cb_unit_add_flags(u, sql, nparams, params, 0);
+}
+
+int cb_unit_count(const cb_unit *u) { return u->nstmts; }
+int cb_unit_status(const cb_unit *u) { return u->status; }
+const cb_err *cb_unit_error(const cb_unit *u) { return &u->err; }
+
+const cb_result *cb_unit_result(const cb_unit *u, int i) {
+  if (i < 0 || i >= u->nstmts) return NULL;
+  return u->results[i];
+}
+
+void cb_unit_on_done(cb_unit *u, cb_unit_done done, void *arg) {
+  u->done = done;
+  u->done_arg = arg;
+}
+
+int cb_result_rows(const cb_result *r) { return r ? PQntuples(r) : 0; }
+int cb_result_columns(const cb_result *r) { return r ? PQnfields(r) : 0; }
+const char *cb_result_value(const cb_result *r, int row, int col) { return PQgetvalue(r, row, col); }
+int cb_result_is_null(const cb_result *r, int row, int col) { return PQgetisnull(r, row, col); }
+int64_t cb_result_int(const cb_result *r, int row, int col) {
+  return strtoll(PQgetvalue(r, row, col), NULL, 10);
+}
+int64_t cb_result_affected(const cb_result *r) {
+  const char *s = r ? PQcmdTuples((PGresult *)r) : "";
+  return *s ? strtoll(s, NULL, 10) : 0;
+}
+
+void cb__unit_complete(cb_unit *u, int status, const cb_err *err) {
+  if (status != CB_OK && u->status == CB_OK) {
+    u->status = status;
+    if (err) u->err = *err;
+    else cb_err_set(&u->err, status, "%s", cb_strerror(status));
+  }
+  u->next = NULL;
+  if (u->done) u->done(u, u->done_arg);
+}
+
+/* ---- the loop thread --------------------------------------------------- */
+
+static void fail_list(cb_unit *u, int code, const char *why) {
+  cb_err err;
+  cb_err_set(&err, code, "%s", why);
+  while (u) {
+    cb_unit *next = u->next;
+    cb__unit_complete(u, code, &err);
+    u = next;
+  }
+}
+
+static void on_handle_closed(uv_handle_t *h) { (void)h; }
+
+/* Runs on the loop thread when woken: takes what other threads handed over,
+ * or, once closing, tears everything down so that uv_run can return. */
+static void on_wake(uv_async_t *async) {
+  cb_runtime *rt = async->data;
+  pthread_mutex_lock(&rt->lock);
+  cb_unit *units = rt->submitted_head;
+  rt->submitted_head = rt->submitted_tail = NULL;
+  pending_call *calls = rt->calls_head;
+  rt->calls_head = rt->calls_tail = NULL;
+  int closing = rt->closing;
+  pthread_mutex_unlock(&rt->lock);
+
+  while (calls) {
+    pending_call *next = calls->next;
+    if (!closing) calls->fn(rt, calls->arg);
+    free(calls);
+    calls = next;
+  }
+  if (closing) {
+    fail_list(units, CB_ECLOSED, "the runtime was closed");
+    fail_list(rt->pending_head, CB_ECLOSED, "the runtime was closed");
+    rt->pending_head = rt->pending_tail = NULL;
+    for (int i = 0; i < rt->nconns; i++) cb__conn_shutdown(&rt->conns[i]);
+    cb__conn_shutdown(&rt->listener);
+    uv_close((uv_handle_t *)&rt->wake, on_handle_closed);
+    return;
+  }
+  if (units) {
+    if (rt->pending_tail) rt->pending_tail->next = units;
+    else rt->pending_head = units;
+    cb_unit *t = units;
+    while (t->next) t = t->next;
+    rt->pending_tail = t;
+  }
+  cb__dispatch(rt);
+}
+
+static void start_connections(cb_runtime *rt, void *arg) {
+  (void)arg;
+  for (int i = 0; i < rt->nconns; i++) cb__conn_start(&rt->conns[i]);
+  cb__conn_start(&rt->listener);
+}
+
+static void *loop_main(void *arg) {
+  cb_runtime *rt = arg;
+  start_connections(rt, NULL);
+  uv_run(&rt->loop, UV_RUN_DEFAULT);
+  return NULL;
+}
+
+void cb__startup_attempt_done(cb_runtime *rt) {
+  pthread_mutex_lock(&rt->lock);
+  if (rt->startup_pending > 0 && --rt->startup_pending == 0) pthread_cond_broadcast(&rt->started);
+  pthread_mutex_unlock(&rt->lock);
+}
+
+/* ---- open runtimes, closed at process exit ------------------------------ */
+
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
+static cb_runtime *open_head;
+static pthread_once_t atexit_once = PTHREAD_ONCE_INIT;
+
+static void close_open_runtimes(void) {
+  for (;;) {
+    pthread_mutex_lock(&open_lock);
+    cb_runtime *rt = open_head;
+    pthread_mutex_unlock(&open_lock);
+    if (rt == NULL) return;
+    cb_runtime_close(rt); /* unlinks it */
+  }
+}
+
+static void register_atexit(void) { atexit(close_open_runtimes); }
+
+static void link_open(cb_runtime *rt) {
+  pthread_once(&atexit_once, register_atexit);
+  pthread_mutex_lock(&open_lock);
+  rt->next_open = open_head;
+  open_head = rt;
+  pthread_mutex_unlock(&open_lock);
+}
+
+static void unlink_open(cb_runtime *rt) {
+  pthread_mutex_lock(&open_lock);
+  for (cb_runtime **pp = &open_head; *pp; pp = &(*pp)->next_open)
+    if (*pp == rt) {
+      *pp = rt->next_open;
+      break;
+    }
+  pthread_mutex_unlock(&open_lock);
+}
+
+/* ---- lifecycle ---------------------------------------------------------- */
+
+static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+
+int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *err) {
+  *out = NULL;
+  cb_runtime_options defaults = {0};
+  if (options == NULL) options = &defaults;
+  cb_runtime *rt = calloc(1, sizeof *rt);
+  if (rt == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  rt->nconns = options->pool_size > 0 ? options->pool_size : 2;
+  rt->connect_timeout_ms = options->connect_timeout_ms > 0 ? options->connect_timeout_ms : 5000;
+  rt->conninfo = dup_or_null(options->conninfo ? options->conninfo : "");
+  rt->application_name = dup_or_null(options->application_name ? options->application_name : "commandbus");
+  rt->conns = calloc((size_t)rt->nconns, sizeof *rt->conns);
+  rt->hub = cb_hub_new();
+  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub) {
+    free(rt->conninfo);
+    free(rt->application_name);
+    free(rt->conns);
+    cb_hub_free(rt->hub);
+    free(rt);
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
+  pthread_mutex_init(&rt->lock, NULL);
+  pthread_cond_init(&rt->started, NULL);
+  uv_loop_init(&rt->loop);
+  uv_async_init(&rt->loop, &rt->wake, on_wake);
+  rt->wake.data = rt;
+  for (int i = 0; i < rt->nconns; i++) cb__conn_init(rt, &rt->conns[i], i);
+  cb__conn_init(rt, &rt->listener, -1);
+  rt->startup_pending = rt->nconns;
+
+  if (pthread_create(&rt->thread, NULL, loop_main, rt) != 0) {
+    uv_close((uv_handle_t *)&rt->wake, NULL);
+    for (int i = 0; i < rt->nconns; i++) uv_close((uv_handle_t *)&rt->conns[i].timer, NULL);
+    uv_close((uv_handle_t *)&rt->listener.timer, NULL);
+    uv_run(&rt->loop, UV_RUN_DEFAULT);
+    rt->closed = 1;
+    cb_runtime_free(rt);
+    return cb_err_set(err, CB_ENOMEM, "cannot start the loop thread");
+  }
+  rt->thread_started = 1;
+  link_open(rt);
+
+  /* Wait for the pool's first attempts, then insist on one good connection:
+   * an unreachable database is reported here, once, rather than by the first
+   * query. */
+  pthread_mutex_lock(&rt->lock);
+  while (rt->startup_pending > 0) pthread_cond_wait(&rt->started, &rt->lock);
+  pthread_mutex_unlock(&rt->lock);
+
+  cb_unit *probe = cb_unit_new();
+  int rc = probe ? cb_unit_add(probe, "SELECT 1", 0, NULL) : CB_ENOMEM;
+  if (rc >= 0) rc = cb_runtime_exec(rt, probe, err);
+  cb_unit_free(probe);
+  if (rc != CB_OK) {
+    if (rc == CB_ECONNECTION && rt->conns[0].last_error[0])
+      cb_err_set(err, CB_ECONNECTION, "cannot connect to PostgreSQL: %s", rt->conns[0].last_error);
+    cb_runtime_free(rt);
+    return rc;
+  }
+  *out = rt;
+  return CB_OK;
+}
+
+void cb_runtime_close(cb_runtime *rt) {
+  if (rt == NULL) return;
+  pthread_mutex_lock(&rt->lock);
+  if (rt->closing) {
+    /* Another thread is closing: wait until it has joined the loop. */
+    while (!rt->closed) pthread_cond_wait(&rt->started, &rt->lock);
+    pthread_mutex_unlock(&rt->lock);
+    return;
+  }
+  rt->closing = 1;
+  pthread_mutex_unlock(&rt->lock);
+
+  if (rt->thread_started) {
+    uv_async_send(&rt->wake);
+    pthread_join(rt->thread, NULL);
+  }
+  uv_loop_close(&rt->loop);
+  cb_hub_close(rt->hub);
+  unlink_open(rt);
+  pthread_mutex_lock(&rt->lock);
+  rt->closed = 1;
+  pthread_cond_broadcast(&rt->started);
+  pthread_mutex_unlock(&rt->lock);
+}
+
+void cb_runtime_free(cb_runtime *rt) {
+  if (rt == NULL) return;
+  cb_runtime_close(rt);
+  for (size_t i = 0; i < rt->nchannels; i++) free(rt->channels[i]);
+  free(rt->channels);
+  free(rt->conns);
+  free(rt->conninfo);
+  free(rt->application_name);
+  cb_hub_free(rt->hub);
+  pthread_cond_destroy(&rt->started);
+  pthread_mutex_destroy(&rt->lock);
+  free(rt);
+}
+
+int cb_runtime_is_closed(cb_runtime *rt) {
+  pthread_mutex_lock(&rt->lock);
+  int closing = rt->closing;
+  pthread_mutex_unlock(&rt->lock);
+  return closing;
+}
+
+cb_hub *cb_runtime_hub(cb_runtime *rt) { return rt->hub; }
+
+int cb_runtime_on_loop(cb_runtime *rt) {
+  return rt->thread_started && pthread_equal(pthread_self(), rt->thread);
+}
+
+/* ---- handing work to the loop ------------------------------------------ */
+
+static void chain(cb_unit *const *units, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    units[i]->next = i + 1 < n ? units[i + 1] : NULL;
+    units[i]->group_end = i + 1 == n;
+    units[i]->status = CB_OK;
+    cb_err_clear(&units[i]->err);
+  }
+}
+
+int cb_runtime_submit(cb_runtime *rt, cb_unit *const *units, size_t n) {
+  if (n == 0) return CB_OK;
+  chain(units, n);
+  if (cb_runtime_on_loop(rt)) {
+    if (rt->pending_tail) rt->pending_tail->next = units[0];
+    else rt->pending_head = units[0];
+    rt->pending_tail = units[n - 1];
+    cb__dispatch(rt);
+    return CB_OK;
+  }
+  pthread_mutex_lock(&rt->lock);
+  if (rt->closing) {
+    pthread_mutex_unlock(&rt->lock);
+    return CB_ECLOSED;
+  }
+  if (rt->submitted_tail) rt->submitted_tail->next = units[0];
+  else rt->submitted_head = units[0];
+  rt->submitted_tail = units[n - 1];
+  pthread_mutex_unlock(&rt->lock);
+  uv_async_send(&rt->wake);
+  return CB_OK;
+}
+
+int cb_runtime_call(cb_runtime *rt, void (*fn)(cb_runtime *rt, void *arg), void *arg) {
+  pending_call *c = malloc(sizeof *c);
+  if (c == NULL) return CB_ENOMEM;
+  c->next = NULL;
+  c->fn = fn;
+  c->arg = arg;
+  pthread_mutex_lock(&rt->lock);
+  if (rt->closing) {
+    pthread_mutex_unlock(&rt->lock);
+    free(c);
+    return CB_ECLOSED;
+  }
+  if (rt->calls_tail) rt->calls_tail->next = c;
+  else rt->calls_head = c;
+  rt->calls_tail = c;
+  pthread_mutex_unlock(&rt->lock);
+  uv_async_send(&rt->wake);
+  return CB_OK;
+}
+
+/* A caller thread blocked on its units; lives on the caller's stack. */
+typedef struct waiter {
+  pthread_mutex_t lock;
+  pthread_cond_t done;
+  size_t remaining;
+} waiter;
+
+static void waiter_unit_done(cb_unit *u, void *arg) {
+  (void)u;
+  waiter *w = arg;
+  pthread_mutex_lock(&w->lock);
+  if (--w->remaining == 0) pthread_cond_signal(&w->done);
+  pthread_mutex_unlock(&w->lock);
+}
+
+int cb_runtime_exec_many(cb_runtime *rt, cb_unit *const *units, size_t n, cb_err *err) {
+  if (cb_runtime_on_loop(rt))
+    return cb_err_set(err, CB_EDEADLOCK,
+                      "a blocking call was made on the runtime's own loop thread; it would wait forever");
+  if (n == 0) return CB_OK;
+  waiter w;
+  pthread_mutex_init(&w.lock, NULL);
+  pthread_cond_init(&w.done, NULL);
+  w.remaining = n;
+  for (size_t i = 0; i < n; i++) cb_unit_on_done(units[i], waiter_unit_done, &w);
+  int rc = cb_runtime_submit(rt, units, n);
+  if (rc == CB_OK) {
+    pthread_mutex_lock(&w.lock);
+    while (w.remaining > 0) pthread_cond_wait(&w.done, &w.lock);
+    pthread_mutex_unlock(&w.lock);
+  } else {
+    cb_err_set(err, rc, "the runtime is closed");
+  }
+  for (size_t i = 0; i < n; i++) cb_unit_on_done(units[i], NULL, NULL);
+  pthread_cond_destroy(&w.done);
+  pthread_mutex_destroy(&w.lock);
+  return rc;
+}
+
+int cb_runtime_exec(cb_runtime *rt, cb_unit *u, cb_err *err) {
+  int rc = cb_runtime_exec_many(rt, &u, 1, err);
+  if (rc != CB_OK) return rc;
+  if (u->status != CB_OK && err) *err = u->err;
+  return u->status;
+}
+
+/* ---- LISTEN ------------------------------------------------------------- */
+
+static int valid_channel(const char *c) {
+  size_t n = strlen(c);
+  if (n == 0 || n > 63) return 0;
+  for (size_t i = 0; i < n; i++) {
+    char ch = c[i];
+    if (!((ch >= 'a' && ch <= 'z') || ch == '_' || (i > 0 && ch >= '0' && ch <= '9'))) return 0;
+  }
+  return 1;
+}
+
+int cb_runtime_listen(cb_runtime *rt, const char *channel, cb_err *err) {
+  if (!valid_channel(channel)) return cb_err_set(err, CB_EINVAL, "invalid channel name `%s`", channel);
+  pthread_mutex_lock(&rt->lock);
+  for (size_t i = 0; i < rt->nchannels; i++)
+    if (strcmp(rt->channels[i], channel) == 0) {
+      pthread_mutex_unlock(&rt->lock);
+      return CB_OK;
+    }
+  /* Recorded first, so that a reconnection in between re-LISTENs it too. */
+  char *copy = strdup(channel);
+  size_t cap = rt->channels_cap;
+  if (copy == NULL || grow((void **)&rt->channels, &cap, rt->nchannels + 1, sizeof(char *)) < 0) {
+    pthread_mutex_unlock(&rt->lock);
+    free(copy);
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
+  rt->channels_cap = cap;
+  rt->channels[rt->nchannels++] = copy;
+  pthread_mutex_unlock(&rt->lock);
+
+  char sql[96];
+  snprintf(sql, sizeof sql, "LISTEN \"%s\"", channel);
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_unit_add_flags(u, sql, 0, NULL, CB_STMT_ONESHOT);
+  u->to_listener = 1;
+  int rc = cb_runtime_exec(rt, u, err);
+  cb_unit_free(u);
+  return rc;
+}
+
+/* ---- configuration ------------------------------------------------------ */
+
+static int default_threads_set;
+
+void cb_set_default_threads(int n) { __atomic_store_n(&default_threads_set, n > 0 ? n : 0, __ATOMIC_RELAXED); }
+
+int cb_default_threads(void) {
+  int n = __atomic_load_n(&default_threads_set, __ATOMIC_RELAXED);
+  if (n > 0) return n;
+  const char *env = getenv("COMMANDBUS_SYNC_THREADS");
+  if (env && *env) {
+    char *end;
+    long v = strtol(env, &end, 10);
+    if (*end == '\0' && v > 0 && v <= 1024) return (int)v;
+  }
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  if (cores < 1) cores = 1;
+  return cores < 32 ? (int)cores : 32;
+}
