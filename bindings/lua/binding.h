@@ -17,6 +17,12 @@
 #if LUA_VERSION_NUM < 502
 #define lua_rawlen(L, i) lua_objlen((L), (i))
 #define lua_absindex(L, i) ((i) > 0 || (i) <= LUA_REGISTRYINDEX ? (i) : lua_gettop(L) + (i) + 1)
+/* ---- rows (rows.c) and commands (commands.c) --------------------------- */
+
+void cbL_push_row(lua_State *L, const cb_result *r, int row);
+void cbL_push_rows(lua_State *L, const cb_result *r);
+void cbL_open_commands(lua_State *L);
+
 #endif
 
 /* LuaJIT numbers are doubles: integers beyond 2^53 would silently round, so
@@ -32,6 +38,12 @@ static inline void cbL_pushint64(lua_State *L, int64_t v) {
   } else {
     lua_pushnumber(L, (lua_Number)v);
   }
+/* ---- rows (rows.c) and commands (commands.c) --------------------------- */
+
+void cbL_push_row(lua_State *L, const cb_result *r, int row);
+void cbL_push_rows(lua_State *L, const cb_result *r);
+void cbL_open_commands(lua_State *L);
+
 #endif
 }
 
@@ -39,6 +51,8 @@ static inline void cbL_pushint64(lua_State *L, int64_t v) {
  * the value is neither. */
 int64_t cbL_toint64(lua_State *L, int idx, int *ok);
 int64_t cbL_checkint64(lua_State *L, int idx);
+/* tostring(value at idx), pushed on the stack (luaL_tolstring is 5.2+). */
+const char *cbL_tostring(lua_State *L, int idx);
 
 /* Optional fields of an options table at idx (which may be nil). */
 double cbL_optfield_number(lua_State *L, int idx, const char *field, double def);
@@ -80,5 +94,25 @@ int cbL_bus_queue(lua_State *L);
 int cbL_bus_list_queues(lua_State *L);
 /* The runtime of the open bus at idx, or NULL after pushing nil, CLOSED. */
 cb_runtime *cbL_bus_runtime(lua_State *L, int idx);
+
+/* ---- rows (rows.c) and commands (commands.c) --------------------------- */
+
+void cbL_push_row(lua_State *L, const cb_result *r, int row);
+void cbL_push_rows(lua_State *L, const cb_result *r);
+void cbL_open_commands(lua_State *L);
+
+/* ---- lane threads (lanes.c) ----------------------------------------------- */
+
+typedef struct cbL_lanes cbL_lanes;
+/* Runs on each lane thread with its own state, where the module's value is at
+ * index 1; L is NULL when the module failed to load (the lane must still run
+ * its loop so that its work is handed back). */
+typedef void (*cbL_lane_fn)(lua_State *L, int lane, void *arg);
+cbL_lanes *cbL_lanes_start(lua_State *L, int count, const char *module, cbL_lane_fn fn, void *arg, cb_err *err);
+/* Joins every lane thread and frees. */
+void cbL_lanes_join(cbL_lanes *lanes);
+int cbL_lanes_running(const cbL_lanes *lanes);
+
+void cbL_open_worker(lua_State *L);
 
 #endif

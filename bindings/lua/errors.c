@@ -128,3 +128,12 @@ const char *cbL_optfield_string(lua_State *L, int idx, const char *name, const c
   lua_pop(L, 1); /* still referenced by the options table */
   return s;
 }
+
+const char *cbL_tostring(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  lua_getglobal(L, "tostring");
+  lua_pushvalue(L, idx);
+  lua_call(L, 1, 1);
+  const char *s = lua_tostring(L, -1);
+  return s ? s : "?";
+}

@@ -60,6 +60,8 @@ int luaopen_commandbus_core(lua_State *L) {
   cbL_open_json(L);
   cbL_open_bus(L);
   cbL_open_queue(L);
+  cbL_open_commands(L);
+  cbL_open_worker(L);
   static const luaL_Reg functions[] = {
       {"connect", l_connect},
       {"configure", l_configure},

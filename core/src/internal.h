@@ -95,8 +95,13 @@ struct cb_runtime {
   int startup_pending; /* [lock] pool connections still making their first attempt */
   char **channels;     /* [lock] channels LISTENed on (or being) */
   size_t nchannels, channels_cap;
+  char **remembered;   /* [lock] see cb_runtime_remember */
+  size_t nremembered, remembered_cap;
 
   cb_unit *pending_head, *pending_tail; /* [loop] waiting for a connection */
+  struct notify_watch *watches; /* [loop] */
+  size_t nwatches, watches_cap; /* [loop] */
+  int next_watch_id;            /* [loop] */
   cb_conn *conns;      /* [init] the pool */
   int nconns;
   cb_conn listener;
@@ -106,6 +111,16 @@ struct cb_runtime {
   cb_hub *hub;         /* [init] */
   cb_runtime *next_open; /* guarded by the global list's lock */
 };
+
+typedef struct notify_watch {
+  int id; /* 0: free slot */
+  char channel[64];
+  cb_notify_fn fn;
+  void *arg;
+} notify_watch;
+
+/* runtime.c: calls the watches of channel (NULL: every watch). */
+void cb__notify_watches(cb_runtime *rt, const char *channel);
 
 /* pg.c: connections, run on the loop thread. */
 void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index);

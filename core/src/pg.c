@@ -300,6 +300,7 @@ static void relisten(cb_conn *conn) {
   u->next = NULL;
   send_units(conn, u);
   cb_hub_notify_all(rt->hub);
+  cb__notify_watches(rt, NULL);
 }
 
 /* ---- sending ---------------------------------------------------------------- */
@@ -493,6 +494,7 @@ static void read_notifications(cb_conn *conn) {
   PGnotify *n;
   while ((n = PQnotifies(conn->pg)) != NULL) {
     cb_hub_notify(conn->rt->hub, n->relname);
+    cb__notify_watches(conn->rt, n->relname);
     PQfreemem(n);
   }
 }

@@ -124,6 +124,18 @@ int64_t cb_result_affected(const cb_result *r) {
   return *s ? strtoll(s, NULL, 10) : 0;
 }
 
+const char *cb_result_column_name(const cb_result *r, int col) { return PQfname(r, col); }
+
+int cb_result_column_kind(const cb_result *r, int col) {
+  switch (PQftype(r, col)) {
+    case 20: case 21: case 23: case 26: return CB_COL_INT;   /* int8, int2, int4, oid */
+    case 700: case 701: case 1700: return CB_COL_FLOAT;      /* float4, float8, numeric */
+    case 16: return CB_COL_BOOL;
+    case 114: case 3802: return CB_COL_JSON;                 /* json, jsonb */
+    default: return CB_COL_TEXT;
+  }
+}
+
 void cb__unit_complete(cb_unit *u, int status, const cb_err *err) {
   if (status != CB_OK && u->status == CB_OK) {
     u->status = status;
@@ -336,6 +348,9 @@ void cb_runtime_free(cb_runtime *rt) {
   cb_runtime_close(rt);
   for (size_t i = 0; i < rt->nchannels; i++) free(rt->channels[i]);
   free(rt->channels);
+  for (size_t i = 0; i < rt->nremembered; i++) free(rt->remembered[i]);
+  free(rt->remembered);
+  free(rt->watches);
   free(rt->conns);
   free(rt->conninfo);
   free(rt->application_name);
@@ -498,7 +513,70 @@ int cb_runtime_listen(cb_runtime *rt, const char *channel, cb_err *err) {
   u->to_listener = 1;
   int rc = cb_runtime_exec(rt, u, err);
   cb_unit_free(u);
+  /* Another thread may have found the channel recorded while this LISTEN was
+   * still on its way, and gone to wait: a send in that gap notified nobody.
+   * Waking the channel's waiters once makes them read again. */
+  if (rc == CB_OK) cb_hub_notify(rt->hub, channel);
   return rc;
+}
+
+/* ---- loop-thread notification watches ------------------------------------ */
+
+int cb_runtime_watch(cb_runtime *rt, const char *channel, cb_notify_fn fn, void *arg) {
+  size_t i = 0;
+  while (i < rt->nwatches && rt->watches[i].id != 0) i++;
+  if (i == rt->nwatches) {
+    size_t cap = rt->watches_cap;
+    if (grow((void **)&rt->watches, &cap, rt->nwatches + 1, sizeof *rt->watches) < 0) return CB_ENOMEM;
+    rt->watches_cap = cap;
+    rt->nwatches++;
+  }
+  notify_watch *w = &rt->watches[i];
+  w->id = ++rt->next_watch_id;
+  snprintf(w->channel, sizeof w->channel, "%s", channel);
+  w->fn = fn;
+  w->arg = arg;
+  return w->id;
+}
+
+void cb_runtime_unwatch(cb_runtime *rt, int id) {
+  for (size_t i = 0; i < rt->nwatches; i++)
+    if (rt->watches[i].id == id) rt->watches[i].id = 0;
+}
+
+void cb__notify_watches(cb_runtime *rt, const char *channel) {
+  /* By index: a callback may add or remove watches (the array may move). */
+  for (size_t i = 0; i < rt->nwatches; i++) {
+    notify_watch w = rt->watches[i];
+    if (w.id != 0 && (channel == NULL || strcmp(w.channel, channel) == 0)) w.fn(w.arg);
+  }
+}
+
+struct uv_loop_s *cb_runtime_loop(cb_runtime *rt) { return &rt->loop; }
+
+/* ---- remembered facts ---------------------------------------------------- */
+
+int cb_runtime_remembers(cb_runtime *rt, const char *key) {
+  pthread_mutex_lock(&rt->lock);
+  int found = 0;
+  for (size_t i = 0; i < rt->nremembered && !found; i++) found = strcmp(rt->remembered[i], key) == 0;
+  pthread_mutex_unlock(&rt->lock);
+  return found;
+}
+
+void cb_runtime_remember(cb_runtime *rt, const char *key) {
+  if (cb_runtime_remembers(rt, key)) return;
+  char *copy = strdup(key);
+  if (copy == NULL) return;
+  pthread_mutex_lock(&rt->lock);
+  size_t cap = rt->remembered_cap;
+  if (grow((void **)&rt->remembered, &cap, rt->nremembered + 1, sizeof(char *)) == 0) {
+    rt->remembered_cap = cap;
+    rt->remembered[rt->nremembered++] = copy;
+    copy = NULL;
+  }
+  pthread_mutex_unlock(&rt->lock);
+  free(copy);
 }
 
 /* ---- configuration ------------------------------------------------------ */

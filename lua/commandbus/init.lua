@@ -40,6 +40,40 @@ end
 --- The default number of handler lanes (see configure).
 M.default_threads = core.default_threads
 
+-- Handler failures: raise one of these to say what kind of failure it is.
+-- Any other error counts as transient.
+local handler_error_mt = {
+  __tostring = function(e)
+    return string.format("%s error %s: %s", e.kind, tostring(e.code), tostring(e.message))
+  end,
+}
+
+local function handler_error(kind, code, message, details)
+  if type(code) ~= "string" then
+    error("bad argument #1 to '" .. kind .. "' (string code expected, got " .. type(code) .. ")", 3)
+  end
+  return setmetatable({kind = kind, code = code, message = message or code, details = details}, handler_error_mt)
+end
+
+--- A failure worth retrying (with the worker's backoff) until attempts run out;
+-- then the command goes to the troubleshooting queue.
+-- Usage: error(commandbus.transient("TIMEOUT", "bank did not answer"))
+function M.transient(code, message)
+  return handler_error("transient", code, message)
+end
+
+--- A failure that retrying cannot fix: the command goes to the
+-- troubleshooting queue at once, for an operator.
+function M.permanent(code, message, details)
+  return handler_error("permanent", code, message, details)
+end
+
+--- A business outcome, not a fault: the command ends FAILED, and its reply
+-- (when it has reply_to) carries the code, message and details.
+function M.business_rule(code, message, details)
+  return handler_error("business_rule", code, message, details)
+end
+
 --- The newest schema version this build knows.
 M.schema_version = core.schema_version
 

@@ -90,6 +90,12 @@ int64_t cb_result_int(const cb_result *r, int row, int col);
 /* Rows affected by an INSERT/UPDATE/DELETE. */
 int64_t cb_result_affected(const cb_result *r);
 
+/* Kinds of column, from PostgreSQL's type: how a binding should present a
+ * value (JSON is handed over as text, for the binding to decode). */
+enum { CB_COL_TEXT, CB_COL_INT, CB_COL_FLOAT, CB_COL_BOOL, CB_COL_JSON };
+const char *cb_result_column_name(const cb_result *r, int col);
+int cb_result_column_kind(const cb_result *r, int col);
+
 /* Runs n units in one round trip and blocks until all complete. Returns CB_OK
  * when they ran (each unit has its own status), CB_EDEADLOCK from the loop
  * thread, CB_ECLOSED on a closed runtime. */
@@ -114,6 +120,23 @@ int cb_runtime_call(cb_runtime *rt, void (*fn)(cb_runtime *rt, void *arg), void 
  * of the same name; after a reconnection every listened key is bumped, since
  * notifications may have been missed. Blocking; idempotent. */
 int cb_runtime_listen(cb_runtime *rt, const char *channel, cb_err *err);
+
+/* Loop thread only: runs fn(arg) on the loop thread for every notification on
+ * channel (once cb_runtime_listen made it listened), and after the listener
+ * reconnects (notifications may have been missed). Returns a watch id. */
+typedef void (*cb_notify_fn)(void *arg);
+int cb_runtime_watch(cb_runtime *rt, const char *channel, cb_notify_fn fn, void *arg);
+void cb_runtime_unwatch(cb_runtime *rt, int id);
+
+/* The runtime's libuv loop, for components that put their own handles on it
+ * (from the loop thread only). */
+struct uv_loop_s *cb_runtime_loop(cb_runtime *rt);
+
+/* --- memory of facts (queues known to exist, ...) ------------------------- */
+
+/* A set of strings the runtime keeps for its lifetime; thread-safe. */
+int cb_runtime_remembers(cb_runtime *rt, const char *key);
+void cb_runtime_remember(cb_runtime *rt, const char *key);
 
 /* --- configuration ------------------------------------------------------ */
 

@@ -1,0 +1,211 @@
+/* commandbus Lua binding: the bus's command methods (send, send_batch and the
+ * queries). Arguments are checked here, before anything reaches the core:
+ * wrong types raise, values the core refuses come back as nil, err. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "binding.h"
+#include "commandbus/bus.h"
+
+/* Reads one command table at idx into spec. Strings stay owned by Lua: the
+ * table is referenced from the caller's arguments; encoded data goes into
+ * the anchor table at anchor_idx (slot i). Raises on wrong types; returns 0
+ * after pushing nil, err when data cannot be encoded. */
+static int read_spec(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what) {
+  idx = lua_absindex(L, idx);
+  memset(spec, 0, sizeof *spec);
+  if (lua_type(L, idx) != LUA_TTABLE) luaL_error(L, "bad %s: table expected, got %s", what, luaL_typename(L, idx));
+  struct {
+    const char *name;
+    const char **out;
+  } strings[] = {{"type", &spec->command_type},
+                 {"id", &spec->command_id},
+                 {"correlation_id", &spec->correlation_id},
+                 {"reply_to", &spec->reply_to},
+                 {"batch_id", &spec->batch_id}};
+  for (size_t k = 0; k < sizeof strings / sizeof strings[0]; k++) {
+    lua_getfield(L, idx, strings[k].name);
+    if (!lua_isnil(L, -1)) {
+      if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_error(L, "bad %s field '%s': string expected, got %s", what, strings[k].name, luaL_typename(L, -1));
+      *strings[k].out = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1);
+  }
+  if (spec->command_type == NULL) luaL_error(L, "bad %s: field 'type' is required", what);
+  lua_getfield(L, idx, "max_attempts");
+  if (!lua_isnil(L, -1)) {
+    int ok;
+    int64_t v = cbL_toint64(L, -1, &ok);
+    if (!ok || v < 1) luaL_error(L, "bad %s field 'max_attempts': positive integer expected", what);
+    spec->max_attempts = (int)v;
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, idx, "data");
+  if (!lua_isnil(L, -1)) {
+    if (lua_type(L, -1) != LUA_TTABLE)
+      luaL_error(L, "bad %s field 'data': table expected, got %s", what, luaL_typename(L, -1));
+    if (!cbL_json_encode(L, -1)) {
+      const char *why = lua_tostring(L, -1);
+      cbL_pusherrorcode(L, CB_EINVAL, "cannot encode %s data as JSON: %s", what, why ? why : "?");
+      return 0;
+    }
+    spec->data_json = lua_tostring(L, -1);
+    lua_rawseti(L, anchor_idx, i); /* keeps the string alive */
+  }
+  lua_pop(L, 1);
+  return 1;
+}
+
+static void push_result(lua_State *L, const cb_send_result *r) {
+  lua_createtable(L, 0, 3);
+  lua_pushstring(L, r->command_id);
+  lua_setfield(L, -2, "command_id");
+  if (r->duplicate) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "duplicate");
+  } else {
+    cbL_pushint64(L, r->msg_id);
+    lua_setfield(L, -2, "msg_id");
+  }
+}
+
+static const char *check_domain_field(lua_State *L, int idx) {
+  lua_getfield(L, idx, "domain");
+  if (lua_type(L, -1) != LUA_TSTRING)
+    luaL_error(L, "bad field 'domain': string expected, got %s", luaL_typename(L, -1));
+  const char *d = lua_tostring(L, -1);
+  lua_pop(L, 1);
+  return d;
+}
+
+static double check_delay(lua_State *L, int idx) {
+  double delay = cbL_optfield_number(L, idx, "delay", 0);
+  if (delay < 0) luaL_error(L, "bad field 'delay': must not be negative");
+  return delay;
+}
+
+/* bus:send{domain=, type=, data=, id=, correlation_id=, reply_to=,
+ *          max_attempts=, delay=, batch_id=} -> {command_id=, msg_id=} | nil, err */
+static int l_send(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (rt == NULL) return 2;
+  const char *domain = check_domain_field(L, 2);
+  double delay = check_delay(L, 2);
+  lua_newtable(L);
+  int anchor = lua_gettop(L);
+  cb_command_spec spec;
+  if (!read_spec(L, 2, anchor, 1, &spec, "command")) return 2;
+  cb_send_result result;
+  cb_err err;
+  if (cb_bus_send(rt, domain, &spec, 1, delay, &result, &err) != CB_OK) return cbL_pusherror(L, &err);
+  push_result(L, &result);
+  return 1;
+}
+
+/* bus:send_batch{domain=, commands={{type=, data=, ...}, ...}, delay=}
+ * -> {{command_id=, msg_id=} or {command_id=, duplicate=true}, ...} | nil, err
+ * One round trip and one transaction for all. */
+static int l_send_batch(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (rt == NULL) return 2;
+  const char *domain = check_domain_field(L, 2);
+  double delay = check_delay(L, 2);
+  lua_getfield(L, 2, "commands");
+  if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "bad field 'commands': table expected");
+  int list = lua_gettop(L);
+  size_t n = lua_rawlen(L, list);
+  lua_createtable(L, (int)n, 0);
+  int anchor = lua_gettop(L);
+  if (n == 0) {
+    lua_newtable(L);
+    return 1;
+  }
+  /* Userdata, not malloc: a raise on a bad field then leaks nothing. */
+  cb_command_spec *specs = lua_newuserdata(L, n * sizeof *specs);
+  cb_send_result *results = lua_newuserdata(L, n * sizeof *results);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, list, (int)i + 1);
+    char what[32];
+    snprintf(what, sizeof what, "command #%zu", i + 1);
+    if (!read_spec(L, -1, anchor, (int)i + 1, &specs[i], what)) return 2;
+    lua_pop(L, 1);
+  }
+  cb_err err;
+  if (cb_bus_send(rt, domain, specs, n, delay, results, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    push_result(L, &results[i]);
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  return 1;
+}
+
+static int push_rows_or_error(lua_State *L, int rc, cb_unit *rows, cb_err *err, int single) {
+  if (rc != CB_OK) return cbL_pusherror(L, err);
+  const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
+  if (single) cbL_push_row(L, r, 0);
+  else cbL_push_rows(L, r);
+  cb_unit_free(rows);
+  return 1;
+}
+
+/* bus:get_command(domain, id) -> record | nil, err (NOT_FOUND) */
+static int l_get_command(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  if (rt == NULL) return 2;
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_bus_get_command(rt, domain, id, &rows, &err);
+  return push_rows_or_error(L, rc, rows, &err, 1);
+}
+
+/* bus:list_commands{domain=, status=, type=, correlation_id=, batch_id=, limit=, offset=} */
+static int l_list_commands(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (rt == NULL) return 2;
+  cb_command_filter f = {0};
+  f.domain = check_domain_field(L, 2);
+  f.status = cbL_optfield_string(L, 2, "status", NULL);
+  f.command_type = cbL_optfield_string(L, 2, "type", NULL);
+  f.correlation_id = cbL_optfield_string(L, 2, "correlation_id", NULL);
+  f.batch_id = cbL_optfield_string(L, 2, "batch_id", NULL);
+  f.limit = cbL_optfield_int(L, 2, "limit", 100);
+  f.offset = cbL_optfield_int(L, 2, "offset", 0);
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_bus_list_commands(rt, &f, &rows, &err);
+  return push_rows_or_error(L, rc, rows, &err, 0);
+}
+
+/* bus:audit(domain, id) -> {{audit_id=, event_type=, ts=, details=}, ...} */
+static int l_audit(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  if (rt == NULL) return 2;
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_bus_audit(rt, domain, id, &rows, &err);
+  return push_rows_or_error(L, rc, rows, &err, 0);
+}
+
+void cbL_open_commands(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"send", l_send},
+      {"send_batch", l_send_batch},
+      {"get_command", l_get_command},
+      {"list_commands", l_list_commands},
+      {"audit", l_audit},
+      {NULL, NULL},
+  };
+  luaL_getmetatable(L, CBL_BUS_MT);
+  lua_getfield(L, -1, "__index");
+  luaL_setfuncs(L, methods, 0);
+  lua_pop(L, 2);
+}

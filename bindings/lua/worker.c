@@ -1,0 +1,409 @@
+/* commandbus Lua binding: workers, `bus:worker{...}`.
+ *
+ * handlers = "module.name": each lane thread loads the module in its own
+ * lua_State (true parallelism); handlers = {Type = fn, ...}: handlers run on
+ * the thread that calls worker:run(), while the loop thread keeps fetching
+ * and acknowledging. A handler is fn(cmd, ctx): it returns a result (table
+ * or nil) or raises; commandbus.transient/permanent/business_rule errors say
+ * what kind of failure it was, anything else counts as transient. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "binding.h"
+#include "commandbus/log.h"
+#include "commandbus/worker.h"
+
+#define WORKER_MT "commandbus.worker"
+#define CTX_MT "commandbus.handler_context"
+
+typedef struct cbL_worker {
+  cb_worker *w;
+  int bus_ref;
+  int handlers_ref; /* table mode: the handlers table; LUA_NOREF in module mode */
+  char *module;     /* module mode */
+  int running;
+} cbL_worker;
+
+typedef struct handler_ctx {
+  cb_worker *w;
+  cb_work *work; /* NULL once the handler returned */
+} handler_ctx;
+
+static cbL_worker *check_worker(lua_State *L) { return luaL_checkudata(L, 1, WORKER_MT); }
+
+/* ---- running one handler (any thread, any state) ------------------------------- */
+
+static handler_ctx *check_ctx(lua_State *L) {
+  handler_ctx *c = luaL_checkudata(L, 1, CTX_MT);
+  if (c->work == NULL) luaL_error(L, "the handler context is no longer valid (its handler returned)");
+  return c;
+}
+
+/* ctx:extend_visibility(seconds) -> true | nil, err */
+static int ctx_extend_visibility(lua_State *L) {
+  handler_ctx *c = check_ctx(L);
+  double seconds = luaL_checknumber(L, 2);
+  if (seconds <= 0) luaL_argerror(L, 2, "seconds must be positive");
+  cb_err err;
+  if (cb_worker_extend_visibility(c->w, c->work, seconds, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* ctx:stop_worker(): asks the worker running this handler to stop. */
+static int ctx_stop_worker(lua_State *L) {
+  cb_worker_stop(check_ctx(L)->w);
+  return 0;
+}
+
+static void open_ctx(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"extend_visibility", ctx_extend_visibility},
+      {"stop_worker", ctx_stop_worker},
+      {NULL, NULL},
+  };
+  luaL_newmetatable(L, CTX_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}
+
+static void set_string(lua_State *L, const char *k, const char *v) {
+  if (v == NULL) return;
+  lua_pushstring(L, v);
+  lua_setfield(L, -2, k);
+}
+
+static void push_command(lua_State *L, const cb_work *work) {
+  lua_createtable(L, 0, 9);
+  set_string(L, "id", work->command_id);
+  set_string(L, "type", work->command_type);
+  if (!cbL_json_decode(L, work->data_json)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+  }
+  lua_setfield(L, -2, "data");
+  lua_pushinteger(L, work->attempt);
+  lua_setfield(L, -2, "attempt");
+  lua_pushinteger(L, work->max_attempts);
+  lua_setfield(L, -2, "max_attempts");
+  set_string(L, "correlation_id", work->correlation_id);
+  set_string(L, "reply_to", work->reply_to);
+  set_string(L, "batch_id", work->batch_id);
+  cbL_pushint64(L, work->msg_id);
+  lua_setfield(L, -2, "msg_id");
+}
+
+static int traceback(lua_State *L) {
+  if (lua_type(L, 1) != LUA_TSTRING) return 1; /* error objects travel as they are */
+  luaL_traceback(L, L, lua_tostring(L, 1), 1);
+  return 1;
+}
+
+static const char *string_field(lua_State *L, int idx, const char *k) {
+  lua_getfield(L, idx, k);
+  const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+  lua_pop(L, 1); /* still referenced by the table */
+  return s;
+}
+
+/* Reads a raised error value (at the top) into the work's outcome. */
+static void classify_error(lua_State *L, cb_work *work) {
+  int idx = lua_gettop(L);
+  if (lua_istable(L, idx)) {
+    const char *kind = string_field(L, idx, "kind");
+    int outcome = !kind                              ? CB_OUTCOME_NONE
+                  : strcmp(kind, "transient") == 0     ? CB_OUTCOME_TRANSIENT
+                  : strcmp(kind, "permanent") == 0     ? CB_OUTCOME_PERMANENT
+                  : strcmp(kind, "business_rule") == 0 ? CB_OUTCOME_BUSINESS_RULE
+                                                       : CB_OUTCOME_NONE;
+    if (outcome != CB_OUTCOME_NONE) {
+      const char *details = NULL;
+      lua_getfield(L, idx, "details");
+      if (!lua_isnil(L, -1)) {
+        if (cbL_json_encode(L, -1)) details = lua_tostring(L, -1);
+      }
+      cb_work_fail(work, outcome, string_field(L, idx, "code"), string_field(L, idx, "message"), details);
+      lua_settop(L, idx);
+      return;
+    }
+  }
+  const char *msg = cbL_tostring(L, idx);
+  cb_work_fail(work, CB_OUTCOME_TRANSIENT, "HANDLER_ERROR", msg, NULL);
+  lua_settop(L, idx);
+}
+
+/* Runs the handler for work from the handlers table at index `handlers` and
+ * sets the outcome. Leaves the stack as it found it. */
+static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work) {
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, traceback);
+  lua_getfield(L, handlers, work->command_type);
+  if (!lua_isfunction(L, -1)) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "no handler for command type `%s`", work->command_type);
+    cb_work_fail(work, CB_OUTCOME_PERMANENT, "NO_HANDLER", msg, NULL);
+    cb_log(CB_LOG_WARN, "worker %s: %s (command %s goes to the troubleshooting queue)", cb_worker_domain(w), msg,
+           work->command_id);
+    lua_settop(L, top);
+    return;
+  }
+  push_command(L, work);
+  handler_ctx *ctx = lua_newuserdata(L, sizeof *ctx);
+  ctx->w = w;
+  ctx->work = work;
+  luaL_getmetatable(L, CTX_MT);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  int ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (lua_pcall(L, 2, 1, top + 1) != 0) {
+    classify_error(L, work);
+  } else if (lua_isnil(L, -1)) {
+    cb_work_succeed(work, NULL);
+  } else if (cbL_json_encode(L, -1)) {
+    cb_work_succeed(work, lua_tostring(L, -1));
+  } else {
+    cb_work_fail(work, CB_OUTCOME_PERMANENT, "BAD_RESULT", lua_tostring(L, -1), NULL);
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ctx_ref);
+  ((handler_ctx *)lua_touserdata(L, -1))->work = NULL; /* a kept ctx cannot reach freed work */
+  luaL_unref(L, LUA_REGISTRYINDEX, ctx_ref);
+  lua_settop(L, top);
+}
+
+/* The loop of one lane: take, run, hand back, until the worker ends the lane.
+ * Without a state (the module failed to load) every command fails
+ * transiently, so that nothing waits forever. */
+static void lane_loop(lua_State *L, int handlers, cb_worker *w, int lane, lua_State *tick_state, int tick_idx,
+                      int tick_ms) {
+  cb_work *work;
+  for (;;) {
+    int n = cb_worker_take(w, lane, &work, 1, tick_state ? tick_ms : 1000);
+    if (n < 0) break;
+    if (n > 0) {
+      if (L) run_handler(L, handlers, w, work);
+      else cb_work_fail(work, CB_OUTCOME_TRANSIENT, "HANDLER_UNAVAILABLE", "the handler module failed to load", NULL);
+      cb_worker_done(w, work);
+    }
+    if (tick_state) { /* table mode: the caller's tick runs between handlers */
+      lua_pushvalue(tick_state, tick_idx);
+      if (!lua_isnil(tick_state, -1)) {
+        if (lua_pcall(tick_state, 0, 1, 0) != 0) {
+          cb_log(CB_LOG_ERROR, "worker %s: tick raised: %s", cb_worker_domain(w), lua_tostring(tick_state, -1));
+          cb_worker_stop(w);
+        } else if (lua_toboolean(tick_state, -1) == 0 && !lua_isnil(tick_state, -1)) {
+          cb_worker_stop(w);
+        }
+      }
+      lua_pop(tick_state, 1);
+    }
+  }
+}
+
+static void module_lane(lua_State *L, int lane, void *arg) {
+  cb_worker *w = arg;
+  if (L && !lua_istable(L, 1)) {
+    cb_log(CB_LOG_ERROR, "worker %s: the handler module did not return a table", cb_worker_domain(w));
+    L = NULL;
+  }
+  lane_loop(L, 1, w, lane, NULL, 0, 0);
+}
+
+/* ---- the worker object ---------------------------------------------------------------- */
+
+static double number_field(lua_State *L, int idx, const char *k, double def, double min) {
+  double v = cbL_optfield_number(L, idx, k, def);
+  if (v < min) luaL_error(L, "bad option '%s': must be at least %g", k, min);
+  return v;
+}
+
+/* bus:worker{domain=, handlers=, concurrency=, visibility_timeout=30,
+ *            statement_timeout=25, poll_interval=1, drain_timeout=30,
+ *            retry={max_attempts=, backoff={10, 60, 300}}}
+ * -> worker | nil, err */
+static int l_bus_worker(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (rt == NULL) return 2;
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  lua_getfield(L, 2, "domain");
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "bad option 'domain': string expected, got %s", luaL_typename(L, -1));
+  o.domain = lua_tostring(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, 2, "handlers");
+  int handlers_type = lua_type(L, -1);
+  if (handlers_type != LUA_TSTRING && handlers_type != LUA_TTABLE)
+    luaL_error(L, "bad option 'handlers': module name or table expected, got %s", luaL_typename(L, -1));
+  int handlers_idx = lua_gettop(L);
+  o.lanes = cbL_optfield_int(L, 2, "concurrency", 0);
+  if (o.lanes < 0) luaL_error(L, "bad option 'concurrency': must be positive");
+  o.visibility_timeout = number_field(L, 2, "visibility_timeout", 30, 0.001);
+  o.statement_timeout = number_field(L, 2, "statement_timeout", 25, 0.001);
+  o.poll_interval = number_field(L, 2, "poll_interval", 1, 0.001);
+  o.drain_timeout = number_field(L, 2, "drain_timeout", 30, 0);
+  lua_getfield(L, 2, "retry");
+  if (!lua_isnil(L, -1)) {
+    if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry': table expected");
+    lua_getfield(L, -1, "backoff");
+    if (!lua_isnil(L, -1)) {
+      if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry.backoff': list of seconds expected");
+      int n = (int)lua_rawlen(L, -1);
+      if (n > CB_MAX_BACKOFF) luaL_error(L, "bad option 'retry.backoff': at most %d entries", CB_MAX_BACKOFF);
+      o.nbackoff = n;
+      for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, i + 1);
+        if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "bad option 'retry.backoff': numbers expected");
+        o.backoff[i] = lua_tonumber(L, -1);
+        lua_pop(L, 1);
+      }
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  if (handlers_type == LUA_TTABLE) o.lanes = 1; /* handlers run on the caller's thread */
+
+  cbL_worker *lw = lua_newuserdata(L, sizeof *lw);
+  memset(lw, 0, sizeof *lw);
+  lw->bus_ref = lw->handlers_ref = LUA_NOREF;
+  luaL_getmetatable(L, WORKER_MT);
+  lua_setmetatable(L, -2);
+  cb_err err;
+  if (cb_worker_new(rt, &o, &lw->w, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_pushvalue(L, 1);
+  lw->bus_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (handlers_type == LUA_TTABLE) {
+    lua_pushvalue(L, handlers_idx);
+    lw->handlers_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else {
+    lw->module = strdup(lua_tostring(L, handlers_idx));
+  }
+  return 1;
+}
+
+/* worker:run{tick=fn, tick_interval=0.5}: runs until stopped (worker:stop(),
+ * ctx:stop_worker(), SIGINT/SIGTERM, or tick returning false); drains what is
+ * in flight, then returns true. */
+static int l_run(lua_State *L) {
+  cbL_worker *lw = check_worker(L);
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  if (lw->w == NULL || lw->running) return cbL_pusherrorcode(L, CB_ESTATE, "the worker already ran");
+  int tick_ms = (int)(cbL_optfield_number(L, 2, "tick_interval", 0.5) * 1000);
+  if (tick_ms < 1) tick_ms = 1;
+  lua_settop(L, 2);
+  if (lua_istable(L, 2)) lua_getfield(L, 2, "tick");
+  else lua_pushnil(L);
+  if (!lua_isnil(L, 3) && !lua_isfunction(L, 3)) luaL_error(L, "bad option 'tick': function expected");
+  cb_worker *w = lw->w;
+  lw->running = 1;
+  cb_err err;
+  cbL_lanes *lanes = NULL;
+  if (lw->module) {
+    lanes = cbL_lanes_start(L, cb_worker_lanes(w), lw->module, module_lane, w, &err);
+    if (lanes == NULL) return cbL_pusherror(L, &err);
+  }
+  cb_worker_watch_signals(w);
+  if (cb_worker_start(w, &err) != CB_OK) {
+    cb_worker_stop(w);
+    cbL_lanes_join(lanes);
+    return cbL_pusherror(L, &err);
+  }
+  if (lw->module) {
+    while (!cb_worker_wait(w, tick_ms)) {
+      if (lua_isnil(L, 3)) continue;
+      lua_pushvalue(L, 3);
+      if (lua_pcall(L, 0, 1, 0) != 0) {
+        cb_log(CB_LOG_ERROR, "worker %s: tick raised: %s", cb_worker_domain(w), lua_tostring(L, -1));
+        cb_worker_stop(w);
+      } else if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) {
+        cb_worker_stop(w);
+      }
+      lua_pop(L, 1);
+    }
+    cbL_lanes_join(lanes);
+  } else {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lw->handlers_ref);
+    int handlers = lua_gettop(L);
+    lane_loop(L, handlers, w, 0, L, 3, tick_ms);
+    cb_worker_wait(w, -1);
+  }
+  lua_settop(L, 1);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_stop(lua_State *L) {
+  cbL_worker *lw = check_worker(L);
+  if (lw->w) cb_worker_stop(lw->w);
+  return 0;
+}
+
+/* worker:health() -> {state=, successes=, failures=, consecutive_failures=,
+ *                     stuck=, poison=, last_success_at=, in_flight=} */
+static int l_health(lua_State *L) {
+  cbL_worker *lw = check_worker(L);
+  if (lw->w == NULL) return cbL_pusherrorcode(L, CB_ECLOSED, "the worker is closed");
+  cb_worker_health h;
+  cb_worker_health_get(lw->w, &h);
+  lua_createtable(L, 0, 8);
+  set_string(L, "state", h.state);
+  cbL_pushint64(L, (int64_t)h.successes);
+  lua_setfield(L, -2, "successes");
+  cbL_pushint64(L, (int64_t)h.failures);
+  lua_setfield(L, -2, "failures");
+  cbL_pushint64(L, (int64_t)h.consecutive_failures);
+  lua_setfield(L, -2, "consecutive_failures");
+  cbL_pushint64(L, (int64_t)h.stuck);
+  lua_setfield(L, -2, "stuck");
+  cbL_pushint64(L, (int64_t)h.poison);
+  lua_setfield(L, -2, "poison");
+  if (h.last_success_at > 0) {
+    lua_pushnumber(L, h.last_success_at);
+    lua_setfield(L, -2, "last_success_at");
+  }
+  lua_pushinteger(L, h.in_flight);
+  lua_setfield(L, -2, "in_flight");
+  return 1;
+}
+
+static int l_in_flight(lua_State *L) {
+  cbL_worker *lw = check_worker(L);
+  lua_pushinteger(L, lw->w ? cb_worker_in_flight(lw->w) : 0);
+  return 1;
+}
+
+static int l_gc(lua_State *L) {
+  cbL_worker *lw = check_worker(L);
+  if (lw->w) {
+    cb_worker_free(lw->w);
+    lw->w = NULL;
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, lw->handlers_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, lw->bus_ref);
+  lw->handlers_ref = lw->bus_ref = LUA_NOREF;
+  free(lw->module);
+  lw->module = NULL;
+  return 0;
+}
+
+void cbL_open_worker(lua_State *L) {
+  open_ctx(L);
+  static const luaL_Reg methods[] = {
+      {"run", l_run}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
+  };
+  luaL_newmetatable(L, WORKER_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+#if LUA_VERSION_NUM >= 504
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__close");
+#endif
+  lua_pop(L, 1);
+  luaL_getmetatable(L, CBL_BUS_MT);
+  lua_getfield(L, -1, "__index");
+  lua_pushcfunction(L, l_bus_worker);
+  lua_setfield(L, -2, "worker");
+  lua_pop(L, 2);
+}

@@ -1,0 +1,102 @@
+/* commandbus: the command bus, rcmd's schema and message contract (see
+ * shared/INTEROP.md).
+ *
+ * Sending writes, in one transaction, the command row, its message on the
+ * domain queue `<domain>__commands` and the SENT audit row, and notifies the
+ * queue's listeners. Many commands go in one statement per chunk and one
+ * transaction for the whole call. A command id already present in the
+ * domain is reported as a duplicate and nothing is written for it. The
+ * domain queue, and each reply queue named by a command, is created on first
+ * use (once per runtime). */
+#ifndef COMMANDBUS_BUS_H
+#define COMMANDBUS_BUS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "commandbus/error.h"
+#include "commandbus/queue.h"
+#include "commandbus/runtime.h"
+#include "commandbus/uuid.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* "<domain>__commands" fits a queue name. */
+#define CB_DOMAIN_MAX (CB_QUEUE_NAME_MAX - 10)
+#define CB_DEFAULT_MAX_ATTEMPTS 3
+
+typedef struct cb_command_spec {
+  const char *command_id;     /* NULL: a new UUIDv7 */
+  const char *command_type;   /* required, non-empty */
+  const char *data_json;      /* a JSON object's text; NULL means {} */
+  const char *correlation_id; /* NULL: a new UUIDv7 (always present, as rcmd) */
+  const char *reply_to;       /* NULL or "": no reply; else a queue name */
+  int max_attempts;           /* <= 0: CB_DEFAULT_MAX_ATTEMPTS */
+  const char *batch_id;       /* NULL: none */
+} cb_command_spec;
+
+typedef struct cb_send_result {
+  char command_id[CB_UUID_LEN + 1];
+  int64_t msg_id;  /* 0 for a duplicate */
+  int duplicate;   /* the id existed: nothing was written for it */
+} cb_send_result;
+
+/* ^[a-z_][a-z0-9_]*$, at most CB_DOMAIN_MAX bytes. */
+int cb_domain_valid(const char *domain, cb_err *err);
+/* The domain's command queue name (out holds CB_QUEUE_NAME_MAX + 1). */
+void cb_command_queue_name(const char *domain, char *out);
+
+/* Creates queue once per runtime (idempotent in the database as well). */
+int cb_bus_ensure_queue(cb_runtime *rt, const char *queue, cb_err *err);
+
+/* Validates every spec (before any SQL), then sends all n in one transaction.
+ * results[i] tells each command's id and msg_id, or that it was a duplicate.
+ * With n == 1 a duplicate returns CB_EDUPLICATE. delay: seconds before the
+ * messages become visible. */
+int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, double delay,
+                cb_send_result *results, cb_err *err);
+
+/* ---- queries: each returns a completed unit (caller frees) whose last
+ * statement holds the rows; columns are named as the record fields. -------- */
+
+typedef struct cb_command_filter {
+  const char *domain;         /* required */
+  const char *status;         /* NULL: any */
+  const char *command_type;   /* NULL: any */
+  const char *correlation_id; /* NULL: any */
+  const char *batch_id;       /* NULL: any */
+  int limit;                  /* <= 0: 100 */
+  int offset;
+} cb_command_filter;
+
+/* CB_ENOTFOUND when there is no such command. */
+int cb_bus_get_command(cb_runtime *rt, const char *domain, const char *command_id, cb_unit **rows, cb_err *err);
+int cb_bus_list_commands(cb_runtime *rt, const cb_command_filter *filter, cb_unit **rows, cb_err *err);
+/* Audit events of one command, oldest first (CB_ENOTFOUND for an unknown id). */
+int cb_bus_audit(cb_runtime *rt, const char *domain, const char *command_id, cb_unit **rows, cb_err *err);
+
+/* ---- batches ------------------------------------------------------------------
+ * A batch's counts are computed from its commands whenever they are read, so
+ * no batch row is touched on the worker's completion path. Status moves
+ * PENDING -> IN_PROGRESS -> COMPLETED or COMPLETED_WITH_FAILURES through a
+ * refresh statement run after commands change (and on every read): it
+ * records BATCH_STARTED and BATCH_COMPLETED audit events once each. */
+
+/* Appends the refresh of one batch to u (a statement of its own). */
+int cb_bus_add_batch_refresh(cb_unit *u, const char *domain, const char *batch_id);
+
+/* Creates the batch row and sends its commands (each gets batch_id) in one
+ * transaction. batch_id (37 bytes) receives the new batch's id. */
+int cb_bus_create_batch(cb_runtime *rt, const char *domain, const char *name, const char *custom_data_json,
+                        cb_command_spec *specs, size_t n, cb_send_result *results, char *batch_id, cb_err *err);
+/* One row with exact counts; CB_ENOTFOUND for an unknown batch. */
+int cb_bus_get_batch(cb_runtime *rt, const char *domain, const char *batch_id, cb_unit **rows, cb_err *err);
+int cb_bus_list_batches(cb_runtime *rt, const char *domain, const char *status, int limit, int offset,
+                        cb_unit **rows, cb_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,377 @@
+/* commandbus: sending commands and reading them back (see bus.h). */
+#include "commandbus/bus.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "strbuf.h"
+
+#define SEND_CHUNK 1000 /* commands per statement: bounded parameter size */
+
+int cb_domain_valid(const char *domain, cb_err *err) {
+  if (domain == NULL) return cb_err_set(err, CB_EINVAL, "domain expected, got nothing");
+  if (strlen(domain) > CB_DOMAIN_MAX)
+    return cb_err_set(err, CB_EINVAL, "domain `%.60s` is longer than %d bytes", domain, CB_DOMAIN_MAX);
+  if (cb_queue_name_valid(domain, NULL) != CB_OK)
+    return cb_err_set(err, CB_EINVAL,
+                      "invalid domain `%.60s`: use lower-case letters, digits and _, not starting with a digit",
+                      domain);
+  return CB_OK;
+}
+
+void cb_command_queue_name(const char *domain, char *out) {
+  snprintf(out, CB_QUEUE_NAME_MAX + 1, "%s__commands", domain);
+}
+
+int cb_bus_ensure_queue(cb_runtime *rt, const char *queue, cb_err *err) {
+  char key[80];
+  snprintf(key, sizeof key, "queue:%s", queue);
+  if (cb_runtime_remembers(rt, key)) return CB_OK;
+  int rc = cb_queue_create(rt, queue, err);
+  if (rc == CB_OK) cb_runtime_remember(rt, key);
+  return rc;
+}
+
+/* ---- send -------------------------------------------------------------------- */
+
+static int check_spec(const cb_command_spec *s, size_t i, char *id, char *corr, char *batch, cb_err *err) {
+  if (s->command_type == NULL || s->command_type[0] == '\0')
+    return cb_err_set(err, CB_EINVAL, "command #%zu: type is required", i + 1);
+  if (s->command_id) {
+    if (!cb_uuid_parse(s->command_id, id))
+      return cb_err_set(err, CB_EINVAL, "command #%zu: id `%.60s` is not a UUID", i + 1, s->command_id);
+  } else {
+    cb_uuid_v7(id);
+  }
+  if (s->correlation_id) {
+    if (!cb_uuid_parse(s->correlation_id, corr))
+      return cb_err_set(err, CB_EINVAL, "command #%zu: correlation_id `%.60s` is not a UUID", i + 1,
+                        s->correlation_id);
+  } else {
+    cb_uuid_v7(corr);
+  }
+  batch[0] = '\0';
+  if (s->batch_id && !cb_uuid_parse(s->batch_id, batch))
+    return cb_err_set(err, CB_EINVAL, "command #%zu: batch_id `%.60s` is not a UUID", i + 1, s->batch_id);
+  if (s->reply_to && s->reply_to[0]) {
+    cb_err why;
+    if (cb_queue_name_valid(s->reply_to, &why) != CB_OK)
+      return cb_err_set(err, CB_EINVAL, "command #%zu: reply_to: %s", i + 1, why.message);
+  }
+  if (s->max_attempts > 1000)
+    return cb_err_set(err, CB_EINVAL, "command #%zu: max_attempts %d is more than 1000", i + 1, s->max_attempts);
+  return CB_OK;
+}
+
+/* The statement that sends one chunk: commands first (ON CONFLICT DO NOTHING
+ * tells duplicates apart without an error), then messages and SENT audit rows
+ * for the fresh ones only. The message id is drawn from the queue's identity
+ * sequence up front so that the command row carries it from the start. */
+static void send_sql(char *sql, size_t len, const char *queue) {
+  snprintf(sql, len,
+           "WITH input AS ("
+           " SELECT e.ord, (e.v->>'id')::uuid AS command_id, e.v->>'type' AS command_type,"
+           " coalesce(e.v->'data', '{}'::jsonb) AS data, (e.v->>'corr')::uuid AS correlation_id,"
+           " coalesce(e.v->>'reply', '') AS reply_to, (e.v->>'max')::int AS max_attempts,"
+           " (e.v->>'batch')::uuid AS batch_id"
+           " FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord)),"
+           " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
+           " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
+           " SELECT $2, '%s', nextval('pgmq.q_%s_msg_id_seq'), command_id, command_type, 'PENDING', 0,"
+           " max_attempts, reply_to, correlation_id, batch_id FROM input ORDER BY ord"
+           " ON CONFLICT (domain, command_id) DO NOTHING RETURNING command_id, msg_id),"
+           " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
+           " SELECT f.msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
+           " jsonb_build_object('domain', $2::text, 'command_type', i.command_type, 'command_id', i.command_id,"
+           " 'correlation_id', i.correlation_id, 'data', i.data)"
+           " || CASE WHEN i.reply_to <> '' THEN jsonb_build_object('reply_to', i.reply_to) ELSE '{}'::jsonb END"
+           " FROM fresh f JOIN input i USING (command_id) ORDER BY f.msg_id),"
+           " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+           " SELECT $2, i.command_id, 'SENT', jsonb_build_object('command_type', i.command_type,"
+           " 'correlation_id', i.correlation_id, 'reply_to', nullif(i.reply_to, ''), 'msg_id', f.msg_id,"
+           " 'batch_id', i.batch_id) FROM fresh f JOIN input i USING (command_id))"
+           " SELECT i.command_id::text, coalesce(f.msg_id, 0) FROM input i LEFT JOIN fresh f USING (command_id)"
+           " ORDER BY i.ord",
+           queue, queue, queue);
+}
+
+/* Sends specs within u (after `prefix` statements the caller added). */
+static int send_in_unit(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
+                        double delay, cb_send_result *results, const char *forced_batch, cb_err *err) {
+  int rc = cb_domain_valid(domain, err);
+  if (rc != CB_OK) return rc;
+  if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
+  char queue[CB_QUEUE_NAME_MAX + 1];
+  cb_command_queue_name(domain, queue);
+  int first = cb_unit_count(u);
+
+  /* Validate everything first: bad input writes nothing. */
+  cb_strbuf json = {0};
+  char id[CB_UUID_LEN + 1], corr[CB_UUID_LEN + 1], batch[CB_UUID_LEN + 1];
+  char sql[4096];
+  send_sql(sql, sizeof sql, queue);
+  char delay_text[32];
+  snprintf(delay_text, sizeof delay_text, "%.6f", delay);
+  for (size_t start = 0; start < n && rc == CB_OK; start += SEND_CHUNK) {
+    size_t end = start + SEND_CHUNK < n ? start + SEND_CHUNK : n;
+    cb_strbuf_reset(&json);
+    cb_strbuf_putc(&json, '[');
+    for (size_t i = start; i < end && rc == CB_OK; i++) {
+      const cb_command_spec *s = &specs[i];
+      rc = check_spec(s, i, id, corr, batch, err);
+      if (rc != CB_OK) break;
+      if (forced_batch) snprintf(batch, sizeof batch, "%s", forced_batch);
+      memcpy(results[i].command_id, id, sizeof id);
+      results[i].msg_id = 0;
+      results[i].duplicate = 0;
+      if (i > start) cb_strbuf_putc(&json, ',');
+      cb_strbuf_printf(&json, "{\"id\":\"%s\",\"corr\":\"%s\",\"type\":", id, corr);
+      cb_strbuf_json_string(&json, s->command_type);
+      cb_strbuf_printf(&json, ",\"max\":%d", s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
+      if (s->reply_to && s->reply_to[0]) cb_strbuf_printf(&json, ",\"reply\":\"%s\"", s->reply_to);
+      if (batch[0]) cb_strbuf_printf(&json, ",\"batch\":\"%s\"", batch);
+      if (s->data_json) {
+        cb_strbuf_puts(&json, ",\"data\":");
+        cb_strbuf_puts(&json, s->data_json);
+      }
+      cb_strbuf_putc(&json, '}');
+    }
+    cb_strbuf_putc(&json, ']');
+    if (rc == CB_OK && json.failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+    if (rc == CB_OK) {
+      const char *params[] = {json.data, domain, delay_text};
+      if (cb_unit_add(u, sql, 3, params) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+    }
+  }
+  cb_strbuf_free(&json);
+  /* Queues exist before the transaction that writes into them. */
+  if (rc == CB_OK) rc = cb_bus_ensure_queue(rt, queue, err);
+  for (size_t i = 0; i < n && rc == CB_OK; i++)
+    if (specs[i].reply_to && specs[i].reply_to[0]) rc = cb_bus_ensure_queue(rt, specs[i].reply_to, err);
+  if (rc == CB_OK) {
+    int nstmts = cb_unit_count(u);
+    rc = cb_queue_add_notify(u, queue) < 0 ? cb_err_set(err, CB_ENOMEM, "out of memory") : CB_OK;
+    if (rc == CB_OK) rc = cb_runtime_exec(rt, u, err);
+    if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
+      rc = cb_err_set(err, CB_EINVAL, "invalid command data: %s", err->message);
+    size_t k = 0;
+    for (int st = first; rc == CB_OK && st < nstmts; st++) {
+      const cb_result *r = cb_unit_result(u, st);
+      for (int row = 0; row < cb_result_rows(r) && k < n; row++, k++) {
+        results[k].msg_id = cb_result_int(r, row, 1);
+        results[k].duplicate = results[k].msg_id == 0;
+      }
+    }
+  }
+  return rc;
+}
+
+int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, double delay,
+                cb_send_result *results, cb_err *err) {
+  if (n == 0) return cb_domain_valid(domain, err);
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  int rc = send_in_unit(rt, u, domain, specs, n, delay, results, NULL, err);
+  cb_unit_free(u);
+  if (rc == CB_OK && n == 1 && results[0].duplicate)
+    return cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", results[0].command_id, domain);
+  return rc;
+}
+
+/* ---- queries ------------------------------------------------------------------- */
+
+#define COMMAND_COLUMNS                                                                                   \
+  "domain, command_id::text AS command_id, command_type AS type, status, attempts, max_attempts, msg_id, " \
+  "queue_name, nullif(reply_queue, '') AS reply_to, correlation_id::text AS correlation_id, "              \
+  "batch_id::text AS batch_id, last_error_type, last_error_code, last_error_msg, created_at::text AS created_at, " \
+  "updated_at::text AS updated_at, lease_expires_at::text AS lease_expires_at"
+
+static int run_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows,
+                     cb_err *err) {
+  *rows = NULL;
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_unit_add(u, sql, nparams, params);
+  int rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
+    rc = cb_err_set(err, CB_EINVAL, "invalid argument: %s", err->message);
+  if (rc != CB_OK) {
+    cb_unit_free(u);
+    return rc;
+  }
+  *rows = u;
+  return CB_OK;
+}
+
+static int check_id(const char *what, const char *id, char *out, cb_err *err) {
+  if (!cb_uuid_parse(id, out)) return cb_err_set(err, CB_EINVAL, "%s `%.60s` is not a UUID", what, id ? id : "");
+  return CB_OK;
+}
+
+int cb_bus_get_command(cb_runtime *rt, const char *domain, const char *command_id, cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  char id[CB_UUID_LEN + 1];
+  int rc = cb_domain_valid(domain, err);
+  if (rc == CB_OK) rc = check_id("command id", command_id, id, err);
+  if (rc != CB_OK) return rc;
+  const char *params[] = {domain, id};
+  rc = run_query(rt, "SELECT " COMMAND_COLUMNS " FROM commandbus.command WHERE domain = $1 AND command_id = $2::uuid",
+                 2, params, rows, err);
+  if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
+    cb_unit_free(*rows);
+    *rows = NULL;
+    return cb_err_set(err, CB_ENOTFOUND, "unknown command `%s` in domain %s", id, domain);
+  }
+  return rc;
+}
+
+int cb_bus_list_commands(cb_runtime *rt, const cb_command_filter *f, cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  int rc = cb_domain_valid(f->domain, err);
+  if (rc != CB_OK) return rc;
+  char corr[CB_UUID_LEN + 1], batch[CB_UUID_LEN + 1], limit[16], offset[16];
+  if (f->correlation_id && (rc = check_id("correlation_id", f->correlation_id, corr, err)) != CB_OK) return rc;
+  if (f->batch_id && (rc = check_id("batch_id", f->batch_id, batch, err)) != CB_OK) return rc;
+  if (f->offset < 0) return cb_err_set(err, CB_EINVAL, "offset must not be negative");
+  snprintf(limit, sizeof limit, "%d", f->limit > 0 ? f->limit : 100);
+  snprintf(offset, sizeof offset, "%d", f->offset);
+  const char *params[] = {f->domain, f->status, f->command_type, f->correlation_id ? corr : NULL,
+                          f->batch_id ? batch : NULL, limit, offset};
+  return run_query(rt,
+                   "SELECT " COMMAND_COLUMNS " FROM commandbus.command WHERE domain = $1"
+                   " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR command_type = $3)"
+                   " AND ($4::uuid IS NULL OR correlation_id = $4) AND ($5::uuid IS NULL OR batch_id = $5)"
+                   " ORDER BY created_at, command_id LIMIT $6::int OFFSET $7::int",
+                   7, params, rows, err);
+}
+
+int cb_bus_audit(cb_runtime *rt, const char *domain, const char *command_id, cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  char id[CB_UUID_LEN + 1];
+  int rc = cb_domain_valid(domain, err);
+  if (rc == CB_OK) rc = check_id("command id", command_id, id, err);
+  if (rc != CB_OK) return rc;
+  const char *params[] = {domain, id};
+  return run_query(rt,
+                   "SELECT audit_id, event_type, ts::text AS ts, details_json AS details FROM commandbus.audit"
+                   " WHERE domain = $1 AND command_id = $2::uuid ORDER BY audit_id",
+                   2, params, rows, err);
+}
+
+/* ---- batches ---------------------------------------------------------------------- */
+
+#define BATCH_COUNTS                                                                                         \
+  "SELECT count(*) AS total,"                                                                                \
+  " count(*) FILTER (WHERE status IN ('PENDING', 'IN_PROGRESS', 'IN_TROUBLESHOOTING_QUEUE')) AS open,"       \
+  " count(*) FILTER (WHERE status = 'PENDING') AS pending,"                                                  \
+  " count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"                                              \
+  " count(*) FILTER (WHERE status = 'CANCELED') AS canceled,"                                                \
+  " count(*) FILTER (WHERE status = 'FAILED') AS failed,"                                                    \
+  " count(*) FILTER (WHERE status = 'IN_TROUBLESHOOTING_QUEUE') AS tsq"                                      \
+  " FROM commandbus.command WHERE domain = $1 AND batch_id = $2::uuid"
+
+int cb_bus_add_batch_refresh(cb_unit *u, const char *domain, const char *batch_id) {
+  const char *params[] = {domain, batch_id};
+  /* The two UPDATEs exclude each other (open > 0 vs open = 0), so the batch
+   * row is never modified twice by this one statement. Concurrent refreshes
+   * serialize on the row, and the status guard lets only one of them record
+   * each transition. */
+  return cb_unit_add(u,
+                     "WITH s AS (" BATCH_COUNTS "),"
+                     " st AS (UPDATE commandbus.batch b SET status = 'IN_PROGRESS', started_at = now() FROM s"
+                     " WHERE b.domain = $1 AND b.batch_id = $2::uuid AND b.status = 'PENDING' AND s.open > 0"
+                     " AND s.pending < s.total RETURNING b.batch_id),"
+                     " done AS (UPDATE commandbus.batch b SET status = CASE WHEN s.failed + s.canceled > 0"
+                     " THEN 'COMPLETED_WITH_FAILURES' ELSE 'COMPLETED' END, started_at = coalesce(b.started_at, now()),"
+                     " completed_at = now(), completed_count = s.completed, canceled_count = s.canceled,"
+                     " failed_count = s.failed, in_troubleshooting_count = s.tsq FROM s"
+                     " WHERE b.domain = $1 AND b.batch_id = $2::uuid AND b.status IN ('PENDING', 'IN_PROGRESS')"
+                     " AND s.open = 0 AND s.total > 0"
+                     " RETURNING b.batch_id, b.total_count, s.completed, s.canceled, s.failed),"
+                     " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+                     " SELECT $1, batch_id, 'BATCH_STARTED', jsonb_build_object('batch_id', batch_id) FROM st"
+                     " UNION ALL SELECT $1, batch_id, 'BATCH_COMPLETED', jsonb_build_object('batch_id', batch_id,"
+                     " 'total_count', total_count, 'completed_count', completed, 'canceled_count', canceled,"
+                     " 'failed_count', failed) FROM done)"
+                     " SELECT (SELECT count(*) FROM done)",
+                     2, params);
+}
+
+int cb_bus_create_batch(cb_runtime *rt, const char *domain, const char *name, const char *custom_data_json,
+                        cb_command_spec *specs, size_t n, cb_send_result *results, char *batch_id, cb_err *err) {
+  int rc = cb_domain_valid(domain, err);
+  if (rc != CB_OK) return rc;
+  if (n == 0) return cb_err_set(err, CB_EINVAL, "a batch needs at least one command");
+  cb_uuid_v7(batch_id);
+  char total[24];
+  snprintf(total, sizeof total, "%zu", n);
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  const char *params[] = {domain, batch_id, name, custom_data_json, total};
+  cb_unit_add(u,
+              "INSERT INTO commandbus.batch (domain, batch_id, name, custom_data, status, total_count, batch_type)"
+              " VALUES ($1, $2::uuid, $3, $4::jsonb, 'PENDING', $5::int, 'COMMAND')",
+              5, params);
+  rc = send_in_unit(rt, u, domain, specs, n, 0, results, batch_id, err);
+  cb_unit_free(u);
+  return rc;
+}
+
+#define BATCH_COLUMNS                                                                                        \
+  "b.domain, b.batch_id::text AS batch_id, b.name, b.custom_data, b.status, b.batch_type,"                   \
+  " b.total_count, b.created_at::text AS created_at, b.started_at::text AS started_at,"                      \
+  " b.completed_at::text AS completed_at"
+
+int cb_bus_get_batch(cb_runtime *rt, const char *domain, const char *batch_id, cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  char id[CB_UUID_LEN + 1];
+  int rc = cb_domain_valid(domain, err);
+  if (rc == CB_OK) rc = check_id("batch id", batch_id, id, err);
+  if (rc != CB_OK) return rc;
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  /* Refresh first: reading a batch is enough to observe its completion. */
+  cb_bus_add_batch_refresh(u, domain, id);
+  const char *params[] = {domain, id};
+  cb_unit_add(u,
+              "WITH s AS (" BATCH_COUNTS ") SELECT " BATCH_COLUMNS ", s.completed AS completed_count,"
+              " s.canceled AS canceled_count, s.failed AS failed_count, s.tsq AS in_troubleshooting_count,"
+              " s.pending AS pending_count, s.open - s.pending - s.tsq AS in_progress_count"
+              " FROM commandbus.batch b, s WHERE b.domain = $1 AND b.batch_id = $2::uuid",
+              2, params);
+  rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_OK && cb_result_rows(cb_unit_result(u, 1)) == 0)
+    rc = cb_err_set(err, CB_ENOTFOUND, "unknown batch `%s` in domain %s", id, domain);
+  if (rc != CB_OK) {
+    cb_unit_free(u);
+    return rc;
+  }
+  *rows = u;
+  return CB_OK;
+}
+
+int cb_bus_list_batches(cb_runtime *rt, const char *domain, const char *status, int limit, int offset,
+                        cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  int rc = cb_domain_valid(domain, err);
+  if (rc != CB_OK) return rc;
+  if (offset < 0) return cb_err_set(err, CB_EINVAL, "offset must not be negative");
+  char l[16], o[16];
+  snprintf(l, sizeof l, "%d", limit > 0 ? limit : 100);
+  snprintf(o, sizeof o, "%d", offset);
+  const char *params[] = {domain, status, l, o};
+  return run_query(rt,
+                   "SELECT " BATCH_COLUMNS ", c.completed AS completed_count, c.canceled AS canceled_count,"
+                   " c.failed AS failed_count, c.tsq AS in_troubleshooting_count FROM commandbus.batch b"
+                   " CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"
+                   " count(*) FILTER (WHERE status = 'CANCELED') AS canceled,"
+                   " count(*) FILTER (WHERE status = 'FAILED') AS failed,"
+                   " count(*) FILTER (WHERE status = 'IN_TROUBLESHOOTING_QUEUE') AS tsq"
+                   " FROM commandbus.command k WHERE k.domain = b.domain AND k.batch_id = b.batch_id) c"
+                   " WHERE b.domain = $1 AND ($2::text IS NULL OR b.status = $2)"
+                   " ORDER BY b.created_at DESC LIMIT $3::int OFFSET $4::int",
+                   4, params, rows, err);
+}

@@ -1,0 +1,76 @@
+/* commandbus: growable strings (see strbuf.h). */
+#include "strbuf.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int reserve(cb_strbuf *b, size_t more) {
+  if (b->failed) return -1;
+  if (b->len + more + 1 <= b->cap) return 0;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < b->len + more + 1) cap *= 2;
+  char *p = realloc(b->data, cap);
+  if (p == NULL) {
+    b->failed = 1;
+    return -1;
+  }
+  b->data = p;
+  b->cap = cap;
+  return 0;
+}
+
+void cb_strbuf_reset(cb_strbuf *b) {
+  b->len = 0;
+  b->failed = 0;
+  if (b->data) b->data[0] = '\0';
+}
+
+void cb_strbuf_free(cb_strbuf *b) {
+  free(b->data);
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+
+void cb_strbuf_putc(cb_strbuf *b, char c) {
+  if (reserve(b, 1) < 0) return;
+  b->data[b->len++] = c;
+  b->data[b->len] = '\0';
+}
+
+void cb_strbuf_puts(cb_strbuf *b, const char *s) {
+  size_t n = strlen(s);
+  if (reserve(b, n) < 0) return;
+  memcpy(b->data + b->len, s, n + 1);
+  b->len += n;
+}
+
+void cb_strbuf_printf(cb_strbuf *b, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(NULL, 0, fmt, ap);
+  va_end(ap);
+  if (n < 0 || reserve(b, (size_t)n) < 0) return;
+  va_start(ap, fmt);
+  vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+  va_end(ap);
+  b->len += (size_t)n;
+}
+
+void cb_strbuf_json_string(cb_strbuf *b, const char *s) {
+  cb_strbuf_putc(b, '"');
+  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    switch (*p) {
+      case '"': cb_strbuf_puts(b, "\\\""); break;
+      case '\\': cb_strbuf_puts(b, "\\\\"); break;
+      case '\n': cb_strbuf_puts(b, "\\n"); break;
+      case '\r': cb_strbuf_puts(b, "\\r"); break;
+      case '\t': cb_strbuf_puts(b, "\\t"); break;
+      default:
+        if (*p < 0x20) cb_strbuf_printf(b, "\\u%04x", *p);
+        else cb_strbuf_putc(b, (char)*p);
+    }
+  }
+  cb_strbuf_putc(b, '"');
+}

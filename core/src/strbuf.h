@@ -1,0 +1,23 @@
+/* commandbus: a growable string for building SQL parameters (JSON text,
+ * array literals). Out of memory sets `failed` and further writes are
+ * ignored, so callers check once at the end. */
+#ifndef COMMANDBUS_STRBUF_H
+#define COMMANDBUS_STRBUF_H
+
+#include <stddef.h>
+
+typedef struct cb_strbuf {
+  char *data; /* NUL-terminated once anything was written */
+  size_t len, cap;
+  int failed;
+} cb_strbuf;
+
+void cb_strbuf_reset(cb_strbuf *b);
+void cb_strbuf_free(cb_strbuf *b);
+void cb_strbuf_putc(cb_strbuf *b, char c);
+void cb_strbuf_puts(cb_strbuf *b, const char *s);
+void cb_strbuf_printf(cb_strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends s as a JSON string literal, quoted and escaped. */
+void cb_strbuf_json_string(cb_strbuf *b, const char *s);
+
+#endif
