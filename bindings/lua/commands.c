@@ -6,6 +6,7 @@
 
 #include "binding.h"
 #include "commandbus/bus.h"
+#include "commandbus/tsq.h"
 
 /* Reads one command table at idx into spec. Strings stay owned by Lua: the
  * table is referenced from the caller's arguments; encoded data goes into
@@ -195,6 +196,155 @@ static int l_audit(lua_State *L) {
   return push_rows_or_error(L, rc, rows, &err, 0);
 }
 
+/* bus:create_batch{domain=, name=, custom_data=, commands={...}}
+ * -> {batch_id=, commands={{command_id=, msg_id=}, ...}} | nil, err */
+static int l_create_batch(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (rt == NULL) return 2;
+  const char *domain = check_domain_field(L, 2);
+  const char *name = cbL_optfield_string(L, 2, "name", NULL);
+  lua_getfield(L, 2, "commands");
+  if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "bad field 'commands': table expected");
+  int list = lua_gettop(L);
+  size_t n = lua_rawlen(L, list);
+  lua_newtable(L);
+  int anchor = lua_gettop(L);
+  const char *custom = NULL;
+  lua_getfield(L, 2, "custom_data");
+  if (!lua_isnil(L, -1)) {
+    if (!lua_istable(L, -1)) luaL_error(L, "bad field 'custom_data': table expected");
+    if (!cbL_json_encode(L, -1)) return cbL_pusherrorcode(L, CB_EINVAL, "cannot encode custom_data as JSON");
+    custom = lua_tostring(L, -1);
+    lua_rawseti(L, anchor, 0);
+  }
+  lua_pop(L, 1);
+  if (n == 0) return cbL_pusherrorcode(L, CB_EINVAL, "a batch needs at least one command");
+  cb_command_spec *specs = lua_newuserdata(L, n * sizeof *specs);
+  cb_send_result *results = lua_newuserdata(L, n * sizeof *results);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, list, (int)i + 1);
+    char what[32];
+    snprintf(what, sizeof what, "command #%zu", i + 1);
+    if (!read_spec(L, -1, anchor, (int)i + 1, &specs[i], what)) return 2;
+    lua_pop(L, 1);
+  }
+  char batch_id[CB_UUID_LEN + 1];
+  cb_err err;
+  if (cb_bus_create_batch(rt, domain, name, custom, specs, n, results, batch_id, &err) != CB_OK)
+    return cbL_pusherror(L, &err);
+  lua_createtable(L, 0, 2);
+  lua_pushstring(L, batch_id);
+  lua_setfield(L, -2, "batch_id");
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    push_result(L, &results[i]);
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+  lua_setfield(L, -2, "commands");
+  return 1;
+}
+
+/* bus:get_batch(domain, id) -> batch with exact counts | nil, err */
+static int l_get_batch(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  if (rt == NULL) return 2;
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_bus_get_batch(rt, domain, id, &rows, &err);
+  return push_rows_or_error(L, rc, rows, &err, 1);
+}
+
+/* bus:list_batches{domain=, status=, limit=, offset=} */
+static int l_list_batches(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (rt == NULL) return 2;
+  const char *domain = check_domain_field(L, 2);
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_bus_list_batches(rt, domain, cbL_optfield_string(L, 2, "status", NULL),
+                               cbL_optfield_int(L, 2, "limit", 100), cbL_optfield_int(L, 2, "offset", 0), &rows, &err);
+  return push_rows_or_error(L, rc, rows, &err, 0);
+}
+
+/* bus:tsq_list{domain=, type=, limit=, offset=} -> {items={...}, total=n} */
+static int l_tsq_list(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (rt == NULL) return 2;
+  const char *domain = check_domain_field(L, 2);
+  cb_unit *rows;
+  int64_t total;
+  cb_err err;
+  int rc = cb_tsq_list(rt, domain, cbL_optfield_string(L, 2, "type", NULL), cbL_optfield_int(L, 2, "limit", 100),
+                       cbL_optfield_int(L, 2, "offset", 0), &rows, &total, &err);
+  if (rc != CB_OK) return cbL_pusherror(L, &err);
+  lua_createtable(L, 0, 2);
+  cbL_push_rows(L, cb_unit_result(rows, 1));
+  lua_setfield(L, -2, "items");
+  cbL_pushint64(L, total);
+  lua_setfield(L, -2, "total");
+  cb_unit_free(rows);
+  return 1;
+}
+
+static const char *opt_operator(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return NULL;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  return cbL_optfield_string(L, idx, "operator", NULL);
+}
+
+/* bus:tsq_retry(domain, id, {operator=}) -> new msg_id | nil, err */
+static int l_tsq_retry(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  const char *op = opt_operator(L, 4);
+  if (rt == NULL) return 2;
+  int64_t msg_id;
+  cb_err err;
+  if (cb_tsq_retry(rt, domain, id, op, &msg_id, &err) != CB_OK) return cbL_pusherror(L, &err);
+  cbL_pushint64(L, msg_id);
+  return 1;
+}
+
+/* bus:tsq_cancel(domain, id, reason, {operator=}) -> true | nil, err */
+static int l_tsq_cancel(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  const char *reason = luaL_optstring(L, 4, "");
+  const char *op = opt_operator(L, 5);
+  if (rt == NULL) return 2;
+  cb_err err;
+  if (cb_tsq_cancel(rt, domain, id, reason, op, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* bus:tsq_complete(domain, id, result, {operator=}) -> true | nil, err */
+static int l_tsq_complete(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  const char *result = NULL;
+  if (!lua_isnoneornil(L, 4)) {
+    luaL_checktype(L, 4, LUA_TTABLE);
+    if (!cbL_json_encode(L, 4)) return cbL_pusherrorcode(L, CB_EINVAL, "cannot encode the result as JSON");
+    result = lua_tostring(L, -1);
+    lua_replace(L, 4);
+  }
+  const char *op = opt_operator(L, 5);
+  if (rt == NULL) return 2;
+  cb_err err;
+  if (cb_tsq_complete(rt, domain, id, result, op, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 void cbL_open_commands(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"send", l_send},
@@ -202,6 +352,13 @@ void cbL_open_commands(lua_State *L) {
       {"get_command", l_get_command},
       {"list_commands", l_list_commands},
       {"audit", l_audit},
+      {"create_batch", l_create_batch},
+      {"get_batch", l_get_batch},
+      {"list_batches", l_list_batches},
+      {"tsq_list", l_tsq_list},
+      {"tsq_retry", l_tsq_retry},
+      {"tsq_cancel", l_tsq_cancel},
+      {"tsq_complete", l_tsq_complete},
       {NULL, NULL},
   };
   luaL_getmetatable(L, CBL_BUS_MT);

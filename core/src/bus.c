@@ -275,21 +275,32 @@ int cb_bus_audit(cb_runtime *rt, const char *domain, const char *command_id, cb_
 
 int cb_bus_add_batch_refresh(cb_unit *u, const char *domain, const char *batch_id) {
   const char *params[] = {domain, batch_id};
-  /* The two UPDATEs exclude each other (open > 0 vs open = 0), so the batch
-   * row is never modified twice by this one statement. Concurrent refreshes
-   * serialize on the row, and the status guard lets only one of them record
-   * each transition. */
+  /* Cheap while the batch runs: two EXISTS probes on the (batch_id, status)
+   * index; the full counts are taken only once nothing is open (the gate is a
+   * one-time filter, so the scan is skipped otherwise). The two UPDATEs
+   * exclude each other, so the batch row is modified at most once here;
+   * concurrent refreshes serialize on the row and the status guard lets only
+   * one of them record each transition. */
   return cb_unit_add(u,
-                     "WITH s AS (" BATCH_COUNTS "),"
-                     " st AS (UPDATE commandbus.batch b SET status = 'IN_PROGRESS', started_at = now() FROM s"
-                     " WHERE b.domain = $1 AND b.batch_id = $2::uuid AND b.status = 'PENDING' AND s.open > 0"
-                     " AND s.pending < s.total RETURNING b.batch_id),"
+                     "WITH o AS (SELECT EXISTS (SELECT 1 FROM commandbus.command WHERE domain = $1"
+                     " AND batch_id = $2::uuid AND status IN ('PENDING', 'IN_PROGRESS', 'IN_TROUBLESHOOTING_QUEUE'))"
+                     " AS open, EXISTS (SELECT 1 FROM commandbus.command WHERE domain = $1 AND batch_id = $2::uuid"
+                     " AND status <> 'PENDING') AS started),"
+                     " s AS (SELECT count(*) AS total,"
+                     " count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"
+                     " count(*) FILTER (WHERE status = 'CANCELED') AS canceled,"
+                     " count(*) FILTER (WHERE status = 'FAILED') AS failed"
+                     " FROM commandbus.command WHERE domain = $1 AND batch_id = $2::uuid"
+                     " AND NOT (SELECT open FROM o)),"
+                     " st AS (UPDATE commandbus.batch b SET status = 'IN_PROGRESS', started_at = now() FROM o"
+                     " WHERE b.domain = $1 AND b.batch_id = $2::uuid AND b.status = 'PENDING' AND o.open AND o.started"
+                     " RETURNING b.batch_id),"
                      " done AS (UPDATE commandbus.batch b SET status = CASE WHEN s.failed + s.canceled > 0"
                      " THEN 'COMPLETED_WITH_FAILURES' ELSE 'COMPLETED' END, started_at = coalesce(b.started_at, now()),"
                      " completed_at = now(), completed_count = s.completed, canceled_count = s.canceled,"
-                     " failed_count = s.failed, in_troubleshooting_count = s.tsq FROM s"
+                     " failed_count = s.failed, in_troubleshooting_count = 0 FROM s, o"
                      " WHERE b.domain = $1 AND b.batch_id = $2::uuid AND b.status IN ('PENDING', 'IN_PROGRESS')"
-                     " AND s.open = 0 AND s.total > 0"
+                     " AND NOT o.open AND s.total > 0"
                      " RETURNING b.batch_id, b.total_count, s.completed, s.canceled, s.failed),"
                      " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                      " SELECT $1, batch_id, 'BATCH_STARTED', jsonb_build_object('batch_id', batch_id) FROM st"

@@ -13,6 +13,7 @@
 #include "commandbus/worker.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <signal.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -58,6 +59,10 @@ struct cb_worker {
   int finalized;
   int watch_id;
   int more_waiting; /* the last fetch was full: fetch again when capacity frees */
+  int rounds_in_flight;        /* acknowledgement rounds sent, not answered */
+  cb_work *ack_head, *ack_tail; /* outcomes waiting for the next round */
+  char started_batches[16][CB_UUID_LEN + 1]; /* recently seen as started */
+  int started_next;
   uv_timer_t poll_timer, stuck_timer, drain_timer;
   int timers_open;
   int watch_signals;
@@ -72,6 +77,7 @@ struct cb_worker {
   int abandon; /* drain deadline passed: lanes drop what they have not started */
   cb_work **current; /* per lane: the work whose handler runs, or NULL */
   cb_worker_health health;
+  double avg_handler_s; /* moving average of handler time; 0 = unknown yet */
 };
 
 static double now_unix(void) {
@@ -202,10 +208,7 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   snprintf(w->channel, sizeof w->channel, "pgmq_notify_%s", w->queue);
   w->lanes = opts->lanes > 0 ? opts->lanes : cb_default_threads();
   if (w->lanes > CB_MESSAGE_ROUTER_MAX_LANES) w->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
-  /* Two per lane: one running, one waiting, so a lane never idles during a
-   * fetch round trip; more would keep messages hidden while they wait. */
   w->capacity = w->lanes * 2;
-  if (w->capacity > 4 * FETCH_MAX) w->capacity = 4 * FETCH_MAX;
   build_receive_sql(w);
   pthread_mutex_init(&w->lock, NULL);
   pthread_cond_init(&w->changed, NULL);
@@ -220,8 +223,8 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   cfg.batch_timeout_ms = 0; /* hand work over at once: fetches are batches already */
   cfg.policy = CB_MESSAGE_ROUTER_BLOCK;
   cfg.block_timeout_ms = -1; /* never drop a received command */
-  cfg.ingress_capacity = (size_t)w->capacity + 64;
-  cfg.lane_capacity = (size_t)w->capacity + 1;
+  cfg.ingress_capacity = 4 * FETCH_MAX + 64;
+  cfg.lane_capacity = 4 * FETCH_MAX + 1;
   if (w->current == NULL || w->buffers == NULL || cb_message_router_new(&w->router, &cfg) != 0) {
     cb_worker_free(w);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -301,6 +304,16 @@ static void set_aside(cb_worker *w, cb_strbuf *poison) {
 
 static void refresh_batches(cb_worker *w, const char **ids, size_t n);
 
+/* Batches recently seen started need no refresh when more of their commands
+ * arrive (a small ring: forgetting one only costs a cheap refresh). */
+static int batch_seen_started(cb_worker *w, const char *batch_id) {
+  for (int i = 0; i < 16; i++)
+    if (strcmp(w->started_batches[i], batch_id) == 0) return 1;
+  snprintf(w->started_batches[w->started_next], CB_UUID_LEN + 1, "%s", batch_id);
+  w->started_next = (w->started_next + 1) % 16;
+  return 0;
+}
+
 static void on_fetched(cb_unit *u, void *arg) {
   cb_worker *w = arg;
   w->fetching = 0;
@@ -314,6 +327,7 @@ static void on_fetched(cb_unit *u, void *arg) {
   }
   const cb_result *r = cb_unit_result(u, 1);
   int rows = cb_result_rows(r);
+  double fetched_at = now_unix();
   cb_message_router_entry entries[4 * FETCH_MAX];
   int n = 0;
   cb_strbuf poison = {0};
@@ -332,7 +346,9 @@ static void on_fetched(cb_unit *u, void *arg) {
     }
     cb_work *work = work_new(r, i);
     if (work == NULL) continue; /* redelivered after the visibility timeout */
-    if (work->batch_id && nbatches < FETCH_MAX && work->attempt == 1) batches[nbatches++] = work->batch_id;
+    work->started_at = fetched_at;
+    if (work->batch_id && nbatches < FETCH_MAX && !batch_seen_started(w, work->batch_id))
+      batches[nbatches++] = work->batch_id;
     entries[n].key = work->correlation_id ? work->correlation_id : work->command_id;
     entries[n].len = strlen(entries[n].key);
     entries[n].item = work;
@@ -361,12 +377,32 @@ static void on_fetched(cb_unit *u, void *arg) {
   maybe_finalize(w);
 }
 
+/* How many works may wait for lanes: enough for each lane to keep busy for a
+ * quarter of the visibility timeout at the handlers' measured pace (fast
+ * handlers: large batches, few transactions), never fewer than two per lane.
+ * A work that still waits too long is not run (see cb_worker_take). */
+static int capacity(cb_worker *w) {
+  pthread_mutex_lock(&w->lock);
+  double avg = w->avg_handler_s;
+  pthread_mutex_unlock(&w->lock);
+  double per_lane = 2;
+  if (avg > 0) {
+    per_lane = 0.25 * w->o.visibility_timeout / avg;
+    if (per_lane < 2) per_lane = 2;
+    if (per_lane > 256) per_lane = 256;
+  }
+  double c = per_lane * w->lanes;
+  if (c > 4 * FETCH_MAX) c = 4 * FETCH_MAX;
+  return (int)c;
+}
+
 static void maybe_fetch(cb_worker *w) {
   if (w->fetching || w->stop_seen || w->finalized) return;
+  w->capacity = capacity(w);
   int room = w->capacity - w->in_flight;
   if (room <= 0) return;
   /* Batches of at least a few, so that a busy queue is read in bulk. */
-  if (room < w->capacity / 2 && w->in_flight > 0 && room < 8) return;
+  if (w->in_flight > 0 && room < w->capacity / 4 && room < FETCH_MAX / 4) return;
   if (room > FETCH_MAX) room = FETCH_MAX;
   cb_unit *u = cb_unit_new();
   if (u == NULL) return;
@@ -557,10 +593,13 @@ static void on_acked(cb_unit *u, void *arg) {
   maybe_finalize(w);
 }
 
+static void flush_acks(cb_worker *w);
+
 static void on_round_done(cb_unit *u, void *arg) {
   ack_round *round = arg;
   cb_worker *w = round->w;
   w->acks_pending--;
+  w->rounds_in_flight--;
   if (cb_unit_status(u) != CB_OK) {
     const cb_err *e = cb_unit_error(u);
     if (!round->single) {
@@ -601,6 +640,7 @@ static void on_round_done(cb_unit *u, void *arg) {
   }
   free(round);
   cb_unit_free(u);
+  flush_acks(w);
   maybe_fetch(w);
   maybe_finalize(w);
 }
@@ -661,8 +701,10 @@ static void submit_round(cb_worker *w, cb_work *works, int single) {
     round->single = single;
     cb_unit_on_done(u, on_round_done, round);
     w->acks_pending++;
+    w->rounds_in_flight++;
     if (cb_runtime_submit(w->rt, &u, 1) != CB_OK) {
       w->acks_pending--;
+      w->rounds_in_flight--;
       round->works = NULL;
       for (cb_work *work = kept, *next; work; work = next) {
         next = work->next;
@@ -707,9 +749,24 @@ static void on_outcomes(cb_runtime *rt, void *arg) {
     }
     works = next;
   }
-  if (to_ack) submit_round(w, to_ack, to_ack->next == NULL);
+  if (to_ack) {
+    if (w->ack_tail) w->ack_tail->next = to_ack;
+    else w->ack_head = to_ack;
+    while (*tail) tail = &(*tail)->next;
+    w->ack_tail = (cb_work *)((char *)tail - offsetof(cb_work, next));
+  }
+  flush_acks(w);
   maybe_fetch(w);
   maybe_finalize(w);
+}
+
+/* Group commit: while a round is on its way, outcomes gather here and leave
+ * together in the next round, one transaction for all of them. */
+static void flush_acks(cb_worker *w) {
+  if (w->rounds_in_flight > 0 || w->ack_head == NULL) return;
+  cb_work *works = w->ack_head;
+  w->ack_head = w->ack_tail = NULL;
+  submit_round(w, works, works->next == NULL);
 }
 
 /* ---- batches ---------------------------------------------------------------------- */
@@ -777,7 +834,8 @@ static void close_timer(uv_timer_t *t) {
 }
 
 static void maybe_finalize(cb_worker *w) {
-  if (!w->stop_seen || w->finalized || w->fetching || w->in_flight > 0 || w->acks_pending > 0) return;
+  if (!w->stop_seen || w->finalized || w->fetching || w->in_flight > 0 || w->acks_pending > 0 || w->ack_head)
+    return;
   w->finalized = 1;
   if (w->timers_open) {
     close_timer(&w->poll_timer);
@@ -927,11 +985,14 @@ void cb_worker_free(cb_worker *w) {
     }
     cb_message_router_free(w->router);
   }
-  cb_work *works = w->done_head;
-  while (works) {
-    cb_work *next = works->next;
-    work_free(works);
-    works = next;
+  cb_work *lists[] = {w->done_head, w->ack_head};
+  for (int i = 0; i < 2; i++) {
+    cb_work *works = lists[i];
+    while (works) {
+      cb_work *next = works->next;
+      work_free(works);
+      works = next;
+    }
   }
   free(w->current);
   free(w->buffers);
@@ -954,11 +1015,18 @@ int cb_worker_take(cb_worker *w, int lane, cb_work **works, int max, int timeout
   }
   /* One at a time, so that `current` tells exactly which handler runs. */
   cb_work *work = b->items[b->next++];
+  double now = now_unix();
   pthread_mutex_lock(&w->lock);
-  int abandon = w->abandon;
+  /* Waited in the lane for most of its visibility timeout: another worker
+   * may get it any moment, so running it here could run it twice. */
+  int expired = now - work->started_at > 0.9 * w->o.visibility_timeout;
+  int abandon = w->abandon || expired;
+  if (expired)
+    cb_log(CB_LOG_WARN, "worker %s: command %s waited %.0f s for a lane; leaving it for redelivery", w->domain,
+           work->command_id, now - work->started_at);
   if (!abandon) {
     work->lane = lane;
-    work->started_at = now_unix();
+    work->started_at = now;
     w->current[lane] = work;
   }
   pthread_mutex_unlock(&w->lock);
@@ -975,6 +1043,11 @@ void cb_worker_done(cb_worker *w, cb_work *work) {
   work->next = NULL;
   pthread_mutex_lock(&w->lock);
   if (work->outcome != CB_OUTCOME_NONE && w->current[work->lane] == work) w->current[work->lane] = NULL;
+  if (work->outcome != CB_OUTCOME_NONE) {
+    double took = now_unix() - work->started_at;
+    w->avg_handler_s = w->avg_handler_s == 0 ? took : 0.9 * w->avg_handler_s + 0.1 * took;
+    if (w->avg_handler_s < 1e-6) w->avg_handler_s = 1e-6;
+  }
   if (work->outcome == CB_OUTCOME_SUCCESS) {
     w->health.successes++;
     w->health.consecutive_failures = 0;

@@ -74,6 +74,35 @@ function M.business_rule(code, message, details)
   return handler_error("business_rule", code, message, details)
 end
 
+-- The troubleshooting queue of a bus: bus:tsq() returns this view.
+local tsq_mt = {}
+tsq_mt.__index = tsq_mt
+
+--- Commands waiting for an operator: {items = {...}, total = n}; each item has
+-- the command's fields, its error, attempts, and its payload and data.
+function tsq_mt:list(options)
+  return self.bus:tsq_list(options or {})
+end
+
+--- Sends the command again (status PENDING, attempts reset) -> new msg_id.
+function tsq_mt:retry(domain, id, options)
+  return self.bus:tsq_retry(domain, id, options)
+end
+
+--- Cancels it (status CANCELED, reply CANCELED with the reason).
+function tsq_mt:cancel(domain, id, reason, options)
+  return self.bus:tsq_cancel(domain, id, reason, options)
+end
+
+--- Completes it by hand (status COMPLETED, reply SUCCESS with result).
+function tsq_mt:complete(domain, id, result, options)
+  return self.bus:tsq_complete(domain, id, result, options)
+end
+
+core.bus_methods.tsq = function(bus)
+  return setmetatable({bus = bus}, tsq_mt)
+end
+
 --- The newest schema version this build knows.
 M.schema_version = core.schema_version
 
