@@ -1,0 +1,16 @@
+-- One worker process for the two-process run of bench/throughput:
+--   worker_process.lua <domain> <concurrency> <total>
+-- Runs until every command of the domain has completed.
+local commandbus = require "commandbus"
+local domain, concurrency, total = arg[1], tonumber(arg[2]), tonumber(arg[3])
+local bus = assert(commandbus.connect())
+local worker = assert(bus:worker{domain = domain, handlers = "bench.throughput.noop_handlers",
+                                 concurrency = concurrency, poll_interval = 0.05})
+local checker = assert(commandbus.connect())
+worker:run{tick_interval = 0.05, tick = function()
+  local left = assert(checker:list_commands{domain = domain, status = "PENDING", limit = 1})
+  local busy = assert(checker:list_commands{domain = domain, status = "IN_PROGRESS", limit = 1})
+  return #left + #busy > 0
+end}
+checker:close()
+bus:close()
