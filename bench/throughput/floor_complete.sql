@@ -1,13 +1,21 @@
--- The raw-SQL floor for the worker's bookkeeping: 100 commands per
--- transaction received (message hidden, attempts + 1, RECEIVED audit) and
--- completed (status, COMPLETED audit, message deleted).
+-- The raw-SQL floor for the worker's bookkeeping, the same row work per
+-- command as commandbus, 100 commands per transaction: receive (message
+-- hidden, read_ct + 1; command attempts + 1, IN_PROGRESS; RECEIVED audit),
+-- then complete (command COMPLETED, COMPLETED audit, message deleted).
 BEGIN;
-WITH picked AS (SELECT msg_id, message FROM pgmq.q_bench_floor__commands WHERE vt <= clock_timestamp()
-                ORDER BY msg_id LIMIT 100 FOR UPDATE SKIP LOCKED),
-ids AS (SELECT msg_id, (message->>'command_id')::uuid AS id FROM picked),
-c AS (UPDATE commandbus.command k SET attempts = k.attempts + 1, status = 'COMPLETED', updated_at = now()
-      FROM ids WHERE k.domain = 'bench_floor' AND k.command_id = ids.id RETURNING k.command_id, ids.msg_id),
+WITH m AS (UPDATE pgmq.q_bench_floor__commands q SET vt = clock_timestamp() + interval '30 seconds', read_ct = q.read_ct + 1
+           WHERE q.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_bench_floor__commands WHERE vt <= clock_timestamp()
+                                      ORDER BY msg_id LIMIT 100 FOR UPDATE SKIP LOCKED))
+           RETURNING q.msg_id, (q.message->>'command_id')::uuid AS id),
+c AS (UPDATE commandbus.command k SET attempts = k.attempts + 1, status = 'IN_PROGRESS', updated_at = now()
+      FROM m WHERE k.domain = 'bench_floor' AND k.command_id = m.id AND k.command_id = ANY(ARRAY(SELECT id FROM m))
+      RETURNING k.command_id, m.msg_id)
+INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+SELECT 'bench_floor', command_id, 'RECEIVED', jsonb_build_object('msg_id', msg_id) FROM c;
+WITH c AS (UPDATE commandbus.command k SET status = 'COMPLETED', updated_at = clock_timestamp()
+           WHERE k.domain = 'bench_floor' AND k.status = 'IN_PROGRESS' AND k.updated_at = now()
+           RETURNING k.command_id, k.msg_id),
 a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
-      SELECT 'bench_floor', command_id, e, jsonb_build_object('msg_id', msg_id) FROM c, (VALUES ('RECEIVED'), ('COMPLETED')) v(e))
-DELETE FROM pgmq.q_bench_floor__commands q USING ids WHERE q.msg_id = ids.msg_id;
+      SELECT 'bench_floor', command_id, 'COMPLETED', jsonb_build_object('msg_id', msg_id) FROM c)
+DELETE FROM pgmq.q_bench_floor__commands q WHERE q.msg_id = ANY(ARRAY(SELECT msg_id FROM c));
 COMMIT;

@@ -6,11 +6,8 @@ local domain, concurrency, total = arg[1], tonumber(arg[2]), tonumber(arg[3])
 local bus = assert(commandbus.connect())
 local worker = assert(bus:worker{domain = domain, handlers = "bench.throughput.noop_handlers",
                                  concurrency = concurrency, poll_interval = 0.05})
-local checker = assert(commandbus.connect())
+local q = assert(bus:queue(domain .. "__commands"))
 worker:run{tick_interval = 0.05, tick = function()
-  local left = assert(checker:list_commands{domain = domain, status = "PENDING", limit = 1})
-  local busy = assert(checker:list_commands{domain = domain, status = "IN_PROGRESS", limit = 1})
-  return #left + #busy > 0
+  return assert(q:metrics()).queue_length > 0  -- a completed command's message is deleted
 end}
-checker:close()
 bus:close()

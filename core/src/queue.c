@@ -97,11 +97,13 @@ int cb_queue_add_read(cb_unit *u, const char *queue, double vt, int qty) {
   fmt_double(v, sizeof v, vt);
   snprintf(q, sizeof q, "%d", qty);
   const char *params[] = {v, q};
+  /* `msg_id = ANY(ARRAY(...))`, not a join: a join is planned as a hash over
+   * a scan of the whole queue, slower as the queue and its dead rows grow;
+   * this is primary-key lookups. */
   return add_sql(u, 0, params, 2,
-                 "WITH c AS (SELECT msg_id FROM pgmq.q_%s WHERE vt <= clock_timestamp() "
-                 "ORDER BY msg_id LIMIT $2::int FOR UPDATE SKIP LOCKED) "
                  "UPDATE pgmq.q_%s m SET vt = clock_timestamp() + make_interval(secs => $1::float8), "
-                 "read_ct = m.read_ct + 1 FROM c WHERE m.msg_id = c.msg_id "
+                 "read_ct = m.read_ct + 1 WHERE m.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s "
+                 "WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $2::int FOR UPDATE SKIP LOCKED)) "
                  "RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message",
                  queue, queue);
 }
@@ -111,9 +113,8 @@ int cb_queue_add_pop(cb_unit *u, const char *queue, int qty) {
   snprintf(q, sizeof q, "%d", qty);
   const char *params[] = {q};
   return add_sql(u, 0, params, 1,
-                 "WITH c AS (SELECT msg_id FROM pgmq.q_%s WHERE vt <= clock_timestamp() "
-                 "ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED) "
-                 "DELETE FROM pgmq.q_%s m USING c WHERE m.msg_id = c.msg_id "
+                 "DELETE FROM pgmq.q_%s m WHERE m.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s "
+                 "WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED)) "
                  "RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message",
                  queue, queue);
 }

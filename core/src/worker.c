@@ -153,13 +153,17 @@ void cb_worker_options_init(cb_worker_options *o) {
   o->drain_timeout = 30;
 }
 
+/* Every lookup names its keys with `= ANY(ARRAY(...))`: joins against a CTE
+ * are planned from statistics, and a queue workload keeps them stale (a
+ * domain seen as one row led to a nested loop over all its commands for each
+ * message). Key conditions make the plan primary-key lookups whatever the
+ * statistics say. */
 static void build_receive_sql(cb_worker *w) {
   const char *q = w->queue;
   snprintf(w->receive_sql, sizeof w->receive_sql,
-           "WITH picked AS (SELECT msg_id FROM pgmq.q_%s WHERE vt <= clock_timestamp()"
-           " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-           " m AS (UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => $2::float8),"
-           " read_ct = q.read_ct + 1 FROM picked WHERE q.msg_id = picked.msg_id"
+           "WITH m AS (UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => $2::float8),"
+           " read_ct = q.read_ct + 1 WHERE q.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s"
+           " WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED))"
            " RETURNING q.msg_id, q.read_ct, q.message,"
            " CASE WHEN jsonb_typeof(q.message) = 'object' AND (q.message->>'command_id') ~*"
            " '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'"
@@ -167,6 +171,7 @@ static void build_receive_sql(cb_worker *w) {
            " c AS (UPDATE commandbus.command k SET attempts = k.attempts + 1, status = 'IN_PROGRESS',"
            " updated_at = now(), lease_expires_at = clock_timestamp() + make_interval(secs => $2::float8)"
            " FROM m WHERE k.domain = $3 AND k.command_id = m.command_id"
+           " AND k.command_id = ANY(ARRAY(SELECT command_id FROM m WHERE command_id IS NOT NULL))"
            " AND k.status IN ('PENDING', 'IN_PROGRESS')"
            " RETURNING k.command_id, k.command_type, k.attempts, k.max_attempts, k.correlation_id,"
            " k.reply_queue, k.batch_id, m.msg_id),"
@@ -283,7 +288,7 @@ static void set_aside(cb_worker *w, cb_strbuf *poison) {
   char sql[1024];
   snprintf(sql, sizeof sql,
            "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(msg bigint, id uuid, reason text)),"
-           " x AS (DELETE FROM pgmq.q_%s q USING i WHERE q.msg_id = i.msg"
+           " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i))"
            " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
            " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x),"
            " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
@@ -493,13 +498,13 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, result jsonb,"
                        " has bool)),"
                        " c AS (UPDATE commandbus.command k SET status = 'COMPLETED', updated_at = now(),"
-                       " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id"
+                       " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i))"
                        " AND k.status = 'IN_PROGRESS' RETURNING k.command_id, k.correlation_id, k.reply_queue,"
                        " k.batch_id, i.msg, i.result, i.has),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, command_id, 'COMPLETED', jsonb_build_object('msg_id', msg, 'reply_to',"
                        " nullif(reply_queue, ''), 'has_result', has) FROM c),"
-                       " d AS (DELETE FROM pgmq.q_%s q USING i WHERE q.msg_id = i.msg)",
+                       " d AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i)))",
                        q);
       reply_ctes(sql, reply, nreply,
                  "jsonb_build_object('command_id', command_id, 'correlation_id', correlation_id,"
@@ -511,7 +516,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " message text, delay float8)),"
                        " c AS (UPDATE commandbus.command k SET last_error_type = 'TRANSIENT', last_error_code = i.code,"
                        " last_error_msg = i.message, updated_at = now() FROM i WHERE k.domain = $1"
-                       " AND k.command_id = i.id AND k.status = 'IN_PROGRESS'"
+                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.status = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, i.msg, i.code, i.message,"
                        " i.delay),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
@@ -529,7 +534,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " c AS (UPDATE commandbus.command k SET status = 'IN_TROUBLESHOOTING_QUEUE',"
                        " last_error_type = i.etype, last_error_code = i.code, last_error_msg = i.message,"
                        " updated_at = now(), lease_expires_at = NULL FROM i WHERE k.domain = $1"
-                       " AND k.command_id = i.id AND k.status = 'IN_PROGRESS'"
+                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.status = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, i.msg, i.code, i.message,"
                        " i.etype, i.exhausted),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
@@ -540,7 +545,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " THEN '{\"reason\": \"EXHAUSTED\"}'::jsonb ELSE '{}'::jsonb END END"
                        " FROM c CROSS JOIN (VALUES (1, 'FAILED'), (2, 'MOVED_TO_TSQ')) AS e(n, event)"
                        " ORDER BY c.command_id, e.n),"
-                       " x AS (DELETE FROM pgmq.q_%s q USING i WHERE q.msg_id = i.msg"
+                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i))"
                        " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
                        " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x)",
                        q, q);
@@ -551,14 +556,14 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " message text, details jsonb)),"
                        " c AS (UPDATE commandbus.command k SET status = 'FAILED', last_error_type = 'BUSINESS_RULE',"
                        " last_error_code = i.code, last_error_msg = i.message, updated_at = now(),"
-                       " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id"
+                       " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i))"
                        " AND k.status = 'IN_PROGRESS' RETURNING k.command_id, k.correlation_id, k.reply_queue,"
                        " k.batch_id, k.attempts, i.msg, i.code, i.message, i.details),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, command_id, 'BUSINESS_RULE_FAILED', jsonb_build_object('msg_id', msg,"
                        " 'attempt', attempts, 'error_code', code, 'error_msg', message, 'error_details', details)"
                        " FROM c),"
-                       " x AS (DELETE FROM pgmq.q_%s q USING i WHERE q.msg_id = i.msg"
+                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i))"
                        " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
                        " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x)",
                        q, q);
