@@ -1,0 +1,101 @@
+-- How buses end (close, <close>, __gc, process exit), and ids past 2^53.
+local commandbus = require "commandbus"
+local helper = require "spec.helper"
+
+local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
+
+local function sql(statement)
+  local f = io.popen(("psql -qAt %q -c %q"):format(os.getenv("DATABASE_URL"), statement))
+  local out = f:read("*a")
+  f:close()
+  return out
+end
+
+local function connections(app)
+  return tonumber(sql(("SELECT count(*) FROM pg_stat_activity WHERE application_name = '%s'"):format(app)):match("%d+"))
+end
+
+describe("lifecycle", function()
+  it("close() ends every connection of the bus and is idempotent", function()
+    local app = helper.unique("closing")
+    local bus = helper.bus({application_name = app})
+    assert.is_true(connections(app) >= 2)
+    bus:close()
+    bus:close()
+    assert.equal(0, connections(app))
+    assert.is_true(bus:is_closed())
+  end)
+
+  it("the garbage collector closes a bus nobody references", function()
+    local app = helper.unique("collected")
+    do
+      local bus = helper.bus({application_name = app})
+      assert(bus:list_queues())
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.equal(0, connections(app))
+  end)
+
+  it("a Lua 5.4 <close> variable closes the bus at the end of its scope", function()
+    if _VERSION ~= "Lua 5.4" then
+      pending("to-be-closed variables are Lua 5.4 only")
+      return
+    end
+    local app = helper.unique("scoped")
+    local chunk = assert(load([[
+      local commandbus, dsn, app = ...
+      do
+        local bus <close> = assert(commandbus.connect(dsn, {application_name = app}))
+        assert(bus:list_queues())
+      end
+    ]]))
+    chunk(commandbus, os.getenv("DATABASE_URL"), app)
+    assert.equal(0, connections(app))
+  end)
+
+  it("a script that exits without closing its bus exits cleanly and at once", function()
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    f:write([[
+      local commandbus = require "commandbus"
+      local bus = assert(commandbus.connect())
+      local q = assert(bus:queue("exit_check"))
+      assert(q:create())
+      os.exit(0)
+    ]])
+    f:close()
+    local t0 = os.time()
+    local ok, how, code = os.execute(("%s %s"):format(lua, script))
+    os.remove(script)
+    if type(ok) == "number" then code = ok end   -- Lua 5.1 returns the status alone
+    assert.equal(0, code)
+    assert.is_true(os.time() - t0 < 10)
+    local bus = helper.bus()
+    bus:queue("exit_check"):drop()
+    bus:close()
+  end)
+end)
+
+describe("ids past 2^53", function()
+  it("come back exactly (as strings under LuaJIT) and work as arguments", function()
+    local bus = helper.bus()
+    local name = helper.unique("bigid")
+    local q = assert(bus:queue(name))
+    assert(q:create())
+    sql(("ALTER SEQUENCE pgmq.q_%s_msg_id_seq RESTART WITH 9007199254740993"):format(name))
+    local id = assert(q:send({n = 1}))
+    if _VERSION == "Lua 5.4" then
+      assert.equal(math.type(id), "integer")
+      assert.equal("9007199254740993", tostring(id))
+    else
+      assert.equal("9007199254740993", id)  -- a double would say ...992
+    end
+    local msgs = assert(q:read{vt = 30})
+    assert.equal(id, msgs[1].msg_id)
+    assert.is_true(assert(q:set_vt(id, 0)) ~= false)
+    assert.is_true(q:delete(id))
+    q:drop()
+    bus:close()
+  end)
+end)
