@@ -319,18 +319,10 @@ static int batch_seen_started(cb_worker *w, const char *batch_id) {
   return 0;
 }
 
-static void on_fetched(cb_unit *u, void *arg) {
-  cb_worker *w = arg;
-  w->fetching = 0;
-  if (cb_unit_status(u) != CB_OK) {
-    const cb_err *e = cb_unit_error(u);
-    cb_log(CB_LOG_WARN, "worker %s: fetch failed (%s: %s); retrying at the next poll", w->domain,
-           cb_strerror(e->code), e->message);
-    cb_unit_free(u);
-    maybe_finalize(w);
-    return;
-  }
-  const cb_result *r = cb_unit_result(u, 1);
+/* Takes the rows of a completed receive statement (statement `index` of u):
+ * sets poison aside, routes the rest to the lanes. Does not free u. */
+static void handle_fetched(cb_worker *w, cb_unit *u, int index) {
+  const cb_result *r = cb_unit_result(u, index);
   int rows = cb_result_rows(r);
   double fetched_at = now_unix();
   cb_message_router_entry entries[4 * FETCH_MAX];
@@ -376,9 +368,22 @@ static void on_fetched(cb_unit *u, void *arg) {
       w->in_flight--;
     }
   }
-  w->more_waiting = rows > 0 && rows == (int)cb_result_int(cb_unit_result(u, 1), 0, 0) ? 1 : rows >= 1;
+  w->more_waiting = rows > 0;
+}
+
+static void on_fetched(cb_unit *u, void *arg) {
+  cb_worker *w = arg;
+  w->fetching = 0;
+  if (cb_unit_status(u) != CB_OK) {
+    const cb_err *e = cb_unit_error(u);
+    cb_log(CB_LOG_WARN, "worker %s: fetch failed (%s: %s); retrying at the next poll", w->domain,
+           cb_strerror(e->code), e->message);
+  } else {
+    handle_fetched(w, u, 1);
+  }
+  int more = w->more_waiting;
   cb_unit_free(u);
-  if (rows > 0) maybe_fetch(w); /* there may be more */
+  if (more) maybe_fetch(w); /* there may be more */
   maybe_finalize(w);
 }
 
@@ -401,22 +406,33 @@ static int capacity(cb_worker *w) {
   return (int)c;
 }
 
-static void maybe_fetch(cb_worker *w) {
-  if (w->fetching || w->stop_seen || w->finalized) return;
+/* How many to fetch now (0: not now). */
+static int fetch_room(cb_worker *w) {
+  if (w->fetching || w->stop_seen || w->finalized) return 0;
   w->capacity = capacity(w);
   int room = w->capacity - w->in_flight;
-  if (room <= 0) return;
+  if (room <= 0) return 0;
   /* Batches of at least a few, so that a busy queue is read in bulk. */
-  if (w->in_flight > 0 && room < w->capacity / 4 && room < FETCH_MAX / 4) return;
-  if (room > FETCH_MAX) room = FETCH_MAX;
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return;
+  if (w->in_flight > 0 && room < w->capacity / 4 && room < FETCH_MAX / 4) return 0;
+  return room > FETCH_MAX ? FETCH_MAX : room;
+}
+
+/* Appends the receive statement for `room` commands; returns its index. */
+static int add_receive(cb_unit *u, cb_worker *w, int room) {
   char qty[16], vt[32];
   snprintf(qty, sizeof qty, "%d", room);
   snprintf(vt, sizeof vt, "%.3f", w->o.visibility_timeout);
   const char *params[] = {qty, vt, w->domain};
+  return cb_unit_add(u, w->receive_sql, 3, params);
+}
+
+static void maybe_fetch(cb_worker *w) {
+  int room = fetch_room(w);
+  if (room == 0) return;
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return;
   add_timeout(u, w);
-  cb_unit_add(u, w->receive_sql, 3, params);
+  add_receive(u, w, room);
   cb_unit_on_done(u, on_fetched, w);
   w->fetching = 1;
   if (cb_runtime_submit(w->rt, &u, 1) != CB_OK) {
@@ -580,8 +596,9 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
  * them one by one. */
 typedef struct ack_round {
   cb_worker *w;
-  cb_work *works; /* linked through next */
-  int single;     /* already one work: no further split */
+  cb_work *works;  /* linked through next */
+  int single;      /* already one work: no further split */
+  int fetch_index; /* the receive riding along in this transaction, or -1 */
 } ack_round;
 
 static void submit_round(cb_worker *w, cb_work *works, int single);
@@ -605,6 +622,14 @@ static void on_round_done(cb_unit *u, void *arg) {
   cb_worker *w = round->w;
   w->acks_pending--;
   w->rounds_in_flight--;
+  int more = 0;
+  if (round->fetch_index >= 0) {
+    w->fetching = 0;
+    if (cb_unit_status(u) == CB_OK) {
+      handle_fetched(w, u, round->fetch_index);
+      more = w->more_waiting;
+    }
+  }
   if (cb_unit_status(u) != CB_OK) {
     const cb_err *e = cb_unit_error(u);
     if (!round->single) {
@@ -646,7 +671,7 @@ static void on_round_done(cb_unit *u, void *arg) {
   free(round);
   cb_unit_free(u);
   flush_acks(w);
-  maybe_fetch(w);
+  if (more || w->rounds_in_flight == 0) maybe_fetch(w);
   maybe_finalize(w);
 }
 
@@ -692,6 +717,11 @@ static void submit_round(cb_worker *w, cb_work *works, int single) {
   }
   for (int kind = 0; kind < ACK_KINDS; kind++) cb_strbuf_free(&input[kind]);
   cb_strbuf_free(&sql);
+  /* The next fetch rides in the same transaction: one commit and one round
+   * trip per cycle of acknowledge-and-receive. */
+  int fetch_index = -1;
+  int room = ok && !single ? fetch_room(w) : 0;
+  if (room > 0 && (fetch_index = add_receive(u, w, room)) < 0) ok = 0;
   if (!ok) { /* out of memory: the messages reappear after the visibility timeout */
     cb_log(CB_LOG_ERROR, "worker %s: out of memory acknowledging; messages will be redelivered", w->domain);
     for (cb_work *work = kept, *next; work; work = next) {
@@ -704,12 +734,15 @@ static void submit_round(cb_worker *w, cb_work *works, int single) {
     round->w = w;
     round->works = kept;
     round->single = single;
+    round->fetch_index = fetch_index;
+    if (fetch_index >= 0) w->fetching = 1;
     cb_unit_on_done(u, on_round_done, round);
     w->acks_pending++;
     w->rounds_in_flight++;
     if (cb_runtime_submit(w->rt, &u, 1) != CB_OK) {
       w->acks_pending--;
       w->rounds_in_flight--;
+      if (fetch_index >= 0) w->fetching = 0;
       round->works = NULL;
       for (cb_work *work = kept, *next; work; work = next) {
         next = work->next;
