@@ -115,4 +115,10 @@ int cbL_lanes_running(const cbL_lanes *lanes);
 
 void cbL_open_worker(lua_State *L);
 
+/* ---- message routers (router.c) ------------------------------------------ */
+
+void cbL_open_router(lua_State *L);
+/* core.message_router{...}: pushes the router object (or nil, err). */
+int cbL_message_router(lua_State *L);
+
 #endif

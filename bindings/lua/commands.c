@@ -71,6 +71,31 @@ static void push_result(lua_State *L, const cb_send_result *r) {
   }
 }
 
+/* Reads the list of command tables at `list` into userdata arrays (so that a
+ * raise on a bad field leaks nothing): specs and results for n commands.
+ * Returns 0 after pushing nil, err when a command's data cannot be encoded. */
+static int read_specs(lua_State *L, int list, int anchor, size_t n, cb_command_spec **specs,
+                      cb_send_result **results) {
+  *specs = lua_newuserdata(L, n * sizeof **specs);
+  *results = lua_newuserdata(L, n * sizeof **results);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, list, (int)i + 1);
+    char what[32];
+    snprintf(what, sizeof what, "command #%zu", i + 1);
+    if (!read_spec(L, -1, anchor, (int)i + 1, &(*specs)[i], what)) return 0;
+    lua_pop(L, 1);
+  }
+  return 1;
+}
+
+static void push_results(lua_State *L, const cb_send_result *results, size_t n) {
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    push_result(L, &results[i]);
+    lua_rawseti(L, -2, (int)i + 1);
+  }
+}
+
 static const char *check_domain_field(lua_State *L, int idx) {
   lua_getfield(L, idx, "domain");
   if (lua_type(L, -1) != LUA_TSTRING)
@@ -124,23 +149,12 @@ static int l_send_batch(lua_State *L) {
     lua_newtable(L);
     return 1;
   }
-  /* Userdata, not malloc: a raise on a bad field then leaks nothing. */
-  cb_command_spec *specs = lua_newuserdata(L, n * sizeof *specs);
-  cb_send_result *results = lua_newuserdata(L, n * sizeof *results);
-  for (size_t i = 0; i < n; i++) {
-    lua_rawgeti(L, list, (int)i + 1);
-    char what[32];
-    snprintf(what, sizeof what, "command #%zu", i + 1);
-    if (!read_spec(L, -1, anchor, (int)i + 1, &specs[i], what)) return 2;
-    lua_pop(L, 1);
-  }
+  cb_command_spec *specs;
+  cb_send_result *results;
+  if (!read_specs(L, list, anchor, n, &specs, &results)) return 2;
   cb_err err;
   if (cb_bus_send(rt, domain, specs, n, delay, results, &err) != CB_OK) return cbL_pusherror(L, &err);
-  lua_createtable(L, (int)n, 0);
-  for (size_t i = 0; i < n; i++) {
-    push_result(L, &results[i]);
-    lua_rawseti(L, -2, (int)i + 1);
-  }
+  push_results(L, results, n);
   return 1;
 }
 
@@ -220,15 +234,9 @@ static int l_create_batch(lua_State *L) {
   }
   lua_pop(L, 1);
   if (n == 0) return cbL_pusherrorcode(L, CB_EINVAL, "a batch needs at least one command");
-  cb_command_spec *specs = lua_newuserdata(L, n * sizeof *specs);
-  cb_send_result *results = lua_newuserdata(L, n * sizeof *results);
-  for (size_t i = 0; i < n; i++) {
-    lua_rawgeti(L, list, (int)i + 1);
-    char what[32];
-    snprintf(what, sizeof what, "command #%zu", i + 1);
-    if (!read_spec(L, -1, anchor, (int)i + 1, &specs[i], what)) return 2;
-    lua_pop(L, 1);
-  }
+  cb_command_spec *specs;
+  cb_send_result *results;
+  if (!read_specs(L, list, anchor, n, &specs, &results)) return 2;
   char batch_id[CB_UUID_LEN + 1];
   cb_err err;
   if (cb_bus_create_batch(rt, domain, name, custom, specs, n, results, batch_id, &err) != CB_OK)
@@ -236,11 +244,7 @@ static int l_create_batch(lua_State *L) {
   lua_createtable(L, 0, 2);
   lua_pushstring(L, batch_id);
   lua_setfield(L, -2, "batch_id");
-  lua_createtable(L, (int)n, 0);
-  for (size_t i = 0; i < n; i++) {
-    push_result(L, &results[i]);
-    lua_rawseti(L, -2, (int)i + 1);
-  }
+  push_results(L, results, n);
   lua_setfield(L, -2, "commands");
   return 1;
 }

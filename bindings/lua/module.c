@@ -62,11 +62,13 @@ int luaopen_commandbus_core(lua_State *L) {
   cbL_open_queue(L);
   cbL_open_commands(L);
   cbL_open_worker(L);
+  cbL_open_router(L);
   static const luaL_Reg functions[] = {
       {"connect", l_connect},
       {"configure", l_configure},
       {"default_threads", l_default_threads},
       {"schema_version", l_schema_version},
+      {"message_router", cbL_message_router},
       {NULL, NULL},
   };
   luaL_newlib(L, functions);

@@ -103,6 +103,20 @@ core.bus_methods.tsq = function(bus)
   return setmetatable({bus = bus}, tsq_mt)
 end
 
+--- An in-process router: values go to one of N lanes by a consistent hash of
+-- their key (same key, same lane, in order), in bounded queues, in batches.
+--   local router = commandbus.message_router{lanes = 4, handler = "my.lane"}
+--   router:start(); router:route("customer-42", {amount = 10}); router:stop()
+-- Options: lanes (default_threads()), batch_size=100, batch_timeout_ms=10,
+-- queue_size=10000, lane_queue_size=5000, policy="drop"|"block",
+-- block_timeout_ms=1000, handler="module.name". The handler module is loaded
+-- in each lane's own Lua state and returns function(batch, lane) (or
+-- {on_batch = fn, on_stop = fn(lane)}); without one, router:take(lane, max,
+-- timeout_ms) hands values to the caller. Values must be JSON-encodable.
+-- route(key, value) -> true | false, "full"|"timeout"|"stopped"|"closed".
+-- Also lane_for(key), stats(), queue_depths(), start(), stop(), close().
+M.message_router = core.message_router
+
 --- The newest schema version this build knows.
 M.schema_version = core.schema_version
 
