@@ -17,12 +17,6 @@
 #if LUA_VERSION_NUM < 502
 #define lua_rawlen(L, i) lua_objlen((L), (i))
 #define lua_absindex(L, i) ((i) > 0 || (i) <= LUA_REGISTRYINDEX ? (i) : lua_gettop(L) + (i) + 1)
-/* ---- rows (rows.c) and commands (commands.c) --------------------------- */
-
-void cbL_push_row(lua_State *L, const cb_result *r, int row);
-void cbL_push_rows(lua_State *L, const cb_result *r);
-void cbL_open_commands(lua_State *L);
-
 #endif
 
 /* LuaJIT numbers are doubles: integers beyond 2^53 would silently round, so
@@ -38,12 +32,6 @@ static inline void cbL_pushint64(lua_State *L, int64_t v) {
   } else {
     lua_pushnumber(L, (lua_Number)v);
   }
-/* ---- rows (rows.c) and commands (commands.c) --------------------------- */
-
-void cbL_push_row(lua_State *L, const cb_result *r, int row);
-void cbL_push_rows(lua_State *L, const cb_result *r);
-void cbL_open_commands(lua_State *L);
-
 #endif
 }
 
