@@ -181,7 +181,8 @@ static void build_receive_sql(cb_worker *w) {
            " SELECT m.msg_id, m.read_ct, c.command_id::text, c.command_type, (m.message->'data')::text,"
            " c.attempts, c.max_attempts, c.correlation_id::text, nullif(c.reply_queue, ''), c.batch_id::text,"
            " jsonb_typeof(m.message), m.command_id::text,"
-           " (SELECT k2.status FROM commandbus.command k2 WHERE k2.domain = $3 AND k2.command_id = m.command_id)"
+           " CASE WHEN c.command_id IS NULL THEN (SELECT k2.status FROM commandbus.command k2"
+           " WHERE k2.domain = $3 AND k2.command_id = m.command_id) END"
            " FROM m LEFT JOIN c ON c.msg_id = m.msg_id ORDER BY m.msg_id",
            q, q);
 }
