@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "binding.h"
+#include "commandbus/awaiter.h"
 #include "commandbus/bus.h"
 #include "commandbus/tsq.h"
 
@@ -349,6 +350,23 @@ static int l_tsq_complete(lua_State *L) {
   return 1;
 }
 
+/* bus:await(domain, command_id, {timeout=30}) -> the command once it is
+ * COMPLETED, FAILED, CANCELED or in the TSQ | nil, err (TIMEOUT, NOT_FOUND).
+ * Blocks only the calling thread. */
+static int l_await(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
+  double timeout = cbL_optfield_number(L, 4, "timeout", 30);
+  if (timeout < 0) luaL_argerror(L, 4, "timeout must not be negative");
+  if (rt == NULL) return 2;
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_await_command(rt, domain, id, timeout, &rows, &err);
+  return push_rows_or_error(L, rc, rows, &err, 1);
+}
+
 void cbL_open_commands(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"send", l_send},
@@ -363,6 +381,7 @@ void cbL_open_commands(lua_State *L) {
       {"tsq_retry", l_tsq_retry},
       {"tsq_cancel", l_tsq_cancel},
       {"tsq_complete", l_tsq_complete},
+      {"await", l_await},
       {NULL, NULL},
   };
   luaL_getmetatable(L, CBL_BUS_MT);

@@ -494,6 +494,11 @@ static void read_notifications(cb_conn *conn) {
   PGnotify *n;
   while ((n = PQnotifies(conn->pg)) != NULL) {
     cb_hub_notify(conn->rt->hub, n->relname);
+    if (n->extra && n->extra[0]) { /* a payload names what changed: "<channel>:<payload>" */
+      char key[256];
+      snprintf(key, sizeof key, "%s:%s", n->relname, n->extra);
+      cb_hub_notify(conn->rt->hub, key);
+    }
     cb__notify_watches(conn->rt, n->relname);
     PQfreemem(n);
   }

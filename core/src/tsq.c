@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "commandbus/awaiter.h"
 #include "commandbus/bus.h"
 #include "commandbus/queue.h"
 #include "strbuf.h"
@@ -108,6 +109,7 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
            " FROM m)"
            " SELECT msg_id FROM m",
            queue, queue);
+  /* A retried command is no longer in the TSQ: nothing for awaiters yet. */
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain, id, operator_name ? operator_name : "operator"};
@@ -145,7 +147,11 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
                      " jsonb_build_object('command_id', command_id, 'correlation_id', correlation_id, %s) FROM c)",
                      reply,
                      complete ? "'outcome', 'SUCCESS', 'result', $4::jsonb" : "'outcome', 'CANCELED', 'reason', $4::text");
-  cb_strbuf_puts(&sql, " SELECT command_id FROM c");
+  cb_strbuf_puts(&sql,
+                 ", w AS (SELECT pg_notify('" CB_AWAIT_CHANNEL "', $1 || ':' || c.command_id::text) FROM c"
+                 " WHERE EXISTS (SELECT 1 FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = c.command_id"
+                 " AND a.expires_at > now()))"
+                 " SELECT command_id, (SELECT count(*) FROM w) FROM c");
   cb_unit *u = cb_unit_new();
   if (u == NULL || sql.failed) {
     cb_strbuf_free(&sql);
@@ -160,6 +166,7 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
   rc = finish(rt, u, 0, id, err);
   if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
     rc = cb_err_set(err, CB_EINVAL, "the result is not valid JSON: %s", err->message);
+  if (rc == CB_OK) cb_await_touch(rt, domain, id);
   cb_unit_free(u);
   return rc;
 }

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <uv.h>
 
+#include "commandbus/awaiter.h"
 #include "commandbus/bus.h"
 #include "commandbus/log.h"
 #include "commandbus/message_router.h"
@@ -344,6 +345,7 @@ static void handle_fetched(cb_worker *w, cb_unit *u, int index) {
     }
     cb_work *work = work_new(r, i);
     if (work == NULL) continue; /* redelivered after the visibility timeout */
+    cb_await_touch(w->rt, w->domain, work->command_id); /* received: a state change */
     work->started_at = fetched_at;
     if (work->batch_id && nbatches < FETCH_MAX && !batch_seen_started(w, work->batch_id))
       batches[nbatches++] = work->batch_id;
@@ -590,7 +592,13 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                  " 'error_details', details), 'error_code', code, 'error_message', message)");
       break;
   }
-  cb_strbuf_puts(sql, " SELECT command_id::text, batch_id::text FROM c");
+  /* Other processes hear of the change only when someone awaits it. */
+  cb_strbuf_puts(sql,
+                 ", w AS (SELECT pg_notify('" CB_AWAIT_CHANNEL "', $1 || ':' || c.command_id::text) FROM c"
+                 " WHERE EXISTS (SELECT 1 FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = c.command_id"
+                 " AND a.expires_at > now()))"
+                 " SELECT command_id::text AS command_id, batch_id::text AS batch_id,"
+                 " (SELECT count(*) FROM w) AS notified FROM c");
 }
 
 /* One acknowledgement transaction: its works, so that a failure can retry
@@ -657,9 +665,11 @@ static void on_round_done(cb_unit *u, void *arg) {
     size_t n = 0;
     for (int st = 0; st < cb_unit_count(u); st++) {
       const cb_result *r = cb_unit_result(u, st);
-      if (cb_result_columns(r) != 2) continue;
-      for (int row = 0; row < cb_result_rows(r) && n < 64; row++)
-        if (!cb_result_is_null(r, row, 1)) ids[n++] = cb_result_value(r, row, 1);
+      if (cb_result_columns(r) != 3 || strcmp(cb_result_column_name(r, 1), "batch_id") != 0) continue;
+      for (int row = 0; row < cb_result_rows(r); row++) {
+        cb_await_touch(w->rt, w->domain, cb_result_value(r, row, 0)); /* local waiters */
+        if (!cb_result_is_null(r, row, 1) && n < 64) ids[n++] = cb_result_value(r, row, 1);
+      }
     }
     if (n) refresh_batches(w, ids, n);
   }

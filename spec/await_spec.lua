@@ -1,0 +1,103 @@
+-- bus:await: waiting for a command's outcome without polling storms.
+local helper = require "spec.helper"
+
+local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
+
+local function sql(statement)
+  local f = io.popen(("psql -qAt %q -c %q"):format(os.getenv("DATABASE_URL"), statement))
+  local out = f:read("*a")
+  f:close()
+  return out
+end
+
+-- Runs a table-mode worker until the domain's commands are settled.
+local function work_off(bus, domain, handlers)
+  local worker = assert(bus:worker{domain = domain, handlers = handlers, poll_interval = 0.05})
+  local q = assert(bus:queue(domain .. "__commands"))
+  worker:run{tick_interval = 0.05, tick = function() return assert(q:metrics()).queue_length > 0 end}
+  worker:close()
+end
+
+describe("await", function()
+  local bus
+  before_each(function() bus = helper.bus() assert(bus:setup()) end)
+  after_each(function() bus:close() end)
+
+  it("returns at once for a command that already finished", function()
+    local domain = helper.unique("aw")
+    local sent = assert(bus:send{domain = domain, type = "Ok"})
+    work_off(bus, domain, {Ok = function() return {fine = true} end})
+    local t0 = helper.clock()
+    local cmd = assert(bus:await(domain, sent.command_id, {timeout = 5}))
+    assert.equal("COMPLETED", cmd.status)
+    assert.is_true(helper.clock() - t0 < 1)
+  end)
+
+  it("counts the troubleshooting queue and business-rule failures as outcomes", function()
+    local commandbus = require "commandbus"
+    local domain = helper.unique("aw")
+    local broken = assert(bus:send{domain = domain, type = "Broken"})
+    local refused = assert(bus:send{domain = domain, type = "Refused"})
+    work_off(bus, domain, {
+      Broken = function() error(commandbus.permanent("BROKEN", "no")) end,
+      Refused = function() error(commandbus.business_rule("NO", "refused")) end,
+    })
+    assert.equal("IN_TROUBLESHOOTING_QUEUE", assert(bus:await(domain, broken.command_id, {timeout = 5})).status)
+    assert.equal("FAILED", assert(bus:await(domain, refused.command_id, {timeout = 5})).status)
+  end)
+
+  it("says NOT_FOUND for an unknown command", function()
+    local id = "01234567-89ab-7def-8123-456789abcdef"
+    local cmd, err = bus:await(helper.unique("aw"), id, {timeout = 1})
+    assert.is_nil(cmd)
+    assert.equal("NOT_FOUND", err.code)
+    assert.equal("unknown command `" .. id .. "`", err.message)
+  end)
+
+  it("times out with TIMEOUT", function()
+    local domain = helper.unique("aw")
+    local sent = assert(bus:send{domain = domain, type = "Never"})
+    local cmd, err = bus:await(domain, sent.command_id, {timeout = 0.3})
+    assert.is_nil(cmd)
+    assert.equal("TIMEOUT", err.code)
+  end)
+
+  it("falls back to polling when the change comes from a connection that notifies nobody", function()
+    local domain = helper.unique("aw")
+    local sent = assert(bus:send{domain = domain, type = "Manual"})
+    -- Completed behind the bus's back, 0.3 s from now, without NOTIFY.
+    os.execute(("(sleep 0.3; psql -qAt %q -c \"UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = '%s'\") >/dev/null 2>&1 &")
+      :format(os.getenv("DATABASE_URL"), sent.command_id))
+    local t0 = helper.clock()
+    local cmd = assert(bus:await(domain, sent.command_id, {timeout = 10}))
+    assert.equal("COMPLETED", cmd.status)
+    assert.is_true(helper.clock() - t0 < 3)  -- within the 1 s poll cap, with room
+  end)
+
+  it("wakes a waiter in another process when the command completes here", function()
+    local domain = helper.unique("aw")
+    local sent = assert(bus:send{domain = domain, type = "Ok"})
+    local out = os.tmpname()
+    os.execute(("%s spec/support/await_once.lua %s %s %s &"):format(lua, domain, sent.command_id, out))
+    -- Wait until the other process has registered as a waiter.
+    for _ = 1, 100 do
+      local n = tonumber(sql(("SELECT count(*) FROM commandbus.awaiter WHERE id = '%s'"):format(sent.command_id)):match("%d+"))
+      if n and n > 0 then break end
+      os.execute("sleep 0.05")
+    end
+    local completed_at
+    work_off(bus, domain, {Ok = function() completed_at = helper.clock() return nil end})
+    local line
+    for _ = 1, 100 do
+      local f = io.open(out)
+      line = f and f:read("*a")
+      if f then f:close() end
+      if line and line ~= "" then break end
+      os.execute("sleep 0.05")
+    end
+    os.remove(out)
+    local woke, status = line:match("^(%S+) (%S+)")
+    assert.equal("COMPLETED", status)
+    assert.is_true(tonumber(woke) - completed_at < 1, "woke " .. (tonumber(woke) - completed_at) .. " s after")
+  end)
+end)
