@@ -68,6 +68,7 @@ struct cb_worker {
   int timers_open;
   int watch_signals;
   uv_signal_t sigint, sigterm;
+  int handles_closing; /* uv_close calls whose callbacks have not run yet */
 
   pthread_mutex_t lock; /* guards what follows */
   pthread_cond_t changed;
@@ -877,32 +878,41 @@ static void on_drain_deadline(uv_timer_t *t) {
   cb_message_router_stop(w->router); /* lanes drop what they have not started */
 }
 
-static void close_timer(uv_timer_t *t) {
-  uv_timer_stop(t);
-  uv_close((uv_handle_t *)t, NULL);
+/* The worker's handles live inside it: it may be freed only once libuv has
+ * finished closing them, so STOPPED is announced by the last close callback. */
+static void closed_one(cb_worker *w) {
+  if (--w->handles_closing == 0) {
+    cb_log(CB_LOG_INFO, "worker %s: stopped", w->domain);
+    set_state(w, STATE_STOPPED);
+  }
+}
+
+static void on_handle_closed(uv_handle_t *h) { closed_one(h->data); }
+
+static void close_handle(cb_worker *w, uv_handle_t *h) {
+  w->handles_closing++;
+  uv_close(h, on_handle_closed);
 }
 
 static void maybe_finalize(cb_worker *w) {
   if (!w->stop_seen || w->finalized || w->fetching || w->in_flight > 0 || w->acks_pending > 0 || w->ack_head)
     return;
   w->finalized = 1;
-  if (w->timers_open) {
-    close_timer(&w->poll_timer);
-    close_timer(&w->stuck_timer);
-    close_timer(&w->drain_timer);
-    w->timers_open = 0;
-  }
   if (w->watch_id >= 0) cb_runtime_unwatch(w->rt, w->watch_id);
   w->watch_id = -1;
-  if (w->watch_signals) {
-    uv_signal_stop(&w->sigint);
-    uv_signal_stop(&w->sigterm);
-    uv_close((uv_handle_t *)&w->sigint, NULL);
-    uv_close((uv_handle_t *)&w->sigterm, NULL);
-  }
   cb_message_router_stop(w->router); /* lanes are empty: they end at once */
-  cb_log(CB_LOG_INFO, "worker %s: stopped", w->domain);
-  set_state(w, STATE_STOPPED);
+  w->handles_closing = 1; /* held until every close below is issued */
+  if (w->timers_open) {
+    close_handle(w, (uv_handle_t *)&w->poll_timer);
+    close_handle(w, (uv_handle_t *)&w->stuck_timer);
+    close_handle(w, (uv_handle_t *)&w->drain_timer);
+    w->timers_open = 0;
+    if (w->watch_signals) {
+      close_handle(w, (uv_handle_t *)&w->sigint);
+      close_handle(w, (uv_handle_t *)&w->sigterm);
+    }
+  }
+  closed_one(w); /* drops the hold */
 }
 
 static void stop_on_loop(cb_runtime *rt, void *arg) {
