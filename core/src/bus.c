@@ -78,22 +78,26 @@ static void send_sql(char *sql, size_t len, const char *queue) {
            " coalesce(e.v->>'reply', '') AS reply_to, (e.v->>'max')::int AS max_attempts,"
            " (e.v->>'batch')::uuid AS batch_id"
            " FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord)),"
+           /* The first of several commands with one id in the same call is
+            * sent; the later ones are duplicates like any existing id. */
+           " firsts AS (SELECT DISTINCT ON (command_id) * FROM input ORDER BY command_id, ord),"
            " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
            " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
            " SELECT $2, '%s', nextval('pgmq.q_%s_msg_id_seq'), command_id, command_type, 'PENDING', 0,"
-           " max_attempts, reply_to, correlation_id, batch_id FROM input ORDER BY ord"
+           " max_attempts, reply_to, correlation_id, batch_id FROM firsts ORDER BY ord"
            " ON CONFLICT (domain, command_id) DO NOTHING RETURNING command_id, msg_id),"
            " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
            " SELECT f.msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
            " jsonb_build_object('domain', $2::text, 'command_type', i.command_type, 'command_id', i.command_id,"
            " 'correlation_id', i.correlation_id, 'data', i.data)"
            " || CASE WHEN i.reply_to <> '' THEN jsonb_build_object('reply_to', i.reply_to) ELSE '{}'::jsonb END"
-           " FROM fresh f JOIN input i USING (command_id) ORDER BY f.msg_id),"
+           " FROM fresh f JOIN firsts i USING (command_id) ORDER BY f.msg_id),"
            " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
            " SELECT $2, i.command_id, 'SENT', jsonb_build_object('command_type', i.command_type,"
            " 'correlation_id', i.correlation_id, 'reply_to', nullif(i.reply_to, ''), 'msg_id', f.msg_id,"
-           " 'batch_id', i.batch_id) FROM fresh f JOIN input i USING (command_id))"
-           " SELECT i.command_id::text, coalesce(f.msg_id, 0) FROM input i LEFT JOIN fresh f USING (command_id)"
+           " 'batch_id', i.batch_id) FROM fresh f JOIN firsts i USING (command_id))"
+           " SELECT i.command_id::text, CASE WHEN i.ord = fi.ord THEN coalesce(f.msg_id, 0) ELSE 0 END"
+           " FROM input i LEFT JOIN fresh f USING (command_id) LEFT JOIN firsts fi USING (command_id)"
            " ORDER BY i.ord",
            queue, queue, queue);
 }

@@ -155,7 +155,11 @@ void cb_worker_options_init(cb_worker_options *o) {
   o->drain_timeout = 30;
 }
 
-/* Every lookup names its keys with `= ANY(ARRAY(...))`: joins against a CTE
+/* A message is received only when it is its command's current message
+ * (command.msg_id): a redelivery after a crash is, a stray second message for
+ * the same command is not, and is set aside as DUPLICATE_MESSAGE.
+ *
+ * Every lookup names its keys with `= ANY(ARRAY(...))`: joins against a CTE
  * are planned from statistics, and a queue workload keeps them stale (a
  * domain seen as one row led to a nested loop over all its commands for each
  * message). Key conditions make the plan primary-key lookups whatever the
@@ -172,7 +176,7 @@ static void build_receive_sql(cb_worker *w) {
            " THEN (q.message->>'command_id')::uuid END AS command_id),"
            " c AS (UPDATE commandbus.command k SET attempts = k.attempts + 1, status = 'IN_PROGRESS',"
            " updated_at = now(), lease_expires_at = clock_timestamp() + make_interval(secs => $2::float8)"
-           " FROM m WHERE k.domain = $3 AND k.command_id = m.command_id"
+           " FROM m WHERE k.domain = $3 AND k.command_id = m.command_id AND k.msg_id = m.msg_id"
            " AND k.command_id = ANY(ARRAY(SELECT command_id FROM m WHERE command_id IS NOT NULL))"
            " AND k.status IN ('PENDING', 'IN_PROGRESS')"
            " RETURNING k.command_id, k.command_type, k.attempts, k.max_attempts, k.correlation_id,"
