@@ -34,6 +34,9 @@ static const char *state_names[] = {"starting", "running", "stopping", "stopped"
 
 #define FETCH_MAX 100
 #define MAX_REPLY_QUEUES 8 /* per acknowledgement statement; more go one by one */
+/* Acknowledgement rounds on their way at once: two keep both pooled
+ * connections (and their backends) busy while the rest gather. */
+#define MAX_ROUNDS_IN_FLIGHT 2
 
 typedef struct lane_buffer { /* owned by its lane thread */
   void *items[64];
@@ -817,7 +820,7 @@ static void on_outcomes(cb_runtime *rt, void *arg) {
 /* Group commit: while a round is on its way, outcomes gather here and leave
  * together in the next round, one transaction for all of them. */
 static void flush_acks(cb_worker *w) {
-  if (w->rounds_in_flight > 0 || w->ack_head == NULL) return;
+  if (w->rounds_in_flight >= MAX_ROUNDS_IN_FLIGHT || w->ack_head == NULL) return;
   cb_work *works = w->ack_head;
   w->ack_head = w->ack_tail = NULL;
   submit_round(w, works, works->next == NULL);
