@@ -301,6 +301,13 @@ static int l_run(lua_State *L) {
   if (lw->module) {
     lanes = cbL_lanes_start(L, cb_worker_lanes(w), lw->module, module_lane, w, &err);
     if (lanes == NULL) return cbL_pusherror(L, &err);
+    int running = cbL_lanes_running(lanes);
+    if (running != cb_worker_lanes(w)) {
+      /* A lane nobody runs would hold its work forever: refuse to start. */
+      cb_worker_stop(w);
+      cbL_lanes_join(lanes);
+      return cbL_pusherrorcode(L, CB_ENOMEM, "could start only %d of %d lane threads", running, cb_worker_lanes(w));
+    }
   }
   cb_worker_watch_signals(w);
   if (cb_worker_start(w, &err) != CB_OK) {

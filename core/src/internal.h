@@ -99,6 +99,7 @@ struct cb_runtime {
   size_t nremembered, remembered_cap;
 
   cb_unit *pending_head, *pending_tail; /* [loop] waiting for a connection */
+  int loop_closing;    /* [loop] shutting down: no new work from callbacks */
   struct notify_watch *watches; /* [loop] */
   size_t nwatches, watches_cap; /* [loop] */
   int next_watch_id;            /* [loop] */

@@ -160,6 +160,11 @@ static void fail_list(cb_unit *u, int code, const char *why) {
 
 static void on_handle_closed(uv_handle_t *h) { (void)h; }
 
+static void close_leftover(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
 /* Runs on the loop thread when woken: takes what other threads handed over,
  * or, once closing, tears everything down so that uv_run can return. */
 static void on_wake(uv_async_t *async) {
@@ -179,12 +184,21 @@ static void on_wake(uv_async_t *async) {
     calls = next;
   }
   if (closing) {
-    fail_list(units, CB_ECLOSED, "the runtime was closed");
-    fail_list(rt->pending_head, CB_ECLOSED, "the runtime was closed");
+    /* Callbacks below may submit again: they must find the loop closing
+     * and the lists detached, never a list being failed. */
+    rt->loop_closing = 1;
+    cb_unit *pending = rt->pending_head;
     rt->pending_head = rt->pending_tail = NULL;
+    fail_list(units, CB_ECLOSED, "the runtime was closed");
+    fail_list(pending, CB_ECLOSED, "the runtime was closed");
     for (int i = 0; i < rt->nconns; i++) cb__conn_shutdown(&rt->conns[i]);
     cb__conn_shutdown(&rt->listener);
     uv_close((uv_handle_t *)&rt->wake, on_handle_closed);
+    /* Components that put handles on the loop (a running worker's timers)
+     * may not get to close them: close whatever is left, so that uv_run
+     * returns and the thread can be joined. Their owners find the runtime
+     * closed and stop. */
+    uv_walk(&rt->loop, close_leftover, NULL);
     return;
   }
   if (units) {
@@ -386,6 +400,7 @@ static void chain(cb_unit *const *units, size_t n) {
 
 int cb_runtime_submit(cb_runtime *rt, cb_unit *const *units, size_t n) {
   if (n == 0) return CB_OK;
+  if (cb_runtime_on_loop(rt) && rt->loop_closing) return CB_ECLOSED;
   chain(units, n);
   if (cb_runtime_on_loop(rt)) {
     if (rt->pending_tail) rt->pending_tail->next = units[0];

@@ -82,6 +82,19 @@ static int precheck(cb_runtime *rt, const char *domain, const char *command_id, 
   return rc;
 }
 
+/* Refreshes a batch in a transaction of its own, after the action committed:
+ * inside it, the refresh could not see a worker finishing the batch's last
+ * other command at the same moment, and neither side would complete it. */
+static void refresh_batch_after(cb_runtime *rt, const char *domain, const char *batch) {
+  if (!batch[0]) return;
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return;
+  cb_bus_add_batch_refresh(u, domain, batch);
+  cb_err ignored; /* best effort: reading the batch refreshes it too */
+  cb_runtime_exec(rt, u, &ignored);
+  cb_unit_free(u);
+}
+
 /* Runs u; 0 rows from its main statement means someone else acted first. */
 static int finish(cb_runtime *rt, cb_unit *u, int main_stmt, const char *id, cb_err *err) {
   int rc = cb_runtime_exec(rt, u, err);
@@ -115,12 +128,12 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
   const char *params[] = {domain, id, operator_name ? operator_name : "operator"};
   cb_unit_add(u, sql, 3, params);
   cb_queue_add_notify(u, queue);
-  if (batch[0]) cb_bus_add_batch_refresh(u, domain, batch);
   rc = finish(rt, u, 0, id, err);
   if (rc == CB_ESTATE)
     rc = cb_err_set(err, CB_ESTATE, "command %s has no archived message to send again", id);
   if (rc == CB_OK && new_msg_id) *new_msg_id = cb_result_int(cb_unit_result(u, 0), 0, 0);
   cb_unit_free(u);
+  if (rc == CB_OK) refresh_batch_after(rt, domain, batch);
   return rc;
 }
 
@@ -162,11 +175,11 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
   cb_unit_add(u, sql.data, 4, params);
   cb_strbuf_free(&sql);
   if (reply[0]) cb_queue_add_notify(u, reply);
-  if (batch[0]) cb_bus_add_batch_refresh(u, domain, batch);
   rc = finish(rt, u, 0, id, err);
   if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
     rc = cb_err_set(err, CB_EINVAL, "the result is not valid JSON: %s", err->message);
   if (rc == CB_OK) cb_await_touch(rt, domain, id);
+  if (rc == CB_OK) refresh_batch_after(rt, domain, batch);
   cb_unit_free(u);
   return rc;
 }

@@ -64,6 +64,7 @@ struct cb_worker {
   int watch_id;
   int more_waiting; /* the last fetch was full: fetch again when capacity frees */
   int rounds_in_flight;        /* acknowledgement rounds sent, not answered */
+  int abandon_acks;            /* drain deadline passed: outcomes kept for retry are given up */
   cb_work *ack_head, *ack_tail; /* outcomes waiting for the next round */
   char started_batches[16][CB_UUID_LEN + 1]; /* recently seen as started */
   int started_next;
@@ -453,7 +454,12 @@ static void maybe_fetch(cb_worker *w) {
 }
 
 static void on_notified(void *arg) { maybe_fetch(arg); }
-static void on_poll(uv_timer_t *t) { maybe_fetch(t->data); }
+static void flush_acks(cb_worker *w);
+
+static void on_poll(uv_timer_t *t) {
+  flush_acks(t->data); /* outcomes kept while the database was away */
+  maybe_fetch(t->data);
+}
 
 /* ---- acknowledging (loop) --------------------------------------------------------- */
 
@@ -481,7 +487,8 @@ static void json_or_null(cb_strbuf *b, const char *json) { cb_strbuf_puts(b, jso
 
 static void append_input(cb_strbuf *b, const cb_worker *w, const cb_work *work, int kind) {
   cb_strbuf_putc(b, b->len ? ',' : '[');
-  cb_strbuf_printf(b, "{\"id\":\"%s\",\"msg\":%lld", work->command_id, (long long)work->msg_id);
+  cb_strbuf_printf(b, "{\"id\":\"%s\",\"msg\":%lld,\"attempt\":%d", work->command_id, (long long)work->msg_id,
+                   work->attempt);
   if (kind == ACK_SUCCESS) {
     cb_strbuf_puts(b, ",\"result\":");
     json_or_null(b, work->result_json);
@@ -515,6 +522,10 @@ static void reply_ctes(cb_strbuf *sql, char reply[][CB_QUEUE_NAME_MAX + 1], int 
                      i, reply[i], message, reply[i]);
 }
 
+/* Each statement moves only commands still IN_PROGRESS *at the attempt this
+ * outcome belongs to* (a delivery that outlived its visibility timeout may
+ * have been received again elsewhere: its late outcome must not touch the
+ * newer delivery), and touches the queue only for the commands it moved. */
 static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char reply[][CB_QUEUE_NAME_MAX + 1],
                           int nreply) {
   const char *q = w->queue;
@@ -522,16 +533,16 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
   switch (kind) {
     case ACK_SUCCESS:
       cb_strbuf_printf(sql,
-                       "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, result jsonb,"
+                       "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, result jsonb,"
                        " has bool)),"
                        " c AS (UPDATE commandbus.command k SET status = 'COMPLETED', updated_at = now(),"
-                       " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i))"
+                       " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt"
                        " AND k.status = 'IN_PROGRESS' RETURNING k.command_id, k.correlation_id, k.reply_queue,"
                        " k.batch_id, i.msg, i.result, i.has),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, command_id, 'COMPLETED', jsonb_build_object('msg_id', msg, 'reply_to',"
                        " nullif(reply_queue, ''), 'has_result', has) FROM c),"
-                       " d AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i)))",
+                       " d AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM c)))",
                        q);
       reply_ctes(sql, reply, nreply,
                  "jsonb_build_object('command_id', command_id, 'correlation_id', correlation_id,"
@@ -539,11 +550,11 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
       break;
     case ACK_RETRY:
       cb_strbuf_printf(sql,
-                       "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, code text,"
+                       "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, code text,"
                        " message text, delay float8)),"
                        " c AS (UPDATE commandbus.command k SET last_error_type = 'TRANSIENT', last_error_code = i.code,"
                        " last_error_msg = i.message, updated_at = now() FROM i WHERE k.domain = $1"
-                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.status = 'IN_PROGRESS'"
+                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND k.status = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, i.msg, i.code, i.message,"
                        " i.delay),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
@@ -556,12 +567,12 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
       break;
     case ACK_TSQ:
       cb_strbuf_printf(sql,
-                       "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, code text,"
+                       "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, code text,"
                        " message text, etype text, exhausted bool)),"
                        " c AS (UPDATE commandbus.command k SET status = 'IN_TROUBLESHOOTING_QUEUE',"
                        " last_error_type = i.etype, last_error_code = i.code, last_error_msg = i.message,"
                        " updated_at = now(), lease_expires_at = NULL FROM i WHERE k.domain = $1"
-                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.status = 'IN_PROGRESS'"
+                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND k.status = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, i.msg, i.code, i.message,"
                        " i.etype, i.exhausted),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
@@ -572,25 +583,25 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " THEN '{\"reason\": \"EXHAUSTED\"}'::jsonb ELSE '{}'::jsonb END END"
                        " FROM c CROSS JOIN (VALUES (1, 'FAILED'), (2, 'MOVED_TO_TSQ')) AS e(n, event)"
                        " ORDER BY c.command_id, e.n),"
-                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i))"
+                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM c))"
                        " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
                        " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x)",
                        q, q);
       break;
     case ACK_FAILED:
       cb_strbuf_printf(sql,
-                       "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, code text,"
+                       "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, code text,"
                        " message text, details jsonb)),"
                        " c AS (UPDATE commandbus.command k SET status = 'FAILED', last_error_type = 'BUSINESS_RULE',"
                        " last_error_code = i.code, last_error_msg = i.message, updated_at = now(),"
-                       " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i))"
+                       " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt"
                        " AND k.status = 'IN_PROGRESS' RETURNING k.command_id, k.correlation_id, k.reply_queue,"
                        " k.batch_id, k.attempts, i.msg, i.code, i.message, i.details),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, command_id, 'BUSINESS_RULE_FAILED', jsonb_build_object('msg_id', msg,"
                        " 'attempt', attempts, 'error_code', code, 'error_msg', message, 'error_details', details)"
                        " FROM c),"
-                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i))"
+                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM c))"
                        " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
                        " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x)",
                        q, q);
@@ -647,9 +658,33 @@ static void on_round_done(cb_unit *u, void *arg) {
       more = w->more_waiting;
     }
   }
-  if (cb_unit_status(u) != CB_OK) {
+  if (cb_unit_status(u) != CB_OK && cb_unit_status(u) == CB_ECONNECTION && !w->abandon_acks) {
+    /* The database is away: keep the outcomes and try again at the next
+     * poll (the statements are guarded, so a repeat changes nothing). */
     const cb_err *e = cb_unit_error(u);
-    if (!round->single) {
+    cb_log(CB_LOG_WARN, "worker %s: cannot acknowledge %s (%s); keeping the outcomes to try again", w->domain,
+           round->single ? "an outcome" : "a round", e->message);
+    cb_work *last = round->works;
+    if (last) {
+      while (last->next) last = last->next;
+      last->next = w->ack_head;
+      if (w->ack_head == NULL) w->ack_tail = last;
+      w->ack_head = round->works;
+      round->works = NULL;
+    }
+  } else if (cb_unit_status(u) != CB_OK) {
+    const cb_err *e = cb_unit_error(u);
+    if (round->single && round->works && round->works->reply_to && !round->works->reply_dropped) {
+      /* Most likely the reply queue is gone: record the outcome without
+       * the reply rather than run the handler again forever. */
+      cb_work *work = round->works;
+      cb_log(CB_LOG_ERROR, "worker %s: acknowledging command %s with a reply to %s failed (%s); recording its "
+             "outcome without the reply", w->domain, work->command_id, work->reply_to, e->message);
+      work->reply_to = NULL;
+      work->reply_dropped = 1;
+      round->works = NULL;
+      submit_round(w, work, 1);
+    } else if (!round->single) {
       cb_log(CB_LOG_WARN, "worker %s: acknowledging a round failed (%s: %s); acknowledging one by one", w->domain,
              cb_strerror(e->code), e->message);
       cb_work *works = round->works;
@@ -676,7 +711,16 @@ static void on_round_done(cb_unit *u, void *arg) {
       if (cb_result_columns(r) != 3 || strcmp(cb_result_column_name(r, 1), "batch_id") != 0) continue;
       for (int row = 0; row < cb_result_rows(r); row++) {
         cb_await_touch(w->rt, w->domain, cb_result_value(r, row, 0)); /* local waiters */
-        if (!cb_result_is_null(r, row, 1) && n < 64) ids[n++] = cb_result_value(r, row, 1);
+        if (cb_result_is_null(r, row, 1)) continue;
+        const char *id = cb_result_value(r, row, 1);
+        int seen = 0;
+        for (size_t k = 0; k < n && !seen; k++) seen = strcmp(ids[k], id) == 0;
+        if (seen) continue;
+        if (n == 64) { /* many batches in one round: refresh these, go on */
+          refresh_batches(w, ids, n);
+          n = 0;
+        }
+        ids[n++] = id;
       }
     }
     if (n) refresh_batches(w, ids, n);
@@ -882,7 +926,20 @@ static void on_drain_deadline(uv_timer_t *t) {
   pthread_mutex_lock(&w->lock);
   w->abandon = 1;
   pthread_mutex_unlock(&w->lock);
+  w->abandon_acks = 1;
+  if (w->ack_head && w->rounds_in_flight == 0) { /* the database is still away */
+    cb_log(CB_LOG_WARN, "worker %s: giving up outcomes that could not be recorded; they will be redelivered",
+           w->domain);
+    cb_work *works = w->ack_head;
+    w->ack_head = w->ack_tail = NULL;
+    while (works) {
+      cb_work *next = works->next;
+      work_free(works);
+      works = next;
+    }
+  }
   cb_message_router_stop(w->router); /* lanes drop what they have not started */
+  maybe_finalize(w);
 }
 
 /* The worker's handles live inside it: it may be freed only once libuv has

@@ -66,6 +66,7 @@ typedef struct cb_work {
   int lane;
   double started_at;
   int stuck_reported;
+  int reply_dropped; /* acknowledged without its reply after a failure */
 } cb_work;
 
 /* Outcomes (copy their strings; json may be NULL). */
