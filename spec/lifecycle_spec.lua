@@ -100,3 +100,30 @@ describe("ids past 2^53", function()
     bus:close()
   end)
 end)
+
+describe("worker lifecycle", function()
+  it("closing a worker from inside its own run() stops it safely, again and again", function()
+    local bus = helper.bus()
+    local domain = helper.unique("closerun")
+    for _ = 1, 10 do
+      local worker
+      worker = assert(bus:worker{domain = domain, handlers = {}, poll_interval = 0.05})
+      assert.is_true(worker:run{tick = function() worker:close() end, tick_interval = 0.01})
+      worker:close()
+      assert.equal("CLOSED", select(2, worker:health()).code)
+    end
+    bus:close()
+  end)
+
+  it("closing the bus under a running worker ends run() instead of hanging", function()
+    local bus = helper.bus()
+    local domain = helper.unique("closebus")
+    local worker = assert(bus:worker{domain = domain, handlers = {}, poll_interval = 0.05})
+    local ticks = 0
+    assert.is_true(worker:run{tick_interval = 0.05, tick = function()
+      ticks = ticks + 1
+      if ticks == 2 then bus:close() end
+    end})
+    assert.is_true(bus:is_closed())
+  end)
+end)

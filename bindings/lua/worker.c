@@ -21,7 +21,9 @@ typedef struct cbL_worker {
   int bus_ref;
   int handlers_ref; /* table mode: the handlers table; LUA_NOREF in module mode */
   char *module;     /* module mode */
-  int running;
+  int running;      /* run() was called (a worker runs once) */
+  int in_run;       /* run() has not returned yet */
+  int close_pending; /* close() was called from inside run() */
 } cbL_worker;
 
 typedef struct handler_ctx {
@@ -284,6 +286,8 @@ static int l_bus_worker(lua_State *L) {
 /* worker:run{tick=fn, tick_interval=0.5}: runs until stopped (worker:stop(),
  * ctx:stop_worker(), SIGINT/SIGTERM, or tick returning false); drains what is
  * in flight, then returns true. */
+static int l_gc(lua_State *L);
+
 static int l_run(lua_State *L) {
   cbL_worker *lw = check_worker(L);
   if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
@@ -296,16 +300,21 @@ static int l_run(lua_State *L) {
   if (!lua_isnil(L, 3) && !lua_isfunction(L, 3)) luaL_error(L, "bad option 'tick': function expected");
   cb_worker *w = lw->w;
   lw->running = 1;
+  lw->in_run = 1;
   cb_err err;
   cbL_lanes *lanes = NULL;
   if (lw->module) {
     lanes = cbL_lanes_start(L, cb_worker_lanes(w), lw->module, module_lane, w, &err);
-    if (lanes == NULL) return cbL_pusherror(L, &err);
+    if (lanes == NULL) {
+      lw->in_run = 0;
+      return cbL_pusherror(L, &err);
+    }
     int running = cbL_lanes_running(lanes);
     if (running != cb_worker_lanes(w)) {
       /* A lane nobody runs would hold its work forever: refuse to start. */
       cb_worker_stop(w);
       cbL_lanes_join(lanes);
+      lw->in_run = 0;
       return cbL_pusherrorcode(L, CB_ENOMEM, "could start only %d of %d lane threads", running, cb_worker_lanes(w));
     }
   }
@@ -313,6 +322,7 @@ static int l_run(lua_State *L) {
   if (cb_worker_start(w, &err) != CB_OK) {
     cb_worker_stop(w);
     cbL_lanes_join(lanes);
+    lw->in_run = 0;
     return cbL_pusherror(L, &err);
   }
   if (lw->module) {
@@ -333,6 +343,11 @@ static int l_run(lua_State *L) {
     int handlers = lua_gettop(L);
     lane_loop(L, handlers, w, 0, L, 3, tick_ms);
     cb_worker_wait(w, -1);
+  }
+  lw->in_run = 0;
+  if (lw->close_pending) {
+    lua_settop(L, 1);
+    l_gc(L);
   }
   lua_settop(L, 1);
   lua_pushboolean(L, 1);
@@ -381,6 +396,13 @@ static int l_in_flight(lua_State *L) {
 
 static int l_gc(lua_State *L) {
   cbL_worker *lw = check_worker(L);
+  if (lw->in_run) {
+    /* Called from a tick or a table-mode handler: run() still uses the
+     * worker. Stop it now, free it when run() returns. */
+    if (lw->w) cb_worker_stop(lw->w);
+    lw->close_pending = 1;
+    return 0;
+  }
   if (lw->w) {
     cb_worker_free(lw->w);
     lw->w = NULL;

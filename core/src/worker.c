@@ -1050,7 +1050,9 @@ void cb_worker_stop(cb_worker *w) {
   if (w->state == STATE_RUNNING) w->state = STATE_STOPPING, w->health.state = state_names[STATE_STOPPING];
   pthread_mutex_unlock(&w->lock);
   (void)started;
-  if (first && cb_runtime_call(w->rt, stop_on_loop, w) != CB_OK) {
+  /* With the runtime closed there is no loop to drain through: end the
+   * lanes now (their leftover work is freed with the worker). */
+  if (cb_runtime_is_closed(w->rt) || (first && cb_runtime_call(w->rt, stop_on_loop, w) != CB_OK)) {
     cb_message_router_stop(w->router);
     set_state(w, STATE_STOPPED);
   }
@@ -1133,7 +1135,10 @@ int cb_worker_take(cb_worker *w, int lane, cb_work **works, int max, int timeout
     b->next = b->count = 0;
     int n = cb_message_router_take(w->router, lane, b->items, 64, timeout_ms);
     if (n == CB_MESSAGE_ROUTER_END) return -1;
-    if (n <= 0) return 0;
+    if (n <= 0) {
+      if (cb_runtime_is_closed(w->rt)) cb_worker_stop(w); /* the bus was closed under the worker */
+      return 0;
+    }
     b->count = n;
   }
   /* One at a time, so that `current` tells exactly which handler runs. */
