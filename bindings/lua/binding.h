@@ -89,6 +89,10 @@ void cbL_push_row(lua_State *L, const cb_result *r, int row);
 void cbL_push_rows(lua_State *L, const cb_result *r);
 void cbL_open_commands(lua_State *L);
 
+/* ---- processes (process.c) ----------------------------------------------- */
+
+void cbL_open_process(lua_State *L);
+
 /* ---- lane threads (lanes.c) ----------------------------------------------- */
 
 typedef struct cbL_lanes cbL_lanes;

@@ -102,15 +102,16 @@ static void send_sql(char *sql, size_t len, const char *queue) {
            queue, queue, queue);
 }
 
-/* Sends specs within u (after `prefix` statements the caller added). */
-static int send_in_unit(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                        double delay, cb_send_result *results, const char *forced_batch, cb_err *err) {
+/* Validates specs, makes sure the queues exist, then appends the send
+ * statements (one per chunk) and the queue's notify to u, without running it.
+ * On an error u may hold part of them: the caller discards the unit. */
+int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
+                    double delay, cb_send_result *results, const char *forced_batch, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
   char queue[CB_QUEUE_NAME_MAX + 1];
   cb_command_queue_name(domain, queue);
-  int first = cb_unit_count(u);
 
   /* Validate everything first: bad input writes nothing. */
   cb_strbuf json = {0};
@@ -155,21 +156,40 @@ static int send_in_unit(cb_runtime *rt, cb_unit *u, const char *domain, const cb
   if (rc == CB_OK) rc = cb_bus_ensure_queue(rt, queue, err);
   for (size_t i = 0; i < n && rc == CB_OK; i++)
     if (specs[i].reply_to && specs[i].reply_to[0]) rc = cb_bus_ensure_queue(rt, specs[i].reply_to, err);
-  if (rc == CB_OK) {
-    int nstmts = cb_unit_count(u);
-    rc = cb_queue_add_notify(u, queue) < 0 ? cb_err_set(err, CB_ENOMEM, "out of memory") : CB_OK;
-    if (rc == CB_OK) rc = cb_runtime_exec(rt, u, err);
-    if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
-      rc = cb_err_set(err, CB_EINVAL, "invalid command data: %s", err->message);
-    size_t k = 0;
-    for (int st = first; rc == CB_OK && st < nstmts; st++) {
-      const cb_result *r = cb_unit_result(u, st);
-      for (int row = 0; row < cb_result_rows(r) && k < n; row++, k++) {
-        results[k].msg_id = cb_result_int(r, row, 1);
-        results[k].duplicate = results[k].msg_id == 0;
-      }
+  if (rc == CB_OK && cb_queue_add_notify(u, queue) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  return rc;
+}
+
+void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *results) {
+  /* One statement per chunk, one row per command in it, in order. */
+  size_t k = 0;
+  int chunks = (int)((n + SEND_CHUNK - 1) / SEND_CHUNK);
+  for (int st = first; st < first + chunks; st++) {
+    const cb_result *r = cb_unit_result(u, st);
+    if (r == NULL) break;
+    for (int row = 0; row < cb_result_rows(r) && k < n; row++, k++) {
+      results[k].msg_id = cb_result_int(r, row, 1);
+      results[k].duplicate = results[k].msg_id == 0;
     }
   }
+}
+
+/* Runs a unit holding a send; bad JSON in a command's data (22P02) is the
+ * caller's mistake, not the database's. */
+static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
+  int rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
+    rc = cb_err_set(err, CB_EINVAL, "invalid command data: %s", err->message);
+  return rc;
+}
+
+/* Sends specs within u, after the statements the caller added, and runs it. */
+static int send_in_unit(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
+                        double delay, cb_send_result *results, const char *forced_batch, cb_err *err) {
+  int first = cb_unit_count(u);
+  int rc = cb_bus_add_send(rt, u, domain, specs, n, delay, results, forced_batch, err);
+  if (rc == CB_OK) rc = exec_send(rt, u, err);
+  if (rc == CB_OK) cb_bus_read_send(u, first, n, results);
   return rc;
 }
 

@@ -117,6 +117,12 @@ end
 -- Also lane_for(key), stats(), queue_depths(), start(), stop(), close().
 M.message_router = core.message_router
 
+--- Long-running processes (sagas): commandbus.process.define{...} returns a
+-- manager whose start(bus, state, {batch_id=}) begins one. Processes are read
+-- back with bus:get_process(domain, id), bus:list_processes{domain=, type=,
+-- status=, limit=, offset=} and bus:process_audit(domain, id).
+M.process = require "commandbus.process"
+
 --- The newest schema version this build knows.
 M.schema_version = core.schema_version
 

@@ -58,6 +58,19 @@ int cb_bus_ensure_queue(cb_runtime *rt, const char *queue, cb_err *err);
 int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, double delay,
                 cb_send_result *results, cb_err *err);
 
+/* The send of cb_bus_send, appended to a unit the caller runs, so that other
+ * writes share its transaction (a process's row with its first command, a
+ * batch row with its commands). Validates every spec, makes sure the domain
+ * queue and each reply queue exist, then appends one statement per 1000
+ * commands followed by the queue's notify; u is not run. results[i] gets each
+ * command's id now; forced_batch (NULL: none) overrides every batch_id. On an
+ * error u may hold part of the statements: discard it. */
+int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
+                    double delay, cb_send_result *results, const char *forced_batch, cb_err *err);
+/* After u ran: fills results[i].msg_id and .duplicate from the send statements,
+ * which start at statement `first` (cb_unit_count(u) before cb_bus_add_send). */
+void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *results);
+
 /* ---- queries: each returns a completed unit (caller frees) whose last
  * statement holds the rows; columns are named as the record fields. -------- */
 

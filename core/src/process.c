@@ -1,0 +1,167 @@
+/* commandbus: starting processes and reading them back (see process.h). */
+#include "commandbus/process.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#include "commandbus/uuid.h"
+
+static int check_name(const char *what, const char *value, cb_err *err) {
+  if (value == NULL || value[0] == '\0') return cb_err_set(err, CB_EINVAL, "%s is required", what);
+  return CB_OK;
+}
+
+static int check_id(const char *what, const char *id, char *out, cb_err *err) {
+  if (!cb_uuid_parse(id, out)) return cb_err_set(err, CB_EINVAL, "%s `%.60s` is not a UUID", what, id ? id : "");
+  return CB_OK;
+}
+
+/* A process's state is an object: its steps read and extend it by key. */
+static int check_state(const char *json, cb_err *err) {
+  if (json == NULL) return CB_OK;
+  while (*json == ' ' || *json == '\t' || *json == '\n' || *json == '\r') json++;
+  if (*json != '{') return cb_err_set(err, CB_EINVAL, "process state must be a JSON object");
+  return CB_OK;
+}
+
+static int check_start(const cb_process_start_spec *spec, const cb_command_spec *command, char *batch,
+                       cb_err *err) {
+  int rc = cb_domain_valid(spec->domain, err);
+  if (rc == CB_OK) rc = check_name("process type", spec->process_type, err);
+  if (rc == CB_OK) rc = check_name("step name", spec->step_name, err);
+  if (rc == CB_OK) rc = check_state(spec->state_json, err);
+  if (rc == CB_OK && spec->batch_id) rc = check_id("batch_id", spec->batch_id, batch, err);
+  if (rc == CB_OK && command == NULL) rc = cb_err_set(err, CB_EINVAL, "a process starts with a command");
+  if (rc == CB_OK && (command->reply_to == NULL || command->reply_to[0] == '\0'))
+    rc = cb_err_set(err, CB_EINVAL, "a process's command needs reply_to (the process's reply queue)");
+  return rc;
+}
+
+int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb_command_spec *first_command,
+                     char *process_id, cb_send_result *result, cb_err *err) {
+  char batch[CB_UUID_LEN + 1];
+  int rc = check_start(spec, first_command, batch, err);
+  if (rc != CB_OK) return rc;
+  cb_uuid_v7(process_id);
+  cb_command_spec command = *first_command;
+  command.correlation_id = process_id;
+
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  const char *process_params[] = {spec->domain, process_id, spec->process_type, spec->step_name, spec->state_json,
+                                  spec->batch_id ? batch : NULL};
+  cb_unit_add(u,
+              "INSERT INTO commandbus.process (domain, process_id, process_type, status, current_step, state, batch_id)"
+              " VALUES ($1, $2::uuid, $3, 'WAITING', $4, coalesce($5::jsonb, '{}'::jsonb), $6::uuid)",
+              6, process_params);
+  int first = cb_unit_count(u);
+  rc = cb_bus_add_send(rt, u, spec->domain, &command, 1, 0, result, NULL, err);
+  if (rc == CB_OK) {
+    /* The send skips an id that already exists instead of failing; here that
+     * must undo the whole start. The subquery finds the command only when
+     * this transaction wrote it (its correlation_id is the brand-new process
+     * id), so a duplicate leaves command_id NULL and the NOT NULL constraint
+     * rolls everything back (23502, reported as a duplicate below). */
+    const char *audit_params[] = {spec->domain, process_id, spec->step_name, result->command_id,
+                                  first_command->command_type, first_command->data_json};
+    cb_unit_add(u,
+                "INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
+                " command_data) VALUES ($1, $2::uuid, $3, (SELECT command_id FROM commandbus.command"
+                " WHERE domain = $1 AND command_id = $4::uuid AND correlation_id = $2::uuid), $5,"
+                " coalesce($6::jsonb, '{}'::jsonb))",
+                6, audit_params);
+    rc = cb_runtime_exec(rt, u, err);
+    if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
+      rc = cb_err_set(err, CB_EINVAL, "invalid process state or command data: %s", err->message);
+    else if (rc == CB_EDATABASE && strcmp(err->sqlstate, "23502") == 0)
+      rc = cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", result->command_id,
+                      spec->domain);
+  }
+  if (rc == CB_OK) cb_bus_read_send(u, first, 1, result);
+  cb_unit_free(u);
+  return rc;
+}
+
+/* ---- queries ------------------------------------------------------------------- */
+
+#define PROCESS_COLUMNS                                                                                     \
+  "domain, process_id::text AS process_id, process_type AS type, status, current_step, state, error_code, " \
+  "error_message, created_at::text AS created_at, updated_at::text AS updated_at, "                         \
+  "completed_at::text AS completed_at, batch_id::text AS batch_id"
+
+/* Runs u; on success hands it to *rows, else frees it. */
+static int run_unit(cb_runtime *rt, cb_unit *u, cb_unit **rows, cb_err *err) {
+  int rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
+    rc = cb_err_set(err, CB_EINVAL, "invalid argument: %s", err->message);
+  if (rc != CB_OK) {
+    cb_unit_free(u);
+    return rc;
+  }
+  *rows = u;
+  return CB_OK;
+}
+
+int cb_process_get(cb_runtime *rt, const char *domain, const char *process_id, cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  char id[CB_UUID_LEN + 1];
+  int rc = cb_domain_valid(domain, err);
+  if (rc == CB_OK) rc = check_id("process id", process_id, id, err);
+  if (rc != CB_OK) return rc;
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  const char *params[] = {domain, id};
+  cb_unit_add(u, "SELECT " PROCESS_COLUMNS " FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid",
+              2, params);
+  rc = run_unit(rt, u, rows, err);
+  if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
+    cb_unit_free(*rows);
+    *rows = NULL;
+    return cb_err_set(err, CB_ENOTFOUND, "unknown process `%s`", id);
+  }
+  return rc;
+}
+
+int cb_process_list(cb_runtime *rt, const cb_process_filter *f, cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  int rc = cb_domain_valid(f->domain, err);
+  if (rc != CB_OK) return rc;
+  if (f->offset < 0) return cb_err_set(err, CB_EINVAL, "offset must not be negative");
+  char limit[16], offset[16];
+  snprintf(limit, sizeof limit, "%d", f->limit > 0 ? f->limit : 100);
+  snprintf(offset, sizeof offset, "%d", f->offset);
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  const char *params[] = {f->domain, f->process_type, f->status, limit, offset};
+  cb_unit_add(u,
+              "SELECT " PROCESS_COLUMNS " FROM commandbus.process WHERE domain = $1"
+              " AND ($2::text IS NULL OR process_type = $2) AND ($3::text IS NULL OR status = $3)"
+              " ORDER BY created_at DESC, process_id DESC LIMIT $4::int OFFSET $5::int",
+              5, params);
+  return run_unit(rt, u, rows, err);
+}
+
+int cb_process_audit(cb_runtime *rt, const char *domain, const char *process_id, cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  char id[CB_UUID_LEN + 1];
+  int rc = cb_domain_valid(domain, err);
+  if (rc == CB_OK) rc = check_id("process id", process_id, id, err);
+  if (rc != CB_OK) return rc;
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  const char *params[] = {domain, id};
+  /* One round trip tells "no steps yet" apart from "no such process". */
+  cb_unit_add(u, "SELECT 1 FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid", 2, params);
+  cb_unit_add(u,
+              "SELECT id, step_name, command_id::text AS command_id, command_type, command_data,"
+              " sent_at::text AS sent_at, reply_outcome, reply_data, received_at::text AS received_at"
+              " FROM commandbus.process_audit WHERE domain = $1 AND process_id = $2::uuid ORDER BY id",
+              2, params);
+  rc = run_unit(rt, u, rows, err);
+  if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
+    cb_unit_free(*rows);
+    *rows = NULL;
+    return cb_err_set(err, CB_ENOTFOUND, "unknown process `%s`", id);
+  }
+  return rc;
+}
