@@ -350,7 +350,19 @@ int cb_bus_create_batch(cb_runtime *rt, const char *domain, const char *name, co
               "INSERT INTO commandbus.batch (domain, batch_id, name, custom_data, status, total_count, batch_type)"
               " VALUES ($1, $2::uuid, $3, $4::jsonb, 'PENDING', $5::int, 'COMMAND')",
               5, params);
-  rc = send_in_unit(rt, u, domain, specs, n, 0, results, batch_id, err);
+  int first = cb_unit_count(u);
+  rc = cb_bus_add_send(rt, u, domain, specs, n, 0, results, batch_id, err);
+  /* The total counts the commands that joined: an id that already existed
+   * elsewhere is reported as a duplicate and is not part of the batch. */
+  const char *count_params[] = {domain, batch_id};
+  if (rc == CB_OK &&
+      cb_unit_add(u,
+                  "UPDATE commandbus.batch SET total_count = (SELECT count(*) FROM commandbus.command"
+                  " WHERE domain = $1 AND batch_id = $2::uuid) WHERE domain = $1 AND batch_id = $2::uuid",
+                  2, count_params) < 0)
+    rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (rc == CB_OK) rc = exec_send(rt, u, err);
+  if (rc == CB_OK) cb_bus_read_send(u, first, n, results);
   cb_unit_free(u);
   return rc;
 }
