@@ -87,6 +87,9 @@ cb_runtime *cbL_bus_runtime(lua_State *L, int idx);
 
 void cbL_push_row(lua_State *L, const cb_result *r, int row);
 void cbL_push_rows(lua_State *L, const cb_result *r);
+/* The answer of a core query: nil, err when rc failed; else its rows (the
+ * last statement of `rows`, which is freed) as one table, or as a list. */
+int cbL_push_query(lua_State *L, int rc, cb_unit *rows, cb_err *err, int single);
 void cbL_open_commands(lua_State *L);
 
 /* ---- processes (process.c) ----------------------------------------------- */

@@ -159,15 +159,6 @@ static int l_send_batch(lua_State *L) {
   return 1;
 }
 
-static int push_rows_or_error(lua_State *L, int rc, cb_unit *rows, cb_err *err, int single) {
-  if (rc != CB_OK) return cbL_pusherror(L, err);
-  const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
-  if (single) cbL_push_row(L, r, 0);
-  else cbL_push_rows(L, r);
-  cb_unit_free(rows);
-  return 1;
-}
-
 /* bus:get_command(domain, id) -> record | nil, err (NOT_FOUND) */
 static int l_get_command(lua_State *L) {
   cb_runtime *rt = cbL_bus_runtime(L, 1);
@@ -177,7 +168,7 @@ static int l_get_command(lua_State *L) {
   cb_unit *rows;
   cb_err err;
   int rc = cb_bus_get_command(rt, domain, id, &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 1);
+  return cbL_push_query(L, rc, rows, &err, 1);
 }
 
 /* bus:list_commands{domain=, status=, type=, correlation_id=, batch_id=, limit=, offset=} */
@@ -196,7 +187,7 @@ static int l_list_commands(lua_State *L) {
   cb_unit *rows;
   cb_err err;
   int rc = cb_bus_list_commands(rt, &f, &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 0);
+  return cbL_push_query(L, rc, rows, &err, 0);
 }
 
 /* bus:audit(domain, id) -> {{audit_id=, event_type=, ts=, details=}, ...} */
@@ -208,7 +199,7 @@ static int l_audit(lua_State *L) {
   cb_unit *rows;
   cb_err err;
   int rc = cb_bus_audit(rt, domain, id, &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 0);
+  return cbL_push_query(L, rc, rows, &err, 0);
 }
 
 /* bus:create_batch{domain=, name=, custom_data=, commands={...}}
@@ -259,7 +250,7 @@ static int l_get_batch(lua_State *L) {
   cb_unit *rows;
   cb_err err;
   int rc = cb_bus_get_batch(rt, domain, id, &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 1);
+  return cbL_push_query(L, rc, rows, &err, 1);
 }
 
 /* bus:list_batches{domain=, status=, limit=, offset=} */
@@ -272,7 +263,7 @@ static int l_list_batches(lua_State *L) {
   cb_err err;
   int rc = cb_bus_list_batches(rt, domain, cbL_optfield_string(L, 2, "status", NULL),
                                cbL_optfield_int(L, 2, "limit", 100), cbL_optfield_int(L, 2, "offset", 0), &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 0);
+  return cbL_push_query(L, rc, rows, &err, 0);
 }
 
 /* bus:tsq_list{domain=, type=, limit=, offset=} -> {items={...}, total=n} */
@@ -364,7 +355,7 @@ static int l_await(lua_State *L) {
   cb_unit *rows;
   cb_err err;
   int rc = cb_await_command(rt, domain, id, timeout, &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 1);
+  return cbL_push_query(L, rc, rows, &err, 1);
 }
 
 void cbL_open_commands(lua_State *L) {

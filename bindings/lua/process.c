@@ -87,15 +87,6 @@ static int l_process_start(lua_State *L) {
   return 2;
 }
 
-static int push_rows_or_error(lua_State *L, int rc, cb_unit *rows, cb_err *err, int single) {
-  if (rc != CB_OK) return cbL_pusherror(L, err);
-  const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
-  if (single) cbL_push_row(L, r, 0);
-  else cbL_push_rows(L, r);
-  cb_unit_free(rows);
-  return 1;
-}
-
 /* bus:get_process(domain, id) -> record | nil, err (NOT_FOUND) */
 static int l_get_process(lua_State *L) {
   cb_runtime *rt = cbL_bus_runtime(L, 1);
@@ -105,7 +96,7 @@ static int l_get_process(lua_State *L) {
   cb_unit *rows;
   cb_err err;
   int rc = cb_process_get(rt, domain, id, &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 1);
+  return cbL_push_query(L, rc, rows, &err, 1);
 }
 
 /* bus:list_processes{domain=, type=, status=, limit=100, offset=0}, newest first */
@@ -122,7 +113,7 @@ static int l_list_processes(lua_State *L) {
   cb_unit *rows;
   cb_err err;
   int rc = cb_process_list(rt, &f, &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 0);
+  return cbL_push_query(L, rc, rows, &err, 0);
 }
 
 /* bus:process_audit(domain, id) -> {{id=, step_name=, command_id=, ...}, ...}
@@ -135,7 +126,7 @@ static int l_process_audit(lua_State *L) {
   cb_unit *rows;
   cb_err err;
   int rc = cb_process_audit(rt, domain, id, &rows, &err);
-  return push_rows_or_error(L, rc, rows, &err, 0);
+  return cbL_push_query(L, rc, rows, &err, 0);
 }
 
 void cbL_open_process(lua_State *L) {

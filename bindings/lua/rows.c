@@ -35,3 +35,12 @@ void cbL_push_rows(lua_State *L, const cb_result *r) {
     lua_rawseti(L, -2, i + 1);
   }
 }
+
+int cbL_push_query(lua_State *L, int rc, cb_unit *rows, cb_err *err, int single) {
+  if (rc != CB_OK) return cbL_pusherror(L, err);
+  const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
+  if (single) cbL_push_row(L, r, 0);
+  else cbL_push_rows(L, r);
+  cb_unit_free(rows);
+  return 1;
+}
