@@ -61,14 +61,24 @@ static int cache_lookup(cb_conn *conn, const char *sql, int *fresh) {
   }
   uint64_t h = hash_sql(sql);
   stmt_cache_entry *e = cache_slot(conn->cache, conn->cache_cap, sql, h);
-  if (e->sql) return e->id;
-  e->sql = strdup(sql);
-  if (e->sql == NULL) return -1;
-  e->hash = h;
-  e->id = conn->next_stmt_id++;
-  conn->cache_count++;
+  if (e->sql && e->id >= 0) return e->id;
+  if (e->sql == NULL) {
+    e->sql = strdup(sql);
+    if (e->sql == NULL) return -1;
+    e->hash = h;
+    conn->cache_count++;
+  }
+  e->id = conn->next_stmt_id++; /* names are never reused */
   *fresh = 1;
   return e->id;
+}
+
+/* A Prepare that did not succeed (an error, or skipped after one): the
+ * statement is prepared again, under a new name, when next used. */
+static void cache_forget(cb_conn *conn, const char *sql) {
+  if (conn->cache_cap == 0) return;
+  stmt_cache_entry *e = cache_slot(conn->cache, conn->cache_cap, sql, hash_sql(sql));
+  if (e->sql) e->id = -1;
 }
 
 /* ---- slots --------------------------------------------------------------- */
@@ -478,9 +488,7 @@ static void read_results(cb_conn *conn) {
     ExecStatusType st = PQresultStatus(r);
     cb_unit *u = s->unit;
     if (st == PGRES_FATAL_ERROR) record_error(u, r);
-    /* A Prepare that did not succeed must not stay in the cache. Names are
-     * never reused, so dropping the whole cache is safe (and rare). */
-    if (s->kind == SLOT_PREPARE && st != PGRES_COMMAND_OK) cache_clear(conn);
+    if (s->kind == SLOT_PREPARE && st != PGRES_COMMAND_OK) cache_forget(conn, u->arena + u->stmts[s->index].sql);
     if (s->kind == SLOT_STMT && (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)) {
       if (u->results[s->index]) PQclear(u->results[s->index]);
       u->results[s->index] = r;

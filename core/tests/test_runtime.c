@@ -64,6 +64,29 @@ static void an_error_rolls_back_the_whole_unit_and_reports_sqlstate(void **state
   cb_runtime_free(rt);
 }
 
+static void a_failed_prepare_spoils_only_its_own_statements(void **state) {
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  cb_unit *u = cb_unit_new();
+  cb_unit_add(u, "SELECT 'cached before'::text", 0, NULL);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  /* One Prepare fails (syntax), the other in its segment is skipped. */
+  cb_unit_reset(u);
+  cb_unit_add(u, "SELEC broken", 0, NULL);
+  cb_unit_add(u, "SELECT 'skipped prepare'::text", 0, NULL);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_EDATABASE);
+  assert_string_equal(err.sqlstate, "42601");
+  /* Both surviving statements run: one prepared again, one still cached. */
+  cb_unit_reset(u);
+  cb_unit_add(u, "SELECT 'skipped prepare'::text", 0, NULL);
+  cb_unit_add(u, "SELECT 'cached before'::text", 0, NULL);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  assert_string_equal(cb_result_value(cb_unit_result(u, 0), 0, 0), "skipped prepare");
+  assert_string_equal(cb_result_value(cb_unit_result(u, 1), 0, 0), "cached before");
+  cb_unit_free(u);
+  cb_runtime_free(rt);
+}
+
 static void many_units_in_one_round_trip_are_each_atomic(void **state) {
   cb_runtime *rt = test_runtime(1);
   enum { N = 50 };
@@ -311,6 +334,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(a_unit_returns_rows_and_parameters_round_trip),
       cmocka_unit_test(an_error_rolls_back_the_whole_unit_and_reports_sqlstate),
+      cmocka_unit_test(a_failed_prepare_spoils_only_its_own_statements),
       cmocka_unit_test(many_units_in_one_round_trip_are_each_atomic),
       cmocka_unit_test(a_blocking_call_on_the_loop_thread_fails_with_deadlock),
       cmocka_unit_test(an_unreachable_database_fails_with_connection_within_the_timeout),
