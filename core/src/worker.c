@@ -62,7 +62,7 @@ struct cb_worker {
   int stop_seen;
   int finalized;
   int watch_id;
-  int more_waiting; /* the last fetch was full: fetch again when capacity frees */
+  int more_waiting; /* the last fetch found messages: there may be more */
   int rounds_in_flight;        /* acknowledgement rounds sent, not answered */
   int abandon_acks;            /* drain deadline passed: outcomes kept for retry are given up */
   cb_work *ack_head, *ack_tail; /* outcomes waiting for the next round */
@@ -1046,10 +1046,8 @@ void cb_worker_stop(cb_worker *w) {
   pthread_mutex_lock(&w->lock);
   int first = !w->stop_requested;
   w->stop_requested = 1;
-  int started = w->state != STATE_STARTING || first;
   if (w->state == STATE_RUNNING) w->state = STATE_STOPPING, w->health.state = state_names[STATE_STOPPING];
   pthread_mutex_unlock(&w->lock);
-  (void)started;
   /* With the runtime closed there is no loop to drain through: end the
    * lanes now (their leftover work is freed with the worker). */
   if (cb_runtime_is_closed(w->rt) || (first && cb_runtime_call(w->rt, stop_on_loop, w) != CB_OK)) {
