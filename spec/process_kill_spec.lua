@@ -110,3 +110,40 @@ describe("worker processes", function()
     assert.equal(total, tonumber(received))
   end)
 end)
+
+describe("a worker whose connections are cut", function()
+  it("keeps its outcomes, reconnects and finishes every command once", function()
+    local socket = require "socket"
+    local app = helper.unique("cut")
+    local setup = helper.bus()
+    local domain = helper.unique("cut")
+    local commands = {}
+    for i = 1, 600 do commands[i] = {type = "Nap", data = {n = i}} end
+    assert(setup:send_batch{domain = domain, commands = commands})
+    local bus = helper.bus({application_name = app})
+    local worker = assert(bus:worker{domain = domain, poll_interval = 0.1,
+                                     handlers = {Nap = function() socket.sleep(0.002) end}})
+    local q = assert(setup:queue(domain .. "__commands"))
+    local cut, t0 = false, socket.gettime()
+    worker:run{tick_interval = 0.05, tick = function()
+      if not cut and socket.gettime() - t0 > 0.3 then
+        cut = true -- every connection of the worker's bus, the listener included
+        os.execute(("psql -qAt %q -c \"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '%s'\" >/dev/null")
+          :format(os.getenv("DATABASE_URL"), app))
+      end
+      return socket.gettime() - t0 < 60 and assert(q:metrics()).queue_length > 0
+    end}
+    assert.is_true(cut)
+    local f = io.popen(("psql -qAt %q -c %q"):format(os.getenv("DATABASE_URL"),
+      ("SELECT count(*) FILTER (WHERE status = 'COMPLETED'), count(*) FROM commandbus.command WHERE domain = '%s';"
+       .. " SELECT count(*) FROM commandbus.audit WHERE domain = '%s' AND event_type = 'COMPLETED'"):format(domain, domain)))
+    local out = f:read("*a")
+    f:close()
+    local completed, total, audits = out:match("(%d+)|(%d+)%s+(%d+)")
+    assert.equal("600", total)
+    assert.equal("600", completed)
+    assert.equal("600", audits)
+    bus:close()
+    setup:close()
+  end)
+end)

@@ -43,5 +43,8 @@ void cb_log(int l, const char *fmt, ...) {
   va_start(ap, fmt);
   if (n > 0 && (size_t)n < sizeof line) vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
   va_end(ap);
+  /* One event, one line: libpq's messages carry newlines and tabs. */
+  for (char *c = line; *c; c++)
+    if (*c == '\n' || *c == '\t' || *c == '\r') *c = ' ';
   fprintf(stderr, "%s\n", line); /* one write per line: lines from threads do not interleave */
 }

@@ -518,8 +518,9 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
     continue_connect(conn);
     return;
   }
-  if (status < 0) {
-    conn_broken(conn, uv_strerror(status));
+  if (status < 0) { /* libpq usually knows better what happened to its socket */
+    const char *why = conn->pg ? PQerrorMessage(conn->pg) : "";
+    conn_broken(conn, why && *why ? why : uv_strerror(status));
     return;
   }
   if (events & UV_READABLE) {

@@ -65,6 +65,9 @@ struct cb_worker {
   int more_waiting; /* the last fetch found messages: there may be more */
   int rounds_in_flight;        /* acknowledgement rounds sent, not answered */
   int abandon_acks;            /* drain deadline passed: outcomes kept for retry are given up */
+  int acks_held;               /* the last round failed for a lost connection: wait for the poll */
+  int fetch_failing;           /* fetches fail (the database is away): logged once */
+  int ack_failing;             /* acknowledgements fail: logged once */
   cb_work *ack_head, *ack_tail; /* outcomes waiting for the next round */
   char started_batches[16][CB_UUID_LEN + 1]; /* recently seen as started */
   int started_next;
@@ -388,9 +391,14 @@ static void on_fetched(cb_unit *u, void *arg) {
   w->fetching = 0;
   if (cb_unit_status(u) != CB_OK) {
     const cb_err *e = cb_unit_error(u);
-    cb_log(CB_LOG_WARN, "worker %s: fetch failed (%s: %s); retrying at the next poll", w->domain,
-           cb_strerror(e->code), e->message);
+    if (!w->fetch_failing) /* once per outage, not once per poll */
+      cb_log(CB_LOG_WARN, "worker %s: fetch failed (%s: %s); retrying at each poll", w->domain,
+             cb_strerror(e->code), e->message);
+    w->fetch_failing = 1;
+    w->more_waiting = 0; /* next try at the poll, not at once */
   } else {
+    if (w->fetch_failing) cb_log(CB_LOG_INFO, "worker %s: fetching again", w->domain);
+    w->fetch_failing = 0;
     handle_fetched(w, u, 1);
   }
   int more = w->more_waiting;
@@ -457,8 +465,10 @@ static void on_notified(void *arg) { maybe_fetch(arg); }
 static void flush_acks(cb_worker *w);
 
 static void on_poll(uv_timer_t *t) {
-  flush_acks(t->data); /* outcomes kept while the database was away */
-  maybe_fetch(t->data);
+  cb_worker *w = t->data;
+  w->acks_held = 0; /* outcomes kept while the database was away: try again */
+  flush_acks(w);
+  maybe_fetch(w);
 }
 
 /* ---- acknowledging (loop) --------------------------------------------------------- */
@@ -662,8 +672,10 @@ static void on_round_done(cb_unit *u, void *arg) {
     /* The database is away: keep the outcomes and try again at the next
      * poll (the statements are guarded, so a repeat changes nothing). */
     const cb_err *e = cb_unit_error(u);
-    cb_log(CB_LOG_WARN, "worker %s: cannot acknowledge %s (%s); keeping the outcomes to try again", w->domain,
-           round->single ? "an outcome" : "a round", e->message);
+    if (!w->ack_failing) /* once per outage, not once per attempt */
+      cb_log(CB_LOG_WARN, "worker %s: cannot acknowledge outcomes (%s); keeping them to try again at each poll",
+             w->domain, e->message);
+    w->ack_failing = 1;
     cb_work *last = round->works;
     if (last) {
       while (last->next) last = last->next;
@@ -672,6 +684,7 @@ static void on_round_done(cb_unit *u, void *arg) {
       w->ack_head = round->works;
       round->works = NULL;
     }
+    w->acks_held = 1; /* not again before the next poll: no busy loop */
   } else if (cb_unit_status(u) != CB_OK) {
     const cb_err *e = cb_unit_error(u);
     if (round->single && round->works && round->works->reply_to && !round->works->reply_dropped) {
@@ -702,6 +715,8 @@ static void on_round_done(cb_unit *u, void *arg) {
              w->domain, round->works->command_id, cb_strerror(e->code), e->message);
     }
   } else {
+    if (w->ack_failing) cb_log(CB_LOG_INFO, "worker %s: acknowledging again", w->domain);
+    w->ack_failing = 0;
     /* Batches whose commands reached a terminal state: refresh them (after
      * this commit, so that the last one to finish sees every other). */
     const char *ids[64];
@@ -864,7 +879,7 @@ static void on_outcomes(cb_runtime *rt, void *arg) {
 /* Group commit: while a round is on its way, outcomes gather here and leave
  * together in the next round, one transaction for all of them. */
 static void flush_acks(cb_worker *w) {
-  if (w->rounds_in_flight >= MAX_ROUNDS_IN_FLIGHT || w->ack_head == NULL) return;
+  if (w->rounds_in_flight >= MAX_ROUNDS_IN_FLIGHT || w->ack_head == NULL || w->acks_held) return;
   cb_work *works = w->ack_head;
   w->ack_head = w->ack_tail = NULL;
   submit_round(w, works, works->next == NULL);
