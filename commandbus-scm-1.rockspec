@@ -28,5 +28,6 @@ build = {
     LUA_INCLUDE_DIR = "$(LUA_INCDIR)",
     LUA_LIBDIR = "$(LIBDIR)",
     LUA_LUADIR = "$(LUADIR)",
+    LUA_BINDIR = "$(BINDIR)",
   },
 }
