@@ -213,12 +213,8 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   "batch_id::text AS batch_id, last_error_type, last_error_code, last_error_msg, created_at::text AS created_at, " \
   "updated_at::text AS updated_at, lease_expires_at::text AS lease_expires_at"
 
-static int run_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows,
-                     cb_err *err) {
+int cb_bus_run_query(cb_runtime *rt, cb_unit *u, cb_unit **rows, cb_err *err) {
   *rows = NULL;
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  cb_unit_add(u, sql, nparams, params);
   int rc = cb_runtime_exec(rt, u, err);
   if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
     rc = cb_err_set(err, CB_EINVAL, "invalid argument: %s", err->message);
@@ -228,6 +224,15 @@ static int run_query(cb_runtime *rt, const char *sql, int nparams, const char *c
   }
   *rows = u;
   return CB_OK;
+}
+
+static int run_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows,
+                     cb_err *err) {
+  *rows = NULL;
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_unit_add(u, sql, nparams, params);
+  return cb_bus_run_query(rt, u, rows, err);
 }
 
 static int check_id(const char *what, const char *id, char *out, cb_err *err) {

@@ -89,18 +89,6 @@ int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb
   "error_message, created_at::text AS created_at, updated_at::text AS updated_at, "                         \
   "completed_at::text AS completed_at, batch_id::text AS batch_id"
 
-/* Runs u; on success hands it to *rows, else frees it. */
-static int run_unit(cb_runtime *rt, cb_unit *u, cb_unit **rows, cb_err *err) {
-  int rc = cb_runtime_exec(rt, u, err);
-  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
-    rc = cb_err_set(err, CB_EINVAL, "invalid argument: %s", err->message);
-  if (rc != CB_OK) {
-    cb_unit_free(u);
-    return rc;
-  }
-  *rows = u;
-  return CB_OK;
-}
 
 int cb_process_get(cb_runtime *rt, const char *domain, const char *process_id, cb_unit **rows, cb_err *err) {
   *rows = NULL;
@@ -113,7 +101,7 @@ int cb_process_get(cb_runtime *rt, const char *domain, const char *process_id, c
   const char *params[] = {domain, id};
   cb_unit_add(u, "SELECT " PROCESS_COLUMNS " FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid",
               2, params);
-  rc = run_unit(rt, u, rows, err);
+  rc = cb_bus_run_query(rt, u, rows, err);
   if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
     cb_unit_free(*rows);
     *rows = NULL;
@@ -138,7 +126,7 @@ int cb_process_list(cb_runtime *rt, const cb_process_filter *f, cb_unit **rows, 
               " AND ($2::text IS NULL OR process_type = $2) AND ($3::text IS NULL OR status = $3)"
               " ORDER BY created_at DESC, process_id DESC LIMIT $4::int OFFSET $5::int",
               5, params);
-  return run_unit(rt, u, rows, err);
+  return cb_bus_run_query(rt, u, rows, err);
 }
 
 int cb_process_audit(cb_runtime *rt, const char *domain, const char *process_id, cb_unit **rows, cb_err *err) {
@@ -157,7 +145,7 @@ int cb_process_audit(cb_runtime *rt, const char *domain, const char *process_id,
               " sent_at::text AS sent_at, reply_outcome, reply_data, received_at::text AS received_at"
               " FROM commandbus.process_audit WHERE domain = $1 AND process_id = $2::uuid ORDER BY id",
               2, params);
-  rc = run_unit(rt, u, rows, err);
+  rc = cb_bus_run_query(rt, u, rows, err);
   if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
     cb_unit_free(*rows);
     *rows = NULL;

@@ -74,6 +74,10 @@ void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *res
 /* ---- queries: each returns a completed unit (caller frees) whose last
  * statement holds the rows; columns are named as the record fields. -------- */
 
+/* Runs a query unit: on success hands it to *rows, else frees it. A value
+ * PostgreSQL cannot read (SQLSTATE 22P02) is the caller's INVALID_ARGUMENT. */
+int cb_bus_run_query(cb_runtime *rt, cb_unit *u, cb_unit **rows, cb_err *err);
+
 typedef struct cb_command_filter {
   const char *domain;         /* required */
   const char *status;         /* NULL: any */
