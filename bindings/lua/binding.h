@@ -109,6 +109,7 @@ void cbL_lanes_join(cbL_lanes *lanes);
 int cbL_lanes_running(const cbL_lanes *lanes);
 
 void cbL_open_worker(lua_State *L);
+void cbL_open_reply_router(lua_State *L);
 
 /* ---- message routers (router.c) ------------------------------------------ */
 

@@ -147,4 +147,60 @@ function manager_mt:start(bus, initial_state, options)
   return process_id
 end
 
+--- What a reply means for its process: the reply router's lanes call this.
+-- p: {status=, step= (the step the reply answers), state=, completed_steps=
+-- {steps answered SUCCESS, in order}}; reply: the reply message.
+-- Returns {status=, step=, state=, command={type=, data=} or nil,
+-- error_code=, error_message=}.
+--
+-- SUCCESS: update_state, then next_step's command, or COMPLETED.
+-- FAILED / CANCELED: compensation steps for the completed steps in reverse
+-- order, one at a time (status COMPENSATING; the steps still to undo and the
+-- failure ride in the state under `_compensating` and `_failure`), ending
+-- COMPENSATED; with nothing to compensate, FAILED or CANCELED.
+function M.decide(manager, p, reply)
+  local state = p.state or {}
+  local step = p.step
+  local function compensate(remaining, final_status, failure)
+    while #remaining > 0 do
+      local done = table.remove(remaining, 1)
+      local comp = manager.compensation_step and manager.compensation_step(done, state)
+      if comp then
+        state._compensating, state._failure = remaining, failure
+        return {status = "COMPENSATING", step = comp, state = state, command = manager:command_for(comp, state, 3),
+                error_code = failure.code, error_message = failure.message}
+      end
+    end
+    state._compensating, state._failure = nil, nil
+    return {status = final_status, step = step, state = state, error_code = failure.code,
+            error_message = failure.message}
+  end
+  if p.status == "COMPENSATING" then
+    local failure = state._failure or {}
+    if reply.outcome ~= "SUCCESS" then
+      state._compensating, state._failure = nil, nil
+      return {status = "FAILED", step = step, state = state, error_code = "COMPENSATION_FAILED",
+              error_message = (reply.error_message or reply.reason or "a compensation step failed")
+                              .. " (while undoing: " .. tostring(failure.message) .. ")"}
+    end
+    return compensate(state._compensating or {}, "COMPENSATED", failure)
+  end
+  if reply.outcome == "SUCCESS" then
+    state = manager.update_state(state, step, reply) or state
+    local following = manager.next_step(step, reply, state)
+    if following then
+      return {status = "WAITING", step = following, state = state, command = manager:command_for(following, state, 3)}
+    end
+    return {status = "COMPLETED", step = step, state = state}
+  end
+  local canceled = reply.outcome == "CANCELED"
+  local failure = {code = reply.error_code or (canceled and "CANCELED" or "FAILED"),
+                   message = reply.error_message or reply.reason or (canceled and "the step was canceled")
+                             or "the step failed"}
+  local undo = {}
+  local completed = p.completed_steps or {}
+  for i = #completed, 1, -1 do undo[#undo + 1] = completed[i] end
+  return compensate(undo, canceled and "CANCELED" or "FAILED", failure)
+end
+
 return M

@@ -1,0 +1,314 @@
+/* commandbus Lua binding: the process reply router, `bus:reply_router{...}`.
+ *
+ * managers = "module.name": each lane thread loads the module in its own
+ * lua_State (a table from process type to definition); managers = a table:
+ * replies are handled on the thread that calls run(). Each lane hands a reply
+ * to commandbus.process.decide and applies the decision in one transaction. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "binding.h"
+#include "commandbus/log.h"
+#include "commandbus/reply_router.h"
+
+#define REPLY_ROUTER_MT "commandbus.reply_router"
+
+typedef struct cbL_reply_router {
+  cb_reply_router *r;
+  int bus_ref;
+  int managers_ref; /* table mode */
+  char *module;     /* module mode */
+  int ran, in_run, close_pending;
+} cbL_reply_router;
+
+static cbL_reply_router *check_router(lua_State *L) { return luaL_checkudata(L, 1, REPLY_ROUTER_MT); }
+
+static int decode_into(lua_State *L, const char *json) {
+  if (cbL_json_decode(L, json)) return 1;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  return 0;
+}
+
+static const char *opt_string(lua_State *L, int idx, const char *k) {
+  lua_getfield(L, idx, k);
+  const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+  lua_pop(L, 1); /* still held by the table */
+  return s;
+}
+
+/* Decides and applies one reply with the managers table at index `managers`.
+ * Leaves the stack as found. */
+static void handle_reply(lua_State *L, int managers, cb_reply_router *r, cb_reply *reply) {
+  int top = lua_gettop(L);
+  lua_getfield(L, managers, reply->process_type);
+  if (lua_isnil(L, -1)) {
+    char why[160];
+    snprintf(why, sizeof why, "no process manager for type `%s`", reply->process_type);
+    cb_reply_router_reject(r, reply, why);
+    lua_settop(L, top);
+    return;
+  }
+  int manager = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "commandbus.process");
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    cb_log(CB_LOG_ERROR, "reply router %s: cannot load commandbus.process: %s", cb_reply_router_domain(r),
+           lua_tostring(L, -1));
+    cb_reply_router_release(r, reply);
+    lua_settop(L, top);
+    return;
+  }
+  lua_getfield(L, -1, "decide");
+  lua_pushvalue(L, manager);
+  lua_createtable(L, 0, 4); /* p */
+  lua_pushstring(L, reply->status);
+  lua_setfield(L, -2, "status");
+  lua_pushstring(L, reply->step_name);
+  lua_setfield(L, -2, "step");
+  decode_into(L, reply->state_json);
+  lua_setfield(L, -2, "state");
+  decode_into(L, reply->completed_steps_json);
+  lua_setfield(L, -2, "completed_steps");
+  decode_into(L, reply->message_json);
+  if (lua_pcall(L, 3, 1, 0) != 0) {
+    cb_log(CB_LOG_WARN, "reply router %s: a hook of process %s (%s) raised: %s; the reply comes back later",
+           cb_reply_router_domain(r), reply->process_id, reply->process_type, cbL_tostring(L, -1));
+    cb_reply_router_release(r, reply);
+    lua_settop(L, top);
+    return;
+  }
+  int d = lua_gettop(L);
+  cb_reply_decision decision = {0};
+  decision.status = opt_string(L, d, "status");
+  decision.step = opt_string(L, d, "step");
+  decision.error_code = opt_string(L, d, "error_code");
+  decision.error_message = opt_string(L, d, "error_message");
+  lua_getfield(L, d, "state");
+  if (!cbL_json_encode(L, -1)) {
+    cb_log(CB_LOG_WARN, "reply router %s: the state of process %s cannot be encoded: %s", cb_reply_router_domain(r),
+           reply->process_id, lua_tostring(L, -1));
+    cb_reply_router_release(r, reply);
+    lua_settop(L, top);
+    return;
+  }
+  decision.state_json = lua_tostring(L, -1);
+  lua_getfield(L, d, "command");
+  if (lua_istable(L, -1)) {
+    int cmd = lua_gettop(L);
+    decision.next_type = opt_string(L, cmd, "type");
+    lua_getfield(L, cmd, "data");
+    if (lua_isnil(L, -1)) lua_pushliteral(L, "{}");
+    else if (!cbL_json_encode(L, -1)) lua_pushliteral(L, "{}");
+    decision.next_data_json = lua_tostring(L, -1);
+  }
+  cb_err err;
+  cb_reply_router_apply(r, reply, &decision, &err); /* consumes the reply; logs its own failures */
+  lua_settop(L, top);
+}
+
+static void lane_loop(lua_State *L, int managers, cb_reply_router *r, int lane, int tick_idx, int tick_ms) {
+  for (;;) {
+    int ended;
+    cb_reply *reply = cb_reply_router_take(r, lane, tick_idx ? tick_ms : 1000, &ended);
+    if (ended) break;
+    if (reply) {
+      if (L) handle_reply(L, managers, r, reply);
+      else cb_reply_router_release(r, reply); /* the managers module failed to load */
+    }
+    if (tick_idx) {
+      lua_pushvalue(L, tick_idx);
+      if (!lua_isnil(L, -1)) {
+        if (lua_pcall(L, 0, 1, 0) != 0) {
+          cb_log(CB_LOG_ERROR, "reply router %s: tick raised: %s", cb_reply_router_domain(r), lua_tostring(L, -1));
+          cb_reply_router_stop(r);
+        } else if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) {
+          cb_reply_router_stop(r);
+        }
+      }
+      lua_pop(L, 1);
+    }
+  }
+}
+
+static void module_lane(lua_State *L, int lane, void *arg) {
+  cb_reply_router *r = arg;
+  if (L && !lua_istable(L, 1)) {
+    cb_log(CB_LOG_ERROR, "reply router %s: the managers module did not return a table", cb_reply_router_domain(r));
+    L = NULL;
+  }
+  lane_loop(L, 1, r, lane, 0, 0);
+}
+
+/* bus:reply_router{domain=, reply_queue=, managers=, concurrency=,
+ *                  poll_interval=1, visibility_timeout=30, statement_timeout=25} */
+static int l_bus_reply_router(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (rt == NULL) return 2;
+  cb_reply_router_options o;
+  cb_reply_router_options_init(&o);
+  o.domain = cbL_optfield_string(L, 2, "domain", NULL);
+  if (o.domain == NULL) luaL_error(L, "bad option 'domain': string expected");
+  o.reply_queue = cbL_optfield_string(L, 2, "reply_queue", NULL);
+  o.lanes = cbL_optfield_int(L, 2, "concurrency", 0);
+  o.poll_interval = cbL_optfield_number(L, 2, "poll_interval", 1);
+  o.visibility_timeout = cbL_optfield_number(L, 2, "visibility_timeout", 30);
+  o.statement_timeout = cbL_optfield_number(L, 2, "statement_timeout", 25);
+  lua_getfield(L, 2, "managers");
+  int managers_type = lua_type(L, -1);
+  if (managers_type != LUA_TSTRING && managers_type != LUA_TTABLE)
+    luaL_error(L, "bad option 'managers': module name or table expected, got %s", luaL_typename(L, -1));
+  int managers_idx = lua_gettop(L);
+  if (managers_type == LUA_TTABLE) o.lanes = 1;
+  cbL_reply_router *lr = lua_newuserdata(L, sizeof *lr);
+  memset(lr, 0, sizeof *lr);
+  lr->bus_ref = lr->managers_ref = LUA_NOREF;
+  luaL_getmetatable(L, REPLY_ROUTER_MT);
+  lua_setmetatable(L, -2);
+  cb_err err;
+  if (cb_reply_router_new(rt, &o, &lr->r, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_pushvalue(L, 1);
+  lr->bus_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  if (managers_type == LUA_TTABLE) {
+    lua_pushvalue(L, managers_idx);
+    lr->managers_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else {
+    lr->module = strdup(lua_tostring(L, managers_idx));
+  }
+  return 1;
+}
+
+static int l_gc(lua_State *L);
+
+/* router:run{tick=fn, tick_interval=0.5}: runs until stop() (or tick returns
+ * false); drains what it took, then returns true. */
+static int l_run(lua_State *L) {
+  cbL_reply_router *lr = check_router(L);
+  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  if (lr->r == NULL || lr->ran) return cbL_pusherrorcode(L, CB_ESTATE, "the reply router already ran");
+  int tick_ms = (int)(cbL_optfield_number(L, 2, "tick_interval", 0.5) * 1000);
+  if (tick_ms < 1) tick_ms = 1;
+  lua_settop(L, 2);
+  if (lua_istable(L, 2)) lua_getfield(L, 2, "tick");
+  else lua_pushnil(L);
+  lr->ran = lr->in_run = 1;
+  cb_reply_router *r = lr->r;
+  cb_err err;
+  cbL_lanes *lanes = NULL;
+  if (lr->module) {
+    lanes = cbL_lanes_start(L, cb_reply_router_lanes(r), lr->module, module_lane, r, &err);
+    if (lanes == NULL || cbL_lanes_running(lanes) != cb_reply_router_lanes(r)) {
+      cb_reply_router_stop(r);
+      cbL_lanes_join(lanes);
+      lr->in_run = 0;
+      return lanes ? cbL_pusherrorcode(L, CB_ENOMEM, "could not start the lane threads") : cbL_pusherror(L, &err);
+    }
+  }
+  if (cb_reply_router_start(r, &err) != CB_OK) {
+    cb_reply_router_stop(r);
+    cbL_lanes_join(lanes);
+    lr->in_run = 0;
+    return cbL_pusherror(L, &err);
+  }
+  if (lr->module) {
+    while (!cb_reply_router_wait(r, tick_ms)) {
+      if (lua_isnil(L, 3)) continue;
+      lua_pushvalue(L, 3);
+      if (lua_pcall(L, 0, 1, 0) != 0) {
+        cb_log(CB_LOG_ERROR, "reply router: tick raised: %s", lua_tostring(L, -1));
+        cb_reply_router_stop(r);
+      } else if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) {
+        cb_reply_router_stop(r);
+      }
+      lua_pop(L, 1);
+    }
+    cbL_lanes_join(lanes);
+  } else {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, lr->managers_ref);
+    lane_loop(L, lua_gettop(L), r, 0, 3, tick_ms);
+    cb_reply_router_wait(r, -1);
+  }
+  lr->in_run = 0;
+  if (lr->close_pending) {
+    lua_settop(L, 1);
+    l_gc(L);
+  }
+  lua_settop(L, 1);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_stop(lua_State *L) {
+  cbL_reply_router *lr = check_router(L);
+  if (lr->r) cb_reply_router_stop(lr->r);
+  return 0;
+}
+
+/* router:health() -> {state=, applied=, failures=, rejected=, in_flight=} */
+static int l_health(lua_State *L) {
+  cbL_reply_router *lr = check_router(L);
+  if (lr->r == NULL) return cbL_pusherrorcode(L, CB_ECLOSED, "the reply router is closed");
+  cb_reply_router_health h;
+  cb_reply_router_health_get(lr->r, &h);
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, h.state);
+  lua_setfield(L, -2, "state");
+  cbL_pushint64(L, (int64_t)h.applied);
+  lua_setfield(L, -2, "applied");
+  cbL_pushint64(L, (int64_t)h.failures);
+  lua_setfield(L, -2, "failures");
+  cbL_pushint64(L, (int64_t)h.rejected);
+  lua_setfield(L, -2, "rejected");
+  lua_pushinteger(L, h.in_flight);
+  lua_setfield(L, -2, "in_flight");
+  return 1;
+}
+
+static int l_in_flight(lua_State *L) {
+  cbL_reply_router *lr = check_router(L);
+  cb_reply_router_health h = {0};
+  if (lr->r) cb_reply_router_health_get(lr->r, &h);
+  lua_pushinteger(L, h.in_flight);
+  return 1;
+}
+
+static int l_gc(lua_State *L) {
+  cbL_reply_router *lr = check_router(L);
+  if (lr->in_run) { /* from a tick or a table-mode hook: finish when run() returns */
+    if (lr->r) cb_reply_router_stop(lr->r);
+    lr->close_pending = 1;
+    return 0;
+  }
+  if (lr->r) {
+    cb_reply_router_free(lr->r);
+    lr->r = NULL;
+  }
+  luaL_unref(L, LUA_REGISTRYINDEX, lr->managers_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, lr->bus_ref);
+  lr->managers_ref = lr->bus_ref = LUA_NOREF;
+  free(lr->module);
+  lr->module = NULL;
+  return 0;
+}
+
+void cbL_open_reply_router(lua_State *L) {
+  static const luaL_Reg methods[] = {
+      {"run", l_run}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
+  };
+  luaL_newmetatable(L, REPLY_ROUTER_MT);
+  luaL_newlib(L, methods);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+#if LUA_VERSION_NUM >= 504
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__close");
+#endif
+  lua_pop(L, 1);
+  luaL_getmetatable(L, CBL_BUS_MT);
+  lua_getfield(L, -1, "__index");
+  lua_pushcfunction(L, l_bus_reply_router);
+  lua_setfield(L, -2, "reply_router");
+  lua_pop(L, 2);
+}

@@ -1,0 +1,107 @@
+/* commandbus: the process reply router (seed 000).
+ *
+ * Reads a domain's process reply queue in batches, looks each reply's
+ * process up by correlation id, and hands it to a lane chosen by process id
+ * (one process is never handled on two lanes at once). A lane (the Lua
+ * binding: process managers' hooks) decides what the reply means and applies
+ * it with cb_reply_router_apply, in one transaction: the reply recorded in
+ * process_audit, the process's state and status, the next step's command,
+ * and the reply removed from the queue. A reply already applied (its
+ * command's process_audit row has an outcome) changes nothing.
+ *
+ * Replies that cannot be applied are archived with a log line: no or a
+ * malformed correlation id, an unknown process, a process already finished.
+ * A hook that raises leaves the reply for redelivery after the visibility
+ * timeout.
+ *
+ * Threads: one fetch thread of its own (blocking calls on the runtime);
+ * lanes are the caller's threads (take / apply / release). */
+#ifndef COMMANDBUS_REPLY_ROUTER_H
+#define COMMANDBUS_REPLY_ROUTER_H
+
+#include <stdint.h>
+
+#include "commandbus/bus.h"
+#include "commandbus/error.h"
+#include "commandbus/runtime.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cb_reply_router cb_reply_router;
+
+typedef struct cb_reply_router_options {
+  const char *domain;
+  const char *reply_queue;   /* NULL: <domain>__process_replies */
+  int lanes;                 /* <= 0: cb_default_threads() */
+  double visibility_timeout; /* default 30 */
+  double statement_timeout;  /* default 25; must be < visibility_timeout */
+  double poll_interval;      /* default 1 */
+} cb_reply_router_options;
+
+/* One reply handed to a lane; read-only for the lane. */
+typedef struct cb_reply {
+  int64_t msg_id;
+  const char *message_json;    /* the reply as sent */
+  const char *outcome;         /* SUCCESS, FAILED, CANCELED */
+  const char *command_id;      /* the step command it answers */
+  const char *process_id;
+  const char *process_type;
+  const char *status;          /* the process's status */
+  const char *current_step;
+  const char *step_name;       /* the step of the command it answers */
+  const char *state_json;
+  const char *completed_steps_json; /* steps answered SUCCESS so far, in order */
+  struct cb_reply *next;
+} cb_reply;
+
+/* What a lane decided: the process's new status, step and state, and the
+ * next command to send (next_type NULL: none). */
+typedef struct cb_reply_decision {
+  const char *status;
+  const char *step;
+  const char *state_json;
+  const char *error_code;    /* may be NULL */
+  const char *error_message; /* may be NULL */
+  const char *next_type;
+  const char *next_data_json;
+} cb_reply_decision;
+
+typedef struct cb_reply_router_health {
+  const char *state;
+  uint64_t applied, failures, rejected;
+  int in_flight;
+} cb_reply_router_health;
+
+void cb_reply_router_options_init(cb_reply_router_options *o);
+int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err);
+void cb_reply_router_free(cb_reply_router *r);
+int cb_reply_router_lanes(const cb_reply_router *r);
+const char *cb_reply_router_domain(const cb_reply_router *r);
+const char *cb_reply_router_queue(const cb_reply_router *r);
+
+int cb_reply_router_start(cb_reply_router *r, cb_err *err);
+/* Stops fetching; lanes finish what they hold (drain), then end. */
+void cb_reply_router_stop(cb_reply_router *r);
+/* Blocks until stopped and drained (timeout_ms -1: no limit); 1 when so. */
+int cb_reply_router_wait(cb_reply_router *r, int timeout_ms);
+
+/* Lanes: one reply at a time (NULL on timeout); *ended set when the lane is
+ * finished. Every reply taken goes back through apply, reject or release. */
+cb_reply *cb_reply_router_take(cb_reply_router *r, int lane, int timeout_ms, int *ended);
+/* Applies a decision (one transaction); the reply is consumed. CB_ESTATE
+ * when it was applied before or the process moved on (the reply is archived). */
+int cb_reply_router_apply(cb_reply_router *r, cb_reply *reply, const cb_reply_decision *d, cb_err *err);
+/* Archives the reply with a reason in the log (no manager for its type...). */
+void cb_reply_router_reject(cb_reply_router *r, cb_reply *reply, const char *why);
+/* Leaves the reply for redelivery after the visibility timeout (a hook
+ * failed); counts a failure. */
+void cb_reply_router_release(cb_reply_router *r, cb_reply *reply);
+
+void cb_reply_router_health_get(cb_reply_router *r, cb_reply_router_health *h);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

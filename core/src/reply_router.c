@@ -1,0 +1,460 @@
+/* commandbus: the process reply router (see reply_router.h). */
+#include "commandbus/reply_router.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "commandbus/log.h"
+#include "commandbus/message_router.h"
+#include "commandbus/queue.h"
+
+#define FETCH_MAX 100
+#define UUID_RE "'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'"
+
+struct cb_reply_router {
+  cb_runtime *rt;
+  cb_reply_router_options o;
+  char domain[CB_QUEUE_NAME_MAX + 1];
+  char queue[CB_QUEUE_NAME_MAX + 1];
+  char channel[80];
+  char fetch_sql[2048];
+  int lanes;
+  int capacity;
+  cb_message_router *router;
+  pthread_t fetcher;
+  int fetcher_started;
+
+  pthread_mutex_t lock; /* guards what follows */
+  pthread_cond_t changed;
+  int stop_requested;
+  int fetcher_done;
+  int lanes_ended;
+  int in_flight; /* routed, not yet applied, rejected or released */
+  cb_reply_router_health health;
+};
+
+static const char *TERMINAL[] = {"COMPLETED", "COMPENSATED", "FAILED", "CANCELED", NULL};
+
+static int is_terminal(const char *status) {
+  for (int i = 0; TERMINAL[i]; i++)
+    if (strcmp(status, TERMINAL[i]) == 0) return 1;
+  return 0;
+}
+
+void cb_reply_router_options_init(cb_reply_router_options *o) {
+  memset(o, 0, sizeof *o);
+  o->visibility_timeout = 30;
+  o->statement_timeout = 25;
+  o->poll_interval = 1;
+}
+
+int cb_reply_router_lanes(const cb_reply_router *r) { return r->lanes; }
+const char *cb_reply_router_domain(const cb_reply_router *r) { return r->domain; }
+const char *cb_reply_router_queue(const cb_reply_router *r) { return r->queue; }
+
+static void add_timeout(cb_unit *u, const cb_reply_router *r) {
+  char ms[32];
+  snprintf(ms, sizeof ms, "%d", (int)(r->o.statement_timeout * 1000));
+  const char *p[] = {ms};
+  cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true)", 1, p);
+}
+
+int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err) {
+  *out = NULL;
+  int rc = cb_domain_valid(o->domain, err);
+  if (rc != CB_OK) return rc;
+  if (o->visibility_timeout <= 0 || o->poll_interval <= 0 || o->statement_timeout <= 0)
+    return cb_err_set(err, CB_EINVAL, "visibility_timeout, statement_timeout and poll_interval must be positive");
+  if (o->statement_timeout >= o->visibility_timeout)
+    return cb_err_set(err, CB_EINVAL, "statement_timeout (%g s) must be shorter than visibility_timeout (%g s)",
+                      o->statement_timeout, o->visibility_timeout);
+  char queue[CB_QUEUE_NAME_MAX + 16];
+  if (o->reply_queue) snprintf(queue, sizeof queue, "%s", o->reply_queue);
+  else snprintf(queue, sizeof queue, "%s__process_replies", o->domain);
+  if ((rc = cb_queue_name_valid(queue, err)) != CB_OK) return rc;
+
+  cb_reply_router *r = calloc(1, sizeof *r);
+  if (r == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  r->rt = rt;
+  r->o = *o;
+  snprintf(r->domain, sizeof r->domain, "%s", o->domain);
+  snprintf(r->queue, sizeof r->queue, "%.47s", queue);
+  r->o.domain = r->domain;
+  r->o.reply_queue = r->queue;
+  snprintf(r->channel, sizeof r->channel, "pgmq_notify_%s", r->queue);
+  r->lanes = o->lanes > 0 ? o->lanes : cb_default_threads();
+  if (r->lanes > CB_MESSAGE_ROUTER_MAX_LANES) r->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
+  r->capacity = r->lanes * 8 < FETCH_MAX ? FETCH_MAX : r->lanes * 8;
+  snprintf(r->fetch_sql, sizeof r->fetch_sql,
+           "WITH m AS (UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => $2::float8),"
+           " read_ct = q.read_ct + 1 WHERE q.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s"
+           " WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED))"
+           " RETURNING q.msg_id, q.message,"
+           " CASE WHEN jsonb_typeof(q.message) = 'object' AND (q.message->>'correlation_id') ~* " UUID_RE
+           " THEN (q.message->>'correlation_id')::uuid END AS process_id,"
+           " CASE WHEN jsonb_typeof(q.message) = 'object' AND (q.message->>'command_id') ~* " UUID_RE
+           " THEN (q.message->>'command_id')::uuid END AS command_id)"
+           " SELECT m.msg_id, m.message::text, coalesce(m.message->>'outcome', ''), m.command_id::text,"
+           " m.process_id::text, p.process_type, p.status, p.current_step, p.state::text, pa.step_name,"
+           " pa.reply_outcome, (SELECT coalesce(jsonb_agg(x.step_name ORDER BY x.id), '[]'::jsonb)::text"
+           " FROM commandbus.process_audit x WHERE x.domain = $3 AND x.process_id = m.process_id"
+           " AND x.reply_outcome = 'SUCCESS')"
+           " FROM m LEFT JOIN commandbus.process p ON p.domain = $3 AND p.process_id = m.process_id"
+           " LEFT JOIN commandbus.process_audit pa ON pa.domain = $3 AND pa.process_id = m.process_id"
+           " AND pa.command_id = m.command_id ORDER BY m.msg_id",
+           r->queue, r->queue);
+  pthread_mutex_init(&r->lock, NULL);
+  pthread_cond_init(&r->changed, NULL);
+  r->health.state = "starting";
+  cb_message_router_config cfg;
+  cb_message_router_config_init(&cfg);
+  cfg.lanes = r->lanes;
+  cfg.batch_size = 16;
+  cfg.batch_timeout_ms = 0;
+  cfg.policy = CB_MESSAGE_ROUTER_BLOCK;
+  cfg.block_timeout_ms = -1;
+  cfg.ingress_capacity = (size_t)r->capacity + 64;
+  cfg.lane_capacity = (size_t)r->capacity + 1;
+  if (cb_message_router_new(&r->router, &cfg) != 0) {
+    cb_reply_router_free(r);
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
+  rc = cb_bus_ensure_queue(rt, r->queue, err);
+  if (rc == CB_OK) rc = cb_runtime_listen(rt, r->channel, err);
+  if (rc != CB_OK) {
+    cb_reply_router_free(r);
+    return rc;
+  }
+  *out = r;
+  return CB_OK;
+}
+
+/* ---- replies ---------------------------------------------------------------- */
+
+static cb_reply *reply_new(const cb_result *res, int row) {
+  static const int cols[] = {1, 2, 3, 4, 5, 6, 7, 9, 8, 11};
+  size_t len = sizeof(cb_reply);
+  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) len += strlen(cb_result_value(res, row, cols[i])) + 1;
+  cb_reply *r = calloc(1, len);
+  if (r == NULL) return NULL;
+  char *p = (char *)(r + 1);
+  const char **fields[] = {&r->message_json, &r->outcome,      &r->command_id, &r->process_id,    &r->process_type,
+                           &r->status,       &r->current_step, &r->step_name,  &r->state_json,    &r->completed_steps_json};
+  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) {
+    const char *v = cb_result_value(res, row, cols[i]);
+    size_t n = strlen(v) + 1;
+    memcpy(p, v, n);
+    *fields[i] = p;
+    p += n;
+  }
+  r->msg_id = cb_result_int(res, row, 0);
+  return r;
+}
+
+/* Moves replies out of the queue into its archive (so they can be read). */
+static void archive(cb_reply_router *r, int64_t msg_id) {
+  char sql[512], id[24];
+  snprintf(sql, sizeof sql,
+           "WITH x AS (DELETE FROM pgmq.q_%s WHERE msg_id = $1::bigint"
+           " RETURNING msg_id, read_ct, enqueued_at, vt, message)"
+           " INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x",
+           r->queue, r->queue);
+  snprintf(id, sizeof id, "%lld", (long long)msg_id);
+  const char *p[] = {id};
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return;
+  cb_unit_add(u, sql, 1, p);
+  cb_err err;
+  if (cb_runtime_exec(r->rt, u, &err) != CB_OK)
+    cb_log(CB_LOG_WARN, "reply router %s: cannot archive reply %lld (%s); it comes back later", r->domain,
+           (long long)msg_id, err.message);
+  cb_unit_free(u);
+}
+
+static void count_done(cb_reply_router *r, uint64_t *counter) {
+  pthread_mutex_lock(&r->lock);
+  r->in_flight--;
+  if (counter) (*counter)++;
+  pthread_cond_broadcast(&r->changed);
+  pthread_mutex_unlock(&r->lock);
+}
+
+/* Why a fetched reply cannot be applied, or NULL when it can. */
+static const char *unusable(const cb_result *res, int row, int *level) {
+  *level = CB_LOG_WARN;
+  if (cb_result_is_null(res, row, 4)) return "its correlation_id is missing or not a UUID";
+  if (cb_result_is_null(res, row, 5)) return "no process has its correlation_id";
+  if (is_terminal(cb_result_value(res, row, 6))) {
+    *level = CB_LOG_INFO;
+    return "its process has already finished";
+  }
+  if (cb_result_is_null(res, row, 9)) return "it answers a command that is not a step of its process";
+  if (!cb_result_is_null(res, row, 10)) {
+    *level = CB_LOG_INFO;
+    return "it was applied before";
+  }
+  const char *outcome = cb_result_value(res, row, 2);
+  if (strcmp(outcome, "SUCCESS") && strcmp(outcome, "FAILED") && strcmp(outcome, "CANCELED"))
+    return "its outcome is not SUCCESS, FAILED or CANCELED";
+  return NULL;
+}
+
+/* ---- the fetch thread ----------------------------------------------------------- */
+
+static void *fetch_main(void *arg) {
+  cb_reply_router *r = arg;
+  cb_hub_sub *sub = cb_hub_subscribe(cb_runtime_hub(r->rt), r->channel);
+  int failing = 0;
+  int wait_ms = (int)(r->o.poll_interval * 1000);
+  for (;;) {
+    pthread_mutex_lock(&r->lock);
+    while (!r->stop_requested && r->in_flight >= r->capacity) pthread_cond_wait(&r->changed, &r->lock);
+    int stop = r->stop_requested;
+    int room = r->capacity - r->in_flight;
+    pthread_mutex_unlock(&r->lock);
+    if (stop) break;
+    if (room > FETCH_MAX) room = FETCH_MAX;
+    cb_unit *u = cb_unit_new();
+    char qty[16], vt[32];
+    snprintf(qty, sizeof qty, "%d", room);
+    snprintf(vt, sizeof vt, "%.3f", r->o.visibility_timeout);
+    const char *params[] = {qty, vt, r->domain};
+    add_timeout(u, r);
+    cb_unit_add(u, r->fetch_sql, 3, params);
+    cb_err err;
+    int rc = cb_runtime_exec(r->rt, u, &err);
+    if (rc == CB_ECLOSED) {
+      cb_unit_free(u);
+      break;
+    }
+    int rows = 0;
+    if (rc != CB_OK) {
+      if (!failing)
+        cb_log(CB_LOG_WARN, "reply router %s: fetch failed (%s: %s); retrying at each poll", r->domain,
+               cb_strerror(err.code), err.message);
+      failing = 1;
+    } else {
+      if (failing) cb_log(CB_LOG_INFO, "reply router %s: fetching again", r->domain);
+      failing = 0;
+      const cb_result *res = cb_unit_result(u, 1);
+      rows = cb_result_rows(res);
+      for (int i = 0; i < rows; i++) {
+        int level;
+        const char *why = unusable(res, i, &level);
+        if (why) {
+          cb_log(level, "reply router %s: reply %s archived: %s (process %s)", r->domain, cb_result_value(res, i, 0),
+                 why, cb_result_value(res, i, 4));
+          archive(r, cb_result_int(res, i, 0));
+          pthread_mutex_lock(&r->lock);
+          r->health.rejected++;
+          pthread_mutex_unlock(&r->lock);
+          continue;
+        }
+        cb_reply *reply = reply_new(res, i);
+        if (reply == NULL) continue; /* comes back after the visibility timeout */
+        pthread_mutex_lock(&r->lock);
+        r->in_flight++;
+        pthread_mutex_unlock(&r->lock);
+        if (cb_message_router_route(r->router, reply->process_id, strlen(reply->process_id), reply) != 0) {
+          free(reply);
+          count_done(r, NULL);
+        }
+      }
+    }
+    cb_unit_free(u);
+    if (rows == 0 && cb_hub_wait(sub, wait_ms) == CB_ECLOSED) break;
+  }
+  cb_hub_unsubscribe(sub);
+  pthread_mutex_lock(&r->lock);
+  r->fetcher_done = 1;
+  pthread_cond_broadcast(&r->changed);
+  pthread_mutex_unlock(&r->lock);
+  return NULL;
+}
+
+int cb_reply_router_start(cb_reply_router *r, cb_err *err) {
+  if (r->fetcher_started) return cb_err_set(err, CB_ESTATE, "the reply router was already started");
+  if (cb_message_router_start(r->router) != 0) return cb_err_set(err, CB_ESTATE, "cannot start the lanes");
+  if (pthread_create(&r->fetcher, NULL, fetch_main, r) != 0) return cb_err_set(err, CB_ENOMEM, "no thread");
+  r->fetcher_started = 1;
+  pthread_mutex_lock(&r->lock);
+  r->health.state = "running";
+  pthread_mutex_unlock(&r->lock);
+  cb_log(CB_LOG_INFO, "reply router %s: running with %d lane(s) on %s", r->domain, r->lanes, r->queue);
+  return CB_OK;
+}
+
+void cb_reply_router_stop(cb_reply_router *r) {
+  pthread_mutex_lock(&r->lock);
+  r->stop_requested = 1;
+  if (strcmp(r->health.state, "running") == 0) r->health.state = "stopping";
+  pthread_cond_broadcast(&r->changed);
+  pthread_mutex_unlock(&r->lock);
+  cb_hub_notify(cb_runtime_hub(r->rt), r->channel); /* wakes the fetch thread */
+}
+
+/* Once stopping, fetched out and drained: the lanes may end. */
+static void maybe_end_lanes(cb_reply_router *r) {
+  pthread_mutex_lock(&r->lock);
+  int end = r->stop_requested && r->fetcher_done && r->in_flight == 0 && !r->lanes_ended;
+  if (end) r->lanes_ended = 1;
+  pthread_mutex_unlock(&r->lock);
+  if (end) {
+    cb_message_router_stop(r->router);
+    pthread_mutex_lock(&r->lock);
+    r->health.state = "stopped";
+    pthread_cond_broadcast(&r->changed);
+    pthread_mutex_unlock(&r->lock);
+    cb_log(CB_LOG_INFO, "reply router %s: stopped", r->domain);
+  }
+}
+
+int cb_reply_router_wait(cb_reply_router *r, int timeout_ms) {
+  struct timespec start;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (;;) {
+    maybe_end_lanes(r);
+    pthread_mutex_lock(&r->lock);
+    int ended = r->lanes_ended;
+    if (!ended) {
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      ts.tv_nsec += 100 * 1000000L;
+      if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+      pthread_cond_timedwait(&r->changed, &r->lock, &ts);
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (ended) return 1;
+    if (cb_runtime_is_closed(r->rt)) cb_reply_router_stop(r);
+    if (timeout_ms >= 0) {
+      struct timespec now;
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      if ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 >= timeout_ms) return 0;
+    }
+  }
+}
+
+void cb_reply_router_free(cb_reply_router *r) {
+  if (r == NULL) return;
+  if (r->fetcher_started) {
+    cb_reply_router_stop(r);
+    pthread_join(r->fetcher, NULL);
+  }
+  if (r->router) {
+    cb_message_router_stop(r->router);
+    for (int lane = 0; lane < r->lanes; lane++) {
+      void *items[64];
+      int n;
+      while ((n = cb_message_router_take(r->router, lane, items, 64, 0)) > 0)
+        for (int i = 0; i < n; i++) free(items[i]);
+    }
+    cb_message_router_free(r->router);
+  }
+  pthread_cond_destroy(&r->changed);
+  pthread_mutex_destroy(&r->lock);
+  free(r);
+}
+
+/* ---- lanes ---------------------------------------------------------------------- */
+
+cb_reply *cb_reply_router_take(cb_reply_router *r, int lane, int timeout_ms, int *ended) {
+  *ended = 0;
+  void *item;
+  int n = cb_message_router_take(r->router, lane, &item, 1, timeout_ms);
+  if (n == CB_MESSAGE_ROUTER_END) {
+    *ended = 1;
+    return NULL;
+  }
+  if (n <= 0) {
+    maybe_end_lanes(r); /* a table-mode lane is also the caller waiting for the end */
+    return NULL;
+  }
+  return item;
+}
+
+void cb_reply_router_reject(cb_reply_router *r, cb_reply *reply, const char *why) {
+  cb_log(CB_LOG_ERROR, "reply router %s: reply %lld archived: %s (process %s of type %s)", r->domain,
+         (long long)reply->msg_id, why, reply->process_id, reply->process_type);
+  archive(r, reply->msg_id);
+  free(reply);
+  count_done(r, &r->health.rejected);
+}
+
+void cb_reply_router_release(cb_reply_router *r, cb_reply *reply) {
+  free(reply); /* its message reappears after the visibility timeout */
+  count_done(r, &r->health.failures);
+}
+
+int cb_reply_router_apply(cb_reply_router *r, cb_reply *reply, const cb_reply_decision *d, cb_err *err) {
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) {
+    cb_reply_router_release(r, reply);
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
+  add_timeout(u, r);
+  /* The reply is recorded only once (reply_outcome IS NULL), and only a
+   * process still waiting moves; otherwise 1/0 aborts the whole transaction,
+   * next command included. */
+  const char *params[] = {r->domain, reply->process_id, reply->command_id, reply->outcome, reply->message_json,
+                          d->status, d->step, d->state_json, d->error_code, d->error_message};
+  cb_unit_add(u,
+              "WITH a AS (UPDATE commandbus.process_audit SET reply_outcome = $4, reply_data = $5::jsonb,"
+              " received_at = now() WHERE domain = $1 AND process_id = $2::uuid AND command_id = $3::uuid"
+              " AND reply_outcome IS NULL RETURNING id),"
+              " p AS (UPDATE commandbus.process SET status = $6, current_step = $7, state = $8::jsonb,"
+              " error_code = $9, error_message = $10, updated_at = now(),"
+              " completed_at = CASE WHEN $6 IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED') THEN now() END"
+              " WHERE domain = $1 AND process_id = $2::uuid"
+              " AND status IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING') AND EXISTS (SELECT 1 FROM a)"
+              " RETURNING process_id)"
+              " SELECT 1 / (SELECT count(*)::int FROM p)",
+              10, params);
+  int rc = CB_OK;
+  cb_command_spec spec = {0};
+  cb_send_result sent;
+  if (d->next_type) {
+    spec.command_type = d->next_type;
+    spec.data_json = d->next_data_json;
+    spec.correlation_id = reply->process_id;
+    spec.reply_to = r->queue;
+    rc = cb_bus_add_send(r->rt, u, r->domain, &spec, 1, 0, &sent, NULL, err);
+    if (rc == CB_OK) {
+      const char *ap[] = {r->domain, reply->process_id, d->step, sent.command_id, d->next_type,
+                          d->next_data_json ? d->next_data_json : "{}"};
+      cb_unit_add(u,
+                  "INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
+                  " command_data) VALUES ($1, $2::uuid, $3, $4::uuid, $5, $6::jsonb)",
+                  6, ap);
+    }
+  }
+  char del[256], id[24];
+  snprintf(del, sizeof del, "DELETE FROM pgmq.q_%s WHERE msg_id = $1::bigint", r->queue);
+  snprintf(id, sizeof id, "%lld", (long long)reply->msg_id);
+  const char *dp[] = {id};
+  cb_unit_add(u, del, 1, dp);
+  if (rc == CB_OK) rc = cb_runtime_exec(r->rt, u, err);
+  cb_unit_free(u);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22012") == 0) {
+    cb_reply_router_reject(r, reply, "applied before, or the process moved on");
+    return cb_err_set(err, CB_ESTATE, "reply was applied before or the process moved on");
+  }
+  if (rc != CB_OK) {
+    cb_log(CB_LOG_WARN, "reply router %s: applying reply %lld failed (%s); it comes back later", r->domain,
+           (long long)reply->msg_id, err->message);
+    cb_reply_router_release(r, reply);
+    return rc;
+  }
+  free(reply);
+  count_done(r, &r->health.applied);
+  return CB_OK;
+}
+
+void cb_reply_router_health_get(cb_reply_router *r, cb_reply_router_health *h) {
+  pthread_mutex_lock(&r->lock);
+  *h = r->health;
+  h->in_flight = r->in_flight;
+  pthread_mutex_unlock(&r->lock);
+}

@@ -1,0 +1,102 @@
+-- The process reply router with real workers: sagas end to end.
+local helper = require "spec.helper"
+local saga = require "spec.support.saga"
+
+local function settle(bus, domain, options)
+  options = options or {}
+  local commands = assert(bus:queue(domain .. "__commands"))
+  local replies = assert(bus:queue(domain .. "__process_replies"))
+  local router_health
+  for _ = 1, 30 do
+    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", concurrency = 2,
+                                     poll_interval = 0.05})
+    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
+    worker:close()
+    local router = assert(bus:reply_router{domain = domain, managers = options.managers or "spec.support.saga_managers",
+                                           concurrency = 2, poll_interval = 0.05,
+                                           visibility_timeout = options.vt or 30, statement_timeout = options.st or 25})
+    router:run{tick_interval = 0.05, tick = function() return assert(replies:metrics()).queue_length > 0 end}
+    router_health = router:health()
+    router:close()
+    if assert(commands:metrics()).queue_length == 0 and assert(replies:metrics()).queue_length == 0 then break end
+  end
+  return router_health
+end
+
+describe("reply router", function()
+  local bus, domain, order
+  before_each(function()
+    bus = helper.bus()
+    assert(bus:setup())
+    domain = helper.unique("saga")
+    order = saga.for_domain(domain)
+  end)
+  after_each(function() bus:close() end)
+
+  it("drives a three-step saga to COMPLETED with real workers", function()
+    local ids = {}
+    for i = 1, 5 do ids[i] = assert(order:start(bus, {order = i})) end
+    local health = settle(bus, domain)
+    for i, id in ipairs(ids) do
+      local p = assert(bus:get_process(domain, id))
+      assert.equal("COMPLETED", p.status)
+      assert.same({"reserve", "charge", "ship"}, p.state.done)
+      assert.equal(42, p.state.charged)
+      assert.equal(i, p.state.order)
+      local audit = assert(bus:process_audit(domain, id))
+      assert.equal(3, #audit)
+      for _, a in ipairs(audit) do assert.equal("SUCCESS", a.reply_outcome) end
+    end
+    assert.equal(0, health.failures)
+  end)
+
+  it("a failure in step 2 compensates step 1 and ends COMPENSATED", function()
+    local id = assert(order:start(bus, {order = 7, fail = "charge"}))
+    settle(bus, domain)
+    local p = assert(bus:get_process(domain, id))
+    assert.equal("COMPENSATED", p.status)
+    assert.equal("DECLINED", p.error_code)
+    local steps = {}
+    for _, a in ipairs(assert(bus:process_audit(domain, id))) do steps[#steps + 1] = a.step_name .. ":" .. a.reply_outcome end
+    assert.same({"reserve:SUCCESS", "charge:FAILED", "release:SUCCESS"}, steps)
+  end)
+
+  it("archives a reply whose correlation id matches no process, and one without a valid correlation id", function()
+    local replies = assert(bus:queue(domain .. "__process_replies"))
+    assert(replies:create())
+    assert(replies:send({command_id = "01234567-89ab-7def-8123-456789abcdef",
+                         correlation_id = "01234567-89ab-7def-8123-456789abcde0", outcome = "SUCCESS"}))
+    assert(replies:send({command_id = "01234567-89ab-7def-8123-456789abcdef", correlation_id = "nope", outcome = "SUCCESS"}))
+    local health = settle(bus, domain)
+    assert.equal(0, assert(replies:metrics()).queue_length)
+    assert.equal(2, health.rejected)
+  end)
+
+  it("archives a reply for a process type with no manager", function()
+    local id = assert(order:start(bus, {order = 1}))
+    local health = settle(bus, domain, {managers = {Other = saga.Order}})
+    assert.equal(1, health.rejected)
+    assert.equal("WAITING", assert(bus:get_process(domain, id)).status)
+  end)
+
+  it("leaves the reply for redelivery when a hook raises, and counts a failure", function()
+    local broken = {}
+    for k, v in pairs(saga.Order) do broken[k] = v end
+    broken.update_state = function() error("hook broke") end
+    local manager = setmetatable(broken, getmetatable(saga.Order))
+    local id = assert(order:start(bus, {order = 1}))
+    local commands = assert(bus:queue(domain .. "__commands"))
+    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", poll_interval = 0.05})
+    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
+    worker:close()
+    local router
+    router = assert(bus:reply_router{domain = domain, managers = {Order = manager}, poll_interval = 0.05})
+    router:run{tick_interval = 0.05, tick = function() return router:health().failures < 1 end}
+    local health = router:health()
+    router:close()
+    assert.is_true(health.failures >= 1)
+    assert.equal("WAITING", assert(bus:get_process(domain, id)).status)
+    -- The reply is still there, hidden until its visibility timeout passes.
+    assert.equal(1, assert(bus:queue(domain .. "__process_replies"):metrics()).queue_length)
+  end)
+end)
