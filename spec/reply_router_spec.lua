@@ -50,6 +50,25 @@ describe("reply router", function()
     assert.equal(0, health.failures)
   end)
 
+  it("brings 1,000 concurrent processes to COMPLETED with their final state", function()
+    local socket = require "socket"
+    for i = 1, 1000 do assert(order:start(bus, {order = i})) end
+    local t0 = socket.gettime()
+    settle(bus, domain)
+    local took = socket.gettime() - t0
+    local completed, offset = 0, 0
+    repeat
+      local page = assert(bus:list_processes{domain = domain, status = "COMPLETED", limit = 500, offset = offset})
+      for _, p in ipairs(page) do
+        assert.same({"reserve", "charge", "ship"}, p.state.done)
+        completed = completed + 1
+      end
+      offset = offset + #page
+    until #page < 500
+    assert.equal(1000, completed)
+    io.stderr:write(("  (1,000 processes, 3 steps each, settled in %.1f s)\n"):format(took))
+  end)
+
   it("a failure in step 2 compensates step 1 and ends COMPENSATED", function()
     local id = assert(order:start(bus, {order = 7, fail = "charge"}))
     settle(bus, domain)
@@ -59,6 +78,43 @@ describe("reply router", function()
     local steps = {}
     for _, a in ipairs(assert(bus:process_audit(domain, id))) do steps[#steps + 1] = a.step_name .. ":" .. a.reply_outcome end
     assert.same({"reserve:SUCCESS", "charge:FAILED", "release:SUCCESS"}, steps)
+  end)
+
+  describe("a step in the troubleshooting queue", function()
+    local function paused(fail)
+      local id = assert(order:start(bus, {order = 9, fail = fail}))
+      settle(bus, domain)
+      local p = assert(bus:get_process(domain, id))
+      assert.equal("WAITING_FOR_TSQ", p.status)
+      local items = assert(bus:tsq():list{domain = domain}).items
+      assert.equal(1, #items)
+      assert.equal("Charge", items[1].type)
+      return id, items[1].command_id
+    end
+
+    it("pauses the process, and the operator's complete resumes it to COMPLETED", function()
+      local id, command_id = paused("charge_tsq")
+      assert(bus:tsq():complete(domain, command_id, {amount = 42}))
+      settle(bus, domain)
+      local p = assert(bus:get_process(domain, id))
+      assert.equal("COMPLETED", p.status)
+      assert.same({"reserve", "charge", "ship"}, p.state.done)
+    end)
+
+    it("and the operator's cancel compensates it", function()
+      local id, command_id = paused("charge_tsq")
+      assert(bus:tsq():cancel(domain, command_id, "gave up on the gateway"))
+      settle(bus, domain)
+      local p = assert(bus:get_process(domain, id))
+      assert.equal("COMPENSATED", p.status)
+      assert.equal("CANCELED", p.error_code)
+    end)
+
+    it("and the operator's retry puts it back to WAITING", function()
+      local id, command_id = paused("charge_tsq")
+      assert(bus:tsq():retry(domain, command_id))
+      assert.equal("WAITING", assert(bus:get_process(domain, id)).status)
+    end)
   end)
 
   it("archives a reply whose correlation id matches no process, and one without a valid correlation id", function()

@@ -128,6 +128,12 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
   const char *params[] = {domain, id, operator_name ? operator_name : "operator"};
   cb_unit_add(u, sql, 3, params);
   cb_queue_add_notify(u, queue);
+  /* The command's process (if it is a process step) waits for it again. */
+  cb_unit_add(u,
+              "UPDATE commandbus.process p SET status = 'WAITING', updated_at = now() FROM commandbus.command k"
+              " WHERE k.domain = $1 AND k.command_id = $2::uuid AND p.domain = $1 AND p.process_id = k.correlation_id"
+              " AND p.status = 'WAITING_FOR_TSQ'",
+              2, params);
   rc = finish(rt, u, 0, id, err);
   if (rc == CB_ESTATE)
     rc = cb_err_set(err, CB_ESTATE, "command %s has no archived message to send again", id);

@@ -583,8 +583,8 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " last_error_type = i.etype, last_error_code = i.code, last_error_msg = i.message,"
                        " updated_at = now(), lease_expires_at = NULL FROM i WHERE k.domain = $1"
                        " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND k.status = 'IN_PROGRESS'"
-                       " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, i.msg, i.code, i.message,"
-                       " i.etype, i.exhausted),"
+                       " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, k.correlation_id, i.msg, i.code,"
+                       " i.message, i.etype, i.exhausted),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, c.command_id, e.event, CASE WHEN e.n = 1 THEN jsonb_build_object('msg_id', c.msg,"
                        " 'attempt', c.attempts, 'max_attempts', c.max_attempts, 'error_type', c.etype,"
@@ -595,7 +595,12 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " ORDER BY c.command_id, e.n),"
                        " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM c))"
                        " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
-                       " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x)",
+                       " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x),"
+                       /* A process step that lands in the TSQ pauses its
+                        * process until the operator acts (a probe by key;
+                        * commands of no process change nothing). */
+                       " pw AS (UPDATE commandbus.process pr SET status = 'WAITING_FOR_TSQ', updated_at = now() FROM c"
+                       " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND pr.status = 'WAITING')",
                        q, q);
       break;
     case ACK_FAILED:

@@ -46,6 +46,7 @@ saga.handlers = {
   Reserve = function(cmd) return {reserved = cmd.data.order} end,
   Charge = function(cmd)
     if cmd.data.fail == "charge" then error(commandbus.business_rule("DECLINED", "card declined")) end
+    if cmd.data.fail == "charge_tsq" then error(commandbus.permanent("GATEWAY_BROKEN", "the gateway answers nonsense")) end
     return {amount = 42}
   end,
   Ship = function() return {shipped = true} end,
