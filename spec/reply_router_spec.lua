@@ -69,6 +69,45 @@ describe("reply router", function()
     io.stderr:write(("  (1,000 processes, 3 steps each, settled in %.1f s)\n"):format(took))
   end)
 
+  it("a router killed with SIGKILL mid-batch and restarted applies every reply exactly once", function()
+    local ids = {}
+    for i = 1, 300 do ids[i] = assert(order:start(bus, {order = i})) end
+    -- Every first step answered: 300 replies wait.
+    local commands = assert(bus:queue(domain .. "__commands"))
+    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", poll_interval = 0.05})
+    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
+    worker:close()
+    local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
+    local f = assert(io.popen(("%s spec/support/router_process.lua %s spec.support.slow_saga_managers >/dev/null 2>&1 & echo $!")
+      :format(lua, domain)))
+    local pid = tonumber(f:read("*l"))
+    f:close()
+    local function applied()
+      local q = io.popen(("psql -qAt %q -c %q"):format(os.getenv("DATABASE_URL"),
+        ("SELECT count(*) FROM commandbus.process_audit WHERE domain = '%s' AND reply_outcome IS NOT NULL"):format(domain)))
+      local n = tonumber(q:read("*a"):match("%d+"))
+      q:close()
+      return n
+    end
+    for _ = 1, 200 do
+      if applied() >= 50 then break end
+      os.execute("sleep 0.02")
+    end
+    os.execute(("kill -9 %d"):format(pid))
+    local at_kill = applied()
+    assert.is_true(at_kill >= 50 and at_kill < 300, "killed at " .. at_kill)
+    -- The replies it held come back after their visibility timeout (2 s).
+    os.execute("sleep 2.2")
+    settle(bus, domain)
+    for _, id in ipairs(ids) do
+      local p = assert(bus:get_process(domain, id))
+      assert.equal("COMPLETED", p.status)
+      assert.same({"reserve", "charge", "ship"}, p.state.done) -- each step applied once
+      local audit = assert(bus:process_audit(domain, id))
+      assert.equal(3, #audit) -- one command per step, none sent twice
+    end
+  end)
+
   it("a failure in step 2 compensates step 1 and ends COMPENSATED", function()
     local id = assert(order:start(bus, {order = 7, fail = "charge"}))
     settle(bus, domain)
