@@ -56,6 +56,15 @@ static lua_State *lane_state(cbL_lanes *lanes, int index) {
     lua_setfield(L, -2, "cpath");
   }
   lua_pop(L, 1);
+  /* The binding first: its JSON functions live in each state's registry, and
+   * a handler module need not require commandbus itself. */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "commandbus.core");
+  if (lua_pcall(L, 1, 0, 0) != 0) {
+    cb_log(CB_LOG_ERROR, "lane %d: cannot load commandbus.core: %s", index, lua_tostring(L, -1));
+    lua_close(L);
+    return NULL;
+  }
   lua_getglobal(L, "require");
   lua_pushstring(L, lanes->module);
   if (lua_pcall(L, 1, 1, 0) != 0) {
