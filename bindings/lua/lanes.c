@@ -137,3 +137,17 @@ int cbL_lanes_running(const cbL_lanes *lanes) {
   for (int i = 0; lanes && i < lanes->count; i++) n += lanes->started[i];
   return n;
 }
+
+int cbL_tick(lua_State *L, int idx, const char *who) {
+  if (idx == 0 || lua_isnoneornil(L, idx)) return 1;
+  lua_pushvalue(L, idx);
+  int keep = 1;
+  if (lua_pcall(L, 0, 1, 0) != 0) {
+    cb_log(CB_LOG_ERROR, "%s: run()'s tick raised: %s; stopping", who, lua_tostring(L, -1));
+    keep = 0;
+  } else if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) {
+    keep = 0;
+  }
+  lua_pop(L, 1);
+  return keep;
+}

@@ -116,18 +116,7 @@ static void lane_loop(lua_State *L, int managers, cb_reply_router *r, int lane, 
       if (L) handle_reply(L, managers, r, reply);
       else cb_reply_router_release(r, reply); /* the managers module failed to load */
     }
-    if (tick_idx) {
-      lua_pushvalue(L, tick_idx);
-      if (!lua_isnil(L, -1)) {
-        if (lua_pcall(L, 0, 1, 0) != 0) {
-          cb_log(CB_LOG_ERROR, "reply router %s: tick raised: %s", cb_reply_router_domain(r), lua_tostring(L, -1));
-          cb_reply_router_stop(r);
-        } else if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) {
-          cb_reply_router_stop(r);
-        }
-      }
-      lua_pop(L, 1);
-    }
+    if (tick_idx && !cbL_tick(L, tick_idx, cb_reply_router_domain(r))) cb_reply_router_stop(r);
   }
 }
 
@@ -212,17 +201,8 @@ static int l_run(lua_State *L) {
     return cbL_pusherror(L, &err);
   }
   if (lr->module) {
-    while (!cb_reply_router_wait(r, tick_ms)) {
-      if (lua_isnil(L, 3)) continue;
-      lua_pushvalue(L, 3);
-      if (lua_pcall(L, 0, 1, 0) != 0) {
-        cb_log(CB_LOG_ERROR, "reply router: tick raised: %s", lua_tostring(L, -1));
-        cb_reply_router_stop(r);
-      } else if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) {
-        cb_reply_router_stop(r);
-      }
-      lua_pop(L, 1);
-    }
+    while (!cb_reply_router_wait(r, tick_ms))
+      if (!cbL_tick(L, 3, cb_reply_router_domain(r))) cb_reply_router_stop(r);
     cbL_lanes_join(lanes);
   } else {
     lua_rawgeti(L, LUA_REGISTRYINDEX, lr->managers_ref);

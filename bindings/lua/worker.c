@@ -187,18 +187,8 @@ static void lane_loop(lua_State *L, int handlers, cb_worker *w, int lane, lua_St
       else cb_work_fail(work, CB_OUTCOME_TRANSIENT, "HANDLER_UNAVAILABLE", "the handler module failed to load", NULL);
       cb_worker_done(w, work);
     }
-    if (tick_state) { /* table mode: the caller's tick runs between handlers */
-      lua_pushvalue(tick_state, tick_idx);
-      if (!lua_isnil(tick_state, -1)) {
-        if (lua_pcall(tick_state, 0, 1, 0) != 0) {
-          cb_log(CB_LOG_ERROR, "worker %s: tick raised: %s", cb_worker_domain(w), lua_tostring(tick_state, -1));
-          cb_worker_stop(w);
-        } else if (lua_toboolean(tick_state, -1) == 0 && !lua_isnil(tick_state, -1)) {
-          cb_worker_stop(w);
-        }
-      }
-      lua_pop(tick_state, 1);
-    }
+    /* Table mode: the caller's tick runs between handlers. */
+    if (tick_state && !cbL_tick(tick_state, tick_idx, cb_worker_domain(w))) cb_worker_stop(w);
   }
 }
 
@@ -326,17 +316,8 @@ static int l_run(lua_State *L) {
     return cbL_pusherror(L, &err);
   }
   if (lw->module) {
-    while (!cb_worker_wait(w, tick_ms)) {
-      if (lua_isnil(L, 3)) continue;
-      lua_pushvalue(L, 3);
-      if (lua_pcall(L, 0, 1, 0) != 0) {
-        cb_log(CB_LOG_ERROR, "worker %s: tick raised: %s", cb_worker_domain(w), lua_tostring(L, -1));
-        cb_worker_stop(w);
-      } else if (!lua_isnil(L, -1) && !lua_toboolean(L, -1)) {
-        cb_worker_stop(w);
-      }
-      lua_pop(L, 1);
-    }
+    while (!cb_worker_wait(w, tick_ms))
+      if (!cbL_tick(L, 3, cb_worker_domain(w))) cb_worker_stop(w);
     cbL_lanes_join(lanes);
   } else {
     lua_rawgeti(L, LUA_REGISTRYINDEX, lw->handlers_ref);
