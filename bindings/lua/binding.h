@@ -53,6 +53,11 @@ const char *cbL_optfield_string(lua_State *L, int idx, const char *field, const 
 int cbL_pusherror(lua_State *L, const cb_err *err);
 int cbL_pusherrorcode(lua_State *L, int code, const char *fmt, ...);
 void cbL_open_errors(lua_State *L);
+/* Registers the metatable `name`: methods as __index, gc as __gc (and as
+ * __close under Lua 5.4), tostring as __tostring; gc and tostring may be
+ * NULL. Leaves the stack as it was. */
+void cbL_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc,
+                   lua_CFunction tostring);
 
 /* ---- JSON through a private lua-cjson instance (json.c) ----------------------- */
 

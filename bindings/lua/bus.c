@@ -63,18 +63,7 @@ void cbL_open_bus(lua_State *L) {
       {"list_queues", cbL_bus_list_queues},
       {NULL, NULL},
   };
-  luaL_newmetatable(L, CBL_BUS_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-#if LUA_VERSION_NUM >= 504
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__close");
-#endif
-  lua_pushcfunction(L, l_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  cbL_new_class(L, CBL_BUS_MT, methods, l_gc, l_tostring);
 }
 
 cb_runtime *cbL_bus_runtime(lua_State *L, int idx) { return open_runtime(L, cbL_checkbus(L, idx)); }

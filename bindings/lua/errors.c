@@ -137,3 +137,24 @@ const char *cbL_tostring(lua_State *L, int idx) {
   const char *s = lua_tostring(L, -1);
   return s ? s : "?";
 }
+
+void cbL_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc,
+                   lua_CFunction tostring) {
+  luaL_newmetatable(L, name);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  if (gc) {
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+#if LUA_VERSION_NUM >= 504
+    lua_pushcfunction(L, gc); /* a <close> variable ends the object like the GC */
+    lua_setfield(L, -2, "__close");
+#endif
+  }
+  if (tostring) {
+    lua_pushcfunction(L, tostring);
+    lua_setfield(L, -2, "__tostring");
+  }
+  lua_pop(L, 1);
+}

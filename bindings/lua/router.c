@@ -537,16 +537,5 @@ void cbL_open_router(lua_State *L) {
       {"close", l_gc},
       {NULL, NULL},
   };
-  luaL_newmetatable(L, ROUTER_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-#if LUA_VERSION_NUM >= 504
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__close");
-#endif
-  lua_pushcfunction(L, l_tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
+  cbL_new_class(L, ROUTER_MT, methods, l_gc, l_tostring);
 }

@@ -401,16 +401,7 @@ void cbL_open_worker(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"run", l_run}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
   };
-  luaL_newmetatable(L, WORKER_MT);
-  luaL_newlib(L, methods);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-#if LUA_VERSION_NUM >= 504
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__close");
-#endif
-  lua_pop(L, 1);
+  cbL_new_class(L, WORKER_MT, methods, l_gc, NULL);
   luaL_getmetatable(L, CBL_BUS_MT);
   lua_getfield(L, -1, "__index");
   lua_pushcfunction(L, l_bus_worker);
