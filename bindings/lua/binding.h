@@ -100,6 +100,9 @@ void cbL_open_commands(lua_State *L);
 /* ---- processes (process.c) ----------------------------------------------- */
 
 void cbL_open_process(lua_State *L);
+/* Hands up to max queued process events to the sink function of the bus at
+ * bus_idx (see bus:on_process_event); returns how many. */
+int cbL_dispatch_events(lua_State *L, int bus_idx, int max);
 
 /* ---- lane threads (lanes.c) ----------------------------------------------- */
 

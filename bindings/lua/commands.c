@@ -354,7 +354,7 @@ static int l_await(lua_State *L) {
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
-  int rc = cb_await_command(rt, domain, id, timeout, &rows, &err);
+  int rc = cb_await_command(rt, domain, id, timeout, 0, &rows, &err);
   return cbL_push_query(L, rc, rows, &err, 1);
 }
 

@@ -2,9 +2,13 @@
  * primitive under lua/commandbus/process.lua's manager:start (which runs the
  * definition's hooks); the queries read processes and their steps back.
  * Wrong types raise; values the core refuses come back as nil, err. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "binding.h"
+#include "commandbus/awaiter.h"
+#include "commandbus/events.h"
+#include "commandbus/log.h"
 #include "commandbus/process.h"
 
 /* A required string field of the table at idx (raises when missing). */
@@ -129,12 +133,250 @@ static int l_process_audit(lua_State *L) {
   return cbL_push_query(L, rc, rows, &err, 0);
 }
 
+/* The optional {timeout=30} table at idx. */
+static double opt_timeout(lua_State *L, int idx) {
+  if (!lua_isnoneornil(L, idx)) luaL_checktype(L, idx, LUA_TTABLE);
+  double timeout = cbL_optfield_number(L, idx, "timeout", 30);
+  if (!(timeout >= 0)) luaL_argerror(L, idx, "timeout must be a number of seconds >= 0");
+  return timeout;
+}
+
+/* A sequence number argument (an integer >= 0; nil means 0). */
+static int64_t opt_sequence(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return 0;
+  int ok;
+  int64_t v = cbL_toint64(L, idx, &ok);
+  if (!ok || v < 0) luaL_argerror(L, idx, "sequence must be an integer >= 0");
+  return v;
+}
+
+/* bus:await_process(domain, id, {timeout=30}) -> the process once COMPLETED,
+ * COMPENSATED, FAILED or CANCELED | nil, err (TIMEOUT, NOT_FOUND). Blocks
+ * only the calling thread. */
+static int l_await_process(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  double timeout = opt_timeout(L, 4);
+  if (rt == NULL) return 2;
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_await_process(rt, domain, id, timeout, 0, &rows, &err);
+  return cbL_push_query(L, rc, rows, &err, 1);
+}
+
+/* bus:await_event(domain, id, event_type, after_sequence, {timeout=30})
+ * -> the first event of that type after the sequence (at once when it is
+ * already in the log) | nil, err (TIMEOUT, NOT_FOUND). */
+static int l_await_event(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  const char *event_type = luaL_checkstring(L, 4);
+  int64_t after = opt_sequence(L, 5);
+  double timeout = opt_timeout(L, 6);
+  if (rt == NULL) return 2;
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_await_event(rt, domain, id, event_type, after, timeout, 0, &rows, &err);
+  return cbL_push_query(L, rc, rows, &err, 1);
+}
+
+/* bus:process_events(domain, id, after_sequence=0) -> {event, ...} oldest
+ * first: the complete log | nil, err (NOT_FOUND) */
+static int l_process_events(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  int64_t after = opt_sequence(L, 4);
+  if (rt == NULL) return 2;
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_process_events(rt, domain, id, after, &rows, &err);
+  return cbL_push_query(L, rc, rows, &err, 0);
+}
+
+/* bus:append_process_event(domain, id, event_type, data) -> sequence
+ * | nil, err (NOT_FOUND; INVALID_STATE once the process has finished) */
+static int l_append_process_event(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  const char *domain = luaL_checkstring(L, 2);
+  const char *id = luaL_checkstring(L, 3);
+  const char *event_type = luaL_checkstring(L, 4);
+  const char *data = NULL;
+  if (!lua_isnoneornil(L, 5)) {
+    luaL_checktype(L, 5, LUA_TTABLE);
+    if (!cbL_json_encode(L, 5)) return cbL_pusherrorcode(L, CB_EINVAL, "cannot encode the event data as JSON");
+    data = lua_tostring(L, -1);
+  }
+  if (rt == NULL) return 2;
+  int64_t sequence;
+  cb_err err;
+  if (cb_process_append_event(rt, domain, id, event_type, data, &sequence, &err) != CB_OK)
+    return cbL_pusherror(L, &err);
+  cbL_pushint64(L, sequence);
+  return 1;
+}
+
+/* bus:purge_processes{domain=, older_than=seconds} -> count: deletes finished
+ * processes completed longer ago than that, with their events and steps. */
+static int l_purge_processes(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  const char *domain = check_string_field(L, 2, "domain", "purge");
+  lua_getfield(L, 2, "older_than");
+  if (lua_type(L, -1) != LUA_TNUMBER)
+    luaL_error(L, "bad purge field 'older_than': number of seconds expected, got %s", luaL_typename(L, -1));
+  double older_than = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  if (rt == NULL) return 2;
+  int64_t count;
+  cb_err err;
+  if (cb_process_purge(rt, domain, older_than, &count, &err) != CB_OK) return cbL_pusherror(L, &err);
+  cbL_pushint64(L, count);
+  return 1;
+}
+
+/* ---- the event sink ---------------------------------------------------------------- */
+
+#define SINKS "commandbus.sinks" /* registry: bus userdata -> sink function (weak keys) */
+
+static void push_sinks(lua_State *L) {
+  lua_getfield(L, LUA_REGISTRYINDEX, SINKS);
+  if (!lua_isnil(L, -1)) return;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "k");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, SINKS);
+}
+
+static void push_event(lua_State *L, const cb_process_event *e) {
+  lua_createtable(L, 0, 8);
+  lua_pushstring(L, e->domain);
+  lua_setfield(L, -2, "domain");
+  lua_pushstring(L, e->process_id);
+  lua_setfield(L, -2, "process_id");
+  cbL_pushint64(L, e->sequence);
+  lua_setfield(L, -2, "sequence");
+  lua_pushstring(L, e->event_type);
+  lua_setfield(L, -2, "event_type");
+  if (e->step) {
+    lua_pushstring(L, e->step);
+    lua_setfield(L, -2, "step");
+  }
+  lua_pushstring(L, e->status);
+  lua_setfield(L, -2, "status");
+  if (!cbL_json_decode(L, e->data_json)) {
+    lua_pop(L, 1);
+    lua_pushstring(L, e->data_json);
+  }
+  lua_setfield(L, -2, "data");
+  lua_pushstring(L, e->created_at);
+  lua_setfield(L, -2, "created_at");
+}
+
+/* bus:on_process_event(fn, {capacity=1024}) -> true. fn(event) receives each
+ * non-terminal process event this bus's writers appended, once it is
+ * committed, in order per process; nil turns the sink off. Events wait in a
+ * bounded queue until dispatched (run() loops of workers and reply routers
+ * do it, or bus:dispatch_process_events()); what does not fit is dropped and
+ * counted; process_events() always has the whole log. */
+static int l_on_process_event(lua_State *L) {
+  cbL_checkbus(L, 1);
+  if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+  int capacity = cbL_optfield_int(L, 3, "capacity", 1024);
+  if (capacity < 1) luaL_argerror(L, 3, "capacity must be at least 1");
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
+  push_sinks(L);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+  if (lua_isnil(L, 2)) cb_events_sink_off(rt);
+  else cb_events_sink_on(rt, capacity);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+int cbL_dispatch_events(lua_State *L, int bus_idx, int max) {
+  bus_idx = lua_absindex(L, bus_idx);
+  cbL_bus *bus = cbL_checkbus(L, bus_idx);
+  if (bus->rt == NULL || !cb_events_sink_is_on(bus->rt)) return 0;
+  push_sinks(L);
+  lua_pushvalue(L, bus_idx);
+  lua_rawget(L, -2);
+  int fn = lua_gettop(L);
+  int delivered = 0;
+  while (delivered < max) {
+    cb_process_event *events[64];
+    int want = max - delivered < 64 ? max - delivered : 64;
+    int n = cb_events_take(bus->rt, events, want);
+    for (int i = 0; i < n; i++) {
+      if (lua_isfunction(L, fn)) {
+        lua_pushvalue(L, fn);
+        push_event(L, events[i]);
+        if (lua_pcall(L, 1, 0, 0) != 0) { /* the write stands whatever the sink does */
+          cb_log(CB_LOG_WARN, "process event sink raised on %s #%lld of process %s: %s", events[i]->event_type,
+                 (long long)events[i]->sequence, events[i]->process_id, cbL_tostring(L, -1));
+          lua_pop(L, 2);
+        }
+      }
+      free(events[i]);
+    }
+    delivered += n;
+    if (n < want) break;
+  }
+  lua_pop(L, 2);
+  return delivered;
+}
+
+/* bus:dispatch_process_events(max=all) -> how many events were handed to the
+ * sink function. */
+static int l_dispatch_process_events(lua_State *L) {
+  cbL_checkbus(L, 1);
+  int max = (int)luaL_optinteger(L, 2, 1 << 30);
+  lua_pushinteger(L, cbL_dispatch_events(L, 1, max));
+  return 1;
+}
+
+/* bus:process_event_stats() -> {pushed=, dropped=, queued=, capacity=} */
+static int l_process_event_stats(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
+  cb_events_stats st;
+  cb_events_stats_get(rt, &st);
+  lua_createtable(L, 0, 4);
+  cbL_pushint64(L, (int64_t)st.pushed);
+  lua_setfield(L, -2, "pushed");
+  cbL_pushint64(L, (int64_t)st.dropped);
+  lua_setfield(L, -2, "dropped");
+  lua_pushinteger(L, (lua_Integer)st.queued);
+  lua_setfield(L, -2, "queued");
+  lua_pushinteger(L, (lua_Integer)st.capacity);
+  lua_setfield(L, -2, "capacity");
+  return 1;
+}
+
 void cbL_open_process(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"process_start", l_process_start},
       {"get_process", l_get_process},
       {"list_processes", l_list_processes},
       {"process_audit", l_process_audit},
+      {"await_process", l_await_process},
+      {"await_event", l_await_event},
+      {"process_events", l_process_events},
+      {"append_process_event", l_append_process_event},
+      {"purge_processes", l_purge_processes},
+      {"on_process_event", l_on_process_event},
+      {"dispatch_process_events", l_dispatch_process_events},
+      {"process_event_stats", l_process_event_stats},
       {NULL, NULL},
   };
   luaL_getmetatable(L, CBL_BUS_MT);

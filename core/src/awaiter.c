@@ -1,4 +1,4 @@
-/* commandbus: awaiting commands (see awaiter.h). */
+/* commandbus: awaiting commands, processes and process events (see awaiter.h). */
 #include "commandbus/awaiter.h"
 
 #include <stdio.h>
@@ -6,6 +6,7 @@
 #include <time.h>
 
 #include "commandbus/bus.h"
+#include "commandbus/hub.h"
 #include "commandbus/uuid.h"
 
 int cb_await_backoff_ms(int attempt) {
@@ -31,10 +32,41 @@ static double now_seconds(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static int terminal(const char *status) {
-  return strcmp(status, "COMPLETED") == 0 || strcmp(status, "FAILED") == 0 || strcmp(status, "CANCELED") == 0 ||
-         strcmp(status, "IN_TROUBLESHOOTING_QUEUE") == 0;
+int cb_await_safety_backoff_ms(int attempt) {
+  if (attempt < 0) attempt = 0;
+  if (attempt >= 11) return CB_AWAIT_SAFETY_CAP_MS; /* 25 << 11 = 51200: past the cap */
+  int ms = 25 << attempt;
+  return ms > CB_AWAIT_SAFETY_CAP_MS ? CB_AWAIT_SAFETY_CAP_MS : ms;
 }
+
+static const char *const COMMAND_DONE[] = {"COMPLETED", "FAILED", "CANCELED", "IN_TROUBLESHOOTING_QUEUE", NULL};
+static const char *const PROCESS_DONE[] = {"COMPLETED", "COMPENSATED", "FAILED", "CANCELED", NULL};
+
+static int listed(const char *const *names, const char *s) {
+  for (int i = 0; names[i]; i++)
+    if (strcmp(names[i], s) == 0) return 1;
+  return 0;
+}
+
+/* What one await waits for: the statements that read it, and how to tell
+ * "there", "not yet" and "no such thing" apart from their results. */
+typedef struct target {
+  const char *what; /* "command" or "process": for messages */
+  const char *domain;
+  char id[CB_UUID_LEN + 1];
+  /* Every writer of this kind of record notifies awaiters (a trigger does),
+   * so polling is only a safety net; otherwise the seed's schedule. */
+  int notified_by_all;
+  const char *sql[2]; /* read statements; the last one's rows are the answer */
+  int sql_nparams[2]; /* each uses the first sql_nparams[i] of params */
+  int nsql;
+  const char *params[4];
+  /* 1: resolved; 0: not yet (why filled); CB_ENOTFOUND. u holds the reads
+   * as its last nsql statements. */
+  int (*check)(const cb_unit *u, const struct target *t, char *why, size_t n);
+  const char *event_type; /* await_event */
+  const char *after;
+} target;
 
 #define READ_COMMAND                                                                                        \
   "SELECT domain, command_id::text AS command_id, command_type AS type, status, attempts, max_attempts,"   \
@@ -43,81 +75,194 @@ static int terminal(const char *status) {
   " created_at::text AS created_at, updated_at::text AS updated_at FROM commandbus.command"                \
   " WHERE domain = $1 AND command_id = $2::uuid"
 
-int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id, double timeout, cb_unit **rows,
-                     cb_err *err) {
+#define READ_PROCESS                                                                                        \
+  "SELECT domain, process_id::text AS process_id, process_type AS type, status, current_step, state,"      \
+  " error_code, error_message, created_at::text AS created_at, updated_at::text AS updated_at,"            \
+  " completed_at::text AS completed_at, batch_id::text AS batch_id FROM commandbus.process"                \
+  " WHERE domain = $1 AND process_id = $2::uuid"
+
+#define READ_EVENT                                                                                          \
+  "SELECT domain, process_id::text AS process_id, sequence, event_type, step, status, data,"               \
+  " created_at::text AS created_at FROM commandbus.process_event WHERE domain = $1 AND process_id = $2::uuid" \
+  " AND event_type = $3 AND sequence > $4::bigint ORDER BY sequence LIMIT 1"
+
+static const cb_result *last(const cb_unit *u, int back) { return cb_unit_result(u, cb_unit_count(u) - 1 - back); }
+
+static int check_status(const cb_unit *u, const target *t, const char *const *done, char *why, size_t n) {
+  const cb_result *r = last(u, 0);
+  if (cb_result_rows(r) == 0) return CB_ENOTFOUND;
+  const char *status = cb_result_value(r, 0, 3);
+  if (listed(done, status)) return 1;
+  snprintf(why, n, "%s %s did not finish (it is %s)", t->what, t->id, status);
+  return 0;
+}
+
+static int check_command(const cb_unit *u, const target *t, char *why, size_t n) {
+  return check_status(u, t, COMMAND_DONE, why, n);
+}
+
+static int check_process(const cb_unit *u, const target *t, char *why, size_t n) {
+  return check_status(u, t, PROCESS_DONE, why, n);
+}
+
+static int check_event(const cb_unit *u, const target *t, char *why, size_t n) {
+  if (cb_result_rows(last(u, 1)) == 0) return CB_ENOTFOUND;
+  if (cb_result_rows(last(u, 0)) > 0) return 1;
+  snprintf(why, n, "process %s appended no %s event after sequence %s", t->id, t->event_type, t->after);
+  return 0;
+}
+
+static void add_reads(cb_unit *u, const target *t) {
+  for (int i = 0; i < t->nsql; i++) cb_unit_add(u, t->sql[i], t->sql_nparams[i], t->params);
+}
+
+static void unregister(cb_runtime *rt, const target *t, const char *waiter) {
+  cb_unit *d = cb_unit_new(); /* best effort: an expired row is ignored anyway */
+  if (d == NULL) return;
+  const char *params[] = {t->domain, t->id, waiter};
+  cb_unit_add(d, "DELETE FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid AND waiter = $3::uuid", 3,
+              params);
+  cb_err ignored;
+  cb_runtime_exec(rt, d, &ignored);
+  cb_unit_free(d);
+}
+
+static int await_target(cb_runtime *rt, const target *t, double timeout, int flags, cb_unit **rows, cb_err *err) {
   *rows = NULL;
-  char id[CB_UUID_LEN + 1], waiter[CB_UUID_LEN + 1], key[128], expires[32];
-  int rc = cb_domain_valid(domain, err);
-  if (rc != CB_OK) return rc;
-  if (!cb_uuid_parse(command_id, id))
-    return cb_err_set(err, CB_EINVAL, "command id `%.60s` is not a UUID", command_id ? command_id : "");
-  if (timeout < 0) return cb_err_set(err, CB_EINVAL, "timeout must not be negative");
-  rc = cb_runtime_listen(rt, CB_AWAIT_CHANNEL, err);
-  if (rc != CB_OK) return rc;
-  cb_await_key(domain, id, key);
-  cb_hub_sub *sub = cb_hub_subscribe(cb_runtime_hub(rt), key);
-  if (sub == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (!(timeout >= 0)) return cb_err_set(err, CB_EINVAL, "timeout must be a number of seconds >= 0");
+  int poll_only = (flags & CB_AWAIT_POLL_ONLY) != 0;
+  int rc;
+  cb_hub_sub *sub = NULL;
+  if (!poll_only) {
+    rc = cb_runtime_listen(rt, CB_AWAIT_CHANNEL, err);
+    if (rc != CB_OK) return rc;
+    char key[128];
+    cb_await_key(t->domain, t->id, key);
+    /* Subscribed before the first read: a change between the read and the
+     * wait bumps the version we already hold, so it is never lost. */
+    sub = cb_hub_subscribe(cb_runtime_hub(rt), key);
+    if (sub == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
+  char waiter[CB_UUID_LEN + 1], expires[32], why[256] = "";
   cb_uuid_v7(waiter);
   snprintf(expires, sizeof expires, "%.3f", timeout + 10);
+  const char *register_params[] = {t->domain, t->id, waiter, expires};
   double deadline = now_seconds() + timeout;
-  const char *read_params[] = {domain, id};
-  const char *register_params[] = {domain, id, waiter, expires};
-
-  /* First round trip: register (so that writers elsewhere notify us) and
-   * read, in that order, in one transaction. */
   cb_unit *u = cb_unit_new();
   if (u == NULL) {
     cb_hub_unsubscribe(sub);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
-  cb_unit_add(u,
-              "INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
-              " VALUES ($1, $2::uuid, $3::uuid, now() + make_interval(secs => $4::float8))",
-              4, register_params);
-  cb_unit_add(u, READ_COMMAND, 2, read_params);
+  /* First round trip: register (so that writers elsewhere notify us), then
+   * read, in one transaction. */
+  if (!poll_only)
+    cb_unit_add(u,
+                "INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
+                " VALUES ($1, $2::uuid, $3::uuid, now() + make_interval(secs => $4::float8))",
+                4, register_params);
+  add_reads(u, t);
   int registered = 0;
   for (int attempt = 0;; attempt++) {
     rc = cb_runtime_exec(rt, u, err);
     if (rc != CB_OK) break;
-    registered = 1;
-    const cb_result *r = cb_unit_result(u, cb_unit_count(u) - 1);
-    if (cb_result_rows(r) == 0) {
-      rc = cb_err_set(err, CB_ENOTFOUND, "unknown command `%s`", id);
+    registered = !poll_only;
+    int found = t->check(u, t, why, sizeof why);
+    if (found == CB_ENOTFOUND) {
+      rc = cb_err_set(err, CB_ENOTFOUND, "unknown %s `%s`", t->what, t->id);
       break;
     }
-    if (terminal(cb_result_value(r, 0, 3))) {
+    if (found == 1) {
       *rows = u;
       u = NULL;
       break;
     }
     double left = deadline - now_seconds();
     if (left <= 0) {
-      rc = cb_err_set(err, CB_ETIMEOUT, "command %s did not finish within %g s (it is %s)", id, timeout,
-                      cb_result_value(r, 0, 3));
+      rc = cb_err_set(err, CB_ETIMEOUT, "%s within %g s", why, timeout);
       break;
     }
-    int wait = cb_await_backoff_ms(attempt);
+    int wait = poll_only || !t->notified_by_all ? cb_await_backoff_ms(attempt) : cb_await_safety_backoff_ms(attempt);
     if (wait > left * 1000) wait = (int)(left * 1000) + 1;
-    int woke = cb_hub_wait(sub, wait);
-    if (woke == CB_ECLOSED) {
-      rc = cb_err_set(err, CB_ECLOSED, "the bus was closed");
-      break;
+    if (sub) {
+      int woke = cb_hub_wait(sub, wait);
+      if (woke == CB_ECLOSED) {
+        rc = cb_err_set(err, CB_ECLOSED, "the bus was closed");
+        break;
+      }
+      if (woke == 1) attempt = -1; /* a real change: the poll schedule starts over */
+    } else {
+      struct timespec ts = {wait / 1000, (long)(wait % 1000) * 1000000L};
+      nanosleep(&ts, NULL);
+      if (cb_runtime_is_closed(rt)) {
+        rc = cb_err_set(err, CB_ECLOSED, "the bus was closed");
+        break;
+      }
     }
-    if (woke == 1) attempt = -1; /* a real change: the poll schedule starts over */
     cb_unit_reset(u);
-    cb_unit_add(u, READ_COMMAND, 2, read_params);
+    add_reads(u, t);
   }
   cb_unit_free(u);
   cb_hub_unsubscribe(sub);
-  if (registered) { /* best effort: an expired row is ignored anyway */
-    cb_unit *d = cb_unit_new();
-    if (d) {
-      cb_unit_add(d, "DELETE FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid AND waiter = $3::uuid", 3,
-                  register_params);
-      cb_err ignored;
-      cb_runtime_exec(rt, d, &ignored);
-      cb_unit_free(d);
-    }
-  }
+  if (registered) unregister(rt, t, waiter);
   return rc;
+}
+
+static int init_target(target *t, const char *what, const char *domain, const char *id, cb_err *err) {
+  memset(t, 0, sizeof *t);
+  int rc = cb_domain_valid(domain, err);
+  if (rc != CB_OK) return rc;
+  if (!cb_uuid_parse(id, t->id)) return cb_err_set(err, CB_EINVAL, "%s id `%.60s` is not a UUID", what, id ? id : "");
+  t->what = what;
+  t->domain = domain;
+  t->params[0] = domain;
+  t->params[1] = t->id;
+  return CB_OK;
+}
+
+int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id, double timeout, int flags,
+                     cb_unit **rows, cb_err *err) {
+  target t;
+  *rows = NULL;
+  int rc = init_target(&t, "command", domain, command_id, err);
+  if (rc != CB_OK) return rc;
+  t.sql_nparams[t.nsql] = 2;
+  t.sql[t.nsql++] = READ_COMMAND;
+  t.check = check_command;
+  return await_target(rt, &t, timeout, flags, rows, err);
+}
+
+int cb_await_process(cb_runtime *rt, const char *domain, const char *process_id, double timeout, int flags,
+                     cb_unit **rows, cb_err *err) {
+  target t;
+  *rows = NULL;
+  int rc = init_target(&t, "process", domain, process_id, err);
+  if (rc != CB_OK) return rc;
+  t.notified_by_all = 1;
+  t.sql_nparams[t.nsql] = 2;
+  t.sql[t.nsql++] = READ_PROCESS;
+  t.check = check_process;
+  return await_target(rt, &t, timeout, flags, rows, err);
+}
+
+int cb_await_event(cb_runtime *rt, const char *domain, const char *process_id, const char *event_type,
+                   int64_t after_sequence, double timeout, int flags, cb_unit **rows, cb_err *err) {
+  target t;
+  *rows = NULL;
+  int rc = init_target(&t, "process", domain, process_id, err);
+  if (rc != CB_OK) return rc;
+  if (event_type == NULL || event_type[0] == '\0') return cb_err_set(err, CB_EINVAL, "event_type is required");
+  if (after_sequence < 0) return cb_err_set(err, CB_EINVAL, "after_sequence must not be negative");
+  char after[24];
+  snprintf(after, sizeof after, "%lld", (long long)after_sequence);
+  t.notified_by_all = 1;
+  t.event_type = event_type;
+  t.after = after;
+  t.params[2] = event_type;
+  t.params[3] = after;
+  t.sql_nparams[t.nsql] = 2;
+  t.sql[t.nsql++] = "SELECT 1 FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid";
+  t.sql_nparams[t.nsql] = 4;
+  t.sql[t.nsql++] = READ_EVENT;
+  t.check = check_event;
+  return await_target(rt, &t, timeout, flags, rows, err);
 }

@@ -110,8 +110,13 @@ struct cb_runtime {
   char *application_name; /* [init] */
   int connect_timeout_ms; /* [init] */
   cb_hub *hub;         /* [init] */
+  struct cb_event_feed *events; /* [init] the process event sink's queue (events.c) */
   cb_runtime *next_open; /* guarded by the global list's lock */
 };
+
+/* events.c: the queue of process events for the host (has its own lock). */
+struct cb_event_feed *cb_event_feed_new(void);
+void cb_event_feed_free(struct cb_event_feed *feed);
 
 typedef struct notify_watch {
   int id; /* 0: free slot */

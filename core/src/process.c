@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "commandbus/events.h"
 #include "commandbus/uuid.h"
 
 static int check_name(const char *what, const char *value, cb_err *err) {
@@ -48,13 +49,14 @@ int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb
 
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_events_add_begin(u); /* STARTED: for local awaiters and the sink */
   const char *process_params[] = {spec->domain, process_id, spec->process_type, spec->step_name, spec->state_json,
                                   spec->batch_id ? batch : NULL};
   cb_unit_add(u,
               "INSERT INTO commandbus.process (domain, process_id, process_type, status, current_step, state, batch_id)"
               " VALUES ($1, $2::uuid, $3, 'WAITING', $4, coalesce($5::jsonb, '{}'::jsonb), $6::uuid)",
               6, process_params);
-  int first = cb_unit_count(u);
+  int first = cb_unit_count(u), events = -1;
   rc = cb_bus_add_send(rt, u, spec->domain, &command, 1, 0, result, NULL, err);
   if (rc == CB_OK) {
     /* The send skips an id that already exists instead of failing; here that
@@ -70,6 +72,7 @@ int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb
                 " WHERE domain = $1 AND command_id = $4::uuid AND correlation_id = $2::uuid), $5,"
                 " coalesce($6::jsonb, '{}'::jsonb))",
                 6, audit_params);
+    events = cb_events_add_read(u);
     rc = cb_runtime_exec(rt, u, err);
     if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
       rc = cb_err_set(err, CB_EINVAL, "invalid process state or command data: %s", err->message);
@@ -77,7 +80,10 @@ int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb
       rc = cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", result->command_id,
                       spec->domain);
   }
-  if (rc == CB_OK) cb_bus_read_send(u, first, 1, result);
+  if (rc == CB_OK) {
+    cb_bus_read_send(u, first, 1, result);
+    cb_events_published(rt, u, events);
+  }
   cb_unit_free(u);
   return rc;
 }

@@ -282,11 +282,13 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   rt->application_name = dup_or_null(options->application_name ? options->application_name : "commandbus");
   rt->conns = calloc((size_t)rt->nconns, sizeof *rt->conns);
   rt->hub = cb_hub_new();
-  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub) {
+  rt->events = cb_event_feed_new();
+  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events) {
     free(rt->conninfo);
     free(rt->application_name);
     free(rt->conns);
     cb_hub_free(rt->hub);
+    cb_event_feed_free(rt->events);
     free(rt);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
@@ -369,6 +371,7 @@ void cb_runtime_free(cb_runtime *rt) {
   free(rt->conninfo);
   free(rt->application_name);
   cb_hub_free(rt->hub);
+  cb_event_feed_free(rt->events);
   pthread_cond_destroy(&rt->started);
   pthread_mutex_destroy(&rt->lock);
   free(rt);

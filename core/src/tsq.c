@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "commandbus/awaiter.h"
+#include "commandbus/events.h"
 #include "commandbus/bus.h"
 #include "commandbus/queue.h"
 #include "strbuf.h"
@@ -129,12 +130,15 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
   cb_unit_add(u, sql, 3, params);
   cb_queue_add_notify(u, queue);
   /* The command's process (if it is a process step) waits for it again. */
+  cb_events_add_begin(u);
   cb_unit_add(u,
               "UPDATE commandbus.process p SET status = 'WAITING', updated_at = now() FROM commandbus.command k"
               " WHERE k.domain = $1 AND k.command_id = $2::uuid AND p.domain = $1 AND p.process_id = k.correlation_id"
               " AND p.status = 'WAITING_FOR_TSQ'",
               2, params);
+  int events = cb_events_add_read(u);
   rc = finish(rt, u, 0, id, err);
+  if (rc == CB_OK) cb_events_published(rt, u, events);
   if (rc == CB_ESTATE)
     rc = cb_err_set(err, CB_ESTATE, "command %s has no archived message to send again", id);
   if (rc == CB_OK && new_msg_id) *new_msg_id = cb_result_int(cb_unit_result(u, 0), 0, 0);

@@ -23,6 +23,7 @@
 #include <uv.h>
 
 #include "commandbus/awaiter.h"
+#include "commandbus/events.h"
 #include "commandbus/bus.h"
 #include "commandbus/log.h"
 #include "commandbus/message_router.h"
@@ -642,6 +643,7 @@ typedef struct ack_round {
   cb_work *works;  /* linked through next */
   int single;      /* already one work: no further split */
   int fetch_index; /* the receive riding along in this transaction, or -1 */
+  int events_index; /* the process events read back, or -1 */
 } ack_round;
 
 static void submit_round(cb_worker *w, cb_work *works, int single);
@@ -722,6 +724,7 @@ static void on_round_done(cb_unit *u, void *arg) {
   } else {
     if (w->ack_failing) cb_log(CB_LOG_INFO, "worker %s: acknowledging again", w->domain);
     w->ack_failing = 0;
+    cb_events_published(w->rt, u, round->events_index);
     /* Batches whose commands reached a terminal state: refresh them (after
      * this commit, so that the last one to finish sees every other). */
     const char *ids[64];
@@ -790,6 +793,10 @@ static void submit_round(cb_worker *w, cb_work *works, int single) {
   cb_strbuf sql = {0};
   int ok = u != NULL && round != NULL;
   if (ok) add_timeout(u, w);
+  /* A step moved to the TSQ pauses its process: an event (rare, so only
+   * then is the transaction asked to collect what it appends). */
+  int collect = ok && input[ACK_TSQ].len > 0, events_index = -1;
+  if (collect) cb_events_add_begin(u);
   for (int kind = 0; ok && kind < ACK_KINDS; kind++) {
     if (input[kind].len == 0) continue;
     cb_strbuf_putc(&input[kind], ']');
@@ -798,6 +805,7 @@ static void submit_round(cb_worker *w, cb_work *works, int single) {
     ok = !sql.failed && !input[kind].failed && cb_unit_add(u, sql.data, 2, params) >= 0;
     for (int i = 0; ok && i < nreply[kind]; i++) ok = cb_queue_add_notify(u, reply[kind][i]) >= 0;
   }
+  if (ok && collect && (events_index = cb_events_add_read(u)) < 0) ok = 0;
   for (int kind = 0; kind < ACK_KINDS; kind++) cb_strbuf_free(&input[kind]);
   cb_strbuf_free(&sql);
   /* The next fetch rides in the same transaction: one commit and one round
@@ -818,6 +826,7 @@ static void submit_round(cb_worker *w, cb_work *works, int single) {
     round->works = kept;
     round->single = single;
     round->fetch_index = fetch_index;
+    round->events_index = events_index;
     if (fetch_index >= 0) w->fetching = 1;
     cb_unit_on_done(u, on_round_done, round);
     w->acks_pending++;

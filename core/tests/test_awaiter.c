@@ -1,16 +1,22 @@
-/* Awaiting commands: the poll schedule, and sixteen waiters released
- * together by one completion (no lost wake-up). */
+/* Awaiting commands and processes (seed 004's scenarios): the poll
+ * schedules, sixteen waiters released together by one completion (no lost
+ * wake-up), a polling waiter, historical events, unknown ids, purges that
+ * wake nobody, and the event sink's bounded queue. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "commandbus/awaiter.h"
 #include "commandbus/bus.h"
+#include "commandbus/events.h"
+#include "commandbus/process.h"
 #include "commandbus/schema.h"
 #include "commandbus/worker.h"
 #include "test_support.h"
@@ -33,7 +39,7 @@ static void *await_main(void *p) {
   waiter_arg *a = p;
   cb_unit *rows = NULL;
   cb_err err;
-  a->rc = cb_await_command(a->rt, a->domain, a->id, 20, &rows, &err);
+  a->rc = cb_await_command(a->rt, a->domain, a->id, 20, 0, &rows, &err);
   if (a->rc == CB_OK)
     snprintf(a->status, sizeof a->status, "%s", cb_result_value(cb_unit_result(rows, cb_unit_count(rows) - 1), 0, 3));
   cb_unit_free(rows);
@@ -96,10 +102,260 @@ static void sixteen_waiters_are_released_together_by_one_completion(void **state
   cb_runtime_free(rt);
 }
 
+static void the_safety_poll_doubles_from_25_ms_up_to_30_s(void **state) {
+  (void)state;
+  static const int expected[] = {25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000};
+  for (int i = 0; i < 13; i++) assert_int_equal(cb_await_safety_backoff_ms(i), expected[i]);
+  assert_int_equal(cb_await_safety_backoff_ms(1000), 30000);
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Starts a one-step process in domain; its id goes to id (37 bytes). */
+static void start_process(cb_runtime *rt, const char *domain, char *id) {
+  char reply[80];
+  snprintf(reply, sizeof reply, "%s__process_replies", domain);
+  cb_process_start_spec spec = {domain, "Test", "{\"n\": 1}", "only", NULL};
+  cb_command_spec cmd = {0};
+  cmd.command_type = "Step";
+  cmd.reply_to = reply;
+  cb_send_result sent;
+  cb_err err;
+  assert_int_equal(cb_process_start(rt, &spec, &cmd, id, &sent, &err), CB_OK);
+}
+
+/* Changes a process as the core's writers do: the change, then (after the
+ * commit) local awaiters woken and the sink fed from what was appended. */
+static void change_process(cb_runtime *rt, const char *domain, const char *id, const char *status,
+                           const char *state_json) {
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {domain, id, status, state_json};
+  cb_events_add_begin(u);
+  cb_unit_add(u,
+              "UPDATE commandbus.process SET status = $3, state = $4::jsonb, completed_at = now()"
+              " WHERE domain = $1 AND process_id = $2::uuid",
+              4, params);
+  int read = cb_events_add_read(u);
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_events_published(rt, u, read);
+  cb_unit_free(u);
+}
+
+static void drop_domain_queues(cb_runtime *rt, const char *domain) {
+  const char *suffixes[] = {"__commands", "__process_replies"};
+  for (int i = 0; i < 2; i++) {
+    char queue[80];
+    snprintf(queue, sizeof queue, "%s%s", domain, suffixes[i]);
+    int existed;
+    cb_err err;
+    cb_queue_drop(rt, queue, &existed, &err);
+  }
+}
+
+typedef struct process_waiter {
+  cb_runtime *rt;
+  const char *domain, *id;
+  pthread_barrier_t *go;
+  int flags;
+  int rc;
+  double resolved_at;
+  char status[32];
+  char state[128];
+} process_waiter;
+
+static void *await_process_main(void *p) {
+  process_waiter *a = p;
+  if (a->go) pthread_barrier_wait(a->go);
+  cb_unit *rows = NULL;
+  cb_err err;
+  a->rc = cb_await_process(a->rt, a->domain, a->id, 10, a->flags, &rows, &err);
+  a->resolved_at = now_s();
+  if (a->rc == CB_OK) {
+    const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
+    snprintf(a->status, sizeof a->status, "%s", cb_result_value(r, 0, 3));
+    snprintf(a->state, sizeof a->state, "%s", cb_result_value(r, 0, 5));
+  }
+  cb_unit_free(rows);
+  return NULL;
+}
+
+static void sixteen_process_waiters_racing_a_completion_resolve_alike(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(4);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], id[CB_UUID_LEN + 1];
+  snprintf(domain, sizeof domain, "%s", test_name("pawait16"));
+  start_process(rt, domain, id);
+  pthread_barrier_t go;
+  pthread_barrier_init(&go, NULL, 17);
+  process_waiter args[16];
+  pthread_t threads[16];
+  for (int i = 0; i < 16; i++) {
+    args[i] = (process_waiter){rt, domain, id, &go, 0, -99, 0, "", ""};
+    pthread_create(&threads[i], NULL, await_process_main, &args[i]);
+  }
+  pthread_barrier_wait(&go); /* released together; the completion races their first reads */
+  change_process(rt, domain, id, "COMPLETED", "{\"raced\": true}");
+  double completed = now_s();
+  for (int i = 0; i < 16; i++) {
+    pthread_join(threads[i], NULL);
+    assert_int_equal(args[i].rc, CB_OK);
+    assert_string_equal(args[i].status, "COMPLETED");
+    assert_string_equal(args[i].state, "{\"raced\": true}");
+    assert_true(args[i].resolved_at - completed < 2.0);
+  }
+  pthread_barrier_destroy(&go);
+  drop_domain_queues(rt, domain);
+  cb_runtime_free(rt);
+}
+
+static void a_polling_waiter_resolves_by_backoff_without_notifications(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], id[CB_UUID_LEN + 1];
+  snprintf(domain, sizeof domain, "%s", test_name("ppoll"));
+  start_process(rt, domain, id);
+  process_waiter a = {rt, domain, id, NULL, CB_AWAIT_POLL_ONLY, -99, 0, "", ""};
+  pthread_t thread;
+  double t0 = now_s();
+  pthread_create(&thread, NULL, await_process_main, &a);
+  usleep(300 * 1000);
+  /* Behind the hub's back: a plain statement, no local wake-up. */
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {domain, id};
+  cb_unit_add(u, "UPDATE commandbus.process SET status = 'FAILED' WHERE domain = $1 AND process_id = $2::uuid", 2,
+              params);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_unit_free(u);
+  pthread_join(thread, NULL);
+  assert_int_equal(a.rc, CB_OK);
+  assert_string_equal(a.status, "FAILED");
+  /* Reads at 0, 25, 75, 175, 375 ms (then 775): resolved by the 375 ms read. */
+  assert_true(a.resolved_at - t0 < 1.5);
+  drop_domain_queues(rt, domain);
+  cb_runtime_free(rt);
+}
+
+static void historical_events_return_at_once_and_unknown_ids_say_so(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], id[CB_UUID_LEN + 1];
+  snprintf(domain, sizeof domain, "%s", test_name("phist"));
+  start_process(rt, domain, id);
+  int64_t seq;
+  assert_int_equal(cb_process_append_event(rt, domain, id, "progress", "{\"pct\": 10}", &seq, &err), CB_OK);
+  assert_int_equal(seq, 2);
+  double t0 = now_s();
+  cb_unit *rows;
+  assert_int_equal(cb_await_event(rt, domain, id, "progress", 0, 10, 0, &rows, &err), CB_OK);
+  assert_true(now_s() - t0 < 0.5);
+  const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
+  assert_int_equal(cb_result_int(r, 0, 2), 2);
+  cb_unit_free(rows);
+  assert_int_equal(cb_await_event(rt, domain, id, "progress", 2, 0.1, 0, &rows, &err), CB_ETIMEOUT);
+  const char *unknown = "01234567-89ab-7def-8123-456789abcdef";
+  assert_int_equal(cb_await_process(rt, domain, unknown, 1, 0, &rows, &err), CB_ENOTFOUND);
+  assert_string_equal(err.message, "unknown process `01234567-89ab-7def-8123-456789abcdef`");
+  assert_int_equal(cb_await_event(rt, domain, unknown, "progress", 0, 1, 0, &rows, &err), CB_ENOTFOUND);
+  assert_string_equal(err.message, "unknown process `01234567-89ab-7def-8123-456789abcdef`");
+  drop_domain_queues(rt, domain);
+  cb_runtime_free(rt);
+}
+
+static void removing_finished_processes_wakes_nobody(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  assert_int_equal(cb_runtime_listen(rt, CB_AWAIT_CHANNEL, &err), CB_OK);
+  char domain[64], id[CB_UUID_LEN + 1], key[128];
+  snprintf(domain, sizeof domain, "%s", test_name("ppurge"));
+  start_process(rt, domain, id);
+  change_process(rt, domain, id, "COMPLETED", "{}");
+  /* Watched as a waiter would: by the hub key and a row in the awaiter table
+   * (so that a NOTIFY would be sent, and heard, if removal made one). */
+  cb_await_key(domain, id, key);
+  cb_hub_sub *sub = cb_hub_subscribe(cb_runtime_hub(rt), key);
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {domain, id};
+  cb_unit_add(u,
+              "INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
+              " VALUES ($1, $2::uuid, $2::uuid, now() + interval '1 minute')",
+              2, params);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  int64_t count;
+  assert_int_equal(cb_process_purge(rt, domain, 0, &count, &err), CB_OK);
+  assert_int_equal(count, 1);
+  assert_int_equal(cb_hub_wait(sub, 300), 0); /* nothing woke it */
+  cb_hub_unsubscribe(sub);
+  cb_unit_reset(u);
+  cb_unit_add(u, "DELETE FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid", 2, params);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_unit_free(u);
+  drop_domain_queues(rt, domain);
+  cb_runtime_free(rt);
+}
+
+static void the_sink_gets_committed_events_in_order_and_counts_what_does_not_fit(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], id[CB_UUID_LEN + 1];
+  snprintf(domain, sizeof domain, "%s", test_name("psink"));
+  cb_events_sink_on(rt, 3);
+  start_process(rt, domain, id);
+  int64_t seq;
+  assert_int_equal(cb_process_append_event(rt, domain, id, "a", NULL, &seq, &err), CB_OK);
+  assert_int_equal(cb_process_append_event(rt, domain, id, "b", NULL, &seq, &err), CB_OK);
+  assert_int_equal(cb_process_append_event(rt, domain, id, "c", NULL, &seq, &err), CB_OK); /* does not fit */
+  change_process(rt, domain, id, "COMPLETED", "{}"); /* terminal: never pushed */
+  cb_events_stats st;
+  cb_events_stats_get(rt, &st);
+  assert_int_equal(st.pushed, 3);
+  assert_int_equal(st.dropped, 1);
+  cb_process_event *got[8];
+  assert_int_equal(cb_events_take(rt, got, 8), 3);
+  const char *types[] = {"STARTED", "a", "b"};
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(got[i]->sequence, i + 1);
+    assert_string_equal(got[i]->event_type, types[i]);
+    assert_string_equal(got[i]->process_id, id);
+    free(got[i]);
+  }
+  /* The log has everything, the terminal event included. */
+  cb_unit *rows;
+  assert_int_equal(cb_process_events(rt, domain, id, 0, &rows, &err), CB_OK);
+  const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
+  assert_int_equal(cb_result_rows(r), 5);
+  assert_string_equal(cb_result_value(r, 4, 3), "COMPLETED");
+  cb_unit_free(rows);
+  assert_int_equal(cb_process_append_event(rt, domain, id, "late", NULL, &seq, &err), CB_ESTATE);
+  cb_events_sink_off(rt);
+  drop_domain_queues(rt, domain);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(the_poll_schedule_is_25_ms_doubling_capped_at_1_s),
       cmocka_unit_test(sixteen_waiters_are_released_together_by_one_completion),
+      cmocka_unit_test(the_safety_poll_doubles_from_25_ms_up_to_30_s),
+      cmocka_unit_test(sixteen_process_waiters_racing_a_completion_resolve_alike),
+      cmocka_unit_test(a_polling_waiter_resolves_by_backoff_without_notifications),
+      cmocka_unit_test(historical_events_return_at_once_and_unknown_ids_say_so),
+      cmocka_unit_test(removing_finished_processes_wakes_nobody),
+      cmocka_unit_test(the_sink_gets_committed_events_in_order_and_counts_what_does_not_fit),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

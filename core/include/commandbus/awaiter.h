@@ -11,6 +11,8 @@
 #ifndef COMMANDBUS_AWAITER_H
 #define COMMANDBUS_AWAITER_H
 
+#include <stdint.h>
+
 #include "commandbus/error.h"
 #include "commandbus/runtime.h"
 
@@ -30,12 +32,41 @@ void cb_await_key(const char *domain, const char *id, char *out);
 /* Bumps the id's key in this process (for writers in this process). */
 void cb_await_touch(cb_runtime *rt, const char *domain, const char *id);
 
-/* Blocks the calling thread until the command is COMPLETED, FAILED, CANCELED
- * or in the troubleshooting queue, then returns its record in the last
- * statement of *rows (caller frees). CB_ETIMEOUT after timeout seconds;
- * CB_ENOTFOUND ("unknown command `<id>`") when there is no such command. */
-int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id, double timeout, cb_unit **rows,
-                     cb_err *err);
+/* The safety-net poll for waits that every writer notifies (processes: a
+ * trigger notifies awaiters whoever writes): the same doubling from 25 ms,
+ * capped at CB_AWAIT_SAFETY_CAP_MS. A notification lost while the listener
+ * was away is covered too: on reconnecting it bumps every key. */
+#define CB_AWAIT_SAFETY_CAP_MS 30000
+int cb_await_safety_backoff_ms(int attempt);
+
+/* Flags of the await functions. */
+enum {
+  /* Neither the hub nor notifications: re-read on cb_await_backoff_ms's
+   * schedule only, as where no notification can arrive. */
+  CB_AWAIT_POLL_ONLY = 1
+};
+
+/* Each await blocks only the calling thread until its condition holds, then
+ * returns the record in the last statement of *rows (caller frees).
+ * CB_ETIMEOUT after timeout seconds; CB_ENOTFOUND ("unknown command `<id>`",
+ * "unknown process `<id>`") when there is no such record; CB_ECLOSED when
+ * the runtime closes meanwhile. */
+
+/* Until the command is COMPLETED, FAILED, CANCELED or in the troubleshooting
+ * queue. Columns as cb_bus_get_command's. */
+int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id, double timeout, int flags,
+                     cb_unit **rows, cb_err *err);
+
+/* Until the process is COMPLETED, COMPENSATED, FAILED or CANCELED. Columns as
+ * cb_process_get's. */
+int cb_await_process(cb_runtime *rt, const char *domain, const char *process_id, double timeout, int flags,
+                     cb_unit **rows, cb_err *err);
+
+/* Until the process has an event of event_type with a sequence above
+ * after_sequence; returns the first such (at once when it exists already).
+ * Columns as cb_process_events's. */
+int cb_await_event(cb_runtime *rt, const char *domain, const char *process_id, const char *event_type,
+                   int64_t after_sequence, double timeout, int flags, cb_unit **rows, cb_err *err);
 
 #ifdef __cplusplus
 }
