@@ -116,15 +116,21 @@ static void add_reads(cb_unit *u, const target *t) {
   for (int i = 0; i < t->nsql; i++) cb_unit_add(u, t->sql[i], t->sql_nparams[i], t->params);
 }
 
+static void free_unit(cb_unit *u, void *arg) {
+  (void)arg;
+  cb_unit_free(u);
+}
+
+/* Sent without waiting for it: the caller has its answer already, and a row
+ * left behind (the runtime closing meanwhile) expires on its own. */
 static void unregister(cb_runtime *rt, const target *t, const char *waiter) {
-  cb_unit *d = cb_unit_new(); /* best effort: an expired row is ignored anyway */
+  cb_unit *d = cb_unit_new();
   if (d == NULL) return;
   const char *params[] = {t->domain, t->id, waiter};
   cb_unit_add(d, "DELETE FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid AND waiter = $3::uuid", 3,
               params);
-  cb_err ignored;
-  cb_runtime_exec(rt, d, &ignored);
-  cb_unit_free(d);
+  cb_unit_on_done(d, free_unit, NULL);
+  if (cb_runtime_submit(rt, &d, 1) != CB_OK) cb_unit_free(d);
 }
 
 static int await_target(cb_runtime *rt, const target *t, double timeout, int flags, cb_unit **rows, cb_err *err) {

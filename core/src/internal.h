@@ -111,6 +111,7 @@ struct cb_runtime {
   int connect_timeout_ms; /* [init] */
   cb_hub *hub;         /* [init] */
   struct cb_event_feed *events; /* [init] the process event sink's queue (events.c) */
+  uint64_t units_sent;  /* atomic: units sent to PostgreSQL (each one transaction) */
   cb_runtime *next_open; /* guarded by the global list's lock */
 };
 

@@ -335,6 +335,7 @@ static int send_unit(cb_conn *conn, cb_unit *u) {
   int ids[u->nstmts > 0 ? u->nstmts : 1];
   int ok = 1, prepared = 0;
   conn->units_in_flight++;
+  __atomic_fetch_add(&conn->rt->units_sent, 1, __ATOMIC_RELAXED);
   for (int i = 0; ok && i < u->nstmts; i++) {
     const unit_stmt *s = &u->stmts[i];
     if (s->nparams > MAX_PARAMS) {

@@ -386,6 +386,8 @@ int cb_runtime_is_closed(cb_runtime *rt) {
 
 cb_hub *cb_runtime_hub(cb_runtime *rt) { return rt->hub; }
 
+uint64_t cb_runtime_units_sent(cb_runtime *rt) { return __atomic_load_n(&rt->units_sent, __ATOMIC_RELAXED); }
+
 int cb_runtime_on_loop(cb_runtime *rt) {
   return rt->thread_started && pthread_equal(pthread_self(), rt->thread);
 }

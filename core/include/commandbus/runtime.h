@@ -54,6 +54,10 @@ int cb_runtime_is_closed(cb_runtime *rt);
  * components above it. Lives as long as the runtime. */
 cb_hub *cb_runtime_hub(cb_runtime *rt);
 
+/* Units (each one transaction, one round trip or part of one) sent to
+ * PostgreSQL since the runtime started: what the runtime costs the server. */
+uint64_t cb_runtime_units_sent(cb_runtime *rt);
+
 /* True on the runtime's loop thread. */
 int cb_runtime_on_loop(cb_runtime *rt);
 
