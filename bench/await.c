@@ -238,7 +238,7 @@ static void cleanup(cb_runtime *rt, const char *domain) {
   exec_sql(rt, "DELETE FROM commandbus.command WHERE domain = $1", 1, params);
   const char *suffixes[] = {"__commands", "__process_replies"};
   for (int i = 0; i < 2; i++) {
-    char queue[80];
+    char queue[160];
     snprintf(queue, sizeof queue, "%s%s", domain, suffixes[i]);
     int existed;
     cb_err err;

@@ -115,10 +115,12 @@ cbL_lanes *cbL_lanes_start(lua_State *L, int count, const char *module, cbL_lane
 /* Joins every lane thread and frees. */
 void cbL_lanes_join(cbL_lanes *lanes);
 int cbL_lanes_running(const cbL_lanes *lanes);
-/* Calls run()'s tick (the function at idx; 0 or nil: none). Returns 0 when
- * the runner should stop: the tick returned false, or raised (logged with the
- * domain `who`). */
-int cbL_tick(lua_State *L, int idx, const char *who);
+/* Between a run() loop's rounds on the caller's thread: hands queued process
+ * events to the sink of the bus referenced by bus_ref (LUA_NOREF: none),
+ * then calls run()'s tick (the function at idx; 0 or nil: none). Returns 0
+ * when the runner should stop: the tick returned false, or raised (logged
+ * with the domain `who`). */
+int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who);
 
 void cbL_open_worker(lua_State *L);
 void cbL_open_reply_router(lua_State *L);

@@ -138,7 +138,12 @@ int cbL_lanes_running(const cbL_lanes *lanes) {
   return n;
 }
 
-int cbL_tick(lua_State *L, int idx, const char *who) {
+int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who) {
+  if (bus_ref != LUA_NOREF && bus_ref != LUA_REFNIL) { /* the bus's process event sink, if any */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, bus_ref);
+    cbL_dispatch_events(L, -1, 1 << 30);
+    lua_pop(L, 1);
+  }
   if (idx == 0 || lua_isnoneornil(L, idx)) return 1;
   lua_pushvalue(L, idx);
   int keep = 1;

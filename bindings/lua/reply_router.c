@@ -116,7 +116,7 @@ static void lane_loop(lua_State *L, int managers, cb_reply_router *r, int lane, 
       if (L) handle_reply(L, managers, r, reply);
       else cb_reply_router_release(r, reply); /* the managers module failed to load */
     }
-    if (tick_idx && !cbL_tick(L, tick_idx, cb_reply_router_domain(r))) cb_reply_router_stop(r);
+    if (tick_idx && !cbL_tick(L, tick_idx, LUA_NOREF, cb_reply_router_domain(r))) cb_reply_router_stop(r);
   }
 }
 
@@ -202,7 +202,7 @@ static int l_run(lua_State *L) {
   }
   if (lr->module) {
     while (!cb_reply_router_wait(r, tick_ms))
-      if (!cbL_tick(L, 3, cb_reply_router_domain(r))) cb_reply_router_stop(r);
+      if (!cbL_tick(L, 3, lr->bus_ref, cb_reply_router_domain(r))) cb_reply_router_stop(r);
     cbL_lanes_join(lanes);
   } else {
     lua_rawgeti(L, LUA_REGISTRYINDEX, lr->managers_ref);

@@ -177,7 +177,7 @@ static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work)
  * Without a state (the module failed to load) every command fails
  * transiently, so that nothing waits forever. */
 static void lane_loop(lua_State *L, int handlers, cb_worker *w, int lane, lua_State *tick_state, int tick_idx,
-                      int tick_ms) {
+                      int tick_ms, int bus_ref) {
   cb_work *work;
   for (;;) {
     int n = cb_worker_take(w, lane, &work, 1, tick_state ? tick_ms : 1000);
@@ -188,7 +188,7 @@ static void lane_loop(lua_State *L, int handlers, cb_worker *w, int lane, lua_St
       cb_worker_done(w, work);
     }
     /* Table mode: the caller's tick runs between handlers. */
-    if (tick_state && !cbL_tick(tick_state, tick_idx, cb_worker_domain(w))) cb_worker_stop(w);
+    if (tick_state && !cbL_tick(tick_state, tick_idx, bus_ref, cb_worker_domain(w))) cb_worker_stop(w);
   }
 }
 
@@ -198,7 +198,7 @@ static void module_lane(lua_State *L, int lane, void *arg) {
     cb_log(CB_LOG_ERROR, "worker %s: the handler module did not return a table", cb_worker_domain(w));
     L = NULL;
   }
-  lane_loop(L, 1, w, lane, NULL, 0, 0);
+  lane_loop(L, 1, w, lane, NULL, 0, 0, LUA_NOREF);
 }
 
 /* ---- the worker object ---------------------------------------------------------------- */
@@ -317,12 +317,12 @@ static int l_run(lua_State *L) {
   }
   if (lw->module) {
     while (!cb_worker_wait(w, tick_ms))
-      if (!cbL_tick(L, 3, cb_worker_domain(w))) cb_worker_stop(w);
+      if (!cbL_tick(L, 3, lw->bus_ref, cb_worker_domain(w))) cb_worker_stop(w);
     cbL_lanes_join(lanes);
   } else {
     lua_rawgeti(L, LUA_REGISTRYINDEX, lw->handlers_ref);
     int handlers = lua_gettop(L);
-    lane_loop(L, handlers, w, 0, L, 3, tick_ms);
+    lane_loop(L, handlers, w, 0, L, 3, tick_ms, lw->bus_ref);
     cb_worker_wait(w, -1);
   }
   lw->in_run = 0;
