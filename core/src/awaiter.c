@@ -16,16 +16,6 @@ int cb_await_backoff_ms(int attempt) {
   return ms > 1000 ? 1000 : ms;
 }
 
-void cb_await_key(const char *domain, const char *id, char *out) {
-  snprintf(out, 128, CB_AWAIT_CHANNEL ":%s:%s", domain, id);
-}
-
-void cb_await_touch(cb_runtime *rt, const char *domain, const char *id) {
-  char key[128];
-  cb_await_key(domain, id, key);
-  cb_hub_notify(cb_runtime_hub(rt), key);
-}
-
 static double now_seconds(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -142,8 +132,8 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
   if (!poll_only) {
     rc = cb_runtime_listen(rt, CB_AWAIT_CHANNEL, err);
     if (rc != CB_OK) return rc;
-    char key[128];
-    cb_await_key(t->domain, t->id, key);
+    char key[CB_HUB_KEY_MAX];
+    cb_hub_change_key(t->domain, t->id, key);
     /* Subscribed before the first read: a change between the read and the
      * wait bumps the version we already hold, so it is never lost. */
     sub = cb_hub_subscribe(cb_runtime_hub(rt), key);

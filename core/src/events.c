@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "commandbus/awaiter.h"
 #include "commandbus/bus.h"
 #include "commandbus/uuid.h"
 #include "internal.h"
@@ -186,7 +185,7 @@ void cb_events_published(cb_runtime *rt, const cb_unit *u, int index) {
   for (int row = 0; row < cb_result_rows(r); row++) {
     const char *domain = cb_result_value(r, row, 0), *process = cb_result_value(r, row, 1);
     if (strcmp(domain, last_domain) || strcmp(process, last_process)) /* once per process in a row */
-      cb_await_touch(rt, domain, process);
+      cb_hub_changed(cb_runtime_hub(rt), domain, process);
     last_domain = domain;
     last_process = process;
     if (on && !cb_event_is_terminal(cb_result_value(r, row, 3))) {

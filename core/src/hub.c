@@ -8,6 +8,7 @@
 #include "commandbus/error.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -227,4 +228,14 @@ size_t cb_hub_size(cb_hub *hub) {
   size_t n = hub->count;
   pthread_mutex_unlock(&hub->lock);
   return n;
+}
+
+void cb_hub_change_key(const char *domain, const char *id, char *out) {
+  snprintf(out, CB_HUB_KEY_MAX, CB_HUB_CHANGE_CHANNEL ":%s:%s", domain, id);
+}
+
+void cb_hub_changed(cb_hub *hub, const char *domain, const char *id) {
+  char key[CB_HUB_KEY_MAX];
+  cb_hub_change_key(domain, id, key);
+  cb_hub_notify(hub, key);
 }

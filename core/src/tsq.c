@@ -5,7 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "commandbus/awaiter.h"
 #include "commandbus/events.h"
 #include "commandbus/bus.h"
 #include "commandbus/queue.h"
@@ -123,7 +122,8 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
            " FROM m)"
            " SELECT msg_id FROM m",
            queue, queue);
-  /* A retried command is no longer in the TSQ: nothing for awaiters yet. */
+  /* A retried command is no longer in the TSQ; its awaiters keep waiting
+   * (only this process's are told: others re-read when it finishes). */
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain, id, operator_name ? operator_name : "operator"};
@@ -138,7 +138,10 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
               2, params);
   int events = cb_events_add_read(u);
   rc = finish(rt, u, 0, id, err);
-  if (rc == CB_OK) cb_events_published(rt, u, events);
+  if (rc == CB_OK) {
+    cb_hub_changed(cb_runtime_hub(rt), domain, id); /* PENDING again */
+    cb_events_published(rt, u, events);
+  }
   if (rc == CB_ESTATE)
     rc = cb_err_set(err, CB_ESTATE, "command %s has no archived message to send again", id);
   if (rc == CB_OK && new_msg_id) *new_msg_id = cb_result_int(cb_unit_result(u, 0), 0, 0);
@@ -171,7 +174,7 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
                      reply,
                      complete ? "'outcome', 'SUCCESS', 'result', $4::jsonb" : "'outcome', 'CANCELED', 'reason', $4::text");
   cb_strbuf_puts(&sql,
-                 ", w AS (SELECT pg_notify('" CB_AWAIT_CHANNEL "', $1 || ':' || c.command_id::text) FROM c"
+                 ", w AS (SELECT pg_notify('" CB_HUB_CHANGE_CHANNEL "', $1 || ':' || c.command_id::text) FROM c"
                  " WHERE EXISTS (SELECT 1 FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = c.command_id"
                  " AND a.expires_at > now()))"
                  " SELECT command_id, (SELECT count(*) FROM w) FROM c");
@@ -188,7 +191,7 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
   rc = finish(rt, u, 0, id, err);
   if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
     rc = cb_err_set(err, CB_EINVAL, "the result is not valid JSON: %s", err->message);
-  if (rc == CB_OK) cb_await_touch(rt, domain, id);
+  if (rc == CB_OK) cb_hub_changed(cb_runtime_hub(rt), domain, id);
   if (rc == CB_OK) refresh_batch_after(rt, domain, batch);
   cb_unit_free(u);
   return rc;

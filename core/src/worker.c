@@ -22,7 +22,6 @@
 #include <time.h>
 #include <uv.h>
 
-#include "commandbus/awaiter.h"
 #include "commandbus/events.h"
 #include "commandbus/bus.h"
 #include "commandbus/log.h"
@@ -358,7 +357,7 @@ static void handle_fetched(cb_worker *w, cb_unit *u, int index) {
     }
     cb_work *work = work_new(r, i);
     if (work == NULL) continue; /* redelivered after the visibility timeout */
-    cb_await_touch(w->rt, w->domain, work->command_id); /* received: a state change */
+    cb_hub_changed(cb_runtime_hub(w->rt), w->domain, work->command_id); /* received: a state change */
     work->started_at = fetched_at;
     if (work->batch_id && nbatches < FETCH_MAX && !batch_seen_started(w, work->batch_id))
       batches[nbatches++] = work->batch_id;
@@ -629,7 +628,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
   }
   /* Other processes hear of the change only when someone awaits it. */
   cb_strbuf_puts(sql,
-                 ", w AS (SELECT pg_notify('" CB_AWAIT_CHANNEL "', $1 || ':' || c.command_id::text) FROM c"
+                 ", w AS (SELECT pg_notify('" CB_HUB_CHANGE_CHANNEL "', $1 || ':' || c.command_id::text) FROM c"
                  " WHERE EXISTS (SELECT 1 FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = c.command_id"
                  " AND a.expires_at > now()))"
                  " SELECT command_id::text AS command_id, batch_id::text AS batch_id,"
@@ -733,7 +732,7 @@ static void on_round_done(cb_unit *u, void *arg) {
       const cb_result *r = cb_unit_result(u, st);
       if (cb_result_columns(r) != 3 || strcmp(cb_result_column_name(r, 1), "batch_id") != 0) continue;
       for (int row = 0; row < cb_result_rows(r); row++) {
-        cb_await_touch(w->rt, w->domain, cb_result_value(r, row, 0)); /* local waiters */
+        cb_hub_changed(cb_runtime_hub(w->rt), w->domain, cb_result_value(r, row, 0)); /* local waiters */
         if (cb_result_is_null(r, row, 1)) continue;
         const char *id = cb_result_value(r, row, 1);
         int seen = 0;

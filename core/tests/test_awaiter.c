@@ -284,7 +284,7 @@ static void removing_finished_processes_wakes_nobody(void **state) {
   change_process(rt, domain, id, "COMPLETED", "{}");
   /* Watched as a waiter would: by the hub key and a row in the awaiter table
    * (so that a NOTIFY would be sent, and heard, if removal made one). */
-  cb_await_key(domain, id, key);
+  cb_hub_change_key(domain, id, key);
   cb_hub_sub *sub = cb_hub_subscribe(cb_runtime_hub(rt), key);
   cb_unit *u = cb_unit_new();
   const char *params[] = {domain, id};

@@ -14,23 +14,18 @@
 #include <stdint.h>
 
 #include "commandbus/error.h"
+#include "commandbus/hub.h"
 #include "commandbus/runtime.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#define CB_AWAIT_CHANNEL "commandbus_await"
+#define CB_AWAIT_CHANNEL CB_HUB_CHANGE_CHANNEL
 
 /* The poll delay before re-read number `attempt` (0-based): 25 ms, doubling,
  * capped at 1 s: 25, 50, 100, 200, 400, 800, 1000, 1000, ... */
 int cb_await_backoff_ms(int attempt);
-
-/* The hub key of an id: "commandbus_await:<domain>:<id>" (out: 128 bytes). */
-void cb_await_key(const char *domain, const char *id, char *out);
-
-/* Bumps the id's key in this process (for writers in this process). */
-void cb_await_touch(cb_runtime *rt, const char *domain, const char *id);
 
 /* The safety-net poll for waits that every writer notifies (processes: a
  * trigger notifies awaiters whoever writes): the same doubling from 25 ms,

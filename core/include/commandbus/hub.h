@@ -53,6 +53,19 @@ void cb_hub_close(cb_hub *hub);
 /* Number of keys currently held (those with subscribers). */
 size_t cb_hub_size(cb_hub *hub);
 
+/* ---- record changes ------------------------------------------------------------ */
+
+/* A change of a record (a command, a process) bumps one key per id:
+ * "commandbus_await:<domain>:<id>". Across processes the same change
+ * arrives as NOTIFY commandbus_await '<domain>:<id>', which the runtime's
+ * listener turns into a bump of that very key. */
+#define CB_HUB_CHANGE_CHANNEL "commandbus_await"
+#define CB_HUB_KEY_MAX 128
+void cb_hub_change_key(const char *domain, const char *id, char *out /* CB_HUB_KEY_MAX bytes */);
+/* Wakes this process's waiters on the record (a hash probe when there are
+ * none): every writer calls it after the change committed. */
+void cb_hub_changed(cb_hub *hub, const char *domain, const char *id);
+
 #ifdef __cplusplus
 }
 #endif
