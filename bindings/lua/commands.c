@@ -1,6 +1,7 @@
 /* commandbus Lua binding: the bus's command methods (send, send_batch and the
  * queries). Arguments are checked here, before anything reaches the core:
  * wrong types raise, values the core refuses come back as nil, err. */
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,14 +10,34 @@
 #include "commandbus/bus.h"
 #include "commandbus/tsq.h"
 
-/* Reads one command table at idx into spec. Strings stay owned by Lua: the
- * table is referenced from the caller's arguments; encoded data goes into
- * the anchor table at anchor_idx (slot i). Raises on wrong types; returns 0
- * after pushing nil, err when data cannot be encoded. */
+/* What a message calls the command read by read_spec: `what`, or "command
+ * #i" when what is NULL (an item of a list). Made only when a message needs
+ * it: formatting it for every command of a large send_batch costs time.
+ * Pushes the string when it makes one. */
+static const char *spec_name(lua_State *L, const char *what, int i) {
+  return what ? what : lua_pushfstring(L, "command #%d", i);
+}
+
+/* Raises "bad <name><rest>". The caller evaluates the arguments (type
+ * names at relative indices included) before anything is pushed here. */
+static int spec_raise(lua_State *L, const char *what, int i, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  const char *rest = lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  const char *name = spec_name(L, what, i);
+  return luaL_error(L, "bad %s%s", name, rest);
+}
+
+/* Reads one command table at idx into spec; what names it in messages (NULL:
+ * "command #i"). Strings stay owned by Lua: the table is referenced from the
+ * caller's arguments; encoded data goes into the anchor table at anchor_idx
+ * (slot i). Raises on wrong types; returns 0 after pushing nil, err when data
+ * cannot be encoded. */
 static int read_spec(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what) {
   idx = lua_absindex(L, idx);
   memset(spec, 0, sizeof *spec);
-  if (lua_type(L, idx) != LUA_TTABLE) luaL_error(L, "bad %s: table expected, got %s", what, luaL_typename(L, idx));
+  if (lua_type(L, idx) != LUA_TTABLE) spec_raise(L, what, i, ": table expected, got %s", luaL_typename(L, idx));
   struct {
     const char *name;
     const char **out;
@@ -29,27 +50,28 @@ static int read_spec(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
     lua_getfield(L, idx, strings[k].name);
     if (!lua_isnil(L, -1)) {
       if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_error(L, "bad %s field '%s': string expected, got %s", what, strings[k].name, luaL_typename(L, -1));
+        spec_raise(L, what, i, " field '%s': string expected, got %s", strings[k].name, luaL_typename(L, -1));
       *strings[k].out = lua_tostring(L, -1);
     }
     lua_pop(L, 1);
   }
-  if (spec->command_type == NULL) luaL_error(L, "bad %s: field 'type' is required", what);
+  if (spec->command_type == NULL) spec_raise(L, what, i, ": field 'type' is required");
   lua_getfield(L, idx, "max_attempts");
   if (!lua_isnil(L, -1)) {
     int ok;
     int64_t v = cbL_toint64(L, -1, &ok);
-    if (!ok || v < 1) luaL_error(L, "bad %s field 'max_attempts': positive integer expected", what);
+    if (!ok || v < 1) spec_raise(L, what, i, " field 'max_attempts': positive integer expected");
     spec->max_attempts = (int)v;
   }
   lua_pop(L, 1);
   lua_getfield(L, idx, "data");
   if (!lua_isnil(L, -1)) {
     if (lua_type(L, -1) != LUA_TTABLE)
-      luaL_error(L, "bad %s field 'data': table expected, got %s", what, luaL_typename(L, -1));
+      spec_raise(L, what, i, " field 'data': table expected, got %s", luaL_typename(L, -1));
     if (!cbL_json_encode(L, -1)) {
       const char *why = lua_tostring(L, -1);
-      cbL_pusherrorcode(L, CB_EINVAL, "cannot encode %s data as JSON: %s", what, why ? why : "?");
+      const char *name = spec_name(L, what, i);
+      cbL_pusherrorcode(L, CB_EINVAL, "cannot encode %s data as JSON: %s", name, why ? why : "?");
       return 0;
     }
     spec->data_json = lua_tostring(L, -1);
@@ -81,9 +103,7 @@ static int read_specs(lua_State *L, int list, int anchor, size_t n, cb_command_s
   *results = lua_newuserdata(L, n * sizeof **results);
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, list, (int)i + 1);
-    char what[32];
-    snprintf(what, sizeof what, "command #%zu", i + 1);
-    if (!read_spec(L, -1, anchor, (int)i + 1, &(*specs)[i], what)) return 0;
+    if (!read_spec(L, -1, anchor, (int)i + 1, &(*specs)[i], NULL)) return 0;
     lua_pop(L, 1);
   }
   return 1;

@@ -177,6 +177,10 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
       rc = cb_err_set(err, CB_ETIMEOUT, "%s within %g s", why, timeout);
       break;
     }
+    /* The next read is ready before the wait, and the last one's results
+     * are gone: an idle waiter holds little memory. */
+    cb_unit_reset(u);
+    add_reads(u, t);
     int wait = poll_only || !t->notified_by_all ? cb_await_backoff_ms(attempt) : cb_await_safety_backoff_ms(attempt);
     if (wait > left * 1000) wait = (int)(left * 1000) + 1;
     if (sub) {
@@ -194,8 +198,6 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
         break;
       }
     }
-    cb_unit_reset(u);
-    add_reads(u, t);
   }
   cb_unit_free(u);
   cb_hub_unsubscribe(sub);
