@@ -156,6 +156,41 @@ describe("reply router", function()
     end)
   end)
 
+  it("stop() drains in-flight replies before run() returns", function()
+    local ids = {}
+    for i = 1, 40 do ids[i] = assert(order:start(bus, {order = i})) end
+    local commands = assert(bus:queue(domain .. "__commands"))
+    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", poll_interval = 0.05})
+    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
+    worker:close()
+    -- 40 replies wait; the lanes take 10 ms a reply. The router is stopped as
+    -- soon as it holds replies: run() returns only once every one of them is
+    -- applied (all 40 came in the first fetch).
+    local router
+    router = assert(bus:reply_router{domain = domain, managers = "spec.support.slow_saga_managers", concurrency = 2,
+                                     poll_interval = 0.05})
+    local stopped_while_holding
+    assert(router:run{tick_interval = 0.005, tick = function()
+      local h = router:health()
+      if stopped_while_holding == nil and (h.in_flight > 0 or h.applied > 0) then
+        stopped_while_holding = h.in_flight
+      end
+      return stopped_while_holding == nil -- run() goes on calling tick while it drains
+    end})
+    local health = router:health()
+    router:close()
+    assert.is_true(stopped_while_holding > 0, "stopped while holding no reply")
+    assert.equal("stopped", health.state)
+    assert.equal(0, health.in_flight)
+    assert.equal(40, health.applied)
+    assert.equal(0, assert(bus:queue(domain .. "__process_replies"):metrics()).queue_length)
+    for _, id in ipairs(ids) do
+      local p = assert(bus:get_process(domain, id))
+      assert.equal("WAITING", p.status)
+      assert.equal("charge", p.current_step)
+    end
+  end)
+
   it("archives a reply whose correlation id matches no process, and one without a valid correlation id", function()
     local replies = assert(bus:queue(domain .. "__process_replies"))
     assert(replies:create())

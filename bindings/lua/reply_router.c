@@ -2,8 +2,10 @@
  *
  * managers = "module.name": each lane thread loads the module in its own
  * lua_State (a table from process type to definition); managers = a table:
- * replies are handled on the thread that calls run(). Each lane hands a reply
- * to commandbus.process.decide and applies the decision in one transaction. */
+ * replies are handled on the thread that calls run(). Each lane takes a batch
+ * of replies, hands each to commandbus.process.decide, and applies the
+ * decisions together in one transaction (a reply whose batch fails is applied
+ * again on its own: see cb_reply_router_apply_many). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,16 +32,35 @@ static int decode_into(lua_State *L, const char *json) {
   return 0;
 }
 
-static const char *opt_string(lua_State *L, int idx, const char *k) {
+/* The string field k of the table at idx, or NULL; the string is also stored
+ * in the anchor table (at the next slot) so that it outlives the call even if
+ * a later hook changes the table. */
+static const char *anchored_field(lua_State *L, int idx, const char *k, int anchor, int *slot) {
   lua_getfield(L, idx, k);
   const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-  lua_pop(L, 1); /* still held by the table */
+  if (s) lua_rawseti(L, anchor, ++*slot);
+  else lua_pop(L, 1);
   return s;
 }
 
-/* Decides and applies one reply with the managers table at index `managers`.
- * Leaves the stack as found. */
-static void handle_reply(lua_State *L, int managers, cb_reply_router *r, cb_reply *reply) {
+/* Encodes the value at idx (a table, or nil meaning {} when if_nil is given);
+ * the JSON is anchored as anchored_field's strings are. NULL (the message
+ * left on the stack) when it cannot be encoded. */
+static const char *anchored_json(lua_State *L, int idx, const char *if_nil, int anchor, int *slot) {
+  if (if_nil && lua_isnil(L, idx)) return if_nil;
+  if (!cbL_json_encode(L, idx)) return NULL;
+  const char *json = lua_tostring(L, -1);
+  lua_rawseti(L, anchor, ++*slot);
+  return json;
+}
+
+/* Runs commandbus.process.decide (at index `decide`) on one reply with the
+ * managers table at index `managers`, and fills *decision, whose strings are
+ * kept alive by the anchor table. Returns 1 when decided; 0 when the reply
+ * was rejected or released instead (and so consumed). Leaves the stack as
+ * found. */
+static int decide_reply(lua_State *L, int managers, int decide, int anchor, int *slot, cb_reply_router *r,
+                        cb_reply *reply, cb_reply_decision *decision) {
   int top = lua_gettop(L);
   lua_getfield(L, managers, reply->process_type);
   if (lua_isnil(L, -1)) {
@@ -47,19 +68,10 @@ static void handle_reply(lua_State *L, int managers, cb_reply_router *r, cb_repl
     snprintf(why, sizeof why, "no process manager for type `%s`", reply->process_type);
     cb_reply_router_reject(r, reply, why);
     lua_settop(L, top);
-    return;
+    return 0;
   }
   int manager = lua_gettop(L);
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "commandbus.process");
-  if (lua_pcall(L, 1, 1, 0) != 0) {
-    cb_log(CB_LOG_ERROR, "reply router %s: cannot load commandbus.process: %s", cb_reply_router_domain(r),
-           lua_tostring(L, -1));
-    cb_reply_router_release(r, reply);
-    lua_settop(L, top);
-    return;
-  }
-  lua_getfield(L, -1, "decide");
+  lua_pushvalue(L, decide);
   lua_pushvalue(L, manager);
   lua_createtable(L, 0, 4); /* p */
   lua_pushstring(L, reply->status);
@@ -76,47 +88,80 @@ static void handle_reply(lua_State *L, int managers, cb_reply_router *r, cb_repl
            cb_reply_router_domain(r), reply->process_id, reply->process_type, cbL_tostring(L, -1));
     cb_reply_router_release(r, reply);
     lua_settop(L, top);
-    return;
+    return 0;
   }
   int d = lua_gettop(L);
-  cb_reply_decision decision = {0};
-  decision.status = opt_string(L, d, "status");
-  decision.step = opt_string(L, d, "step");
-  decision.error_code = opt_string(L, d, "error_code");
-  decision.error_message = opt_string(L, d, "error_message");
+  if (!lua_istable(L, d)) {
+    cb_log(CB_LOG_WARN, "reply router %s: deciding about process %s returned %s, not a table; the reply comes back "
+           "later", cb_reply_router_domain(r), reply->process_id, luaL_typename(L, d));
+    cb_reply_router_release(r, reply);
+    lua_settop(L, top);
+    return 0;
+  }
+  memset(decision, 0, sizeof *decision);
+  decision->status = anchored_field(L, d, "status", anchor, slot);
+  decision->step = anchored_field(L, d, "step", anchor, slot);
+  decision->error_code = anchored_field(L, d, "error_code", anchor, slot);
+  decision->error_message = anchored_field(L, d, "error_message", anchor, slot);
   lua_getfield(L, d, "state");
-  if (!cbL_json_encode(L, -1)) {
+  decision->state_json = anchored_json(L, -1, NULL, anchor, slot);
+  if (decision->state_json == NULL) {
     cb_log(CB_LOG_WARN, "reply router %s: the state of process %s cannot be encoded: %s", cb_reply_router_domain(r),
            reply->process_id, lua_tostring(L, -1));
     cb_reply_router_release(r, reply);
     lua_settop(L, top);
-    return;
+    return 0;
   }
-  decision.state_json = lua_tostring(L, -1);
   lua_getfield(L, d, "command");
   if (lua_istable(L, -1)) {
     int cmd = lua_gettop(L);
-    decision.next_type = opt_string(L, cmd, "type");
+    decision->next_type = anchored_field(L, cmd, "type", anchor, slot);
     lua_getfield(L, cmd, "data");
-    if (lua_isnil(L, -1)) lua_pushliteral(L, "{}");
-    else if (!cbL_json_encode(L, -1)) lua_pushliteral(L, "{}");
-    decision.next_data_json = lua_tostring(L, -1);
+    decision->next_data_json = anchored_json(L, -1, "{}", anchor, slot);
+    if (decision->next_data_json == NULL) decision->next_data_json = "{}";
   }
+  lua_settop(L, top);
+  return 1;
+}
+
+/* Decides each of n replies, then applies the decided ones together (one
+ * transaction when all goes well; see cb_reply_router_apply_many). Every
+ * reply is consumed. Leaves the stack as found. */
+static void handle_replies(lua_State *L, int managers, cb_reply_router *r, cb_reply **replies, int n) {
+  int top = lua_gettop(L);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "commandbus.process");
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    cb_log(CB_LOG_ERROR, "reply router %s: cannot load commandbus.process: %s", cb_reply_router_domain(r),
+           lua_tostring(L, -1));
+    for (int i = 0; i < n; i++) cb_reply_router_release(r, replies[i]);
+    lua_settop(L, top);
+    return;
+  }
+  lua_getfield(L, -1, "decide");
+  int decide = lua_gettop(L);
+  lua_createtable(L, 8 * n, 0); /* anchor: the decisions' strings */
+  int anchor = lua_gettop(L), slot = 0;
+  cb_reply *decided[CB_REPLY_ROUTER_BATCH_MAX];
+  cb_reply_decision decisions[CB_REPLY_ROUTER_BATCH_MAX];
+  int m = 0;
+  for (int i = 0; i < n; i++)
+    if (decide_reply(L, managers, decide, anchor, &slot, r, replies[i], &decisions[m])) decided[m++] = replies[i];
   cb_err err;
-  cb_reply_router_apply(r, reply, &decision, &err); /* consumes the reply; logs its own failures */
+  cb_reply_router_apply_many(r, decided, decisions, m, &err); /* consumes them; logs its own failures */
   lua_settop(L, top);
 }
 
-static void lane_loop(lua_State *L, int managers, cb_reply_router *r, int lane, int tick_idx, int tick_ms) {
+static void lane_loop(lua_State *L, int managers, cb_reply_router *r, int lane, int tick_idx, int tick_ms,
+                      int bus_ref) {
+  cb_reply *replies[CB_REPLY_ROUTER_BATCH_MAX];
   for (;;) {
     int ended;
-    cb_reply *reply = cb_reply_router_take(r, lane, tick_idx ? tick_ms : 1000, &ended);
+    int n = cb_reply_router_take_many(r, lane, replies, CB_REPLY_ROUTER_BATCH_MAX, tick_idx ? tick_ms : 1000, &ended);
     if (ended) break;
-    if (reply) {
-      if (L) handle_reply(L, managers, r, reply);
-      else cb_reply_router_release(r, reply); /* the managers module failed to load */
-    }
-    if (tick_idx && !cbL_tick(L, tick_idx, LUA_NOREF, cb_reply_router_domain(r))) cb_reply_router_stop(r);
+    if (n > 0 && L) handle_replies(L, managers, r, replies, n);
+    for (int i = 0; i < n && !L; i++) cb_reply_router_release(r, replies[i]); /* the managers module failed to load */
+    if (tick_idx && !cbL_tick(L, tick_idx, bus_ref, cb_reply_router_domain(r))) cb_reply_router_stop(r);
   }
 }
 
@@ -126,7 +171,7 @@ static void module_lane(lua_State *L, int lane, void *arg) {
     cb_log(CB_LOG_ERROR, "reply router %s: the managers module did not return a table", cb_reply_router_domain(r));
     L = NULL;
   }
-  lane_loop(L, 1, r, lane, 0, 0);
+  lane_loop(L, 1, r, lane, 0, 0, LUA_NOREF);
 }
 
 /* bus:reply_router{domain=, reply_queue=, managers=, concurrency=,
@@ -206,7 +251,7 @@ static int l_run(lua_State *L) {
     cbL_lanes_join(lanes);
   } else {
     lua_rawgeti(L, LUA_REGISTRYINDEX, lr->managers_ref);
-    lane_loop(L, lua_gettop(L), r, 0, 3, tick_ms);
+    lane_loop(L, lua_gettop(L), r, 0, 3, tick_ms, lr->bus_ref);
     cb_reply_router_wait(r, -1);
   }
   lr->in_run = 0;

@@ -7,11 +7,15 @@
 #include <string.h>
 #include <time.h>
 
+#include "commandbus/events.h"
 #include "commandbus/log.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
+#include "commandbus/uuid.h"
+#include "strbuf.h"
 
-#define FETCH_MAX 100
+/* Replies fetched at once, at most: a lane's two batches' worth. */
+#define FETCH_MAX (2 * CB_REPLY_ROUTER_BATCH_MAX)
 #define UUID_RE "'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'"
 
 struct cb_reply_router {
@@ -21,6 +25,7 @@ struct cb_reply_router {
   char queue[CB_QUEUE_NAME_MAX + 1];
   char channel[80];
   char fetch_sql[2048];
+  char apply_sql[2048];
   int lanes;
   int capacity;
   cb_message_router *router;
@@ -87,7 +92,8 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
   snprintf(r->channel, sizeof r->channel, "pgmq_notify_%s", r->queue);
   r->lanes = o->lanes > 0 ? o->lanes : cb_default_threads();
   if (r->lanes > CB_MESSAGE_ROUTER_MAX_LANES) r->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
-  r->capacity = r->lanes * 8 < FETCH_MAX ? FETCH_MAX : r->lanes * 8;
+  /* Two full batches per lane: one being applied, the next one waiting. */
+  r->capacity = r->lanes * 2 * CB_REPLY_ROUTER_BATCH_MAX;
   snprintf(r->fetch_sql, sizeof r->fetch_sql,
            "WITH m AS (UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => $2::float8),"
            " read_ct = q.read_ct + 1 WHERE q.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s"
@@ -106,6 +112,31 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
            " LEFT JOIN commandbus.process_audit pa ON pa.domain = $3 AND pa.process_id = m.process_id"
            " AND pa.command_id = m.command_id ORDER BY m.msg_id",
            r->queue, r->queue);
+  /* Applies a batch of replies, one per process. Each reply is recorded once
+   * (reply_outcome IS NULL) and only a process still waiting moves; unless
+   * every reply of the batch did, 1/0 aborts the whole transaction (next
+   * commands included). The probes by ANY(ARRAY(...)) keep the plans on the
+   * indexes whatever the row estimate of the input. */
+  snprintf(r->apply_sql, sizeof r->apply_sql,
+           "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(msg bigint, pid uuid, cid uuid, outcome text,"
+           " reply text, status text, step text, state text, ecode text, emsg text, next_id uuid, next_type text,"
+           " next_data text)),"
+           " a AS (UPDATE commandbus.process_audit pa SET reply_outcome = i.outcome, reply_data = i.reply::jsonb,"
+           " received_at = now() FROM i WHERE pa.domain = $1 AND pa.command_id = ANY(ARRAY(SELECT cid FROM i))"
+           " AND pa.command_id = i.cid AND pa.process_id = i.pid AND pa.reply_outcome IS NULL"
+           " RETURNING pa.process_id),"
+           " p AS (UPDATE commandbus.process pr SET status = i.status, current_step = i.step,"
+           " state = i.state::jsonb, error_code = i.ecode, error_message = i.emsg, updated_at = now(),"
+           " completed_at = CASE WHEN i.status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED') THEN now() END"
+           " FROM i WHERE pr.domain = $1 AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a))"
+           " AND pr.process_id = i.pid AND pr.status IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')"
+           " RETURNING pr.process_id),"
+           " n AS (INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
+           " command_data) SELECT $1, pid, step, next_id, next_type, next_data::jsonb FROM i"
+           " WHERE next_type IS NOT NULL),"
+           " d AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i)))"
+           " SELECT 1 / ((SELECT count(*) FROM p) = (SELECT count(*) FROM i))::int",
+           r->queue);
   pthread_mutex_init(&r->lock, NULL);
   pthread_cond_init(&r->changed, NULL);
   r->health.state = "starting";
@@ -174,13 +205,16 @@ static void archive(cb_reply_router *r, int64_t msg_id) {
   cb_unit_free(u);
 }
 
-static void count_done(cb_reply_router *r, uint64_t *counter) {
+/* n replies left the router's hands (applied, rejected or released). */
+static void count_finished(cb_reply_router *r, uint64_t *counter, int n) {
   pthread_mutex_lock(&r->lock);
-  r->in_flight--;
-  if (counter) (*counter)++;
+  r->in_flight -= n;
+  if (counter) *counter += (uint64_t)n;
   pthread_cond_broadcast(&r->changed);
   pthread_mutex_unlock(&r->lock);
 }
+
+static void count_done(cb_reply_router *r, uint64_t *counter) { count_finished(r, counter, 1); }
 
 /* Why a fetched reply cannot be applied, or NULL when it can. */
 static const char *unusable(const cb_result *res, int row, int *level) {
@@ -316,24 +350,29 @@ int cb_reply_router_wait(cb_reply_router *r, int timeout_ms) {
   struct timespec start;
   clock_gettime(CLOCK_MONOTONIC, &start);
   for (;;) {
+    /* Short waits (a closed runtime is noticed), never past the caller's
+     * timeout: run()'s tick comes every tick_interval, not every 100 ms. */
+    long slice_ms = 100;
+    if (timeout_ms >= 0) {
+      struct timespec now;
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
+      if (left < slice_ms) slice_ms = left > 0 ? left : 0;
+    }
     maybe_end_lanes(r);
     pthread_mutex_lock(&r->lock);
     int ended = r->lanes_ended;
-    if (!ended) {
+    if (!ended && slice_ms > 0) {
       struct timespec ts;
       clock_gettime(CLOCK_REALTIME, &ts);
-      ts.tv_nsec += 100 * 1000000L;
+      ts.tv_nsec += slice_ms * 1000000L;
       if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
       pthread_cond_timedwait(&r->changed, &r->lock, &ts);
     }
     pthread_mutex_unlock(&r->lock);
     if (ended) return 1;
     if (cb_runtime_is_closed(r->rt)) cb_reply_router_stop(r);
-    if (timeout_ms >= 0) {
-      struct timespec now;
-      clock_gettime(CLOCK_MONOTONIC, &now);
-      if ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 >= timeout_ms) return 0;
-    }
+    if (slice_ms == 0) return 0;
   }
 }
 
@@ -361,18 +400,26 @@ void cb_reply_router_free(cb_reply_router *r) {
 /* ---- lanes ---------------------------------------------------------------------- */
 
 cb_reply *cb_reply_router_take(cb_reply_router *r, int lane, int timeout_ms, int *ended) {
+  cb_reply *reply = NULL;
+  return cb_reply_router_take_many(r, lane, &reply, 1, timeout_ms, ended) == 1 ? reply : NULL;
+}
+
+int cb_reply_router_take_many(cb_reply_router *r, int lane, cb_reply **replies, int max, int timeout_ms, int *ended) {
   *ended = 0;
-  void *item;
-  int n = cb_message_router_take(r->router, lane, &item, 1, timeout_ms);
+  void *items[CB_REPLY_ROUTER_BATCH_MAX];
+  if (max > CB_REPLY_ROUTER_BATCH_MAX) max = CB_REPLY_ROUTER_BATCH_MAX;
+  if (max < 1) return 0;
+  int n = cb_message_router_take(r->router, lane, items, (size_t)max, timeout_ms);
   if (n == CB_MESSAGE_ROUTER_END) {
     *ended = 1;
-    return NULL;
+    return 0;
   }
   if (n <= 0) {
     maybe_end_lanes(r); /* a table-mode lane is also the caller waiting for the end */
-    return NULL;
+    return 0;
   }
-  return item;
+  for (int i = 0; i < n; i++) replies[i] = items[i];
+  return n;
 }
 
 void cb_reply_router_reject(cb_reply_router *r, cb_reply *reply, const char *why) {
@@ -388,57 +435,104 @@ void cb_reply_router_release(cb_reply_router *r, cb_reply *reply) {
   count_done(r, &r->health.failures);
 }
 
-int cb_reply_router_apply(cb_reply_router *r, cb_reply *reply, const cb_reply_decision *d, cb_err *err) {
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) {
-    cb_reply_router_release(r, reply);
-    return cb_err_set(err, CB_ENOMEM, "out of memory");
-  }
-  add_timeout(u, r);
-  /* The reply is recorded only once (reply_outcome IS NULL), and only a
-   * process still waiting moves; otherwise 1/0 aborts the whole transaction,
-   * next command included. */
-  const char *params[] = {r->domain, reply->process_id, reply->command_id, reply->outcome, reply->message_json,
-                          d->status, d->step, d->state_json, d->error_code, d->error_message};
-  cb_unit_add(u,
-              "WITH a AS (UPDATE commandbus.process_audit SET reply_outcome = $4, reply_data = $5::jsonb,"
-              " received_at = now() WHERE domain = $1 AND process_id = $2::uuid AND command_id = $3::uuid"
-              " AND reply_outcome IS NULL RETURNING id),"
-              " p AS (UPDATE commandbus.process SET status = $6, current_step = $7, state = $8::jsonb,"
-              " error_code = $9, error_message = $10, updated_at = now(),"
-              " completed_at = CASE WHEN $6 IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED') THEN now() END"
-              " WHERE domain = $1 AND process_id = $2::uuid"
-              " AND status IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING') AND EXISTS (SELECT 1 FROM a)"
-              " RETURNING process_id)"
-              " SELECT 1 / (SELECT count(*)::int FROM p)",
-              10, params);
-  int rc = CB_OK;
-  cb_command_spec spec = {0};
-  cb_send_result sent;
-  if (d->next_type) {
-    spec.command_type = d->next_type;
-    spec.data_json = d->next_data_json;
-    spec.correlation_id = reply->process_id;
-    spec.reply_to = r->queue;
-    rc = cb_bus_add_send(r->rt, u, r->domain, &spec, 1, 0, &sent, NULL, err);
-    if (rc == CB_OK) {
-      const char *ap[] = {r->domain, reply->process_id, d->step, sent.command_id, d->next_type,
-                          d->next_data_json ? d->next_data_json : "{}"};
-      cb_unit_add(u,
-                  "INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
-                  " command_data) VALUES ($1, $2::uuid, $3, $4::uuid, $5, $6::jsonb)",
-                  6, ap);
+/* ---- applying ------------------------------------------------------------------- */
+
+static void json_field(cb_strbuf *b, const char *name, const char *value) {
+  cb_strbuf_printf(b, ",\"%s\":", name);
+  if (value) cb_strbuf_json_string(b, value);
+  else cb_strbuf_puts(b, "null");
+}
+
+/* Appends to u the transaction applying replies[idx[k]] with decisions[idx[k]]
+ * for k < m (m <= CB_REPLY_ROUTER_BATCH_MAX, one reply per process): the
+ * guarded apply statement (r->apply_sql), then the next steps' commands. The
+ * input travels as one JSON parameter whose values are all JSON strings, so
+ * that a caller's text (state, data) is data, never structure. */
+static int add_apply(cb_reply_router *r, cb_unit *u, cb_reply *const *replies, const cb_reply_decision *decisions,
+                     const int *idx, int m, cb_err *err) {
+  cb_command_spec specs[CB_REPLY_ROUTER_BATCH_MAX];
+  cb_send_result sent[CB_REPLY_ROUTER_BATCH_MAX];
+  char ids[CB_REPLY_ROUTER_BATCH_MAX][CB_UUID_LEN + 1];
+  int nsend = 0;
+  cb_strbuf input = {0};
+  cb_strbuf_putc(&input, '[');
+  for (int k = 0; k < m; k++) {
+    const cb_reply *reply = replies[idx[k]];
+    const cb_reply_decision *d = &decisions[idx[k]];
+    cb_strbuf_printf(&input, "%s{\"msg\":%lld", k ? "," : "", (long long)reply->msg_id);
+    json_field(&input, "pid", reply->process_id);
+    json_field(&input, "cid", reply->command_id);
+    json_field(&input, "outcome", reply->outcome);
+    json_field(&input, "reply", reply->message_json);
+    json_field(&input, "status", d->status);
+    json_field(&input, "step", d->step);
+    json_field(&input, "state", d->state_json);
+    json_field(&input, "ecode", d->error_code);
+    json_field(&input, "emsg", d->error_message);
+    if (d->next_type) {
+      /* The command's id is chosen here, so that its process_audit row can
+       * be written by the apply statement, before the send. */
+      cb_uuid_v7(ids[nsend]);
+      specs[nsend] = (cb_command_spec){.command_id = ids[nsend],
+                                       .command_type = d->next_type,
+                                       .data_json = d->next_data_json,
+                                       .correlation_id = reply->process_id,
+                                       .reply_to = r->queue};
+      json_field(&input, "next_id", ids[nsend]);
+      json_field(&input, "next_type", d->next_type);
+      json_field(&input, "next_data", d->next_data_json ? d->next_data_json : "{}");
+      nsend++;
     }
+    cb_strbuf_putc(&input, '}');
   }
-  char del[256], id[24];
-  snprintf(del, sizeof del, "DELETE FROM pgmq.q_%s WHERE msg_id = $1::bigint", r->queue);
-  snprintf(id, sizeof id, "%lld", (long long)reply->msg_id);
-  const char *dp[] = {id};
-  cb_unit_add(u, del, 1, dp);
+  cb_strbuf_putc(&input, ']');
+  int rc = CB_OK;
+  if (!input.failed) {
+    const char *params[] = {r->domain, input.data};
+    add_timeout(u, r);
+    if (cb_unit_add(u, r->apply_sql, 2, params) < 0) input.failed = 1;
+  }
+  if (input.failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (rc == CB_OK && nsend) rc = cb_bus_add_send(r->rt, u, r->domain, specs, (size_t)nsend, 0, sent, NULL, err);
+  cb_strbuf_free(&input);
+  return rc;
+}
+
+/* One transaction for replies[idx[0..m)]; the replies are not consumed.
+ * The process events it appends are read back; once it committed they wake
+ * this process's awaiters and go to the event sink. */
+static int exec_apply(cb_reply_router *r, cb_reply *const *replies, const cb_reply_decision *decisions, const int *idx,
+                      int m, cb_err *err) {
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_events_add_begin(u);
+  int rc = add_apply(r, u, replies, decisions, idx, m, err);
+  int events = rc == CB_OK ? cb_events_add_read(u) : -1;
   if (rc == CB_OK) rc = cb_runtime_exec(r->rt, u, err);
+  if (rc == CB_OK) cb_events_published(r->rt, u, events);
   cb_unit_free(u);
+  return rc;
+}
+
+/* After the commit: the replies are freed and counted. */
+static void applied(cb_reply_router *r, cb_reply **replies, const int *idx, int m) {
+  for (int k = 0; k < m; k++) {
+    free(replies[idx[k]]);
+    replies[idx[k]] = NULL;
+  }
+  count_finished(r, &r->health.applied, m);
+}
+
+int cb_reply_router_apply(cb_reply_router *r, cb_reply *reply, const cb_reply_decision *d, cb_err *err) {
+  const int only = 0;
+  int rc = exec_apply(r, &reply, d, &only, 1, err);
   if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22012") == 0) {
-    cb_reply_router_reject(r, reply, "applied before, or the process moved on");
+    /* At-least-once delivery: a reply answered twice, or late. Not an error. */
+    cb_log(CB_LOG_INFO, "reply router %s: reply %lld archived: it was applied before, or its process moved on"
+           " (process %s)", r->domain, (long long)reply->msg_id, reply->process_id);
+    archive(r, reply->msg_id);
+    free(reply);
+    count_done(r, &r->health.rejected);
     return cb_err_set(err, CB_ESTATE, "reply was applied before or the process moved on");
   }
   if (rc != CB_OK) {
@@ -447,9 +541,82 @@ int cb_reply_router_apply(cb_reply_router *r, cb_reply *reply, const cb_reply_de
     cb_reply_router_release(r, reply);
     return rc;
   }
-  free(reply);
-  count_done(r, &r->health.applied);
+  applied(r, &reply, &only, 1);
   return CB_OK;
+}
+
+/* Remembers the first failure of several (err may be NULL). */
+static void keep_first(int *first, cb_err *err, int rc, const cb_err *one) {
+  if (rc == CB_OK || *first != CB_OK) return;
+  *first = rc;
+  if (err) *err = *one;
+}
+
+/* Applies replies[idx[0..m)] (one per process) in one transaction, or, when
+ * that fails, one by one. Returns the first failure's code (err filled). */
+static int apply_batch(cb_reply_router *r, cb_reply **replies, const cb_reply_decision *decisions, const int *idx,
+                       int m, cb_err *err) {
+  if (m == 1) return cb_reply_router_apply(r, replies[idx[0]], &decisions[idx[0]], err);
+  int rc = exec_apply(r, replies, decisions, idx, m, err);
+  if (rc == CB_OK) {
+    applied(r, replies, idx, m);
+    return CB_OK;
+  }
+  if (rc == CB_ECLOSED) { /* nothing can be written any more */
+    cb_log(CB_LOG_WARN, "reply router %s: the bus was closed; %d replies come back after their visibility timeout",
+           r->domain, m);
+    for (int k = 0; k < m; k++) cb_reply_router_release(r, replies[idx[k]]);
+    return rc;
+  }
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22012") == 0)
+    cb_log(CB_LOG_INFO, "reply router %s: a batch of %d replies holds one applied before or whose process moved "
+           "on; applying them one by one", r->domain, m);
+  else
+    cb_log(CB_LOG_WARN, "reply router %s: applying a batch of %d replies failed (%s: %s); applying them one by one",
+           r->domain, m, cb_strerror(rc), err->message);
+  int first = CB_OK;
+  for (int k = 0; k < m; k++) {
+    cb_err one;
+    rc = cb_reply_router_apply(r, replies[idx[k]], &decisions[idx[k]], &one);
+    keep_first(&first, err, rc, &one);
+  }
+  return first;
+}
+
+int cb_reply_router_apply_many(cb_reply_router *r, cb_reply **replies, const cb_reply_decision *decisions, int n,
+                               cb_err *err) {
+  cb_err_clear(err);
+  if (n <= 0) return CB_OK;
+  int *pending = malloc((size_t)n * sizeof *pending);
+  if (pending == NULL) { /* one by one: no bookkeeping needed */
+    int first = CB_OK;
+    for (int i = 0; i < n; i++) {
+      cb_err one;
+      int rc = cb_reply_router_apply(r, replies[i], &decisions[i], &one);
+      keep_first(&first, err, rc, &one);
+    }
+    return first;
+  }
+  for (int i = 0; i < n; i++) pending[i] = i;
+  int npending = n, first = CB_OK;
+  while (npending > 0) {
+    /* A batch takes, in order, each reply whose process it does not hold
+     * yet; the others wait for the next batch, still in order. */
+    int batch[CB_REPLY_ROUTER_BATCH_MAX], m = 0, rest = 0;
+    for (int k = 0; k < npending; k++) {
+      int i = pending[k];
+      int later = m == CB_REPLY_ROUTER_BATCH_MAX;
+      for (int j = 0; j < m && !later; j++) later = strcmp(replies[batch[j]]->process_id, replies[i]->process_id) == 0;
+      if (later) pending[rest++] = i;
+      else batch[m++] = i;
+    }
+    npending = rest;
+    cb_err one;
+    int rc = apply_batch(r, replies, decisions, batch, m, &one);
+    keep_first(&first, err, rc, &one);
+  }
+  free(pending);
+  return first;
 }
 
 void cb_reply_router_health_get(cb_reply_router *r, cb_reply_router_health *h) {

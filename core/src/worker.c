@@ -1085,15 +1085,23 @@ void cb_worker_stop(cb_worker *w) {
 }
 
 int cb_worker_wait(cb_worker *w, int timeout_ms) {
-  struct timespec deadline;
-  clock_gettime(CLOCK_REALTIME, &deadline);
-  long long total = timeout_ms < 0 ? -1 : timeout_ms;
+  struct timespec start;
+  clock_gettime(CLOCK_MONOTONIC, &start);
   pthread_mutex_lock(&w->lock);
   while (w->state != STATE_STOPPED) {
-    /* Short waits, so that a runtime closed under the worker is noticed. */
+    /* Short waits (a runtime closed under the worker is noticed), never past
+     * the caller's timeout: run()'s tick comes every tick_interval. */
+    long slice_ms = 100;
+    if (timeout_ms >= 0) {
+      struct timespec now;
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
+      if (left <= 0) break;
+      if (left < slice_ms) slice_ms = left;
+    }
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_nsec += 100 * 1000000L;
+    ts.tv_nsec += slice_ms * 1000000L;
     if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
     pthread_cond_timedwait(&w->changed, &w->lock, &ts);
     if (w->state == STATE_STOPPED) break;
@@ -1102,11 +1110,6 @@ int cb_worker_wait(cb_worker *w, int timeout_ms) {
       cb_message_router_stop(w->router);
       set_state(w, STATE_STOPPED);
       return 1;
-    }
-    if (total >= 0) {
-      clock_gettime(CLOCK_REALTIME, &ts);
-      long long elapsed = (ts.tv_sec - deadline.tv_sec) * 1000LL + (ts.tv_nsec - deadline.tv_nsec) / 1000000L;
-      if (elapsed >= total) break;
     }
   }
   int stopped = w->state == STATE_STOPPED;

@@ -4,10 +4,12 @@
  * process up by correlation id, and hands it to a lane chosen by process id
  * (one process is never handled on two lanes at once). A lane (the Lua
  * binding: process managers' hooks) decides what the reply means and applies
- * it with cb_reply_router_apply, in one transaction: the reply recorded in
- * process_audit, the process's state and status, the next step's command,
- * and the reply removed from the queue. A reply already applied (its
- * command's process_audit row has an outcome) changes nothing.
+ * it: the reply recorded in process_audit, the process's state and status,
+ * the next step's command, and the reply removed from the queue, all in one
+ * transaction. A reply already applied (its command's process_audit row has
+ * an outcome) changes nothing. A lane takes its replies in batches and
+ * applies a batch in one transaction (cb_reply_router_apply_many): one
+ * commit for many replies, each reply's effects still all or nothing.
  *
  * Replies that cannot be applied are archived with a log line: no or a
  * malformed correlation id, an unknown process, a process already finished.
@@ -87,12 +89,33 @@ void cb_reply_router_stop(cb_reply_router *r);
 /* Blocks until stopped and drained (timeout_ms -1: no limit); 1 when so. */
 int cb_reply_router_wait(cb_reply_router *r, int timeout_ms);
 
+/* Most replies a lane takes at once, and one transaction applies. */
+#define CB_REPLY_ROUTER_BATCH_MAX 64
+
 /* Lanes: one reply at a time (NULL on timeout); *ended set when the lane is
  * finished. Every reply taken goes back through apply, reject or release. */
 cb_reply *cb_reply_router_take(cb_reply_router *r, int lane, int timeout_ms, int *ended);
+/* Takes up to max (at most CB_REPLY_ROUTER_BATCH_MAX) replies of the lane,
+ * oldest first, into replies[]; waits up to timeout_ms for the first one.
+ * Returns the count (0 on timeout; 0 with *ended set once the lane is
+ * finished). One lane holds every reply of a process, in order. */
+int cb_reply_router_take_many(cb_reply_router *r, int lane, cb_reply **replies, int max, int timeout_ms, int *ended);
 /* Applies a decision (one transaction); the reply is consumed. CB_ESTATE
  * when it was applied before or the process moved on (the reply is archived). */
 int cb_reply_router_apply(cb_reply_router *r, cb_reply *reply, const cb_reply_decision *d, cb_err *err);
+/* Applies decisions[i] to replies[i] for n replies, every reply consumed.
+ * The replies go in as few transactions as order allows (one, unless a
+ * process has two replies: its later one goes in a later transaction, so a
+ * process's replies apply in the order given). When a batch's transaction
+ * fails (a reply applied before, a process that moved on, any error), its
+ * replies are applied again one by one with cb_reply_router_apply, so one
+ * stale reply never holds the others back. Returns CB_OK when every reply
+ * was applied; else the error of the first that was not (err filled), which
+ * was archived (CB_ESTATE) or left for redelivery as cb_reply_router_apply
+ * does. The decisions' strings must live until the call returns. Lane
+ * threads; blocking. */
+int cb_reply_router_apply_many(cb_reply_router *r, cb_reply **replies, const cb_reply_decision *decisions, int n,
+                               cb_err *err);
 /* Archives the reply with a reason in the log (no manager for its type...). */
 void cb_reply_router_reject(cb_reply_router *r, cb_reply *reply, const char *why);
 /* Leaves the reply for redelivery after the visibility timeout (a hook
