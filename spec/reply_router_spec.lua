@@ -2,26 +2,7 @@
 local helper = require "spec.helper"
 local saga = require "spec.support.saga"
 
-local function settle(bus, domain, options)
-  options = options or {}
-  local commands = assert(bus:queue(domain .. "__commands"))
-  local replies = assert(bus:queue(domain .. "__process_replies"))
-  local router_health
-  for _ = 1, 30 do
-    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", concurrency = 2,
-                                     poll_interval = 0.05})
-    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
-    worker:close()
-    local router = assert(bus:reply_router{domain = domain, managers = options.managers or "spec.support.saga_managers",
-                                           concurrency = 2, poll_interval = 0.05,
-                                           visibility_timeout = options.vt or 30, statement_timeout = options.st or 25})
-    router:run{tick_interval = 0.05, tick = function() return assert(replies:metrics()).queue_length > 0 end}
-    router_health = router:health()
-    router:close()
-    if assert(commands:metrics()).queue_length == 0 and assert(replies:metrics()).queue_length == 0 then break end
-  end
-  return router_health
-end
+local settle = saga.settle
 
 describe("reply router", function()
   local bus, domain, order
