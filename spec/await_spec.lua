@@ -62,16 +62,32 @@ describe("await", function()
     assert.equal("TIMEOUT", err.code)
   end)
 
-  it("falls back to polling when the change comes from a connection that notifies nobody", function()
+  local function complete_behind_our_back(id, after)
+    os.execute(("(sleep %g; psql -qAt %q -c \"UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = '%s'\")"
+                .. " >/dev/null 2>&1 &"):format(after, os.getenv("DATABASE_URL"), id))
+  end
+
+  it("wakes when another tool (psql) changes the command: the table's trigger notifies", function()
     local domain = helper.unique("aw")
     local sent = assert(bus:send{domain = domain, type = "Manual"})
-    -- Completed behind the bus's back, 0.3 s from now, without NOTIFY.
-    os.execute(("(sleep 0.3; psql -qAt %q -c \"UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = '%s'\") >/dev/null 2>&1 &")
-      :format(os.getenv("DATABASE_URL"), sent.command_id))
+    complete_behind_our_back(sent.command_id, 2.0)
     local t0 = helper.clock()
     local cmd = assert(bus:await(domain, sent.command_id, {timeout = 10}))
     assert.equal("COMPLETED", cmd.status)
-    assert.is_true(helper.clock() - t0 < 3)  -- within the 1 s poll cap, with room
+    -- The safety poll reads at 1.575 s and 3.175 s: only the notification
+    -- explains a wake before 2.8 s.
+    assert.is_true(helper.clock() - t0 < 2.8, "woke after " .. (helper.clock() - t0) .. " s")
+  end)
+
+  it("without LISTEN, falls back to polling at 25 ms doubling up to 1 s", function()
+    local domain = helper.unique("aw")
+    local sent = assert(bus:send{domain = domain, type = "Manual"})
+    complete_behind_our_back(sent.command_id, 0.3)
+    local t0 = helper.clock()
+    local cmd = assert(bus:await(domain, sent.command_id, {timeout = 10, listen = false}))
+    assert.equal("COMPLETED", cmd.status)
+    assert.is_true(helper.clock() - t0 < 3)  -- read at 0.375 s or 0.775 s, with room
+    assert.has_error(function() bus:await(domain, sent.command_id, {listen = "no"}) end)
   end)
 
   it("wakes a waiter in another process when the command completes here", function()

@@ -100,6 +100,9 @@ void cbL_open_commands(lua_State *L);
 /* ---- processes (process.c) ----------------------------------------------- */
 
 void cbL_open_process(lua_State *L);
+/* The await functions' flags from the options table at idx (may be nil):
+ * listen = false gives CB_AWAIT_NO_LISTEN. Raises on a mistyped option. */
+int cbL_await_flags(lua_State *L, int idx);
 /* Hands up to max queued process events to the sink function of the bus at
  * bus_idx (see bus:on_process_event); returns how many. */
 int cbL_dispatch_events(lua_State *L, int bus_idx, int max);

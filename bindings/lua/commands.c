@@ -361,9 +361,9 @@ static int l_tsq_complete(lua_State *L) {
   return 1;
 }
 
-/* bus:await(domain, command_id, {timeout=30}) -> the command once it is
- * COMPLETED, FAILED, CANCELED or in the TSQ | nil, err (TIMEOUT, NOT_FOUND).
- * Blocks only the calling thread. */
+/* bus:await(domain, command_id, {timeout=30, listen=true}) -> the command once
+ * it is COMPLETED, FAILED, CANCELED or in the TSQ | nil, err (TIMEOUT,
+ * NOT_FOUND). Blocks only the calling thread; listen as for await_process. */
 static int l_await(lua_State *L) {
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   const char *domain = luaL_checkstring(L, 2);
@@ -371,10 +371,11 @@ static int l_await(lua_State *L) {
   if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
   double timeout = cbL_optfield_number(L, 4, "timeout", 30);
   if (timeout < 0) luaL_argerror(L, 4, "timeout must not be negative");
+  int flags = cbL_await_flags(L, 4);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
-  int rc = cb_await_command(rt, domain, id, timeout, 0, &rows, &err);
+  int rc = cb_await_command(rt, domain, id, timeout, flags, &rows, &err);
   return cbL_push_query(L, rc, rows, &err, 1);
 }
 

@@ -141,6 +141,17 @@ static double opt_timeout(lua_State *L, int idx) {
   return timeout;
 }
 
+int cbL_await_flags(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return 0;
+  lua_getfield(L, idx, "listen");
+  int t = lua_type(L, -1);
+  if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+    luaL_error(L, "bad option 'listen': boolean expected, got %s", lua_typename(L, t));
+  int flags = t == LUA_TBOOLEAN && !lua_toboolean(L, -1) ? CB_AWAIT_NO_LISTEN : 0;
+  lua_pop(L, 1);
+  return flags;
+}
+
 /* A sequence number argument (an integer >= 0; nil means 0). */
 static int64_t opt_sequence(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx)) return 0;
@@ -150,22 +161,24 @@ static int64_t opt_sequence(lua_State *L, int idx) {
   return v;
 }
 
-/* bus:await_process(domain, id, {timeout=30}) -> the process once COMPLETED,
- * COMPENSATED, FAILED or CANCELED | nil, err (TIMEOUT, NOT_FOUND). Blocks
- * only the calling thread. */
+/* bus:await_process(domain, id, {timeout=30, listen=true}) -> the process once
+ * COMPLETED, COMPENSATED, FAILED or CANCELED | nil, err (TIMEOUT, NOT_FOUND).
+ * Blocks only the calling thread. listen = false: no LISTEN (e.g. behind a
+ * transaction-pooling proxy); other processes' changes are polled for. */
 static int l_await_process(lua_State *L) {
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   const char *domain = luaL_checkstring(L, 2);
   const char *id = luaL_checkstring(L, 3);
   double timeout = opt_timeout(L, 4);
+  int flags = cbL_await_flags(L, 4);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
-  int rc = cb_await_process(rt, domain, id, timeout, 0, &rows, &err);
+  int rc = cb_await_process(rt, domain, id, timeout, flags, &rows, &err);
   return cbL_push_query(L, rc, rows, &err, 1);
 }
 
-/* bus:await_event(domain, id, event_type, after_sequence, {timeout=30})
+/* bus:await_event(domain, id, event_type, after_sequence, {timeout=30, listen=true})
  * -> the first event of that type after the sequence (at once when it is
  * already in the log) | nil, err (TIMEOUT, NOT_FOUND). */
 static int l_await_event(lua_State *L) {
@@ -175,10 +188,11 @@ static int l_await_event(lua_State *L) {
   const char *event_type = luaL_checkstring(L, 4);
   int64_t after = opt_sequence(L, 5);
   double timeout = opt_timeout(L, 6);
+  int flags = cbL_await_flags(L, 6);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
-  int rc = cb_await_event(rt, domain, id, event_type, after, timeout, 0, &rows, &err);
+  int rc = cb_await_event(rt, domain, id, event_type, after, timeout, flags, &rows, &err);
   return cbL_push_query(L, rc, rows, &err, 1);
 }
 

@@ -44,9 +44,6 @@ typedef struct target {
   const char *what; /* "command" or "process": for messages */
   const char *domain;
   char id[CB_UUID_LEN + 1];
-  /* Every writer of this kind of record notifies awaiters (a trigger does),
-   * so polling is only a safety net; otherwise the seed's schedule. */
-  int notified_by_all;
   const char *sql[2]; /* read statements; the last one's rows are the answer */
   int sql_nparams[2]; /* each uses the first sql_nparams[i] of params */
   int nsql;
@@ -126,19 +123,15 @@ static void unregister(cb_runtime *rt, const target *t, const char *waiter) {
 static int await_target(cb_runtime *rt, const target *t, double timeout, int flags, cb_unit **rows, cb_err *err) {
   *rows = NULL;
   if (!(timeout >= 0)) return cb_err_set(err, CB_EINVAL, "timeout must be a number of seconds >= 0");
-  int poll_only = (flags & CB_AWAIT_POLL_ONLY) != 0;
+  int no_listen = (flags & CB_AWAIT_NO_LISTEN) != 0;
   int rc;
-  cb_hub_sub *sub = NULL;
-  if (!poll_only) {
-    rc = cb_runtime_listen(rt, CB_AWAIT_CHANNEL, err);
-    if (rc != CB_OK) return rc;
-    char key[CB_HUB_KEY_MAX];
-    cb_hub_change_key(t->domain, t->id, key);
-    /* Subscribed before the first read: a change between the read and the
-     * wait bumps the version we already hold, so it is never lost. */
-    sub = cb_hub_subscribe(cb_runtime_hub(rt), key);
-    if (sub == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  }
+  if (!no_listen && (rc = cb_runtime_listen(rt, CB_AWAIT_CHANNEL, err)) != CB_OK) return rc;
+  char key[CB_HUB_KEY_MAX];
+  cb_hub_change_key(t->domain, t->id, key);
+  /* Subscribed before the first read: a change between the read and the
+   * wait bumps the version we already hold, so it is never lost. */
+  cb_hub_sub *sub = cb_hub_subscribe(cb_runtime_hub(rt), key);
+  if (sub == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   char waiter[CB_UUID_LEN + 1], expires[32], why[256] = "";
   cb_uuid_v7(waiter);
   snprintf(expires, sizeof expires, "%.3f", timeout + 10);
@@ -150,8 +143,11 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
   /* First round trip: register (so that writers elsewhere notify us), then
-   * read, in one transaction. */
-  if (!poll_only)
+   * read, in one transaction. Rows of waiters that died without removing
+   * theirs are cleared on the way, so that the table stays as small as the
+   * number of live waiters (the triggers' first probe finds it empty). */
+  if (!no_listen) cb_unit_add(u, "DELETE FROM commandbus.awaiter WHERE expires_at < now()", 0, NULL);
+  if (!no_listen)
     cb_unit_add(u,
                 "INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
                 " VALUES ($1, $2::uuid, $3::uuid, now() + make_interval(secs => $4::float8))",
@@ -161,7 +157,7 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
   for (int attempt = 0;; attempt++) {
     rc = cb_runtime_exec(rt, u, err);
     if (rc != CB_OK) break;
-    registered = !poll_only;
+    registered = !no_listen;
     int found = t->check(u, t, why, sizeof why);
     if (found == CB_ENOTFOUND) {
       rc = cb_err_set(err, CB_ENOTFOUND, "unknown %s `%s`", t->what, t->id);
@@ -181,23 +177,17 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
      * are gone: an idle waiter holds little memory. */
     cb_unit_reset(u);
     add_reads(u, t);
-    int wait = poll_only || !t->notified_by_all ? cb_await_backoff_ms(attempt) : cb_await_safety_backoff_ms(attempt);
+    /* Listening, every writer's change reaches us (the command and process
+     * tables' triggers notify awaiters, core/sql/003 and 004): polling is
+     * only a safety net. Otherwise the seed's schedule. */
+    int wait = no_listen ? cb_await_backoff_ms(attempt) : cb_await_safety_backoff_ms(attempt);
     if (wait > left * 1000) wait = (int)(left * 1000) + 1;
-    if (sub) {
-      int woke = cb_hub_wait(sub, wait);
-      if (woke == CB_ECLOSED) {
-        rc = cb_err_set(err, CB_ECLOSED, "the bus was closed");
-        break;
-      }
-      if (woke == 1) attempt = -1; /* a real change: the poll schedule starts over */
-    } else {
-      struct timespec ts = {wait / 1000, (long)(wait % 1000) * 1000000L};
-      nanosleep(&ts, NULL);
-      if (cb_runtime_is_closed(rt)) {
-        rc = cb_err_set(err, CB_ECLOSED, "the bus was closed");
-        break;
-      }
+    int woke = cb_hub_wait(sub, wait);
+    if (woke == CB_ECLOSED) {
+      rc = cb_err_set(err, CB_ECLOSED, "the bus was closed");
+      break;
     }
+    if (woke == 1) attempt = -1; /* a real change: the poll schedule starts over */
   }
   cb_unit_free(u);
   cb_hub_unsubscribe(sub);
@@ -235,7 +225,6 @@ int cb_await_process(cb_runtime *rt, const char *domain, const char *process_id,
   *rows = NULL;
   int rc = init_target(&t, "process", domain, process_id, err);
   if (rc != CB_OK) return rc;
-  t.notified_by_all = 1;
   t.sql_nparams[t.nsql] = 2;
   t.sql[t.nsql++] = READ_PROCESS;
   t.check = check_process;
@@ -252,7 +241,6 @@ int cb_await_event(cb_runtime *rt, const char *domain, const char *process_id, c
   if (after_sequence < 0) return cb_err_set(err, CB_EINVAL, "after_sequence must not be negative");
   char after[24];
   snprintf(after, sizeof after, "%lld", (long long)after_sequence);
-  t.notified_by_all = 1;
   t.event_type = event_type;
   t.after = after;
   t.params[2] = event_type;

@@ -626,13 +626,9 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                  " 'error_details', details), 'error_code', code, 'error_message', message)");
       break;
   }
-  /* Other processes hear of the change only when someone awaits it. */
-  cb_strbuf_puts(sql,
-                 ", w AS (SELECT pg_notify('" CB_HUB_CHANGE_CHANNEL "', $1 || ':' || c.command_id::text) FROM c"
-                 " WHERE EXISTS (SELECT 1 FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = c.command_id"
-                 " AND a.expires_at > now()))"
-                 " SELECT command_id::text AS command_id, batch_id::text AS batch_id,"
-                 " (SELECT count(*) FROM w) AS notified FROM c");
+  /* Other processes hear of the change from the command table's trigger
+   * (core/sql/004_command_notify.sql), only when someone awaits it. */
+  cb_strbuf_puts(sql, " SELECT command_id::text AS command_id, batch_id::text AS batch_id FROM c");
 }
 
 /* One acknowledgement transaction: its works, so that a failure can retry
@@ -730,7 +726,7 @@ static void on_round_done(cb_unit *u, void *arg) {
     size_t n = 0;
     for (int st = 0; st < cb_unit_count(u); st++) {
       const cb_result *r = cb_unit_result(u, st);
-      if (cb_result_columns(r) != 3 || strcmp(cb_result_column_name(r, 1), "batch_id") != 0) continue;
+      if (cb_result_columns(r) != 2 || strcmp(cb_result_column_name(r, 1), "batch_id") != 0) continue;
       for (int row = 0; row < cb_result_rows(r); row++) {
         cb_hub_changed(cb_runtime_hub(w->rt), w->domain, cb_result_value(r, row, 0)); /* local waiters */
         if (cb_result_is_null(r, row, 1)) continue;

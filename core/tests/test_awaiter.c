@@ -223,12 +223,13 @@ static void a_polling_waiter_resolves_by_backoff_without_notifications(void **st
   char domain[64], id[CB_UUID_LEN + 1];
   snprintf(domain, sizeof domain, "%s", test_name("ppoll"));
   start_process(rt, domain, id);
-  process_waiter a = {rt, domain, id, NULL, CB_AWAIT_POLL_ONLY, -99, 0, "", ""};
+  process_waiter a = {rt, domain, id, NULL, CB_AWAIT_NO_LISTEN, -99, 0, "", ""};
   pthread_t thread;
   double t0 = now_s();
   pthread_create(&thread, NULL, await_process_main, &a);
   usleep(300 * 1000);
-  /* Behind the hub's back: a plain statement, no local wake-up. */
+  /* Behind the hub's back: a plain statement, no local wake-up, and the
+   * waiter does not listen. */
   cb_unit *u = cb_unit_new();
   const char *params[] = {domain, id};
   cb_unit_add(u, "UPDATE commandbus.process SET status = 'FAILED' WHERE domain = $1 AND process_id = $2::uuid", 2,

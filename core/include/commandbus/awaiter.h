@@ -3,11 +3,13 @@
  * A waiter subscribes to the id's hub key *before* it reads, so a change
  * between the read and the wait is never lost. Changes made by this process
  * bump the key directly; changes made by other processes arrive as
- * NOTIFY commandbus_await '<domain>:<id>', which writers send only for ids
- * listed in commandbus.awaiter (the waiter registers itself there for the
- * length of its wait), so nobody pays for notifications nobody reads. Where
- * no notification can arrive, the waiter re-reads on the backoff schedule
- * below. */
+ * NOTIFY commandbus_await '<domain>:<id>', which triggers on the command and
+ * process tables send, whoever the writer is, but only for ids listed in
+ * commandbus.awaiter (the waiter registers itself there for the length of
+ * its wait), so nobody pays for notifications nobody reads. Polling is then
+ * only a safety net (cb_await_safety_backoff_ms); where no notification can
+ * arrive (CB_AWAIT_NO_LISTEN), the waiter re-reads on the seed's schedule,
+ * cb_await_backoff_ms. */
 #ifndef COMMANDBUS_AWAITER_H
 #define COMMANDBUS_AWAITER_H
 
@@ -27,18 +29,19 @@ extern "C" {
  * capped at 1 s: 25, 50, 100, 200, 400, 800, 1000, 1000, ... */
 int cb_await_backoff_ms(int attempt);
 
-/* The safety-net poll for waits that every writer notifies (processes: a
- * trigger notifies awaiters whoever writes): the same doubling from 25 ms,
- * capped at CB_AWAIT_SAFETY_CAP_MS. A notification lost while the listener
+/* The safety-net poll when notifications can arrive: the same doubling from
+ * 25 ms, capped at CB_AWAIT_SAFETY_CAP_MS. A notification lost while the listener
  * was away is covered too: on reconnecting it bumps every key. */
 #define CB_AWAIT_SAFETY_CAP_MS 30000
 int cb_await_safety_backoff_ms(int attempt);
 
 /* Flags of the await functions. */
 enum {
-  /* Neither the hub nor notifications: re-read on cb_await_backoff_ms's
-   * schedule only, as where no notification can arrive. */
-  CB_AWAIT_POLL_ONLY = 1
+  /* No notifications from PostgreSQL (no LISTEN, no registration): changes
+   * made by this process still wake the waiter at once; others are seen by
+   * re-reading on cb_await_backoff_ms's schedule. For where LISTEN cannot
+   * work, e.g. behind a transaction-pooling proxy. */
+  CB_AWAIT_NO_LISTEN = 1
 };
 
 /* Each await blocks only the calling thread until its condition holds, then
