@@ -123,11 +123,15 @@ describe("await_process and await_event", function()
     assert.has_error(function() bus:await_event(domain, id, "x", -1) end)
   end)
 
-  it("wake on an event appended by another connection", function()
+  it("wake on an event appended by another connection (the log's NOTIFY)", function()
     local id = assert(order:start(bus, {order = 1}))
-    os.execute(("(sleep 0.3; psql -qAt %q -c \"SELECT commandbus.append_process_event('%s', '%s', 'ready', NULL,"
+    os.execute(("(sleep 2; psql -qAt %q -c \"SELECT commandbus.append_process_event('%s', '%s', 'ready',"
                 .. " '{\\\"n\\\": 7}')\") >/dev/null 2>&1 &"):format(os.getenv("DATABASE_URL"), domain, id))
+    local t0 = helper.clock()
     local e = assert(bus:await_event(domain, id, "ready", 1, {timeout = 10}))
+    -- The safety poll reads at 1.575 s and 3.175 s: only the notification
+    -- explains a wake before 2.8 s.
+    assert.is_true(helper.clock() - t0 < 2.8, "woke after " .. (helper.clock() - t0) .. " s")
     assert.equal(2, tonumber(e.sequence))
     assert.equal(7, math.floor(e.data.n))
   end)

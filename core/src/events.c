@@ -219,7 +219,7 @@ int cb_process_append_event(cb_runtime *rt, const char *domain, const char *proc
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain, id, event_type, data_json};
   cb_events_add_begin(u);
-  int at = cb_unit_add(u, "SELECT commandbus.append_process_event($1, $2::uuid, $3, NULL, $4::jsonb, true)", 4,
+  int at = cb_unit_add(u, "SELECT commandbus.append_process_event($1, $2::uuid, $3, $4::jsonb)", 4,
                        params);
   int read = cb_events_add_read(u);
   rc = cb_runtime_exec(rt, u, err);
@@ -271,13 +271,15 @@ int cb_process_purge(cb_runtime *rt, const char *domain, double older_than, int6
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain, secs};
-  /* Events go with their process (ON DELETE CASCADE); process_audit has no
-   * foreign key (rcmd's schema), so it is deleted alongside. */
+  /* Their events and process_audit rows go alongside (neither table has a
+   * foreign key: rcmd's schema, and a cheaper append). */
   int at = cb_unit_add(u,
                        "WITH p AS (DELETE FROM commandbus.process WHERE domain = $1"
                        " AND status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED')"
                        " AND completed_at < now() - make_interval(secs => $2::float8) RETURNING process_id),"
                        " a AS (DELETE FROM commandbus.process_audit x USING p WHERE x.domain = $1"
+                       " AND x.process_id = p.process_id),"
+                       " e AS (DELETE FROM commandbus.process_event x USING p WHERE x.domain = $1"
                        " AND x.process_id = p.process_id)"
                        " SELECT count(*) FROM p",
                        2, params);
