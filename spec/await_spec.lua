@@ -1,14 +1,7 @@
 -- bus:await: waiting for a command's outcome without polling storms.
 local helper = require "spec.helper"
 
-local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
-
-local function sql(statement)
-  local f = io.popen(("psql -qAt %q -c %q"):format(os.getenv("DATABASE_URL"), statement))
-  local out = f:read("*a")
-  f:close()
-  return out
-end
+local sql = helper.sql
 
 -- Runs a table-mode worker until the domain's commands are settled.
 local function work_off(bus, domain, handlers)
@@ -93,26 +86,10 @@ describe("await", function()
   it("wakes a waiter in another process when the command completes here", function()
     local domain = helper.unique("aw")
     local sent = assert(bus:send{domain = domain, type = "Ok"})
-    local out = os.tmpname()
-    os.execute(("%s spec/support/await_once.lua %s %s %s &"):format(lua, domain, sent.command_id, out))
-    -- Wait until the other process has registered as a waiter.
-    for _ = 1, 100 do
-      local n = tonumber(sql(("SELECT count(*) FROM commandbus.awaiter WHERE id = '%s'"):format(sent.command_id)):match("%d+"))
-      if n and n > 0 then break end
-      os.execute("sleep 0.05")
-    end
+    local answer = helper.await_elsewhere("command", domain, sent.command_id)
     local completed_at
     work_off(bus, domain, {Ok = function() completed_at = helper.clock() return nil end})
-    local line
-    for _ = 1, 100 do
-      local f = io.open(out)
-      line = f and f:read("*a")
-      if f then f:close() end
-      if line and line ~= "" then break end
-      os.execute("sleep 0.05")
-    end
-    os.remove(out)
-    local woke, status = line:match("^(%S+) (%S+)")
+    local woke, status = answer()
     assert.equal("COMPLETED", status)
     assert.is_true(tonumber(woke) - completed_at < 1, "woke " .. (tonumber(woke) - completed_at) .. " s after")
   end)

@@ -33,4 +33,39 @@ function helper.clock()
   return require("socket").gettime()
 end
 
+--- Runs one SQL statement with psql on the test database; its output.
+function helper.sql(statement)
+  local f = io.popen(("psql -qAt %q -c %q"):format(os.getenv("DATABASE_URL"), statement))
+  local out = f:read("*a")
+  f:close()
+  return out
+end
+
+--- Starts another OS process awaiting a command or process (kind) and
+-- returns once it is registered as a waiter. The function returned waits for
+-- its answer: the wall-clock time it woke, and the status it saw.
+function helper.await_elsewhere(kind, domain, id)
+  local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
+  local out = os.tmpname()
+  os.execute(("%s spec/support/await_elsewhere.lua %s %s %s %s &"):format(lua, kind, domain, id, out))
+  for _ = 1, 100 do
+    local n = tonumber(helper.sql(("SELECT count(*) FROM commandbus.awaiter WHERE id = '%s'"):format(id)):match("%d+"))
+    if n and n > 0 then break end
+    os.execute("sleep 0.05")
+  end
+  return function()
+    local line
+    for _ = 1, 200 do
+      local f = io.open(out)
+      line = f and f:read("*a")
+      if f then f:close() end
+      if line and line ~= "" then break end
+      os.execute("sleep 0.05")
+    end
+    os.remove(out)
+    local woke, status = line:match("^(%S+) (%S+)")
+    return tonumber(woke), status
+  end
+end
+
 return helper

@@ -4,12 +4,7 @@ local helper = require "spec.helper"
 
 local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
 
-local function sql(statement)
-  local f = io.popen(("psql -qAt %q -c %q"):format(os.getenv("DATABASE_URL"), statement))
-  local out = f:read("*a")
-  f:close()
-  return out
-end
+local sql = helper.sql
 
 local function connections(app)
   return tonumber(sql(("SELECT count(*) FROM pg_stat_activity WHERE application_name = '%s'"):format(app)):match("%d+"))

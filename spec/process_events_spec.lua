@@ -2,14 +2,7 @@
 local helper = require "spec.helper"
 local saga = require "spec.support.saga"
 
-local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
-
-local function sql(statement)
-  local f = io.popen(("psql -qAt %q -c %q"):format(os.getenv("DATABASE_URL"), statement))
-  local out = f:read("*a")
-  f:close()
-  return out
-end
+local sql = helper.sql
 
 local function types_of(events)
   local out = {}
@@ -138,24 +131,9 @@ describe("await_process and await_event", function()
 
   it("wake a waiter in another OS process within 50 ms of a completion made here", function()
     local id = assert(order:start(bus, {order = 9}))
-    local out = os.tmpname()
-    os.execute(("%s spec/support/await_process_once.lua %s %s %s &"):format(lua, domain, id, out))
-    for _ = 1, 100 do -- until the other process is registered as a waiter
-      local n = tonumber(sql(("SELECT count(*) FROM commandbus.awaiter WHERE id = '%s'"):format(id)):match("%d+"))
-      if n and n > 0 then break end
-      os.execute("sleep 0.05")
-    end
+    local answer = helper.await_elsewhere("process", domain, id)
     saga.settle(bus, domain)
-    local line
-    for _ = 1, 200 do
-      local f = io.open(out)
-      line = f and f:read("*a")
-      if f then f:close() end
-      if line and line ~= "" then break end
-      os.execute("sleep 0.05")
-    end
-    os.remove(out)
-    local woke, status = line:match("^(%S+) (%S+)")
+    local woke, status = answer()
     assert.equal("COMPLETED", status)
     -- completed_at is the completing transaction's start: a little before
     -- its commit, so this overstates the delay, never understates it.
