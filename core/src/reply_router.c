@@ -64,7 +64,12 @@ static void add_timeout(cb_unit *u, const cb_reply_router *r) {
   char ms[32];
   snprintf(ms, sizeof ms, "%d", (int)(r->o.statement_timeout * 1000));
   const char *p[] = {ms};
-  cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true)", 1, p);
+  /* Every row these transactions touch is found by key, a few dozen at a
+   * time. Without the hint, a plan made while a queue or table was small (a
+   * prepared statement keeps it) scans it whole once it has grown, until
+   * autovacuum's next ANALYZE: several times slower for up to a minute. */
+  cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)", 1,
+              p);
 }
 
 int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err) {
@@ -108,9 +113,14 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
            " pa.reply_outcome, (SELECT coalesce(jsonb_agg(x.step_name ORDER BY x.id), '[]'::jsonb)::text"
            " FROM commandbus.process_audit x WHERE x.domain = $3 AND x.process_id = m.process_id"
            " AND x.reply_outcome = 'SUCCESS')"
-           " FROM m LEFT JOIN commandbus.process p ON p.domain = $3 AND p.process_id = m.process_id"
-           " LEFT JOIN commandbus.process_audit pa ON pa.domain = $3 AND pa.process_id = m.process_id"
-           " AND pa.command_id = m.command_id ORDER BY m.msg_id",
+           /* Each reply's process and step looked up by key (LIMIT keeps the
+            * lookups per reply: joined whole, a plan made while the tables
+            * were small reads every process of the domain). */
+           " FROM m LEFT JOIN LATERAL (SELECT process_type, status, current_step, state FROM commandbus.process"
+           " WHERE domain = $3 AND process_id = m.process_id LIMIT 1) p ON true"
+           " LEFT JOIN LATERAL (SELECT step_name, reply_outcome FROM commandbus.process_audit"
+           " WHERE domain = $3 AND process_id = m.process_id AND command_id = m.command_id LIMIT 1) pa ON true"
+           " ORDER BY m.msg_id",
            r->queue, r->queue);
   /* Applies a batch of replies, one per process. Each reply is recorded once
    * (reply_outcome IS NULL) and only a process still waiting moves; unless
