@@ -75,11 +75,14 @@ describe("await", function()
   it("without LISTEN, falls back to polling at 25 ms doubling up to 1 s", function()
     local domain = helper.unique("aw")
     local sent = assert(bus:send{domain = domain, type = "Manual"})
-    complete_behind_our_back(sent.command_id, 0.3)
+    complete_behind_our_back(sent.command_id, 2.0)
     local t0 = helper.clock()
     local cmd = assert(bus:await(domain, sent.command_id, {timeout = 10, listen = false}))
     assert.equal("COMPLETED", cmd.status)
-    assert.is_true(helper.clock() - t0 < 3)  -- read at 0.375 s or 0.775 s, with room
+    -- Reads at 1.575, 2.575, 3.575 s: a notification (about 2.0 s) or the
+    -- 30 s safety schedule (1.575, 3.175 s) would wake it at another time.
+    local took = helper.clock() - t0
+    assert.is_true(took > 2.45 and took < 2.95, "woke after " .. took .. " s")
     assert.has_error(function() bus:await(domain, sent.command_id, {listen = "no"}) end)
   end)
 

@@ -32,6 +32,17 @@ describe("lifecycle", function()
     assert.equal(0, connections(app))
   end)
 
+  it("the garbage collector closes a bus whose event sink refers to it", function()
+    local app = helper.unique("sunk")
+    do
+      local bus = helper.bus({application_name = app})
+      assert(bus:on_process_event(function(e) return bus, e end))
+    end
+    collectgarbage()
+    collectgarbage()
+    assert.equal(0, connections(app))
+  end)
+
   it("a Lua 5.4 <close> variable closes the bus at the end of its scope", function()
     if _VERSION ~= "Lua 5.4" then
       pending("to-be-closed variables are Lua 5.4 only")

@@ -253,19 +253,47 @@ static int l_purge_processes(lua_State *L) {
 
 /* ---- the event sink ---------------------------------------------------------------- */
 
-#define SINKS "commandbus.sinks" /* registry: bus userdata -> sink function (weak keys) */
+/* The sink function lives in the bus userdata's user value (a table, so
+ * that it works alike under Lua 5.4 and LuaJIT): a sink that refers to its
+ * bus, as sinks naturally do, then keeps nothing alive that the bus does not
+ * (a registry table keyed by the bus would leak it under LuaJIT, which has
+ * no ephemerons). */
+static const char SINK_KEY = 's';
 
-static void push_sinks(lua_State *L) {
-  lua_getfield(L, LUA_REGISTRYINDEX, SINKS);
-  if (!lua_isnil(L, -1)) return;
-  lua_pop(L, 1);
-  lua_newtable(L);
+static void set_sink(lua_State *L, int bus_idx, int fn_idx) {
+  bus_idx = lua_absindex(L, bus_idx);
+  fn_idx = lua_absindex(L, fn_idx);
   lua_createtable(L, 0, 1);
-  lua_pushliteral(L, "k");
-  lua_setfield(L, -2, "__mode");
-  lua_setmetatable(L, -2);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, LUA_REGISTRYINDEX, SINKS);
+  lua_pushlightuserdata(L, (void *)&SINK_KEY);
+  lua_pushvalue(L, fn_idx);
+  lua_rawset(L, -3);
+#if LUA_VERSION_NUM >= 504
+  lua_setiuservalue(L, bus_idx, 1);
+#elif LUA_VERSION_NUM >= 502
+  lua_setuservalue(L, bus_idx);
+#else
+  lua_setfenv(L, bus_idx);
+#endif
+}
+
+/* Pushes the sink function of the bus at bus_idx, or nil. */
+static void push_sink(lua_State *L, int bus_idx) {
+  bus_idx = lua_absindex(L, bus_idx);
+#if LUA_VERSION_NUM >= 504
+  lua_getiuservalue(L, bus_idx, 1);
+#elif LUA_VERSION_NUM >= 502
+  lua_getuservalue(L, bus_idx);
+#else
+  lua_getfenv(L, bus_idx); /* a new userdata's is the creator's environment */
+#endif
+  if (lua_istable(L, -1)) {
+    lua_pushlightuserdata(L, (void *)&SINK_KEY);
+    lua_rawget(L, -2);
+    lua_remove(L, -2);
+  } else {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
 }
 
 static void push_event(lua_State *L, const cb_process_event *e) {
@@ -307,13 +335,13 @@ static int l_on_process_event(lua_State *L) {
   if (capacity < 1) luaL_argerror(L, 3, "capacity must be at least 1");
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
-  push_sinks(L);
-  lua_pushvalue(L, 1);
-  lua_pushvalue(L, 2);
-  lua_rawset(L, -3);
-  lua_pop(L, 1);
-  if (lua_isnil(L, 2)) cb_events_sink_off(rt);
-  else cb_events_sink_on(rt, capacity);
+  if (lua_isnil(L, 2)) {
+    cb_events_sink_off(rt);
+  } else if (cb_events_sink_on(rt, capacity) != CB_OK) {
+    return cbL_pusherrorcode(L, CB_ENOMEM, "no memory for a queue of %d events", capacity);
+  }
+  lua_settop(L, 2);
+  set_sink(L, 1, 2);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -322,9 +350,7 @@ int cbL_dispatch_events(lua_State *L, int bus_idx, int max) {
   bus_idx = lua_absindex(L, bus_idx);
   cbL_bus *bus = cbL_checkbus(L, bus_idx);
   if (bus->rt == NULL || !cb_events_sink_is_on(bus->rt)) return 0;
-  push_sinks(L);
-  lua_pushvalue(L, bus_idx);
-  lua_rawget(L, -2);
+  push_sink(L, bus_idx);
   int fn = lua_gettop(L);
   int delivered = 0;
   while (delivered < max) {
@@ -346,7 +372,7 @@ int cbL_dispatch_events(lua_State *L, int bus_idx, int max) {
     delivered += n;
     if (n < want) break;
   }
-  lua_pop(L, 2);
+  lua_pop(L, 1);
   return delivered;
 }
 

@@ -254,6 +254,7 @@ static int l_run(lua_State *L) {
     lane_loop(L, lua_gettop(L), r, 0, 3, tick_ms, lr->bus_ref);
     cb_reply_router_wait(r, -1);
   }
+  cbL_tick(L, 0, lr->bus_ref, cb_reply_router_domain(r)); /* events of the drain reach the sink too */
   lr->in_run = 0;
   if (lr->close_pending) {
     lua_settop(L, 1);

@@ -325,6 +325,7 @@ static int l_run(lua_State *L) {
     lane_loop(L, handlers, w, 0, L, 3, tick_ms, lw->bus_ref);
     cb_worker_wait(w, -1);
   }
+  cbL_tick(L, 0, lw->bus_ref, cb_worker_domain(w)); /* events of the drain reach the sink too */
   lw->in_run = 0;
   if (lw->close_pending) {
     lua_settop(L, 1);

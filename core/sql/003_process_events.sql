@@ -4,8 +4,9 @@
 -- a trigger so that every writer is covered (commandbus, rcmd, an operator's
 -- psql). Hosts may append their own events (commandbus.append_process_event).
 -- Appending also tells awaiters: a NOTIFY goes out only when someone waits on
--- the process (a row in commandbus.awaiter), so with nobody waiting a commit
--- pays one probe of an empty table and no notification.
+-- the process (a row in commandbus.awaiter), so with nobody waiting a
+-- statement pays the trigger's call over its changed rows, one probe of an
+-- empty table, and no notification.
 --
 -- No foreign key to commandbus.process: its check would cost every event a
 -- second look at the process row, which the writer holds locked anyway.
@@ -21,6 +22,19 @@ CREATE TABLE IF NOT EXISTS commandbus.process_event (
   created_at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (domain, process_id, sequence)
 );
+
+-- The number an event takes is read from the transaction's snapshot. Under
+-- READ COMMITTED (commandbus's own transactions) each statement sees every
+-- append committed before it locked the process row, so numbers never
+-- collide. Under REPEATABLE READ or SERIALIZABLE the snapshot can be older
+-- than another transaction's append: that is a serialization failure, and
+-- is reported as one (40001), so that the writer retries.
+CREATE OR REPLACE FUNCTION commandbus.event_conflict(p_process_id uuid) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION 'process % took an event in a concurrent transaction; retry', p_process_id
+    USING ERRCODE = 'serialization_failure';
+END
+$$;
 
 -- Appends one event for a process whose row the caller has locked (so that
 -- appends to one process are serialised: sequences are dense and follow
@@ -38,9 +52,13 @@ DECLARE
 BEGIN
   SELECT coalesce(max(sequence), 0) + 1 INTO v_sequence FROM commandbus.process_event
    WHERE domain = p_domain AND process_id = p_process_id;
-  INSERT INTO commandbus.process_event (domain, process_id, sequence, event_type, step, status, data)
-  VALUES (p_domain, p_process_id, v_sequence, p_event_type, p_step, p_status, p_data)
-  RETURNING created_at INTO v_created;
+  BEGIN
+    INSERT INTO commandbus.process_event (domain, process_id, sequence, event_type, step, status, data)
+    VALUES (p_domain, p_process_id, v_sequence, p_event_type, p_step, p_status, p_data)
+    RETURNING created_at INTO v_created;
+  EXCEPTION WHEN unique_violation THEN
+    PERFORM commandbus.event_conflict(p_process_id);
+  END;
   IF EXISTS (SELECT 1 FROM commandbus.awaiter) AND EXISTS (SELECT 1 FROM commandbus.awaiter
        WHERE domain = p_domain AND id = p_process_id AND expires_at > now()) THEN
     PERFORM pg_notify('commandbus_await', p_domain || ':' || p_process_id::text);
@@ -80,8 +98,9 @@ $$;
 
 -- The events a statement's changes of status or step make, one per process:
 --   STARTED        a new process (at its first step)
---   STEP_STARTED   the next step's command was sent (status unchanged)
---   RESUMED        back to WAITING after the TSQ
+--   STEP_STARTED   the next step's command was sent (also when the TSQ
+--                  pause ended with the step done: data.previous_status)
+--   RESUMED        back to WAITING at the same step after the TSQ (retry)
 --   otherwise the new status: WAITING_FOR_TSQ, COMPENSATING, COMPLETED,
 --   COMPENSATED, FAILED, CANCELED (the last four are terminal).
 -- Per statement, not per row: the reply router moves a batch of processes
@@ -92,35 +111,41 @@ CREATE OR REPLACE FUNCTION commandbus.processes_changed() RETURNS trigger LANGUA
 DECLARE
   v_logged jsonb;
 BEGIN
-  IF TG_OP = 'INSERT' THEN
-    WITH logged AS (
-      INSERT INTO commandbus.process_event (domain, process_id, sequence, event_type, step, status, data)
-      SELECT n.domain, n.process_id, coalesce((SELECT max(e.sequence) FROM commandbus.process_event e
-               WHERE e.domain = n.domain AND e.process_id = n.process_id), 0) + 1,
-             'STARTED', n.current_step, n.status, jsonb_build_object('process_type', n.process_type)
-        FROM new_rows n
-      RETURNING *)
-    SELECT jsonb_agg(jsonb_build_object('domain', domain, 'process_id', process_id, 'sequence', sequence,
-             'event_type', event_type, 'step', step, 'status', status, 'data', data,
-             'created_at', created_at::text)) INTO v_logged FROM logged;
-  ELSE
-    WITH logged AS (
-      INSERT INTO commandbus.process_event (domain, process_id, sequence, event_type, step, status, data)
-      SELECT n.domain, n.process_id, coalesce((SELECT max(e.sequence) FROM commandbus.process_event e
-               WHERE e.domain = n.domain AND e.process_id = n.process_id), 0) + 1,
-             CASE WHEN n.status = o.status THEN 'STEP_STARTED'
-                  WHEN o.status = 'WAITING_FOR_TSQ' AND n.status = 'WAITING' THEN 'RESUMED'
-                  ELSE n.status END,
-             n.current_step, n.status,
-             jsonb_strip_nulls(jsonb_build_object('previous_status', o.status, 'previous_step', o.current_step,
-               'error_code', n.error_code, 'error_message', n.error_message))
-        FROM new_rows n JOIN old_rows o ON o.domain = n.domain AND o.process_id = n.process_id
-       WHERE n.status IS DISTINCT FROM o.status OR n.current_step IS DISTINCT FROM o.current_step
-      RETURNING *)
-    SELECT jsonb_agg(jsonb_build_object('domain', domain, 'process_id', process_id, 'sequence', sequence,
-             'event_type', event_type, 'step', step, 'status', status, 'data', data,
-             'created_at', created_at::text)) INTO v_logged FROM logged;
-  END IF;
+  BEGIN
+    IF TG_OP = 'INSERT' THEN
+      WITH logged AS (
+        INSERT INTO commandbus.process_event (domain, process_id, sequence, event_type, step, status, data)
+        SELECT n.domain, n.process_id, coalesce((SELECT max(e.sequence) FROM commandbus.process_event e
+                 WHERE e.domain = n.domain AND e.process_id = n.process_id), 0) + 1,
+               'STARTED', n.current_step, n.status, jsonb_build_object('process_type', n.process_type)
+          FROM new_rows n
+        RETURNING *)
+      SELECT jsonb_agg(jsonb_build_object('domain', domain, 'process_id', process_id, 'sequence', sequence,
+               'event_type', event_type, 'step', step, 'status', status, 'data', data,
+               'created_at', created_at::text)) INTO v_logged FROM logged;
+    ELSE
+      WITH logged AS (
+        INSERT INTO commandbus.process_event (domain, process_id, sequence, event_type, step, status, data)
+        SELECT n.domain, n.process_id, coalesce((SELECT max(e.sequence) FROM commandbus.process_event e
+                 WHERE e.domain = n.domain AND e.process_id = n.process_id), 0) + 1,
+               CASE WHEN o.status = 'WAITING_FOR_TSQ' AND n.status = 'WAITING'
+                     AND n.current_step IS NOT DISTINCT FROM o.current_step THEN 'RESUMED'
+                    WHEN n.status = o.status OR (o.status = 'WAITING_FOR_TSQ' AND n.status = 'WAITING')
+                      THEN 'STEP_STARTED'
+                    ELSE n.status END,
+               n.current_step, n.status,
+               jsonb_strip_nulls(jsonb_build_object('previous_status', o.status, 'previous_step', o.current_step,
+                 'error_code', n.error_code, 'error_message', n.error_message))
+          FROM new_rows n JOIN old_rows o ON o.domain = n.domain AND o.process_id = n.process_id
+         WHERE n.status IS DISTINCT FROM o.status OR n.current_step IS DISTINCT FROM o.current_step
+        RETURNING *)
+      SELECT jsonb_agg(jsonb_build_object('domain', domain, 'process_id', process_id, 'sequence', sequence,
+               'event_type', event_type, 'step', step, 'status', status, 'data', data,
+               'created_at', created_at::text)) INTO v_logged FROM logged;
+    END IF;
+  EXCEPTION WHEN unique_violation THEN
+    PERFORM commandbus.event_conflict((SELECT n.process_id FROM new_rows n LIMIT 1));
+  END;
   IF v_logged IS NULL THEN
     RETURN NULL;
   END IF;

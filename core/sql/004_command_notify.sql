@@ -1,11 +1,13 @@
 -- Awaiters hear of every command change, whoever the writer is.
 --
--- One trigger per statement (not per row) over the statement's changed rows:
--- a worker's acknowledgement is one statement for a whole round of commands,
--- so the cost is one call per round, and with nobody awaiting (an empty
--- commandbus.awaiter) it is one probe of an empty table. NOTIFY goes out only
--- for commands someone awaits; PostgreSQL delivers it at commit, and not at
--- all on rollback.
+-- One trigger per statement (not per row) over the statement's changed rows
+-- (PostgreSQL keeps them for it, a transition table): a worker's
+-- acknowledgement is one statement for a whole round of commands, so the
+-- cost is one call per round, and with nobody awaiting (an empty
+-- commandbus.awaiter) one probe of an empty table. bench/throughput shows
+-- no difference with the trigger disabled. NOTIFY goes out only for
+-- commands someone awaits; PostgreSQL delivers it at commit, and not at all
+-- on rollback.
 CREATE OR REPLACE FUNCTION commandbus.command_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM commandbus.awaiter) THEN

@@ -120,6 +120,8 @@ static void unregister(cb_runtime *rt, const target *t, const char *waiter) {
   if (cb_runtime_submit(rt, &d, 1) != CB_OK) cb_unit_free(d);
 }
 
+#define REGISTRATION_S 600.0
+
 static int await_target(cb_runtime *rt, const target *t, double timeout, int flags, cb_unit **rows, cb_err *err) {
   *rows = NULL;
   if (!(timeout >= 0)) return cb_err_set(err, CB_EINVAL, "timeout must be a number of seconds >= 0");
@@ -134,9 +136,13 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
   if (sub == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   char waiter[CB_UUID_LEN + 1], expires[32], why[256] = "";
   cb_uuid_v7(waiter);
-  snprintf(expires, sizeof expires, "%.3f", timeout + 10);
+  /* A registration lasts a while past the next safety poll and is renewed
+   * as it nears its end, so that long (or endless) waits stay registered,
+   * and a waiter that died stops costing notifications soon. */
+  double lasts = (timeout < REGISTRATION_S ? timeout : REGISTRATION_S) + CB_AWAIT_SAFETY_CAP_MS / 1000.0 * 2;
+  snprintf(expires, sizeof expires, "%.3f", lasts);
   const char *register_params[] = {t->domain, t->id, waiter, expires};
-  double deadline = now_seconds() + timeout;
+  double deadline = now_seconds() + timeout, registered_until = now_seconds() + lasts;
   cb_unit *u = cb_unit_new();
   if (u == NULL) {
     cb_hub_unsubscribe(sub);
@@ -176,6 +182,13 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
     /* The next read is ready before the wait, and the last one's results
      * are gone: an idle waiter holds little memory. */
     cb_unit_reset(u);
+    if (registered && now_seconds() > registered_until - CB_AWAIT_SAFETY_CAP_MS / 1000.0 * 1.5) {
+      cb_unit_add(u,
+                  "UPDATE commandbus.awaiter SET expires_at = now() + make_interval(secs => $4::float8)"
+                  " WHERE domain = $1 AND id = $2::uuid AND waiter = $3::uuid",
+                  4, register_params);
+      registered_until = now_seconds() + lasts;
+    }
     add_reads(u, t);
     /* Listening, every writer's change reaches us (the command and process
      * tables' triggers notify awaiters, core/sql/003 and 004): polling is

@@ -59,7 +59,7 @@ int cb_event_is_terminal(const char *event_type) { return listed(TERMINAL, event
 
 /* ---- the sink ------------------------------------------------------------------ */
 
-void cb_events_sink_on(cb_runtime *rt, int capacity) {
+int cb_events_sink_on(cb_runtime *rt, int capacity) {
   struct cb_event_feed *f = rt->events;
   size_t want = capacity > 0 ? (size_t)capacity : DEFAULT_CAPACITY;
   pthread_mutex_lock(&f->lock);
@@ -83,7 +83,9 @@ void cb_events_sink_on(cb_runtime *rt, int capacity) {
     }
   }
   f->on = f->ring != NULL;
+  int rc = f->capacity == want ? CB_OK : CB_ENOMEM;
   pthread_mutex_unlock(&f->lock);
+  return rc;
 }
 
 void cb_events_sink_off(cb_runtime *rt) {

@@ -49,6 +49,7 @@ static void world_close(world *w) {
   const char *p[] = {w->domain};
   run_sql(w, "DELETE FROM commandbus.process_audit WHERE domain = $1", 1, p);
   run_sql(w, "DELETE FROM commandbus.process WHERE domain = $1", 1, p);
+  run_sql(w, "DELETE FROM commandbus.process_event WHERE domain = $1", 1, p);
   run_sql(w, "DELETE FROM commandbus.audit WHERE domain = $1", 1, p);
   run_sql(w, "DELETE FROM commandbus.command WHERE domain = $1", 1, p);
   int existed;

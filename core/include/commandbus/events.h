@@ -56,8 +56,9 @@ void cb_events_published(cb_runtime *rt, const cb_unit *u, int index);
 /* ---- the sink --------------------------------------------------------------- */
 
 /* Turns the sink on with room for `capacity` events (<= 0: 1024), or
- * changes its capacity (events already queued stay). */
-void cb_events_sink_on(cb_runtime *rt, int capacity);
+ * changes its capacity (events already queued stay, as many as fit).
+ * CB_ENOMEM when the queue cannot be made (the capacity stays as it was). */
+int cb_events_sink_on(cb_runtime *rt, int capacity);
 void cb_events_sink_off(cb_runtime *rt); /* drops what is queued */
 int cb_events_sink_is_on(cb_runtime *rt);
 /* Moves up to max queued events to out (oldest first; caller frees each);
