@@ -139,7 +139,7 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
            " state = i.state::jsonb, error_code = i.ecode, error_message = i.emsg, updated_at = now(),"
            " completed_at = CASE WHEN i.status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED') THEN now() END"
            " FROM i WHERE pr.domain = $1 AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a))"
-           " AND pr.process_id = i.pid AND pr.status IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')"
+           " AND pr.process_id = i.pid AND (pr.status || '') IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')" /* no index: see worker.c's STATUS_OF */
            " RETURNING pr.process_id),"
            " n AS (INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
            " command_data) SELECT $1, pid, step, next_id, next_type, next_data::jsonb FROM i"
