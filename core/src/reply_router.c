@@ -64,10 +64,8 @@ static void add_timeout(cb_unit *u, const cb_reply_router *r) {
   char ms[32];
   snprintf(ms, sizeof ms, "%d", (int)(r->o.statement_timeout * 1000));
   const char *p[] = {ms};
-  /* Every row these transactions touch is found by key, a few dozen at a
-   * time. Without the hint, a plan made while a queue or table was small (a
-   * prepared statement keeps it) scans it whole once it has grown, until
-   * autovacuum's next ANALYZE: several times slower for up to a minute. */
+  /* Every row these transactions touch is found by key: see worker.c's
+   * add_timeout. */
   cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)", 1,
               p);
 }

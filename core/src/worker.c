@@ -287,7 +287,12 @@ static int add_timeout(cb_unit *u, const cb_worker *w) {
   const char *p[] = {ms};
   /* set_config(..., true) is SET LOCAL: it ends with this transaction and
    * never leaks into the pooled session. */
-  return cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true)", 1, p);
+  /* Every row a worker's transaction touches is found by key, a round's
+   * worth at a time: a sequential scan is never the right plan, and a plan
+   * made while a table was small (prepared statements keep it until the next
+   * ANALYZE) would otherwise scan a grown table once per row. */
+  return cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)",
+                     1, p);
 }
 
 static const char *poison_reason(const cb_result *r, int row) {
