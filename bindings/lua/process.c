@@ -323,10 +323,10 @@ static void push_event(lua_State *L, const cb_process_event *e) {
 
 /* bus:on_process_event(fn, {capacity=1024}) -> true. fn(event) receives each
  * non-terminal process event this bus's writers appended, once it is
- * committed, in order per process; nil turns the sink off. Events wait in a
- * bounded queue until dispatched (run() loops of workers and reply routers
- * do it, or bus:dispatch_process_events()); what does not fit is dropped and
- * counted; process_events() always has the whole log. */
+ * committed, in each writer's commit order; nil turns the sink off. Events
+ * wait in a bounded queue until dispatched (run() loops of workers and reply
+ * routers do it, or bus:dispatch_process_events()); what does not fit is
+ * dropped and counted; process_events() always has the whole log. */
 static int l_on_process_event(lua_State *L) {
   cbL_checkbus(L, 1);
   if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);

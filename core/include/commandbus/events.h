@@ -13,7 +13,10 @@
  * event for the host. So the host sees an event only once it is durable,
  * the sink can never fail or roll back a write, and a slow sink costs
  * writers nothing: the queue is bounded and an event that does not fit is
- * dropped and counted. The log (cb_process_events) is always complete. */
+ * dropped and counted. Events reach the queue in the order each writer
+ * committed them; two writers racing on one process (a host's append and
+ * the reply router) may interleave, and `sequence` orders them. The log
+ * (cb_process_events) is always complete. */
 #ifndef COMMANDBUS_EVENTS_H
 #define COMMANDBUS_EVENTS_H
 
