@@ -9,6 +9,7 @@
 
 #include "commandbus/events.h"
 #include "commandbus/log.h"
+#include "keyed.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
 #include "commandbus/uuid.h"
@@ -64,10 +65,8 @@ static void add_timeout(cb_unit *u, const cb_reply_router *r) {
   char ms[32];
   snprintf(ms, sizeof ms, "%d", (int)(r->o.statement_timeout * 1000));
   const char *p[] = {ms};
-  /* Every row these transactions touch is found by key: see worker.c's
-   * add_timeout. */
-  cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)", 1,
-              p);
+  /* Statement timeout and plan settings: see keyed.h. */
+  cb_unit_add(u, CB_KEYED_TRANSACTION_SQL, 1, p);
 }
 
 int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err) {

@@ -25,6 +25,7 @@
 #include "commandbus/events.h"
 #include "commandbus/bus.h"
 #include "commandbus/log.h"
+#include "keyed.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
 #include "strbuf.h"
@@ -285,14 +286,7 @@ static int add_timeout(cb_unit *u, const cb_worker *w) {
   char ms[32];
   snprintf(ms, sizeof ms, "%d", (int)(w->o.statement_timeout * 1000));
   const char *p[] = {ms};
-  /* set_config(..., true) is SET LOCAL: it ends with this transaction and
-   * never leaks into the pooled session. */
-  /* Every row a worker's transaction touches is found by key, a round's
-   * worth at a time: a sequential scan is never the right plan, and a plan
-   * made while a table was small (prepared statements keep it until the next
-   * ANALYZE) would otherwise scan a grown table once per row. */
-  return cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true)",
-                     1, p);
+  return cb_unit_add(u, CB_KEYED_TRANSACTION_SQL, 1, p);
 }
 
 static const char *poison_reason(const cb_result *r, int row) {
