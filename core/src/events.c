@@ -2,6 +2,7 @@
 #include "commandbus/events.h"
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -161,21 +162,13 @@ int cb_events_add_read(cb_unit *u) {
 
 static cb_process_event *event_from_row(const cb_result *r, int row) {
   static const int cols[] = {0, 1, 3, 4, 5, 6, 7};
-  size_t len = sizeof(cb_process_event);
-  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) len += strlen(cb_result_value(r, row, cols[i])) + 1;
-  cb_process_event *e = calloc(1, len);
-  if (e == NULL) return NULL;
-  const char **fields[] = {&e->domain, &e->process_id, &e->event_type, &e->step,
-                           &e->status, &e->data_json,  &e->created_at};
-  char *p = (char *)(e + 1);
-  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) {
-    const char *v = cb_result_value(r, row, cols[i]);
-    size_t n = strlen(v) + 1;
-    memcpy(p, v, n);
-    *fields[i] = cb_result_is_null(r, row, cols[i]) ? NULL : p;
-    p += n;
-  }
-  e->sequence = cb_result_int(r, row, 2);
+  static const size_t offsets[] = {offsetof(cb_process_event, domain),     offsetof(cb_process_event, process_id),
+                                   offsetof(cb_process_event, event_type), offsetof(cb_process_event, step),
+                                   offsetof(cb_process_event, status),     offsetof(cb_process_event, data_json),
+                                   offsetof(cb_process_event, created_at)};
+  cb_process_event *e =
+      cb_result_pack(r, row, sizeof(cb_process_event), cols, offsets, (int)(sizeof cols / sizeof cols[0]));
+  if (e) e->sequence = cb_result_int(r, row, 2);
   return e;
 }
 

@@ -2,6 +2,7 @@
 #include "commandbus/reply_router.h"
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -174,19 +175,17 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
 
 static cb_reply *reply_new(const cb_result *res, int row) {
   static const int cols[] = {1, 2, 3, 4, 5, 6, 7, 9, 8, 11};
-  size_t len = sizeof(cb_reply);
-  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) len += strlen(cb_result_value(res, row, cols[i])) + 1;
-  cb_reply *r = calloc(1, len);
+  static const size_t offsets[] = {
+      offsetof(cb_reply, message_json), offsetof(cb_reply, outcome),      offsetof(cb_reply, command_id),
+      offsetof(cb_reply, process_id),   offsetof(cb_reply, process_type), offsetof(cb_reply, status),
+      offsetof(cb_reply, current_step), offsetof(cb_reply, step_name),    offsetof(cb_reply, state_json),
+      offsetof(cb_reply, completed_steps_json)};
+  cb_reply *r = cb_result_pack(res, row, sizeof(cb_reply), cols, offsets, (int)(sizeof cols / sizeof cols[0]));
   if (r == NULL) return NULL;
-  char *p = (char *)(r + 1);
-  const char **fields[] = {&r->message_json, &r->outcome,      &r->command_id, &r->process_id,    &r->process_type,
-                           &r->status,       &r->current_step, &r->step_name,  &r->state_json,    &r->completed_steps_json};
+  /* The fields are read as strings: "" rather than NULL for SQL NULL. */
   for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) {
-    const char *v = cb_result_value(res, row, cols[i]);
-    size_t n = strlen(v) + 1;
-    memcpy(p, v, n);
-    *fields[i] = p;
-    p += n;
+    const char **field = (const char **)((char *)r + offsets[i]);
+    if (*field == NULL) *field = "";
   }
   r->msg_id = cb_result_int(res, row, 0);
   return r;

@@ -124,6 +124,22 @@ int64_t cb_result_affected(const cb_result *r) {
   return *s ? strtoll(s, NULL, 10) : 0;
 }
 
+void *cb_result_pack(const cb_result *r, int row, size_t size, const int *cols, const size_t *offsets, int n) {
+  size_t len = size;
+  for (int i = 0; i < n; i++) len += strlen(cb_result_value(r, row, cols[i])) + 1;
+  char *record = calloc(1, len);
+  if (record == NULL) return NULL;
+  char *p = record + size;
+  for (int i = 0; i < n; i++) {
+    const char *v = cb_result_value(r, row, cols[i]);
+    size_t vlen = strlen(v) + 1;
+    memcpy(p, v, vlen);
+    *(const char **)(record + offsets[i]) = cb_result_is_null(r, row, cols[i]) ? NULL : p;
+    p += vlen;
+  }
+  return record;
+}
+
 const char *cb_result_column_name(const cb_result *r, int col) { return PQfname(r, col); }
 
 int cb_result_column_kind(const cb_result *r, int col) {

@@ -91,6 +91,11 @@ int cb_result_columns(const cb_result *r);
 const char *cb_result_value(const cb_result *r, int row, int col); /* "" for NULL */
 int cb_result_is_null(const cb_result *r, int row, int col);
 int64_t cb_result_int(const cb_result *r, int row, int col);
+/* One allocation holding a record of `size` bytes (zeroed) followed by
+ * copies of the row's columns cols[0..n): the const char * member at byte
+ * offsets[i] of the record points at the copy of cols[i] (NULL for SQL
+ * NULL). free() releases it all. NULL when out of memory. */
+void *cb_result_pack(const cb_result *r, int row, size_t size, const int *cols, const size_t *offsets, int n);
 /* Rows affected by an INSERT/UPDATE/DELETE. */
 int64_t cb_result_affected(const cb_result *r);
 
