@@ -200,8 +200,6 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   int rc = send_in_unit(rt, u, domain, specs, n, delay, results, NULL, err);
   cb_unit_free(u);
-  for (size_t i = 0; rc == CB_OK && i < n; i++) /* a new record: a change, as far as waiters go */
-    if (!results[i].duplicate) cb_hub_changed(cb_runtime_hub(rt), domain, results[i].command_id);
   if (rc == CB_OK && n == 1 && results[0].duplicate)
     return cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", results[0].command_id, domain);
   return rc;

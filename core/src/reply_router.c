@@ -62,13 +62,7 @@ int cb_reply_router_lanes(const cb_reply_router *r) { return r->lanes; }
 const char *cb_reply_router_domain(const cb_reply_router *r) { return r->domain; }
 const char *cb_reply_router_queue(const cb_reply_router *r) { return r->queue; }
 
-static void add_timeout(cb_unit *u, const cb_reply_router *r) {
-  char ms[32];
-  snprintf(ms, sizeof ms, "%d", (int)(r->o.statement_timeout * 1000));
-  const char *p[] = {ms};
-  /* Statement timeout and plan settings: see keyed.h. */
-  cb_unit_add(u, CB_KEYED_TRANSACTION_SQL, 1, p);
-}
+static void add_timeout(cb_unit *u, const cb_reply_router *r) { cb_add_keyed_begin(u, r->o.statement_timeout); }
 
 int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err) {
   *out = NULL;
@@ -137,7 +131,7 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
            " state = i.state::jsonb, error_code = i.ecode, error_message = i.emsg, updated_at = now(),"
            " completed_at = CASE WHEN i.status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED') THEN now() END"
            " FROM i WHERE pr.domain = $1 AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a))"
-           " AND pr.process_id = i.pid AND (pr.status || '') IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')" /* no index: see worker.c's STATUS_OF */
+           " AND pr.process_id = i.pid AND " CB_STATUS_OF("pr") " IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')"
            " RETURNING pr.process_id),"
            " n AS (INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
            " command_data) SELECT $1, pid, step, next_id, next_type, next_data::jsonb FROM i"

@@ -25,17 +25,10 @@
 #include "commandbus/events.h"
 #include "commandbus/bus.h"
 #include "commandbus/log.h"
-#include "keyed.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
+#include "keyed.h"
 #include "strbuf.h"
-
-/* A row's status, tested without an index. These statements find their rows
- * by key, a round's worth at a time; were the status test indexable, a plan
- * made while the table was small (prepared statements keep it until the next
- * ANALYZE) would walk every row in that status instead: measured 2x slower on
- * a fresh database. */
-#define STATUS_OF(alias) "(" alias ".status || '')"
 
 enum { STATE_STARTING, STATE_RUNNING, STATE_STOPPING, STATE_STOPPED };
 static const char *state_names[] = {"starting", "running", "stopping", "stopped"};
@@ -193,7 +186,7 @@ static void build_receive_sql(cb_worker *w) {
            " updated_at = now(), lease_expires_at = clock_timestamp() + make_interval(secs => $2::float8)"
            " FROM m WHERE k.domain = $3 AND k.command_id = m.command_id AND k.msg_id = m.msg_id"
            " AND k.command_id = ANY(ARRAY(SELECT command_id FROM m WHERE command_id IS NOT NULL))"
-           " AND " STATUS_OF("k") " IN ('PENDING', 'IN_PROGRESS')"
+           " AND " CB_STATUS_OF("k") " IN ('PENDING', 'IN_PROGRESS')"
            " RETURNING k.command_id, k.command_type, k.attempts, k.max_attempts, k.correlation_id,"
            " k.reply_queue, k.batch_id, m.msg_id),"
            " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
@@ -282,12 +275,7 @@ static void set_state(cb_worker *w, int state) {
 static void maybe_fetch(cb_worker *w);
 static void maybe_finalize(cb_worker *w);
 
-static int add_timeout(cb_unit *u, const cb_worker *w) {
-  char ms[32];
-  snprintf(ms, sizeof ms, "%d", (int)(w->o.statement_timeout * 1000));
-  const char *p[] = {ms};
-  return cb_unit_add(u, CB_KEYED_TRANSACTION_SQL, 1, p);
-}
+static int add_timeout(cb_unit *u, const cb_worker *w) { return cb_add_keyed_begin(u, w->o.statement_timeout); }
 
 static const char *poison_reason(const cb_result *r, int row) {
   const char *type = cb_result_value(r, row, 10);
@@ -553,7 +541,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " has bool)),"
                        " c AS (UPDATE commandbus.command k SET status = 'COMPLETED', updated_at = now(),"
                        " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt"
-                       " AND " STATUS_OF("k") " = 'IN_PROGRESS' RETURNING k.command_id, k.correlation_id, k.reply_queue,"
+                       " AND " CB_STATUS_OF("k") " = 'IN_PROGRESS' RETURNING k.command_id, k.correlation_id, k.reply_queue,"
                        " k.batch_id, i.msg, i.result, i.has),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, command_id, 'COMPLETED', jsonb_build_object('msg_id', msg, 'reply_to',"
@@ -570,7 +558,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " message text, delay float8)),"
                        " c AS (UPDATE commandbus.command k SET last_error_type = 'TRANSIENT', last_error_code = i.code,"
                        " last_error_msg = i.message, updated_at = now() FROM i WHERE k.domain = $1"
-                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND " STATUS_OF("k") " = 'IN_PROGRESS'"
+                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND " CB_STATUS_OF("k") " = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, i.msg, i.code, i.message,"
                        " i.delay),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
@@ -588,7 +576,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " c AS (UPDATE commandbus.command k SET status = 'IN_TROUBLESHOOTING_QUEUE',"
                        " last_error_type = i.etype, last_error_code = i.code, last_error_msg = i.message,"
                        " updated_at = now(), lease_expires_at = NULL FROM i WHERE k.domain = $1"
-                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND " STATUS_OF("k") " = 'IN_PROGRESS'"
+                       " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND " CB_STATUS_OF("k") " = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, k.correlation_id, i.msg, i.code,"
                        " i.message, i.etype, i.exhausted),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
@@ -606,7 +594,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                         * process until the operator acts (a probe by key;
                         * commands of no process change nothing). */
                        " pw AS (UPDATE commandbus.process pr SET status = 'WAITING_FOR_TSQ', updated_at = now() FROM c"
-                       " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND " STATUS_OF("pr") " = 'WAITING')",
+                       " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND " CB_STATUS_OF("pr") " = 'WAITING')",
                        q, q);
       break;
     case ACK_FAILED:
@@ -616,7 +604,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " c AS (UPDATE commandbus.command k SET status = 'FAILED', last_error_type = 'BUSINESS_RULE',"
                        " last_error_code = i.code, last_error_msg = i.message, updated_at = now(),"
                        " lease_expires_at = NULL FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt"
-                       " AND " STATUS_OF("k") " = 'IN_PROGRESS' RETURNING k.command_id, k.correlation_id, k.reply_queue,"
+                       " AND " CB_STATUS_OF("k") " = 'IN_PROGRESS' RETURNING k.command_id, k.correlation_id, k.reply_queue,"
                        " k.batch_id, k.attempts, i.msg, i.code, i.message, i.details),"
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, command_id, 'BUSINESS_RULE_FAILED', jsonb_build_object('msg_id', msg,"
