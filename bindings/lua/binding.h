@@ -11,6 +11,7 @@
 
 #include "commandbus/error.h"
 #include "commandbus/runtime.h"
+#include "commandbus/upkeep.h"
 
 /* ---- compatibility ------------------------------------------------------------ */
 
@@ -126,6 +127,10 @@ int cbL_lanes_running(const cbL_lanes *lanes);
 int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who);
 
 void cbL_open_worker(lua_State *L);
+/* Schedules, retention and limits: bus methods (upkeep.c). */
+void cbL_open_upkeep(lua_State *L);
+/* Pushes a worker's retention figures: what it removed, passes. */
+void cbL_push_upkeep_stats(lua_State *L, const cb_upkeep_stats *stats);
 void cbL_open_reply_router(lua_State *L);
 
 /* ---- message routers (router.c) ------------------------------------------ */

@@ -45,7 +45,8 @@ static int read_spec(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
                  {"id", &spec->command_id},
                  {"correlation_id", &spec->correlation_id},
                  {"reply_to", &spec->reply_to},
-                 {"batch_id", &spec->batch_id}};
+                 {"batch_id", &spec->batch_id},
+                 {"dedup_key", &spec->dedup_key}};
   for (size_t k = 0; k < sizeof strings / sizeof strings[0]; k++) {
     lua_getfield(L, idx, strings[k].name);
     if (!lua_isnil(L, -1)) {
@@ -64,6 +65,24 @@ static int read_spec(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
     spec->max_attempts = (int)v;
   }
   lua_pop(L, 1);
+  lua_getfield(L, idx, "priority");
+  if (!lua_isnil(L, -1)) {
+    int ok;
+    int64_t v = cbL_toint64(L, -1, &ok);
+    if (!ok || v < CB_PRIORITY_MIN || v > CB_PRIORITY_MAX)
+      spec_raise(L, what, i, " field 'priority': integer between %d and %d expected", CB_PRIORITY_MIN, CB_PRIORITY_MAX);
+    spec->priority = (int)v;
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, idx, "dedup_for");
+  if (!lua_isnil(L, -1)) {
+    if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
+      spec_raise(L, what, i, " field 'dedup_for': positive number of seconds expected");
+    spec->dedup_for = lua_tonumber(L, -1);
+  }
+  lua_pop(L, 1);
+  if ((spec->dedup_key == NULL) != (spec->dedup_for == 0))
+    spec_raise(L, what, i, ": dedup_key and dedup_for go together");
   lua_getfield(L, idx, "data");
   if (!lua_isnil(L, -1)) {
     if (lua_type(L, -1) != LUA_TTABLE)
@@ -88,6 +107,8 @@ static void push_result(lua_State *L, const cb_send_result *r) {
   if (r->duplicate) {
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "duplicate");
+    lua_pushstring(L, r->duplicate_of);
+    lua_setfield(L, -2, "duplicate_of");
   } else {
     cbL_pushint64(L, r->msg_id);
     lua_setfield(L, -2, "msg_id");
@@ -133,7 +154,9 @@ static double check_delay(lua_State *L, int idx) {
 }
 
 /* bus:send{domain=, type=, data=, id=, correlation_id=, reply_to=,
- *          max_attempts=, delay=, batch_id=} -> {command_id=, msg_id=} | nil, err */
+ *          max_attempts=, delay=, batch_id=, priority=, dedup_key=, dedup_for=}
+ * -> {command_id=, msg_id=} | nil, err (DUPLICATE_COMMAND: err.command_id is
+ * the command already there, or the one holding the dedup key) */
 static int l_send(lua_State *L) {
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -146,7 +169,14 @@ static int l_send(lua_State *L) {
   if (!read_spec(L, 2, anchor, 1, &spec, "command")) return 2;
   cb_send_result result;
   cb_err err;
-  if (cb_bus_send(rt, domain, &spec, 1, delay, &result, &err) != CB_OK) return cbL_pusherror(L, &err);
+  if (cb_bus_send(rt, domain, &spec, 1, delay, &result, &err) != CB_OK) {
+    cbL_pusherror(L, &err);
+    if (err.code == CB_EDUPLICATE) { /* the command that is there: the same id, or the dedup key's holder */
+      lua_pushstring(L, result.duplicate_of);
+      lua_setfield(L, -2, "command_id");
+    }
+    return 2;
+  }
   push_result(L, &result);
   return 1;
 }

@@ -63,6 +63,7 @@ int luaopen_commandbus_core(lua_State *L) {
   cbL_open_commands(L);
   cbL_open_process(L);
   cbL_open_worker(L);
+  cbL_open_upkeep(L);
   cbL_open_reply_router(L);
   cbL_open_router(L);
   static const luaL_Reg functions[] = {

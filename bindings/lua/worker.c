@@ -234,6 +234,20 @@ static int l_bus_worker(lua_State *L) {
   o.statement_timeout = number_field(L, 2, "statement_timeout", 25, 0.001);
   o.poll_interval = number_field(L, 2, "poll_interval", 1, 0.001);
   o.drain_timeout = number_field(L, 2, "drain_timeout", 30, 0);
+  /* retention = false, or {interval = seconds}; schedules = false. */
+  lua_getfield(L, 2, "retention");
+  if (lua_type(L, -1) == LUA_TBOOLEAN) {
+    o.retention = lua_toboolean(L, -1);
+  } else if (lua_istable(L, -1)) {
+    o.retention_interval = number_field(L, lua_gettop(L), "interval", 60, 0.01);
+  } else if (!lua_isnil(L, -1)) {
+    luaL_error(L, "bad option 'retention': false or {interval = seconds} expected, got %s", luaL_typename(L, -1));
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, 2, "schedules");
+  if (lua_type(L, -1) == LUA_TBOOLEAN) o.schedules = lua_toboolean(L, -1);
+  else if (!lua_isnil(L, -1)) luaL_error(L, "bad option 'schedules': boolean expected, got %s", luaL_typename(L, -1));
+  lua_pop(L, 1);
   lua_getfield(L, 2, "retry");
   if (!lua_isnil(L, -1)) {
     if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry': table expected");
@@ -343,7 +357,10 @@ static int l_stop(lua_State *L) {
 }
 
 /* worker:health() -> {state=, successes=, failures=, consecutive_failures=,
- *                     stuck=, poison=, last_success_at=, in_flight=} */
+ *                     stuck=, poison=, last_success_at=, in_flight=,
+ *                     retention={commands=, audit=, archive=, batches=, processes=,
+ *                                dedup_keys=, schedule_runs=, passes=, last_pass_at=},
+ *                     scheduled=} */
 static int l_health(lua_State *L) {
   cbL_worker *lw = check_worker(L);
   if (lw->w == NULL) return cbL_pusherrorcode(L, CB_ECLOSED, "the worker is closed");
@@ -367,6 +384,10 @@ static int l_health(lua_State *L) {
   }
   lua_pushinteger(L, h.in_flight);
   lua_setfield(L, -2, "in_flight");
+  cbL_push_upkeep_stats(L, &h.upkeep);
+  lua_setfield(L, -2, "retention");
+  cbL_pushint64(L, (int64_t)h.upkeep.scheduled);
+  lua_setfield(L, -2, "scheduled");
   return 1;
 }
 

@@ -35,6 +35,23 @@ int cb_bus_ensure_queue(cb_runtime *rt, const char *queue, cb_err *err) {
   return rc;
 }
 
+int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, cb_err *err) {
+  char queue[CB_QUEUE_NAME_MAX + 1], key[80];
+  cb_command_queue_name(domain, queue);
+  snprintf(key, sizeof key, "command queue:%s", queue);
+  if (cb_runtime_remembers(rt, key)) return CB_OK;
+  int rc = cb_bus_ensure_queue(rt, queue, err);
+  /* Only messages with a priority other than 0 are in this index, so that
+   * commands sent without one pay nothing for it but the test of the
+   * predicate; the worker reads it first (see the worker's receive). */
+  if (rc == CB_OK)
+    rc = cb_queue_ensure_index(rt, queue, "priority_idx",
+                               "(commandbus.priority_of(message) DESC, msg_id) WHERE commandbus.priority_of(message) <> 0",
+                               err);
+  if (rc == CB_OK) cb_runtime_remember(rt, key);
+  return rc;
+}
+
 /* ---- send -------------------------------------------------------------------- */
 
 static int check_spec(const cb_command_spec *s, size_t i, char *id, char *corr, char *batch, cb_err *err) {
@@ -63,43 +80,86 @@ static int check_spec(const cb_command_spec *s, size_t i, char *id, char *corr, 
   }
   if (s->max_attempts > 1000)
     return cb_err_set(err, CB_EINVAL, "command #%zu: max_attempts %d is more than 1000", i + 1, s->max_attempts);
+  if (s->priority < CB_PRIORITY_MIN || s->priority > CB_PRIORITY_MAX)
+    return cb_err_set(err, CB_EINVAL, "command #%zu: priority %d is outside %d..%d", i + 1, s->priority,
+                      CB_PRIORITY_MIN, CB_PRIORITY_MAX);
+  if (s->dedup_key && (s->dedup_key[0] == '\0' || strlen(s->dedup_key) > CB_DEDUP_KEY_MAX))
+    return cb_err_set(err, CB_EINVAL, "command #%zu: dedup_key must be 1 to %d bytes", i + 1, CB_DEDUP_KEY_MAX);
+  if (s->dedup_key && !(s->dedup_for > 0))
+    return cb_err_set(err, CB_EINVAL, "command #%zu: dedup_key needs dedup_for, a positive number of seconds", i + 1);
+  if (!s->dedup_key && s->dedup_for != 0)
+    return cb_err_set(err, CB_EINVAL, "command #%zu: dedup_for needs a dedup_key", i + 1);
   return CB_OK;
 }
 
-/* The statement that sends one chunk: commands first (ON CONFLICT DO NOTHING
+/* The statement that sends commands: commands first (ON CONFLICT DO NOTHING
  * tells duplicates apart without an error), then messages and SENT audit rows
  * for the fresh ones only. The message id is drawn from the queue's identity
- * sequence up front so that the command row carries it from the start. */
-static void send_sql(char *sql, size_t len, const char *queue) {
-  snprintf(sql, len,
-           "WITH input AS ("
+ * sequence up front so that the command row carries it from the start.
+ *
+ * The commands come from `source`, rows (v jsonb, ord bigint) of JSON
+ * objects {id, corr, type, data, reply, max, batch, prio, dedup, dedup_for},
+ * which may be defined by CTEs in `prefix` (ending with a comma); the plain
+ * send's source is its JSON array $1. $2 is the domain, $3 the delay.
+ * With `dedup`, commands carrying a dedup key claim it first (see
+ * send_dedup_ctes) and a command whose key is held by another is not sent;
+ * the result then has a third column, the id of the command holding the key.
+ * Priority rides in the message only when it is not 0, so that messages
+ * without one are what they always were. */
+#define SEND_DEDUP_CTES                                                                                          \
+  " claims AS (INSERT INTO commandbus.dedup AS d (domain, dedup_key, command_id, expires_at)"                   \
+  " SELECT DISTINCT ON (dedup_key) $2, dedup_key, command_id, now() + make_interval(secs => dedup_for)"        \
+  " FROM firsts WHERE dedup_key IS NOT NULL ORDER BY dedup_key, ord"                                           \
+  " ON CONFLICT (domain, dedup_key) DO UPDATE SET"                                                             \
+  " command_id = CASE WHEN d.expires_at <= now() THEN excluded.command_id ELSE d.command_id END,"              \
+  " expires_at = CASE WHEN d.expires_at <= now() THEN excluded.expires_at ELSE d.expires_at END"               \
+  " RETURNING d.dedup_key, d.command_id),"
+static int send_sql(char *sql, size_t len, const char *queue, const char *prefix, const char *source, int dedup) {
+  int n = snprintf(sql, len,
+           "WITH %s input AS ("
            " SELECT e.ord, (e.v->>'id')::uuid AS command_id, e.v->>'type' AS command_type,"
            " coalesce(e.v->'data', '{}'::jsonb) AS data, (e.v->>'corr')::uuid AS correlation_id,"
            " coalesce(e.v->>'reply', '') AS reply_to, (e.v->>'max')::int AS max_attempts,"
-           " (e.v->>'batch')::uuid AS batch_id"
-           " FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord)),"
+           " (e.v->>'batch')::uuid AS batch_id, coalesce((e.v->>'prio')::int, 0) AS priority,"
+           " e.v->>'dedup' AS dedup_key, (e.v->>'dedup_for')::float8 AS dedup_for"
+           " FROM %s AS e(v, ord)),"
            /* The first of several commands with one id in the same call is
             * sent; the later ones are duplicates like any existing id. */
-           " firsts AS (SELECT DISTINCT ON (command_id) * FROM input ORDER BY command_id, ord),"
+           " firsts AS (SELECT DISTINCT ON (command_id) * FROM input ORDER BY command_id, ord),%s"
            " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
            " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
            " SELECT $2, '%s', nextval('pgmq.q_%s_msg_id_seq'), command_id, command_type, 'PENDING', 0,"
-           " max_attempts, reply_to, correlation_id, batch_id FROM firsts ORDER BY ord"
+           " max_attempts, reply_to, correlation_id, batch_id FROM firsts f%s ORDER BY ord"
            " ON CONFLICT (domain, command_id) DO NOTHING RETURNING command_id, msg_id),"
            " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
            " SELECT f.msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
            " jsonb_build_object('domain', $2::text, 'command_type', i.command_type, 'command_id', i.command_id,"
            " 'correlation_id', i.correlation_id, 'data', i.data)"
            " || CASE WHEN i.reply_to <> '' THEN jsonb_build_object('reply_to', i.reply_to) ELSE '{}'::jsonb END"
+           " || CASE WHEN i.priority <> 0 THEN jsonb_build_object('priority', i.priority) ELSE '{}'::jsonb END"
            " FROM fresh f JOIN firsts i USING (command_id) ORDER BY f.msg_id),"
            " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
            " SELECT $2, i.command_id, 'SENT', jsonb_build_object('command_type', i.command_type,"
            " 'correlation_id', i.correlation_id, 'reply_to', nullif(i.reply_to, ''), 'msg_id', f.msg_id,"
            " 'batch_id', i.batch_id) FROM fresh f JOIN firsts i USING (command_id))"
-           " SELECT i.command_id::text, CASE WHEN i.ord = fi.ord THEN coalesce(f.msg_id, 0) ELSE 0 END"
-           " FROM input i LEFT JOIN fresh f USING (command_id) LEFT JOIN firsts fi USING (command_id)"
+           " SELECT i.command_id::text, CASE WHEN i.ord = fi.ord THEN coalesce(f.msg_id, 0) ELSE 0 END%s"
+           " FROM input i LEFT JOIN fresh f USING (command_id) LEFT JOIN firsts fi USING (command_id)%s"
            " ORDER BY i.ord",
-           queue, queue, queue);
+           prefix, source, dedup ? SEND_DEDUP_CTES : "", queue, queue,
+           dedup ? " WHERE f.dedup_key IS NULL OR EXISTS (SELECT 1 FROM claims c WHERE c.dedup_key = f.dedup_key"
+                   " AND c.command_id = f.command_id)"
+                 : "",
+           queue, dedup ? ", cl.command_id::text" : "",
+           dedup ? " LEFT JOIN claims cl ON cl.dedup_key = i.dedup_key" : "");
+  return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
+}
+
+int cb_bus_add_send_from(cb_unit *u, const char *domain, const char *prefix, const char *source, int nparams,
+                         const char *const *params) {
+  char queue[CB_QUEUE_NAME_MAX + 1], sql[6144];
+  cb_command_queue_name(domain, queue);
+  if (send_sql(sql, sizeof sql, queue, prefix, source, 0) != CB_OK) return CB_EINTERNAL;
+  return cb_unit_add(u, sql, nparams, params);
 }
 
 /* Validates specs, makes sure the queues exist, then appends the send
@@ -116,14 +176,14 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   /* Validate everything first: bad input writes nothing. */
   cb_strbuf json = {0};
   char id[CB_UUID_LEN + 1], corr[CB_UUID_LEN + 1], batch[CB_UUID_LEN + 1];
-  char sql[4096];
-  send_sql(sql, sizeof sql, queue);
+  char sql[6144];
   char delay_text[32];
   snprintf(delay_text, sizeof delay_text, "%.6f", delay);
   for (size_t start = 0; start < n && rc == CB_OK; start += SEND_CHUNK) {
     size_t end = start + SEND_CHUNK < n ? start + SEND_CHUNK : n;
     cb_strbuf_reset(&json);
     cb_strbuf_putc(&json, '[');
+    int dedup = 0;
     for (size_t i = start; i < end && rc == CB_OK; i++) {
       const cb_command_spec *s = &specs[i];
       rc = check_spec(s, i, id, corr, batch, err);
@@ -132,12 +192,20 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
       memcpy(results[i].command_id, id, sizeof id);
       results[i].msg_id = 0;
       results[i].duplicate = 0;
+      results[i].duplicate_of[0] = '\0';
       if (i > start) cb_strbuf_putc(&json, ',');
       cb_strbuf_printf(&json, "{\"id\":\"%s\",\"corr\":\"%s\",\"type\":", id, corr);
       cb_strbuf_json_string(&json, s->command_type);
       cb_strbuf_printf(&json, ",\"max\":%d", s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
       if (s->reply_to && s->reply_to[0]) cb_strbuf_printf(&json, ",\"reply\":\"%s\"", s->reply_to);
       if (batch[0]) cb_strbuf_printf(&json, ",\"batch\":\"%s\"", batch);
+      if (s->priority) cb_strbuf_printf(&json, ",\"prio\":%d", s->priority);
+      if (s->dedup_key) {
+        dedup = 1;
+        cb_strbuf_puts(&json, ",\"dedup\":");
+        cb_strbuf_json_string(&json, s->dedup_key);
+        cb_strbuf_printf(&json, ",\"dedup_for\":%.6f", s->dedup_for);
+      }
       if (s->data_json) {
         cb_strbuf_puts(&json, ",\"data\":");
         cb_strbuf_puts(&json, s->data_json);
@@ -146,6 +214,9 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
     }
     cb_strbuf_putc(&json, ']');
     if (rc == CB_OK && json.failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+    if (rc == CB_OK && send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY",
+                                dedup) != CB_OK)
+      rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
     if (rc == CB_OK) {
       const char *params[] = {json.data, domain, delay_text};
       if (cb_unit_add(u, sql, 3, params) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -153,7 +224,7 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   }
   cb_strbuf_free(&json);
   /* Queues exist before the transaction that writes into them. */
-  if (rc == CB_OK) rc = cb_bus_ensure_queue(rt, queue, err);
+  if (rc == CB_OK) rc = cb_bus_ensure_command_queue(rt, domain, err);
   for (size_t i = 0; i < n && rc == CB_OK; i++)
     if (specs[i].reply_to && specs[i].reply_to[0]) rc = cb_bus_ensure_queue(rt, specs[i].reply_to, err);
   if (rc == CB_OK && cb_queue_add_notify(u, queue) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -167,9 +238,13 @@ void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *res
   for (int st = first; st < first + chunks; st++) {
     const cb_result *r = cb_unit_result(u, st);
     if (r == NULL) break;
+    int holders = cb_result_columns(r) > 2; /* a send with dedup keys */
     for (int row = 0; row < cb_result_rows(r) && k < n; row++, k++) {
       results[k].msg_id = cb_result_int(r, row, 1);
       results[k].duplicate = results[k].msg_id == 0;
+      if (!results[k].duplicate) continue;
+      const char *first = holders && !cb_result_is_null(r, row, 2) ? cb_result_value(r, row, 2) : results[k].command_id;
+      snprintf(results[k].duplicate_of, sizeof results[k].duplicate_of, "%s", first);
     }
   }
 }
@@ -200,8 +275,12 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   int rc = send_in_unit(rt, u, domain, specs, n, delay, results, NULL, err);
   cb_unit_free(u);
-  if (rc == CB_OK && n == 1 && results[0].duplicate)
+  if (rc == CB_OK && n == 1 && results[0].duplicate) {
+    if (strcmp(results[0].duplicate_of, results[0].command_id) != 0)
+      return cb_err_set(err, CB_EDUPLICATE, "dedup key `%.200s` is held by command %s in domain %s until its window ends",
+                        specs[0].dedup_key, results[0].duplicate_of, domain);
     return cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", results[0].command_id, domain);
+  }
   return rc;
 }
 

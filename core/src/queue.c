@@ -288,6 +288,22 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
   return rc;
 }
 
+int cb_queue_ensure_index(cb_runtime *rt, const char *queue, const char *suffix, const char *definition,
+                          cb_err *err) {
+  CHECK_NAME(queue);
+  NEW_UNIT(u);
+  cb_unit_add_flags(u, QUEUE_DDL_LOCK, 0, NULL, CB_STMT_ONESHOT);
+  int rc = add_sql(u, CB_STMT_ONESHOT, NULL, 0, "CREATE INDEX IF NOT EXISTS q_%s_%s ON pgmq.q_%s %s", queue, suffix,
+                   queue, definition);
+  if (rc < 0) {
+    cb_unit_free(u);
+    return cb_err_set(err, rc, "the index statement for %s does not fit its buffer", queue);
+  }
+  rc = cb_runtime_exec(rt, u, err);
+  cb_unit_free(u);
+  return rc;
+}
+
 int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) {
   CHECK_NAME(queue);
   *existed = 0;

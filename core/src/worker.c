@@ -24,6 +24,7 @@
 
 #include "commandbus/events.h"
 #include "commandbus/bus.h"
+#include "commandbus/limits.h"
 #include "commandbus/log.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
@@ -50,7 +51,7 @@ struct cb_worker {
   char domain[CB_QUEUE_NAME_MAX + 1];
   char queue[CB_QUEUE_NAME_MAX + 1];
   char channel[80];
-  char receive_sql[2560];
+  char receive_sql[6144];
   int lanes;
   int capacity; /* works fetched and not yet done, at most */
   cb_message_router *router;
@@ -64,6 +65,15 @@ struct cb_worker {
   int finalized;
   int watch_id;
   int more_waiting; /* the last fetch found messages: there may be more */
+  /* Where the read of priority-0 messages starts: the lowest msg_id the
+   * last fetch received at that priority. A message below it that becomes
+   * visible later (a retry, a redelivery, a send that committed late) is
+   * found by the next full scan, which every poll asks for. */
+  int64_t scan_from;
+  int full_scan_due;
+  int asked; /* how many the last receive asked for */
+  cb_upkeep *upkeep; /* background jobs; [loop] once started */
+  int upkeep_running;
   int rounds_in_flight;        /* acknowledgement rounds sent, not answered */
   int abandon_acks;            /* drain deadline passed: outcomes kept for retry are given up */
   int acks_held;               /* the last round failed for a lost connection: wait for the poll */
@@ -161,6 +171,9 @@ void cb_worker_options_init(cb_worker_options *o) {
   o->backoff[2] = 300;
   o->nbackoff = 3;
   o->drain_timeout = 30;
+  o->retention = 1;
+  o->retention_interval = 60;
+  o->schedules = 1;
 }
 
 /* A message is received only when it is its command's current message
@@ -171,17 +184,49 @@ void cb_worker_options_init(cb_worker_options *o) {
  * are planned from statistics, and a queue workload keeps them stale (a
  * domain seen as one row led to a nested loop over all its commands for each
  * message). Key conditions make the plan primary-key lookups whatever the
- * statistics say. */
+ * statistics say.
+ *
+ * Messages are taken by priority: first those above 0 from the queue's
+ * partial priority index (which holds only messages with a priority), then
+ * those at 0 in msg_id order, then those below 0. Each source is read only as
+ * far as the fetch needs (a LIMIT over the three reads lazily). The read at
+ * priority 0 starts at msg_id $4 (see scan_from): under a transaction that
+ * holds back vacuum, the dead entries of every message completed since it
+ * began lie below that mark, and the index scan would otherwise step over
+ * them all on every fetch.
+ *
+ * Limits per command type (commandbus.type_limit; the previous statement of
+ * the transaction locked the domain's rows, so that every worker counts the
+ * same numbers): types with no room left are not read, and of the others no
+ * more than their room is received; the rest stay in the queue untouched
+ * (not received, no attempt, no audit). Each received type's window count
+ * goes up in the same statement. With no limits this costs a probe of an
+ * empty table and a test per message read. */
 static void build_receive_sql(cb_worker *w) {
   const char *q = w->queue;
+#define NOT_FULL " AND NOT coalesce(message->>'command_type' = ANY((SELECT t FROM full_types)::text[]), false)"
   snprintf(w->receive_sql, sizeof w->receive_sql,
-           "WITH m AS (UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => $2::float8),"
-           " read_ct = q.read_ct + 1 WHERE q.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s"
-           " WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED))"
-           " RETURNING q.msg_id, q.read_ct, q.message,"
-           " CASE WHEN jsonb_typeof(q.message) = 'object' AND (q.message->>'command_id') ~*"
-           " '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'"
-           " THEN (q.message->>'command_id')::uuid END AS command_id),"
+           "WITH room AS (SELECT command_type, room FROM commandbus.type_room($3)),"
+           " full_types AS (SELECT coalesce(array_agg(command_type) FILTER (WHERE room <= 0), '{}') AS t FROM room),"
+           " hi AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
+           " FROM pgmq.q_%s WHERE commandbus.priority_of(message) > 0 AND vt <= clock_timestamp()" NOT_FULL
+           " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+           " mid AS (SELECT msg_id, message->>'command_type' AS type, 0 AS prio FROM pgmq.q_%s"
+           " WHERE msg_id >= $4::bigint AND vt <= clock_timestamp()"
+           " AND coalesce(commandbus.priority_of(message), 0) = 0" NOT_FULL
+           " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+           " lo AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
+           " FROM pgmq.q_%s WHERE commandbus.priority_of(message) < 0 AND vt <= clock_timestamp()" NOT_FULL
+           " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+           " pick AS (SELECT * FROM (SELECT * FROM hi UNION ALL SELECT * FROM mid UNION ALL SELECT * FROM lo) x"
+           " LIMIT $1::int),"
+           " kept AS (SELECT p.msg_id FROM (SELECT msg_id, type, row_number() OVER (PARTITION BY type"
+           " ORDER BY prio DESC, msg_id) AS nth FROM pick) p LEFT JOIN room r ON r.command_type = p.type"
+           " WHERE r.room IS NULL OR p.nth <= r.room),"
+           " m AS (UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => $2::float8),"
+           " read_ct = q.read_ct + 1 WHERE q.msg_id = ANY(ARRAY(SELECT msg_id FROM kept))"
+           " RETURNING q.msg_id, q.read_ct, q.message, commandbus.priority_of(q.message) AS priority,"
+           " commandbus.message_command_id(q.message) AS command_id),"
            " c AS (UPDATE commandbus.command k SET attempts = k.attempts + 1, status = 'IN_PROGRESS',"
            " updated_at = now(), lease_expires_at = clock_timestamp() + make_interval(secs => $2::float8)"
            " FROM m WHERE k.domain = $3 AND k.command_id = m.command_id AND k.msg_id = m.msg_id"
@@ -191,14 +236,19 @@ static void build_receive_sql(cb_worker *w) {
            " k.reply_queue, k.batch_id, m.msg_id),"
            " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
            " SELECT $3, command_id, 'RECEIVED', jsonb_build_object('msg_id', msg_id, 'attempt', attempts,"
-           " 'max_attempts', max_attempts) FROM c)"
+           " 'max_attempts', max_attempts) FROM c),"
+           " wnd AS (UPDATE commandbus.type_limit t SET window_start = date_trunc('second', now()),"
+           " window_taken = CASE WHEN t.window_start = date_trunc('second', now()) THEN t.window_taken ELSE 0 END + x.n"
+           " FROM (SELECT command_type, count(*) AS n FROM c GROUP BY command_type) x"
+           " WHERE t.domain = $3 AND t.command_type = x.command_type AND t.per_second IS NOT NULL)"
            " SELECT m.msg_id, m.read_ct, c.command_id::text, c.command_type, (m.message->'data')::text,"
            " c.attempts, c.max_attempts, c.correlation_id::text, nullif(c.reply_queue, ''), c.batch_id::text,"
            " jsonb_typeof(m.message), m.command_id::text,"
            " CASE WHEN c.command_id IS NULL THEN (SELECT k2.status FROM commandbus.command k2"
-           " WHERE k2.domain = $3 AND k2.command_id = m.command_id) END"
-           " FROM m LEFT JOIN c ON c.msg_id = m.msg_id ORDER BY m.msg_id",
-           q, q);
+           " WHERE k2.domain = $3 AND k2.command_id = m.command_id) END, coalesce(m.priority, 0)"
+           " FROM m LEFT JOIN c ON c.msg_id = m.msg_id ORDER BY coalesce(m.priority, 0) DESC, m.msg_id",
+           q, q, q, q);
+#undef NOT_FULL
 }
 
 int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out, cb_err *err) {
@@ -230,6 +280,9 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   if (w->lanes > CB_MESSAGE_ROUTER_MAX_LANES) w->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
   w->capacity = w->lanes * 2;
   build_receive_sql(w);
+  cb_upkeep_options uo = {.retention = opts->retention, .retention_interval = opts->retention_interval,
+                          .schedules = opts->schedules, .statement_timeout = opts->statement_timeout};
+  w->upkeep = cb_upkeep_new(rt, w->domain, &uo);
   pthread_mutex_init(&w->lock, NULL);
   pthread_cond_init(&w->changed, NULL);
   w->state = STATE_STARTING;
@@ -245,11 +298,11 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   cfg.block_timeout_ms = -1; /* never drop a received command */
   cfg.ingress_capacity = 4 * FETCH_MAX + 64;
   cfg.lane_capacity = 4 * FETCH_MAX + 1;
-  if (w->current == NULL || w->buffers == NULL || cb_message_router_new(&w->router, &cfg) != 0) {
+  if (w->current == NULL || w->buffers == NULL || w->upkeep == NULL || cb_message_router_new(&w->router, &cfg) != 0) {
     cb_worker_free(w);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
-  rc = cb_bus_ensure_queue(rt, w->queue, err);
+  rc = cb_bus_ensure_command_queue(rt, w->domain, err);
   if (rc == CB_OK) rc = cb_runtime_listen(rt, w->channel, err);
   if (rc != CB_OK) {
     cb_worker_free(w);
@@ -274,6 +327,7 @@ static void set_state(cb_worker *w, int state) {
 
 static void maybe_fetch(cb_worker *w);
 static void maybe_finalize(cb_worker *w);
+static void poll_at_next_second(cb_worker *w);
 
 static int add_timeout(cb_unit *u, const cb_worker *w) { return cb_add_keyed_begin(u, w->o.statement_timeout); }
 
@@ -335,10 +389,13 @@ static void handle_fetched(cb_worker *w, cb_unit *u, int index) {
   double fetched_at = now_unix();
   cb_message_router_entry entries[4 * FETCH_MAX];
   int n = 0;
+  int64_t lowest = 0; /* of priority 0 */
   cb_strbuf poison = {0};
   const char *batches[FETCH_MAX];
   size_t nbatches = 0;
   for (int i = 0; i < rows; i++) {
+    int64_t msg_id = cb_result_int(r, i, 0);
+    if (cb_result_int(r, i, 13) == 0 && (lowest == 0 || msg_id < lowest)) lowest = msg_id;
     if (cb_result_is_null(r, i, 2)) {
       const char *reason = poison_reason(r, i);
       const char *id = cb_result_is_null(r, i, 11) ? NULL : cb_result_value(r, i, 11);
@@ -378,6 +435,10 @@ static void handle_fetched(cb_worker *w, cb_unit *u, int index) {
     }
   }
   w->more_waiting = rows > 0;
+  if (lowest) w->scan_from = lowest;
+  /* Limited command types that had no room wait for the next second's
+   * window: poll then rather than at the next poll interval. */
+  if (cb_result_rows(cb_unit_result(u, index - 1)) > 0 && rows < w->asked) poll_at_next_second(w);
 }
 
 static void on_fetched(cb_unit *u, void *arg) {
@@ -393,7 +454,7 @@ static void on_fetched(cb_unit *u, void *arg) {
   } else {
     if (w->fetch_failing) cb_log(CB_LOG_INFO, "worker %s: fetching again", w->domain);
     w->fetch_failing = 0;
-    handle_fetched(w, u, 1);
+    handle_fetched(w, u, cb_unit_count(u) - 1); /* the receive is the unit's last statement */
   }
   int more = w->more_waiting;
   cb_unit_free(u);
@@ -431,13 +492,18 @@ static int fetch_room(cb_worker *w) {
   return room > FETCH_MAX ? FETCH_MAX : room;
 }
 
-/* Appends the receive statement for `room` commands; returns its index. */
+/* Appends the lock of the domain's limits and the receive statement for
+ * `room` commands; returns the receive's index (the lock's is one less). */
 static int add_receive(cb_unit *u, cb_worker *w, int room) {
-  char qty[16], vt[32];
+  char qty[16], vt[32], from[24];
   snprintf(qty, sizeof qty, "%d", room);
   snprintf(vt, sizeof vt, "%.3f", w->o.visibility_timeout);
-  const char *params[] = {qty, vt, w->domain};
-  return cb_unit_add(u, w->receive_sql, 3, params);
+  snprintf(from, sizeof from, "%lld", w->full_scan_due ? 0LL : (long long)w->scan_from);
+  w->full_scan_due = 0;
+  w->asked = room;
+  const char *params[] = {qty, vt, w->domain, from};
+  if (cb_limits_add_lock(u, w->domain) < 0) return -1;
+  return cb_unit_add(u, w->receive_sql, 4, params);
 }
 
 static void maybe_fetch(cb_worker *w) {
@@ -457,9 +523,22 @@ static void maybe_fetch(cb_worker *w) {
 
 static void on_notified(void *arg) { maybe_fetch(arg); }
 static void flush_acks(cb_worker *w);
+static void on_poll(uv_timer_t *t);
+
+/* Brings the next poll forward to just past the next whole second, when a
+ * rate window opens (the poll keeps its interval after that). */
+static void poll_at_next_second(cb_worker *w) {
+  if (!w->timers_open || w->stop_seen) return;
+  double now = now_unix();
+  uint64_t wait_ms = (uint64_t)((floor(now) + 1 - now) * 1000) + 5;
+  if (uv_timer_get_due_in(&w->poll_timer) <= wait_ms) return;
+  uint64_t poll_ms = (uint64_t)(w->o.poll_interval * 1000);
+  uv_timer_start(&w->poll_timer, on_poll, wait_ms, poll_ms ? poll_ms : 1);
+}
 
 static void on_poll(uv_timer_t *t) {
   cb_worker *w = t->data;
+  w->full_scan_due = 1;
   w->acks_held = 0; /* outcomes kept while the database was away: try again */
   flush_acks(w);
   maybe_fetch(w);
@@ -557,7 +636,7 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, code text,"
                        " message text, delay float8)),"
                        " c AS (UPDATE commandbus.command k SET last_error_type = 'TRANSIENT', last_error_code = i.code,"
-                       " last_error_msg = i.message, updated_at = now() FROM i WHERE k.domain = $1"
+                       " last_error_msg = i.message, updated_at = now(), lease_expires_at = NULL FROM i WHERE k.domain = $1"
                        " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND " CB_STATUS_OF("k") " = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, i.msg, i.code, i.message,"
                        " i.delay),"
@@ -977,7 +1056,8 @@ static void close_handle(cb_worker *w, uv_handle_t *h) {
 }
 
 static void maybe_finalize(cb_worker *w) {
-  if (!w->stop_seen || w->finalized || w->fetching || w->in_flight > 0 || w->acks_pending > 0 || w->ack_head)
+  if (!w->stop_seen || w->finalized || w->fetching || w->in_flight > 0 || w->acks_pending > 0 || w->ack_head ||
+      w->upkeep_running)
     return;
   w->finalized = 1;
   if (w->watch_id >= 0) cb_runtime_unwatch(w->rt, w->watch_id);
@@ -997,11 +1077,18 @@ static void maybe_finalize(cb_worker *w) {
   closed_one(w); /* drops the hold */
 }
 
+static void on_upkeep_stopped(void *arg) {
+  cb_worker *w = arg;
+  w->upkeep_running = 0;
+  maybe_finalize(w);
+}
+
 static void stop_on_loop(cb_runtime *rt, void *arg) {
   (void)rt;
   cb_worker *w = arg;
   if (w->stop_seen) return;
   w->stop_seen = 1;
+  if (w->upkeep_running) cb_upkeep_stop(w->upkeep, on_upkeep_stopped, w);
   if (w->timers_open) {
     uv_timer_stop(&w->poll_timer);
     uv_timer_start(&w->drain_timer, on_drain_deadline, (uint64_t)(w->o.drain_timeout * 1000), 0);
@@ -1038,6 +1125,8 @@ static void start_on_loop(cb_runtime *rt, void *arg) {
   uv_timer_start(&w->poll_timer, on_poll, poll_ms ? poll_ms : 1, poll_ms ? poll_ms : 1);
   uv_timer_start(&w->stuck_timer, on_stuck_check, 1000, 1000);
   w->watch_id = cb_runtime_watch(rt, w->channel, on_notified, w);
+  w->upkeep_running = 1;
+  cb_upkeep_start(w->upkeep);
   set_state(w, STATE_RUNNING);
   cb_log(CB_LOG_INFO, "worker %s: running with %d lane(s), visibility timeout %g s", w->domain, w->lanes,
          w->o.visibility_timeout);
@@ -1140,6 +1229,7 @@ void cb_worker_free(cb_worker *w) {
   }
   free(w->current);
   free(w->buffers);
+  cb_upkeep_free(w->upkeep);
   pthread_cond_destroy(&w->changed);
   pthread_mutex_destroy(&w->lock);
   free(w);
@@ -1238,6 +1328,7 @@ void cb_worker_health_get(cb_worker *w, cb_worker_health *h) {
   h->state = state_names[w->state];
   pthread_mutex_unlock(&w->lock);
   h->in_flight = cb_worker_in_flight(w);
+  cb_upkeep_stats_get(w->upkeep, &h->upkeep);
 }
 
 int cb_worker_in_flight(cb_worker *w) {

@@ -35,12 +35,20 @@ typedef struct cb_command_spec {
   const char *reply_to;       /* NULL or "": no reply; else a queue name */
   int max_attempts;           /* <= 0: CB_DEFAULT_MAX_ATTEMPTS */
   const char *batch_id;       /* NULL: none */
+  int priority;               /* CB_PRIORITY_MIN..MAX; higher is fetched first; 0 is the default */
+  const char *dedup_key;      /* NULL: none; else refused while another command holds the key */
+  double dedup_for;           /* seconds the key stays held (> 0 with a dedup_key) */
 } cb_command_spec;
+
+#define CB_PRIORITY_MIN (-32768)
+#define CB_PRIORITY_MAX 32767
+#define CB_DEDUP_KEY_MAX 512
 
 typedef struct cb_send_result {
   char command_id[CB_UUID_LEN + 1];
   int64_t msg_id;  /* 0 for a duplicate */
-  int duplicate;   /* the id existed: nothing was written for it */
+  int duplicate;   /* the id existed, or the dedup key was held: nothing was written for it */
+  char duplicate_of[CB_UUID_LEN + 1]; /* a duplicate's first command: the same id, or the key's holder */
 } cb_send_result;
 
 /* ^[a-z_][a-z0-9_]*$, at most CB_DOMAIN_MAX bytes. */
@@ -50,6 +58,8 @@ void cb_command_queue_name(const char *domain, char *out);
 
 /* Creates queue once per runtime (idempotent in the database as well). */
 int cb_bus_ensure_queue(cb_runtime *rt, const char *queue, cb_err *err);
+/* The domain's command queue, with its priority index, once per runtime. */
+int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, cb_err *err);
 
 /* Validates every spec (before any SQL), then sends all n in one transaction.
  * results[i] tells each command's id and msg_id, or that it was a duplicate.
@@ -67,6 +77,17 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
  * error u may hold part of the statements: discard it. */
 int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const char *forced_batch, cb_err *err);
+/* Appends a send of the commands a caller's SQL produces (schedules): the
+ * rows (v jsonb, ord bigint) of `source`, JSON objects {id, corr, type, data,
+ * max, prio, ...} as cb_bus_add_send builds them, defined by the CTEs of
+ * `prefix` (each followed by a comma). Parameters: $1 is the caller's, $2
+ * the domain, $3 the delay in seconds, $4 on the caller's; the statement
+ * gives one row per command (id, msg_id: 0 when it existed). No notify:
+ * the caller knows after the commit whether anything was sent (a notify
+ * for nothing would wake every worker of the domain). Returns the
+ * statement's index or a negative cb_code. */
+int cb_bus_add_send_from(cb_unit *u, const char *domain, const char *prefix, const char *source, int nparams,
+                         const char *const *params);
 /* After u ran: fills results[i].msg_id and .duplicate from the send statements,
  * which start at statement `first` (cb_unit_count(u) before cb_bus_add_send). */
 void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *results);

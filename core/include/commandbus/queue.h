@@ -80,6 +80,13 @@ int cb_queue_add_notify(cb_unit *u, const char *queue);
 
 /* Blocking operations. */
 int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err);
+/* Adds an index to the queue's table (pgmq's layout allows extra indexes,
+ * never extra columns) unless it exists, under the lock of queue DDL:
+ * CREATE INDEX IF NOT EXISTS q_<queue>_<suffix> ON pgmq.q_<queue> <definition>.
+ * suffix and definition are the core's own SQL, never a caller's text.
+ * Building it blocks writes to the queue for as long as it takes. */
+int cb_queue_ensure_index(cb_runtime *rt, const char *queue, const char *suffix, const char *definition,
+                          cb_err *err);
 /* *existed tells whether there was a queue to drop. */
 int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err);
 int cb_queue_send(cb_runtime *rt, const char *queue, const char *json, double delay, int64_t *msg_id, cb_err *err);

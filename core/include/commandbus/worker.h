@@ -21,6 +21,7 @@
 
 #include "commandbus/error.h"
 #include "commandbus/runtime.h"
+#include "commandbus/upkeep.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -37,6 +38,9 @@ typedef struct cb_worker_options {
   double backoff[CB_MAX_BACKOFF]; /* retry delays by attempt; default 10, 60, 300 */
   int nbackoff;
   double drain_timeout;      /* seconds stop waits for running handlers; default 30 */
+  int retention;             /* apply the domain's retention policy in the background; default 1 */
+  double retention_interval; /* seconds between retention passes; default 60 */
+  int schedules;             /* send the domain's due schedules; default 1 */
 } cb_worker_options;
 
 typedef struct cb_worker cb_worker;
@@ -78,6 +82,7 @@ typedef struct cb_worker_health {
   uint64_t successes, failures, consecutive_failures, stuck, poison;
   double last_success_at; /* Unix seconds, 0 = never */
   int in_flight;
+  cb_upkeep_stats upkeep; /* background jobs: retention counts, scheduled commands */
 } cb_worker_health;
 
 void cb_worker_options_init(cb_worker_options *o);
