@@ -6,7 +6,18 @@
 -- concurrency 1, 4 and 8 in one process, and two processes of 4. In the same
 -- run, pgbench does the same row work in raw SQL, 100 commands per
 -- transaction (the floors), and each figure's ratio is printed against the
--- floor of the same concurrency (1 or 2 clients). Ends with one JSON line.
+-- floor of the same concurrency (1 or 2 clients). A last line compares the
+-- 1-process concurrency-4 worker with priorities in use (a third of the
+-- commands at each of 0, 1 and 2) against the same run without (best of
+-- BENCH_PRIORITY_ROUNDS=3 each, alternated). Ends with one JSON line.
+--
+-- BENCH_AGED=1 measures instead how the worker's ratio to its floor holds on
+-- a lived-in database: in a database of its own (commandbus_bench_aged,
+-- created afresh), the floor and the worker runs on the fresh database
+-- (best of BENCH_SEND_ROUNDS each), then BENCH_AGE_ROUNDS=5 rounds of the pattern that wears a
+-- database (50,000 commands sent, completed by workers, then removed with
+-- bus:purge, autovacuum left to itself), then the floor and the worker runs
+-- again. It prints both ratios and the second over the first.
 local commandbus = require "commandbus"
 local socket = require "socket"
 local cjson = require "cjson"
@@ -15,6 +26,9 @@ local N = tonumber(os.getenv("BENCH_COMMANDS")) or 50000
 -- Rounds of the sending figures and their floors (the best of each is kept).
 local SEND_ROUNDS = tonumber(os.getenv("BENCH_SEND_ROUNDS")) or 3
 local dsn = assert(os.getenv("DATABASE_URL"), "DATABASE_URL is not set")
+local AGED = os.getenv("BENCH_AGED") == "1"
+local AGE_ROUNDS = tonumber(os.getenv("BENCH_AGE_ROUNDS")) or 5
+local PRIORITY_ROUNDS = tonumber(os.getenv("BENCH_PRIORITY_ROUNDS")) or 3
 local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
 local pgbench = "/usr/lib/postgresql/15/bin/pgbench"
 do
@@ -24,8 +38,6 @@ do
   if found and found ~= "" then pgbench = found end
 end
 
-local bus = assert(commandbus.connect(dsn, {pool_size = 4}))
-assert(bus:setup())
 local function now() return socket.gettime() end
 local function sh(cmd)
   local f = io.popen(cmd .. " 2>&1")
@@ -34,6 +46,18 @@ local function sh(cmd)
   return out
 end
 local function psql(sql) return sh(string.format("psql -qAt %q -c %q", dsn, sql)) end
+
+if AGED then -- a database of its own, created afresh
+  local name = "commandbus_bench_aged"
+  psql("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
+  local out = psql("CREATE DATABASE " .. name)
+  assert(not out:match("ERROR"), out)
+  if dsn:match("^postgres") then dsn = dsn:gsub("^(postgres[^/]*//[^/]*)/?[^?]*", "%1/" .. name)
+  else dsn = dsn .. " dbname=" .. name end
+end
+
+local bus = assert(commandbus.connect(dsn, {pool_size = 4}))
+assert(bus:setup())
 
 local function drop_domain(name)
   psql(("DELETE FROM commandbus.command WHERE domain = '%s'; DELETE FROM commandbus.audit WHERE domain = '%s';"):format(name, name))
@@ -46,9 +70,9 @@ local function fresh_domain(name)
   return name
 end
 
-local function send_all(domain)
+local function send_all(domain, priorities)
   local commands = {}
-  for i = 1, N do commands[i] = {type = "Noop", data = {n = i}} end
+  for i = 1, N do commands[i] = {type = "Noop", data = {n = i}, priority = priorities and i % 3 or nil} end
   local t0 = now()
   local res = assert(bus:send_batch{domain = domain, commands = commands})
   local took = now() - t0
@@ -61,7 +85,8 @@ local function completed(domain)
   return tonumber(out:match("%d+"))
 end
 
-local function run_in_process(domain, concurrency)
+local function run_in_process(domain, concurrency, n)
+  n = n or N
   local worker = assert(bus:worker{domain = domain, handlers = "bench.throughput.noop_handlers",
                                    concurrency = concurrency, poll_interval = 0.05})
   local t0 = now()
@@ -71,14 +96,14 @@ local function run_in_process(domain, concurrency)
   end}
   local took = now() - t0
   worker:close()
-  assert(completed(domain) == N, "not every command completed")
-  return N / took
+  assert(completed(domain) == n, "not every command completed")
+  return n / took
 end
 
 -- Runs two OS processes at once; returns what they printed (stdout and
 -- stderr of both).
 local function two_processes(cmd1, cmd2)
-  return sh(("(%s & %s & wait)"):format(cmd1, cmd2 or cmd1))
+  return sh(("(export DATABASE_URL=%q; %s & %s & wait)"):format(dsn, cmd1, cmd2 or cmd1))
 end
 
 -- send_batch with the concurrency of the two-client floor: two processes,
@@ -122,6 +147,62 @@ local function pgbench_tps(script, transactions_per_client, clients)
   return tonumber(tps)
 end
 
+local function ratio(x, floor) return math.floor(x / floor * 100) / 100 end
+
+-- The worker's figure against the floor, taken in turns (BENCH_SEND_ROUNDS
+-- rounds, the best of each kept, so that autovacuum's work after the ageing
+-- falls on both alike): the receive+complete floor on a floor domain of N
+-- commands, a 1-process concurrency-4 worker and two processes of 4.
+local function worker_against_floor(label)
+  local floors, ones, twos = {}, {}, {}
+  for r = 1, SEND_ROUNDS do
+    fresh_domain("bench_floor")
+    pgbench_tps("bench/throughput/floor_send.sql", N // 100, 1)
+    floors[r] = pgbench_tps("bench/throughput/floor_complete.sql", N // 200, 2) * 100
+    local d = fresh_domain("bench_tp")
+    send_all(d)
+    ones[r] = run_in_process(d, 4)
+    d = fresh_domain("bench_tp")
+    send_all(d)
+    twos[r] = run_two_processes(d, 4)
+  end
+  local floor, one, two = math.max(table.unpack(floors)), math.max(table.unpack(ones)), math.max(table.unpack(twos))
+  local best = math.max(one, two)
+  print(("%s: floor %.0f/s; worker 1 process of 4 %.0f/s, 2 processes of 4 %.0f/s: %.2fx the floor (best of %d)"):format(
+    label, floor, one, two, best / floor, SEND_ROUNDS))
+  drop_domain("bench_floor")
+  drop_domain("bench_tp")
+  return best / floor, best, floor
+end
+
+-- What wears a database: commands sent, handled and removed, round after
+-- round, with autovacuum doing what it does.
+local function age_database(rounds)
+  for r = 1, rounds do
+    local d = "bench_age"
+    bus:queue(d .. "__commands"):create()
+    send_all(d)
+    run_two_processes(d, 4)
+    local removed = assert(bus:purge{domain = d, older_than = 0})
+    io.stderr:write(("bench/throughput: ageing round %d of %d: %d commands and %d audit rows purged\n"):format(
+      r, rounds, tonumber(removed.commands), tonumber(removed.audit)))
+  end
+end
+
+if AGED then
+  io.stderr:write(("bench/throughput: %d commands a run, %d ageing rounds\n"):format(N, AGE_ROUNDS))
+  local fresh, fresh_rate, fresh_floor = worker_against_floor("fresh database")
+  age_database(AGE_ROUNDS)
+  local aged, aged_rate, aged_floor = worker_against_floor(("after %d rounds of %d commands sent, handled and purged"):format(AGE_ROUNDS, N))
+  print(("lived-in over fresh: %.2f"):format(aged / fresh))
+  print(cjson.encode({bench = "throughput_aged", commands = N, age_rounds = AGE_ROUNDS,
+    fresh_cmds_per_s = math.floor(fresh_rate), fresh_floor_cmds_per_s = math.floor(fresh_floor), fresh_ratio = ratio(fresh_rate, fresh_floor),
+    aged_cmds_per_s = math.floor(aged_rate), aged_floor_cmds_per_s = math.floor(aged_floor), aged_ratio = ratio(aged_rate, aged_floor),
+    aged_over_fresh = math.floor(aged / fresh * 100) / 100}))
+  bus:close()
+  os.exit(0)
+end
+
 -- Comparable runs: earlier runs leave dead rows behind. One statement per
 -- psql -c: VACUUM refuses to run in the implicit transaction of a
 -- multi-statement string.
@@ -131,8 +212,6 @@ for _, t in ipairs({"commandbus.command", "commandbus.audit"}) do
 end
 io.stderr:write(("bench/throughput: %d commands, %s cores, PostgreSQL on the same machine\n"):format(N, sh("nproc"):match("%d+")))
 local result = {bench = "throughput", commands = N}
-
-local function ratio(x, floor) return math.floor(x / floor * 100) / 100 end
 local function rounds_text(xs)
   local t = {}
   for i, x in ipairs(xs) do t[i] = ("%.0f"):format(x) end
@@ -199,6 +278,23 @@ print(("worker, 2 processes of concurrency 4: %.0f commands/s (%.2fx the 2-clien
 
 result.cmds_per_s = math.floor(best)
 result.ratio = ratio(best, floor_complete)
+
+-- Priorities: the same 1-process concurrency-4 run, alternated with and
+-- without priorities in use; the best of each.
+local plain, prioritised = {}, {}
+for r = 1, PRIORITY_ROUNDS do
+  d = fresh_domain("bench_tp")
+  send_all(d)
+  plain[r] = run_in_process(d, 4)
+  d = fresh_domain("bench_tp")
+  send_all(d, true)
+  prioritised[r] = run_in_process(d, 4)
+end
+local best_plain, best_prio = math.max(table.unpack(plain)), math.max(table.unpack(prioritised))
+result.cmds_per_s_priorities_c4 = math.floor(best_prio)
+result.priorities_ratio = ratio(best_prio, best_plain)
+print(("worker, 1 process of concurrency 4, priorities 0, 1 and 2 in use: %.0f commands/s (%.2fx the same run without, %.0f/s; best of %d)"):format(
+  best_prio, best_prio / best_plain, best_plain, PRIORITY_ROUNDS))
 drop_domain("bench_tp")
 drop_domain("bench_floor")
 bus:close()

@@ -35,12 +35,12 @@ int cb_bus_ensure_queue(cb_runtime *rt, const char *queue, cb_err *err) {
   return rc;
 }
 
-int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, cb_err *err) {
+int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, int again, cb_err *err) {
   char queue[CB_QUEUE_NAME_MAX + 1], key[80];
   cb_command_queue_name(domain, queue);
   snprintf(key, sizeof key, "command queue:%s", queue);
-  if (cb_runtime_remembers(rt, key)) return CB_OK;
-  int rc = cb_bus_ensure_queue(rt, queue, err);
+  if (!again && cb_runtime_remembers(rt, key)) return CB_OK;
+  int rc = again ? cb_queue_create(rt, queue, err) : cb_bus_ensure_queue(rt, queue, err);
   /* Only messages with a priority other than 0 are in this index, so that
    * commands sent without one pay nothing for it but the test of the
    * predicate; the worker reads it first (see the worker's receive). */
@@ -224,7 +224,7 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   }
   cb_strbuf_free(&json);
   /* Queues exist before the transaction that writes into them. */
-  if (rc == CB_OK) rc = cb_bus_ensure_command_queue(rt, domain, err);
+  if (rc == CB_OK) rc = cb_bus_ensure_command_queue(rt, domain, 0, err);
   for (size_t i = 0; i < n && rc == CB_OK; i++)
     if (specs[i].reply_to && specs[i].reply_to[0]) rc = cb_bus_ensure_queue(rt, specs[i].reply_to, err);
   if (rc == CB_OK && cb_queue_add_notify(u, queue) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");

@@ -302,7 +302,7 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
     cb_worker_free(w);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
-  rc = cb_bus_ensure_command_queue(rt, w->domain, err);
+  rc = cb_bus_ensure_command_queue(rt, w->domain, 1, err);
   if (rc == CB_OK) rc = cb_runtime_listen(rt, w->channel, err);
   if (rc != CB_OK) {
     cb_worker_free(w);

@@ -58,8 +58,10 @@ void cb_command_queue_name(const char *domain, char *out);
 
 /* Creates queue once per runtime (idempotent in the database as well). */
 int cb_bus_ensure_queue(cb_runtime *rt, const char *queue, cb_err *err);
-/* The domain's command queue, with its priority index, once per runtime. */
-int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, cb_err *err);
+/* The domain's command queue, with its priority index: once per runtime,
+ * or every time with `again` (a worker starting checks, since without the
+ * index its fetch would scan the queue). */
+int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, int again, cb_err *err);
 
 /* Validates every spec (before any SQL), then sends all n in one transaction.
  * results[i] tells each command's id and msg_id, or that it was a duplicate.
