@@ -85,6 +85,10 @@ void cbL_open_queue(lua_State *L);
 /* bus:queue(name): pushes the queue object (or nil, err). */
 int cbL_bus_queue(lua_State *L);
 int cbL_bus_list_queues(lua_State *L);
+int cbL_bus_queue_metrics(lua_State *L);
+/* Pushes one queue's metrics as queue:metrics() gives them. */
+struct cb_queue_metrics;
+void cbL_push_queue_metrics(lua_State *L, const struct cb_queue_metrics *m);
 /* The runtime of the open bus at idx, or NULL after pushing nil, CLOSED. */
 cb_runtime *cbL_bus_runtime(lua_State *L, int idx);
 
@@ -126,6 +130,7 @@ int cbL_lanes_running(const cbL_lanes *lanes);
 int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who);
 
 void cbL_open_worker(lua_State *L);
+void cbL_open_metrics(lua_State *L);
 void cbL_open_reply_router(lua_State *L);
 
 /* ---- message routers (router.c) ------------------------------------------ */

@@ -61,6 +61,7 @@ void cbL_open_bus(lua_State *L) {
       {"setup", l_setup},
       {"queue", cbL_bus_queue},
       {"list_queues", cbL_bus_list_queues},
+      {"queue_metrics", cbL_bus_queue_metrics},
       {NULL, NULL},
   };
   cbL_new_class(L, CBL_BUS_MT, methods, l_gc, l_tostring);

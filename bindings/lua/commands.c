@@ -307,22 +307,25 @@ static int l_tsq_list(lua_State *L) {
   return 1;
 }
 
-static const char *opt_operator(lua_State *L, int idx) {
+/* An operator action's options at idx (may be nil): {operator=, reason=}. */
+static const char *opt_operator(lua_State *L, int idx, const char **reason) {
   if (lua_isnoneornil(L, idx)) return NULL;
   luaL_checktype(L, idx, LUA_TTABLE);
+  if (reason) *reason = cbL_optfield_string(L, idx, "reason", NULL);
   return cbL_optfield_string(L, idx, "operator", NULL);
 }
 
-/* bus:tsq_retry(domain, id, {operator=}) -> new msg_id | nil, err */
+/* bus:tsq_retry(domain, id, {operator=, reason=}) -> new msg_id | nil, err */
 static int l_tsq_retry(lua_State *L) {
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   const char *domain = luaL_checkstring(L, 2);
   const char *id = luaL_checkstring(L, 3);
-  const char *op = opt_operator(L, 4);
+  const char *reason = NULL;
+  const char *op = opt_operator(L, 4, &reason);
   if (rt == NULL) return 2;
   int64_t msg_id;
   cb_err err;
-  if (cb_tsq_retry(rt, domain, id, op, &msg_id, &err) != CB_OK) return cbL_pusherror(L, &err);
+  if (cb_tsq_retry(rt, domain, id, op, reason, &msg_id, &err) != CB_OK) return cbL_pusherror(L, &err);
   cbL_pushint64(L, msg_id);
   return 1;
 }
@@ -333,7 +336,7 @@ static int l_tsq_cancel(lua_State *L) {
   const char *domain = luaL_checkstring(L, 2);
   const char *id = luaL_checkstring(L, 3);
   const char *reason = luaL_optstring(L, 4, "");
-  const char *op = opt_operator(L, 5);
+  const char *op = opt_operator(L, 5, NULL);
   if (rt == NULL) return 2;
   cb_err err;
   if (cb_tsq_cancel(rt, domain, id, reason, op, &err) != CB_OK) return cbL_pusherror(L, &err);
@@ -341,7 +344,7 @@ static int l_tsq_cancel(lua_State *L) {
   return 1;
 }
 
-/* bus:tsq_complete(domain, id, result, {operator=}) -> true | nil, err */
+/* bus:tsq_complete(domain, id, result, {operator=, reason=}) -> true | nil, err */
 static int l_tsq_complete(lua_State *L) {
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   const char *domain = luaL_checkstring(L, 2);
@@ -353,10 +356,11 @@ static int l_tsq_complete(lua_State *L) {
     result = lua_tostring(L, -1);
     lua_replace(L, 4);
   }
-  const char *op = opt_operator(L, 5);
+  const char *reason = NULL;
+  const char *op = opt_operator(L, 5, &reason);
   if (rt == NULL) return 2;
   cb_err err;
-  if (cb_tsq_complete(rt, domain, id, result, op, &err) != CB_OK) return cbL_pusherror(L, &err);
+  if (cb_tsq_complete(rt, domain, id, result, op, reason, &err) != CB_OK) return cbL_pusherror(L, &err);
   lua_pushboolean(L, 1);
   return 1;
 }

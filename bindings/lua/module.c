@@ -65,6 +65,7 @@ int luaopen_commandbus_core(lua_State *L) {
   cbL_open_worker(L);
   cbL_open_reply_router(L);
   cbL_open_router(L);
+  cbL_open_metrics(L);
   static const luaL_Reg functions[] = {
       {"connect", l_connect},
       {"configure", l_configure},

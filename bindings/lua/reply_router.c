@@ -215,8 +215,8 @@ static int l_bus_reply_router(lua_State *L) {
 
 static int l_gc(lua_State *L);
 
-/* router:run{tick=fn, tick_interval=0.5}: runs until stop() (or tick returns
- * false); drains what it took, then returns true. */
+/* router:run{tick=fn, tick_interval=0.5}: runs until stop(), SIGINT/SIGTERM
+ * or tick returning false; drains what it took, then returns true. */
 static int l_run(lua_State *L) {
   cbL_reply_router *lr = check_router(L);
   if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
@@ -239,6 +239,7 @@ static int l_run(lua_State *L) {
       return lanes ? cbL_pusherrorcode(L, CB_ENOMEM, "could not start the lane threads") : cbL_pusherror(L, &err);
     }
   }
+  cb_reply_router_watch_signals(r);
   if (cb_reply_router_start(r, &err) != CB_OK) {
     cb_reply_router_stop(r);
     cbL_lanes_join(lanes);

@@ -253,10 +253,14 @@ static const char *string_option(lua_State *L, const char *name, const char *def
   return s;
 }
 
+/* Default names, "router_1", "router_2", ...: every router shows in metrics. */
+static atomic_int routers_named;
+
 /* core.message_router{lanes=, batch_size=100, batch_timeout_ms=10,
  *                     queue_size=10000, lane_queue_size=5000, policy="drop",
- *                     block_timeout_ms=1000, handler="module.name"}
- * -> router | nil, err. lanes defaults to core.default_threads(). */
+ *                     block_timeout_ms=1000, handler="module.name", name=}
+ * -> router | nil, err. lanes defaults to core.default_threads(); name (its
+ * label in metrics, unique among live routers) to "router_<n>". */
 int cbL_message_router(lua_State *L) {
   if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
   cb_message_router_config cfg;
@@ -277,6 +281,9 @@ int cbL_message_router(lua_State *L) {
   if (cfg.ingress_capacity < cfg.batch_size)
     luaL_argerror(L, 1, "option 'queue_size' must be at least batch_size");
   const char *handler = string_option(L, "handler", NULL);
+  const char *name = string_option(L, "name", NULL);
+  if (name && (name[0] == '\0' || strlen(name) > CB_MESSAGE_ROUTER_NAME_MAX))
+    luaL_argerror(L, 1, lua_pushfstring(L, "option 'name': 1 to %d bytes expected", CB_MESSAGE_ROUTER_NAME_MAX));
   /* Without a handler only this Lua state can take(), and it cannot while
    * it sits in stop() or __gc waiting forever for room in a full lane. */
   if (handler == NULL && cfg.policy == CB_MESSAGE_ROUTER_BLOCK && cfg.block_timeout_ms < 0)
@@ -293,7 +300,18 @@ int cbL_message_router(lua_State *L) {
   s->held.next = s->held.prev = &s->held;
   pthread_mutex_init(&s->held_lock, NULL);
   atomic_init(&s->handler_errors, 0);
-  int rc = cb_message_router_new(&s->router, &cfg);
+  char default_name[32];
+  int rc;
+  do { /* a default name someone took already: the next one */
+    if (name == NULL) snprintf(default_name, sizeof default_name, "router_%d", atomic_fetch_add(&routers_named, 1) + 1);
+    cfg.name = name ? name : default_name;
+    rc = cb_message_router_new(&s->router, &cfg);
+  } while (rc == -EEXIST && name == NULL);
+  if (rc == -EEXIST) {
+    pthread_mutex_destroy(&s->held_lock);
+    free(s);
+    return cbL_pusherrorcode(L, CB_EINVAL, "a message router named `%s` exists already", name);
+  }
   if (rc != 0) {
     pthread_mutex_destroy(&s->held_lock);
     free(s);

@@ -8,6 +8,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "strbuf.h"
+
 #define SQL_MAX 1024
 
 /* Every queue DDL statement runs under this transaction-level advisory lock,
@@ -211,14 +213,17 @@ static int64_t *ids_of(const cb_result *r, size_t *count) {
 /* ---- blocking operations ------------------------------------------------------ */
 
 /* Runs a unit built by `build` (which returns the index of the interesting
- * statement). On success *u_out holds the completed unit; the caller frees it. */
-static int run(cb_runtime *rt, cb_unit **u_out, int *index, int built, cb_unit *u, cb_err *err) {
+ * statement) on `queue`. On success *u_out holds the completed unit; the
+ * caller frees it. A queue whose table does not exist is NOT_FOUND. */
+static int run(cb_runtime *rt, const char *queue, cb_unit **u_out, int *index, int built, cb_unit *u, cb_err *err) {
   *u_out = NULL;
   if (built < 0) {
     cb_unit_free(u);
     return cb_err_set(err, built, "cannot build the statement: %s", cb_strerror(built));
   }
   int rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "42P01") == 0) /* undefined_table */
+    rc = cb_err_set(err, CB_ENOTFOUND, "no queue `%s`", queue);
   if (rc != CB_OK) {
     cb_unit_free(u);
     return rc;
@@ -328,7 +333,7 @@ int cb_queue_send(cb_runtime *rt, const char *queue, const char *json, double de
   CHECK_NAME(queue);
   NEW_UNIT(u);
   int index;
-  int rc = run(rt, &u, &index, cb_queue_add_send(u, queue, json, delay), u, err);
+  int rc = run(rt, queue, &u, &index, cb_queue_add_send(u, queue, json, delay), u, err);
   if (rc != CB_OK) return rc;
   *msg_id = cb_result_int(cb_unit_result(u, index), 0, 0);
   cb_unit_free(u);
@@ -340,16 +345,16 @@ int cb_queue_send_batch(cb_runtime *rt, const char *queue, const char *json_arra
   CHECK_NAME(queue);
   NEW_UNIT(u);
   int index;
-  int rc = run(rt, &u, &index, cb_queue_add_send_batch(u, queue, json_array, delay), u, err);
+  int rc = run(rt, queue, &u, &index, cb_queue_add_send_batch(u, queue, json_array, delay), u, err);
   if (rc != CB_OK) return rc;
   *ids = ids_of(cb_unit_result(u, index), count);
   cb_unit_free(u);
   return *ids ? CB_OK : cb_err_set(err, CB_ENOMEM, "out of memory");
 }
 
-static int take(cb_runtime *rt, cb_unit *u, int built, cb_messages *out, cb_err *err) {
+static int take(cb_runtime *rt, const char *queue, cb_unit *u, int built, cb_messages *out, cb_err *err) {
   int index;
-  int rc = run(rt, &u, &index, built, u, err);
+  int rc = run(rt, queue, &u, &index, built, u, err);
   if (rc != CB_OK) return rc;
   return cb_messages_take(out, u, index, err);
 }
@@ -358,7 +363,7 @@ int cb_queue_read(cb_runtime *rt, const char *queue, double vt, int qty, cb_mess
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
   NEW_UNIT(u);
-  return take(rt, u, cb_queue_add_read(u, queue, vt, qty), out, err);
+  return take(rt, queue, u, cb_queue_add_read(u, queue, vt, qty), out, err);
 }
 
 static double now_seconds(void) {
@@ -401,7 +406,7 @@ int cb_queue_pop(cb_runtime *rt, const char *queue, int qty, cb_messages *out, c
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
   NEW_UNIT(u);
-  return take(rt, u, cb_queue_add_pop(u, queue, qty), out, err);
+  return take(rt, queue, u, cb_queue_add_pop(u, queue, qty), out, err);
 }
 
 static int id_op(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **done, size_t *count,
@@ -412,7 +417,7 @@ static int id_op(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n
   NEW_UNIT(u);
   int built = archive ? cb_queue_add_archive(u, queue, ids, n) : cb_queue_add_delete(u, queue, ids, n);
   int index;
-  int rc = run(rt, &u, &index, built, u, err);
+  int rc = run(rt, queue, &u, &index, built, u, err);
   if (rc != CB_OK) return rc;
   *done = ids_of(cb_unit_result(u, index), count);
   cb_unit_free(u);
@@ -433,38 +438,90 @@ int cb_queue_set_vt(cb_runtime *rt, const char *queue, int64_t id, double vt, cb
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
   NEW_UNIT(u);
-  return take(rt, u, cb_queue_add_set_vt(u, queue, id, vt), out, err);
+  return take(rt, queue, u, cb_queue_add_set_vt(u, queue, id, vt), out, err);
+}
+
+/* The metrics of one queue as a row: its name, depth, newest and oldest
+ * message age, messages ever sent, time of reading. */
+#define METRICS_ROW                                                                                   \
+  "SELECT '%s'::text, count(*), "                                                                     \
+  "coalesce(extract(epoch FROM clock_timestamp() - max(enqueued_at))::bigint, -1), "                  \
+  "coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at))::bigint, -1), "                  \
+  "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgmq.q_%s_msg_id_seq), "               \
+  "clock_timestamp() FROM pgmq.q_%s"
+
+static void read_metrics(const cb_result *r, int row, cb_queue_metrics *out) {
+  snprintf(out->queue_name, sizeof out->queue_name, "%s", cb_result_value(r, row, 0));
+  out->queue_length = cb_result_int(r, row, 1);
+  out->newest_msg_age_sec = cb_result_int(r, row, 2);
+  out->oldest_msg_age_sec = cb_result_int(r, row, 3);
+  out->total_messages = cb_result_int(r, row, 4);
+  snprintf(out->scrape_time, sizeof out->scrape_time, "%s", cb_result_value(r, row, 5));
 }
 
 int cb_queue_metrics_get(cb_runtime *rt, const char *queue, cb_queue_metrics *out, cb_err *err) {
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
   NEW_UNIT(u);
-  int built = add_sql(u, 0, NULL, 0,
-                      "SELECT count(*), "
-                      "coalesce(extract(epoch FROM clock_timestamp() - max(enqueued_at))::bigint, -1), "
-                      "coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at))::bigint, -1), "
-                      "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgmq.q_%s_msg_id_seq), "
-                      "clock_timestamp() FROM pgmq.q_%s",
-                      queue, queue);
   int index;
-  int rc = run(rt, &u, &index, built, u, err);
+  int rc = run(rt, queue, &u, &index, add_sql(u, 0, NULL, 0, METRICS_ROW, queue, queue, queue), u, err);
   if (rc != CB_OK) return rc;
-  const cb_result *r = cb_unit_result(u, index);
-  out->queue_length = cb_result_int(r, 0, 0);
-  out->newest_msg_age_sec = cb_result_int(r, 0, 1);
-  out->oldest_msg_age_sec = cb_result_int(r, 0, 2);
-  out->total_messages = cb_result_int(r, 0, 3);
-  snprintf(out->scrape_time, sizeof out->scrape_time, "%s", cb_result_value(r, 0, 4));
+  read_metrics(cb_unit_result(u, index), 0, out);
   cb_unit_free(u);
   return CB_OK;
+}
+
+/* One statement for every listed queue (its text changes with the list:
+ * not prepared). 42P01 when a queue was dropped meanwhile. */
+static int metrics_of(cb_runtime *rt, const cb_queue_info *queues, size_t n, cb_queue_metrics *out, size_t *count,
+                      cb_err *err) {
+  cb_strbuf sql = {0};
+  for (size_t i = 0; i < n; i++) {
+    if (cb_queue_name_valid(queues[i].name, NULL) != CB_OK) continue; /* not ours to read */
+    if (sql.len) cb_strbuf_puts(&sql, " UNION ALL ");
+    cb_strbuf_printf(&sql, "(" METRICS_ROW ")", queues[i].name, queues[i].name, queues[i].name);
+  }
+  *count = 0;
+  if (sql.len == 0) return CB_OK;
+  cb_strbuf_puts(&sql, " ORDER BY 1");
+  cb_unit *u = cb_unit_new();
+  int rc = u && !sql.failed && cb_unit_add_flags(u, sql.data, 0, NULL, CB_STMT_ONESHOT) >= 0
+               ? cb_runtime_exec(rt, u, err)
+               : cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_strbuf_free(&sql);
+  const cb_result *r = rc == CB_OK ? cb_unit_result(u, 0) : NULL;
+  for (int i = 0; r && i < cb_result_rows(r) && (size_t)i < n; i++) read_metrics(r, i, &out[(*count)++]);
+  cb_unit_free(u);
+  return rc;
+}
+
+int cb_queue_metrics_all(cb_runtime *rt, cb_queue_metrics **out, size_t *count, cb_err *err) {
+  *out = NULL;
+  *count = 0;
+  int rc = CB_OK;
+  for (int attempt = 0; attempt < 3; attempt++) {
+    cb_queue_info *queues;
+    size_t n;
+    if ((rc = cb_queue_list(rt, &queues, &n, err)) != CB_OK) return rc;
+    free(*out);
+    *out = calloc(n + 1, sizeof **out);
+    rc = *out ? metrics_of(rt, queues, n, *out, count, err) : cb_err_set(err, CB_ENOMEM, "out of memory");
+    free(queues);
+    if (!(rc == CB_EDATABASE && strcmp(err->sqlstate, "42P01") == 0)) break; /* else a queue went: list again */
+  }
+  if (rc != CB_OK) {
+    free(*out);
+    *out = NULL;
+    *count = 0;
+  }
+  return rc;
 }
 
 int cb_queue_purge(cb_runtime *rt, const char *queue, int64_t *count, cb_err *err) {
   CHECK_NAME(queue);
   NEW_UNIT(u);
   int index;
-  int rc = run(rt, &u, &index, add_sql(u, CB_STMT_ONESHOT, NULL, 0, "DELETE FROM pgmq.q_%s", queue), u, err);
+  int rc = run(rt, queue, &u, &index, add_sql(u, CB_STMT_ONESHOT, NULL, 0, "DELETE FROM pgmq.q_%s", queue), u, err);
   if (rc != CB_OK) return rc;
   *count = cb_result_affected(cb_unit_result(u, index));
   cb_unit_free(u);

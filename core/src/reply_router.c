@@ -13,6 +13,7 @@
 #include "keyed.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
+#include "commandbus/runner.h"
 #include "commandbus/uuid.h"
 #include "strbuf.h"
 
@@ -33,6 +34,7 @@ struct cb_reply_router {
   cb_message_router *router;
   pthread_t fetcher;
   int fetcher_started;
+  cb_runner runner; /* seen by metrics and heartbeats while it runs */
 
   pthread_mutex_t lock; /* guards what follows */
   pthread_cond_t changed;
@@ -63,6 +65,24 @@ const char *cb_reply_router_domain(const cb_reply_router *r) { return r->domain;
 const char *cb_reply_router_queue(const cb_reply_router *r) { return r->queue; }
 
 static void add_timeout(cb_unit *u, const cb_reply_router *r) { cb_add_keyed_begin(u, r->o.statement_timeout); }
+
+/* What metrics and heartbeats see of the router (any thread). */
+static void report(void *self, cb_runner_stat *s) {
+  cb_reply_router *r = self;
+  cb_reply_router_health h;
+  cb_reply_router_health_get(r, &h);
+  snprintf(s->state, sizeof s->state, "%s", h.state);
+  s->in_flight = h.in_flight;
+  s->applied = h.applied;
+  s->rejected = h.rejected;
+  s->failures = h.failures;
+  s->nlane_depths = r->lanes;
+  for (int i = 0; i < r->lanes; i++) s->lane_depths[i] = (uint32_t)cb_message_router_lane_depth(r->router, i);
+}
+
+static void stop_runner(void *self) { cb_reply_router_stop(self); }
+
+void cb_reply_router_watch_signals(cb_reply_router *r) { r->runner.stop_on_signals = 1; }
 
 int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err) {
   *out = NULL;
@@ -142,6 +162,12 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
   pthread_mutex_init(&r->lock, NULL);
   pthread_cond_init(&r->changed, NULL);
   r->health.state = "starting";
+  r->runner.kind = "reply_router";
+  r->runner.domain = r->domain;
+  r->runner.lanes = r->lanes;
+  r->runner.report = report;
+  r->runner.stop = stop_runner;
+  r->runner.self = r;
   cb_message_router_config cfg;
   cb_message_router_config_init(&cfg);
   cfg.lanes = r->lanes;
@@ -312,11 +338,19 @@ static void *fetch_main(void *arg) {
 int cb_reply_router_start(cb_reply_router *r, cb_err *err) {
   if (r->fetcher_started) return cb_err_set(err, CB_ESTATE, "the reply router was already started");
   if (cb_message_router_start(r->router) != 0) return cb_err_set(err, CB_ESTATE, "cannot start the lanes");
-  if (pthread_create(&r->fetcher, NULL, fetch_main, r) != 0) return cb_err_set(err, CB_ENOMEM, "no thread");
-  r->fetcher_started = 1;
   pthread_mutex_lock(&r->lock);
-  r->health.state = "running";
+  r->health.state = "running"; /* as its first heartbeat says */
   pthread_mutex_unlock(&r->lock);
+  int rc = cb_runner_start(r->rt, &r->runner, err);
+  if (rc == CB_OK && pthread_create(&r->fetcher, NULL, fetch_main, r) != 0)
+    rc = cb_err_set(err, CB_ENOMEM, "cannot start the fetch thread");
+  if (rc != CB_OK) {
+    pthread_mutex_lock(&r->lock);
+    r->health.state = "stopped";
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+  }
+  r->fetcher_started = 1;
   cb_log(CB_LOG_INFO, "reply router %s: running with %d lane(s) on %s", r->domain, r->lanes, r->queue);
   return CB_OK;
 }
@@ -343,6 +377,7 @@ static void maybe_end_lanes(cb_reply_router *r) {
     pthread_cond_broadcast(&r->changed);
     pthread_mutex_unlock(&r->lock);
     cb_log(CB_LOG_INFO, "reply router %s: stopped", r->domain);
+    cb_runner_stopped(&r->runner);
   }
 }
 
@@ -382,6 +417,7 @@ void cb_reply_router_free(cb_reply_router *r) {
     cb_reply_router_stop(r);
     pthread_join(r->fetcher, NULL);
   }
+  cb_runner_remove(&r->runner); /* its last row says how it ended */
   if (r->router) {
     cb_message_router_stop(r->router);
     for (int lane = 0; lane < r->lanes; lane++) {

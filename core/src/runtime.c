@@ -2,6 +2,7 @@
  * Connections themselves live in pg.c. */
 #include "internal.h"
 
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -299,16 +300,19 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   rt->conns = calloc((size_t)rt->nconns, sizeof *rt->conns);
   rt->hub = cb_hub_new();
   rt->events = cb_event_feed_new();
-  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events) {
+  rt->runners = cb_runner_registry_new(rt);
+  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events || !rt->runners) {
     free(rt->conninfo);
     free(rt->application_name);
     free(rt->conns);
     cb_hub_free(rt->hub);
     cb_event_feed_free(rt->events);
+    cb_runner_registry_free(rt->runners);
     free(rt);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
   pthread_mutex_init(&rt->lock, NULL);
+  pthread_mutex_init(&rt->signal_lock, NULL);
   pthread_cond_init(&rt->started, NULL);
   uv_loop_init(&rt->loop);
   uv_async_init(&rt->loop, &rt->wake, on_wake);
@@ -383,12 +387,15 @@ void cb_runtime_free(cb_runtime *rt) {
   for (size_t i = 0; i < rt->nremembered; i++) free(rt->remembered[i]);
   free(rt->remembered);
   free(rt->watches);
+  free(rt->signal_watches);
   free(rt->conns);
   free(rt->conninfo);
   free(rt->application_name);
   cb_hub_free(rt->hub);
   cb_event_feed_free(rt->events);
+  cb_runner_registry_free(rt->runners);
   pthread_cond_destroy(&rt->started);
+  pthread_mutex_destroy(&rt->signal_lock);
   pthread_mutex_destroy(&rt->lock);
   free(rt);
 }
@@ -586,6 +593,89 @@ void cb__notify_watches(cb_runtime *rt, const char *channel) {
     notify_watch w = rt->watches[i];
     if (w.id != 0 && (channel == NULL || strcmp(w.channel, channel) == 0)) w.fn(w.arg);
   }
+}
+
+/* ---- signal watches ------------------------------------------------------ */
+
+static void on_signal(uv_signal_t *handle, int signum) {
+  cb_runtime *rt = handle->data;
+  /* Under the lock: once unwatch returns, its callback cannot be running. */
+  pthread_mutex_lock(&rt->signal_lock);
+  for (size_t i = 0; i < rt->nsignal_watches; i++)
+    if (rt->signal_watches[i].id != 0) rt->signal_watches[i].fn(signum, rt->signal_watches[i].arg);
+  pthread_mutex_unlock(&rt->signal_lock);
+}
+
+/* Loop: handles the signals while any watch wants them. */
+static void sync_signals(cb_runtime *rt, void *arg) {
+  (void)arg;
+  if (rt->loop_closing) return;
+  pthread_mutex_lock(&rt->signal_lock);
+  int want = rt->live_signal_watches > 0;
+  pthread_mutex_unlock(&rt->signal_lock);
+  if (want && !rt->signals_inited) {
+    uv_signal_init(&rt->loop, &rt->sigint);
+    uv_signal_init(&rt->loop, &rt->sigterm);
+    rt->sigint.data = rt->sigterm.data = rt;
+    rt->signals_inited = 1;
+  }
+  if (want && !rt->signals_on) {
+    uv_signal_start(&rt->sigint, on_signal, SIGINT);
+    uv_signal_start(&rt->sigterm, on_signal, SIGTERM);
+  } else if (!want && rt->signals_on) {
+    uv_signal_stop(&rt->sigint);
+    uv_signal_stop(&rt->sigterm);
+  }
+  rt->signals_on = want;
+}
+
+static int request_sync_signals(cb_runtime *rt) {
+  if (cb_runtime_on_loop(rt)) {
+    sync_signals(rt, NULL);
+    return CB_OK;
+  }
+  return cb_runtime_call(rt, sync_signals, NULL);
+}
+
+int cb_runtime_watch_signals(cb_runtime *rt, cb_signal_fn fn, void *arg) {
+  pthread_mutex_lock(&rt->signal_lock);
+  size_t i = 0;
+  while (i < rt->nsignal_watches && rt->signal_watches[i].id != 0) i++;
+  if (i == rt->nsignal_watches) {
+    size_t cap = rt->signal_watches_cap;
+    if (grow((void **)&rt->signal_watches, &cap, rt->nsignal_watches + 1, sizeof *rt->signal_watches) < 0) {
+      pthread_mutex_unlock(&rt->signal_lock);
+      return CB_ENOMEM;
+    }
+    rt->signal_watches_cap = cap;
+    rt->nsignal_watches++;
+  }
+  signal_watch *w = &rt->signal_watches[i];
+  w->id = ++rt->next_signal_id;
+  w->fn = fn;
+  w->arg = arg;
+  rt->live_signal_watches++;
+  int id = w->id;
+  pthread_mutex_unlock(&rt->signal_lock);
+  if (request_sync_signals(rt) != CB_OK) {
+    cb_runtime_unwatch_signals(rt, id);
+    return CB_ECLOSED;
+  }
+  return id;
+}
+
+void cb_runtime_unwatch_signals(cb_runtime *rt, int id) {
+  if (id <= 0) return;
+  int found = 0;
+  pthread_mutex_lock(&rt->signal_lock);
+  for (size_t i = 0; i < rt->nsignal_watches && !found; i++)
+    if (rt->signal_watches[i].id == id) {
+      rt->signal_watches[i].id = 0;
+      rt->live_signal_watches--;
+      found = 1;
+    }
+  pthread_mutex_unlock(&rt->signal_lock);
+  if (found) request_sync_signals(rt); /* closed: the loop's handles are gone already */
 }
 
 struct uv_loop_s *cb_runtime_loop(cb_runtime *rt) { return &rt->loop; }

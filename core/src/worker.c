@@ -14,7 +14,6 @@
 
 #include <math.h>
 #include <stddef.h>
-#include <signal.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +26,7 @@
 #include "commandbus/log.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
+#include "commandbus/runner.h"
 #include "keyed.h"
 #include "strbuf.h"
 
@@ -74,8 +74,7 @@ struct cb_worker {
   int started_next;
   uv_timer_t poll_timer, stuck_timer, drain_timer;
   int timers_open;
-  int watch_signals;
-  uv_signal_t sigint, sigterm;
+  cb_runner runner; /* seen by metrics and heartbeats while it runs */
   int handles_closing; /* uv_close calls whose callbacks have not run yet */
 
   pthread_mutex_t lock; /* guards what follows */
@@ -201,6 +200,26 @@ static void build_receive_sql(cb_worker *w) {
            q, q);
 }
 
+/* What metrics and heartbeats see of the worker (any thread). */
+static void report(void *self, cb_runner_stat *s) {
+  cb_worker *w = self;
+  cb_worker_health h;
+  cb_worker_health_get(w, &h);
+  snprintf(s->state, sizeof s->state, "%s", h.state);
+  s->in_flight = h.in_flight;
+  s->successes = h.successes;
+  s->failures = h.failures;
+  s->retries = h.retries;
+  s->consecutive_failures = h.consecutive_failures;
+  s->stuck = h.stuck;
+  s->poison = h.poison;
+  s->last_success_at = h.last_success_at;
+  s->nlane_depths = w->lanes;
+  for (int i = 0; i < w->lanes; i++) s->lane_depths[i] = (uint32_t)cb_message_router_lane_depth(w->router, i);
+}
+
+static void stop_runner(void *self) { cb_worker_stop(self); }
+
 int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out, cb_err *err) {
   *out = NULL;
   int rc = cb_domain_valid(opts->domain, err);
@@ -230,6 +249,12 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   if (w->lanes > CB_MESSAGE_ROUTER_MAX_LANES) w->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
   w->capacity = w->lanes * 2;
   build_receive_sql(w);
+  w->runner.kind = "worker";
+  w->runner.domain = w->domain;
+  w->runner.lanes = w->lanes;
+  w->runner.report = report;
+  w->runner.stop = stop_runner;
+  w->runner.self = w;
   pthread_mutex_init(&w->lock, NULL);
   pthread_cond_init(&w->changed, NULL);
   w->state = STATE_STARTING;
@@ -966,6 +991,7 @@ static void closed_one(cb_worker *w) {
   if (--w->handles_closing == 0) {
     cb_log(CB_LOG_INFO, "worker %s: stopped", w->domain);
     set_state(w, STATE_STOPPED);
+    cb_runner_stopped(&w->runner);
   }
 }
 
@@ -989,10 +1015,6 @@ static void maybe_finalize(cb_worker *w) {
     close_handle(w, (uv_handle_t *)&w->stuck_timer);
     close_handle(w, (uv_handle_t *)&w->drain_timer);
     w->timers_open = 0;
-    if (w->watch_signals) {
-      close_handle(w, (uv_handle_t *)&w->sigint);
-      close_handle(w, (uv_handle_t *)&w->sigterm);
-    }
   }
   closed_one(w); /* drops the hold */
 }
@@ -1011,24 +1033,11 @@ static void stop_on_loop(cb_runtime *rt, void *arg) {
   maybe_finalize(w);
 }
 
-static void on_signal(uv_signal_t *s, int signum) {
-  cb_worker *w = s->data;
-  cb_log(CB_LOG_INFO, "worker %s: %s received; stopping", w->domain, signum == SIGINT ? "SIGINT" : "SIGTERM");
-  cb_worker_stop(w);
-}
-
-void cb_worker_watch_signals(cb_worker *w) { w->watch_signals = 1; }
+void cb_worker_watch_signals(cb_worker *w) { w->runner.stop_on_signals = 1; }
 
 static void start_on_loop(cb_runtime *rt, void *arg) {
   cb_worker *w = arg;
   uv_loop_t *loop = cb_runtime_loop(rt);
-  if (w->watch_signals) {
-    uv_signal_init(loop, &w->sigint);
-    uv_signal_init(loop, &w->sigterm);
-    w->sigint.data = w->sigterm.data = w;
-    uv_signal_start(&w->sigint, on_signal, SIGINT);
-    uv_signal_start(&w->sigterm, on_signal, SIGTERM);
-  }
   uv_timer_init(loop, &w->poll_timer);
   uv_timer_init(loop, &w->stuck_timer);
   uv_timer_init(loop, &w->drain_timer);
@@ -1039,6 +1048,9 @@ static void start_on_loop(cb_runtime *rt, void *arg) {
   uv_timer_start(&w->stuck_timer, on_stuck_check, 1000, 1000);
   w->watch_id = cb_runtime_watch(rt, w->channel, on_notified, w);
   set_state(w, STATE_RUNNING);
+  cb_err err;
+  if (cb_runner_start(rt, &w->runner, &err) != CB_OK) /* only signals can fail, and only when closing */
+    cb_log(CB_LOG_WARN, "worker %s: %s", w->domain, err.message);
   cb_log(CB_LOG_INFO, "worker %s: running with %d lane(s), visibility timeout %g s", w->domain, w->lanes,
          w->o.visibility_timeout);
   maybe_fetch(w);
@@ -1117,6 +1129,7 @@ void cb_worker_free(cb_worker *w) {
       cb_worker_stop(w);
       cb_worker_wait(w, -1);
     }
+    cb_runner_remove(&w->runner); /* its last row says how it ended */
     cb_message_router_stop(w->router);
     /* Works still queued in lanes (never taken) are ours to free. */
     for (int lane = 0; lane < w->lanes; lane++) {
@@ -1202,6 +1215,7 @@ void cb_worker_done(cb_worker *w, cb_work *work) {
   } else if (work->outcome != CB_OUTCOME_NONE) {
     w->health.failures++;
     w->health.consecutive_failures++;
+    if (work->outcome == CB_OUTCOME_TRANSIENT && work->attempt < work->max_attempts) w->health.retries++;
   }
   if (w->done_tail) w->done_tail->next = work;
   else w->done_head = work;

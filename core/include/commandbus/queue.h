@@ -50,7 +50,8 @@ void cb_messages_free(cb_messages *m);
 int cb_messages_take(cb_messages *m, cb_unit *u, int index, cb_err *err);
 
 typedef struct cb_queue_metrics {
-  int64_t queue_length;
+  char queue_name[CB_QUEUE_NAME_MAX + 1];
+  int64_t queue_length;       /* messages in the queue, visible or not */
   int64_t newest_msg_age_sec; /* -1 when empty */
   int64_t oldest_msg_age_sec; /* -1 when empty */
   int64_t total_messages;
@@ -78,7 +79,8 @@ int cb_queue_add_archive(cb_unit *u, const char *queue, const int64_t *ids, size
 int cb_queue_add_set_vt(cb_unit *u, const char *queue, int64_t id, double vt);
 int cb_queue_add_notify(cb_unit *u, const char *queue);
 
-/* Blocking operations. */
+/* Blocking operations. An operation on a queue that does not exist fails
+ * with CB_ENOTFOUND. */
 int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err);
 /* *existed tells whether there was a queue to drop. */
 int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err);
@@ -102,6 +104,9 @@ int cb_queue_archive(cb_runtime *rt, const char *queue, const int64_t *ids, size
 /* out is empty when there is no such message. */
 int cb_queue_set_vt(cb_runtime *rt, const char *queue, int64_t id, double vt, cb_messages *out, cb_err *err);
 int cb_queue_metrics_get(cb_runtime *rt, const char *queue, cb_queue_metrics *out, cb_err *err);
+/* The metrics of every queue (those of pgmq.meta), by name: two round trips
+ * however many queues. *out is malloc'd (caller frees). */
+int cb_queue_metrics_all(cb_runtime *rt, cb_queue_metrics **out, size_t *count, cb_err *err);
 int cb_queue_purge(cb_runtime *rt, const char *queue, int64_t *count, cb_err *err);
 /* *queues is malloc'd; caller frees. */
 int cb_queue_list(cb_runtime *rt, cb_queue_info **queues, size_t *count, cb_err *err);

@@ -137,6 +137,21 @@ typedef void (*cb_notify_fn)(void *arg);
 int cb_runtime_watch(cb_runtime *rt, const char *channel, cb_notify_fn fn, void *arg);
 void cb_runtime_unwatch(cb_runtime *rt, int id);
 
+/* --- signals ------------------------------------------------------------ */
+
+/* Makes SIGINT and SIGTERM call fn(signum, arg) on the loop thread until
+ * cb_runtime_unwatch_signals(id): how a worker run from a shell, a systemd
+ * unit or a container drains on Ctrl-C or a stop. While any watch exists the
+ * runtime handles both signals (they no longer end the process); after the
+ * last watch goes they get their default action back. fn must not call
+ * cb_runtime_unwatch_signals. Any thread; returns a watch id > 0, or
+ * CB_ECLOSED or CB_ENOMEM. */
+typedef void (*cb_signal_fn)(int signum, void *arg);
+int cb_runtime_watch_signals(cb_runtime *rt, cb_signal_fn fn, void *arg);
+/* Any thread. Once it returns, fn is not running for this watch and will not
+ * run again. */
+void cb_runtime_unwatch_signals(cb_runtime *rt, int id);
+
 /* The runtime's libuv loop, for components that put their own handles on it
  * (from the loop thread only). */
 struct uv_loop_s *cb_runtime_loop(cb_runtime *rt);
