@@ -157,7 +157,8 @@ static int metrics_flags(lua_State *L, int idx) {
   lua_getfield(L, idx, "all_processes");
   int all = 0;
   if (!lua_isnil(L, -1)) {
-    if (!lua_isboolean(L, -1)) luaL_error(L, "bad option 'all_processes': boolean expected, got %s", luaL_typename(L, -1));
+    if (!lua_isboolean(L, -1))
+      luaL_error(L, "bad option 'all_processes': boolean expected, got %s", luaL_typename(L, -1));
     all = lua_toboolean(L, -1);
   }
   lua_pop(L, 1);

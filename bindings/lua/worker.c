@@ -342,19 +342,21 @@ static int l_stop(lua_State *L) {
   return 0;
 }
 
-/* worker:health() -> {state=, successes=, failures=, consecutive_failures=,
- *                     stuck=, poison=, last_success_at=, in_flight=} */
+/* worker:health() -> {state=, successes=, failures=, retries=,
+ *                     consecutive_failures=, stuck=, poison=, last_success_at=, in_flight=} */
 static int l_health(lua_State *L) {
   cbL_worker *lw = check_worker(L);
   if (lw->w == NULL) return cbL_pusherrorcode(L, CB_ECLOSED, "the worker is closed");
   cb_worker_health h;
   cb_worker_health_get(lw->w, &h);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
   set_string(L, "state", h.state);
   cbL_pushint64(L, (int64_t)h.successes);
   lua_setfield(L, -2, "successes");
   cbL_pushint64(L, (int64_t)h.failures);
   lua_setfield(L, -2, "failures");
+  cbL_pushint64(L, (int64_t)h.retries);
+  lua_setfield(L, -2, "retries");
   cbL_pushint64(L, (int64_t)h.consecutive_failures);
   lua_setfield(L, -2, "consecutive_failures");
   cbL_pushint64(L, (int64_t)h.stuck);

@@ -11,7 +11,7 @@
  *   commandbus_worker_*{domain,runner} and commandbus_reply_router_*{domain,
  *     runner} (RUNNER_FIELDS), their _lane_depth{domain,runner,lane}
  *   commandbus_message_router_*{router} (ROUTER_FIELDS), _lane_depth{router,
- *     lane}
+ *     lane} (lanes count from 1, as router:take(lane) does)
  *   commandbus_awaiter_waiters, commandbus_process_events_*
  * A family with no sample is left out. With heartbeats from every process,
  * per-runner families show only live runners (not stopped, not lost). */
@@ -218,7 +218,8 @@ static void status_samples(writer *w, const cb_status_count *rows, size_t from, 
   for (int i = 0; statuses[i]; i++)
     sample(w, (double)count_of(rows, from, to, statuses[i]), "domain", domain, "status", statuses[i], NULL);
   for (size_t i = from; i < to; i++) /* statuses a peer wrote that we do not know */
-    if (!known(statuses, rows[i].status)) sample(w, (double)rows[i].count, "domain", domain, "status", rows[i].status, NULL);
+    if (!known(statuses, rows[i].status))
+      sample(w, (double)rows[i].count, "domain", domain, "status", rows[i].status, NULL);
 }
 
 static void tsq_sample(writer *w, const cb_status_count *rows, size_t from, size_t to, const char *const *statuses) {
@@ -319,7 +320,7 @@ static void runner_families(writer *w, const cb_metrics *m) {
       if (!live(m, s) || strcmp(s->kind, kinds[k][0]) != 0) continue;
       for (int lane = 0; lane < s->nlane_depths; lane++) {
         char l[16];
-        snprintf(l, sizeof l, "%d", lane);
+        snprintf(l, sizeof l, "%d", lane + 1); /* lanes count from 1, as in Lua */
         sample(w, s->lane_depths[lane], "domain", s->domain, "runner", s->runner_id, "lane", l, NULL);
       }
     }
@@ -339,7 +340,8 @@ static const router_field ROUTER_FIELDS[] = {
     MF("commandbus_message_router_routed_total", "counter", routed, 1, "Items placed in a lane."),
     MF("commandbus_message_router_dropped_total", "counter", dropped, 1,
        "Items refused by a full ingress, or lost to a full lane."),
-    MF("commandbus_message_router_batches_total", "counter", batches_sent, 1, "Hand-overs from the ingress to the lanes."),
+    MF("commandbus_message_router_batches_total", "counter", batches_sent, 1,
+       "Hand-overs from the ingress to the lanes."),
     MF("commandbus_message_router_queue_full_total", "counter", queue_full_events, 1,
        "Times the dispatcher found a lane full."),
     MF("commandbus_message_router_routing_errors_total", "counter", routing_errors, 1,
@@ -361,12 +363,13 @@ static void router_families(writer *w, const cb_metrics *m) {
     }
   }
   family(w, "commandbus_message_router_ingress_depth", "gauge", "Items waiting in the ingress for the dispatcher.");
-  for (size_t i = 0; i < m->nrouters; i++) sample(w, (double)m->routers[i].ingress_depth, "router", m->routers[i].name, NULL);
+  for (size_t i = 0; i < m->nrouters; i++)
+    sample(w, (double)m->routers[i].ingress_depth, "router", m->routers[i].name, NULL);
   family(w, "commandbus_message_router_lane_depth", "gauge", "Items waiting in each lane.");
   for (size_t i = 0; i < m->nrouters; i++)
     for (int lane = 0; lane < m->routers[i].lanes; lane++) {
       char l[16];
-      snprintf(l, sizeof l, "%d", lane);
+      snprintf(l, sizeof l, "%d", lane + 1); /* lanes count from 1, as in Lua */
       sample(w, (double)m->routers[i].lane_depths[lane], "router", m->routers[i].name, "lane", l, NULL);
     }
 }
@@ -375,14 +378,17 @@ char *cb_metrics_text(const cb_metrics *m) {
   writer w;
   memset(&w, 0, sizeof w);
   family(&w, "commandbus_queue_depth", "gauge", "Messages in the queue, visible or not.");
-  for (size_t i = 0; i < m->nqueues; i++) sample(&w, (double)m->queues[i].queue_length, "queue", m->queues[i].queue_name, NULL);
-  family(&w, "commandbus_queue_oldest_message_age_seconds", "gauge", "Age of the oldest message in the queue; 0 when empty.");
+  for (size_t i = 0; i < m->nqueues; i++)
+    sample(&w, (double)m->queues[i].queue_length, "queue", m->queues[i].queue_name, NULL);
+  family(&w, "commandbus_queue_oldest_message_age_seconds", "gauge",
+         "Age of the oldest message in the queue; 0 when empty.");
   for (size_t i = 0; i < m->nqueues; i++) {
     int64_t age = m->queues[i].oldest_msg_age_sec;
     sample(&w, (double)(age > 0 ? age : 0), "queue", m->queues[i].queue_name, NULL);
   }
   family(&w, "commandbus_queue_messages_total", "counter", "Messages ever sent to the queue.");
-  for (size_t i = 0; i < m->nqueues; i++) sample(&w, (double)m->queues[i].total_messages, "queue", m->queues[i].queue_name, NULL);
+  for (size_t i = 0; i < m->nqueues; i++)
+    sample(&w, (double)m->queues[i].total_messages, "queue", m->queues[i].queue_name, NULL);
   family(&w, "commandbus_commands", "gauge", "Commands by domain and status.");
   by_domain(&w, m->commands, m->ncommands, COMMAND_STATUSES, status_samples);
   family(&w, "commandbus_tsq_commands", "gauge", "Commands waiting in the troubleshooting queue for an operator.");
@@ -391,7 +397,8 @@ char *cb_metrics_text(const cb_metrics *m) {
   by_domain(&w, m->processes, m->nprocesses, PROCESS_STATUSES, status_samples);
   runner_families(&w, m);
   router_families(&w, m);
-  family(&w, "commandbus_awaiter_waiters", "gauge", "Threads of this process awaiting a command, process or process event.");
+  family(&w, "commandbus_awaiter_waiters", "gauge",
+         "Threads of this process awaiting a command, process or process event.");
   sample(&w, (double)m->awaiting, NULL);
   family(&w, "commandbus_process_events_pushed_total", "counter", "Process events queued for this process's sink.");
   sample(&w, (double)m->events.pushed, NULL);

@@ -104,7 +104,8 @@ static int finish(cb_runtime *rt, cb_unit *u, int main_stmt, const char *id, cb_
 }
 
 /* The audit details' `reason`, when the operator gave one (parameter $n). */
-#define WITH_REASON(n) " || CASE WHEN $" #n "::text IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('reason', $" #n "::text) END"
+#define WITH_REASON(n)                                                                                \
+  " || CASE WHEN $" #n "::text IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('reason', $" #n "::text) END"
 
 int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, const char *operator_name,
                  const char *reason, int64_t *new_msg_id, cb_err *err) {

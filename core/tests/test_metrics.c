@@ -139,7 +139,7 @@ static void runner_heartbeats_reach_the_table_and_metrics(void **state) {
   char line[256];
   snprintf(line, sizeof line, "commandbus_worker_successes_total{domain=\"%s\",runner=\"%s\"} 7\n", domain, r.id);
   assert_non_null(strstr(text, line));
-  snprintf(line, sizeof line, "commandbus_worker_lane_depth{domain=\"%s\",runner=\"%s\",lane=\"0\"} 3\n", domain, r.id);
+  snprintf(line, sizeof line, "commandbus_worker_lane_depth{domain=\"%s\",runner=\"%s\",lane=\"1\"} 3\n", domain, r.id);
   assert_non_null(strstr(text, line));
   free(text);
   cb_metrics_free(&m);
