@@ -76,8 +76,6 @@ static void report(void *self, cb_runner_stat *s) {
   s->applied = h.applied;
   s->rejected = h.rejected;
   s->failures = h.failures;
-  s->nlane_depths = r->lanes;
-  for (int i = 0; i < r->lanes; i++) s->lane_depths[i] = (uint32_t)cb_message_router_lane_depth(r->router, i);
 }
 
 static void stop_runner(void *self) { cb_reply_router_stop(self); }
@@ -181,6 +179,7 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
     cb_reply_router_free(r);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
+  r->runner.router = r->router;
   rc = cb_bus_ensure_queue(rt, r->queue, err);
   if (rc == CB_OK) rc = cb_runtime_listen(rt, r->channel, err);
   if (rc != CB_OK) {

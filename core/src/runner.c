@@ -60,6 +60,8 @@ void cb_runner_registry_free(struct cb_runner_registry *reg) {
 static void snapshot(const struct cb_runner_registry *reg, const cb_runner *r, cb_runner_stat *s) {
   memset(s, 0, sizeof *s);
   s->lanes = r->lanes;
+  s->nlane_depths = r->router ? cb_message_router_lanes(r->router) : 0;
+  for (int i = 0; i < s->nlane_depths; i++) s->lane_depths[i] = (uint32_t)cb_message_router_lane_depth(r->router, i);
   r->report(r->self, s);
   snprintf(s->kind, sizeof s->kind, "%s", r->kind);
   snprintf(s->domain, sizeof s->domain, "%s", r->domain);
@@ -68,7 +70,6 @@ static void snapshot(const struct cb_runner_registry *reg, const cb_runner *r, c
   s->pid = reg->pid;
   s->started_at = r->started_at;
   s->heartbeat_at = now_unix();
-  if (s->nlane_depths > CB_MESSAGE_ROUTER_MAX_LANES) s->nlane_depths = CB_MESSAGE_ROUTER_MAX_LANES;
 }
 
 static void append_row(cb_strbuf *b, const cb_runner_stat *s) {

@@ -214,8 +214,6 @@ static void report(void *self, cb_runner_stat *s) {
   s->stuck = h.stuck;
   s->poison = h.poison;
   s->last_success_at = h.last_success_at;
-  s->nlane_depths = w->lanes;
-  for (int i = 0; i < w->lanes; i++) s->lane_depths[i] = (uint32_t)cb_message_router_lane_depth(w->router, i);
 }
 
 static void stop_runner(void *self) { cb_worker_stop(self); }
@@ -274,6 +272,7 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
     cb_worker_free(w);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
+  w->runner.router = w->router;
   rc = cb_bus_ensure_queue(rt, w->queue, err);
   if (rc == CB_OK) rc = cb_runtime_listen(rt, w->channel, err);
   if (rc != CB_OK) {

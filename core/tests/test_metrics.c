@@ -69,9 +69,6 @@ static void fake_report(void *self, cb_runner_stat *s) {
   fake *f = self;
   snprintf(s->state, sizeof s->state, "%s", f->state);
   s->successes = f->successes;
-  s->nlane_depths = 2;
-  s->lane_depths[0] = 3;
-  s->lane_depths[1] = 1;
 }
 
 static void fake_stop(void *self) { (void)self; }
@@ -108,8 +105,23 @@ static void runner_heartbeats_reach_the_table_and_metrics(void **state) {
   assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
   const char *domain = test_name("runner");
   fake f = {"running", 7};
+  /* Its lanes: four items waiting, spread by their keys. */
+  cb_message_router_config cfg;
+  cb_message_router_config_init(&cfg);
+  cfg.lanes = 2;
+  cb_message_router *lanes;
+  assert_int_equal(cb_message_router_new(&lanes, &cfg), 0);
+  static int items[4];
+  const char *keys[] = {"a", "b", "c", "d"};
+  uint32_t depth[2] = {0, 0};
+  for (int i = 0; i < 4; i++) {
+    assert_int_equal(cb_message_router_route(lanes, keys[i], 1, &items[i]), 0);
+    depth[cb_message_router_lane_for(lanes, keys[i], 1)]++;
+  }
+  cb_message_router_stop(lanes); /* hands the ingress to the lanes, where the items wait */
   cb_runner r;
   memset(&r, 0, sizeof r);
+  r.router = lanes;
   r.kind = "worker";
   r.domain = domain;
   r.lanes = 2;
@@ -124,8 +136,8 @@ static void runner_heartbeats_reach_the_table_and_metrics(void **state) {
   assert_int_equal(row.pid, (int)getpid());
   assert_int_equal(row.lanes, 2);
   assert_int_equal(row.nlane_depths, 2);
-  assert_int_equal(row.lane_depths[0], 3);
-  assert_int_equal(row.lane_depths[1], 1);
+  assert_int_equal(row.lane_depths[0], depth[0]);
+  assert_int_equal(row.lane_depths[1], depth[1]);
 
   cb_runner_stat seen;
   memset(&seen, 0, sizeof seen);
@@ -139,7 +151,8 @@ static void runner_heartbeats_reach_the_table_and_metrics(void **state) {
   char line[256];
   snprintf(line, sizeof line, "commandbus_worker_successes_total{domain=\"%s\",runner=\"%s\"} 7\n", domain, r.id);
   assert_non_null(strstr(text, line));
-  snprintf(line, sizeof line, "commandbus_worker_lane_depth{domain=\"%s\",runner=\"%s\",lane=\"1\"} 3\n", domain, r.id);
+  snprintf(line, sizeof line, "commandbus_worker_lane_depth{domain=\"%s\",runner=\"%s\",lane=\"1\"} %u\n", domain, r.id,
+           depth[0]);
   assert_non_null(strstr(text, line));
   free(text);
   cb_metrics_free(&m);
@@ -168,6 +181,7 @@ static void runner_heartbeats_reach_the_table_and_metrics(void **state) {
   assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
   cb_unit_free(u);
   cb_runtime_free(rt);
+  cb_message_router_free(lanes); /* the items are static */
 }
 
 static void a_runner_whose_heartbeats_stopped_is_lost(void **state) {

@@ -335,6 +335,29 @@ local function heartbeat_age(row)
   return age(os.time() - math.floor(row.heartbeat_at or 0))
 end
 
+-- The options of a domain's list (commands, batches, processes), and its call.
+local function filters(statuses, typed)
+  return {status = one_of(statuses), type = typed and text or nil, limit = CHECKS.limit, offset = CHECKS.offset}
+end
+
+local function list_call(method)
+  return function(bus, a, o)
+    return bus[method](bus, {domain = a.domain, status = o.status, type = o.type, limit = o.limit, offset = o.offset})
+  end
+end
+
+-- A command that makes a worker or reply router and runs it until a signal
+-- stops it (run() watches SIGINT and SIGTERM, then drains).
+local function foreground(make)
+  return function(bus, _, o)
+    local runner, err = make(bus, o)
+    if not runner then return nil, err end
+    local ok, rerr = runner:run()
+    runner:close()
+    return ok, rerr
+  end
+end
+
 -- Each command: words, positional arguments, options (name -> check),
 -- what it does, and how its result prints (human; JSON prints the result).
 -- run(bus, a, o) returns the result or nil, err.
@@ -363,13 +386,9 @@ local COMMANDS = {
     order = {"queue_name", "queue_length", "oldest_msg_age_sec", "newest_msg_age_sec", "total_messages"},
   },
   {
-    words = "commands", args = {"domain"}, options = {status = one_of(COMMAND_STATUSES), type = text,
-      limit = CHECKS.limit, offset = CHECKS.offset},
+    words = "commands", args = {"domain"}, options = filters(COMMAND_STATUSES, true),
     summary = "a domain's commands, newest first", list = true,
-    run = function(bus, a, o)
-      return bus:list_commands{domain = a.domain, status = o.status, type = o.type, limit = o.limit,
-                               offset = o.offset}
-    end,
+    run = list_call("list_commands"),
     show = function(out, rows) print_table(out, COMMAND_COLUMNS, rows, "no commands") end,
   },
   {
@@ -387,12 +406,9 @@ local COMMANDS = {
     end,
   },
   {
-    words = "batches", args = {"domain"}, options = {status = one_of(BATCH_STATUSES), limit = CHECKS.limit,
-      offset = CHECKS.offset},
+    words = "batches", args = {"domain"}, options = filters(BATCH_STATUSES, false),
     summary = "a domain's batches with their progress, newest first", list = true,
-    run = function(bus, a, o)
-      return bus:list_batches{domain = a.domain, status = o.status, limit = o.limit, offset = o.offset}
-    end,
+    run = list_call("list_batches"),
     show = function(out, rows)
       print_table(out, {
         {"BATCH", field("batch_id")},
@@ -413,13 +429,9 @@ local COMMANDS = {
     order = BATCH_ORDER,
   },
   {
-    words = "processes", args = {"domain"}, options = {status = one_of(PROCESS_STATUSES), type = text,
-      limit = CHECKS.limit, offset = CHECKS.offset},
+    words = "processes", args = {"domain"}, options = filters(PROCESS_STATUSES, true),
     summary = "a domain's processes (sagas), newest first", list = true,
-    run = function(bus, a, o)
-      return bus:list_processes{domain = a.domain, status = o.status, type = o.type, limit = o.limit,
-                                offset = o.offset}
-    end,
+    run = list_call("list_processes"),
     show = function(out, rows)
       print_table(out, {
         {"PROCESS", field("process_id")},
@@ -541,26 +553,18 @@ local COMMANDS = {
     words = "worker", options = {domain = CHECKS.domain, handlers = module_name, concurrency = CHECKS.concurrency},
     required = {"domain", "handlers"}, runs = "handlers",
     summary = "run a worker in the foreground until SIGTERM or SIGINT, then drain",
-    run = function(bus, _, o)
-      local worker, err = bus:worker{domain = o.domain, handlers = o.handlers, concurrency = o.concurrency}
-      if not worker then return nil, err end
-      local ok, rerr = worker:run()
-      worker:close()
-      return ok, rerr
-    end,
+    run = foreground(function(bus, o)
+      return bus:worker{domain = o.domain, handlers = o.handlers, concurrency = o.concurrency}
+    end),
   },
   {
     words = "reply-router", options = {domain = CHECKS.domain, managers = module_name,
       concurrency = CHECKS.concurrency},
     required = {"domain", "managers"}, runs = "managers",
     summary = "run a process reply router in the foreground until SIGTERM or SIGINT, then drain",
-    run = function(bus, _, o)
-      local router, err = bus:reply_router{domain = o.domain, managers = o.managers, concurrency = o.concurrency}
-      if not router then return nil, err end
-      local ok, rerr = router:run()
-      router:close()
-      return ok, rerr
-    end,
+    run = foreground(function(bus, o)
+      return bus:reply_router{domain = o.domain, managers = o.managers, concurrency = o.concurrency}
+    end),
   },
 }
 

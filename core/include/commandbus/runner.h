@@ -56,13 +56,14 @@ typedef struct cb_runner {
   const char *kind;
   const char *domain;
   int lanes;
-  /* Fills the state, counters and lane depths (the rest is the registry's).
+  /* Fills the state and counters (the rest is the registry's).
    * Called from any thread, under the registry's lock: it must not start or
    * remove runners, nor block on the runtime. */
   void (*report)(void *self, cb_runner_stat *stat);
   void (*stop)(void *self); /* asked by a signal when stop_on_signals */
   void *self;
   int stop_on_signals;
+  cb_message_router *router; /* its lanes: their depths are reported */
   /* The registry's. */
   cb_runtime *rt;
   char id[CB_UUID_LEN + 1];
