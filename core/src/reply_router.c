@@ -40,7 +40,8 @@ struct cb_reply_router {
   pthread_cond_t changed;
   int stop_requested;
   int fetcher_done;
-  int lanes_ended;
+  int lanes_ending; /* one thread ends the lanes... */
+  int lanes_ended;  /* ...and says so when done */
   int in_flight; /* routed, not yet applied, rejected or released */
   cb_reply_router_health health;
 };
@@ -366,17 +367,18 @@ void cb_reply_router_stop(cb_reply_router *r) {
 /* Once stopping, fetched out and drained: the lanes may end. */
 static void maybe_end_lanes(cb_reply_router *r) {
   pthread_mutex_lock(&r->lock);
-  int end = r->stop_requested && r->fetcher_done && r->in_flight == 0 && !r->lanes_ended;
-  if (end) r->lanes_ended = 1;
+  int end = r->stop_requested && r->fetcher_done && r->in_flight == 0 && !r->lanes_ending;
+  if (end) r->lanes_ending = 1;
   pthread_mutex_unlock(&r->lock);
   if (end) {
     cb_message_router_stop(r->router);
+    cb_log(CB_LOG_INFO, "reply router %s: stopped", r->domain);
+    cb_runner_stopped(&r->runner); /* before a waiter may see it ended and free the router */
     pthread_mutex_lock(&r->lock);
+    r->lanes_ended = 1;
     r->health.state = "stopped";
     pthread_cond_broadcast(&r->changed);
     pthread_mutex_unlock(&r->lock);
-    cb_log(CB_LOG_INFO, "reply router %s: stopped", r->domain);
-    cb_runner_stopped(&r->runner);
   }
 }
 

@@ -160,12 +160,14 @@ static void on_beat_written(cb_unit *u, void *arg) {
   on_written(u, reg);
 }
 
-/* Writes one runner's row: from the loop without waiting, else blocking
- * when `wait` (a last row must land before its bus may close). */
-static void write_one(cb_runner *r, int wait) {
+/* Writes one runner's row (with `state`, unless NULL): from the loop
+ * without waiting, else blocking when `wait` (a last row must land before
+ * its bus may close). */
+static void write_one(cb_runner *r, const char *state, int wait) {
   struct cb_runner_registry *reg = r->rt->runners;
   cb_runner_stat s;
   snapshot(reg, r, &s);
+  if (state) snprintf(s.state, sizeof s.state, "%s", state);
   cb_strbuf rows = {0};
   append_row(&rows, &s);
   cb_unit *u = rows_unit(&rows);
@@ -244,7 +246,7 @@ int cb_runner_start(cb_runtime *rt, cb_runner *r, cb_err *err) {
   pthread_mutex_unlock(&reg->lock);
   if (cb_runtime_on_loop(rt)) start_timer(rt, reg);
   else cb_runtime_call(rt, start_timer, reg);
-  write_one(r, 0);
+  write_one(r, NULL, 0);
   return CB_OK;
 }
 
@@ -252,7 +254,7 @@ void cb_runner_stopped(cb_runner *r) {
   if (!r->registered) return;
   cb_runtime_unwatch_signals(r->rt, r->signal_watch);
   r->signal_watch = 0;
-  write_one(r, 0);
+  write_one(r, "stopped", 0);
 }
 
 void cb_runner_remove(cb_runner *r) {
@@ -267,7 +269,7 @@ void cb_runner_remove(cb_runner *r) {
       break;
     }
   pthread_mutex_unlock(&reg->lock);
-  write_one(r, 1);
+  write_one(r, NULL, 1);
   r->registered = 0;
 }
 

@@ -989,8 +989,8 @@ static void on_drain_deadline(uv_timer_t *t) {
 static void closed_one(cb_worker *w) {
   if (--w->handles_closing == 0) {
     cb_log(CB_LOG_INFO, "worker %s: stopped", w->domain);
+    cb_runner_stopped(&w->runner); /* before a waiter may see STOPPED and free the worker */
     set_state(w, STATE_STOPPED);
-    cb_runner_stopped(&w->runner);
   }
 }
 

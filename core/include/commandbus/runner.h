@@ -77,7 +77,8 @@ typedef struct cb_runner {
 int cb_runner_start(cb_runtime *rt, cb_runner *r, cb_err *err);
 /* The runner has stopped: signals no longer stop it (they end the process
  * again), and its row says so soon. Stays registered until removed. Any
- * thread, the loop's included. */
+ * thread, the loop's included; the owner calls it before it lets anyone see
+ * it stopped (who may then remove and free it). */
 void cb_runner_stopped(cb_runner *r);
 /* Unregisters it and writes its last row (blocking, unless called on the
  * loop thread). Idempotent; a runner never started is fine. */
