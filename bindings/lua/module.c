@@ -6,7 +6,10 @@
 #include "binding.h"
 #include "commandbus/schema.h"
 
-#define COMMANDBUS_VERSION "0.1.0"
+/* The release's version, given by the build from CMakeLists.txt's project(). */
+#ifndef COMMANDBUS_VERSION
+#error "COMMANDBUS_VERSION is defined by the build (CMakeLists.txt, project VERSION)"
+#endif
 
 /* core.connect([dsn], [options]) -> bus | nil, err
  * dsn: a libpq conninfo or URI; else DATABASE_URL; else libpq's PG* variables.
