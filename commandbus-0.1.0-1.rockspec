@@ -1,5 +1,5 @@
--- Release 0.1.0: the source is the tag v0.1.0. README.md, "Cutting a release",
--- says how the next one is made (luarocks new_version, then the tag).
+-- Release 0.1.0: the source is the tag v0.1.0. Written by `scripts/rocks cut 0.1.0` from
+-- commandbus-scm-1.rockspec; README.md, "Cutting a release", says how.
 rockspec_format = "3.0"
 package = "commandbus"
 version = "0.1.0-1"

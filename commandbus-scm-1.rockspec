@@ -1,6 +1,6 @@
 -- The development version: the main branch, or a clone with `luarocks make`.
--- Each release has its own rockspec beside this one (README.md, "Cutting a
--- release"); keep the two alike apart from version and source.
+-- A release's rockspec is written from this one by `scripts/rocks cut X.Y.Z`
+-- (README.md, "Cutting a release").
 rockspec_format = "3.0"
 package = "commandbus"
 version = "scm-1"

@@ -1,5 +1,5 @@
--- Sending commands and reading them back (INTEROP.md: command message, tables,
--- SENT audit).
+-- Sending commands and reading them back (docs/architecture.md, "Data
+-- contract": the command message, the tables, the SENT audit event).
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 

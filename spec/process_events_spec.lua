@@ -1,4 +1,4 @@
--- Process events, awaiting processes and events, the event sink (seed 004).
+-- Process events, awaiting processes and events, the event sink.
 local helper = require "spec.helper"
 local saga = require "spec.support.saga"
 
