@@ -109,6 +109,12 @@ local function binding_options()
   return options
 end
 
+-- Fails listing the problems, one a line, under what they mean.
+local function expect_none(problems, meaning)
+  table.sort(problems)
+  assert(#problems == 0, ("%s %s:\n  %s"):format(REFERENCE, meaning, table.concat(problems, "\n  ")))
+end
+
 describe("the API reference (docs/api.md)", function()
   local bus
   setup(function() bus = helper.bus() end)
@@ -118,11 +124,10 @@ describe("the API reference (docs/api.md)", function()
     local entries = reference_entries()
     local missing = {}
     for name, where in pairs(public_api(bus)) do
-      if not entries[name] then missing[#missing + 1] = ("  %-40s (%s)"):format(name, where) end
+      if not entries[name] then missing[#missing + 1] = ("%-40s (%s)"):format(name, where) end
     end
-    table.sort(missing)
-    assert(#missing == 0, ("%s has no entry for these (add a \"### `name(...)`\" heading with a description and"
-                           .. " a ```lua example):\n%s"):format(REFERENCE, table.concat(missing, "\n")))
+    expect_none(missing, "has no entry for these (add a \"### `name(...)`\" heading with a description and a"
+                         .. " ```lua example)")
   end)
 
   it("documents nothing that does not exist", function()
@@ -135,30 +140,27 @@ describe("the API reference (docs/api.md)", function()
       -- fields that are not functions (commandbus._VERSION) are looked up where they live
       local module_ok, module = pcall(require, prefix)
       local exists = api[name] or (module_ok and type(module) == "table" and module[field] ~= nil)
-      if prefixes[prefix] and not exists then stale[#stale + 1] = "  " .. name end
+      if prefixes[prefix] and not exists then stale[#stale + 1] = name end
     end
-    table.sort(stale)
-    assert(#stale == 0, ("%s documents what the API no longer has:\n%s"):format(REFERENCE, table.concat(stale, "\n")))
+    expect_none(stale, "documents what the API no longer has")
   end)
 
   it("gives every entry an example", function()
     local _, order = reference_entries()
     local bare = {}
     for _, entry in ipairs(order) do
-      if not entry.example then bare[#bare + 1] = "  " .. entry.name end
+      if not entry.example then bare[#bare + 1] = entry.name end
     end
-    assert(#bare == 0, ("these entries of %s have no ```lua example:\n%s"):format(REFERENCE, table.concat(bare, "\n")))
+    expect_none(bare, "has entries without a ```lua example")
   end)
 
   it("names every option the bindings read", function()
     local text = read(REFERENCE)
     local missing = {}
     for name, path in pairs(binding_options()) do
-      if not text:find("`" .. name .. "`", 1, true) then missing[#missing + 1] = ("  %s (read in %s)"):format(name, path) end
+      if not text:find("`" .. name .. "`", 1, true) then missing[#missing + 1] = ("%s (read in %s)"):format(name, path) end
     end
-    table.sort(missing)
-    assert(#missing == 0, ("%s does not mention these options (as `name`, in the table of the function that takes"
-                           .. " them):\n%s"):format(REFERENCE, table.concat(missing, "\n")))
+    expect_none(missing, "does not mention these options (as `name`, in the table of the function that takes them)")
   end)
 
   it("finds the API it checks (the walk itself works)", function()
