@@ -134,6 +134,10 @@ void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index);
 void cb__conn_start(cb_conn *conn);
 void cb__conn_shutdown(cb_conn *conn); /* fails in-flight units with CB_ECLOSED, closes handles */
 void cb__dispatch(cb_runtime *rt);     /* sends pending units where a connection is ready */
+/* Writes message to out (outlen bytes, truncated) with whatever it echoes of
+ * a password in conninfo (URI user info or password=, as written or
+ * percent-decoded) shown as "***". conninfo may be NULL. */
+void cb__redact_conninfo(const char *conninfo, const char *message, char *out, size_t outlen);
 
 /* runtime.c: completion of a unit (loop thread). */
 void cb__unit_complete(cb_unit *u, int status, const cb_err *err);
