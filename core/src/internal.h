@@ -40,6 +40,7 @@ struct cb_unit {
   cb_unit *next;
   int group_end;   /* last unit of a group that must share one connection */
   int to_listener; /* run on the listener connection */
+  int reconnect_tried; /* it waited for a fresh connection once (pg.c) */
 };
 
 /* What the connection expects next from the server, in pipeline order. */
@@ -74,6 +75,7 @@ typedef struct cb_conn {
   size_t slot_head, slot_count, slot_cap;
   int units_in_flight;  /* [loop] */
   int want_write;       /* [loop] PQflush left data to send */
+  int goodbye;          /* [loop] the server said FATAL while nothing was in flight */
   stmt_cache_entry *cache; /* [loop] prepared statements of this session */
   size_t cache_cap, cache_count;
   int next_stmt_id;     /* [loop] */

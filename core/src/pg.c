@@ -375,15 +375,18 @@ void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index) {
 static void relisten(cb_conn *conn);
 
 /* Server notices ("relation already exists, skipping") are not errors; libpq
- * would print them on stderr. */
-static void ignore_notice(void *arg, const char *message) {
-  (void)arg;
-  (void)message;
+ * would print them on stderr. One kind matters: an error that arrives while
+ * nothing is in flight is the server's goodbye (a terminated backend, a
+ * shutdown: FATAL), which libpq hands here as a notice; from then on the
+ * connection is known dead, even before the end of the stream is read. */
+static void on_notice(void *arg, const PGresult *r) {
+  const char *severity = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+  if (severity && (strcmp(severity, "FATAL") == 0 || strcmp(severity, "PANIC") == 0)) ((cb_conn *)arg)->goodbye = 1;
 }
 
 static void connected(cb_conn *conn) {
   uv_timer_stop(&conn->timer);
-  PQsetNoticeProcessor(conn->pg, ignore_notice, NULL);
+  PQsetNoticeReceiver(conn->pg, on_notice, conn);
   if (PQsetnonblocking(conn->pg, 1) != 0 || PQenterPipelineMode(conn->pg) != 1) {
     conn_broken(conn, PQerrorMessage(conn->pg));
     return;
@@ -425,6 +428,7 @@ void cb__conn_start(cb_conn *conn) {
   const char *values[] = {rt->conninfo, rt->application_name, NULL};
   conn->pg = PQconnectStartParams(keys, values, 1);
   conn->state = CONN_CONNECTING;
+  conn->goodbye = 0;
   if (conn->pg == NULL || PQstatus(conn->pg) == CONNECTION_BAD) {
     conn_broken(conn, conn->pg ? PQerrorMessage(conn->pg) : "out of memory");
     return;
@@ -599,6 +603,37 @@ static cb_conn *least_loaded(cb_runtime *rt, int *connecting) {
   return best;
 }
 
+/* Whether an idle connection is still alive, as far as this side can tell
+ * without a round trip: a server that ended the session (a terminated
+ * backend, a restart) has left its goodbye and the end of the stream in our
+ * socket, and the poll callback may not have run yet. A dead one is marked
+ * broken (nothing is in flight on it, so nothing fails) and 0 returned. */
+static int still_alive(cb_conn *conn) {
+  if (conn->units_in_flight > 0) return 1; /* busy: its answers will tell */
+  int read = PQconsumeInput(conn->pg);
+  if (read) PQisBusy(conn->pg); /* parses what arrived: a goodbye reaches on_notice */
+  if (read && !conn->goodbye && PQstatus(conn->pg) == CONNECTION_OK) return 1;
+  conn_broken(conn, conn->goodbye ? "the server ended the session" : PQerrorMessage(conn->pg));
+  return 0;
+}
+
+/* When no pool connection is ready because the ones there were went away,
+ * starts one of them again now rather than after its backoff, once per unit
+ * (u->reconnect_tried): work that never reached the server gets one fresh
+ * connection. 1 when an attempt is under way. */
+static int reconnect_now(cb_runtime *rt, cb_unit *u) {
+  if (u->reconnect_tried) return 0;
+  for (int i = 0; i < rt->nconns; i++) {
+    cb_conn *c = &rt->conns[i];
+    if (c->state != CONN_IDLE || !c->ever_connected) continue;
+    u->reconnect_tried = 1;
+    uv_timer_stop(&c->timer);
+    cb__conn_start(c); /* may fail at once: then dispatch runs again and fails u */
+    return 1;
+  }
+  return 0;
+}
+
 void cb__dispatch(cb_runtime *rt) {
   while (rt->pending_head) {
     cb_unit *first = rt->pending_head;
@@ -611,6 +646,9 @@ void cb__dispatch(cb_runtime *rt) {
       connecting = rt->listener.state == CONN_CONNECTING || rt->listener.state == CONN_IDLE;
     } else {
       conn = least_loaded(rt, &connecting);
+      /* A dead one was dropped, and dispatch ran again for what is pending. */
+      if (conn && !still_alive(conn)) continue;
+      if (conn == NULL && !connecting && reconnect_now(rt, first)) return;
     }
     if (conn == NULL && connecting) return; /* wait for it */
     rt->pending_head = last->next;
