@@ -98,6 +98,10 @@ int cbL_opt_boolean(lua_State *L, int idx, const char *name, int def);
  * CBL_VALID. */
 #define CBL_VALID ((size_t)-1)
 size_t cbL_utf8_invalid_at(const char *text, size_t len);
+/* Pushes the string at idx made storable as PostgreSQL text: each NUL byte
+ * and each byte of an invalid UTF-8 sequence becomes U+FFFD. For text that
+ * must be recorded whatever it holds (a handler's error message). */
+const char *cbL_storable_text(lua_State *L, int idx);
 
 /* ---- errors (errors.c) ------------------------------------------------------- */
 

@@ -24,34 +24,54 @@
 
 /* ---- UTF-8 --------------------------------------------------------------------- */
 
+/* The length of the well-formed UTF-8 sequence at s (left bytes there), or 0
+ * (Unicode table 3-7: no overlong forms, no surrogates, nothing above
+ * U+10FFFF). */
+static size_t utf8_sequence(const unsigned char *s, size_t left) {
+  unsigned char c = s[0];
+  if (c < 0x80) return 1;
+  size_t n;
+  unsigned char lo = 0x80, hi = 0xBF;
+  if (c >= 0xC2 && c <= 0xDF) n = 2;
+  else if (c == 0xE0) n = 3, lo = 0xA0;
+  else if (c == 0xED) n = 3, hi = 0x9F;
+  else if (c >= 0xE1 && c <= 0xEF) n = 3;
+  else if (c == 0xF0) n = 4, lo = 0x90;
+  else if (c >= 0xF1 && c <= 0xF3) n = 4;
+  else if (c == 0xF4) n = 4, hi = 0x8F;
+  else return 0;
+  if (left < n || s[1] < lo || s[1] > hi) return 0;
+  for (size_t k = 2; k < n; k++)
+    if (s[k] < 0x80 || s[k] > 0xBF) return 0;
+  return n;
+}
+
 size_t cbL_utf8_invalid_at(const char *text, size_t len) {
   const unsigned char *s = (const unsigned char *)text;
-  size_t i = 0;
-  while (i < len) {
-    unsigned char c = s[i];
-    if (c < 0x80) {
-      i++;
-      continue;
-    }
-    /* Well-formed sequences (Unicode table 3-7): no overlong forms, no
-     * surrogates, nothing above U+10FFFF. */
-    size_t n;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) n = 2;
-    else if (c == 0xE0) n = 3, lo = 0xA0;
-    else if (c == 0xED) n = 3, hi = 0x9F;
-    else if (c >= 0xE1 && c <= 0xEF) n = 3;
-    else if (c == 0xF0) n = 4, lo = 0x90;
-    else if (c >= 0xF1 && c <= 0xF3) n = 4;
-    else if (c == 0xF4) n = 4, hi = 0x8F;
-    else return i;
-    if (len - i < n) return i;
-    if (s[i + 1] < lo || s[i + 1] > hi) return i;
-    for (size_t k = 2; k < n; k++)
-      if (s[i + k] < 0x80 || s[i + k] > 0xBF) return i;
-    i += n;
-  }
+  for (size_t i = 0, n; i < len; i += n)
+    if ((n = utf8_sequence(s + i, len - i)) == 0) return i;
   return CBL_VALID;
+}
+
+const char *cbL_storable_text(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  size_t len;
+  const char *text = lua_tolstring(L, idx, &len);
+  if (memchr(text, '\0', len) == NULL && cbL_utf8_invalid_at(text, len) == CBL_VALID) {
+    lua_pushvalue(L, idx);
+    return lua_tostring(L, -1);
+  }
+  const unsigned char *s = (const unsigned char *)text;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (size_t i = 0, n; i < len; i += n) {
+    n = s[i] ? utf8_sequence(s + i, len - i) : 0;
+    if (n) luaL_addlstring(&b, text + i, n);
+    else luaL_addstring(&b, "\xEF\xBF\xBD"); /* U+FFFD for the byte */
+    if (n == 0) n = 1;
+  }
+  luaL_pushresult(&b);
+  return lua_tostring(L, -1);
 }
 
 /* ---- the error paths ------------------------------------------------------------- */

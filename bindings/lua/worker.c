@@ -102,10 +102,17 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
+/* The string field k of the table at idx, made storable (a handler's text
+ * may hold anything), left on the stack; NULL, nothing pushed, when it is
+ * not a string. */
 static const char *string_field(lua_State *L, int idx, const char *k) {
   lua_getfield(L, idx, k);
-  const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-  lua_pop(L, 1); /* still referenced by the table */
+  if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  const char *s = cbL_storable_text(L, -1);
+  lua_remove(L, -2);
   return s;
 }
 
@@ -130,7 +137,8 @@ static void classify_error(lua_State *L, cb_work *work) {
       return;
     }
   }
-  const char *msg = cbL_tostring(L, idx);
+  cbL_tostring(L, idx);
+  const char *msg = cbL_storable_text(L, -1);
   cb_work_fail(work, CB_OUTCOME_TRANSIENT, "HANDLER_ERROR", msg, NULL);
   lua_settop(L, idx);
 }
