@@ -158,9 +158,9 @@ local function cases()
 
   -- message routers
   local function router(options) return commandbus.message_router(options) end
-  for _, o in ipairs({{"lanes", 1, 1024, {1, 2}}, {"batch_size", 1, INT_MAX, {1, 100}},
-                      {"batch_timeout_ms", 0, INT_MAX, {0, 10}}, {"queue_size", 1, INT_MAX, {100, INT_MAX}},
-                      {"lane_queue_size", 1, INT_MAX, {1, 10}}, {"block_timeout_ms", -1, INT_MAX, {0, 1000}}}) do
+  for _, o in ipairs({{"lanes", 1, 1024, {1, 2}}, {"batch_size", 1, 1000000, {1, 100}},
+                      {"batch_timeout_ms", 0, INT_MAX, {0, 10}}, {"queue_size", 1, 1000000, {100, 1000000}},
+                      {"lane_queue_size", 1, 1000000, {1, 10}}, {"block_timeout_ms", -1, INT_MAX, {0, 1000}}}) do
     add{name = "commandbus.message_router " .. o[1], option = o[1], kind = "integer", min = o[2], max = o[3],
         ok = o[4], call = function(v) return router{[o[1]] = v} end, cleanup = close_result}
   end

@@ -224,7 +224,8 @@ static cbL_router *check_router(lua_State *L) { return luaL_checkudata(L, 1, ROU
 /* core.message_router{lanes=, batch_size=100, batch_timeout_ms=10,
  *                     queue_size=10000, lane_queue_size=5000, policy="drop",
  *                     block_timeout_ms=1000, handler="module.name"}
- * -> router | nil, err. lanes defaults to core.default_threads(). */
+ * -> router | nil, err. lanes defaults to core.default_threads(); the sizes
+ * are at most CBL_COUNT_MAX (their rings are allocated up front). */
 int cbL_message_router(lua_State *L) {
   cbL_opt_table(L, 1);
   cb_message_router_config cfg;
@@ -234,11 +235,11 @@ int cbL_message_router(lua_State *L) {
   int batch_size, ingress_capacity, lane_capacity;
   const char *policy, *handler;
   if (!cbL_opt_int(L, 1, "lanes", default_lanes, 1, CB_MESSAGE_ROUTER_MAX_LANES, &cfg.lanes) ||
-      !cbL_opt_int(L, 1, "batch_size", CB_MESSAGE_ROUTER_DEFAULT_BATCH_SIZE, 1, INT_MAX, &batch_size) ||
+      !cbL_opt_int(L, 1, "batch_size", CB_MESSAGE_ROUTER_DEFAULT_BATCH_SIZE, 1, CBL_COUNT_MAX, &batch_size) ||
       !cbL_opt_int(L, 1, "batch_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BATCH_TIMEOUT_MS, 0, INT_MAX,
                    &cfg.batch_timeout_ms) ||
-      !cbL_opt_int(L, 1, "queue_size", CB_MESSAGE_ROUTER_DEFAULT_INGRESS_CAPACITY, 1, INT_MAX, &ingress_capacity) ||
-      !cbL_opt_int(L, 1, "lane_queue_size", CB_MESSAGE_ROUTER_DEFAULT_LANE_CAPACITY, 1, INT_MAX, &lane_capacity) ||
+      !cbL_opt_int(L, 1, "queue_size", CB_MESSAGE_ROUTER_DEFAULT_INGRESS_CAPACITY, 1, CBL_COUNT_MAX, &ingress_capacity) ||
+      !cbL_opt_int(L, 1, "lane_queue_size", CB_MESSAGE_ROUTER_DEFAULT_LANE_CAPACITY, 1, CBL_COUNT_MAX, &lane_capacity) ||
       !cbL_opt_int(L, 1, "block_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BLOCK_TIMEOUT_MS, -1, INT_MAX,
                    &cfg.block_timeout_ms) ||
       !cbL_opt_text(L, 1, "policy", "drop", &policy) || !cbL_opt_text(L, 1, "handler", NULL, &handler))
