@@ -194,6 +194,11 @@ int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who);
 /* The {tick=fn, tick_interval=0.5} options (argument 2) of a run() loop:
  * the interval in milliseconds; raises when tick is not a function. */
 int cbL_run_options(lua_State *L, int *tick_ms);
+/* The options workers and reply routers share, of the table at idx:
+ * concurrency (*lanes; 0 when absent) and the three timings (defaults in
+ * the pointed-to values). */
+int cbL_runner_options(lua_State *L, int idx, int *lanes, double *visibility_timeout, double *statement_timeout,
+                       double *poll_interval);
 
 void cbL_open_worker(lua_State *L);
 void cbL_open_reply_router(lua_State *L);

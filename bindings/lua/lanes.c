@@ -170,3 +170,13 @@ int cbL_run_options(lua_State *L, int *tick_ms) {
   }
   return 1;
 }
+
+int cbL_runner_options(lua_State *L, int idx, int *lanes, double *visibility_timeout, double *statement_timeout,
+                       double *poll_interval) {
+  return cbL_opt_int(L, idx, "concurrency", 0, 1, CBL_THREADS_MAX, lanes) &&
+         cbL_opt_number(L, idx, "visibility_timeout", *visibility_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
+                        visibility_timeout) &&
+         cbL_opt_number(L, idx, "statement_timeout", *statement_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
+                        statement_timeout) &&
+         cbL_opt_number(L, idx, "poll_interval", *poll_interval, CBL_TIMING_MIN, CBL_TIMING_MAX, poll_interval);
+}

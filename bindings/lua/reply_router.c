@@ -183,12 +183,7 @@ static int l_bus_reply_router(lua_State *L) {
   cb_reply_router_options_init(&o);
   int managers_type;
   if (!cbL_field_text(L, 2, "domain", &o.domain) || !cbL_opt_text(L, 2, "reply_queue", NULL, &o.reply_queue) ||
-      !cbL_opt_int(L, 2, "concurrency", 0, 1, CBL_THREADS_MAX, &o.lanes) ||
-      !cbL_opt_number(L, 2, "poll_interval", o.poll_interval, CBL_TIMING_MIN, CBL_TIMING_MAX, &o.poll_interval) ||
-      !cbL_opt_number(L, 2, "visibility_timeout", o.visibility_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
-                      &o.visibility_timeout) ||
-      !cbL_opt_number(L, 2, "statement_timeout", o.statement_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
-                      &o.statement_timeout) ||
+      !cbL_runner_options(L, 2, &o.lanes, &o.visibility_timeout, &o.statement_timeout, &o.poll_interval) ||
       !cbL_opt_module(L, 2, "managers", &managers_type))
     return 2;
   int managers_idx = lua_gettop(L);

@@ -213,11 +213,7 @@ static void module_lane(lua_State *L, int lane, void *arg) {
 
 /* The timing options of the worker at idx (ranges in the README). */
 static int timing_options(lua_State *L, int idx, cb_worker_options *o) {
-  return cbL_opt_number(L, idx, "visibility_timeout", o->visibility_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
-                        &o->visibility_timeout) &&
-         cbL_opt_number(L, idx, "statement_timeout", o->statement_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
-                        &o->statement_timeout) &&
-         cbL_opt_number(L, idx, "poll_interval", o->poll_interval, CBL_TIMING_MIN, CBL_TIMING_MAX, &o->poll_interval) &&
+  return cbL_runner_options(L, idx, &o->lanes, &o->visibility_timeout, &o->statement_timeout, &o->poll_interval) &&
          cbL_opt_number(L, idx, "drain_timeout", o->drain_timeout, 0, CBL_TIMING_MAX, &o->drain_timeout);
 }
 
@@ -262,8 +258,7 @@ static int l_bus_worker(lua_State *L) {
   int handlers_type;
   if (!cbL_field_text(L, 2, "domain", &o.domain) || !cbL_opt_module(L, 2, "handlers", &handlers_type)) return 2;
   int handlers_idx = lua_gettop(L);
-  if (!cbL_opt_int(L, 2, "concurrency", 0, 1, CBL_THREADS_MAX, &o.lanes) || !timing_options(L, 2, &o) ||
-      !retry_option(L, 2, &o))
+  if (!timing_options(L, 2, &o) || !retry_option(L, 2, &o))
     return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;

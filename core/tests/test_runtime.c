@@ -188,16 +188,24 @@ static void *run_slow(void *arg) {
   return NULL;
 }
 
-static void a_lost_connection_fails_in_flight_work_and_reconnects(void **state) {
+/* A runtime of one connection whose sessions are found by their
+ * application name (victim gets a unique one made from prefix). */
+static cb_runtime *victim_runtime(const char *prefix, char *victim, size_t len) {
   cb_runtime_options o = {0};
   o.conninfo = test_dsn();
   o.pool_size = 1;
-  char victim[64];
-  snprintf(victim, sizeof victim, "%s", test_name("cb_victim"));
+  snprintf(victim, len, "%s", test_name(prefix));
   o.application_name = victim;
   cb_runtime *rt = NULL;
   cb_err err;
   assert_int_equal(cb_runtime_new(&o, &rt, &err), CB_OK);
+  return rt;
+}
+
+static void a_lost_connection_fails_in_flight_work_and_reconnects(void **state) {
+  char victim[64];
+  cb_runtime *rt = victim_runtime("cb_victim", victim, sizeof victim);
+  cb_err err;
   cb_runtime *killer = test_runtime(1);
 
   slow_call c = {rt, 1, ""};
@@ -253,15 +261,9 @@ static int kill_backends(const char *name) {
 }
 
 static void work_whose_connection_died_before_it_was_sent_goes_out_on_a_fresh_one(void **state) {
-  cb_runtime_options o = {0};
-  o.conninfo = test_dsn();
-  o.pool_size = 1;
   char victim[64];
-  snprintf(victim, sizeof victim, "%s", test_name("cb_idle_victim"));
-  o.application_name = victim;
-  cb_runtime *rt = NULL;
+  cb_runtime *rt = victim_runtime("cb_idle_victim", victim, sizeof victim);
   cb_err err;
-  assert_int_equal(cb_runtime_new(&o, &rt, &err), CB_OK);
   cb_unit *u = cb_unit_new();
   /* Whether the loop has noticed the loss yet (reconnecting) or not (the
    * goodbye still unread in the socket), the very next call succeeds. */
