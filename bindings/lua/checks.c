@@ -93,7 +93,7 @@ static int type_error(lua_State *L, int idx, int arg, const char *name, const ch
 static void format_number(char *buf, size_t len, double v) {
   if (isnan(v)) snprintf(buf, len, "nan");
   else if (isinf(v)) snprintf(buf, len, v > 0 ? "inf" : "-inf");
-  else snprintf(buf, len, "%.17g", v);
+  else snprintf(buf, len, "%.15g", v);
 }
 
 /* ---- numbers ---------------------------------------------------------------------- */
@@ -149,8 +149,7 @@ int cbL_opt_number(lua_State *L, int idx, const char *name, double def, double m
     return 1;
   }
   int ok = number_at(L, -1, 0, name, min, max, 0, out);
-  if (ok) lua_pop(L, 1);
-  else lua_remove(L, -3); /* the field, under nil, err */
+  if (ok) lua_pop(L, 1); /* else nil, err are on top: what the caller returns */
   return ok;
 }
 
@@ -165,8 +164,6 @@ int cbL_opt_integer(lua_State *L, int idx, const char *name, int64_t def, int64_
   if (ok) {
     *out = (int64_t)v;
     lua_pop(L, 1);
-  } else {
-    lua_remove(L, -3);
   }
   return ok;
 }
@@ -269,7 +266,6 @@ int cbL_opt_text(lua_State *L, int idx, const char *name, const char *def, const
   }
   int ok = text_at(L, -1, 0, name, out);
   if (ok) lua_pop(L, 1); /* still referenced by the options table */
-  else lua_remove(L, -3);
   return ok;
 }
 
@@ -278,7 +274,6 @@ int cbL_field_text(lua_State *L, int idx, const char *name, const char **out) {
   if (!push_field(L, idx, name)) return luaL_error(L, "bad option '%s': string expected, got nil", name);
   int ok = text_at(L, -1, 0, name, out);
   if (ok) lua_pop(L, 1);
-  else lua_remove(L, -3);
   return ok;
 }
 
@@ -342,7 +337,5 @@ int cbL_opt_module(lua_State *L, int idx, const char *name, int *type) {
   if (*type == LUA_TTABLE) return 1;
   if (*type != LUA_TSTRING) type_error(L, -1, 0, name, "module name or table");
   const char *module;
-  if (text_at(L, -1, 0, name, &module)) return 1;
-  lua_remove(L, -3);
-  return 0;
+  return text_at(L, -1, 0, name, &module);
 }

@@ -258,8 +258,7 @@ static int l_bus_worker(lua_State *L) {
   int handlers_type;
   if (!cbL_field_text(L, 2, "domain", &o.domain) || !cbL_opt_module(L, 2, "handlers", &handlers_type)) return 2;
   int handlers_idx = lua_gettop(L);
-  if (!timing_options(L, 2, &o) || !retry_option(L, 2, &o))
-    return 2;
+  if (!timing_options(L, 2, &o) || !retry_option(L, 2, &o)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
   if (handlers_type == LUA_TTABLE) o.lanes = 1; /* handlers run on the caller's thread */
