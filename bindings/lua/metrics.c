@@ -152,23 +152,14 @@ static void push_metrics(lua_State *L, const cb_metrics *m) {
 
 /* The flags of bus:metrics{all_processes = bool} (idx may be nil). */
 static int metrics_flags(lua_State *L, int idx) {
-  if (lua_isnoneornil(L, idx)) return 0;
-  luaL_checktype(L, idx, LUA_TTABLE);
-  lua_getfield(L, idx, "all_processes");
-  int all = 0;
-  if (!lua_isnil(L, -1)) {
-    if (!lua_isboolean(L, -1))
-      luaL_error(L, "bad option 'all_processes': boolean expected, got %s", luaL_typename(L, -1));
-    all = lua_toboolean(L, -1);
-  }
-  lua_pop(L, 1);
-  return all ? CB_METRICS_ALL_PROCESSES : 0;
+  cbL_opt_table(L, idx);
+  return cbL_opt_boolean(L, idx, "all_processes", 0) ? CB_METRICS_ALL_PROCESSES : 0;
 }
 
 /* Collects, then pushes the table (text 0) or the exposition (text 1). */
 static int collect(lua_State *L, int text) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
   int flags = metrics_flags(L, 2);
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
   cb_metrics m;
   cb_err err;
@@ -202,9 +193,10 @@ static int l_metrics_text(lua_State *L) { return collect(L, 1); }
  * process, as their heartbeats recorded them (state "lost" when those
  * stopped coming) | nil, err */
 static int l_runners(lua_State *L) {
+  const char *domain;
+  cbL_opt_table(L, 2);
+  if (!cbL_opt_text(L, 2, "domain", NULL, &domain)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
-  const char *domain = cbL_optfield_string(L, 2, "domain", NULL);
   if (rt == NULL) return 2;
   cb_runner_stat *runners;
   size_t n;
