@@ -309,6 +309,8 @@ describe("commandbus CLI", function()
       assert.equal(batch_id, list[1].batch_id)
       assert.equal(2, list[1].total_count)
       assert.same({}, json{"batches", domain, "--status", "COMPLETED"})
+      assert.equal(1, #json{"batches", domain, "--limit", "1"})
+      assert.same({}, json{"batches", domain, "--offset", "1"})
       local b = json{"batch", "show", domain, batch_id}
       assert.equal(2, b.pending_count)
       assert.equal("nightly", b.name)
@@ -325,7 +327,8 @@ describe("commandbus CLI", function()
       assert.equal(1, #list)
       assert.equal(process_id, list[1].process_id)
       assert.same({}, json{"processes", domain, "--status", "COMPLETED"})
-      assert.equal(1, #json{"processes", domain, "--type", "Order"})
+      assert.equal(1, #json{"processes", domain, "--type", "Order", "--limit", "5"})
+      assert.same({}, json{"processes", domain, "--offset", "1"})
       local p = json{"process", "show", domain, process_id}
       assert.equal("reserve", p.current_step)
       assert.equal(7, p.state.order)
@@ -364,6 +367,11 @@ describe("commandbus CLI", function()
       assert.matches("%(1 of 1%)\n$", out)
       local _, empty = run{"--json", "tsq", "list", helper.unique("empty")}
       assert.equal('{"items":[],"total":0}\n', empty)
+      assert.equal(0, json{"tsq", "list", domain, "--type", "Fine"}.total)
+      assert.equal(1, json{"tsq", "list", domain, "--type", "Broken", "--limit", "1"}.total)
+      local past = json{"tsq", "list", domain, "--offset", "1"}
+      assert.same({}, past.items)
+      assert.equal(1, past.total)
     end)
 
     it("retries with the operator and reason in the audit trail (operator defaults to the login name)", function()
@@ -425,9 +433,10 @@ describe("commandbus CLI", function()
 
   it("runs a worker until SIGTERM, drains it, and shows its health and metrics meanwhile", function()
     local d = helper.unique("cliw")
-    local slow = assert(bus:send{domain = d, type = "Slow", data = {seconds = 3}}).command_id
+    local gate = os.tmpname() .. ".gate"
+    local slow = assert(bus:send{domain = d, type = "Gate", data = {file = gate}}).command_id
     assert(bus:send{domain = d, type = "Echo"})
-    local worker = cli_process.spawn{"worker", "--domain", d, "--handlers", "spec.support.handlers",
+    local worker = cli_process.spawn{"worker", "--domain", d, "--handlers", "spec.support.gate_handlers",
                                      "--concurrency", "2"}
     finally(function() worker.signal("KILL") end)
     -- Wait for its heartbeat, and for the slow handler to be running.
@@ -457,11 +466,21 @@ describe("commandbus CLI", function()
     for _, w in ipairs(m.workers) do seen = seen or w.runner_id == r.runner_id end
     assert.is_true(seen)
 
-    worker.signal("TERM") -- while the slow handler runs: it finishes, then the worker exits
+    -- Signalled while the gate handler runs: the worker stops fetching and
+    -- waits for it; once the gate opens, it finishes and the worker exits.
+    worker.signal("TERM")
+    for _ = 1, 500 do
+      if worker.output():find("SIGTERM received", 1, true) then break end
+      socket.sleep(0.02)
+    end
+    assert.equal("IN_PROGRESS", assert(bus:get_command(d, slow)).status)
+    local f = assert(io.open(gate, "w"))
+    f:close()
+    finally(function() os.remove(gate) end)
     local rc, output = worker.wait()
     assert.equal(0, rc, output)
     assert.matches("SIGTERM received; stopping", output)
-    assert.matches("waiting for [12] command%(s%) in flight", output) -- the slow one drains
+    assert.matches("waiting for [12] command%(s%) in flight", output) -- the gate (and the echo, if behind it)
     assert.equal("COMPLETED", assert(bus:get_command(d, slow)).status)
     local after = json{"health", "--domain", d}
     assert.equal("stopped", after[1].state)
