@@ -1,13 +1,15 @@
 /* Metrics, runners and signal watches from C: the exposition escapes label
  * values and leaves empty families out; a runner's heartbeats reach the
  * table and its live health reaches metrics; a runner whose heartbeats
- * stopped reads as lost; a signal watch is called on the loop thread. Clean
+ * stopped reads as lost; metrics count the threads awaiting a record; a
+ * signal watch is called on the loop thread. Clean
  * under ASan, TSan and valgrind. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -15,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "commandbus/awaiter.h"
 #include "commandbus/metrics.h"
 #include "commandbus/runner.h"
 #include "commandbus/schema.h"
@@ -211,6 +214,66 @@ static void a_runner_whose_heartbeats_stopped_is_lost(void **state) {
   cb_runtime_free(rt);
 }
 
+/* ---- awaiting threads ------------------------------------------------------------------ */
+
+typedef struct await_arg {
+  cb_runtime *rt;
+  const char *domain;
+  char id[CB_UUID_LEN + 1];
+  int rc;
+} await_arg;
+
+static void *await_main(void *arg) {
+  await_arg *a = arg;
+  cb_unit *rows = NULL;
+  cb_err err;
+  a->rc = cb_await_command(a->rt, a->domain, a->id, 30, 0, &rows, &err);
+  cb_unit_free(rows);
+  return NULL;
+}
+
+static void metrics_count_the_threads_awaiting_a_record(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  await_arg a = {rt, test_name("awaited"), "", -1};
+  cb_uuid_v7(a.id);
+  const char *p[] = {a.domain, a.id};
+  cb_unit *u = cb_unit_new();
+  cb_unit_add(u,
+              "INSERT INTO commandbus.command (domain, queue_name, command_id, command_type) VALUES ($1,"
+              " $1 || '__commands', $2::uuid, 'Awaited')",
+              2, p);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_unit_free(u);
+  pthread_t t;
+  assert_int_equal(pthread_create(&t, NULL, await_main, &a), 0);
+  for (int i = 0; i < 500 && cb_hub_record_waiters(cb_runtime_hub(rt)) == 0; i++) sleep_ms(10);
+  cb_metrics m;
+  assert_int_equal(cb_metrics_collect(rt, 0, &m, &err), CB_OK);
+  assert_int_equal(m.awaiting, 1);
+  char *text = cb_metrics_text(&m);
+  assert_non_null(strstr(text, "\ncommandbus_awaiter_waiters 1\n"));
+  free(text);
+  cb_metrics_free(&m);
+  /* The command finishes: the waiter returns, and is no longer counted. */
+  u = cb_unit_new();
+  cb_unit_add(u, "UPDATE commandbus.command SET status = 'COMPLETED' WHERE domain = $1 AND command_id = $2::uuid", 2,
+              p);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_unit_free(u);
+  cb_hub_changed(cb_runtime_hub(rt), a.domain, a.id);
+  pthread_join(t, NULL);
+  assert_int_equal(a.rc, CB_OK);
+  assert_int_equal(cb_hub_record_waiters(cb_runtime_hub(rt)), 0);
+  u = cb_unit_new();
+  cb_unit_add(u, "DELETE FROM commandbus.command WHERE domain = $1", 1, p);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_unit_free(u);
+  cb_runtime_free(rt);
+}
+
 /* ---- signal watches ------------------------------------------------------------------ */
 
 typedef struct caught {
@@ -248,6 +311,7 @@ int main(void) {
       cmocka_unit_test(exposition_escapes_labels_and_leaves_empty_families_out),
       cmocka_unit_test(runner_heartbeats_reach_the_table_and_metrics),
       cmocka_unit_test(a_runner_whose_heartbeats_stopped_is_lost),
+      cmocka_unit_test(metrics_count_the_threads_awaiting_a_record),
       cmocka_unit_test(a_signal_watch_is_called_on_the_loop_thread),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
