@@ -66,6 +66,7 @@ local orders = {
   },
   {
     name = "setup() alone",
+    our_procedures = true,
     build = function(url, bus)
       assert(bus:setup())
       assert(assert(bus:queue("made_before_pgmq")):create())
@@ -145,7 +146,8 @@ for _, order in ipairs(orders) do
 
     it("runs a command commandbus sent through rcmd's procedures, as an rcmd worker does", function()
       local domain = world.domain()
-      local sent = assert(bus:send{domain = domain, type = "Echo", data = {n = 1}})
+      local batch = assert(bus:create_batch{domain = domain, commands = {{type = "Echo", data = {n = 1}}}})
+      local sent = batch.commands[1]
       local queue = domain .. "__commands"
       -- rcmd reads with pgmq.read and passes the message id as a small integer.
       local msg_id = sql(("SELECT msg_id FROM pgmq.read('%s', 30, 1)"):format(queue))
@@ -160,7 +162,39 @@ for _, order in ipairs(orders) do
       assert.equal("COMPLETED", c.status)
       assert.same({"SENT", "RECEIVED", "COMPLETED"}, world.events(bus, domain, sent.command_id))
       assert.equal(tonumber(msg_id), world.details(bus, domain, sent.command_id, "RECEIVED")[1].msg_id)
+      local b = assert(bus:get_batch(domain, batch.batch_id))
+      assert.equal("COMPLETED", b.status)
+      assert.same({"BATCH_STARTED", "BATCH_COMPLETED"}, world.events(bus, domain, batch.batch_id))
     end)
+
+    if order.our_procedures then
+      it("has rcmd's batch procedures apply the one rule and tell when the batch ended", function()
+        local domain = world.domain()
+        local batch = assert(bus:create_batch{domain = domain, commands = {{type = "Echo"}, {type = "Permanent"}}})
+        local ids = {batch.commands[1].command_id, batch.commands[2].command_id}
+        local _, met = world.work(bus, domain, world.settled(bus, domain, ids))
+        assert.is_true(met)
+        local function call(procedure, ...)
+          local args = {("'%s'"):format(domain), ...}
+          return sql(("SELECT commandbus.%s(%s)"):format(procedure, table.concat(args, ", ")))
+        end
+        local batch_arg = ("'%s'::uuid"):format(batch.batch_id)
+        assert.equal("f", call("sp_tsq_retry", "NULL"))
+        assert.has_error(function() call("sp_update_batch_counters", batch_arg, "'sideways'") end)
+        -- As rcmd's operator completes a command from the TSQ.
+        sql(("UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = '%s'"):format(ids[2]))
+        assert.equal("t", call("sp_tsq_complete", batch_arg))
+        assert.equal("f", call("sp_tsq_complete", batch_arg))
+        assert.equal("COMPLETED|2|0", sql(("SELECT status, completed_count, in_troubleshooting_count"
+                                           .. " FROM commandbus.batch WHERE batch_id = %s"):format(batch_arg)))
+        assert.equal(1, #world.details(bus, domain, batch.batch_id, "BATCH_COMPLETED"))
+        -- A finished command keeps its status and trail.
+        assert.equal("f", call("sp_finish_command", ("'%s'::uuid"):format(ids[1]), "'IN_TROUBLESHOOTING_QUEUE'",
+                               "'MOVED_TO_TSQ'"))
+        assert.equal("COMPLETED", assert(bus:get_command(domain, ids[1])).status)
+        assert.same({"SENT", "RECEIVED", "COMPLETED"}, world.events(bus, domain, ids[1]))
+      end)
+    end
 
     it("starts a process and routes it to completion on these tables", function()
       local domain = world.domain()

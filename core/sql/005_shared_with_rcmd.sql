@@ -246,6 +246,8 @@ $$;
 --     commandbus.batch_refresh, so the counts are exact and the status obeys
 --     the one rule; each returns whether the batch ended in that call.
 DO $install$
+DECLARE
+  v_name text;
 BEGIN
   IF to_regprocedure('commandbus.sp_start_batch(text, uuid)') IS NULL THEN
     -- PENDING -> IN_PROGRESS, once, with a BATCH_STARTED event (under the
@@ -363,24 +365,14 @@ BEGIN
     $fn$;
   END IF;
 
-  IF to_regprocedure('commandbus.sp_tsq_complete(text, uuid)') IS NULL THEN
-    CREATE FUNCTION commandbus.sp_tsq_complete(p_domain text, p_batch_id uuid) RETURNS boolean
-    LANGUAGE sql AS $fn$
-      SELECT p_batch_id IS NOT NULL AND commandbus.batch_refresh(p_domain, p_batch_id)
-    $fn$;
-  END IF;
-  IF to_regprocedure('commandbus.sp_tsq_cancel(text, uuid)') IS NULL THEN
-    CREATE FUNCTION commandbus.sp_tsq_cancel(p_domain text, p_batch_id uuid) RETURNS boolean
-    LANGUAGE sql AS $fn$
-      SELECT p_batch_id IS NOT NULL AND commandbus.batch_refresh(p_domain, p_batch_id)
-    $fn$;
-  END IF;
-  IF to_regprocedure('commandbus.sp_tsq_retry(text, uuid)') IS NULL THEN
-    CREATE FUNCTION commandbus.sp_tsq_retry(p_domain text, p_batch_id uuid) RETURNS boolean
-    LANGUAGE sql AS $fn$
-      SELECT p_batch_id IS NOT NULL AND commandbus.batch_refresh(p_domain, p_batch_id)
-    $fn$;
-  END IF;
+  -- rcmd's operator actions on a batch's command: false for no batch, else
+  -- whether the batch ended.
+  FOREACH v_name IN ARRAY ARRAY['sp_tsq_complete', 'sp_tsq_cancel', 'sp_tsq_retry'] LOOP
+    IF to_regprocedure(format('commandbus.%I(text, uuid)', v_name)) IS NULL THEN
+      EXECUTE format('CREATE FUNCTION commandbus.%I(p_domain text, p_batch_id uuid) RETURNS boolean LANGUAGE sql AS %L',
+                     v_name, 'SELECT p_batch_id IS NOT NULL AND commandbus.batch_refresh(p_domain, p_batch_id)');
+    END IF;
+  END LOOP;
 
   IF to_regprocedure('commandbus.sp_refresh_batch_stats(text, uuid)') IS NULL THEN
     -- The batch's counts written to its row, the status by the one rule;
