@@ -210,6 +210,9 @@ for _, order in ipairs(orders) do
         assert.equal("SUCCESS", step.reply_outcome)
         assert.is_string(step.sent_at)
       end
+      -- Purged with its steps (rcmd's steps reference their process).
+      assert.equal(1, tonumber(assert(bus:purge_processes{domain = domain, older_than = 0})))
+      assert.equal("NOT_FOUND", select(2, bus:get_process(domain, id)).code)
     end)
 
     it("keeps one batch status with rcmd's refresh at every step and records the end once", function()

@@ -116,6 +116,10 @@ SELECT commandbus.ensure_index('ix_process_audit_process', 'commandbus.process_a
 SELECT commandbus.ensure_index('idx_process_audit_command', 'commandbus.process_audit', '(command_id)');
 
 -- ---- batches --------------------------------------------------------------------
+-- rcmd's first migration made the batch table without failed_count (its
+-- last one adds it, the same way).
+ALTER TABLE commandbus.batch ADD COLUMN IF NOT EXISTS failed_count integer NOT NULL DEFAULT 0;
+
 -- A batch's members by outcome, counted as rcmd counts them: its commands;
 -- or, for a PROCESS batch, its processes (COMPLETED and COMPENSATED count as
 -- completed, FAILED and CANCELED as canceled, and a running process with a

@@ -250,11 +250,9 @@ static int run(cb_runtime *rt, cb_unit **u_out, int *index, int built, cb_unit *
 
 /* pgmq is there when its functions are: installed as an extension, or
  * loaded as plain SQL (pgmq's SQL-only install leaves no pg_extension row). */
-#define PGMQ_PRESENT "to_regprocedure('pgmq.create(text)') IS NOT NULL"
-
 static int pgmq_present(cb_runtime *rt, int *present, cb_err *err) {
   NEW_UNIT(u);
-  cb_unit_add(u, "SELECT " PGMQ_PRESENT, 0, NULL);
+  cb_unit_add(u, "SELECT to_regprocedure('pgmq.create(text)') IS NOT NULL", 0, NULL);
   int rc = cb_runtime_exec(rt, u, err);
   if (rc == CB_OK) *present = cb_result_value(cb_unit_result(u, 0), 0, 0)[0] == 't';
   cb_unit_free(u);
