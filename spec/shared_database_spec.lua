@@ -121,8 +121,12 @@ for _, order in ipairs(orders) do
                            || coalesce(column_default, '-') || ' ' || coalesce(is_identity, '-'), ', '
                            ORDER BY ordinal_position) FROM information_schema.columns
                           WHERE table_schema = 'pgmq' AND table_name = '%s']]
+        local indexes = [[SELECT string_agg(regexp_replace(indexdef, '^.*? USING ', ''), ', '
+                            ORDER BY regexp_replace(indexdef, '^.*? USING ', '')) FROM pg_indexes
+                           WHERE schemaname = 'pgmq' AND tablename = '%s']]
         for _, prefix in ipairs{"q_", "a_"} do
           assert.equal(sql(layout:format(prefix .. reference)), sql(layout:format(prefix .. name)))
+          assert.equal(sql(indexes:format(prefix .. reference)), sql(indexes:format(prefix .. name)))
         end
         local id = sql(("SELECT pgmq.send('%s', '{\"n\": 1}'::jsonb, 0)"):format(name))
         local q = assert(bus:queue(name))

@@ -1,5 +1,5 @@
 -- The worker against a real PostgreSQL: one spec per path through a command's
--- life (INTEROP.md: worker semantics, reply messages, audit events).
+-- life (rcmd's contract: worker semantics, reply messages, audit events).
 local commandbus = require "commandbus"
 local helper = require "spec.helper"
 local world = require "spec.support.world"
