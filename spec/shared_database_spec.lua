@@ -304,3 +304,37 @@ for _, order in ipairs(orders) do
     end)
   end)
 end
+
+describe("a fresh database set up by three processes at once", function()
+  local database = helper.unique("cb_fresh")
+  local url = url_of(database)
+
+  setup(function()
+    psql(main_url, ("DROP DATABASE IF EXISTS %s WITH (FORCE)"):format(database))
+    psql(main_url, ("CREATE DATABASE %s"):format(database))
+  end)
+  teardown(function() psql(main_url, ("DROP DATABASE IF EXISTS %s WITH (FORCE)"):format(database)) end)
+
+  it("lets each create its first queue (one that waited sees what another made)", function()
+    local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
+    local start_at = helper.clock() + 1
+    local outs = {}
+    for i = 1, 3 do
+      outs[i] = os.tmpname()
+      os.execute(("%s spec/support/setup_and_send.lua '%s' %.3f first_%d > %s 2>&1 &"):format(lua, url, start_at, i,
+                                                                                          outs[i]))
+    end
+    for i = 1, 3 do
+      local said
+      for _ = 1, 200 do
+        local f = io.open(outs[i])
+        said = f and f:read("*a") or ""
+        if f then f:close() end
+        if said:find("result: [^\n]*\n") then break end
+        world.sleep(0.05)
+      end
+      os.remove(outs[i])
+      assert.equal("ok", said:match("result: ([^\n]*)\n"), said)
+    end
+  end)
+end)

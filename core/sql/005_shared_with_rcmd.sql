@@ -170,6 +170,7 @@ DECLARE
   v_counts record;
   v_finished bigint;
   v_complete boolean;
+  v_status text;
 BEGIN
   SELECT b.status, b.batch_type, b.total_count, b.completed_count, b.failed_count, b.canceled_count,
          b.in_troubleshooting_count INTO v_batch
@@ -207,23 +208,33 @@ BEGIN
     RETURN false;
   END IF;
 
-  PERFORM 1 FROM commandbus.batch b WHERE b.domain = p_domain AND b.batch_id = p_batch_id FOR UPDATE;
+  SELECT b.status, b.batch_type, b.total_count, b.completed_count, b.failed_count, b.canceled_count,
+         b.in_troubleshooting_count, b.started_at, b.completed_at INTO v_batch
+    FROM commandbus.batch b WHERE b.domain = p_domain AND b.batch_id = p_batch_id FOR UPDATE;
   v_counts := commandbus.batch_counts(p_domain, p_batch_id, v_batch.batch_type);
   v_finished := v_counts.completed + v_counts.failed + v_counts.canceled + v_counts.in_tsq;
   v_complete := v_finished >= v_batch.total_count;
   IF v_finished > 0 AND v_batch.status = 'PENDING' THEN
     PERFORM commandbus.sp_start_batch(p_domain, p_batch_id);
+    v_batch.status := 'IN_PROGRESS';
+    v_batch.started_at := coalesce(v_batch.started_at, now());
   END IF;
-  UPDATE commandbus.batch b
-     SET completed_count = v_counts.completed, failed_count = v_counts.failed, canceled_count = v_counts.canceled,
-         in_troubleshooting_count = v_counts.in_tsq,
-         status = CASE WHEN v_complete AND v_finished > v_counts.completed THEN 'COMPLETED_WITH_FAILURES'
-                       WHEN v_complete THEN 'COMPLETED'
-                       WHEN v_finished > 0 OR b.status <> 'PENDING' THEN 'IN_PROGRESS'
-                       ELSE b.status END,
-         started_at = CASE WHEN v_finished > 0 THEN coalesce(b.started_at, now()) ELSE b.started_at END,
-         completed_at = CASE WHEN v_complete THEN coalesce(b.completed_at, now()) END
-   WHERE b.domain = p_domain AND b.batch_id = p_batch_id;
+  v_status := CASE WHEN v_complete AND v_finished > v_counts.completed THEN 'COMPLETED_WITH_FAILURES'
+                   WHEN v_complete THEN 'COMPLETED'
+                   WHEN v_batch.status <> 'PENDING' THEN 'IN_PROGRESS'
+                   ELSE 'PENDING' END;
+  -- Written only when something differs: reading a batch leaves no trace.
+  IF (v_status, v_counts.completed, v_counts.failed, v_counts.canceled, v_counts.in_tsq, v_complete)
+     IS DISTINCT FROM (v_batch.status, v_batch.completed_count::bigint, v_batch.failed_count::bigint,
+                       v_batch.canceled_count::bigint, v_batch.in_troubleshooting_count::bigint,
+                       v_batch.completed_at IS NOT NULL) THEN
+    UPDATE commandbus.batch b
+       SET completed_count = v_counts.completed, failed_count = v_counts.failed, canceled_count = v_counts.canceled,
+           in_troubleshooting_count = v_counts.in_tsq, status = v_status,
+           started_at = CASE WHEN v_finished > 0 THEN coalesce(b.started_at, now()) ELSE b.started_at END,
+           completed_at = CASE WHEN v_complete THEN coalesce(b.completed_at, now()) END
+     WHERE b.domain = p_domain AND b.batch_id = p_batch_id;
+  END IF;
   IF v_complete AND v_counts.in_tsq = 0 AND NOT EXISTS (
        SELECT 1 FROM commandbus.audit a WHERE a.command_id = p_batch_id AND a.domain = p_domain
           AND a.event_type = 'BATCH_COMPLETED') THEN

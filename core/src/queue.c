@@ -259,8 +259,7 @@ static int pgmq_present(cb_runtime *rt, int *present, cb_err *err) {
   return rc;
 }
 
-int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
-  CHECK_NAME(queue);
+static int create_once(cb_runtime *rt, const char *queue, cb_err *err) {
   int pgmq = 0;
   int rc = pgmq_present(rt, &pgmq, err);
   if (rc != CB_OK) return rc;
@@ -298,6 +297,23 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
   }
   rc = cb_runtime_exec(rt, u, err);
   cb_unit_free(u);
+  return rc;
+}
+
+/* Two processes creating the first queues of a database at once: the DDL
+ * lock serialises them, but the one that waited may still see the catalog
+ * as it was before the other committed (PostgreSQL refreshes a session's
+ * catalog caches at the start of a transaction, not after an advisory
+ * lock), and then collides on the schema or a table the other made. A new
+ * transaction sees them. */
+int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
+  CHECK_NAME(queue);
+  cb_err local;
+  cb_err *e = err ? err : &local;
+  int rc = create_once(rt, queue, e);
+  if (rc == CB_EDATABASE && (strcmp(e->sqlstate, "23505") == 0 || strcmp(e->sqlstate, "42P06") == 0 ||
+                             strcmp(e->sqlstate, "42P07") == 0))
+    rc = create_once(rt, queue, e);
   return rc;
 }
 
