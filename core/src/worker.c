@@ -531,8 +531,9 @@ static void reply_ctes(cb_strbuf *sql, char reply[][CB_QUEUE_NAME_MAX + 1], int 
 static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char reply[][CB_QUEUE_NAME_MAX + 1],
                           int nreply) {
   const char *q = w->queue;
-  char archive[512]; /* the message of each command moved (TSQ, FAILED) */
-  cb_queue_archive_ctes(archive, sizeof archive, q, "ARRAY(SELECT msg FROM c)");
+  char archive[512] = ""; /* the message of each command moved (TSQ, FAILED) */
+  if (kind == ACK_TSQ || kind == ACK_FAILED)
+    cb_queue_archive_ctes(archive, sizeof archive, q, "ARRAY(SELECT msg FROM c)");
   cb_strbuf_reset(sql);
   switch (kind) {
     case ACK_SUCCESS:
