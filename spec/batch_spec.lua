@@ -1,5 +1,6 @@
 -- Batches of commands: exact counts whenever read, the status by rcmd's rule,
--- and the end recorded once with a BATCH_COMPLETED audit event.
+-- and the end recorded once with a BATCH_COMPLETED audit event
+-- (docs/architecture.md: batch statuses).
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 

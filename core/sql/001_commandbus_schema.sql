@@ -1,5 +1,5 @@
--- The commandbus schema shared with rcmd (reliable-cmd 0.2.x), the Python
--- command bus whose tables these are. IF NOT EXISTS throughout, so that it
+-- The commandbus schema shared with rcmd (reliable-cmd 0.2.x); see
+-- docs/architecture.md, "Data contract". IF NOT EXISTS throughout, so that it
 -- also applies on top of a schema rcmd created. The indexes are made by
 -- 005_shared_with_rcmd.sql, which skips any index the database already has
 -- under another name.
