@@ -131,15 +131,25 @@ int cb_queue_add_delete(cb_unit *u, const char *queue, const int64_t *ids, size_
   return i;
 }
 
+int cb_queue_archive_ctes(char *out, size_t len, const char *queue, const char *ids) {
+  /* Through jsonb, column by column by name: the same statement serves the
+   * layouts before and after pgmq 1.5, and archived_at is stamped here
+   * (an explicit NULL would not take the column's default). */
+  int n = snprintf(out, len,
+                   "x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(%s) RETURNING q.*),"
+                   " ar AS (INSERT INTO pgmq.a_%s SELECT r.* FROM x, jsonb_populate_record(NULL::pgmq.a_%s,"
+                   " to_jsonb(x) || jsonb_build_object('archived_at', now())) r RETURNING msg_id)",
+                   queue, ids, queue, queue);
+  return n < 0 || (size_t)n >= len ? CB_EINTERNAL : CB_OK;
+}
+
 int cb_queue_add_archive(cb_unit *u, const char *queue, const int64_t *ids, size_t n) {
   char *arr = id_array(ids, n);
   if (arr == NULL) return CB_ENOMEM;
   const char *params[] = {arr};
-  int i = add_sql(u, 0, params, 1,
-                  "WITH d AS (DELETE FROM pgmq.q_%s WHERE msg_id = ANY($1::bigint[]) RETURNING " MESSAGE_COLUMNS
-                  ") INSERT INTO pgmq.a_%s (" MESSAGE_COLUMNS ") SELECT " MESSAGE_COLUMNS
-                  " FROM d RETURNING msg_id",
-                  queue, queue);
+  char ctes[512];
+  int i = cb_queue_archive_ctes(ctes, sizeof ctes, queue, "$1::bigint[]");
+  if (i == CB_OK) i = add_sql(u, 0, params, 1, "WITH %s SELECT msg_id FROM ar", ctes);
   free(arr);
   return i;
 }
@@ -243,25 +253,27 @@ static int run(cb_runtime *rt, const char *queue, cb_unit **u_out, int *index, i
   cb_unit *u = cb_unit_new();                                             \
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory")
 
-static int pgmq_extension_installed(cb_runtime *rt, int *installed, cb_err *err) {
+/* pgmq is there when its functions are: installed as an extension, or
+ * loaded as plain SQL (pgmq's SQL-only install leaves no pg_extension row). */
+static int pgmq_present(cb_runtime *rt, int *present, cb_err *err) {
   NEW_UNIT(u);
-  cb_unit_add(u, "SELECT count(*) FROM pg_extension WHERE extname = 'pgmq'", 0, NULL);
+  cb_unit_add(u, "SELECT to_regprocedure('pgmq.create(text)') IS NOT NULL", 0, NULL);
   int rc = cb_runtime_exec(rt, u, err);
-  if (rc == CB_OK) *installed = cb_result_int(cb_unit_result(u, 0), 0, 0) > 0;
+  if (rc == CB_OK) *present = cb_result_value(cb_unit_result(u, 0), 0, 0)[0] == 't';
   cb_unit_free(u);
   return rc;
 }
 
-int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
-  CHECK_NAME(queue);
-  int ext = 0;
-  int rc = pgmq_extension_installed(rt, &ext, err);
+static int create_once(cb_runtime *rt, const char *queue, cb_err *err) {
+  int pgmq = 0;
+  int rc = pgmq_present(rt, &pgmq, err);
   if (rc != CB_OK) return rc;
   NEW_UNIT(u);
   const char *params[] = {queue};
-  if (ext) {
+  if (pgmq) {
     cb_unit_add_flags(u, "SELECT pgmq.create($1::text)", 1, params, CB_STMT_ONESHOT);
   } else {
+    /* pgmq 1.5's tables, column for column, with its index names. */
     const int o = CB_STMT_ONESHOT;
     cb_unit_add_flags(u, QUEUE_DDL_LOCK, 0, NULL, o);
     cb_unit_add_flags(u, "CREATE SCHEMA IF NOT EXISTS pgmq", 0, NULL, o);
@@ -273,13 +285,13 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
     add_sql(u, o, NULL, 0,
             "CREATE TABLE IF NOT EXISTS pgmq.q_%s (msg_id bigint PRIMARY KEY GENERATED ALWAYS AS IDENTITY, "
             "read_ct integer NOT NULL DEFAULT 0, enqueued_at timestamptz NOT NULL DEFAULT now(), "
-            "vt timestamptz NOT NULL, message jsonb)",
+            "vt timestamptz NOT NULL, message jsonb, headers jsonb)",
             queue);
     add_sql(u, o, NULL, 0, "CREATE INDEX IF NOT EXISTS q_%s_vt_idx ON pgmq.q_%s (vt ASC)", queue, queue);
     add_sql(u, o, NULL, 0,
             "CREATE TABLE IF NOT EXISTS pgmq.a_%s (msg_id bigint PRIMARY KEY, read_ct integer NOT NULL DEFAULT 0, "
             "enqueued_at timestamptz NOT NULL DEFAULT now(), archived_at timestamptz NOT NULL DEFAULT now(), "
-            "vt timestamptz NOT NULL, message jsonb)",
+            "vt timestamptz NOT NULL, message jsonb, headers jsonb)",
             queue);
     add_sql(u, o, NULL, 0, "CREATE INDEX IF NOT EXISTS archived_at_idx_%s ON pgmq.a_%s (archived_at)", queue,
             queue);
@@ -293,6 +305,23 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
   return rc;
 }
 
+/* Two processes creating the first queues of a database at once: the DDL
+ * lock serialises them, but the one that waited may still see the catalog
+ * as it was before the other committed (PostgreSQL refreshes a session's
+ * catalog caches at the start of a transaction, not after an advisory
+ * lock), and then collides on the schema or a table the other made. A new
+ * transaction sees them. */
+int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
+  CHECK_NAME(queue);
+  cb_err local;
+  cb_err *e = err ? err : &local;
+  int rc = create_once(rt, queue, e);
+  if (rc == CB_EDATABASE && (strcmp(e->sqlstate, "23505") == 0 || strcmp(e->sqlstate, "42P06") == 0 ||
+                             strcmp(e->sqlstate, "42P07") == 0))
+    rc = create_once(rt, queue, e);
+  return rc;
+}
+
 int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) {
   CHECK_NAME(queue);
   *existed = 0;
@@ -300,22 +329,20 @@ int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) 
   snprintf(table, sizeof table, "pgmq.q_%s", queue);
   NEW_UNIT(probe);
   const char *tp[] = {table};
-  cb_unit_add(probe,
-              "SELECT to_regclass($1) IS NOT NULL, "
-              "EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgmq')",
-              1, tp);
+  cb_unit_add(probe, "SELECT to_regclass($1) IS NOT NULL, to_regprocedure('pgmq.drop_queue(text)') IS NOT NULL", 1,
+              tp);
   int rc = cb_runtime_exec(rt, probe, err);
   if (rc != CB_OK) {
     cb_unit_free(probe);
     return rc;
   }
   *existed = cb_result_value(cb_unit_result(probe, 0), 0, 0)[0] == 't';
-  int ext = cb_result_value(cb_unit_result(probe, 0), 0, 1)[0] == 't';
+  int pgmq = cb_result_value(cb_unit_result(probe, 0), 0, 1)[0] == 't';
   cb_unit_free(probe);
   if (!*existed) return CB_OK;
   NEW_UNIT(u);
   const char *params[] = {queue};
-  if (ext) {
+  if (pgmq) {
     cb_unit_add_flags(u, "SELECT pgmq.drop_queue($1::text)", 1, params, CB_STMT_ONESHOT);
   } else {
     cb_unit_add_flags(u, QUEUE_DDL_LOCK, 0, NULL, CB_STMT_ONESHOT);

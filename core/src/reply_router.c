@@ -143,17 +143,17 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
            " reply text, status text, step text, state text, ecode text, emsg text, next_id uuid, next_type text,"
            " next_data text)),"
            " a AS (UPDATE commandbus.process_audit pa SET reply_outcome = i.outcome, reply_data = i.reply::jsonb,"
-           " received_at = now() FROM i WHERE pa.domain = $1 AND pa.command_id = ANY(ARRAY(SELECT cid FROM i))"
+           " received_at = now() FROM i WHERE pa.domain = $1::text AND pa.command_id = ANY(ARRAY(SELECT cid FROM i))"
            " AND pa.command_id = i.cid AND pa.process_id = i.pid AND pa.reply_outcome IS NULL"
            " RETURNING pa.process_id),"
            " p AS (UPDATE commandbus.process pr SET status = i.status, current_step = i.step,"
            " state = i.state::jsonb, error_code = i.ecode, error_message = i.emsg, updated_at = now(),"
            " completed_at = CASE WHEN i.status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED') THEN now() END"
-           " FROM i WHERE pr.domain = $1 AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a))"
+           " FROM i WHERE pr.domain = $1::text AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a))"
            " AND pr.process_id = i.pid AND " CB_STATUS_OF("pr") " IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')"
            " RETURNING pr.process_id),"
            " n AS (INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
-           " command_data) SELECT $1, pid, step, next_id, next_type, next_data::jsonb FROM i"
+           " command_data, sent_at) SELECT $1::text, pid, step, next_id, next_type, next_data::jsonb, now() FROM i"
            " WHERE next_type IS NOT NULL),"
            " d AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i)))"
            " SELECT 1 / ((SELECT count(*) FROM p) = (SELECT count(*) FROM i))::int",
@@ -213,12 +213,9 @@ static cb_reply *reply_new(const cb_result *res, int row) {
 
 /* Moves replies out of the queue into its archive (so they can be read). */
 static void archive(cb_reply_router *r, int64_t msg_id) {
-  char sql[512], id[24];
-  snprintf(sql, sizeof sql,
-           "WITH x AS (DELETE FROM pgmq.q_%s WHERE msg_id = $1::bigint"
-           " RETURNING msg_id, read_ct, enqueued_at, vt, message)"
-           " INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x",
-           r->queue, r->queue);
+  char sql[600], ctes[512], id[24];
+  cb_queue_archive_ctes(ctes, sizeof ctes, r->queue, "ARRAY[$1::bigint]");
+  snprintf(sql, sizeof sql, "WITH %s SELECT count(*) FROM ar", ctes);
   snprintf(id, sizeof id, "%lld", (long long)msg_id);
   const char *p[] = {id};
   cb_unit *u = cb_unit_new();

@@ -317,17 +317,15 @@ static void on_acked(cb_unit *u, void *arg);
 static void set_aside(cb_worker *w, cb_strbuf *poison) {
   cb_unit *u = cb_unit_new();
   if (u == NULL) return;
-  char sql[1024];
+  char sql[1024], archive[512];
+  cb_queue_archive_ctes(archive, sizeof archive, w->queue, "ARRAY(SELECT msg FROM i)");
   snprintf(sql, sizeof sql,
-           "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(msg bigint, id uuid, reason text)),"
-           " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i))"
-           " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
-           " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x),"
+           "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(msg bigint, id uuid, reason text)), %s,"
            " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
            " SELECT $1, coalesce(i.id, '00000000-0000-0000-0000-000000000000'), 'MESSAGE_REJECTED',"
            " jsonb_build_object('msg_id', i.msg, 'reason', i.reason, 'queue', $3::text) FROM i)"
            " SELECT count(*) FROM x",
-           w->queue, w->queue);
+           archive);
   add_timeout(u, w);
   const char *params[] = {w->domain, poison->data, w->queue};
   cb_unit_add(u, sql, 3, params);
@@ -533,7 +531,7 @@ static void append_input(cb_strbuf *b, const cb_worker *w, const cb_work *work, 
     cb_strbuf_printf(b, ",\"etype\":\"%s\",\"exhausted\":%s",
                      work->outcome == CB_OUTCOME_PERMANENT ? "PERMANENT" : "TRANSIENT",
                      work->outcome == CB_OUTCOME_PERMANENT ? "false" : "true");
-  if (kind == ACK_FAILED) {
+  if (kind == ACK_FAILED || kind == ACK_TSQ) {
     cb_strbuf_puts(b, ",\"details\":");
     json_or_null(b, work->error_details_json);
   }
@@ -557,6 +555,9 @@ static void reply_ctes(cb_strbuf *sql, char reply[][CB_QUEUE_NAME_MAX + 1], int 
 static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char reply[][CB_QUEUE_NAME_MAX + 1],
                           int nreply) {
   const char *q = w->queue;
+  char archive[512] = ""; /* the message of each command moved (TSQ, FAILED) */
+  if (kind == ACK_TSQ || kind == ACK_FAILED)
+    cb_queue_archive_ctes(archive, sizeof archive, q, "ARRAY(SELECT msg FROM c)");
   cb_strbuf_reset(sql);
   switch (kind) {
     case ACK_SUCCESS:
@@ -596,30 +597,29 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
     case ACK_TSQ:
       cb_strbuf_printf(sql,
                        "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, code text,"
-                       " message text, etype text, exhausted bool)),"
+                       " message text, etype text, exhausted bool, details jsonb)),"
                        " c AS (UPDATE commandbus.command k SET status = 'IN_TROUBLESHOOTING_QUEUE',"
                        " last_error_type = i.etype, last_error_code = i.code, last_error_msg = i.message,"
                        " updated_at = now(), lease_expires_at = NULL FROM i WHERE k.domain = $1"
                        " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND " CB_STATUS_OF("k") " = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, k.correlation_id, i.msg, i.code,"
-                       " i.message, i.etype, i.exhausted),"
+                       " i.message, i.etype, i.exhausted, i.details),"
+                       /* One MOVED_TO_TSQ event, with rcmd's details: an
+                        * exhausted command's last error, or a permanent
+                        * failure's code, message and details. */
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
-                       " SELECT $1, c.command_id, e.event, CASE WHEN e.n = 1 THEN jsonb_build_object('msg_id', c.msg,"
-                       " 'attempt', c.attempts, 'max_attempts', c.max_attempts, 'error_type', c.etype,"
-                       " 'error_code', c.code, 'error_msg', c.message) ELSE jsonb_build_object('msg_id', c.msg,"
-                       " 'attempt', c.attempts, 'error_code', c.code, 'error_msg', c.message) || CASE WHEN c.exhausted"
-                       " THEN '{\"reason\": \"EXHAUSTED\"}'::jsonb ELSE '{}'::jsonb END END"
-                       " FROM c CROSS JOIN (VALUES (1, 'FAILED'), (2, 'MOVED_TO_TSQ')) AS e(n, event)"
-                       " ORDER BY c.command_id, e.n),"
-                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM c))"
-                       " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
-                       " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x),"
+                       " SELECT $1, c.command_id, 'MOVED_TO_TSQ', CASE WHEN c.exhausted THEN jsonb_build_object('msg_id',"
+                       " c.msg, 'attempt', c.attempts, 'max_attempts', c.max_attempts, 'reason', 'EXHAUSTED',"
+                       " 'error_type', c.etype, 'error_code', c.code, 'error_msg', c.message) ELSE"
+                       " jsonb_build_object('msg_id', c.msg, 'attempt', c.attempts, 'error_code', c.code,"
+                       " 'error_msg', c.message, 'error_details', c.details) END FROM c),"
+                       " %s,"
                        /* A process step that lands in the TSQ pauses its
                         * process until the operator acts (a probe by key;
                         * commands of no process change nothing). */
                        " pw AS (UPDATE commandbus.process pr SET status = 'WAITING_FOR_TSQ', updated_at = now() FROM c"
                        " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND " CB_STATUS_OF("pr") " = 'WAITING')",
-                       q, q);
+                       archive);
       break;
     case ACK_FAILED:
       cb_strbuf_printf(sql,
@@ -633,11 +633,8 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, command_id, 'BUSINESS_RULE_FAILED', jsonb_build_object('msg_id', msg,"
                        " 'attempt', attempts, 'error_code', code, 'error_msg', message, 'error_details', details)"
-                       " FROM c),"
-                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM c))"
-                       " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
-                       " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x)",
-                       q, q);
+                       " FROM c), %s",
+                       archive);
       reply_ctes(sql, reply, nreply,
                  "jsonb_build_object('command_id', command_id, 'correlation_id', correlation_id,"
                  " 'outcome', 'FAILED', 'result', jsonb_build_object('error_code', code, 'error_message', message,"
