@@ -8,10 +8,10 @@
 
 #define COMMANDBUS_VERSION "0.1.0"
 
-/* core.connect([dsn], [options]) -> bus | nil, err
+/* The arguments of connect and shared: ([dsn], [options]).
  * dsn: a libpq conninfo or URI; else DATABASE_URL; else libpq's PG* variables.
  * options: pool_size, connect_timeout (seconds), application_name. */
-static int l_connect(lua_State *L) {
+static cb_runtime_options connect_options(lua_State *L) {
   const char *dsn = luaL_optstring(L, 1, NULL);
   if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
   if (dsn == NULL) dsn = getenv("DATABASE_URL");
@@ -22,12 +22,29 @@ static int l_connect(lua_State *L) {
   o.application_name = cbL_optfield_string(L, 2, "application_name", "commandbus");
   if (o.pool_size < 1 || o.pool_size > 64) luaL_argerror(L, 2, "pool_size must be between 1 and 64");
   if (o.connect_timeout_ms <= 0) luaL_argerror(L, 2, "connect_timeout must be positive");
-  cbL_bus *bus = lua_newuserdata(L, sizeof *bus);
-  bus->rt = NULL;
-  luaL_getmetatable(L, CBL_BUS_MT);
-  lua_setmetatable(L, -2);
+  return o;
+}
+
+/* core.connect([dsn], [options]) -> bus | nil, err: a bus with its own
+ * runtime (loop thread and connections). */
+static int l_connect(lua_State *L) {
+  cb_runtime_options o = connect_options(L);
+  cbL_bus *bus = cbL_newbus(L);
   cb_err err;
   if (cb_runtime_new(&o, &bus->rt, &err) != CB_OK) return cbL_pusherror(L, &err);
+  return 1;
+}
+
+/* core.shared([dsn], [options]) -> bus | nil, err: this Lua state's handle
+ * on the process's shared runtime for these parameters (see bus.c). */
+static int l_shared(lua_State *L) {
+  cb_runtime_options o = connect_options(L);
+  return cbL_bus_shared(L, &o);
+}
+
+/* core.close_shared() -> n: closes the process's shared runtimes. */
+static int l_close_shared(lua_State *L) {
+  lua_pushinteger(L, cbL_close_shared());
   return 1;
 }
 
@@ -67,6 +84,8 @@ int luaopen_commandbus_core(lua_State *L) {
   cbL_open_router(L);
   static const luaL_Reg functions[] = {
       {"connect", l_connect},
+      {"shared", l_shared},
+      {"close_shared", l_close_shared},
       {"configure", l_configure},
       {"default_threads", l_default_threads},
       {"schema_version", l_schema_version},
@@ -80,5 +99,7 @@ int luaopen_commandbus_core(lua_State *L) {
   lua_getfield(L, -1, "__index");
   lua_setfield(L, -3, "bus_methods"); /* for the Lua layer to extend */
   lua_pop(L, 1);
+  cbL_push_error_metatable(L);
+  lua_setfield(L, -2, "error_metatable"); /* for errors that crossed from another Lua state */
   return 1;
 }

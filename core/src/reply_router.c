@@ -13,6 +13,7 @@
 #include "keyed.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
+#include "commandbus/thread.h"
 #include "commandbus/uuid.h"
 #include "strbuf.h"
 
@@ -312,7 +313,7 @@ static void *fetch_main(void *arg) {
 int cb_reply_router_start(cb_reply_router *r, cb_err *err) {
   if (r->fetcher_started) return cb_err_set(err, CB_ESTATE, "the reply router was already started");
   if (cb_message_router_start(r->router) != 0) return cb_err_set(err, CB_ESTATE, "cannot start the lanes");
-  if (pthread_create(&r->fetcher, NULL, fetch_main, r) != 0) return cb_err_set(err, CB_ENOMEM, "no thread");
+  if (cb_thread_start(&r->fetcher, fetch_main, r) != 0) return cb_err_set(err, CB_ENOMEM, "no thread");
   r->fetcher_started = 1;
   pthread_mutex_lock(&r->lock);
   r->health.state = "running";
