@@ -145,6 +145,28 @@ local function finish(pool, ran, ok, ...)
   return ...
 end
 
+-- nginx ends a worker that is shutting down (reload, quit) once no timer is
+-- left, and a request waiting for ngx.run_worker_thread holds none: it would
+-- be cut off. While calls are in flight, a timer sleeps in short steps, so
+-- that the worker waits for them as it does for any request.
+local in_flight, keeper_running = 0, false
+
+local function keeper()
+  while in_flight > 0 do ngx.sleep(0.05) end
+  keeper_running = false
+end
+
+local function ended(...)
+  in_flight = in_flight - 1
+  return ...
+end
+
+local function run_in_thread(pool, ...)
+  in_flight = in_flight + 1
+  if not keeper_running then keeper_running = ngx.timer.at(0, keeper) and true end
+  return ended(ngx.run_worker_thread(pool, MODULE, "thread_call", ...))
+end
+
 local function init_phase_error()
   return bus_error("INVALID_STATE", "commandbus.ngx: the bus cannot be used in init_by_lua: nginx forks its workers"
                    .. " after it, and a connection made there would be the master's; connect in init_worker_by_lua"
@@ -174,8 +196,7 @@ local function call(self, waits, queue_name, method, ...)
   local phase = ngx.get_phase()
   if YIELDING[phase] then
     local pool = waits and self.await_pool or self.pool
-    return finish(pool, ngx.run_worker_thread(pool, MODULE, "thread_call", self.dsn, self.options, queue_name,
-                                              method, ...))
+    return finish(pool, run_in_thread(pool, self.dsn, self.options, queue_name, method, ...))
   end
   if phase == "init_worker" then -- startup: nothing to keep waiting yet, so a blocking call is fine
     local target, err = self:handle()

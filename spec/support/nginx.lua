@@ -42,13 +42,6 @@ function M.free_port()
   error("no free loopback port")
 end
 
---- nginx and its Lua module are installed (scripts/deps installs them).
-function M.available()
-  local f = io.open(MODULES .. "/ngx_http_lua_module.so")
-  if f then f:close() end
-  return f ~= nil and select(2, shell("command -v nginx")) 
-end
-
 -- The lua_package_path and lua_package_cpath lines that load this build.
 function M.package_lines(extra_path)
   return string.format('lua_package_path "%s%s/lua/?.lua;%s/lua/?/init.lua;%s/?.lua;;";\n'
@@ -89,6 +82,9 @@ server_mt.__index = server_mt
 -- entries), conf (a whole configuration instead, where %PORT% is replaced),
 -- threads (the commandbus thread pool's size, 64).
 function M.start(options)
+  local f = io.open(MODULES .. "/ngx_http_lua_module.so")
+  if not f then error("nginx's Lua module is not installed (" .. MODULES .. "): run scripts/deps") end
+  f:close()
   local prefix = assert(shell("mktemp -d /tmp/commandbus-nginx.XXXXXX")):gsub("%s+$", "")
   shell(("chmod 755 %q && mkdir -p %q/logs %q/tmp %q/conf"):format(prefix, prefix, prefix, prefix))
   local port = options.port or M.free_port()
@@ -150,12 +146,23 @@ function server_mt:log()
   return text
 end
 
---- Lines of the error log at level error or worse (emerg, alert, crit,
--- error), except those matching one of the allowed patterns.
+local TROUBLE = {"%[error%]", "%[crit%]", "%[alert%]", "%[emerg%]", "commandbus ERROR", "commandbus WARN"}
+
+local function trouble(line)
+  for _, pattern in ipairs(TROUBLE) do
+    if line:match(pattern) then return true end
+  end
+  return false
+end
+
+--- Lines of the error log that tell of trouble: nginx's at level error or
+-- worse (emerg, alert, crit, error), commandbus's warnings and errors (its
+-- log goes to stderr, which nginx sends to the error log); except those
+-- matching one of the allowed patterns.
 function server_mt:errors(allowed)
   local found = {}
   for line in self:log():gmatch("[^\n]+") do
-    if line:match("%[error%]") or line:match("%[crit%]") or line:match("%[alert%]") or line:match("%[emerg%]") then
+    if trouble(line) then
       local skip = false
       for _, pattern in ipairs(allowed or {}) do
         if line:match(pattern) then skip = true end

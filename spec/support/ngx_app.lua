@@ -7,7 +7,11 @@ local app = {}
 
 local bus -- this nginx worker's bus, connected in init_worker
 
+local unpack = unpack or table.unpack
+
 local function pack(...) return {n = select("#", ...), ...} end
+
+function app.bus() return bus end
 
 function app.init_worker(options)
   local err
@@ -21,33 +25,37 @@ local function describe_error(err)
           has_metatable = getmetatable(err) ~= nil}
 end
 
--- Runs {method=, args={...} (JSON null for nil), n=#args, queue=} on the adapter bus: {n=, results=,
--- err=} or {raised=message}.
-local function run(call)
-  local target = bus
+--- What a call returned, from pack(pcall(...)), as JSON text:
+-- {n=, results={... JSON null for nil}, err=} or {raised=message}. The
+-- specs shape the plain API's answers with it too.
+function app.answer(packed)
+  if not packed[1] then return cjson.encode{raised = tostring(packed[2])} end
+  local out = {n = packed.n - 1, results = {}}
+  for i = 2, packed.n do out.results[i - 1] = packed[i] == nil and cjson.null or packed[i] end
+  if packed[2] == nil then out.err = describe_error(packed[3]) end
+  return cjson.encode(out)
+end
+
+--- Runs {method=, args={...} (JSON null for nil), n=#args, queue=} on
+-- target (a bus, plain or not); app.answer's JSON.
+function app.run(target, call)
   if call.queue then
-    local q, err = bus:queue(call.queue)
-    if not q then return {n = 2, results = {cjson.null}, err = describe_error(err)} end
+    local q, err = target:queue(call.queue)
+    if not q then return app.answer(pack(true, nil, err)) end
     target = q
   end
   local args, n = call.args or {}, call.n or #(call.args or {})
   for i = 1, n do
     if args[i] == cjson.null then args[i] = nil end
   end
-  local packed = pack(pcall(function() return pack(target[call.method](target, unpack(args, 1, n))) end))
-  if packed[1] then packed = pack(true, unpack(packed[2], 1, packed[2].n)) end
-  if not packed[1] then return {raised = tostring(packed[2])} end
-  local out = {n = packed.n - 1, results = {}}
-  for i = 2, packed.n do out.results[i - 1] = packed[i] == nil and cjson.null or packed[i] end
-  if packed[2] == nil then out.err = describe_error(packed[3]) end
-  return out
+  local method = call.method
+  return app.answer(pack(pcall(function() return target[method](target, unpack(args, 1, n)) end)))
 end
 
 --- POST /call: one call, described in the request body.
 function app.call()
   ngx.req.read_body()
-  local call = cjson.decode(ngx.req.get_body_data())
-  ngx.say(cjson.encode(run(call)))
+  ngx.say(app.run(bus, cjson.decode(ngx.req.get_body_data())))
 end
 
 --- GET /await?domain=&id=&timeout=: the awaited command's status, or the error code.
@@ -106,6 +114,15 @@ function app.start_worker()
     ngx.sleep(0.01)
   end
   ngx.say("timeout")
+end
+
+--- GET /start_process?domain=: starts an order process (spec/support/saga),
+-- its hooks running here, in the request's VM; answers its id.
+function app.start_process()
+  local a = ngx.req.get_uri_args()
+  local order = require("spec.support.saga").for_domain(a.domain)
+  local id, err = order:start(bus, {order = tonumber(a.order) or 1})
+  ngx.say(id or tostring(err))
 end
 
 return app
