@@ -16,7 +16,7 @@ local root = os.getenv("COMMANDBUS_ROOT") or (function()
   return here and (here:sub(1, 1) == "/" and here or os.getenv("PWD") .. "/" .. here) or os.getenv("PWD")
 end)()
 local build = os.getenv("COMMANDBUS_BUILD") or root .. "/build"
-M.root = root
+M.root, M.build = root, build
 
 local MODULES = "/usr/lib/nginx/modules"
 
@@ -62,8 +62,13 @@ function M.main_lines(workers)
     "env DATABASE_URL;",
     "env COMMANDBUS_LOG;",
   }
-  if shell("id -u"):match("^0") then lines[#lines + 1] = "user root root;" end
-  return table.concat(lines, "\n") .. "\n"
+  return table.concat(lines, "\n") .. "\n" .. M.run_as_caller()
+end
+
+--- As root, a `user root root;` line: nginx's workers would otherwise run as
+-- nobody, who may not read the tree where it was cloned. Else "".
+function M.run_as_caller()
+  return shell("id -u"):match("^0") and "user root root;\n" or ""
 end
 
 -- Temporary files of requests stay in the prefix too.
