@@ -226,6 +226,94 @@ for _, name in ipairs(WAITS) do
   bus_mt[name] = function(self, ...) return call(self, true, nil, name, ...) end
 end
 
+-- ---------------------------------------------------------------------------
+-- Sends share transactions. The blocking API commits each send on its own,
+-- and a commit waits for the disk. Here at most pool_size sends (one per
+-- connection) are on their way at a time per bus object; the sends that
+-- arrive meanwhile (same domain and delay) wait together and then go as one
+-- send_batch: one transaction, one commit to wait for. When calls are few,
+-- each send goes at once, alone; under load the batches grow with it.
+-- Each caller still gets its own answer, a duplicate id failing only its own
+-- send. When the shared transaction is refused (a bad field, an unencodable
+-- payload, a database error), nothing of it was written and each send is
+-- made alone, so that one bad command never fails the others.
+
+local ANSWER_WAIT_S = 3600 -- a batch always answers; this only bounds a wait that something broke
+
+local flush
+
+local function duplicate_error(command_id, domain)
+  return bus_error("DUPLICATE_COMMAND", "command %s already exists in domain %s", command_id, domain)
+end
+
+-- Starts sending a batch (from a timer, in this turn's wake, so that the
+-- sends of this turn join it, and no request's fate decides it).
+local function schedule(bus, batch)
+  batch.scheduled = true
+  bus.batches_out = bus.batches_out + 1
+  if not ngx.timer.at(0, flush, batch) then flush(false, batch) end -- exiting: no more timers; send it now
+end
+
+-- One command sent alone: its answer, {true, res, err} or {false, message}.
+local function send_alone(bus, command)
+  local ran, ok, res, err = run_in_thread(bus.pool, bus.dsn, bus.options, nil, "send", command)
+  if not ran then return {true, nil, pool_error(bus.pool, ok)} end
+  if not ok then return {false, res} end
+  if res == nil and type(err) == "table" then setmetatable(err, error_mt) end
+  return {true, res, err}
+end
+
+-- Sends a batch and wakes its senders; then starts a batch that waited.
+function flush(_, batch)
+  local bus, commands, answers = batch.bus, batch.commands, batch.answers
+  if bus.open_batches[batch.key] == batch then bus.open_batches[batch.key] = nil end
+  local ran, ok, results, err = run_in_thread(bus.pool, bus.dsn, bus.options, nil, "send_batch",
+                                              {domain = batch.domain, delay = batch.delay, commands = commands})
+  if ran and ok and results then
+    for i, r in ipairs(results) do
+      answers[i] = r.duplicate and {true, nil, duplicate_error(r.command_id, batch.domain)} or {true, r}
+    end
+  elseif not ran or (ok and (err.code == "CONNECTION" or err.code == "CLOSED")) then
+    -- No thread to run it, or the outcome is unknown (a send made again
+    -- could be made twice): every sender gets the error.
+    local failure = ran and setmetatable(err, error_mt) or pool_error(bus.pool, ok)
+    for i = 1, #commands do answers[i] = {true, nil, failure} end
+  else
+    for i = 1, #commands do answers[i] = send_alone(bus, commands[i]) end
+  end
+  batch.done = true
+  batch.sema:post(#commands)
+  bus.batches_out = bus.batches_out - 1
+  for _, waiting in pairs(bus.open_batches) do
+    if not waiting.scheduled and bus.batches_out < bus.batches_max then schedule(bus, waiting) end
+  end
+end
+
+function bus_mt:send(command)
+  if type(command) ~= "table" then
+    error("bad argument #1 to 'send' (table expected, got " .. type(command) .. ")", 2)
+  end
+  local domain, delay = command.domain, command.delay
+  if self.closed or not YIELDING[ngx.get_phase()] or type(domain) ~= "string"
+     or (delay ~= nil and type(delay) ~= "number") then
+    return call(self, false, nil, "send", command) -- answered (or refused) as a single send
+  end
+  local key = format("%s\31%s", domain, tostring(delay))
+  local batch = self.open_batches[key]
+  if batch == nil then
+    batch = {bus = self, key = key, domain = domain, delay = delay, commands = {}, answers = {},
+             sema = require("ngx.semaphore").new()}
+    self.open_batches[key] = batch
+  end
+  local i = #batch.commands + 1
+  batch.commands[i] = command
+  if not batch.scheduled and self.batches_out < self.batches_max then schedule(self, batch) end
+  while not batch.done do batch.sema:wait(ANSWER_WAIT_S) end
+  local answer = batch.answers[i]
+  if not answer[1] then error(answer[2], 2) end
+  return answer[2], answer[3]
+end
+
 --- The troubleshooting queue view, as bus:tsq() of the plain API.
 function bus_mt:tsq()
   require "commandbus" -- defines the view
@@ -332,6 +420,10 @@ function M.connect(dsn, options)
                application_name = copy.application_name},
     pool = pool,
     await_pool = copy.await_thread_pool or pool,
+    -- sends waiting to go together (see bus_mt:send), by domain and delay
+    open_batches = {},
+    batches_out = 0,
+    batches_max = copy.pool_size or 2,
   }, bus_mt)
   if phase == "init_worker" then
     local handle, err = bus:handle()

@@ -109,7 +109,9 @@ function M.start(options)
   f:write(conf)
   f:close()
   local server = setmetatable({prefix = prefix, port = port, conf = conf}, server_mt)
-  local out, ok = shell(("nginx -p %q -c conf/nginx.conf"):format(prefix))
+  -- Without the caller's LUA_PATH/LUA_CPATH: LuaJIT would take them for the
+  -- ";;" (default) part of lua_package_path, and the caller may be Lua 5.4.
+  local out, ok = shell(("env -u LUA_PATH -u LUA_CPATH nginx -p %q -c conf/nginx.conf"):format(prefix))
   if not ok then
     error("nginx did not start: " .. out .. "\n" .. server:log())
   end
