@@ -15,7 +15,7 @@ describe("commandbus.ngx in one nginx worker", function()
 
   setup(function()
     bus = world.bus()
-    server = ngx_world.start{workers = 1}
+    server = ngx_world.start{workers = 1, pool_size = 1} -- one send on its way at a time: the others gather
   end)
 
   teardown(function()
@@ -116,6 +116,48 @@ describe("commandbus.ngx in one nginx worker", function()
     local events = assert(bus:process_events(domain, process_id, 0))
     assert.are.equal(events[#events].sequence, appended.results[1])
     assert.are.equal(0, via_nginx(server, "purge_processes", {{domain = domain, older_than = 0}}).results[1])
+  end)
+
+  it("sends that arrive together share a transaction, and each gets its own answer", function()
+    local cjson = require("cjson").new()
+    local taken = assert(bus:send{domain = domain, type = "Echo"}).command_id
+    local function send_all(commands)
+      local pending, answers = {}, {}
+      for i, command in ipairs(commands) do
+        pending[i] = server:open("POST", "/call", cjson.encode{method = "send", args = {command}, n = 1})
+      end
+      for i, p in ipairs(pending) do
+        local status, body = p:finish()
+        assert.are.equal(200, status)
+        answers[i] = cjson.decode(body)
+      end
+      return answers
+    end
+    local function transactions()
+      return tonumber(require("spec.helper").sql(("SELECT count(DISTINCT xmin::text) FROM commandbus.command"
+                                                  .. " WHERE domain = '%s'"):format(domain)):match("%d+"))
+    end
+    local commands = {}
+    for i = 1, 39 do commands[i] = {domain = domain, type = "Echo", data = {n = i}} end
+    commands[40] = {domain = domain, type = "Echo", id = taken} -- a duplicate fails its own send only
+    local answers = send_all(commands)
+    for i = 1, 39 do
+      assert.is_nil(answers[i].err)
+      assert.are.equal("PENDING", assert(bus:get_command(domain, answers[i].results[1].command_id)).status)
+    end
+    assert.are.same(via_plain(bus, "send", {commands[40]}), answers[40])
+    assert.are.equal("DUPLICATE_COMMAND", answers[40].err.code)
+    local used = transactions()
+    assert.is_true(used < 40, used .. " transactions for 40 commands")
+    -- A command the batch refuses: sent alone, it raises for its own caller only.
+    commands = {}
+    for i = 1, 9 do commands[i] = {domain = domain, type = "Echo"} end
+    commands[10] = {domain = domain, type = "Echo", max_attempts = 0}
+    answers = send_all(commands)
+    for i = 1, 9 do assert.is_string(answers[i].results[1].command_id) end
+    local _, raised = pcall(function() bus:send(commands[10]) end)
+    assert.are.equal((raised:gsub("^[^:]+:%d+: ", "")), (answers[10].raised:gsub("^[^:]+:%d+: ", "")))
+    assert.are.equal(40 + 9, #assert(bus:list_commands{domain = domain, limit = 100}))
   end)
 
   it("operates the troubleshooting queue", function()

@@ -88,22 +88,22 @@ describe("commandbus.ngx's life in nginx", function()
     local workers, pool_size = 2, 2
     local server = ngx_world.start{workers = workers, pool_size = pool_size, application_name = app_name,
                                    worker_domain = domain}
-    finally(function() server:stop() end)
+    local wrk, out, pidfile
+    finally(function() -- (one finally per test: a second would replace it)
+      if wrk then os.execute("kill " .. wrk .. " 2>/dev/null") end
+      if out then os.remove(out) end
+      if pidfile then os.remove(pidfile) end
+      server:stop()
+    end)
     local expected = workers * (pool_size + 1)
     wait_until("both workers connected", function() return connections(app_name) == expected end)
     local threads = server:threads()
-    local out = os.tmpname()
-    local pidfile = os.tmpname()
+    out, pidfile = os.tmpname(), os.tmpname()
     os.execute(("wrk -t1 -c8 -d120s 'http://127.0.0.1:%d/send?domain=%s' >%s 2>&1 & echo $! >%s")
                :format(server.port, domain, out, pidfile))
     local f = io.open(pidfile)
-    local wrk = f:read("*n")
+    wrk = f:read("*n")
     f:close()
-    finally(function()
-      os.execute("kill " .. wrk .. " 2>/dev/null")
-      os.remove(out)
-      os.remove(pidfile)
-    end)
     wait_until("load arrives", function() return #assert(bus:list_commands{domain = domain, limit = 10}) >= 10 end)
     for i = 1, 20 do assert.is_true(server:reload(30), "reload " .. i) end
     os.execute("kill -INT " .. wrk) -- wrk prints its summary
