@@ -77,6 +77,16 @@ function app.send()
   ngx.say(res.command_id)
 end
 
+-- Answers what a timer left in the shared dict under key (waiting up to 5 s).
+local function say_result(key)
+  for _ = 1, 500 do
+    local v = ngx.shared.results:get(key)
+    if v then return ngx.say(v) end
+    ngx.sleep(0.01)
+  end
+  ngx.say("timeout")
+end
+
 --- GET /timer?domain=: sends from an ngx.timer callback; the answer is the
 -- command id the timer got (through a shared dict).
 function app.timer()
@@ -89,12 +99,7 @@ function app.timer()
     ngx.shared.results:set(key, got and got.command_id or tostring(send_err))
   end)
   if not ok then return ngx.say("no timer: ", err) end
-  for _ = 1, 500 do
-    local v = ngx.shared.results:get(key)
-    if v then return ngx.say(v) end
-    ngx.sleep(0.01)
-  end
-  ngx.say("timeout")
+  say_result(key)
 end
 
 --- GET /start_worker?domain=: starts a worker of domain in this nginx
@@ -108,12 +113,7 @@ function app.start_worker()
     if w then w, err = w:start() end
     ngx.shared.results:set(key, w and "started" or tostring(err))
   end)
-  for _ = 1, 500 do
-    local v = ngx.shared.results:get(key)
-    if v then return ngx.say(v) end
-    ngx.sleep(0.01)
-  end
-  ngx.say("timeout")
+  say_result(key)
 end
 
 --- GET /start_process?domain=: starts an order process (spec/support/saga),
