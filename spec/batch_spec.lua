@@ -1,5 +1,5 @@
 -- Batches of commands: exact counts whenever read, completion detected with a
--- status and a BATCH_COMPLETED audit event (INTEROP.md: batch statuses).
+-- status and a BATCH_COMPLETED audit event (docs/architecture.md: batch statuses).
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 

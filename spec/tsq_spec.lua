@@ -1,5 +1,5 @@
 -- The troubleshooting queue: what an operator sees and can do
--- (INTEROP.md: TSQ operator actions, reply messages, audit events).
+-- (docs/architecture.md, "Data contract": operator actions, replies, audit events).
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 

@@ -1,5 +1,5 @@
 -- The worker against a real PostgreSQL: one spec per path through a command's
--- life (INTEROP.md: worker semantics, reply messages, audit events).
+-- life (docs/architecture.md, "Data contract": the worker, replies, audit events).
 local commandbus = require "commandbus"
 local helper = require "spec.helper"
 local world = require "spec.support.world"
@@ -466,16 +466,18 @@ describe("worker", function()
       assert.same({extended = true}, world.drain_queue(bus, replies)[1].result)
     end)
 
-    it("extend_visibility raises for seconds that are not positive", function()
+    it("extend_visibility refuses seconds that are not positive and raises for a wrong type", function()
       local id = send{type = "Bad"}
-      local raised
+      local refused, raised
       local worker = assert(bus:worker(world.options(domain, {handlers = {
         Bad = function(_, ctx)
-          raised = not pcall(ctx.extend_visibility, ctx, 0)
+          refused = select(2, ctx:extend_visibility(0))
+          raised = not pcall(ctx.extend_visibility, ctx, "5")
           ctx:stop_worker()
         end,
       }})))
       assert(worker:run())
+      assert.equal("INVALID_ARGUMENT", refused.code)
       assert.is_true(raised)
       assert.equal("COMPLETED", assert(bus:get_command(domain, id)).status)
     end)
@@ -574,7 +576,7 @@ describe("worker", function()
       assert.is_nil(worker)
       assert.equal("INVALID_ARGUMENT", err.code)
       assert.has_error(function() bus:worker{domain = domain, handlers = 5} end)
-      assert.has_error(function() bus:worker{domain = domain, handlers = {}, concurrency = -1} end)
+      assert.equal("INVALID_ARGUMENT", select(2, bus:worker{domain = domain, handlers = {}, concurrency = -1}).code)
       assert.has_error(function() bus:worker{domain = domain, handlers = {}, retry = {backoff = {"x"}}} end)
     end)
   end)

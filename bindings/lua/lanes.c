@@ -195,3 +195,27 @@ int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who) {
   lua_pop(L, 1);
   return keep;
 }
+
+int cbL_run_options(lua_State *L, int *tick_ms) {
+  cbL_opt_table(L, 2);
+  double interval;
+  if (!cbL_opt_number(L, 2, "tick_interval", 0.5, CBL_TIMING_MIN, CBL_TIMING_MAX, &interval)) return 0;
+  *tick_ms = (int)(interval * 1000 + 0.5);
+  if (lua_istable(L, 2)) {
+    lua_getfield(L, 2, "tick");
+    if (!lua_isnil(L, -1) && !lua_isfunction(L, -1))
+      luaL_error(L, "bad option 'tick': function expected, got %s", luaL_typename(L, -1));
+    lua_pop(L, 1);
+  }
+  return 1;
+}
+
+int cbL_runner_options(lua_State *L, int idx, int *lanes, double *visibility_timeout, double *statement_timeout,
+                       double *poll_interval) {
+  return cbL_opt_int(L, idx, "concurrency", 0, 1, CBL_THREADS_MAX, lanes) &&
+         cbL_opt_number(L, idx, "visibility_timeout", *visibility_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
+                        visibility_timeout) &&
+         cbL_opt_number(L, idx, "statement_timeout", *statement_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
+                        statement_timeout) &&
+         cbL_opt_number(L, idx, "poll_interval", *poll_interval, CBL_TIMING_MIN, CBL_TIMING_MAX, poll_interval);
+}

@@ -184,23 +184,18 @@ static const cbL_runner_ops runner = {runner_lanes, runner_start, runner_stop, r
 /* bus:reply_router{domain=, reply_queue=, managers=, concurrency=,
  *                  poll_interval=1, visibility_timeout=30, statement_timeout=25} */
 static int l_bus_reply_router(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
   cb_reply_router_options o;
   cb_reply_router_options_init(&o);
-  o.domain = cbL_optfield_string(L, 2, "domain", NULL);
-  if (o.domain == NULL) luaL_error(L, "bad option 'domain': string expected");
-  o.reply_queue = cbL_optfield_string(L, 2, "reply_queue", NULL);
-  o.lanes = cbL_optfield_int(L, 2, "concurrency", 0);
-  o.poll_interval = cbL_optfield_number(L, 2, "poll_interval", 1);
-  o.visibility_timeout = cbL_optfield_number(L, 2, "visibility_timeout", 30);
-  o.statement_timeout = cbL_optfield_number(L, 2, "statement_timeout", 25);
-  lua_getfield(L, 2, "managers");
-  int managers_type = lua_type(L, -1);
-  if (managers_type != LUA_TSTRING && managers_type != LUA_TTABLE)
-    luaL_error(L, "bad option 'managers': module name or table expected, got %s", luaL_typename(L, -1));
+  int managers_type;
+  if (!cbL_field_text(L, 2, "domain", &o.domain) || !cbL_opt_text(L, 2, "reply_queue", NULL, &o.reply_queue) ||
+      !cbL_runner_options(L, 2, &o.lanes, &o.visibility_timeout, &o.statement_timeout, &o.poll_interval) ||
+      !cbL_opt_module(L, 2, "managers", &managers_type))
+    return 2;
   int managers_idx = lua_gettop(L);
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   if (managers_type == LUA_TTABLE) o.lanes = 1;
   cbL_reply_router *lr = lua_newuserdata(L, sizeof *lr);
   memset(lr, 0, sizeof *lr);
@@ -226,10 +221,9 @@ static int l_gc(lua_State *L);
  * false); drains what it took, then returns true. */
 static int l_run(lua_State *L) {
   cbL_reply_router *lr = check_router(L);
-  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  int tick_ms;
+  if (!cbL_run_options(L, &tick_ms)) return 2;
   if (lr->r == NULL || lr->ran) return cbL_pusherrorcode(L, CB_ESTATE, "the reply router already ran");
-  int tick_ms = (int)(cbL_optfield_number(L, 2, "tick_interval", 0.5) * 1000);
-  if (tick_ms < 1) tick_ms = 1;
   lua_settop(L, 2);
   if (lua_istable(L, 2)) lua_getfield(L, 2, "tick");
   else lua_pushnil(L);

@@ -45,8 +45,8 @@ static handler_ctx *check_ctx(lua_State *L) {
 /* ctx:extend_visibility(seconds) -> true | nil, err */
 static int ctx_extend_visibility(lua_State *L) {
   handler_ctx *c = check_ctx(L);
-  double seconds = luaL_checknumber(L, 2);
-  if (seconds <= 0) luaL_argerror(L, 2, "seconds must be positive");
+  double seconds;
+  if (!cbL_arg_number(L, 2, "seconds", CBL_TIMING_MIN, CBL_TIMING_MAX, &seconds)) return 2;
   cb_err err;
   if (cb_worker_extend_visibility(c->w, c->work, seconds, &err) != CB_OK) return cbL_pusherror(L, &err);
   lua_pushboolean(L, 1);
@@ -103,10 +103,17 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
+/* The string field k of the table at idx, made storable (a handler's text
+ * may hold anything), left on the stack; NULL, nothing pushed, when it is
+ * not a string. */
 static const char *string_field(lua_State *L, int idx, const char *k) {
   lua_getfield(L, idx, k);
-  const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-  lua_pop(L, 1); /* still referenced by the table */
+  if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  const char *s = cbL_storable_text(L, -1);
+  lua_remove(L, -2);
   return s;
 }
 
@@ -131,7 +138,8 @@ static void classify_error(lua_State *L, cb_work *work) {
       return;
     }
   }
-  const char *msg = cbL_tostring(L, idx);
+  cbL_tostring(L, idx);
+  const char *msg = cbL_storable_text(L, -1);
   cb_work_fail(work, CB_OUTCOME_TRANSIENT, "HANDLER_ERROR", msg, NULL);
   lua_settop(L, idx);
 }
@@ -210,10 +218,39 @@ static const cbL_runner_ops runner = {runner_lanes, runner_start, runner_stop, r
 
 /* ---- the worker object ---------------------------------------------------------------- */
 
-static double number_field(lua_State *L, int idx, const char *k, double def, double min) {
-  double v = cbL_optfield_number(L, idx, k, def);
-  if (v < min) luaL_error(L, "bad option '%s': must be at least %g", k, min);
-  return v;
+/* The timing options of the worker at idx (ranges in the README). */
+static int timing_options(lua_State *L, int idx, cb_worker_options *o) {
+  return cbL_runner_options(L, idx, &o->lanes, &o->visibility_timeout, &o->statement_timeout, &o->poll_interval) &&
+         cbL_opt_number(L, idx, "drain_timeout", o->drain_timeout, 0, CBL_TIMING_MAX, &o->drain_timeout);
+}
+
+/* retry = {backoff = {seconds, ...}} of the options at idx. */
+static int retry_option(lua_State *L, int idx, cb_worker_options *o) {
+  lua_getfield(L, idx, "retry");
+  if (!lua_isnil(L, -1)) {
+    if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry': table expected, got %s", luaL_typename(L, -1));
+    lua_getfield(L, -1, "backoff");
+    if (!lua_isnil(L, -1)) {
+      if (!lua_istable(L, -1))
+        luaL_error(L, "bad option 'retry.backoff': list of seconds expected, got %s", luaL_typename(L, -1));
+      int n = (int)lua_rawlen(L, -1);
+      if (n > CB_MAX_BACKOFF) {
+        cbL_pusherrorcode(L, CB_EINVAL, "option 'retry.backoff' has %d entries; at most %d allowed", n, CB_MAX_BACKOFF);
+        return 0;
+      }
+      o->nbackoff = n;
+      for (int i = 0; i < n; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "retry.backoff[%d]", i + 1);
+        lua_rawgeti(L, -1, i + 1);
+        if (!cbL_number_at(L, -1, name, 0, CBL_TIMING_MAX, &o->backoff[i])) return 0;
+        lua_pop(L, 1);
+      }
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return 1;
 }
 
 /* bus:worker{domain=, handlers=, concurrency=, visibility_timeout=30,
@@ -221,45 +258,16 @@ static double number_field(lua_State *L, int idx, const char *k, double def, dou
  *            retry={max_attempts=, backoff={10, 60, 300}}}
  * -> worker | nil, err */
 static int l_bus_worker(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
   cb_worker_options o;
   cb_worker_options_init(&o);
-  lua_getfield(L, 2, "domain");
-  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "bad option 'domain': string expected, got %s", luaL_typename(L, -1));
-  o.domain = lua_tostring(L, -1);
-  lua_pop(L, 1);
-  lua_getfield(L, 2, "handlers");
-  int handlers_type = lua_type(L, -1);
-  if (handlers_type != LUA_TSTRING && handlers_type != LUA_TTABLE)
-    luaL_error(L, "bad option 'handlers': module name or table expected, got %s", luaL_typename(L, -1));
+  int handlers_type;
+  if (!cbL_field_text(L, 2, "domain", &o.domain) || !cbL_opt_module(L, 2, "handlers", &handlers_type)) return 2;
   int handlers_idx = lua_gettop(L);
-  o.lanes = cbL_optfield_int(L, 2, "concurrency", 0);
-  if (o.lanes < 0) luaL_error(L, "bad option 'concurrency': must be positive");
-  o.visibility_timeout = number_field(L, 2, "visibility_timeout", 30, 0.001);
-  o.statement_timeout = number_field(L, 2, "statement_timeout", 25, 0.001);
-  o.poll_interval = number_field(L, 2, "poll_interval", 1, 0.001);
-  o.drain_timeout = number_field(L, 2, "drain_timeout", 30, 0);
-  lua_getfield(L, 2, "retry");
-  if (!lua_isnil(L, -1)) {
-    if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry': table expected");
-    lua_getfield(L, -1, "backoff");
-    if (!lua_isnil(L, -1)) {
-      if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry.backoff': list of seconds expected");
-      int n = (int)lua_rawlen(L, -1);
-      if (n > CB_MAX_BACKOFF) luaL_error(L, "bad option 'retry.backoff': at most %d entries", CB_MAX_BACKOFF);
-      o.nbackoff = n;
-      for (int i = 0; i < n; i++) {
-        lua_rawgeti(L, -1, i + 1);
-        if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "bad option 'retry.backoff': numbers expected");
-        o.backoff[i] = lua_tonumber(L, -1);
-        lua_pop(L, 1);
-      }
-    }
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
+  if (!timing_options(L, 2, &o) || !retry_option(L, 2, &o)) return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   if (handlers_type == LUA_TTABLE) o.lanes = 1; /* handlers run on the caller's thread */
 
   cbL_worker *lw = lua_newuserdata(L, sizeof *lw);
@@ -287,10 +295,9 @@ static int l_gc(lua_State *L);
 
 static int l_run(lua_State *L) {
   cbL_worker *lw = check_worker(L);
-  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  int tick_ms;
+  if (!cbL_run_options(L, &tick_ms)) return 2;
   if (lw->w == NULL || lw->running) return cbL_pusherrorcode(L, CB_ESTATE, "the worker already ran");
-  int tick_ms = (int)(cbL_optfield_number(L, 2, "tick_interval", 0.5) * 1000);
-  if (tick_ms < 1) tick_ms = 1;
   lua_settop(L, 2);
   if (lua_istable(L, 2)) lua_getfield(L, 2, "tick");
   else lua_pushnil(L);

@@ -1,5 +1,5 @@
 -- The commandbus schema shared with rcmd (reliable-cmd 0.2.x); see
--- shared/INTEROP.md. IF NOT EXISTS throughout, so that it also applies on top
+-- docs/architecture.md, "Data contract". IF NOT EXISTS throughout, so that it also applies on top
 -- of a schema rcmd created.
 CREATE SCHEMA IF NOT EXISTS commandbus;
 

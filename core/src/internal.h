@@ -41,6 +41,7 @@ struct cb_unit {
   cb_unit *next;
   int group_end;   /* last unit of a group that must share one connection */
   int to_listener; /* run on the listener connection */
+  int reconnect_tried; /* it waited for a fresh connection once (pg.c) */
 };
 
 /* What the connection expects next from the server, in pipeline order. */
@@ -75,6 +76,7 @@ typedef struct cb_conn {
   size_t slot_head, slot_count, slot_cap;
   int units_in_flight;  /* [loop] */
   int want_write;       /* [loop] PQflush left data to send */
+  int goodbye;          /* [loop] the server said FATAL while nothing was in flight */
   stmt_cache_entry *cache; /* [loop] prepared statements of this session */
   size_t cache_cap, cache_count;
   int next_stmt_id;     /* [loop] */
@@ -136,6 +138,10 @@ void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index);
 void cb__conn_start(cb_conn *conn);
 void cb__conn_shutdown(cb_conn *conn); /* fails in-flight units with CB_ECLOSED, closes handles */
 void cb__dispatch(cb_runtime *rt);     /* sends pending units where a connection is ready */
+/* Writes message to out (outlen bytes, truncated) with whatever it echoes of
+ * a password in conninfo (URI user info or password=, as written or
+ * percent-decoded) shown as "***". conninfo may be NULL. */
+void cb__redact_conninfo(const char *conninfo, const char *message, char *out, size_t outlen);
 
 /* runtime.c: completion of a unit (loop thread). */
 void cb__unit_complete(cb_unit *u, int status, const cb_err *err);

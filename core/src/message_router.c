@@ -16,7 +16,7 @@
  *
  * The end marker is a flag, not a slot: set after the dispatcher's last
  * append, it is seen by take() only once the lane is empty, so it can never
- * overtake an item nor be refused by a full lane (the seed's sentinel could).
+ * overtake an item nor be refused by a full lane (a sentinel item could be).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* clock_gettime, condattr_setclock, nanosleep under -std=c11 */

@@ -445,6 +445,7 @@ static void chain(cb_unit *const *units, size_t n) {
     units[i]->next = i + 1 < n ? units[i + 1] : NULL;
     units[i]->group_end = i + 1 == n;
     units[i]->status = CB_OK;
+    units[i]->reconnect_tried = 0;
     cb_err_clear(&units[i]->err);
   }
 }

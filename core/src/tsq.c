@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "commandbus/events.h"
+#include "commandbus/log.h"
 #include "commandbus/bus.h"
 #include "commandbus/queue.h"
 #include "strbuf.h"
@@ -74,9 +75,14 @@ static int precheck(cb_runtime *rt, const char *domain, const char *command_id, 
     rc = cb_err_set(err, CB_ESTATE, "command %s is %s, not in the troubleshooting queue", id,
                     cb_result_value(r, 0, 0));
   } else if (rc == CB_OK) {
-    snprintf(reply, CB_QUEUE_NAME_MAX + 1, "%s", cb_result_value(r, 0, 1));
+    /* The reply queue becomes a name in SQL: checked whole, like a caller's,
+     * before it is copied (a peer may have written anything there). */
+    const char *stored = cb_result_value(r, 0, 1);
+    reply[0] = '\0';
+    if (stored[0] && cb_queue_name_valid(stored, NULL) == CB_OK) snprintf(reply, CB_QUEUE_NAME_MAX + 1, "%s", stored);
+    else if (stored[0])
+      cb_log(CB_LOG_ERROR, "tsq: command %s has an invalid reply queue `%.80s`; no reply sent", id, stored);
     snprintf(batch, CB_UUID_LEN + 1, "%s", cb_result_value(r, 0, 2));
-    if (reply[0] && cb_queue_name_valid(reply, NULL) != CB_OK) reply[0] = '\0'; /* a peer wrote junk */
   }
   cb_unit_free(u);
   return rc;

@@ -229,16 +229,24 @@ static void *run_slow(void *arg) {
   return NULL;
 }
 
-static void a_lost_connection_fails_in_flight_work_and_reconnects(void **state) {
+/* A runtime of one connection whose sessions are found by their
+ * application name (victim gets a unique one made from prefix). */
+static cb_runtime *victim_runtime(const char *prefix, char *victim, size_t len) {
   cb_runtime_options o = {0};
   o.conninfo = test_dsn();
   o.pool_size = 1;
-  char victim[64];
-  snprintf(victim, sizeof victim, "%s", test_name("cb_victim"));
+  snprintf(victim, len, "%s", test_name(prefix));
   o.application_name = victim;
   cb_runtime *rt = NULL;
   cb_err err;
   assert_int_equal(cb_runtime_new(&o, &rt, &err), CB_OK);
+  return rt;
+}
+
+static void a_lost_connection_fails_in_flight_work_and_reconnects(void **state) {
+  char victim[64];
+  cb_runtime *rt = victim_runtime("cb_victim", victim, sizeof victim);
+  cb_err err;
   cb_runtime *killer = test_runtime(1);
 
   slow_call c = {rt, 1, ""};
@@ -275,6 +283,41 @@ static void a_lost_connection_fails_in_flight_work_and_reconnects(void **state) 
   assert_true(ok);
   cb_unit_free(u);
   cb_runtime_free(killer);
+  cb_runtime_free(rt);
+}
+
+/* Kills the idle backends of application `name` from another runtime. */
+static int kill_backends(const char *name) {
+  cb_runtime *killer = test_runtime(1);
+  cb_unit *k = cb_unit_new();
+  const char *p[] = {name};
+  /* With a timeout, pg_terminate_backend returns once the backend is gone. */
+  cb_unit_add(k, "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE application_name = $1", 1,
+              p);
+  cb_err err;
+  int killed = cb_runtime_exec(killer, k, &err) == CB_OK ? (int)cb_result_int(cb_unit_result(k, 0), 0, 0) : -1;
+  cb_unit_free(k);
+  cb_runtime_free(killer);
+  return killed;
+}
+
+static void work_whose_connection_died_before_it_was_sent_goes_out_on_a_fresh_one(void **state) {
+  char victim[64];
+  cb_runtime *rt = victim_runtime("cb_idle_victim", victim, sizeof victim);
+  cb_err err;
+  cb_unit *u = cb_unit_new();
+  /* Whether the loop has noticed the loss yet (reconnecting) or not (the
+   * goodbye still unread in the socket), the very next call succeeds. */
+  for (int round = 0; round < 3; round++) {
+    assert_true(kill_backends(victim) >= 1);
+    if (round == 1) usleep(200 * 1000);
+    cb_unit_reset(u);
+    cb_unit_add(u, "SELECT 1", 0, NULL);
+    int rc = cb_runtime_exec(rt, u, &err);
+    if (rc != CB_OK) fprintf(stderr, "round %d: %s: %s\n", round, cb_strerror(rc), err.message);
+    assert_int_equal(rc, CB_OK);
+  }
+  cb_unit_free(u);
   cb_runtime_free(rt);
 }
 
@@ -382,6 +425,7 @@ int main(void) {
       cmocka_unit_test(a_closed_runtime_refuses_work_with_closed),
       cmocka_unit_test(a_forked_child_gets_an_error_at_once_and_exits_cleanly),
       cmocka_unit_test(a_lost_connection_fails_in_flight_work_and_reconnects),
+      cmocka_unit_test(work_whose_connection_died_before_it_was_sent_goes_out_on_a_fresh_one),
       cmocka_unit_test(eight_threads_sending_a_thousand_each_all_land),
       cmocka_unit_test(closing_while_eight_threads_send_fails_the_late_ones_cleanly),
       cmocka_unit_test(default_threads_come_from_configure_then_environment_then_cores),

@@ -28,13 +28,13 @@ function M.connect(dsn, options)
 end
 
 --- Sets library-wide defaults: {threads = N}, the number of handler lanes
--- workers and routers start when not told (else COMMANDBUS_SYNC_THREADS,
--- else min(32, cores)).
+-- (1..1024) workers and routers start when not told (else
+-- COMMANDBUS_SYNC_THREADS, else min(32, cores)). Returns true | nil, err.
 function M.configure(options)
   if type(options) ~= "table" then
     error("bad argument #1 to 'configure' (table expected, got " .. type(options) .. ")", 2)
   end
-  core.configure(options)
+  return core.configure(options)
 end
 
 --- The default number of handler lanes (see configure).

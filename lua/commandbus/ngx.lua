@@ -101,7 +101,7 @@ end})
 --- Internal: what ngx.run_worker_thread runs. Calls method on the shared bus
 -- (or on its queue queue_name) and returns true and the method's results,
 -- or false and the message of what it raised.
-function M.thread_call(dsn, options, queue_name, method, ...)
+function M._thread_call(dsn, options, queue_name, method, ...)
   local bus, key = shared_handle(dsn, options)
   if bus == nil then return true, nil, key end
   local target = bus
@@ -164,7 +164,7 @@ end
 local function run_in_thread(pool, ...)
   in_flight = in_flight + 1
   if not keeper_running then keeper_running = ngx.timer.at(0, keeper) and true end
-  return ended(ngx.run_worker_thread(pool, MODULE, "thread_call", ...))
+  return ended(ngx.run_worker_thread(pool, MODULE, "_thread_call", ...))
 end
 
 local function init_phase_error()

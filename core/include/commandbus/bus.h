@@ -1,5 +1,5 @@
 /* commandbus: the command bus, rcmd's schema and message contract (see
- * shared/INTEROP.md).
+ * docs/architecture.md, "Data contract").
  *
  * Sending writes, in one transaction, the command row, its message on the
  * domain queue `<domain>__commands` and the SENT audit row, and notifies the

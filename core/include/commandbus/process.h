@@ -1,5 +1,5 @@
 /* commandbus: long-running processes (sagas), rcmd's `process` and
- * `process_audit` tables (see shared/INTEROP.md).
+ * `process_audit` tables (see docs/architecture.md, "Data contract").
  *
  * A process is a row holding its type, status, current step and state (a JSON
  * object); each step sends one command whose correlation_id is the process id

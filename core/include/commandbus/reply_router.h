@@ -1,4 +1,4 @@
-/* commandbus: the process reply router (seed 000).
+/* commandbus: the process reply router.
  *
  * Reads a domain's process reply queue in batches, looks each reply's
  * process up by correlation id, and hands it to a lane chosen by process id

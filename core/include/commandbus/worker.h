@@ -1,6 +1,6 @@
 /* commandbus: the worker, which reads a domain's command queue and hands each
- * command to a handler lane, then records the outcome (INTEROP.md, "Worker
- * semantics").
+ * command to a handler lane, then records the outcome (docs/architecture.md,
+ * "What the worker writes").
  *
  * The engine runs on the runtime's loop thread: it fetches (one statement
  * reads the messages and marks their commands received), sets poison
