@@ -37,6 +37,7 @@ local core = require "commandbus.core"
 
 local type, error, setmetatable, tostring, pcall, pairs, ipairs = type, error, setmetatable, tostring, pcall, pairs, ipairs
 local format = string.format
+local loadstring = loadstring or load -- nginx runs LuaJIT; Lua 5.4 may load this module too (the API reference)
 
 local M = {
   _VERSION = core._VERSION,
@@ -63,8 +64,8 @@ local function connection_key(dsn, options)
                 tostring(options.application_name))
 end
 
-local function shared_handle(dsn, options)
-  local key = connection_key(dsn, options)
+-- This VM's handle for the connection key (made on first use), or nil, err.
+local function shared_handle(key, dsn, options)
   local bus = handles[key]
   if bus == nil or bus:is_closed() then
     local err
@@ -72,7 +73,7 @@ local function shared_handle(dsn, options)
     if bus == nil then return nil, err end
     handles[key], queues[key] = bus, {}
   end
-  return bus, key
+  return bus
 end
 
 local CHUNK = "commandbus.ngx"
@@ -102,13 +103,13 @@ end})
 -- (or on its queue queue_name) and returns true and the method's results,
 -- or false and the message of what it raised.
 function M._thread_call(dsn, options, queue_name, method, ...)
-  local bus, key = shared_handle(dsn, options)
-  if bus == nil then return true, nil, key end
+  local key = connection_key(dsn, options)
+  local bus, err = shared_handle(key, dsn, options)
+  if bus == nil then return true, nil, err end
   local target = bus
   if queue_name then
     target = queues[key][queue_name]
     if target == nil then
-      local err
       target, err = bus:queue(queue_name)
       if target == nil then return true, nil, err end
       queues[key][queue_name] = target

@@ -149,15 +149,19 @@ describe("commandbus.ngx in one nginx worker", function()
     assert.are.equal("DUPLICATE_COMMAND", answers[40].err.code)
     local used = transactions()
     assert.is_true(used < 40, used .. " transactions for 40 commands")
-    -- A command the batch refuses: sent alone, it raises for its own caller only.
+    -- Commands the batch refuses, sent alone: each fails for its own caller
+    -- only, an unusable value with INVALID_ARGUMENT, a wrong type by raising.
     commands = {}
-    for i = 1, 9 do commands[i] = {domain = domain, type = "Echo"} end
-    commands[10] = {domain = domain, type = "Echo", max_attempts = 0}
+    for i = 1, 8 do commands[i] = {domain = domain, type = "Echo"} end
+    commands[9] = {domain = domain, type = "Echo", max_attempts = 0}
+    commands[10] = {domain = domain, type = 5}
     answers = send_all(commands)
-    for i = 1, 9 do assert.is_string(answers[i].results[1].command_id) end
+    for i = 1, 8 do assert.is_string(answers[i].results[1].command_id) end
+    assert.are.same(via_plain(bus, "send", {commands[9]}), answers[9])
+    assert.are.equal("INVALID_ARGUMENT", answers[9].err.code)
     local _, raised = pcall(function() bus:send(commands[10]) end)
     assert.are.equal((raised:gsub("^[^:]+:%d+: ", "")), (answers[10].raised:gsub("^[^:]+:%d+: ", "")))
-    assert.are.equal(40 + 9, #assert(bus:list_commands{domain = domain, limit = 100}))
+    assert.are.equal(40 + 8, #assert(bus:list_commands{domain = domain, limit = 100}))
   end)
 
   it("operates the troubleshooting queue", function()
