@@ -229,8 +229,8 @@ end
 
 -- ---------------------------------------------------------------------------
 -- Sends share transactions. The blocking API commits each send on its own,
--- and a commit waits for the disk. Here at most pool_size sends (one per
--- connection) are on their way at a time per bus object; the sends that
+-- and a commit waits for the disk. Here at most pool_size send transactions
+-- (one per connection) are on their way at a time per bus object; the sends that
 -- arrive meanwhile (same domain and delay) wait together and then go as one
 -- send_batch: one transaction, one commit to wait for. When calls are few,
 -- each send goes at once, alone; under load the batches grow with it.
