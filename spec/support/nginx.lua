@@ -19,6 +19,11 @@ local build = os.getenv("COMMANDBUS_BUILD") or root .. "/build"
 M.root, M.build = root, build
 
 local MODULES = "/usr/lib/nginx/modules"
+-- Debian's nginx lives in /usr/sbin, which a user's PATH may lack.
+local NGINX = (function()
+  local ok = os.execute("test -x /usr/sbin/nginx") -- true in Lua 5.4, 0 in LuaJIT
+  return (ok == true or ok == 0) and "/usr/sbin/nginx" or "nginx"
+end)()
 
 local function shell(command)
   local f = assert(io.popen(command .. " 2>&1"))
@@ -111,7 +116,7 @@ function M.start(options)
   local server = setmetatable({prefix = prefix, port = port, conf = conf}, server_mt)
   -- Without the caller's LUA_PATH/LUA_CPATH: LuaJIT would take them for the
   -- ";;" (default) part of lua_package_path, and the caller may be Lua 5.4.
-  local out, ok = shell(("env -u LUA_PATH -u LUA_CPATH nginx -p %q -c conf/nginx.conf"):format(prefix))
+  local out, ok = shell(("env -u LUA_PATH -u LUA_CPATH %s -p %q -c conf/nginx.conf"):format(NGINX, prefix))
   if not ok then
     error("nginx did not start: " .. out .. "\n" .. server:log())
   end
@@ -180,11 +185,28 @@ function server_mt:errors(allowed)
   return found
 end
 
---- Pids of the master's worker processes (children), from /proc.
+-- The fields of /proc/<pid>/stat after the command name: state, ppid, ...
+local function stat(pid)
+  local f = io.open(("/proc/%d/stat"):format(pid))
+  if not f then return nil end
+  local line = f:read("*a") -- nil when the process ended meanwhile
+  f:close()
+  local state, ppid = (line or ""):match("^%d+ %b() (%a) (%d+)")
+  return state, tonumber(ppid)
+end
+
+--- Pids of the master's worker processes (its live children), from /proc.
 function server_mt:worker_pids()
-  local out = shell(("ps -o pid= --ppid %d"):format(self.master or 0))
   local pids = {}
-  for pid in out:gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
+  local ls = assert(io.popen("ls /proc"))
+  for name in ls:lines() do
+    local pid = tonumber(name)
+    if pid then
+      local state, ppid = stat(pid)
+      if ppid == self.master and state ~= "Z" then pids[#pids + 1] = pid end
+    end
+  end
+  ls:close()
   return pids
 end
 
@@ -202,16 +224,13 @@ end
 
 -- Whether pid runs (a zombie, which nobody may reap in a container, does not).
 local function alive(pid)
-  local f = pid and io.open(("/proc/%d/stat"):format(pid))
-  if not f then return false end
-  local stat = f:read("*a")
-  f:close()
-  return stat:match("^%d+ %b() (%a)") ~= "Z"
+  local state = pid and stat(pid)
+  return state ~= nil and state ~= "Z"
 end
 
 --- Sends a signal through nginx -s (reload, quit, stop).
 function server_mt:signal(name)
-  local out, ok = shell(("nginx -p %q -c conf/nginx.conf -s %s"):format(self.prefix, name))
+  local out, ok = shell(("%s -p %q -c conf/nginx.conf -s %s"):format(NGINX, self.prefix, name))
   assert(ok, "nginx -s " .. name .. ": " .. out)
 end
 
