@@ -105,6 +105,26 @@ static char *shared_key(const cb_runtime_options *o) {
   return key;
 }
 
+/* A new shared runtime for key (taken over on success), listed; NULL when
+ * it cannot connect (err says why). Called under shared_lock. */
+static struct cbL_shared *shared_connect(const cb_runtime_options *o, char **key, cb_err *err) {
+  struct cbL_shared *s = calloc(1, sizeof *s);
+  if (s == NULL) {
+    cb_err_set(err, CB_ENOMEM, "out of memory");
+    return NULL;
+  }
+  if (cb_runtime_new(o, &s->rt, err) != CB_OK) {
+    free(s);
+    return NULL;
+  }
+  s->key = *key;
+  *key = NULL;
+  s->refs = 1; /* listed */
+  s->next = shared_head;
+  shared_head = s;
+  return s;
+}
+
 int cbL_bus_shared(lua_State *L, const cb_runtime_options *o) {
   cbL_bus *bus = cbL_newbus(L);
   char *key = shared_key(o);
@@ -116,27 +136,15 @@ int cbL_bus_shared(lua_State *L, const cb_runtime_options *o) {
     shared_head = NULL;
     shared_pid = getpid();
   }
-  struct cbL_shared **pp = &shared_head, *s = NULL;
+  struct cbL_shared **pp = &shared_head;
   while (*pp && strcmp((*pp)->key, key) != 0) pp = &(*pp)->next;
-  if (*pp && cb_runtime_is_closed((*pp)->rt)) { /* closed under its handles: unlist it */
-    struct cbL_shared *closed = *pp;
-    *pp = closed->next;
-    stale = shared_unref_locked(closed);
-  }
-  if (*pp) {
-    s = *pp;
-  } else if ((s = calloc(1, sizeof *s)) == NULL) {
-    cb_err_set(&err, CB_ENOMEM, "out of memory");
-  } else if (cb_runtime_new(o, &s->rt, &err) != CB_OK) { /* connects under the lock: one runtime per key */
-    free(s);
+  struct cbL_shared *s = *pp;
+  if (s && cb_runtime_is_closed(s->rt)) { /* closed under its handles (at exit, say): unlist it */
+    *pp = s->next;
+    stale = shared_unref_locked(s);
     s = NULL;
-  } else {
-    s->key = key;
-    key = NULL;
-    s->refs = 1; /* listed */
-    s->next = shared_head;
-    shared_head = s;
   }
+  if (s == NULL) s = shared_connect(o, &key, &err); /* under the lock: one runtime per key */
   if (s) {
     s->refs++;
     bus->shared = s;
