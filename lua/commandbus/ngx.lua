@@ -230,9 +230,10 @@ end
 -- ---------------------------------------------------------------------------
 -- Sends share transactions. The blocking API commits each send on its own,
 -- and a commit waits for the disk. Here at most pool_size send transactions
--- (one per connection) are on their way at a time per bus object; the sends that
--- arrive meanwhile (same domain and delay) wait together and then go as one
--- send_batch: one transaction, one commit to wait for. When calls are few,
+-- (one per connection) are on their way at a time, per shared runtime and
+-- thread pool (bus objects of the same parameters count together); the
+-- sends that arrive meanwhile (same domain and delay) wait together and then
+-- go as one send_batch: one transaction, one commit to wait for. When calls are few,
 -- each send goes at once, alone; under load the batches grow with it.
 -- Each caller still gets its own answer, a duplicate id failing only its own
 -- send. When the shared transaction is refused (a bad field, an unencodable
@@ -240,6 +241,19 @@ end
 -- made alone, so that one bad command never fails the others.
 
 local ANSWER_WAIT_S = 3600 -- a batch always answers; this only bounds a wait that something broke
+
+-- Per connection key and thread pool: {open = {[domain\31delay] = batch},
+-- out = transactions on their way, max = pool_size}.
+local send_states = {}
+
+local function send_state(key, pool_size)
+  local state = send_states[key]
+  if state == nil then
+    state = {open = {}, out = 0, max = pool_size or 2}
+    send_states[key] = state
+  end
+  return state
+end
 
 local flush
 
@@ -249,9 +263,9 @@ end
 
 -- Starts sending a batch (from a timer, in this turn's wake, so that the
 -- sends of this turn join it, and no request's fate decides it).
-local function schedule(bus, batch)
+local function schedule(sends, batch)
   batch.scheduled = true
-  bus.batches_out = bus.batches_out + 1
+  sends.out = sends.out + 1
   if not ngx.timer.at(0, flush, batch) then flush(false, batch) end -- exiting: no more timers; send it now
 end
 
@@ -267,7 +281,8 @@ end
 -- Sends a batch and wakes its senders; then starts a batch that waited.
 function flush(_, batch)
   local bus, commands, answers = batch.bus, batch.commands, batch.answers
-  if bus.open_batches[batch.key] == batch then bus.open_batches[batch.key] = nil end
+  local sends = bus.sends
+  if sends.open[batch.key] == batch then sends.open[batch.key] = nil end
   local ran, ok, results, err = run_in_thread(bus.pool, bus.dsn, bus.options, nil, "send_batch",
                                               {domain = batch.domain, delay = batch.delay, commands = commands})
   if ran and ok and results then
@@ -284,9 +299,9 @@ function flush(_, batch)
   end
   batch.done = true
   batch.sema:post(#commands)
-  bus.batches_out = bus.batches_out - 1
-  for _, waiting in pairs(bus.open_batches) do
-    if not waiting.scheduled and bus.batches_out < bus.batches_max then schedule(bus, waiting) end
+  sends.out = sends.out - 1
+  for _, waiting in pairs(sends.open) do
+    if not waiting.scheduled and sends.out < sends.max then schedule(sends, waiting) end
   end
 end
 
@@ -299,16 +314,16 @@ function bus_mt:send(command)
      or (delay ~= nil and type(delay) ~= "number") then
     return call(self, false, nil, "send", command) -- answered (or refused) as a single send
   end
-  local key = format("%s\31%s", domain, tostring(delay))
-  local batch = self.open_batches[key]
+  local sends, key = self.sends, format("%s\31%s", domain, tostring(delay))
+  local batch = sends.open[key]
   if batch == nil then
     batch = {bus = self, key = key, domain = domain, delay = delay, commands = {}, answers = {},
              sema = require("ngx.semaphore").new()}
-    self.open_batches[key] = batch
+    sends.open[key] = batch
   end
   local i = #batch.commands + 1
   batch.commands[i] = command
-  if not batch.scheduled and self.batches_out < self.batches_max then schedule(self, batch) end
+  if not batch.scheduled and sends.out < sends.max then schedule(sends, batch) end
   while not batch.done do batch.sema:wait(ANSWER_WAIT_S) end
   local answer = batch.answers[i]
   if not answer[1] then error(answer[2], 2) end
@@ -421,11 +436,8 @@ function M.connect(dsn, options)
                application_name = copy.application_name},
     pool = pool,
     await_pool = copy.await_thread_pool or pool,
-    -- sends waiting to go together (see bus_mt:send), by domain and delay
-    open_batches = {},
-    batches_out = 0,
-    batches_max = copy.pool_size or 2,
   }, bus_mt)
+  bus.sends = send_state(connection_key(bus.dsn, bus.options) .. "\31" .. pool, copy.pool_size)
   if phase == "init_worker" then
     local handle, err = bus:handle()
     if handle == nil then return nil, err end
