@@ -8,6 +8,7 @@
 
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <sys/types.h>
 #include <uv.h>
 
 #include "commandbus/runtime.h"
@@ -87,6 +88,7 @@ struct cb_runtime {
   uv_async_t wake;     /* [loop]; uv_async_send from any thread */
   pthread_t thread;    /* [init] */
   int thread_started;  /* [init] */
+  pid_t pid;           /* [init] the process that created it: a fork's child may not use it */
 
   pthread_mutex_t lock;
   pthread_cond_t started; /* signalled when the first connection attempts end */

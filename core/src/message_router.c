@@ -22,6 +22,7 @@
 #define _GNU_SOURCE /* clock_gettime, condattr_setclock, nanosleep under -std=c11 */
 #endif
 #include "commandbus/message_router.h"
+#include "commandbus/thread.h"
 
 #include <limits.h>
 #include <pthread.h>
@@ -914,14 +915,14 @@ int cb_message_router_start(cb_message_router *router) {
     }
     router->state = ROUTER_RUNNING;
     for (int l = 0; router->cfg.on_batch && l < router->cfg.lanes; l++) {
-        if (pthread_create(&router->lanes[l].thread, NULL, lane_main,
+        if (cb_thread_start(&router->lanes[l].thread, lane_main,
                            &router->lanes[l])) {
             rc = -EAGAIN;
             break;
         }
         router->lane_threads_started++;
     }
-    if (!rc && pthread_create(&router->dispatcher, NULL, dispatcher_main,
+    if (!rc && cb_thread_start(&router->dispatcher, dispatcher_main,
                               router) == 0)
         router->dispatcher_started = true;
     else

@@ -14,6 +14,7 @@
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
 #include "commandbus/runner.h"
+#include "commandbus/thread.h"
 #include "commandbus/uuid.h"
 #include "strbuf.h"
 
@@ -339,7 +340,7 @@ int cb_reply_router_start(cb_reply_router *r, cb_err *err) {
   r->health.state = "running"; /* as its first heartbeat says */
   pthread_mutex_unlock(&r->lock);
   int rc = cb_runner_start(r->rt, &r->runner, err);
-  if (rc == CB_OK && pthread_create(&r->fetcher, NULL, fetch_main, r) != 0)
+  if (rc == CB_OK && cb_thread_start(&r->fetcher, fetch_main, r) != 0)
     rc = cb_err_set(err, CB_ENOMEM, "cannot start the fetch thread");
   if (rc != CB_OK) {
     pthread_mutex_lock(&r->lock);

@@ -8,12 +8,35 @@
 #include <unistd.h>
 
 #include "commandbus/error.h"
+#include "commandbus/thread.h"
 
 typedef struct pending_call {
   struct pending_call *next;
   void (*fn)(cb_runtime *rt, void *arg);
   void *arg;
 } pending_call;
+
+/* ---- fork safety --------------------------------------------------------- */
+
+/* A fork copies a runtime's memory but not its loop thread: in the child its
+ * locks may be held for good and its wake-up descriptor still reaches the
+ * parent's loop. So a child never touches it, not even a lock; every entry
+ * point asks this first. (nginx forks its workers after init_by_lua.) */
+static int forked(const cb_runtime *rt) { return rt->pid != getpid(); }
+
+static int fork_error(const cb_runtime *rt, cb_err *err) {
+  return cb_err_set(err, CB_ESTATE,
+                    "this bus was connected in process %d and cannot be used in process %d, a child forked from it "
+                    "(nginx forks its workers after init_by_lua): connect in the process that uses the bus "
+                    "(in nginx, in init_worker_by_lua or on first use)",
+                    (int)rt->pid, (int)getpid());
+}
+
+int cb_runtime_check(cb_runtime *rt, cb_err *err) {
+  if (forked(rt)) return fork_error(rt, err);
+  if (cb_runtime_is_closed(rt)) return cb_err_set(err, CB_ECLOSED, "the bus is closed");
+  return CB_OK;
+}
 
 /* ---- units ------------------------------------------------------------- */
 
@@ -293,6 +316,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   if (options == NULL) options = &defaults;
   cb_runtime *rt = calloc(1, sizeof *rt);
   if (rt == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  rt->pid = getpid();
   rt->nconns = options->pool_size > 0 ? options->pool_size : 2;
   rt->connect_timeout_ms = options->connect_timeout_ms > 0 ? options->connect_timeout_ms : 5000;
   rt->conninfo = dup_or_null(options->conninfo ? options->conninfo : "");
@@ -321,7 +345,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   cb__conn_init(rt, &rt->listener, -1);
   rt->startup_pending = rt->nconns;
 
-  if (pthread_create(&rt->thread, NULL, loop_main, rt) != 0) {
+  if (cb_thread_start(&rt->thread, loop_main, rt) != 0) {
     uv_close((uv_handle_t *)&rt->wake, NULL);
     for (int i = 0; i < rt->nconns; i++) uv_close((uv_handle_t *)&rt->conns[i].timer, NULL);
     uv_close((uv_handle_t *)&rt->listener.timer, NULL);
@@ -356,6 +380,10 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
 
 void cb_runtime_close(cb_runtime *rt) {
   if (rt == NULL) return;
+  if (forked(rt)) { /* the parent's to close; the child only forgets it */
+    unlink_open(rt);
+    return;
+  }
   pthread_mutex_lock(&rt->lock);
   if (rt->closing) {
     /* Another thread is closing: wait until it has joined the loop. */
@@ -382,6 +410,7 @@ void cb_runtime_close(cb_runtime *rt) {
 void cb_runtime_free(cb_runtime *rt) {
   if (rt == NULL) return;
   cb_runtime_close(rt);
+  if (forked(rt)) return; /* a copy of the parent's: left as it is */
   for (size_t i = 0; i < rt->nchannels; i++) free(rt->channels[i]);
   free(rt->channels);
   for (size_t i = 0; i < rt->nremembered; i++) free(rt->remembered[i]);
@@ -401,6 +430,7 @@ void cb_runtime_free(cb_runtime *rt) {
 }
 
 int cb_runtime_is_closed(cb_runtime *rt) {
+  if (forked(rt)) return 1;
   pthread_mutex_lock(&rt->lock);
   int closing = rt->closing;
   pthread_mutex_unlock(&rt->lock);
@@ -428,6 +458,7 @@ static void chain(cb_unit *const *units, size_t n) {
 }
 
 int cb_runtime_submit(cb_runtime *rt, cb_unit *const *units, size_t n) {
+  if (forked(rt)) return CB_ESTATE;
   if (n == 0) return CB_OK;
   if (cb_runtime_on_loop(rt) && rt->loop_closing) return CB_ECLOSED;
   chain(units, n);
@@ -452,6 +483,7 @@ int cb_runtime_submit(cb_runtime *rt, cb_unit *const *units, size_t n) {
 }
 
 int cb_runtime_call(cb_runtime *rt, void (*fn)(cb_runtime *rt, void *arg), void *arg) {
+  if (forked(rt)) return CB_ESTATE;
   pending_call *c = malloc(sizeof *c);
   if (c == NULL) return CB_ENOMEM;
   c->next = NULL;
@@ -487,6 +519,7 @@ static void waiter_unit_done(cb_unit *u, void *arg) {
 }
 
 int cb_runtime_exec_many(cb_runtime *rt, cb_unit *const *units, size_t n, cb_err *err) {
+  if (forked(rt)) return fork_error(rt, err);
   if (cb_runtime_on_loop(rt))
     return cb_err_set(err, CB_EDEADLOCK,
                       "a blocking call was made on the runtime's own loop thread; it would wait forever");
@@ -530,6 +563,7 @@ static int valid_channel(const char *c) {
 }
 
 int cb_runtime_listen(cb_runtime *rt, const char *channel, cb_err *err) {
+  if (forked(rt)) return fork_error(rt, err);
   if (!valid_channel(channel)) return cb_err_set(err, CB_EINVAL, "invalid channel name `%s`", channel);
   pthread_mutex_lock(&rt->lock);
   for (size_t i = 0; i < rt->nchannels; i++)
@@ -684,6 +718,7 @@ struct uv_loop_s *cb_runtime_loop(cb_runtime *rt) { return &rt->loop; }
 /* ---- remembered facts ---------------------------------------------------- */
 
 int cb_runtime_remembers(cb_runtime *rt, const char *key) {
+  if (forked(rt)) return 0;
   pthread_mutex_lock(&rt->lock);
   int found = 0;
   for (size_t i = 0; i < rt->nremembered && !found; i++) found = strcmp(rt->remembered[i], key) == 0;
@@ -692,7 +727,7 @@ int cb_runtime_remembers(cb_runtime *rt, const char *key) {
 }
 
 void cb_runtime_remember(cb_runtime *rt, const char *key) {
-  if (cb_runtime_remembers(rt, key)) return;
+  if (forked(rt) || cb_runtime_remembers(rt, key)) return;
   char *copy = strdup(key);
   if (copy == NULL) return;
   pthread_mutex_lock(&rt->lock);

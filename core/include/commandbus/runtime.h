@@ -18,7 +18,13 @@
  * flight with CB_ECLOSED, and joins the thread; later calls fail with
  * CB_ECLOSED. cb_runtime_free closes and frees; no other thread may be using
  * the runtime then. Runtimes still open at process exit are closed by an
- * atexit hook, so no thread outlives main(). */
+ * atexit hook, so no thread outlives main().
+ *
+ * A runtime belongs to the process that created it. In a child forked from
+ * that process (nginx's workers, when a bus was connected in init_by_lua)
+ * every call fails at once with CB_ESTATE, saying so, instead of waiting
+ * for a loop thread the child does not have; closing or freeing it there
+ * only forgets it. */
 #ifndef COMMANDBUS_RUNTIME_H
 #define COMMANDBUS_RUNTIME_H
 
@@ -49,6 +55,9 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
 void cb_runtime_close(cb_runtime *rt);
 void cb_runtime_free(cb_runtime *rt);
 int cb_runtime_is_closed(cb_runtime *rt);
+/* CB_OK when rt may be used from the calling process; else CB_ESTATE (it was
+ * created before a fork) or CB_ECLOSED, with a message in err. */
+int cb_runtime_check(cb_runtime *rt, cb_err *err);
 
 /* The hub fed by this runtime's listener (keys are channel names) and by the
  * components above it. Lives as long as the runtime. */
