@@ -1,5 +1,5 @@
 /*
- * Benchmark of the awaiter (seed 004): how fast a waiter wakes, and what idle
+ * Benchmark of the awaiter: how fast a waiter wakes, and what idle
  * waiters cost PostgreSQL and memory.
  *
  *   local        a thread waits in await_event; another thread of the same

@@ -1,5 +1,5 @@
--- Sending commands and reading them back (INTEROP.md: command message, tables,
--- SENT audit).
+-- Sending commands and reading them back (docs/architecture.md, "Data
+-- contract": the command message, the tables, the SENT audit event).
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 
@@ -230,8 +230,12 @@ describe("send with bad input", function()
   it("raises when the domain is not a string or data is not a table", function()
     assert.has_error(function() bus:send{type = "Echo"} end)
     assert.has_error(function() bus:send{domain = domain, type = "Echo", data = "text"} end)
-    assert.has_error(function() bus:send{domain = domain, type = "Echo", max_attempts = 0} end)
-    assert.has_error(function() bus:send{domain = domain, type = "Echo", delay = -1} end)
+  end)
+
+  it("returns INVALID_ARGUMENT, naming the range, for max_attempts or delay out of range", function()
+    assert.matches("max_attempts' must be an integer from 1 to 1000", refused{domain = domain, type = "Echo",
+                                                                            max_attempts = 0}.message)
+    assert.matches("delay' must be a number from 0", refused{domain = domain, type = "Echo", delay = -1}.message)
   end)
 
   it("returns INVALID_ARGUMENT for an id that is not a UUID", function()

@@ -28,7 +28,10 @@ describe("limits", function()
     assert.same({{type = "Charge", per_second = 5, in_flight = 0}}, assert(bus:limits(domain)))
     assert(bus:set_limit{domain = domain, type = "Charge"})
     assert.same({}, assert(bus:limits(domain)))
-    assert.has_error(function() bus:set_limit{domain = domain, type = "Charge", per_second = -1} end)
+    local ok, err = bus:set_limit{domain = domain, type = "Charge", per_second = -1}
+    assert.is_nil(ok)
+    assert.equal("INVALID_ARGUMENT", err.code)
+    assert.has_error(function() bus:set_limit{domain = domain, type = "Charge", per_second = "fast"} end)
   end)
 
   it("a rate limit holds across two processes; waiting commands are not attempts and write no audit", function()

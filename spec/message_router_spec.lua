@@ -292,22 +292,29 @@ describe("message_router", function()
     router:close()
   end)
 
-  it("raises on wrong option and argument types", function()
-    assert.has_error(function() commandbus.message_router{policy = "fast"} end)
+  it("raises on wrong option and argument types, and refuses values out of range", function()
+    local function refused(options)
+      local router, err = commandbus.message_router(options)
+      assert.is_nil(router)
+      assert.equal("INVALID_ARGUMENT", err.code)
+    end
+    refused{policy = "fast"}
     assert.has_error(function() commandbus.message_router{policy = 1} end)
     assert.has_error(function() commandbus.message_router{lanes = "two"} end)
-    assert.has_error(function() commandbus.message_router{lanes = 0} end)
-    assert.has_error(function() commandbus.message_router{lanes = 1.5} end)
-    assert.has_error(function() commandbus.message_router{batch_size = 10, queue_size = 5} end)
+    refused{lanes = 0}
+    refused{lanes = 1.5}
+    refused{batch_size = 10, queue_size = 5}
     assert.has_error(function() commandbus.message_router{handler = true} end)
-    assert.has_error(function() commandbus.message_router{policy = "block", block_timeout_ms = -1} end)
+    refused{policy = "block", block_timeout_ms = -1}
     assert.has_error(function() commandbus.message_router("lanes") end)
     local router = new_router{lanes = 2}
     assert.has_error(function() router:route(1, "v") end)
     assert.has_error(function() router:route("k") end)
     assert.has_error(function() router:route("k", function() end) end)
     assert.has_error(function() router:lane_for(nil) end)
-    assert.has_error(function() router:take(3, 1, 0) end)
+    local values, err = router:take(3, 1, 0)
+    assert.is_nil(values)
+    assert.equal("INVALID_ARGUMENT", err.code)
     assert.has_error(function() router:take("1", 1, 0) end)
     router:close()
   end)

@@ -38,8 +38,12 @@ describe("priorities", function()
     -- A raw pgmq message with a priority that is not a number is still sent.
     local q = assert(bus:queue(domain .. "__commands"))
     assert(q:send({command_id = world.uuid(), command_type = "Nothing", priority = "urgent"}))
-    assert.has_error(function() bus:send{domain = domain, type = "Nothing", priority = 1.5} end)
-    assert.has_error(function() bus:send{domain = domain, type = "Nothing", priority = 40000} end)
+    for _, bad in ipairs({1.5, 40000, -40000}) do
+      local sent, err = bus:send{domain = domain, type = "Nothing", priority = bad}
+      assert.is_nil(sent)
+      assert.equal("INVALID_ARGUMENT", err.code)
+    end
+    assert.has_error(function() bus:send{domain = domain, type = "Nothing", priority = "high"} end)
   end)
 end)
 
@@ -74,7 +78,12 @@ describe("deduplication windows", function()
     assert.is_true(res[2].duplicate)
     assert.equal(res[1].command_id, res[2].duplicate_of)
     assert.is_number(tonumber(res[3].msg_id))
-    assert.has_error(function() bus:send{domain = domain, type = "Nothing", dedup_key = "k"} end)
-    assert.has_error(function() bus:send{domain = domain, type = "Nothing", dedup_for = 5} end)
+    for _, half in ipairs({{dedup_key = "k"}, {dedup_for = 5}}) do
+      half.domain, half.type = domain, "Nothing"
+      local sent, err = bus:send(half)
+      assert.is_nil(sent)
+      assert.equal("INVALID_ARGUMENT", err.code)
+    end
+    assert.has_error(function() bus:send{domain = domain, type = "Nothing", dedup_key = "k", dedup_for = "1h"} end)
   end)
 end)

@@ -1,6 +1,6 @@
 -- Processes (sagas): defining one, starting it in one transaction, reading
--- processes and their steps back (INTEROP.md: process and process_audit
--- tables, process statuses, the command message).
+-- processes and their steps back (docs/architecture.md, "Data contract": the
+-- process and process_audit tables, process statuses, the command message).
 local commandbus = require "commandbus"
 local world = require "spec.support.world"
 

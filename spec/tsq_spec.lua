@@ -1,5 +1,5 @@
 -- The troubleshooting queue: what an operator sees and can do
--- (INTEROP.md: TSQ operator actions, reply messages, audit events).
+-- (docs/architecture.md, "Data contract": operator actions, replies, audit events).
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 
@@ -143,7 +143,7 @@ describe("troubleshooting queue", function()
       assert.equal("COMPLETED", c.status)
       assert.equal(1, c.attempts)
       local events = world.events(bus, domain, ok_id)
-      assert.same({"SENT", "RECEIVED", "FAILED", "MOVED_TO_TSQ", "OPERATOR_RETRY", "RECEIVED", "COMPLETED"}, events)
+      assert.same({"SENT", "RECEIVED", "MOVED_TO_TSQ", "OPERATOR_RETRY", "RECEIVED", "COMPLETED"}, events)
     end)
   end)
 

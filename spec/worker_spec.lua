@@ -1,5 +1,5 @@
 -- The worker against a real PostgreSQL: one spec per path through a command's
--- life (INTEROP.md: worker semantics, reply messages, audit events).
+-- life (docs/architecture.md, "Data contract": the worker, replies, audit events).
 local commandbus = require "commandbus"
 local helper = require "spec.helper"
 local world = require "spec.support.world"
@@ -155,10 +155,15 @@ describe("worker", function()
       assert.equal(2, c.attempts)
       assert.equal("TRANSIENT", c.last_error_type)
       assert.equal("HANDLER_ERROR", c.last_error_code)
-      assert.same({"SENT", "RECEIVED", "FAILED", "RECEIVED", "FAILED", "MOVED_TO_TSQ"}, world.events(bus, domain, id))
+      -- The last failure is recorded by MOVED_TO_TSQ alone, as rcmd does.
+      assert.same({"SENT", "RECEIVED", "FAILED", "RECEIVED", "MOVED_TO_TSQ"}, world.events(bus, domain, id))
       local moved = world.details(bus, domain, id, "MOVED_TO_TSQ")[1]
+      assert.same({"attempt", "error_code", "error_msg", "error_type", "max_attempts", "msg_id", "reason"},
+                  world.keys(moved))
       assert.equal("EXHAUSTED", moved.reason)
       assert.equal(2, moved.attempt)
+      assert.equal(2, moved.max_attempts)
+      assert.equal("TRANSIENT", moved.error_type)
       assert.equal("HANDLER_ERROR", moved.error_code)
       assert.equal(c.msg_id, moved.msg_id)
       assert.is_string(moved.error_msg)
@@ -180,7 +185,7 @@ describe("worker", function()
   end)
 
   describe("on a permanent failure", function()
-    it("moves the command to the TSQ at once, without reason EXHAUSTED and without a reply", function()
+    it("moves the command to the TSQ at once with its error details, one MOVED_TO_TSQ event and no reply", function()
       local id = send{type = "Permanent", reply_to = replies}
       work_until_settled({id})
       local c = assert(bus:get_command(domain, id))
@@ -189,11 +194,14 @@ describe("worker", function()
       assert.equal("PERMANENT", c.last_error_type)
       assert.equal("BROKEN", c.last_error_code)
       assert.equal("cannot ever work", c.last_error_msg)
+      assert.same({"SENT", "RECEIVED", "MOVED_TO_TSQ"}, world.events(bus, domain, id))
       local moved = world.details(bus, domain, id, "MOVED_TO_TSQ")
       assert.equal(1, #moved)
-      assert.is_nil(moved[1].reason)
+      assert.same({"attempt", "error_code", "error_details", "error_msg", "msg_id"}, world.keys(moved[1]))
       assert.equal(1, moved[1].attempt)
       assert.equal("BROKEN", moved[1].error_code)
+      assert.equal("cannot ever work", moved[1].error_msg)
+      assert.same({hint = "fix the data"}, moved[1].error_details)
       assert.equal(0, world.queue_length(bus, commands))
       assert.same({}, world.drain_queue(bus, replies))
     end)
@@ -466,16 +474,18 @@ describe("worker", function()
       assert.same({extended = true}, world.drain_queue(bus, replies)[1].result)
     end)
 
-    it("extend_visibility raises for seconds that are not positive", function()
+    it("extend_visibility refuses seconds that are not positive and raises for a wrong type", function()
       local id = send{type = "Bad"}
-      local raised
+      local refused, raised
       local worker = assert(bus:worker(world.options(domain, {handlers = {
         Bad = function(_, ctx)
-          raised = not pcall(ctx.extend_visibility, ctx, 0)
+          refused = select(2, ctx:extend_visibility(0))
+          raised = not pcall(ctx.extend_visibility, ctx, "5")
           ctx:stop_worker()
         end,
       }})))
       assert(worker:run())
+      assert.equal("INVALID_ARGUMENT", refused.code)
       assert.is_true(raised)
       assert.equal("COMPLETED", assert(bus:get_command(domain, id)).status)
     end)
@@ -574,7 +584,7 @@ describe("worker", function()
       assert.is_nil(worker)
       assert.equal("INVALID_ARGUMENT", err.code)
       assert.has_error(function() bus:worker{domain = domain, handlers = 5} end)
-      assert.has_error(function() bus:worker{domain = domain, handlers = {}, concurrency = -1} end)
+      assert.equal("INVALID_ARGUMENT", select(2, bus:worker{domain = domain, handlers = {}, concurrency = -1}).code)
       assert.has_error(function() bus:worker{domain = domain, handlers = {}, retry = {backoff = {"x"}}} end)
     end)
   end)

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "commandbus/bus.h"
 #include "commandbus/error.h"
 #include "commandbus/runtime.h"
 #include "commandbus/upkeep.h"
@@ -36,17 +37,72 @@ static inline void cbL_pushint64(lua_State *L, int64_t v) {
 #endif
 }
 
-/* An int64 from an integral number or a decimal string; 0 and *ok = 0 when
- * the value is neither. */
-int64_t cbL_toint64(lua_State *L, int idx, int *ok);
-int64_t cbL_checkint64(lua_State *L, int idx);
 /* tostring(value at idx), pushed on the stack (luaL_tolstring is 5.2+). */
 const char *cbL_tostring(lua_State *L, int idx);
 
-/* Optional fields of an options table at idx (which may be nil). */
-double cbL_optfield_number(lua_State *L, int idx, const char *field, double def);
-int cbL_optfield_int(lua_State *L, int idx, const char *field, int def);
-const char *cbL_optfield_string(lua_State *L, int idx, const char *field, const char *def);
+/* ---- checks at the door (checks.c) ---------------------------------------------
+ * Every value a caller passes goes through one of these. A value of the wrong
+ * type is misuse and raises. A value of the right type that cannot be used
+ * (NaN, an infinity, out of range, a fraction where an integer is meant, a
+ * NUL byte, invalid UTF-8) pushes nil and an INVALID_ARGUMENT error that
+ * names the option and its allowed range, and returns 0: the caller returns
+ * those two values. On success they return 1 and store the value.
+ * cbL_arg_* read argument `arg`; cbL_opt_* read field `name` of the options
+ * table at idx (which may be none or nil; then, or when the field is nil,
+ * the default). Integer ranges lie within +-2^53; cbL_*int64* take the whole
+ * int64 range and decimal strings too (LuaJIT's large ids). */
+
+/* The ranges the README documents, in seconds. */
+#define CBL_DELAY_MAX 31536000.0 /* 365 days: delays, visibility of queue reads, waits */
+#define CBL_TIMING_MAX 604800.0  /* 7 days: timings of workers and routers (kept in int milliseconds) */
+#define CBL_AGE_MAX 3153600000.0 /* 100 years: ages of records */
+#define CBL_TIMING_MIN 0.001     /* a millisecond */
+#define CBL_COUNT_MAX 1000000    /* qty, limit */
+#define CBL_OFFSET_MAX 2147483647
+#define CBL_MAX_ATTEMPTS 1000
+#define CBL_THREADS_MAX 1024
+
+int cbL_arg_number(lua_State *L, int arg, const char *name, double min, double max, double *out);
+int cbL_arg_integer(lua_State *L, int arg, const char *name, int64_t min, int64_t max, int64_t *out);
+int cbL_arg_int64(lua_State *L, int arg, const char *name, int64_t min, int64_t max, int64_t *out);
+/* A string without NUL bytes, valid UTF-8 (names, ids and text alike). */
+int cbL_arg_text(lua_State *L, int arg, const char *name, const char **out);
+/* The number at stack index idx, named as option `name` in messages. */
+int cbL_number_at(lua_State *L, int idx, const char *name, double min, double max, double *out);
+int cbL_opt_number(lua_State *L, int idx, const char *name, double def, double min, double max, double *out);
+int cbL_opt_integer(lua_State *L, int idx, const char *name, int64_t def, int64_t min, int64_t max, int64_t *out);
+int cbL_opt_int(lua_State *L, int idx, const char *name, int def, int min, int max, int *out);
+int cbL_opt_text(lua_State *L, int idx, const char *name, const char *def, const char **out);
+/* A required text field: nil raises like any wrong type. */
+int cbL_field_text(lua_State *L, int idx, const char *name, const char **out);
+/* The value at idx as an int64 (number or decimal string); returns 0 without
+ * raising for other types (the caller says what it expected), or after
+ * pushing nil, err for a value out of [min, max]. */
+int cbL_int64_at(lua_State *L, int idx, const char *name, int64_t min, int64_t max, int64_t *out);
+/* A table in field `name` of the table at idx, or argument arg, encoded as
+ * JSON for PostgreSQL (see cbL_json_encode); *json is NULL for nil. The
+ * field's JSON text is left on the stack (one value, nil when absent) for
+ * the caller to keep; the argument's replaces it in its slot. */
+int cbL_opt_json(lua_State *L, int idx, const char *name, const char **json);
+int cbL_arg_json(lua_State *L, int arg, const char *name, const char **json);
+/* Field `name` of the table at idx: a module name (text) or a table, left on
+ * the stack; *type tells which. Raises for other types. */
+int cbL_opt_module(lua_State *L, int idx, const char *name, int *type);
+/* Arguments #2 and #3 of a lookup such as bus:get_command(domain, id). */
+int cbL_args_domain_id(lua_State *L, const char **domain, const char **id);
+/* Raises unless argument arg is none, nil or a table. */
+void cbL_opt_table(lua_State *L, int arg);
+/* A boolean option (raises for another type). */
+int cbL_opt_boolean(lua_State *L, int idx, const char *name, int def);
+
+/* The offset of the first byte of text that is not well-formed UTF-8, or
+ * CBL_VALID. */
+#define CBL_VALID ((size_t)-1)
+size_t cbL_utf8_invalid_at(const char *text, size_t len);
+/* Pushes the string at idx made storable as PostgreSQL text: each NUL byte
+ * and each byte of an invalid UTF-8 sequence becomes U+FFFD. For text that
+ * must be recorded whatever it holds (a handler's error message). */
+const char *cbL_storable_text(lua_State *L, int idx);
 
 /* ---- errors (errors.c) ------------------------------------------------------- */
 
@@ -54,6 +110,8 @@ const char *cbL_optfield_string(lua_State *L, int idx, const char *field, const 
 int cbL_pusherror(lua_State *L, const cb_err *err);
 int cbL_pusherrorcode(lua_State *L, int code, const char *fmt, ...);
 void cbL_open_errors(lua_State *L);
+/* Pushes the error objects' metatable. */
+void cbL_push_error_metatable(lua_State *L);
 /* Registers the metatable `name`: methods as __index, gc as __gc (and as
  * __close under Lua 5.4), tostring as __tostring; gc and tostring may be
  * NULL. Leaves the stack as it was. */
@@ -63,9 +121,13 @@ void cbL_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_
 /* ---- JSON through a private lua-cjson instance (json.c) ----------------------- */
 
 void cbL_open_json(lua_State *L);
-/* Encodes the value at idx; pushes the JSON string and returns 1, or pushes
- * an error message and returns 0. */
+/* Encodes the value at idx for PostgreSQL; pushes the JSON string and
+ * returns 1, or pushes an error message and returns 0: when cjson cannot
+ * encode it (NaN, a function, a sparse array...) and when PostgreSQL could
+ * not store it (a NUL character, text that is not UTF-8). */
 int cbL_json_encode(lua_State *L, int idx);
+/* The same without the PostgreSQL checks (values that never leave the process). */
+int cbL_json_encode_any(lua_State *L, int idx);
 /* Decodes a JSON text; pushes the value (or nil+message: returns 0). */
 int cbL_json_decode(lua_State *L, const char *text);
 
@@ -74,11 +136,21 @@ int cbL_json_decode(lua_State *L, const char *text);
 #define CBL_BUS_MT "commandbus.bus"
 
 typedef struct cbL_bus {
-  cb_runtime *rt; /* NULL once freed */
+  cb_runtime *rt;            /* NULL once freed (or detached) */
+  struct cbL_shared *shared; /* a handle on the process's shared runtime; NULL: rt is the bus's own */
 } cbL_bus;
 
 cbL_bus *cbL_checkbus(lua_State *L, int idx);
 void cbL_open_bus(lua_State *L);
+/* Pushes a new bus object without a runtime. */
+cbL_bus *cbL_newbus(lua_State *L);
+/* core.shared: pushes a handle on the process's shared runtime for these
+ * options, connecting it first when there is none (or nil, err). */
+int cbL_bus_shared(lua_State *L, const cb_runtime_options *o);
+/* core.close_shared: closes every shared runtime of the process; returns how
+ * many. Handles on them then answer CLOSED; a later core.shared connects
+ * anew. */
+int cbL_close_shared(void);
 
 /* ---- queues (queue.c) ---------------------------------------------------- */
 
@@ -86,6 +158,10 @@ void cbL_open_queue(lua_State *L);
 /* bus:queue(name): pushes the queue object (or nil, err). */
 int cbL_bus_queue(lua_State *L);
 int cbL_bus_list_queues(lua_State *L);
+int cbL_bus_queue_metrics(lua_State *L);
+/* Pushes one queue's metrics as queue:metrics() gives them. */
+struct cb_queue_metrics;
+void cbL_push_queue_metrics(lua_State *L, const struct cb_queue_metrics *m);
 /* The runtime of the open bus at idx, or NULL after pushing nil, CLOSED. */
 cb_runtime *cbL_bus_runtime(lua_State *L, int idx);
 
@@ -97,13 +173,19 @@ void cbL_push_rows(lua_State *L, const cb_result *r);
  * last statement of `rows`, which is freed) as one table, or as a list. */
 int cbL_push_query(lua_State *L, int rc, cb_unit *rows, cb_err *err, int single);
 void cbL_open_commands(lua_State *L);
+/* Reads the command table at idx into spec (type, data, id, correlation_id,
+ * reply_to, batch_id, max_attempts); `what` names it in messages (NULL:
+ * "command #i"). Strings stay owned by Lua (the table is the caller's
+ * argument); encoded data is kept in the anchor table at anchor_idx, slot i.
+ * Raises on wrong types; returns 0 after pushing nil, err for a bad value. */
+int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what);
 
 /* ---- processes (process.c) ----------------------------------------------- */
 
 void cbL_open_process(lua_State *L);
-/* The await functions' flags from the options table at idx (may be nil):
- * listen = false gives CB_AWAIT_NO_LISTEN. Raises on a mistyped option. */
-int cbL_await_flags(lua_State *L, int idx);
+/* The {timeout=30, listen=true} options of the await functions at argument
+ * arg: listen = false gives CB_AWAIT_NO_LISTEN in *flags. */
+int cbL_await_options(lua_State *L, int arg, double *timeout, int *flags);
 /* Hands up to max queued process events to the sink function of the bus at
  * bus_idx (see bus:on_process_event); returns how many. */
 int cbL_dispatch_events(lua_State *L, int bus_idx, int max);
@@ -126,7 +208,34 @@ int cbL_lanes_running(const cbL_lanes *lanes);
  * with the domain `who`). */
 int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who);
 
+/* A component that runs lanes (a worker, a reply router), as the bindings
+ * drive it: in run() on the caller's thread, or in the background after
+ * start(). */
+typedef struct cbL_runner_ops {
+  int (*lanes)(void *component);
+  int (*start)(void *component, cb_err *err);
+  void (*stop)(void *component);
+  int (*wait)(void *component, int timeout_ms); /* 1 once stopped and drained */
+  cbL_lane_fn lane;                             /* each module lane's loop */
+} cbL_runner_ops;
+/* Starts one lane thread per lane loading `module` (none when module is
+ * NULL: the caller runs the only lane), then the component. Returns 1 and
+ * the lanes; or 0 after pushing nil, err, with nothing left running. */
+int cbL_runner_start(lua_State *L, const cbL_runner_ops *ops, void *component, const char *module,
+                     cbL_lanes **lanes);
+/* Stops the component, waits until it drained, joins its lanes. */
+void cbL_runner_finish(const cbL_runner_ops *ops, void *component, cbL_lanes *lanes);
+/* The {tick=fn, tick_interval=0.5} options (argument 2) of a run() loop:
+ * the interval in milliseconds; raises when tick is not a function. */
+int cbL_run_options(lua_State *L, int *tick_ms);
+/* The options workers and reply routers share, of the table at idx:
+ * concurrency (*lanes; 0 when absent) and the three timings (defaults in
+ * the pointed-to values). */
+int cbL_runner_options(lua_State *L, int idx, int *lanes, double *visibility_timeout, double *statement_timeout,
+                       double *poll_interval);
+
 void cbL_open_worker(lua_State *L);
+void cbL_open_metrics(lua_State *L);
 /* Schedules, retention and limits: bus methods (upkeep.c). */
 void cbL_open_upkeep(lua_State *L);
 /* Pushes a worker's retention figures: what it removed, passes. */

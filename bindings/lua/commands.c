@@ -10,7 +10,7 @@
 #include "commandbus/bus.h"
 #include "commandbus/tsq.h"
 
-/* What a message calls the command read by read_spec: `what`, or "command
+/* What a message calls the command read by cbL_read_command: `what`, or "command
  * #i" when what is NULL (an item of a list). Made only when a message needs
  * it: formatting it for every command of a large send_batch costs time.
  * Pushes the string when it makes one. */
@@ -29,12 +29,20 @@ static int spec_raise(lua_State *L, const char *what, int i, const char *fmt, ..
   return luaL_error(L, "bad %s%s", name, rest);
 }
 
-/* Reads one command table at idx into spec; what names it in messages (NULL:
- * "command #i"). Strings stay owned by Lua: the table is referenced from the
- * caller's arguments; encoded data goes into the anchor table at anchor_idx
- * (slot i). Raises on wrong types; returns 0 after pushing nil, err when data
- * cannot be encoded. */
-static int read_spec(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what) {
+/* Turns the error at the top (nil, err) into one about the command read by
+ * cbL_read_command: its message gains the command's name in front. */
+static int spec_error(lua_State *L, const char *what, int i) {
+  int err = lua_gettop(L);
+  lua_getfield(L, err, "message");
+  const char *message = lua_tostring(L, -1);
+  const char *name = spec_name(L, what, i);
+  lua_pushfstring(L, "%s: %s", name, message ? message : "");
+  lua_setfield(L, err, "message");
+  lua_settop(L, err);
+  return 0;
+}
+
+int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what) {
   idx = lua_absindex(L, idx);
   memset(spec, 0, sizeof *spec);
   if (lua_type(L, idx) != LUA_TTABLE) spec_raise(L, what, i, ": table expected, got %s", luaL_typename(L, idx));
@@ -49,40 +57,35 @@ static int read_spec(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
                  {"dedup_key", &spec->dedup_key}};
   for (size_t k = 0; k < sizeof strings / sizeof strings[0]; k++) {
     lua_getfield(L, idx, strings[k].name);
-    if (!lua_isnil(L, -1)) {
-      if (lua_type(L, -1) != LUA_TSTRING)
-        spec_raise(L, what, i, " field '%s': string expected, got %s", strings[k].name, luaL_typename(L, -1));
-      *strings[k].out = lua_tostring(L, -1);
-    }
+    int type = lua_type(L, -1);
     lua_pop(L, 1);
+    if (type == LUA_TNIL) continue;
+    if (type != LUA_TSTRING)
+      spec_raise(L, what, i, " field '%s': string expected, got %s", strings[k].name, lua_typename(L, type));
+    if (!cbL_opt_text(L, idx, strings[k].name, NULL, strings[k].out)) return spec_error(L, what, i);
   }
   if (spec->command_type == NULL) spec_raise(L, what, i, ": field 'type' is required");
   lua_getfield(L, idx, "max_attempts");
-  if (!lua_isnil(L, -1)) {
-    int ok;
-    int64_t v = cbL_toint64(L, -1, &ok);
-    if (!ok || v < 1) spec_raise(L, what, i, " field 'max_attempts': positive integer expected");
-    spec->max_attempts = (int)v;
-  }
+  int type = lua_type(L, -1);
   lua_pop(L, 1);
+  if (type != LUA_TNIL && type != LUA_TNUMBER)
+    spec_raise(L, what, i, " field 'max_attempts': integer expected, got %s", lua_typename(L, type));
+  if (!cbL_opt_int(L, idx, "max_attempts", 0, 1, CBL_MAX_ATTEMPTS, &spec->max_attempts))
+    return spec_error(L, what, i);
   lua_getfield(L, idx, "priority");
-  if (!lua_isnil(L, -1)) {
-    int ok;
-    int64_t v = cbL_toint64(L, -1, &ok);
-    if (!ok || v < CB_PRIORITY_MIN || v > CB_PRIORITY_MAX)
-      spec_raise(L, what, i, " field 'priority': integer between %d and %d expected", CB_PRIORITY_MIN, CB_PRIORITY_MAX);
-    spec->priority = (int)v;
-  }
+  type = lua_type(L, -1);
   lua_pop(L, 1);
+  if (type != LUA_TNIL && type != LUA_TNUMBER)
+    spec_raise(L, what, i, " field 'priority': integer expected, got %s", lua_typename(L, type));
+  if (!cbL_opt_int(L, idx, "priority", 0, CB_PRIORITY_MIN, CB_PRIORITY_MAX, &spec->priority))
+    return spec_error(L, what, i);
   lua_getfield(L, idx, "dedup_for");
-  if (!lua_isnil(L, -1)) {
-    if (lua_type(L, -1) != LUA_TNUMBER || !(lua_tonumber(L, -1) > 0))
-      spec_raise(L, what, i, " field 'dedup_for': positive number of seconds expected");
-    spec->dedup_for = lua_tonumber(L, -1);
-  }
+  type = lua_type(L, -1);
   lua_pop(L, 1);
-  if ((spec->dedup_key == NULL) != (spec->dedup_for == 0))
-    spec_raise(L, what, i, ": dedup_key and dedup_for go together");
+  if (type != LUA_TNIL && type != LUA_TNUMBER)
+    spec_raise(L, what, i, " field 'dedup_for': number of seconds expected, got %s", lua_typename(L, type));
+  if (!cbL_opt_number(L, idx, "dedup_for", 0, CBL_TIMING_MIN, CBL_AGE_MAX, &spec->dedup_for))
+    return spec_error(L, what, i);
   lua_getfield(L, idx, "data");
   if (!lua_isnil(L, -1)) {
     if (lua_type(L, -1) != LUA_TTABLE)
@@ -124,7 +127,7 @@ static int read_specs(lua_State *L, int list, int anchor, size_t n, cb_command_s
   *results = lua_newuserdata(L, n * sizeof **results);
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, list, (int)i + 1);
-    if (!read_spec(L, -1, anchor, (int)i + 1, &(*specs)[i], NULL)) return 0;
+    if (!cbL_read_command(L, -1, anchor, (int)i + 1, &(*specs)[i], NULL)) return 0;
     lua_pop(L, 1);
   }
   return 1;
@@ -138,19 +141,9 @@ static void push_results(lua_State *L, const cb_send_result *results, size_t n) 
   }
 }
 
-static const char *check_domain_field(lua_State *L, int idx) {
-  lua_getfield(L, idx, "domain");
-  if (lua_type(L, -1) != LUA_TSTRING)
-    luaL_error(L, "bad field 'domain': string expected, got %s", luaL_typename(L, -1));
-  const char *d = lua_tostring(L, -1);
-  lua_pop(L, 1);
-  return d;
-}
-
-static double check_delay(lua_State *L, int idx) {
-  double delay = cbL_optfield_number(L, idx, "delay", 0);
-  if (delay < 0) luaL_error(L, "bad field 'delay': must not be negative");
-  return delay;
+/* The {domain=, delay=} fields every send has. */
+static int send_fields(lua_State *L, const char **domain, double *delay) {
+  return cbL_field_text(L, 2, "domain", domain) && cbL_opt_number(L, 2, "delay", 0, 0, CBL_DELAY_MAX, delay);
 }
 
 /* bus:send{domain=, type=, data=, id=, correlation_id=, reply_to=,
@@ -158,15 +151,17 @@ static double check_delay(lua_State *L, int idx) {
  * -> {command_id=, msg_id=} | nil, err (DUPLICATE_COMMAND: err.command_id is
  * the command already there, or the one holding the dedup key) */
 static int l_send(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
-  const char *domain = check_domain_field(L, 2);
-  double delay = check_delay(L, 2);
+  const char *domain;
+  double delay;
+  if (!send_fields(L, &domain, &delay)) return 2;
   lua_newtable(L);
   int anchor = lua_gettop(L);
   cb_command_spec spec;
-  if (!read_spec(L, 2, anchor, 1, &spec, "command")) return 2;
+  if (!cbL_read_command(L, 2, anchor, 1, &spec, "command")) return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   cb_send_result result;
   cb_err err;
   if (cb_bus_send(rt, domain, &spec, 1, delay, &result, &err) != CB_OK) {
@@ -181,29 +176,34 @@ static int l_send(lua_State *L) {
   return 1;
 }
 
+/* The commands field of the table at 2, a list: pushes it and returns its
+ * length (raises when it is not a table). */
+static size_t commands_field(lua_State *L) {
+  lua_getfield(L, 2, "commands");
+  if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "bad option 'commands': table expected, got %s", luaL_typename(L, -1));
+  return lua_rawlen(L, -1);
+}
+
 /* bus:send_batch{domain=, commands={{type=, data=, ...}, ...}, delay=}
  * -> {{command_id=, msg_id=} or {command_id=, duplicate=true}, ...} | nil, err
  * One round trip and one transaction for all. */
 static int l_send_batch(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
-  const char *domain = check_domain_field(L, 2);
-  double delay = check_delay(L, 2);
-  lua_getfield(L, 2, "commands");
-  if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "bad field 'commands': table expected");
+  const char *domain;
+  double delay;
+  if (!send_fields(L, &domain, &delay)) return 2;
+  size_t n = commands_field(L);
   int list = lua_gettop(L);
-  size_t n = lua_rawlen(L, list);
   lua_createtable(L, (int)n, 0);
   int anchor = lua_gettop(L);
-  if (n == 0) {
-    lua_newtable(L);
-    return 1;
-  }
-  cb_command_spec *specs;
-  cb_send_result *results;
-  if (!read_specs(L, list, anchor, n, &specs, &results)) return 2;
+  cb_command_spec *specs = NULL;
+  cb_send_result *results = NULL;
+  if (n > 0 && !read_specs(L, list, anchor, n, &specs, &results)) return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   cb_err err;
+  /* With no commands this still checks the domain. */
   if (cb_bus_send(rt, domain, specs, n, delay, results, &err) != CB_OK) return cbL_pusherror(L, &err);
   push_results(L, results, n);
   return 1;
@@ -211,9 +211,9 @@ static int l_send_batch(lua_State *L) {
 
 /* bus:get_command(domain, id) -> record | nil, err (NOT_FOUND) */
 static int l_get_command(lua_State *L) {
+  const char *domain, *id;
+  if (!cbL_args_domain_id(L, &domain, &id)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -221,19 +221,24 @@ static int l_get_command(lua_State *L) {
   return cbL_push_query(L, rc, rows, &err, 1);
 }
 
+/* The {limit=100, offset=0} of a list. */
+static int page_fields(lua_State *L, int *limit, int *offset) {
+  return cbL_opt_int(L, 2, "limit", 100, 1, CBL_COUNT_MAX, limit) &&
+         cbL_opt_int(L, 2, "offset", 0, 0, CBL_OFFSET_MAX, offset);
+}
+
 /* bus:list_commands{domain=, status=, type=, correlation_id=, batch_id=, limit=, offset=} */
 static int l_list_commands(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
   cb_command_filter f = {0};
-  f.domain = check_domain_field(L, 2);
-  f.status = cbL_optfield_string(L, 2, "status", NULL);
-  f.command_type = cbL_optfield_string(L, 2, "type", NULL);
-  f.correlation_id = cbL_optfield_string(L, 2, "correlation_id", NULL);
-  f.batch_id = cbL_optfield_string(L, 2, "batch_id", NULL);
-  f.limit = cbL_optfield_int(L, 2, "limit", 100);
-  f.offset = cbL_optfield_int(L, 2, "offset", 0);
+  if (!cbL_field_text(L, 2, "domain", &f.domain) || !cbL_opt_text(L, 2, "status", NULL, &f.status) ||
+      !cbL_opt_text(L, 2, "type", NULL, &f.command_type) ||
+      !cbL_opt_text(L, 2, "correlation_id", NULL, &f.correlation_id) ||
+      !cbL_opt_text(L, 2, "batch_id", NULL, &f.batch_id) || !page_fields(L, &f.limit, &f.offset))
+    return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
   int rc = cb_bus_list_commands(rt, &f, &rows, &err);
@@ -242,9 +247,9 @@ static int l_list_commands(lua_State *L) {
 
 /* bus:audit(domain, id) -> {{audit_id=, event_type=, ts=, details=}, ...} */
 static int l_audit(lua_State *L) {
+  const char *domain, *id;
+  if (!cbL_args_domain_id(L, &domain, &id)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -255,30 +260,21 @@ static int l_audit(lua_State *L) {
 /* bus:create_batch{domain=, name=, custom_data=, commands={...}}
  * -> {batch_id=, commands={{command_id=, msg_id=}, ...}} | nil, err */
 static int l_create_batch(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
-  const char *domain = check_domain_field(L, 2);
-  const char *name = cbL_optfield_string(L, 2, "name", NULL);
-  lua_getfield(L, 2, "commands");
-  if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "bad field 'commands': table expected");
+  const char *domain, *name, *custom;
+  if (!cbL_field_text(L, 2, "domain", &domain) || !cbL_opt_text(L, 2, "name", NULL, &name)) return 2;
+  size_t n = commands_field(L);
   int list = lua_gettop(L);
-  size_t n = lua_rawlen(L, list);
-  lua_newtable(L);
+  if (!cbL_opt_json(L, 2, "custom_data", &custom)) return 2;
+  lua_createtable(L, (int)n, 0);
   int anchor = lua_gettop(L);
-  const char *custom = NULL;
-  lua_getfield(L, 2, "custom_data");
-  if (!lua_isnil(L, -1)) {
-    if (!lua_istable(L, -1)) luaL_error(L, "bad field 'custom_data': table expected");
-    if (!cbL_json_encode(L, -1)) return cbL_pusherrorcode(L, CB_EINVAL, "cannot encode custom_data as JSON");
-    custom = lua_tostring(L, -1);
-    lua_rawseti(L, anchor, 0);
-  }
-  lua_pop(L, 1);
   if (n == 0) return cbL_pusherrorcode(L, CB_EINVAL, "a batch needs at least one command");
   cb_command_spec *specs;
   cb_send_result *results;
   if (!read_specs(L, list, anchor, n, &specs, &results)) return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   char batch_id[CB_UUID_LEN + 1];
   cb_err err;
   if (cb_bus_create_batch(rt, domain, name, custom, specs, n, results, batch_id, &err) != CB_OK)
@@ -293,9 +289,9 @@ static int l_create_batch(lua_State *L) {
 
 /* bus:get_batch(domain, id) -> batch with exact counts | nil, err */
 static int l_get_batch(lua_State *L) {
+  const char *domain, *id;
+  if (!cbL_args_domain_id(L, &domain, &id)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -305,28 +301,36 @@ static int l_get_batch(lua_State *L) {
 
 /* bus:list_batches{domain=, status=, limit=, offset=} */
 static int l_list_batches(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
+  const char *domain, *status;
+  int limit, offset;
+  if (!cbL_field_text(L, 2, "domain", &domain) || !cbL_opt_text(L, 2, "status", NULL, &status) ||
+      !page_fields(L, &limit, &offset))
+    return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
-  const char *domain = check_domain_field(L, 2);
   cb_unit *rows;
   cb_err err;
-  int rc = cb_bus_list_batches(rt, domain, cbL_optfield_string(L, 2, "status", NULL),
-                               cbL_optfield_int(L, 2, "limit", 100), cbL_optfield_int(L, 2, "offset", 0), &rows, &err);
+  int rc = cb_bus_list_batches(rt, domain, status, limit, offset, &rows, &err);
   return cbL_push_query(L, rc, rows, &err, 0);
 }
 
 /* bus:tsq_list{domain=, type=, limit=, offset=} -> {items={...}, total=n} */
 static int l_tsq_list(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
+  const char *domain, *type;
+  int limit, offset;
+  if (!cbL_field_text(L, 2, "domain", &domain) || !cbL_opt_text(L, 2, "type", NULL, &type) ||
+      !page_fields(L, &limit, &offset))
+    return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
-  const char *domain = check_domain_field(L, 2);
   cb_unit *rows;
   int64_t total;
   cb_err err;
-  int rc = cb_tsq_list(rt, domain, cbL_optfield_string(L, 2, "type", NULL), cbL_optfield_int(L, 2, "limit", 100),
-                       cbL_optfield_int(L, 2, "offset", 0), &rows, &total, &err);
+  int rc = cb_tsq_list(rt, domain, type, limit, offset, &rows, &total, &err);
   if (rc != CB_OK) return cbL_pusherror(L, &err);
   lua_createtable(L, 0, 2);
   cbL_push_rows(L, cb_unit_result(rows, 1));
@@ -337,33 +341,34 @@ static int l_tsq_list(lua_State *L) {
   return 1;
 }
 
-static const char *opt_operator(lua_State *L, int idx) {
-  if (lua_isnoneornil(L, idx)) return NULL;
-  luaL_checktype(L, idx, LUA_TTABLE);
-  return cbL_optfield_string(L, idx, "operator", NULL);
+/* An operator action's options at argument arg: {operator=, reason=}
+ * (reason NULL: the action takes its reason elsewhere). */
+static int opt_operator(lua_State *L, int arg, const char **op, const char **reason) {
+  cbL_opt_table(L, arg);
+  if (reason && !cbL_opt_text(L, arg, "reason", NULL, reason)) return 0;
+  return cbL_opt_text(L, arg, "operator", NULL, op);
 }
 
-/* bus:tsq_retry(domain, id, {operator=}) -> new msg_id | nil, err */
+/* bus:tsq_retry(domain, id, {operator=, reason=}) -> new msg_id | nil, err */
 static int l_tsq_retry(lua_State *L) {
+  const char *domain, *id, *op, *reason;
+  if (!cbL_args_domain_id(L, &domain, &id) || !opt_operator(L, 4, &op, &reason)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
-  const char *op = opt_operator(L, 4);
   if (rt == NULL) return 2;
   int64_t msg_id;
   cb_err err;
-  if (cb_tsq_retry(rt, domain, id, op, &msg_id, &err) != CB_OK) return cbL_pusherror(L, &err);
+  if (cb_tsq_retry(rt, domain, id, op, reason, &msg_id, &err) != CB_OK) return cbL_pusherror(L, &err);
   cbL_pushint64(L, msg_id);
   return 1;
 }
 
 /* bus:tsq_cancel(domain, id, reason, {operator=}) -> true | nil, err */
 static int l_tsq_cancel(lua_State *L) {
+  const char *domain, *id, *op, *reason = "";
+  if (!cbL_args_domain_id(L, &domain, &id) || (!lua_isnoneornil(L, 4) && !cbL_arg_text(L, 4, "reason", &reason)) ||
+      !opt_operator(L, 5, &op, NULL))
+    return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
-  const char *reason = luaL_optstring(L, 4, "");
-  const char *op = opt_operator(L, 5);
   if (rt == NULL) return 2;
   cb_err err;
   if (cb_tsq_cancel(rt, domain, id, reason, op, &err) != CB_OK) return cbL_pusherror(L, &err);
@@ -371,22 +376,16 @@ static int l_tsq_cancel(lua_State *L) {
   return 1;
 }
 
-/* bus:tsq_complete(domain, id, result, {operator=}) -> true | nil, err */
+/* bus:tsq_complete(domain, id, result, {operator=, reason=}) -> true | nil, err */
 static int l_tsq_complete(lua_State *L) {
+  const char *domain, *id, *op, *reason, *result;
+  if (!cbL_args_domain_id(L, &domain, &id) || !cbL_arg_json(L, 4, "the result", &result) ||
+      !opt_operator(L, 5, &op, &reason))
+    return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
-  const char *result = NULL;
-  if (!lua_isnoneornil(L, 4)) {
-    luaL_checktype(L, 4, LUA_TTABLE);
-    if (!cbL_json_encode(L, 4)) return cbL_pusherrorcode(L, CB_EINVAL, "cannot encode the result as JSON");
-    result = lua_tostring(L, -1);
-    lua_replace(L, 4);
-  }
-  const char *op = opt_operator(L, 5);
   if (rt == NULL) return 2;
   cb_err err;
-  if (cb_tsq_complete(rt, domain, id, result, op, &err) != CB_OK) return cbL_pusherror(L, &err);
+  if (cb_tsq_complete(rt, domain, id, result, op, reason, &err) != CB_OK) return cbL_pusherror(L, &err);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -395,13 +394,11 @@ static int l_tsq_complete(lua_State *L) {
  * it is COMPLETED, FAILED, CANCELED or in the TSQ | nil, err (TIMEOUT,
  * NOT_FOUND). Blocks only the calling thread; listen as for await_process. */
 static int l_await(lua_State *L) {
+  const char *domain, *id;
+  double timeout;
+  int flags;
+  if (!cbL_args_domain_id(L, &domain, &id) || !cbL_await_options(L, 4, &timeout, &flags)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
-  if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
-  double timeout = cbL_optfield_number(L, 4, "timeout", 30);
-  if (timeout < 0) luaL_argerror(L, 4, "timeout must not be negative");
-  int flags = cbL_await_flags(L, 4);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;

@@ -1,9 +1,9 @@
-/* commandbus Lua binding: error objects and small argument helpers.
+/* commandbus Lua binding: error objects and the classes' metatables.
  *
  * Runtime failures come back as `nil, err`, where err is a table with `code`
  * (a stable string such as "CONNECTION"), `message`, and `sqlstate` when
  * PostgreSQL gave one; tostring(err) reads "CODE: message". Misuse (a wrong
- * argument type) raises at once instead. */
+ * argument type) raises at once instead (see checks.c). */
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +33,8 @@ void cbL_open_errors(lua_State *L) {
   lua_pop(L, 1);
 }
 
+void cbL_push_error_metatable(lua_State *L) { luaL_getmetatable(L, ERROR_MT); }
+
 int cbL_pusherror(lua_State *L, const cb_err *err) {
   lua_pushnil(L);
   lua_createtable(L, 0, 3);
@@ -58,75 +60,6 @@ int cbL_pusherrorcode(lua_State *L, int code, const char *fmt, ...) {
   vsnprintf(err.message, sizeof err.message, fmt, ap);
   va_end(ap);
   return cbL_pusherror(L, &err);
-}
-
-int64_t cbL_toint64(lua_State *L, int idx, int *ok) {
-  *ok = 0;
-  if (lua_type(L, idx) == LUA_TNUMBER) {
-#if LUA_VERSION_NUM >= 503
-    if (lua_isinteger(L, idx)) {
-      *ok = 1;
-      return (int64_t)lua_tointeger(L, idx);
-    }
-#endif
-    lua_Number n = lua_tonumber(L, idx);
-    if (n == (lua_Number)(int64_t)n) {
-      *ok = 1;
-      return (int64_t)n;
-    }
-    return 0;
-  }
-  if (lua_type(L, idx) == LUA_TSTRING) {
-    const char *s = lua_tostring(L, idx);
-    char *end;
-    long long v = strtoll(s, &end, 10);
-    if (*s && *end == '\0') {
-      *ok = 1;
-      return (int64_t)v;
-    }
-  }
-  return 0;
-}
-
-int64_t cbL_checkint64(lua_State *L, int idx) {
-  int ok;
-  int64_t v = cbL_toint64(L, idx, &ok);
-  if (!ok) luaL_argerror(L, idx, lua_pushfstring(L, "integer id expected, got %s", luaL_typename(L, idx)));
-  return v;
-}
-
-static int field(lua_State *L, int idx, const char *name) {
-  if (lua_isnoneornil(L, idx)) return 0;
-  lua_getfield(L, idx, name);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    return 0;
-  }
-  return 1;
-}
-
-double cbL_optfield_number(lua_State *L, int idx, const char *name, double def) {
-  if (!field(L, idx, name)) return def;
-  if (lua_type(L, -1) != LUA_TNUMBER)
-    luaL_error(L, "bad option '%s': number expected, got %s", name, luaL_typename(L, -1));
-  double v = lua_tonumber(L, -1);
-  lua_pop(L, 1);
-  return v;
-}
-
-int cbL_optfield_int(lua_State *L, int idx, const char *name, int def) {
-  double v = cbL_optfield_number(L, idx, name, def);
-  if (v != (double)(int)v) luaL_error(L, "bad option '%s': integer expected, got %f", name, v);
-  return (int)v;
-}
-
-const char *cbL_optfield_string(lua_State *L, int idx, const char *name, const char *def) {
-  if (!field(L, idx, name)) return def;
-  if (lua_type(L, -1) != LUA_TSTRING)
-    luaL_error(L, "bad option '%s': string expected, got %s", name, luaL_typename(L, -1));
-  const char *s = lua_tostring(L, -1);
-  lua_pop(L, 1); /* still referenced by the options table */
-  return s;
 }
 
 const char *cbL_tostring(lua_State *L, int idx) {

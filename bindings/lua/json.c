@@ -2,8 +2,9 @@
  * (cjson.new()), so that a host script's cjson settings never change how
  * messages are encoded. The encode and decode functions live in the
  * registry. */
-#include "binding.h"
+#include <string.h>
 
+#include "binding.h"
 
 void cbL_open_json(lua_State *L) {
   lua_getglobal(L, "require");
@@ -25,12 +26,38 @@ void cbL_open_json(lua_State *L) {
   lua_pop(L, 1);
 }
 
-int cbL_json_encode(lua_State *L, int idx) {
+int cbL_json_encode_any(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
   lua_getfield(L, LUA_REGISTRYINDEX, "commandbus.json_encode");
   lua_pushvalue(L, idx);
   if (lua_pcall(L, 1, 1, 0) != 0) return 0;
   return 1;
+}
+
+/* Why PostgreSQL would refuse the JSON text, or NULL. jsonb cannot hold the
+ * character U+0000 (cjson writes a NUL byte of a Lua string as \u0000), and
+ * the server takes UTF-8 only. Outside strings JSON has no backslash, so
+ * stepping over each escape pair finds every \u0000. */
+static const char *unstorable(const char *json, size_t len) {
+  for (size_t i = 0; i < len; i++) {
+    if (json[i] != '\\') continue;
+    if (i + 5 < len && json[i + 1] == 'u' && memcmp(json + i + 2, "0000", 4) == 0)
+      return "a string in it holds a NUL character (\\u0000), which PostgreSQL cannot store";
+    i++;
+  }
+  if (cbL_utf8_invalid_at(json, len) != CBL_VALID) return "a string in it is not valid UTF-8";
+  return NULL;
+}
+
+int cbL_json_encode(lua_State *L, int idx) {
+  if (!cbL_json_encode_any(L, idx)) return 0;
+  size_t len;
+  const char *json = lua_tolstring(L, -1, &len);
+  const char *why = unstorable(json, len);
+  if (why == NULL) return 1;
+  lua_pop(L, 1);
+  lua_pushstring(L, why);
+  return 0;
 }
 
 int cbL_json_decode(lua_State *L, const char *text) {

@@ -12,6 +12,7 @@
 
 #include "binding.h"
 #include "commandbus/log.h"
+#include "commandbus/thread.h"
 
 struct cbL_lanes {
   int count;
@@ -110,7 +111,7 @@ cbL_lanes *cbL_lanes_start(lua_State *L, int count, const char *module, cbL_lane
     if (s == NULL) break;
     s->lanes = lanes;
     s->index = i;
-    if (pthread_create(&lanes->threads[i], NULL, lane_main, s) != 0) {
+    if (cb_thread_start(&lanes->threads[i], lane_main, s) != 0) {
       free(s);
       cb_log(CB_LOG_ERROR, "cannot start lane thread %d of %d", i, count);
       break;
@@ -138,6 +139,44 @@ int cbL_lanes_running(const cbL_lanes *lanes) {
   return n;
 }
 
+/* A start that failed: the component is stopped, its lanes end and are
+ * joined. Pushes nil, err; returns 0. */
+static int abandon(lua_State *L, const cbL_runner_ops *ops, void *component, cbL_lanes *lanes, const cb_err *err) {
+  ops->stop(component);
+  cbL_lanes_join(lanes);
+  cbL_pusherror(L, err);
+  return 0;
+}
+
+int cbL_runner_start(lua_State *L, const cbL_runner_ops *ops, void *component, const char *module,
+                     cbL_lanes **lanes) {
+  cb_err err;
+  int want = ops->lanes(component);
+  *lanes = NULL;
+  if (module) {
+    cbL_lanes *started = cbL_lanes_start(L, want, module, ops->lane, component, &err);
+    if (started == NULL) return abandon(L, ops, component, NULL, &err);
+    int running = cbL_lanes_running(started);
+    if (running != want) { /* a lane nobody runs would hold its work forever: refuse to start */
+      cb_err_set(&err, CB_ENOMEM, "could start only %d of %d lane threads", running, want);
+      return abandon(L, ops, component, started, &err);
+    }
+    *lanes = started;
+  }
+  if (ops->start(component, &err) != CB_OK) {
+    abandon(L, ops, component, *lanes, &err);
+    *lanes = NULL;
+    return 0;
+  }
+  return 1;
+}
+
+void cbL_runner_finish(const cbL_runner_ops *ops, void *component, cbL_lanes *lanes) {
+  ops->stop(component);
+  ops->wait(component, -1);
+  cbL_lanes_join(lanes);
+}
+
 int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who) {
   if (bus_ref != LUA_NOREF && bus_ref != LUA_REFNIL) { /* the bus's process event sink, if any */
     lua_rawgeti(L, LUA_REGISTRYINDEX, bus_ref);
@@ -155,4 +194,28 @@ int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who) {
   }
   lua_pop(L, 1);
   return keep;
+}
+
+int cbL_run_options(lua_State *L, int *tick_ms) {
+  cbL_opt_table(L, 2);
+  double interval;
+  if (!cbL_opt_number(L, 2, "tick_interval", 0.5, CBL_TIMING_MIN, CBL_TIMING_MAX, &interval)) return 0;
+  *tick_ms = (int)(interval * 1000 + 0.5);
+  if (lua_istable(L, 2)) {
+    lua_getfield(L, 2, "tick");
+    if (!lua_isnil(L, -1) && !lua_isfunction(L, -1))
+      luaL_error(L, "bad option 'tick': function expected, got %s", luaL_typename(L, -1));
+    lua_pop(L, 1);
+  }
+  return 1;
+}
+
+int cbL_runner_options(lua_State *L, int idx, int *lanes, double *visibility_timeout, double *statement_timeout,
+                       double *poll_interval) {
+  return cbL_opt_int(L, idx, "concurrency", 0, 1, CBL_THREADS_MAX, lanes) &&
+         cbL_opt_number(L, idx, "visibility_timeout", *visibility_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
+                        visibility_timeout) &&
+         cbL_opt_number(L, idx, "statement_timeout", *statement_timeout, CBL_TIMING_MIN, CBL_TIMING_MAX,
+                        statement_timeout) &&
+         cbL_opt_number(L, idx, "poll_interval", *poll_interval, CBL_TIMING_MIN, CBL_TIMING_MAX, poll_interval);
 }

@@ -11,73 +11,31 @@
 #include "commandbus/log.h"
 #include "commandbus/process.h"
 
-/* A required string field of the table at idx (raises when missing). */
-static const char *check_string_field(lua_State *L, int idx, const char *field, const char *what) {
-  lua_getfield(L, idx, field);
-  if (lua_type(L, -1) != LUA_TSTRING)
-    luaL_error(L, "bad %s field '%s': string expected, got %s", what, field, luaL_typename(L, -1));
-  const char *s = lua_tostring(L, -1);
-  lua_pop(L, 1); /* still referenced by the table */
-  return s;
-}
-
-/* Encodes the table in field `field` of the table at idx, or leaves *out NULL
- * when the field is nil. The JSON text is left on the stack (the caller's
- * anchor) and 1 returned; 0 after pushing nil, err when it cannot be encoded. */
-static int encode_field(lua_State *L, int idx, const char *field, const char *what, const char **out) {
-  *out = NULL;
-  lua_getfield(L, idx, field);
-  if (lua_isnil(L, -1)) return 1;
-  if (lua_type(L, -1) != LUA_TTABLE)
-    luaL_error(L, "bad %s field '%s': table expected, got %s", what, field, luaL_typename(L, -1));
-  if (!cbL_json_encode(L, -1)) {
-    const char *why = lua_tostring(L, -1);
-    cbL_pusherrorcode(L, CB_EINVAL, "cannot encode %s %s as JSON: %s", what, field, why ? why : "?");
-    return 0;
-  }
-  *out = lua_tostring(L, -1);
-  return 1;
-}
-
-/* The command table at idx: type (required), data, id, max_attempts. */
-static int read_command(lua_State *L, int idx, cb_command_spec *spec) {
-  idx = lua_absindex(L, idx);
-  memset(spec, 0, sizeof *spec);
-  if (lua_type(L, idx) != LUA_TTABLE)
-    luaL_error(L, "bad field 'command': table expected, got %s", luaL_typename(L, idx));
-  spec->command_type = check_string_field(L, idx, "type", "command");
-  spec->command_id = cbL_optfield_string(L, idx, "id", NULL);
-  lua_getfield(L, idx, "max_attempts");
-  if (!lua_isnil(L, -1)) {
-    int ok;
-    int64_t v = cbL_toint64(L, -1, &ok);
-    if (!ok || v < 1) luaL_error(L, "bad command field 'max_attempts': positive integer expected");
-    spec->max_attempts = (int)v;
-  }
-  lua_pop(L, 1);
-  return encode_field(L, idx, "data", "command", &spec->data_json);
-}
-
 /* bus:process_start{domain=, type=, step=, state=, reply_to=, batch_id=,
  *                   command={type=, data=, id=, max_attempts=}}
  * -> process_id, {command_id=, msg_id=} | nil, err
  * One transaction: the process row (WAITING at `step`), the command (its
- * correlation_id is the process id) and the step's process_audit row. */
+ * correlation_id is the process id, its reply_to the process's) and the
+ * step's process_audit row. */
 static int l_process_start(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
   cb_process_start_spec spec = {0};
-  spec.domain = check_string_field(L, 2, "domain", "process");
-  spec.process_type = check_string_field(L, 2, "type", "process");
-  spec.step_name = check_string_field(L, 2, "step", "process");
-  spec.batch_id = cbL_optfield_string(L, 2, "batch_id", NULL);
-  const char *reply_to = check_string_field(L, 2, "reply_to", "process");
-  if (!encode_field(L, 2, "state", "process", &spec.state_json)) return 2;
+  const char *reply_to;
+  if (!cbL_field_text(L, 2, "domain", &spec.domain) || !cbL_field_text(L, 2, "type", &spec.process_type) ||
+      !cbL_field_text(L, 2, "step", &spec.step_name) || !cbL_opt_text(L, 2, "batch_id", NULL, &spec.batch_id) ||
+      !cbL_field_text(L, 2, "reply_to", &reply_to) || !cbL_opt_json(L, 2, "state", &spec.state_json))
+    return 2;
+  lua_newtable(L);
+  int anchor = lua_gettop(L);
   lua_getfield(L, 2, "command");
   cb_command_spec command;
-  if (!read_command(L, -1, &command)) return 2;
+  if (!cbL_read_command(L, -1, anchor, 1, &command, "command")) return 2;
   command.reply_to = reply_to;
+  command.correlation_id = NULL; /* the process id */
+  command.batch_id = NULL;       /* the process's batch is its own */
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   char process_id[CB_UUID_LEN + 1];
   cb_send_result result;
   cb_err err;
@@ -93,9 +51,9 @@ static int l_process_start(lua_State *L) {
 
 /* bus:get_process(domain, id) -> record | nil, err (NOT_FOUND) */
 static int l_get_process(lua_State *L) {
+  const char *domain, *id;
+  if (!cbL_args_domain_id(L, &domain, &id)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -105,15 +63,16 @@ static int l_get_process(lua_State *L) {
 
 /* bus:list_processes{domain=, type=, status=, limit=100, offset=0}, newest first */
 static int l_list_processes(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
   cb_process_filter f = {0};
-  f.domain = check_string_field(L, 2, "domain", "filter");
-  f.process_type = cbL_optfield_string(L, 2, "type", NULL);
-  f.status = cbL_optfield_string(L, 2, "status", NULL);
-  f.limit = cbL_optfield_int(L, 2, "limit", 100);
-  f.offset = cbL_optfield_int(L, 2, "offset", 0);
+  if (!cbL_field_text(L, 2, "domain", &f.domain) || !cbL_opt_text(L, 2, "type", NULL, &f.process_type) ||
+      !cbL_opt_text(L, 2, "status", NULL, &f.status) ||
+      !cbL_opt_int(L, 2, "limit", 100, 1, CBL_COUNT_MAX, &f.limit) ||
+      !cbL_opt_int(L, 2, "offset", 0, 0, CBL_OFFSET_MAX, &f.offset))
+    return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
   int rc = cb_process_list(rt, &f, &rows, &err);
@@ -123,9 +82,9 @@ static int l_list_processes(lua_State *L) {
 /* bus:process_audit(domain, id) -> {{id=, step_name=, command_id=, ...}, ...}
  * oldest first | nil, err (NOT_FOUND) */
 static int l_process_audit(lua_State *L) {
+  const char *domain, *id;
+  if (!cbL_args_domain_id(L, &domain, &id)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -133,32 +92,16 @@ static int l_process_audit(lua_State *L) {
   return cbL_push_query(L, rc, rows, &err, 0);
 }
 
-/* The optional {timeout=30} table at idx. */
-static double opt_timeout(lua_State *L, int idx) {
-  if (!lua_isnoneornil(L, idx)) luaL_checktype(L, idx, LUA_TTABLE);
-  double timeout = cbL_optfield_number(L, idx, "timeout", 30);
-  if (!(timeout >= 0)) luaL_argerror(L, idx, "timeout must be a number of seconds >= 0");
-  return timeout;
+int cbL_await_options(lua_State *L, int arg, double *timeout, int *flags) {
+  cbL_opt_table(L, arg);
+  *flags = cbL_opt_boolean(L, arg, "listen", 1) ? 0 : CB_AWAIT_NO_LISTEN;
+  return cbL_opt_number(L, arg, "timeout", 30, 0, CBL_DELAY_MAX, timeout);
 }
 
-int cbL_await_flags(lua_State *L, int idx) {
-  if (lua_isnoneornil(L, idx)) return 0;
-  lua_getfield(L, idx, "listen");
-  int t = lua_type(L, -1);
-  if (t != LUA_TNIL && t != LUA_TBOOLEAN)
-    luaL_error(L, "bad option 'listen': boolean expected, got %s", lua_typename(L, t));
-  int flags = t == LUA_TBOOLEAN && !lua_toboolean(L, -1) ? CB_AWAIT_NO_LISTEN : 0;
-  lua_pop(L, 1);
-  return flags;
-}
-
-/* A sequence number argument (an integer >= 0; nil means 0). */
-static int64_t opt_sequence(lua_State *L, int idx) {
-  if (lua_isnoneornil(L, idx)) return 0;
-  int ok;
-  int64_t v = cbL_toint64(L, idx, &ok);
-  if (!ok || v < 0) luaL_argerror(L, idx, "sequence must be an integer >= 0");
-  return v;
+/* A sequence number argument: an integer from 0 (nil means 0). */
+static int opt_sequence(lua_State *L, int arg, int64_t *after) {
+  *after = 0;
+  return lua_isnoneornil(L, arg) || cbL_arg_int64(L, arg, "sequence", 0, INT64_MAX, after);
 }
 
 /* bus:await_process(domain, id, {timeout=30, listen=true}) -> the process once
@@ -166,11 +109,11 @@ static int64_t opt_sequence(lua_State *L, int idx) {
  * Blocks only the calling thread. listen = false: no LISTEN (e.g. behind a
  * transaction-pooling proxy); other processes' changes are polled for. */
 static int l_await_process(lua_State *L) {
+  const char *domain, *id;
+  double timeout;
+  int flags;
+  if (!cbL_args_domain_id(L, &domain, &id) || !cbL_await_options(L, 4, &timeout, &flags)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
-  double timeout = opt_timeout(L, 4);
-  int flags = cbL_await_flags(L, 4);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -182,13 +125,14 @@ static int l_await_process(lua_State *L) {
  * -> the first event of that type after the sequence (at once when it is
  * already in the log) | nil, err (TIMEOUT, NOT_FOUND). */
 static int l_await_event(lua_State *L) {
+  const char *domain, *id, *event_type;
+  int64_t after;
+  double timeout;
+  int flags;
+  if (!cbL_args_domain_id(L, &domain, &id) || !cbL_arg_text(L, 4, "event_type", &event_type) ||
+      !opt_sequence(L, 5, &after) || !cbL_await_options(L, 6, &timeout, &flags))
+    return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
-  const char *event_type = luaL_checkstring(L, 4);
-  int64_t after = opt_sequence(L, 5);
-  double timeout = opt_timeout(L, 6);
-  int flags = cbL_await_flags(L, 6);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -199,10 +143,10 @@ static int l_await_event(lua_State *L) {
 /* bus:process_events(domain, id, after_sequence=0) -> {event, ...} oldest
  * first: the complete log | nil, err (NOT_FOUND) */
 static int l_process_events(lua_State *L) {
+  const char *domain, *id;
+  int64_t after;
+  if (!cbL_args_domain_id(L, &domain, &id) || !opt_sequence(L, 4, &after)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
-  int64_t after = opt_sequence(L, 4);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -213,16 +157,11 @@ static int l_process_events(lua_State *L) {
 /* bus:append_process_event(domain, id, event_type, data) -> sequence
  * | nil, err (NOT_FOUND; INVALID_STATE once the process has finished) */
 static int l_append_process_event(lua_State *L) {
+  const char *domain, *id, *event_type, *data;
+  if (!cbL_args_domain_id(L, &domain, &id) || !cbL_arg_text(L, 4, "event_type", &event_type) ||
+      !cbL_arg_json(L, 5, "the event data", &data))
+    return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
-  const char *id = luaL_checkstring(L, 3);
-  const char *event_type = luaL_checkstring(L, 4);
-  const char *data = NULL;
-  if (!lua_isnoneornil(L, 5)) {
-    luaL_checktype(L, 5, LUA_TTABLE);
-    if (!cbL_json_encode(L, 5)) return cbL_pusherrorcode(L, CB_EINVAL, "cannot encode the event data as JSON");
-    data = lua_tostring(L, -1);
-  }
   if (rt == NULL) return 2;
   int64_t sequence;
   cb_err err;
@@ -235,14 +174,17 @@ static int l_append_process_event(lua_State *L) {
 /* bus:purge_processes{domain=, older_than=seconds} -> count: deletes finished
  * processes completed longer ago than that, with their events and steps. */
 static int l_purge_processes(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  const char *domain = check_string_field(L, 2, "domain", "purge");
+  const char *domain;
+  double older_than;
   lua_getfield(L, 2, "older_than");
   if (lua_type(L, -1) != LUA_TNUMBER)
-    luaL_error(L, "bad purge field 'older_than': number of seconds expected, got %s", luaL_typename(L, -1));
-  double older_than = lua_tonumber(L, -1);
+    luaL_error(L, "bad option 'older_than': number of seconds expected, got %s", luaL_typename(L, -1));
   lua_pop(L, 1);
+  if (!cbL_field_text(L, 2, "domain", &domain) || !cbL_opt_number(L, 2, "older_than", 0, 0, CBL_AGE_MAX, &older_than))
+    return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
   int64_t count;
   cb_err err;
@@ -330,9 +272,9 @@ static void push_event(lua_State *L, const cb_process_event *e) {
 static int l_on_process_event(lua_State *L) {
   cbL_checkbus(L, 1);
   if (!lua_isnil(L, 2)) luaL_checktype(L, 2, LUA_TFUNCTION);
-  if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
-  int capacity = cbL_optfield_int(L, 3, "capacity", 1024);
-  if (capacity < 1) luaL_argerror(L, 3, "capacity must be at least 1");
+  cbL_opt_table(L, 3);
+  int capacity;
+  if (!cbL_opt_int(L, 3, "capacity", 1024, 1, CBL_COUNT_MAX, &capacity)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
   if (lua_isnil(L, 2)) {
@@ -380,8 +322,9 @@ int cbL_dispatch_events(lua_State *L, int bus_idx, int max) {
  * sink function. */
 static int l_dispatch_process_events(lua_State *L) {
   cbL_checkbus(L, 1);
-  int max = (int)luaL_optinteger(L, 2, 1 << 30);
-  lua_pushinteger(L, cbL_dispatch_events(L, 1, max));
+  int64_t max = 1 << 30;
+  if (!lua_isnoneornil(L, 2) && !cbL_arg_integer(L, 2, "max", 0, 1 << 30, &max)) return 2;
+  lua_pushinteger(L, cbL_dispatch_events(L, 1, (int)max));
   return 1;
 }
 

@@ -221,66 +221,49 @@ static void handler_lane(lua_State *L, int lane, void *arg) {
 
 static cbL_router *check_router(lua_State *L) { return luaL_checkudata(L, 1, ROUTER_MT); }
 
-/* An integer option of the table at index 1 in [min, max]; def when absent. */
-static int int_option(lua_State *L, const char *name, int def, int min, int max) {
-  if (lua_isnoneornil(L, 1)) return def;
-  lua_getfield(L, 1, name);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    return def;
-  }
-  int ok;
-  int64_t v = cbL_toint64(L, -1, &ok);
-  if (!ok || lua_type(L, -1) != LUA_TNUMBER || v < min || v > max)
-    luaL_argerror(L, 1,
-                  lua_pushfstring(L, "option '%s': integer between %d and %d expected, got %s", name, min, max,
-                                  lua_type(L, -1) == LUA_TNUMBER ? lua_tostring(L, -1) : luaL_typename(L, -1)));
-  lua_pop(L, 1);
-  return (int)v;
-}
-
-static const char *string_option(lua_State *L, const char *name, const char *def) {
-  if (lua_isnoneornil(L, 1)) return def;
-  lua_getfield(L, 1, name);
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    return def;
-  }
-  if (lua_type(L, -1) != LUA_TSTRING)
-    luaL_argerror(L, 1, lua_pushfstring(L, "option '%s': string expected, got %s", name, luaL_typename(L, -1)));
-  const char *s = lua_tostring(L, -1);
-  lua_pop(L, 1); /* still referenced by the options table */
-  return s;
-}
+/* Default names, "router_1", "router_2", ...: every router shows in metrics. */
+static atomic_int routers_named;
 
 /* core.message_router{lanes=, batch_size=100, batch_timeout_ms=10,
  *                     queue_size=10000, lane_queue_size=5000, policy="drop",
- *                     block_timeout_ms=1000, handler="module.name"}
- * -> router | nil, err. lanes defaults to core.default_threads(). */
+ *                     block_timeout_ms=1000, handler="module.name", name=}
+ * -> router | nil, err. lanes defaults to core.default_threads(); the sizes
+ * are at most CBL_COUNT_MAX (their rings are allocated up front); name (its
+ * label in metrics, unique among live routers) to "router_<n>". */
 int cbL_message_router(lua_State *L) {
-  if (!lua_isnoneornil(L, 1)) luaL_checktype(L, 1, LUA_TTABLE);
+  cbL_opt_table(L, 1);
   cb_message_router_config cfg;
   cb_message_router_config_init(&cfg);
   int default_lanes = cb_default_threads();
   if (default_lanes > CB_MESSAGE_ROUTER_MAX_LANES) default_lanes = CB_MESSAGE_ROUTER_MAX_LANES;
-  cfg.lanes = int_option(L, "lanes", default_lanes, 1, CB_MESSAGE_ROUTER_MAX_LANES);
-  cfg.batch_size = (size_t)int_option(L, "batch_size", CB_MESSAGE_ROUTER_DEFAULT_BATCH_SIZE, 1, INT_MAX);
-  cfg.batch_timeout_ms = int_option(L, "batch_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BATCH_TIMEOUT_MS, 0, INT_MAX);
-  cfg.ingress_capacity =
-      (size_t)int_option(L, "queue_size", CB_MESSAGE_ROUTER_DEFAULT_INGRESS_CAPACITY, 1, INT_MAX);
-  cfg.lane_capacity = (size_t)int_option(L, "lane_queue_size", CB_MESSAGE_ROUTER_DEFAULT_LANE_CAPACITY, 1, INT_MAX);
-  cfg.block_timeout_ms = int_option(L, "block_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BLOCK_TIMEOUT_MS, -1, INT_MAX);
-  const char *policy = string_option(L, "policy", "drop");
+  int batch_size, ingress_capacity, lane_capacity;
+  const char *policy, *handler, *name;
+  if (!cbL_opt_int(L, 1, "lanes", default_lanes, 1, CB_MESSAGE_ROUTER_MAX_LANES, &cfg.lanes) ||
+      !cbL_opt_int(L, 1, "batch_size", CB_MESSAGE_ROUTER_DEFAULT_BATCH_SIZE, 1, CBL_COUNT_MAX, &batch_size) ||
+      !cbL_opt_int(L, 1, "batch_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BATCH_TIMEOUT_MS, 0, INT_MAX,
+                   &cfg.batch_timeout_ms) ||
+      !cbL_opt_int(L, 1, "queue_size", CB_MESSAGE_ROUTER_DEFAULT_INGRESS_CAPACITY, 1, CBL_COUNT_MAX, &ingress_capacity) ||
+      !cbL_opt_int(L, 1, "lane_queue_size", CB_MESSAGE_ROUTER_DEFAULT_LANE_CAPACITY, 1, CBL_COUNT_MAX, &lane_capacity) ||
+      !cbL_opt_int(L, 1, "block_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BLOCK_TIMEOUT_MS, -1, INT_MAX,
+                   &cfg.block_timeout_ms) ||
+      !cbL_opt_text(L, 1, "policy", "drop", &policy) || !cbL_opt_text(L, 1, "handler", NULL, &handler) ||
+      !cbL_opt_text(L, 1, "name", NULL, &name))
+    return 2;
+  cfg.batch_size = (size_t)batch_size;
+  cfg.ingress_capacity = (size_t)ingress_capacity;
+  cfg.lane_capacity = (size_t)lane_capacity;
   if (strcmp(policy, "drop") == 0) cfg.policy = CB_MESSAGE_ROUTER_DROP;
   else if (strcmp(policy, "block") == 0) cfg.policy = CB_MESSAGE_ROUTER_BLOCK;
-  else luaL_argerror(L, 1, lua_pushfstring(L, "option 'policy': \"drop\" or \"block\" expected, got \"%s\"", policy));
+  else return cbL_pusherrorcode(L, CB_EINVAL, "option 'policy' must be \"drop\" or \"block\", got \"%.40s\"", policy);
   if (cfg.ingress_capacity < cfg.batch_size)
-    luaL_argerror(L, 1, "option 'queue_size' must be at least batch_size");
-  const char *handler = string_option(L, "handler", NULL);
+    return cbL_pusherrorcode(L, CB_EINVAL, "option 'queue_size' (%d) must be at least batch_size (%d)",
+                             ingress_capacity, batch_size);
+  if (name && (name[0] == '\0' || strlen(name) > CB_MESSAGE_ROUTER_NAME_MAX))
+    return cbL_pusherrorcode(L, CB_EINVAL, "option 'name' must be 1 to %d bytes long", CB_MESSAGE_ROUTER_NAME_MAX);
   /* Without a handler only this Lua state can take(), and it cannot while
    * it sits in stop() or __gc waiting forever for room in a full lane. */
   if (handler == NULL && cfg.policy == CB_MESSAGE_ROUTER_BLOCK && cfg.block_timeout_ms < 0)
-    luaL_argerror(L, 1, "option 'block_timeout_ms': -1 (forever) needs a handler");
+    return cbL_pusherrorcode(L, CB_EINVAL, "option 'block_timeout_ms': -1 (forever) needs a handler");
 
   cbL_router *r = lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
@@ -293,7 +276,18 @@ int cbL_message_router(lua_State *L) {
   s->held.next = s->held.prev = &s->held;
   pthread_mutex_init(&s->held_lock, NULL);
   atomic_init(&s->handler_errors, 0);
-  int rc = cb_message_router_new(&s->router, &cfg);
+  char default_name[32];
+  int rc;
+  do { /* a default name someone took already: the next one */
+    if (name == NULL) snprintf(default_name, sizeof default_name, "router_%d", atomic_fetch_add(&routers_named, 1) + 1);
+    cfg.name = name ? name : default_name;
+    rc = cb_message_router_new(&s->router, &cfg);
+  } while (rc == -EEXIST && name == NULL);
+  if (rc == -EEXIST) {
+    pthread_mutex_destroy(&s->held_lock);
+    free(s);
+    return cbL_pusherrorcode(L, CB_EINVAL, "a message router named `%s` exists already", name);
+  }
   if (rc != 0) {
     pthread_mutex_destroy(&s->held_lock);
     free(s);
@@ -319,7 +313,7 @@ static int l_route(lua_State *L) {
     lua_pushliteral(L, "closed");
     return 2;
   }
-  if (!cbL_json_encode(L, 3))
+  if (!cbL_json_encode_any(L, 3))
     luaL_argerror(L, 3, lua_pushfstring(L, "cannot encode the value as JSON: %s", lua_tostring(L, -1)));
   size_t json_len;
   const char *json = lua_tolstring(L, -1, &json_len);
@@ -418,33 +412,22 @@ static int l_stop(lua_State *L) {
   return 1;
 }
 
-/* An integer argument (a number, not a numeric string) of at least min. */
-static int64_t integer_arg(lua_State *L, int idx, int64_t min, const char *what) {
-  int ok;
-  int64_t v = cbL_toint64(L, idx, &ok);
-  if (!ok || lua_type(L, idx) != LUA_TNUMBER || v < min)
-    luaL_argerror(L, idx, lua_pushfstring(L, "%s expected, got %s", what,
-                                          lua_type(L, idx) == LUA_TNUMBER ? lua_tostring(L, idx) : luaL_typename(L, idx)));
-  return v;
-}
-
 /* router:take(lane, [max = batch_size], [timeout_ms = 0]) -> {values...}
  * (empty on timeout) | nil, "ended" once the router stopped and the lane is
  * empty | nil, "closed". Only for routers without a handler. */
 static int l_take(lua_State *L) {
   cbL_router *r = check_router(L);
-  int64_t lane = integer_arg(L, 2, 1, "lane number");
-  int64_t max = lua_isnoneornil(L, 3) ? 0 : integer_arg(L, 3, 1, "positive count");
-  int64_t timeout_ms = lua_isnoneornil(L, 4) ? 0 : integer_arg(L, 4, -1, "timeout in milliseconds (or -1)");
-  if (timeout_ms > INT_MAX) luaL_argerror(L, 4, "timeout too large");
   router_shared *s = r->shared;
+  int64_t lane, max = 0, timeout_ms = 0;
+  if (!cbL_arg_integer(L, 2, "lane", 1, s ? cb_message_router_lanes(s->router) : CB_MESSAGE_ROUTER_MAX_LANES, &lane) ||
+      (!lua_isnoneornil(L, 3) && !cbL_arg_integer(L, 3, "max", 1, INT_MAX, &max)) ||
+      (!lua_isnoneornil(L, 4) && !cbL_arg_integer(L, 4, "timeout_ms", -1, INT_MAX, &timeout_ms)))
+    return 2;
   if (s == NULL) {
     lua_pushnil(L);
     lua_pushliteral(L, "closed");
     return 2;
   }
-  if (lane < 1 || lane > cb_message_router_lanes(s->router))
-    luaL_argerror(L, 2, lua_pushfstring(L, "lane between 1 and %d expected", cb_message_router_lanes(s->router)));
   if (r->handler) luaL_error(L, "take() is for message routers without a handler: its lanes take the values");
   if (max == 0) max = (int64_t)s->batch_size;
   if ((uint64_t)max > s->lane_capacity) max = (int64_t)s->lane_capacity; /* a lane never holds more */

@@ -1,7 +1,6 @@
 /* commandbus Lua binding: the bus's methods for a bus that lives for months:
  * schedules, retention and purges, and limits per command type. Wrong types
  * raise; values the core refuses come back as nil, err. */
-#include <math.h>
 #include <string.h>
 
 #include "binding.h"
@@ -10,29 +9,13 @@
 #include "commandbus/retention.h"
 #include "commandbus/schedule.h"
 
-/* A required string field of the table at idx (raises when missing). */
-static const char *need_string(lua_State *L, int idx, const char *field, const char *what) {
-  lua_getfield(L, idx, field);
-  if (lua_type(L, -1) != LUA_TSTRING)
-    luaL_error(L, "bad %s field '%s': string expected, got %s", what, field, luaL_typename(L, -1));
-  const char *s = lua_tostring(L, -1);
-  lua_pop(L, 1); /* still referenced by the table */
-  return s;
-}
-
-/* An optional integer field in [min, max] (def when nil). */
-static int opt_int(lua_State *L, int idx, const char *field, const char *what, int def, int min, int max) {
-  lua_getfield(L, idx, field);
-  int v = def;
-  if (!lua_isnil(L, -1)) {
-    int ok;
-    int64_t n = cbL_toint64(L, -1, &ok);
-    if (!ok || n < min || n > max)
-      luaL_error(L, "bad %s field '%s': integer between %d and %d expected", what, field, min, max);
-    v = (int)n;
-  }
+/* A required number field (a wrong type raises; nil raises too). */
+static int need_number(lua_State *L, int idx, const char *name, double min, double max, double *out) {
+  lua_getfield(L, idx, name);
+  int type = lua_type(L, -1);
   lua_pop(L, 1);
-  return v;
+  if (type != LUA_TNUMBER) luaL_error(L, "bad option '%s': number expected, got %s", name, lua_typename(L, type));
+  return cbL_opt_number(L, idx, name, 0, min, max, out);
 }
 
 /* ---- schedules ------------------------------------------------------------------- */
@@ -41,30 +24,25 @@ static int opt_int(lua_State *L, int idx, const char *field, const char *what, i
  *              timezone="UTC", missed="skip"|"catch_up", priority=0}
  * -> the schedule | nil, err */
 static int l_schedule(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
-  cb_schedule_spec s = {0};
-  s.name = need_string(L, 2, "name", "schedule");
-  s.domain = need_string(L, 2, "domain", "schedule");
-  s.command_type = need_string(L, 2, "type", "schedule");
-  s.cron = cbL_optfield_string(L, 2, "cron", NULL);
-  s.every = cbL_optfield_number(L, 2, "every", 0);
-  if (s.cron == NULL && !(s.every > 0)) luaL_error(L, "bad schedule: cron (string) or every (seconds > 0) expected");
-  if (s.cron != NULL && s.every != 0) luaL_error(L, "bad schedule: cron and every exclude each other");
-  s.timezone = cbL_optfield_string(L, 2, "timezone", "UTC");
-  const char *missed = cbL_optfield_string(L, 2, "missed", "skip");
+  cb_schedule_spec s;
+  memset(&s, 0, sizeof s);
+  const char *missed;
+  if (!cbL_field_text(L, 2, "name", &s.name) || !cbL_field_text(L, 2, "domain", &s.domain) ||
+      !cbL_field_text(L, 2, "type", &s.command_type) || !cbL_opt_text(L, 2, "cron", NULL, &s.cron) ||
+      !cbL_opt_number(L, 2, "every", 0, 0, CBL_AGE_MAX, &s.every) ||
+      !cbL_opt_text(L, 2, "timezone", "UTC", &s.timezone) || !cbL_opt_text(L, 2, "missed", "skip", &missed) ||
+      !cbL_opt_int(L, 2, "priority", 0, CB_PRIORITY_MIN, CB_PRIORITY_MAX, &s.priority) ||
+      !cbL_opt_json(L, 2, "data", &s.data_json))
+    return 2;
+  if ((s.cron == NULL) == (s.every == 0))
+    luaL_error(L, "bad schedule: either cron (a string) or every (seconds) expected");
   if (strcmp(missed, "skip") != 0 && strcmp(missed, "catch_up") != 0)
-    luaL_error(L, "bad schedule field 'missed': \"skip\" or \"catch_up\" expected, got \"%s\"", missed);
+    return cbL_pusherrorcode(L, CB_EINVAL, "option 'missed' is `%s`; \"skip\" or \"catch_up\" expected", missed);
   s.catch_up = strcmp(missed, "catch_up") == 0;
-  s.priority = opt_int(L, 2, "priority", "schedule", 0, CB_PRIORITY_MIN, CB_PRIORITY_MAX);
-  lua_getfield(L, 2, "data");
-  if (!lua_isnil(L, -1)) {
-    if (lua_type(L, -1) != LUA_TTABLE)
-      luaL_error(L, "bad schedule field 'data': table expected, got %s", luaL_typename(L, -1));
-    if (!cbL_json_encode(L, -1)) return cbL_pusherrorcode(L, CB_EINVAL, "cannot encode schedule data as JSON");
-    s.data_json = lua_tostring(L, -1); /* stays on the stack */
-  }
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
   int rc = cb_schedule_set(rt, &s, &rows, &err);
@@ -73,8 +51,10 @@ static int l_schedule(lua_State *L) {
 
 /* bus:unschedule(name) -> true (it existed) | false | nil, err */
 static int l_unschedule(lua_State *L) {
+  cbL_checkbus(L, 1);
+  const char *name;
+  if (!cbL_arg_text(L, 2, "name", &name)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *name = luaL_checkstring(L, 2);
   if (rt == NULL) return 2;
   int existed;
   cb_err err;
@@ -84,8 +64,10 @@ static int l_unschedule(lua_State *L) {
 }
 
 static int pause_or_resume(lua_State *L, int paused) {
+  cbL_checkbus(L, 1);
+  const char *name;
+  if (!cbL_arg_text(L, 2, "name", &name)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *name = luaL_checkstring(L, 2);
   if (rt == NULL) return 2;
   cb_err err;
   if (cb_schedule_pause(rt, name, paused, &err) != CB_OK) return cbL_pusherror(L, &err);
@@ -99,9 +81,11 @@ static int l_resume_schedule(lua_State *L) { return pause_or_resume(L, 0); }
 
 /* bus:list_schedules([{domain=}]) -> {schedule, ...} */
 static int l_list_schedules(lua_State *L) {
+  cbL_checkbus(L, 1);
+  cbL_opt_table(L, 2);
+  const char *domain;
+  if (!cbL_opt_text(L, 2, "domain", NULL, &domain)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
-  const char *domain = cbL_optfield_string(L, 2, "domain", NULL);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -137,30 +121,30 @@ void cbL_push_upkeep_stats(lua_State *L, const cb_upkeep_stats *s) {
 
 /* bus:purge{domain=, older_than=seconds, statuses={...}} -> counts | nil, err */
 static int l_purge(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
-  cb_purge_spec spec = {0};
-  spec.domain = need_string(L, 2, "domain", "purge");
-  lua_getfield(L, 2, "older_than");
-  if (lua_type(L, -1) != LUA_TNUMBER)
-    luaL_error(L, "bad purge field 'older_than': number of seconds expected, got %s", luaL_typename(L, -1));
-  spec.older_than = lua_tonumber(L, -1);
-  lua_pop(L, 1);
+  cb_purge_spec spec;
+  memset(&spec, 0, sizeof spec);
+  if (!cbL_field_text(L, 2, "domain", &spec.domain) || !need_number(L, 2, "older_than", 0, CBL_AGE_MAX, &spec.older_than))
+    return 2;
   lua_getfield(L, 2, "statuses");
   if (!lua_isnil(L, -1)) {
-    if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "bad purge field 'statuses': list of statuses expected");
+    if (lua_type(L, -1) != LUA_TTABLE)
+      luaL_error(L, "bad option 'statuses': list of statuses expected, got %s", luaL_typename(L, -1));
     size_t n = lua_rawlen(L, -1);
     const char **statuses = lua_newuserdata(L, (n ? n : 1) * sizeof *statuses);
     for (size_t i = 0; i < n; i++) {
       lua_rawgeti(L, -2, (int)i + 1);
-      if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "bad purge field 'statuses': strings expected");
+      if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_error(L, "bad option 'statuses': strings expected, got %s", luaL_typename(L, -1));
       statuses[i] = lua_tostring(L, -1);
       lua_pop(L, 1); /* still referenced by the list */
     }
     spec.statuses = statuses;
     spec.nstatuses = n;
   }
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   cb_retention_counts removed;
   cb_err err;
   if (cb_retention_purge(rt, &spec, &removed, &err) != CB_OK) return cbL_pusherror(L, &err);
@@ -172,10 +156,10 @@ static int l_purge(lua_State *L) {
  * a number of seconds, or false to keep forever; absent ones keep their
  * value. -> true | nil, err */
 static int l_set_retention(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
-  const char *domain = need_string(L, 2, "domain", "retention");
+  const char *domain;
+  if (!cbL_field_text(L, 2, "domain", &domain)) return 2;
   cb_retention_policy p;
   memset(&p, 0, sizeof p);
   const struct {
@@ -184,19 +168,17 @@ static int l_set_retention(lua_State *L) {
   } fields[] = {{"commands", &p.commands}, {"archive", &p.archive}, {"batches", &p.batches}, {"processes", &p.processes}};
   for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
     lua_getfield(L, 2, fields[i].name);
-    int t = lua_type(L, -1);
-    if (t == LUA_TNUMBER && lua_tonumber(L, -1) >= 0) {
-      fields[i].age->set = 1;
-      fields[i].age->seconds = lua_tonumber(L, -1);
-    } else if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
-      fields[i].age->set = 1;
-      fields[i].age->seconds = -1;
-    } else if (t != LUA_TNIL) {
-      luaL_error(L, "bad retention field '%s': seconds (>= 0) or false expected, got %s", fields[i].name,
-                 luaL_typename(L, -1));
-    }
+    int type = lua_type(L, -1), forever = type == LUA_TBOOLEAN && !lua_toboolean(L, -1);
     lua_pop(L, 1);
+    if (type == LUA_TNIL) continue;
+    if (type != LUA_TNUMBER && !forever)
+      luaL_error(L, "bad option '%s': seconds or false expected, got %s", fields[i].name, lua_typename(L, type));
+    fields[i].age->set = 1;
+    fields[i].age->seconds = -1;
+    if (!forever && !cbL_opt_number(L, 2, fields[i].name, 0, 0, CBL_AGE_MAX, &fields[i].age->seconds)) return 2;
   }
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   cb_err err;
   if (cb_retention_set(rt, domain, &p, &err) != CB_OK) return cbL_pusherror(L, &err);
   lua_pushboolean(L, 1);
@@ -206,8 +188,10 @@ static int l_set_retention(lua_State *L) {
 /* bus:retention(domain) -> {domain=, commands=, archive=, batches=,
  * processes=}: seconds, or false for forever */
 static int l_retention(lua_State *L) {
+  cbL_checkbus(L, 1);
+  const char *domain;
+  if (!cbL_arg_text(L, 2, "domain", &domain)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;
@@ -233,13 +217,16 @@ static int l_retention(lua_State *L) {
 /* bus:set_limit{domain=, type=, per_second=, concurrency=}: nil or 0 is no
  * limit of that kind (both: the type is no longer limited). -> true | nil, err */
 static int l_set_limit(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
+  const char *domain, *type;
+  int per_second, concurrency;
+  if (!cbL_field_text(L, 2, "domain", &domain) || !cbL_field_text(L, 2, "type", &type) ||
+      !cbL_opt_int(L, 2, "per_second", 0, 0, 1000000000, &per_second) ||
+      !cbL_opt_int(L, 2, "concurrency", 0, 0, 1000000000, &concurrency))
+    return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
-  const char *domain = need_string(L, 2, "domain", "limit");
-  const char *type = need_string(L, 2, "type", "limit");
-  int per_second = opt_int(L, 2, "per_second", "limit", 0, 0, 1000000000);
-  int concurrency = opt_int(L, 2, "concurrency", "limit", 0, 0, 1000000000);
   cb_err err;
   if (cb_limits_set(rt, domain, type, per_second, concurrency, &err) != CB_OK) return cbL_pusherror(L, &err);
   lua_pushboolean(L, 1);
@@ -248,8 +235,10 @@ static int l_set_limit(lua_State *L) {
 
 /* bus:limits(domain) -> {{type=, per_second=, concurrency=, in_flight=}, ...} */
 static int l_limits(lua_State *L) {
+  cbL_checkbus(L, 1);
+  const char *domain;
+  if (!cbL_arg_text(L, 2, "domain", &domain)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
-  const char *domain = luaL_checkstring(L, 2);
   if (rt == NULL) return 2;
   cb_unit *rows;
   cb_err err;

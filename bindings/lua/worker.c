@@ -21,9 +21,10 @@ typedef struct cbL_worker {
   int bus_ref;
   int handlers_ref; /* table mode: the handlers table; LUA_NOREF in module mode */
   char *module;     /* module mode */
-  int running;      /* run() was called (a worker runs once) */
+  int running;      /* run() or start() was called (a worker runs once) */
   int in_run;       /* run() has not returned yet */
   int close_pending; /* close() was called from inside run() */
+  cbL_lanes *background; /* start(): the lanes running while the caller goes on */
 } cbL_worker;
 
 typedef struct handler_ctx {
@@ -44,8 +45,8 @@ static handler_ctx *check_ctx(lua_State *L) {
 /* ctx:extend_visibility(seconds) -> true | nil, err */
 static int ctx_extend_visibility(lua_State *L) {
   handler_ctx *c = check_ctx(L);
-  double seconds = luaL_checknumber(L, 2);
-  if (seconds <= 0) luaL_argerror(L, 2, "seconds must be positive");
+  double seconds;
+  if (!cbL_arg_number(L, 2, "seconds", CBL_TIMING_MIN, CBL_TIMING_MAX, &seconds)) return 2;
   cb_err err;
   if (cb_worker_extend_visibility(c->w, c->work, seconds, &err) != CB_OK) return cbL_pusherror(L, &err);
   lua_pushboolean(L, 1);
@@ -102,10 +103,17 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
+/* The string field k of the table at idx, made storable (a handler's text
+ * may hold anything), left on the stack; NULL, nothing pushed, when it is
+ * not a string. */
 static const char *string_field(lua_State *L, int idx, const char *k) {
   lua_getfield(L, idx, k);
-  const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-  lua_pop(L, 1); /* still referenced by the table */
+  if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  const char *s = cbL_storable_text(L, -1);
+  lua_remove(L, -2);
   return s;
 }
 
@@ -130,7 +138,8 @@ static void classify_error(lua_State *L, cb_work *work) {
       return;
     }
   }
-  const char *msg = cbL_tostring(L, idx);
+  cbL_tostring(L, idx);
+  const char *msg = cbL_storable_text(L, -1);
   cb_work_fail(work, CB_OUTCOME_TRANSIENT, "HANDLER_ERROR", msg, NULL);
   lua_settop(L, idx);
 }
@@ -201,72 +210,86 @@ static void module_lane(lua_State *L, int lane, void *arg) {
   lane_loop(L, 1, w, lane, NULL, 0, 0, LUA_NOREF);
 }
 
+static int runner_lanes(void *w) { return cb_worker_lanes(w); }
+static int runner_start(void *w, cb_err *err) { return cb_worker_start(w, err); }
+static void runner_stop(void *w) { cb_worker_stop(w); }
+static int runner_wait(void *w, int timeout_ms) { return cb_worker_wait(w, timeout_ms); }
+static const cbL_runner_ops runner = {runner_lanes, runner_start, runner_stop, runner_wait, module_lane};
+
 /* ---- the worker object ---------------------------------------------------------------- */
 
-static double number_field(lua_State *L, int idx, const char *k, double def, double min) {
-  double v = cbL_optfield_number(L, idx, k, def);
-  if (v < min) luaL_error(L, "bad option '%s': must be at least %g", k, min);
-  return v;
+/* The timing options of the worker at idx (ranges in the README). */
+static int timing_options(lua_State *L, int idx, cb_worker_options *o) {
+  return cbL_runner_options(L, idx, &o->lanes, &o->visibility_timeout, &o->statement_timeout, &o->poll_interval) &&
+         cbL_opt_number(L, idx, "drain_timeout", o->drain_timeout, 0, CBL_TIMING_MAX, &o->drain_timeout);
 }
 
-/* bus:worker{domain=, handlers=, concurrency=, visibility_timeout=30,
- *            statement_timeout=25, poll_interval=1, drain_timeout=30,
- *            retry={max_attempts=, backoff={10, 60, 300}}}
- * -> worker | nil, err */
-static int l_bus_worker(lua_State *L) {
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
-  luaL_checktype(L, 2, LUA_TTABLE);
-  if (rt == NULL) return 2;
-  cb_worker_options o;
-  cb_worker_options_init(&o);
-  lua_getfield(L, 2, "domain");
-  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "bad option 'domain': string expected, got %s", luaL_typename(L, -1));
-  o.domain = lua_tostring(L, -1);
-  lua_pop(L, 1);
-  lua_getfield(L, 2, "handlers");
-  int handlers_type = lua_type(L, -1);
-  if (handlers_type != LUA_TSTRING && handlers_type != LUA_TTABLE)
-    luaL_error(L, "bad option 'handlers': module name or table expected, got %s", luaL_typename(L, -1));
-  int handlers_idx = lua_gettop(L);
-  o.lanes = cbL_optfield_int(L, 2, "concurrency", 0);
-  if (o.lanes < 0) luaL_error(L, "bad option 'concurrency': must be positive");
-  o.visibility_timeout = number_field(L, 2, "visibility_timeout", 30, 0.001);
-  o.statement_timeout = number_field(L, 2, "statement_timeout", 25, 0.001);
-  o.poll_interval = number_field(L, 2, "poll_interval", 1, 0.001);
-  o.drain_timeout = number_field(L, 2, "drain_timeout", 30, 0);
-  /* retention = false, or {interval = seconds}; schedules = false. */
-  lua_getfield(L, 2, "retention");
-  if (lua_type(L, -1) == LUA_TBOOLEAN) {
-    o.retention = lua_toboolean(L, -1);
-  } else if (lua_istable(L, -1)) {
-    o.retention_interval = number_field(L, lua_gettop(L), "interval", 60, 0.01);
-  } else if (!lua_isnil(L, -1)) {
-    luaL_error(L, "bad option 'retention': false or {interval = seconds} expected, got %s", luaL_typename(L, -1));
-  }
-  lua_pop(L, 1);
-  lua_getfield(L, 2, "schedules");
-  if (lua_type(L, -1) == LUA_TBOOLEAN) o.schedules = lua_toboolean(L, -1);
-  else if (!lua_isnil(L, -1)) luaL_error(L, "bad option 'schedules': boolean expected, got %s", luaL_typename(L, -1));
-  lua_pop(L, 1);
-  lua_getfield(L, 2, "retry");
+/* retry = {backoff = {seconds, ...}} of the options at idx. */
+static int retry_option(lua_State *L, int idx, cb_worker_options *o) {
+  lua_getfield(L, idx, "retry");
   if (!lua_isnil(L, -1)) {
-    if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry': table expected");
+    if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry': table expected, got %s", luaL_typename(L, -1));
     lua_getfield(L, -1, "backoff");
     if (!lua_isnil(L, -1)) {
-      if (!lua_istable(L, -1)) luaL_error(L, "bad option 'retry.backoff': list of seconds expected");
+      if (!lua_istable(L, -1))
+        luaL_error(L, "bad option 'retry.backoff': list of seconds expected, got %s", luaL_typename(L, -1));
       int n = (int)lua_rawlen(L, -1);
-      if (n > CB_MAX_BACKOFF) luaL_error(L, "bad option 'retry.backoff': at most %d entries", CB_MAX_BACKOFF);
-      o.nbackoff = n;
+      if (n > CB_MAX_BACKOFF) {
+        cbL_pusherrorcode(L, CB_EINVAL, "option 'retry.backoff' has %d entries; at most %d allowed", n, CB_MAX_BACKOFF);
+        return 0;
+      }
+      o->nbackoff = n;
       for (int i = 0; i < n; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "retry.backoff[%d]", i + 1);
         lua_rawgeti(L, -1, i + 1);
-        if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "bad option 'retry.backoff': numbers expected");
-        o.backoff[i] = lua_tonumber(L, -1);
+        if (!cbL_number_at(L, -1, name, 0, CBL_TIMING_MAX, &o->backoff[i])) return 0;
         lua_pop(L, 1);
       }
     }
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  return 1;
+}
+
+/* The background jobs of the options at idx: retention = false, true or
+ * {interval = seconds}; schedules = false or true. */
+static int upkeep_options(lua_State *L, int idx, cb_worker_options *o) {
+  lua_getfield(L, idx, "retention");
+  int type = lua_type(L, -1);
+  int ok = 1;
+  if (type == LUA_TBOOLEAN) o->retention = lua_toboolean(L, -1);
+  else if (type == LUA_TTABLE)
+    ok = cbL_opt_number(L, lua_gettop(L), "interval", o->retention_interval, CBL_TIMING_MIN, CBL_TIMING_MAX,
+                        &o->retention_interval);
+  else if (type != LUA_TNIL)
+    luaL_error(L, "bad option 'retention': false or {interval = seconds} expected, got %s", lua_typename(L, type));
+  if (!ok) {
+    lua_remove(L, -3); /* the retention table, under nil, err */
+    return 0;
+  }
+  lua_pop(L, 1);
+  o->schedules = cbL_opt_boolean(L, idx, "schedules", o->schedules);
+  return 1;
+}
+
+/* bus:worker{domain=, handlers=, concurrency=, visibility_timeout=30,
+ *            statement_timeout=25, poll_interval=1, drain_timeout=30,
+ *            retry={max_attempts=, backoff={10, 60, 300}},
+ *            retention={interval=60} or false, schedules=true}
+ * -> worker | nil, err */
+static int l_bus_worker(lua_State *L) {
+  cbL_checkbus(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  int handlers_type;
+  if (!cbL_field_text(L, 2, "domain", &o.domain) || !cbL_opt_module(L, 2, "handlers", &handlers_type)) return 2;
+  int handlers_idx = lua_gettop(L);
+  if (!timing_options(L, 2, &o) || !retry_option(L, 2, &o) || !upkeep_options(L, 2, &o)) return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
   if (handlers_type == LUA_TTABLE) o.lanes = 1; /* handlers run on the caller's thread */
 
   cbL_worker *lw = lua_newuserdata(L, sizeof *lw);
@@ -294,10 +317,9 @@ static int l_gc(lua_State *L);
 
 static int l_run(lua_State *L) {
   cbL_worker *lw = check_worker(L);
-  if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
+  int tick_ms;
+  if (!cbL_run_options(L, &tick_ms)) return 2;
   if (lw->w == NULL || lw->running) return cbL_pusherrorcode(L, CB_ESTATE, "the worker already ran");
-  int tick_ms = (int)(cbL_optfield_number(L, 2, "tick_interval", 0.5) * 1000);
-  if (tick_ms < 1) tick_ms = 1;
   lua_settop(L, 2);
   if (lua_istable(L, 2)) lua_getfield(L, 2, "tick");
   else lua_pushnil(L);
@@ -305,29 +327,11 @@ static int l_run(lua_State *L) {
   cb_worker *w = lw->w;
   lw->running = 1;
   lw->in_run = 1;
-  cb_err err;
-  cbL_lanes *lanes = NULL;
-  if (lw->module) {
-    lanes = cbL_lanes_start(L, cb_worker_lanes(w), lw->module, module_lane, w, &err);
-    if (lanes == NULL) {
-      lw->in_run = 0;
-      return cbL_pusherror(L, &err);
-    }
-    int running = cbL_lanes_running(lanes);
-    if (running != cb_worker_lanes(w)) {
-      /* A lane nobody runs would hold its work forever: refuse to start. */
-      cb_worker_stop(w);
-      cbL_lanes_join(lanes);
-      lw->in_run = 0;
-      return cbL_pusherrorcode(L, CB_ENOMEM, "could start only %d of %d lane threads", running, cb_worker_lanes(w));
-    }
-  }
   cb_worker_watch_signals(w);
-  if (cb_worker_start(w, &err) != CB_OK) {
-    cb_worker_stop(w);
-    cbL_lanes_join(lanes);
+  cbL_lanes *lanes;
+  if (!cbL_runner_start(L, &runner, w, lw->module, &lanes)) {
     lw->in_run = 0;
-    return cbL_pusherror(L, &err);
+    return 2;
   }
   if (lw->module) {
     while (!cb_worker_wait(w, tick_ms))
@@ -350,14 +354,30 @@ static int l_run(lua_State *L) {
   return 1;
 }
 
+/* worker:start() -> true | nil, err: runs the worker in the background (its
+ * handler module on lane threads) while the caller goes on, as inside nginx.
+ * worker:stop() asks it to stop; worker:close() stops it, waits for the
+ * drain and joins the lanes. */
+static int l_start(lua_State *L) {
+  cbL_worker *lw = check_worker(L);
+  if (lw->w == NULL || lw->running) return cbL_pusherrorcode(L, CB_ESTATE, "the worker already ran");
+  if (lw->module == NULL)
+    luaL_error(L, "worker:start() runs handlers on lane threads: give handlers as a module name (a handlers table "
+                  "runs only on run()'s thread)");
+  lw->running = 1;
+  if (!cbL_runner_start(L, &runner, lw->w, lw->module, &lw->background)) return 2;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int l_stop(lua_State *L) {
   cbL_worker *lw = check_worker(L);
   if (lw->w) cb_worker_stop(lw->w);
   return 0;
 }
 
-/* worker:health() -> {state=, successes=, failures=, consecutive_failures=,
- *                     stuck=, poison=, last_success_at=, in_flight=,
+/* worker:health() -> {state=, successes=, failures=, retries=,
+ *                     consecutive_failures=, stuck=, poison=, last_success_at=, in_flight=,
  *                     retention={commands=, audit=, archive=, batches=, processes=,
  *                                dedup_keys=, schedule_runs=, passes=, last_pass_at=},
  *                     scheduled=} */
@@ -366,12 +386,14 @@ static int l_health(lua_State *L) {
   if (lw->w == NULL) return cbL_pusherrorcode(L, CB_ECLOSED, "the worker is closed");
   cb_worker_health h;
   cb_worker_health_get(lw->w, &h);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
   set_string(L, "state", h.state);
   cbL_pushint64(L, (int64_t)h.successes);
   lua_setfield(L, -2, "successes");
   cbL_pushint64(L, (int64_t)h.failures);
   lua_setfield(L, -2, "failures");
+  cbL_pushint64(L, (int64_t)h.retries);
+  lua_setfield(L, -2, "retries");
   cbL_pushint64(L, (int64_t)h.consecutive_failures);
   lua_setfield(L, -2, "consecutive_failures");
   cbL_pushint64(L, (int64_t)h.stuck);
@@ -406,6 +428,10 @@ static int l_gc(lua_State *L) {
     lw->close_pending = 1;
     return 0;
   }
+  if (lw->background) {
+    cbL_runner_finish(&runner, lw->w, lw->background);
+    lw->background = NULL;
+  }
   if (lw->w) {
     cb_worker_free(lw->w);
     lw->w = NULL;
@@ -421,7 +447,7 @@ static int l_gc(lua_State *L) {
 void cbL_open_worker(lua_State *L) {
   open_ctx(L);
   static const luaL_Reg methods[] = {
-      {"run", l_run}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
+      {"run", l_run}, {"start", l_start}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
   };
   cbL_new_class(L, WORKER_MT, methods, l_gc, NULL);
   luaL_getmetatable(L, CBL_BUS_MT);

@@ -192,7 +192,7 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
     add_reads(u, t);
     /* Listening, every writer's change reaches us (the command and process
      * tables' triggers notify awaiters, core/sql/003 and 004): polling is
-     * only a safety net. Otherwise the seed's schedule. */
+     * only a safety net. Otherwise re-reads back off from 25 ms to 1 s. */
     int wait = no_listen ? cb_await_backoff_ms(attempt) : cb_await_safety_backoff_ms(attempt);
     if (wait > left * 1000) wait = (int)(left * 1000) + 1;
     int woke = cb_hub_wait(sub, wait);

@@ -8,6 +8,7 @@
 
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <sys/types.h>
 #include <uv.h>
 
 #include "commandbus/runtime.h"
@@ -40,6 +41,7 @@ struct cb_unit {
   cb_unit *next;
   int group_end;   /* last unit of a group that must share one connection */
   int to_listener; /* run on the listener connection */
+  int reconnect_tried; /* it waited for a fresh connection once (pg.c) */
 };
 
 /* What the connection expects next from the server, in pipeline order. */
@@ -74,6 +76,7 @@ typedef struct cb_conn {
   size_t slot_head, slot_count, slot_cap;
   int units_in_flight;  /* [loop] */
   int want_write;       /* [loop] PQflush left data to send */
+  int goodbye;          /* [loop] the server said FATAL while nothing was in flight */
   stmt_cache_entry *cache; /* [loop] prepared statements of this session */
   size_t cache_cap, cache_count;
   int next_stmt_id;     /* [loop] */
@@ -85,6 +88,7 @@ struct cb_runtime {
   uv_async_t wake;     /* [loop]; uv_async_send from any thread */
   pthread_t thread;    /* [init] */
   int thread_started;  /* [init] */
+  pid_t pid;           /* [init] the process that created it: a fork's child may not use it */
 
   pthread_mutex_t lock;
   pthread_cond_t started; /* signalled when the first connection attempts end */
@@ -103,6 +107,12 @@ struct cb_runtime {
   struct notify_watch *watches; /* [loop] */
   size_t nwatches, watches_cap; /* [loop] */
   int next_watch_id;            /* [loop] */
+  pthread_mutex_t signal_lock; /* guards signal_watches; held while their callbacks run */
+  struct signal_watch *signal_watches; /* [signal_lock] id 0: a free slot */
+  size_t nsignal_watches, signal_watches_cap; /* [signal_lock] */
+  int next_signal_id, live_signal_watches;    /* [signal_lock] */
+  uv_signal_t sigint, sigterm; /* [loop] */
+  int signals_inited, signals_on; /* [loop] */
   cb_conn *conns;      /* [init] the pool */
   int nconns;
   cb_conn listener;
@@ -111,6 +121,7 @@ struct cb_runtime {
   int connect_timeout_ms; /* [init] */
   cb_hub *hub;         /* [init] */
   struct cb_event_feed *events; /* [init] the process event sink's queue (events.c) */
+  struct cb_runner_registry *runners; /* [init] running workers and reply routers (runner.c) */
   uint64_t units_sent;  /* atomic: units sent to PostgreSQL (each one transaction) */
   cb_runtime *next_open; /* guarded by the global list's lock */
 };
@@ -118,6 +129,17 @@ struct cb_runtime {
 /* events.c: the queue of process events for the host (has its own lock). */
 struct cb_event_feed *cb_event_feed_new(void);
 void cb_event_feed_free(struct cb_event_feed *feed);
+
+/* runner.c: the registry of runners and its heartbeat timer (freed after the
+ * loop thread was joined). */
+struct cb_runner_registry *cb_runner_registry_new(cb_runtime *rt);
+void cb_runner_registry_free(struct cb_runner_registry *reg);
+
+typedef struct signal_watch {
+  int id; /* 0: free slot */
+  cb_signal_fn fn;
+  void *arg;
+} signal_watch;
 
 typedef struct notify_watch {
   int id; /* 0: free slot */
@@ -134,6 +156,10 @@ void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index);
 void cb__conn_start(cb_conn *conn);
 void cb__conn_shutdown(cb_conn *conn); /* fails in-flight units with CB_ECLOSED, closes handles */
 void cb__dispatch(cb_runtime *rt);     /* sends pending units where a connection is ready */
+/* Writes message to out (outlen bytes, truncated) with whatever it echoes of
+ * a password in conninfo (URI user info or password=, as written or
+ * percent-decoded) shown as "***". conninfo may be NULL. */
+void cb__redact_conninfo(const char *conninfo, const char *message, char *out, size_t outlen);
 
 /* runtime.c: completion of a unit (loop thread). */
 void cb__unit_complete(cb_unit *u, int status, const cb_err *err);

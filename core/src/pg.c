@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "strbuf.h"
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
@@ -166,6 +167,192 @@ static void watch_ready(cb_conn *conn) {
     conn_broken(conn, "cannot watch the connection's socket");
 }
 
+/* ---- keeping passwords out of messages ----------------------------------- */
+
+/* libpq echoes pieces of a connection string it cannot parse ("invalid
+ * percent-encoded token: "..."", a whole URI with a malformed IPv6 host), and
+ * those pieces may be the password. Every message about a connection goes
+ * through cb__redact_conninfo before it is kept, logged or returned. */
+
+typedef struct secret_span {
+  size_t from, to; /* [from, to) of the connection string */
+} secret_span;
+
+#define MAX_SECRETS 8
+
+static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+static int is_word(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'; }
+
+/* Where a key=value value that starts at `at` ends, as far as secrets go: at
+ * the next " keyword=" (or the end), whatever quoting says, so that a value
+ * quoted the wrong way is still covered whole. */
+static size_t value_end(const char *ci, size_t at) {
+  size_t n = strlen(ci);
+  for (size_t i = at; i < n; i++) {
+    if (!is_space(ci[i])) continue;
+    size_t k = i;
+    while (k < n && is_space(ci[k])) k++;
+    size_t w = k;
+    while (w < n && is_word(ci[w])) w++;
+    if (w == k) continue;
+    while (w < n && is_space(ci[w])) w++;
+    if (w < n && ci[w] == '=') return i;
+  }
+  return n;
+}
+
+/* Keywords whose values are secrets. */
+static const char *const secret_keywords[] = {"password", "sslpassword"};
+
+/* The length of the secret keyword followed by '=' at p, or 0. */
+static size_t secret_keyword_at(const char *p) {
+  for (size_t k = 0; k < sizeof secret_keywords / sizeof secret_keywords[0]; k++) {
+    size_t n = strlen(secret_keywords[k]);
+    if (strncmp(p, secret_keywords[k], n) == 0 && p[n] == '=') return n + 1;
+  }
+  return 0;
+}
+
+/* The parts of conninfo that may hold a secret: a URI's user info after the
+ * first ':' (up to its last '@', generously), password= and sslpassword= in
+ * a URI's query, or those keywords' values in the key=value form. */
+static int secret_spans(const char *ci, secret_span *out) {
+  int n = 0;
+  size_t len = strlen(ci);
+  const char *scheme_end = strstr(ci, "://");
+  int uri = strncmp(ci, "postgresql://", 13) == 0 || strncmp(ci, "postgres://", 11) == 0;
+  if (uri && scheme_end) {
+    size_t start = (size_t)(scheme_end - ci) + 3;
+    const char *query = strchr(ci + start, '?');
+    size_t end = query ? (size_t)(query - ci) : len;
+    size_t at = SIZE_MAX;
+    for (size_t i = start; i < end; i++)
+      if (ci[i] == '@') at = i;
+    const char *colon = at != SIZE_MAX ? memchr(ci + start, ':', at - start) : NULL;
+    if (colon) out[n++] = (secret_span){(size_t)(colon - ci) + 1, at};
+    for (const char *p = query; p && n < MAX_SECRETS; p = strchr(p + 1, '&')) {
+      size_t key = secret_keyword_at(p + 1);
+      if (key == 0) continue;
+      size_t from = (size_t)(p - ci) + 1 + key;
+      const char *amp = strchr(ci + from, '&');
+      out[n++] = (secret_span){from, amp ? (size_t)(amp - ci) : len};
+    }
+    return n;
+  }
+  for (size_t i = 0; i < len && n < MAX_SECRETS; i++) {
+    if (i > 0 && is_word(ci[i - 1])) continue;
+    size_t w = i;
+    while (w < len && is_word(ci[w])) w++;
+    if (w == i) continue;
+    size_t e = w;
+    while (e < len && is_space(ci[e])) e++;
+    if (e >= len || ci[e] != '=') continue;
+    /* a keyword: is it a secret one? (compared without the spaces before '=') */
+    char word[16];
+    size_t wl = w - i < sizeof word - 2 ? w - i : 0;
+    if (wl == 0) continue;
+    memcpy(word, ci + i, wl);
+    word[wl] = '=';
+    word[wl + 1] = '\0';
+    if (secret_keyword_at(word) == 0) continue;
+    e++;
+    while (e < len && is_space(ci[e])) e++;
+    out[n++] = (secret_span){e, value_end(ci, e)};
+    i = e;
+  }
+  return n;
+}
+
+/* Appends ci[from, to) with the secrets' bytes shown as one "***" each. */
+static void put_masked(cb_strbuf *b, const char *ci, size_t from, size_t to, const secret_span *s, int n) {
+  for (size_t i = from; i < to;) {
+    int inside = -1;
+    for (int k = 0; k < n && inside < 0; k++)
+      if (i >= s[k].from && i < s[k].to) inside = k;
+    if (inside < 0) {
+      cb_strbuf_putc(b, ci[i++]);
+      continue;
+    }
+    cb_strbuf_puts(b, "***");
+    i = s[inside].to;
+  }
+}
+
+/* Whether text[0, len) occurs in ci where it overlaps a secret; *at gets the
+ * first such place. */
+static int overlaps_secret(const char *ci, const char *text, size_t len, const secret_span *s, int n, size_t *at) {
+  if (len == 0 || n == 0) return 0;
+  size_t cilen = strlen(ci);
+  for (const char *p = ci; (p = memmem(p, cilen - (size_t)(p - ci), text, len)) != NULL; p++) {
+    size_t from = (size_t)(p - ci), to = from + len;
+    for (int k = 0; k < n; k++)
+      if (from < s[k].to && s[k].from < to) {
+        *at = from;
+        return 1;
+      }
+  }
+  return 0;
+}
+
+/* Replaces every occurrence of secret[0, len) in b's text by "***". */
+static void mask_text(cb_strbuf *b, const char *secret, size_t len) {
+  if (len < 4 || b->data == NULL) return; /* shorter ones are masked where quoted only */
+  cb_strbuf out = {0};
+  const char *p = b->data;
+  for (const char *hit; (hit = memmem(p, strlen(p), secret, len)) != NULL; p = hit + len) {
+    for (; p < hit; p++) cb_strbuf_putc(&out, *p);
+    cb_strbuf_puts(&out, "***");
+  }
+  cb_strbuf_puts(&out, p);
+  cb_strbuf_free(b);
+  *b = out;
+}
+
+static int hex_value(char c) {
+  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+void cb__redact_conninfo(const char *conninfo, const char *message, char *out, size_t outlen) {
+  secret_span spans[MAX_SECRETS];
+  int n = conninfo ? secret_spans(conninfo, spans) : 0;
+  cb_strbuf b = {0};
+  /* Quoted pieces first: libpq quotes what it echoes. */
+  for (const char *p = message; *p;) {
+    const char *close = *p == '"' ? strchr(p + 1, '"') : NULL;
+    size_t at;
+    if (close && overlaps_secret(conninfo, p + 1, (size_t)(close - p - 1), spans, n, &at)) {
+      cb_strbuf_putc(&b, '"');
+      put_masked(&b, conninfo, at, at + (size_t)(close - p - 1), spans, n);
+      cb_strbuf_putc(&b, '"');
+      p = close + 1;
+    } else {
+      cb_strbuf_putc(&b, *p++);
+    }
+  }
+  /* Then the passwords themselves, as written and percent-decoded, wherever
+   * else they appear. */
+  for (int k = 0; k < n; k++) {
+    size_t len = spans[k].to - spans[k].from;
+    const char *raw = conninfo + spans[k].from;
+    mask_text(&b, raw, len);
+    char decoded[256];
+    size_t d = 0;
+    for (size_t i = 0; i < len && d < sizeof decoded; i++) {
+      int hi = i + 2 < len && raw[i] == '%' ? hex_value(raw[i + 1]) : -1;
+      int lo = hi >= 0 ? hex_value(raw[i + 2]) : -1;
+      if (hi >= 0 && lo >= 0) {
+        decoded[d++] = (char)(hi * 16 + lo);
+        i += 2;
+      } else {
+        decoded[d++] = raw[i];
+      }
+    }
+    if (d != len) mask_text(&b, decoded, d);
+  }
+  snprintf(out, outlen, "%s", b.failed || b.data == NULL ? (*message ? "(message withheld: out of memory)" : "") : b.data);
+  cb_strbuf_free(&b);
+}
+
 /* ---- connecting ----------------------------------------------------------- */
 
 static void on_retry_timer(uv_timer_t *t) { cb__conn_start(t->data); }
@@ -188,15 +375,18 @@ void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index) {
 static void relisten(cb_conn *conn);
 
 /* Server notices ("relation already exists, skipping") are not errors; libpq
- * would print them on stderr. */
-static void ignore_notice(void *arg, const char *message) {
-  (void)arg;
-  (void)message;
+ * would print them on stderr. One kind matters: an error that arrives while
+ * nothing is in flight is the server's goodbye (a terminated backend, a
+ * shutdown: FATAL), which libpq hands here as a notice; from then on the
+ * connection is known dead, even before the end of the stream is read. */
+static void on_notice(void *arg, const PGresult *r) {
+  const char *severity = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+  if (severity && (strcmp(severity, "FATAL") == 0 || strcmp(severity, "PANIC") == 0)) ((cb_conn *)arg)->goodbye = 1;
 }
 
 static void connected(cb_conn *conn) {
   uv_timer_stop(&conn->timer);
-  PQsetNoticeProcessor(conn->pg, ignore_notice, NULL);
+  PQsetNoticeReceiver(conn->pg, on_notice, conn);
   if (PQsetnonblocking(conn->pg, 1) != 0 || PQenterPipelineMode(conn->pg) != 1) {
     conn_broken(conn, PQerrorMessage(conn->pg));
     return;
@@ -238,6 +428,7 @@ void cb__conn_start(cb_conn *conn) {
   const char *values[] = {rt->conninfo, rt->application_name, NULL};
   conn->pg = PQconnectStartParams(keys, values, 1);
   conn->state = CONN_CONNECTING;
+  conn->goodbye = 0;
   if (conn->pg == NULL || PQstatus(conn->pg) == CONNECTION_BAD) {
     conn_broken(conn, conn->pg ? PQerrorMessage(conn->pg) : "out of memory");
     return;
@@ -253,7 +444,7 @@ static void conn_broken(cb_conn *conn, const char *why) {
   cb_runtime *rt = conn->rt;
   conn->state = CONN_IDLE; /* first: callbacks below must not pick it */
   char msg[sizeof conn->last_error];
-  snprintf(msg, sizeof msg, "%s", why && *why ? why : "connection lost");
+  cb__redact_conninfo(rt->conninfo, why && *why ? why : "connection lost", msg, sizeof msg);
   size_t n = strlen(msg);
   while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = '\0';
   memcpy(conn->last_error, msg, sizeof msg);
@@ -412,6 +603,37 @@ static cb_conn *least_loaded(cb_runtime *rt, int *connecting) {
   return best;
 }
 
+/* Whether an idle connection is still alive, as far as this side can tell
+ * without a round trip: a server that ended the session (a terminated
+ * backend, a restart) has left its goodbye and the end of the stream in our
+ * socket, and the poll callback may not have run yet. A dead one is marked
+ * broken (nothing is in flight on it, so nothing fails) and 0 returned. */
+static int still_alive(cb_conn *conn) {
+  if (conn->units_in_flight > 0) return 1; /* busy: its answers will tell */
+  int read = PQconsumeInput(conn->pg);
+  if (read) PQisBusy(conn->pg); /* parses what arrived: a goodbye reaches on_notice */
+  if (read && !conn->goodbye && PQstatus(conn->pg) == CONNECTION_OK) return 1;
+  conn_broken(conn, conn->goodbye ? "the server ended the session" : PQerrorMessage(conn->pg));
+  return 0;
+}
+
+/* When no pool connection is ready because the ones there were went away,
+ * starts one of them again now rather than after its backoff, once per unit
+ * (u->reconnect_tried): work that never reached the server gets one fresh
+ * connection. 1 when an attempt is under way. */
+static int reconnect_now(cb_runtime *rt, cb_unit *u) {
+  if (u->reconnect_tried) return 0;
+  for (int i = 0; i < rt->nconns; i++) {
+    cb_conn *c = &rt->conns[i];
+    if (c->state != CONN_IDLE || !c->ever_connected) continue;
+    u->reconnect_tried = 1;
+    uv_timer_stop(&c->timer);
+    cb__conn_start(c); /* may fail at once: then dispatch runs again and fails u */
+    return 1;
+  }
+  return 0;
+}
+
 void cb__dispatch(cb_runtime *rt) {
   while (rt->pending_head) {
     cb_unit *first = rt->pending_head;
@@ -424,6 +646,9 @@ void cb__dispatch(cb_runtime *rt) {
       connecting = rt->listener.state == CONN_CONNECTING || rt->listener.state == CONN_IDLE;
     } else {
       conn = least_loaded(rt, &connecting);
+      /* A dead one was dropped, and dispatch ran again for what is pending. */
+      if (conn && !still_alive(conn)) continue;
+      if (conn == NULL && !connecting && reconnect_now(rt, first)) return;
     }
     if (conn == NULL && connecting) return; /* wait for it */
     rt->pending_head = last->next;
@@ -457,6 +682,10 @@ static void record_error(cb_unit *u, const PGresult *r) {
   u->status = lost ? CB_ECONNECTION : CB_EDATABASE;
   u->err.code = u->status;
   snprintf(u->err.sqlstate, sizeof u->err.sqlstate, "%s", state ? state : "");
+  const char *schema = PQresultErrorField(r, PG_DIAG_SCHEMA_NAME);
+  const char *table = PQresultErrorField(r, PG_DIAG_TABLE_NAME);
+  snprintf(u->err.table, sizeof u->err.table, "%s%s%s", schema && table ? schema : "", schema && table ? "." : "",
+           table ? table : "");
   const char *primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
   const char *detail = PQresultErrorField(r, PG_DIAG_MESSAGE_DETAIL);
   snprintf(u->err.message, sizeof u->err.message, "%s%s%s", primary ? primary : PQresultErrorMessage(r),

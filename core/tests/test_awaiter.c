@@ -1,4 +1,4 @@
-/* Awaiting commands and processes (seed 004's scenarios): the poll
+/* Awaiting commands and processes (the scenarios that matter): the poll
  * schedules, sixteen waiters released together by one completion (no lost
  * wake-up), a polling waiter, historical events, unknown ids, purges that
  * wake nobody, and the event sink's bounded queue. */

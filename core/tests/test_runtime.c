@@ -6,12 +6,53 @@
 #include <stdint.h>
 #include <cmocka.h>
 #include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "commandbus/queue.h"
 #include "commandbus/runtime.h"
 #include "test_support.h"
+
+/* What a child forked from a process with an open runtime sees (nginx forks
+ * its workers after init_by_lua): an error at once, and an exit that does not
+ * wait for a loop thread it does not have. Returns the exit status the child
+ * reports: 0 when all held. */
+static int in_forked_child(cb_runtime *rt) {
+  cb_unit *u = cb_unit_new();
+  cb_unit_add(u, "SELECT 1", 0, NULL);
+  cb_err err;
+  int rc = cb_runtime_exec(rt, u, &err);
+  int ok = rc == CB_ESTATE && strstr(err.message, "cannot be used in process") != NULL;
+  ok = ok && cb_runtime_check(rt, &err) == CB_ESTATE && cb_runtime_is_closed(rt);
+  ok = ok && cb_runtime_submit(rt, &u, 1) == CB_ESTATE;
+  cb_runtime_close(rt); /* what the atexit hook does at exit(): only forgets it */
+  cb_runtime_free(rt);
+  cb_unit_free(u);
+  return ok ? 0 : 1;
+}
+
+static void a_forked_child_gets_an_error_at_once_and_exits_cleanly(void **state) {
+  /* Under valgrind the child's leak report would count the parent's memory
+   * it holds a copy of (and the TLS of threads it does not have). */
+  if (getenv("CB_UNDER_VALGRIND")) skip();
+  cb_runtime *rt = test_runtime(1);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) _exit(in_forked_child(rt)); /* _exit: no leak report over the parent's copies either */
+  int status = -1;
+  for (int i = 0; i < 500 && waitpid(pid, &status, WNOHANG) == 0; i++) usleep(10000);
+  if (!WIFEXITED(status)) kill(pid, SIGKILL); /* hung: fail rather than wait forever */
+  assert_true(WIFEXITED(status));
+  assert_int_equal(WEXITSTATUS(status), 0);
+  /* The parent's runtime is untouched. */
+  cb_unit *u = test_sql(rt, "SELECT 1");
+  assert_int_equal(cb_unit_status(u), CB_OK);
+  cb_unit_free(u);
+  cb_runtime_free(rt);
+}
 
 static void a_unit_returns_rows_and_parameters_round_trip(void **state) {
   cb_runtime *rt = test_runtime(2);
@@ -188,16 +229,24 @@ static void *run_slow(void *arg) {
   return NULL;
 }
 
-static void a_lost_connection_fails_in_flight_work_and_reconnects(void **state) {
+/* A runtime of one connection whose sessions are found by their
+ * application name (victim gets a unique one made from prefix). */
+static cb_runtime *victim_runtime(const char *prefix, char *victim, size_t len) {
   cb_runtime_options o = {0};
   o.conninfo = test_dsn();
   o.pool_size = 1;
-  char victim[64];
-  snprintf(victim, sizeof victim, "%s", test_name("cb_victim"));
+  snprintf(victim, len, "%s", test_name(prefix));
   o.application_name = victim;
   cb_runtime *rt = NULL;
   cb_err err;
   assert_int_equal(cb_runtime_new(&o, &rt, &err), CB_OK);
+  return rt;
+}
+
+static void a_lost_connection_fails_in_flight_work_and_reconnects(void **state) {
+  char victim[64];
+  cb_runtime *rt = victim_runtime("cb_victim", victim, sizeof victim);
+  cb_err err;
   cb_runtime *killer = test_runtime(1);
 
   slow_call c = {rt, 1, ""};
@@ -234,6 +283,41 @@ static void a_lost_connection_fails_in_flight_work_and_reconnects(void **state) 
   assert_true(ok);
   cb_unit_free(u);
   cb_runtime_free(killer);
+  cb_runtime_free(rt);
+}
+
+/* Kills the idle backends of application `name` from another runtime. */
+static int kill_backends(const char *name) {
+  cb_runtime *killer = test_runtime(1);
+  cb_unit *k = cb_unit_new();
+  const char *p[] = {name};
+  /* With a timeout, pg_terminate_backend returns once the backend is gone. */
+  cb_unit_add(k, "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE application_name = $1", 1,
+              p);
+  cb_err err;
+  int killed = cb_runtime_exec(killer, k, &err) == CB_OK ? (int)cb_result_int(cb_unit_result(k, 0), 0, 0) : -1;
+  cb_unit_free(k);
+  cb_runtime_free(killer);
+  return killed;
+}
+
+static void work_whose_connection_died_before_it_was_sent_goes_out_on_a_fresh_one(void **state) {
+  char victim[64];
+  cb_runtime *rt = victim_runtime("cb_idle_victim", victim, sizeof victim);
+  cb_err err;
+  cb_unit *u = cb_unit_new();
+  /* Whether the loop has noticed the loss yet (reconnecting) or not (the
+   * goodbye still unread in the socket), the very next call succeeds. */
+  for (int round = 0; round < 3; round++) {
+    assert_true(kill_backends(victim) >= 1);
+    if (round == 1) usleep(200 * 1000);
+    cb_unit_reset(u);
+    cb_unit_add(u, "SELECT 1", 0, NULL);
+    int rc = cb_runtime_exec(rt, u, &err);
+    if (rc != CB_OK) fprintf(stderr, "round %d: %s: %s\n", round, cb_strerror(rc), err.message);
+    assert_int_equal(rc, CB_OK);
+  }
+  cb_unit_free(u);
   cb_runtime_free(rt);
 }
 
@@ -339,7 +423,9 @@ int main(void) {
       cmocka_unit_test(a_blocking_call_on_the_loop_thread_fails_with_deadlock),
       cmocka_unit_test(an_unreachable_database_fails_with_connection_within_the_timeout),
       cmocka_unit_test(a_closed_runtime_refuses_work_with_closed),
+      cmocka_unit_test(a_forked_child_gets_an_error_at_once_and_exits_cleanly),
       cmocka_unit_test(a_lost_connection_fails_in_flight_work_and_reconnects),
+      cmocka_unit_test(work_whose_connection_died_before_it_was_sent_goes_out_on_a_fresh_one),
       cmocka_unit_test(eight_threads_sending_a_thousand_each_all_land),
       cmocka_unit_test(closing_while_eight_threads_send_fails_the_late_ones_cleanly),
       cmocka_unit_test(default_threads_come_from_configure_then_environment_then_cores),

@@ -17,7 +17,7 @@
 -- that the reply router can find the process again. Misuse raises; runtime
 -- failures return nil, err.
 local M = {
-  _VERSION = "0.1.0",
+  _VERSION = require("commandbus.core")._VERSION,
 }
 
 local type, error, pairs, setmetatable = type, error, pairs, setmetatable

@@ -1,4 +1,4 @@
-/* commandbus: awaiting an outcome without polling storms (seed 004).
+/* commandbus: awaiting an outcome without polling storms.
  *
  * A waiter subscribes to the id's hub key *before* it reads, so a change
  * between the read and the wait is never lost. Changes made by this process
@@ -8,7 +8,7 @@
  * commandbus.awaiter (the waiter registers itself there for the length of
  * its wait), so nobody pays for notifications nobody reads. Polling is then
  * only a safety net (cb_await_safety_backoff_ms); where no notification can
- * arrive (CB_AWAIT_NO_LISTEN), the waiter re-reads on the seed's schedule,
+ * arrive (CB_AWAIT_NO_LISTEN), the waiter re-reads on a bounded backoff,
  * cb_await_backoff_ms. */
 #ifndef COMMANDBUS_AWAITER_H
 #define COMMANDBUS_AWAITER_H

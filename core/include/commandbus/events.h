@@ -1,5 +1,5 @@
 /* commandbus: process events (the per-process log in commandbus.process_event)
- * and the event sink (seed 004).
+ * and the event sink.
  *
  * Every change of a process's status or step appends an event (a trigger
  * does it, whoever the writer is); hosts may append their own. Sequences are
