@@ -129,9 +129,10 @@ local function peer_burn_down(processes, concurrency)
   return N / took, per
 end
 
--- One request in flight through our bus: send, the handler (in a worker
--- process) says over UDP when it started, await returns the completed
--- command. Returns the lists of send-to-handler and send-to-await seconds.
+-- One request in flight through our bus, as a caller does it: send, then
+-- await the completed command; meanwhile the handler (in a worker process)
+-- has said over UDP when it started. Returns the lists of send-to-handler
+-- and send-to-await seconds.
 local function cb_latency()
   common.fresh_domain(bus, DOMAIN)
   local udp = assert(socket.udp())
@@ -144,12 +145,12 @@ local function cb_latency()
   for i = 1, WARMUP + REQUESTS do
     local t0 = common.now()
     local sent = assert(bus:send{domain = DOMAIN, type = "Signal", data = {i = i}})
-    local signal = assert(udp:receive())
-    local n, started = signal:match("^(%d+) ([%d%.]+)$")
-    assert(tonumber(n) == i, "bench/peers: the handler of another command signalled: " .. signal)
     local cmd = assert(bus:await(DOMAIN, sent.command_id, {timeout = 10}))
     local t2 = common.now()
     assert(cmd.status == "COMPLETED", "bench/peers: a latency command ended " .. tostring(cmd.status))
+    local signal = assert(udp:receive()) -- sent while this process was in await
+    local n, started = signal:match("^(%d+) ([%d%.]+)$")
+    assert(tonumber(n) == i, "bench/peers: the handler of another command signalled: " .. signal)
     if i > WARMUP then
       to_handler[#to_handler + 1] = tonumber(started) - t0
       to_await[#to_await + 1] = t2 - t0
