@@ -1,5 +1,6 @@
--- Batches of commands: exact counts whenever read, completion detected with a
--- status and a BATCH_COMPLETED audit event (docs/architecture.md: batch statuses).
+-- Batches of commands: exact counts whenever read, the status by rcmd's rule,
+-- and the end recorded once with a BATCH_COMPLETED audit event
+-- (docs/architecture.md: batch statuses).
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 
@@ -104,23 +105,27 @@ describe("batch", function()
                 world.details(bus, domain, batch_id, "BATCH_COMPLETED")[1])
   end)
 
-  it("stays open while a command sits in the TSQ, with exact counts, until the operator acts", function()
+  it("is complete with failures while a command sits in the TSQ, and ends once the operator resolves it", function()
+    -- rcmd's rule: a member in the TSQ counts as finished (with a failure);
+    -- the batch has ended (BATCH_COMPLETED) only when nothing is left there.
     local batch_id, ids = create({{type = "Echo"}, {type = "Permanent"}, {type = "Echo"}, {type = "Permanent"}})
     run_until_settled(ids)
     local b = assert(bus:get_batch(domain, batch_id))
-    assert.equal("IN_PROGRESS", b.status)
+    assert.equal("COMPLETED_WITH_FAILURES", b.status)
     assert.same({total = 4, completed = 2, canceled = 0, failed = 0, tsq = 2, pending = 0, in_progress = 0}, counts(b))
     assert.same({}, world.details(bus, domain, batch_id, "BATCH_COMPLETED"))
     local listed = assert(bus:list_batches{domain = domain})[1]
+    assert.equal("COMPLETED_WITH_FAILURES", listed.status)
     assert.equal(2, listed.in_troubleshooting_count)
     assert.equal(2, listed.completed_count)
 
     assert(bus:tsq():cancel(domain, ids[2], "not needed"))
     b = assert(bus:get_batch(domain, batch_id))
-    assert.equal("IN_PROGRESS", b.status)
+    assert.equal("COMPLETED_WITH_FAILURES", b.status)
     assert.same({total = 4, completed = 2, canceled = 1, failed = 0, tsq = 1, pending = 0, in_progress = 0}, counts(b))
+    assert.same({}, world.details(bus, domain, batch_id, "BATCH_COMPLETED"))
 
-    -- The last decision completes the batch in the operator's transaction.
+    -- The last decision ends the batch in the operator's call.
     assert(bus:tsq():complete(domain, ids[4], {by = "hand"}))
     assert.same({batch_id = batch_id, total_count = 4, completed_count = 3, canceled_count = 1, failed_count = 0},
                 world.details(bus, domain, batch_id, "BATCH_COMPLETED")[1])
@@ -130,10 +135,11 @@ describe("batch", function()
     assert.equal(1, #world.details(bus, domain, batch_id, "BATCH_COMPLETED"))
   end)
 
-  it("completes after a TSQ cancel of its only open command", function()
+  it("ends after a TSQ cancel of its only command in the TSQ", function()
     local batch_id, ids = create({{type = "Echo"}, {type = "Permanent"}})
     run_until_settled(ids)
-    assert.equal("IN_PROGRESS", assert(bus:get_batch(domain, batch_id)).status)
+    assert.equal("COMPLETED_WITH_FAILURES", assert(bus:get_batch(domain, batch_id)).status)
+    assert.same({"BATCH_STARTED"}, world.events(bus, domain, batch_id))
     assert(bus:tsq():cancel(domain, ids[2], "give up"))
     local b = assert(bus:get_batch(domain, batch_id))
     assert.equal("COMPLETED_WITH_FAILURES", b.status)
@@ -141,13 +147,16 @@ describe("batch", function()
     assert.same({"BATCH_STARTED", "BATCH_COMPLETED"}, world.events(bus, domain, batch_id))
   end)
 
-  it("goes back to open counts when the operator retries a TSQ command, then completes when it succeeds", function()
+  it("is IN_PROGRESS again when the operator retries its TSQ command, and COMPLETED when that succeeds", function()
     local batch_id, ids = create({{type = "Echo"}, {type = "Flaky", data = {succeed_on = 2}, max_attempts = 1}})
     run_until_settled(ids)
-    assert.equal(1, assert(bus:get_batch(domain, batch_id)).in_troubleshooting_count)
-    assert(bus:tsq():retry(domain, ids[2]))
     local b = assert(bus:get_batch(domain, batch_id))
+    assert.equal("COMPLETED_WITH_FAILURES", b.status)
+    assert.equal(1, b.in_troubleshooting_count)
+    assert(bus:tsq():retry(domain, ids[2]))
+    b = assert(bus:get_batch(domain, batch_id))
     assert.equal("IN_PROGRESS", b.status)
+    assert.is_nil(b.completed_at)
     assert.same({total = 2, completed = 1, canceled = 0, failed = 0, tsq = 0, pending = 1, in_progress = 0}, counts(b))
     local _, met = world.work(bus, domain, world.settled(bus, domain, {ids[2]}),
                                    {handlers = {Flaky = function() return {ok = true} end}})
@@ -155,6 +164,9 @@ describe("batch", function()
     b = assert(bus:get_batch(domain, batch_id))
     assert.equal("COMPLETED", b.status)
     assert.equal(2, b.completed_count)
+    assert.same({batch_id = batch_id, total_count = 2, completed_count = 2, canceled_count = 0, failed_count = 0},
+                world.details(bus, domain, batch_id, "BATCH_COMPLETED")[1])
+    assert.same({"BATCH_STARTED", "BATCH_COMPLETED"}, world.events(bus, domain, batch_id))
   end)
 
   it("a batch of one business-rule failure completes with failures", function()

@@ -143,7 +143,7 @@ describe("troubleshooting queue", function()
       assert.equal("COMPLETED", c.status)
       assert.equal(1, c.attempts)
       local events = world.events(bus, domain, ok_id)
-      assert.same({"SENT", "RECEIVED", "FAILED", "MOVED_TO_TSQ", "OPERATOR_RETRY", "RECEIVED", "COMPLETED"}, events)
+      assert.same({"SENT", "RECEIVED", "MOVED_TO_TSQ", "OPERATOR_RETRY", "RECEIVED", "COMPLETED"}, events)
     end)
   end)
 

@@ -109,6 +109,8 @@ const char *cbL_storable_text(lua_State *L, int idx);
 int cbL_pusherror(lua_State *L, const cb_err *err);
 int cbL_pusherrorcode(lua_State *L, int code, const char *fmt, ...);
 void cbL_open_errors(lua_State *L);
+/* Pushes the error objects' metatable. */
+void cbL_push_error_metatable(lua_State *L);
 /* Registers the metatable `name`: methods as __index, gc as __gc (and as
  * __close under Lua 5.4), tostring as __tostring; gc and tostring may be
  * NULL. Leaves the stack as it was. */
@@ -133,11 +135,21 @@ int cbL_json_decode(lua_State *L, const char *text);
 #define CBL_BUS_MT "commandbus.bus"
 
 typedef struct cbL_bus {
-  cb_runtime *rt; /* NULL once freed */
+  cb_runtime *rt;            /* NULL once freed (or detached) */
+  struct cbL_shared *shared; /* a handle on the process's shared runtime; NULL: rt is the bus's own */
 } cbL_bus;
 
 cbL_bus *cbL_checkbus(lua_State *L, int idx);
 void cbL_open_bus(lua_State *L);
+/* Pushes a new bus object without a runtime. */
+cbL_bus *cbL_newbus(lua_State *L);
+/* core.shared: pushes a handle on the process's shared runtime for these
+ * options, connecting it first when there is none (or nil, err). */
+int cbL_bus_shared(lua_State *L, const cb_runtime_options *o);
+/* core.close_shared: closes every shared runtime of the process; returns how
+ * many. Handles on them then answer CLOSED; a later core.shared connects
+ * anew. */
+int cbL_close_shared(void);
 
 /* ---- queues (queue.c) ---------------------------------------------------- */
 
@@ -145,6 +157,10 @@ void cbL_open_queue(lua_State *L);
 /* bus:queue(name): pushes the queue object (or nil, err). */
 int cbL_bus_queue(lua_State *L);
 int cbL_bus_list_queues(lua_State *L);
+int cbL_bus_queue_metrics(lua_State *L);
+/* Pushes one queue's metrics as queue:metrics() gives them. */
+struct cb_queue_metrics;
+void cbL_push_queue_metrics(lua_State *L, const struct cb_queue_metrics *m);
 /* The runtime of the open bus at idx, or NULL after pushing nil, CLOSED. */
 cb_runtime *cbL_bus_runtime(lua_State *L, int idx);
 
@@ -191,6 +207,23 @@ int cbL_lanes_running(const cbL_lanes *lanes);
  * with the domain `who`). */
 int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who);
 
+/* A component that runs lanes (a worker, a reply router), as the bindings
+ * drive it: in run() on the caller's thread, or in the background after
+ * start(). */
+typedef struct cbL_runner_ops {
+  int (*lanes)(void *component);
+  int (*start)(void *component, cb_err *err);
+  void (*stop)(void *component);
+  int (*wait)(void *component, int timeout_ms); /* 1 once stopped and drained */
+  cbL_lane_fn lane;                             /* each module lane's loop */
+} cbL_runner_ops;
+/* Starts one lane thread per lane loading `module` (none when module is
+ * NULL: the caller runs the only lane), then the component. Returns 1 and
+ * the lanes; or 0 after pushing nil, err, with nothing left running. */
+int cbL_runner_start(lua_State *L, const cbL_runner_ops *ops, void *component, const char *module,
+                     cbL_lanes **lanes);
+/* Stops the component, waits until it drained, joins its lanes. */
+void cbL_runner_finish(const cbL_runner_ops *ops, void *component, cbL_lanes *lanes);
 /* The {tick=fn, tick_interval=0.5} options (argument 2) of a run() loop:
  * the interval in milliseconds; raises when tick is not a function. */
 int cbL_run_options(lua_State *L, int *tick_ms);
@@ -201,6 +234,7 @@ int cbL_runner_options(lua_State *L, int idx, int *lanes, double *visibility_tim
                        double *poll_interval);
 
 void cbL_open_worker(lua_State *L);
+void cbL_open_metrics(lua_State *L);
 void cbL_open_reply_router(lua_State *L);
 
 /* ---- message routers (router.c) ------------------------------------------ */

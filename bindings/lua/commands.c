@@ -315,21 +315,23 @@ static int l_tsq_list(lua_State *L) {
   return 1;
 }
 
-/* The {operator=} options at argument arg. */
-static int opt_operator(lua_State *L, int arg, const char **op) {
+/* An operator action's options at argument arg: {operator=, reason=}
+ * (reason NULL: the action takes its reason elsewhere). */
+static int opt_operator(lua_State *L, int arg, const char **op, const char **reason) {
   cbL_opt_table(L, arg);
+  if (reason && !cbL_opt_text(L, arg, "reason", NULL, reason)) return 0;
   return cbL_opt_text(L, arg, "operator", NULL, op);
 }
 
-/* bus:tsq_retry(domain, id, {operator=}) -> new msg_id | nil, err */
+/* bus:tsq_retry(domain, id, {operator=, reason=}) -> new msg_id | nil, err */
 static int l_tsq_retry(lua_State *L) {
-  const char *domain, *id, *op;
-  if (!cbL_args_domain_id(L, &domain, &id) || !opt_operator(L, 4, &op)) return 2;
+  const char *domain, *id, *op, *reason;
+  if (!cbL_args_domain_id(L, &domain, &id) || !opt_operator(L, 4, &op, &reason)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
   int64_t msg_id;
   cb_err err;
-  if (cb_tsq_retry(rt, domain, id, op, &msg_id, &err) != CB_OK) return cbL_pusherror(L, &err);
+  if (cb_tsq_retry(rt, domain, id, op, reason, &msg_id, &err) != CB_OK) return cbL_pusherror(L, &err);
   cbL_pushint64(L, msg_id);
   return 1;
 }
@@ -338,7 +340,7 @@ static int l_tsq_retry(lua_State *L) {
 static int l_tsq_cancel(lua_State *L) {
   const char *domain, *id, *op, *reason = "";
   if (!cbL_args_domain_id(L, &domain, &id) || (!lua_isnoneornil(L, 4) && !cbL_arg_text(L, 4, "reason", &reason)) ||
-      !opt_operator(L, 5, &op))
+      !opt_operator(L, 5, &op, NULL))
     return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
@@ -348,15 +350,16 @@ static int l_tsq_cancel(lua_State *L) {
   return 1;
 }
 
-/* bus:tsq_complete(domain, id, result, {operator=}) -> true | nil, err */
+/* bus:tsq_complete(domain, id, result, {operator=, reason=}) -> true | nil, err */
 static int l_tsq_complete(lua_State *L) {
-  const char *domain, *id, *op, *result;
-  if (!cbL_args_domain_id(L, &domain, &id) || !cbL_arg_json(L, 4, "the result", &result) || !opt_operator(L, 5, &op))
+  const char *domain, *id, *op, *reason, *result;
+  if (!cbL_args_domain_id(L, &domain, &id) || !cbL_arg_json(L, 4, "the result", &result) ||
+      !opt_operator(L, 5, &op, &reason))
     return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
   cb_err err;
-  if (cb_tsq_complete(rt, domain, id, result, op, &err) != CB_OK) return cbL_pusherror(L, &err);
+  if (cb_tsq_complete(rt, domain, id, result, op, reason, &err) != CB_OK) return cbL_pusherror(L, &err);
   lua_pushboolean(L, 1);
   return 1;
 }

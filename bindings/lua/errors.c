@@ -33,6 +33,8 @@ void cbL_open_errors(lua_State *L) {
   lua_pop(L, 1);
 }
 
+void cbL_push_error_metatable(lua_State *L) { luaL_getmetatable(L, ERROR_MT); }
+
 int cbL_pusherror(lua_State *L, const cb_err *err) {
   lua_pushnil(L);
   lua_createtable(L, 0, 3);

@@ -12,6 +12,7 @@
 
 #include "binding.h"
 #include "commandbus/log.h"
+#include "commandbus/thread.h"
 
 struct cbL_lanes {
   int count;
@@ -110,7 +111,7 @@ cbL_lanes *cbL_lanes_start(lua_State *L, int count, const char *module, cbL_lane
     if (s == NULL) break;
     s->lanes = lanes;
     s->index = i;
-    if (pthread_create(&lanes->threads[i], NULL, lane_main, s) != 0) {
+    if (cb_thread_start(&lanes->threads[i], lane_main, s) != 0) {
       free(s);
       cb_log(CB_LOG_ERROR, "cannot start lane thread %d of %d", i, count);
       break;
@@ -136,6 +137,44 @@ int cbL_lanes_running(const cbL_lanes *lanes) {
   int n = 0;
   for (int i = 0; lanes && i < lanes->count; i++) n += lanes->started[i];
   return n;
+}
+
+/* A start that failed: the component is stopped, its lanes end and are
+ * joined. Pushes nil, err; returns 0. */
+static int abandon(lua_State *L, const cbL_runner_ops *ops, void *component, cbL_lanes *lanes, const cb_err *err) {
+  ops->stop(component);
+  cbL_lanes_join(lanes);
+  cbL_pusherror(L, err);
+  return 0;
+}
+
+int cbL_runner_start(lua_State *L, const cbL_runner_ops *ops, void *component, const char *module,
+                     cbL_lanes **lanes) {
+  cb_err err;
+  int want = ops->lanes(component);
+  *lanes = NULL;
+  if (module) {
+    cbL_lanes *started = cbL_lanes_start(L, want, module, ops->lane, component, &err);
+    if (started == NULL) return abandon(L, ops, component, NULL, &err);
+    int running = cbL_lanes_running(started);
+    if (running != want) { /* a lane nobody runs would hold its work forever: refuse to start */
+      cb_err_set(&err, CB_ENOMEM, "could start only %d of %d lane threads", running, want);
+      return abandon(L, ops, component, started, &err);
+    }
+    *lanes = started;
+  }
+  if (ops->start(component, &err) != CB_OK) {
+    abandon(L, ops, component, *lanes, &err);
+    *lanes = NULL;
+    return 0;
+  }
+  return 1;
+}
+
+void cbL_runner_finish(const cbL_runner_ops *ops, void *component, cbL_lanes *lanes) {
+  ops->stop(component);
+  ops->wait(component, -1);
+  cbL_lanes_join(lanes);
 }
 
 int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who) {

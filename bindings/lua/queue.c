@@ -318,7 +318,28 @@ static int l_set_vt(lua_State *L) {
   return 1;
 }
 
-/* queue:metrics() -> {queue_name=, queue_length=, newest_msg_age_sec=, ...} */
+/* One queue's metrics as a table (queue:metrics(), bus:queue_metrics()). */
+void cbL_push_queue_metrics(lua_State *L, const cb_queue_metrics *m) {
+  lua_createtable(L, 0, 6);
+  lua_pushstring(L, m->queue_name);
+  lua_setfield(L, -2, "queue_name");
+  cbL_pushint64(L, m->queue_length);
+  lua_setfield(L, -2, "queue_length");
+  if (m->newest_msg_age_sec >= 0) {
+    cbL_pushint64(L, m->newest_msg_age_sec);
+    lua_setfield(L, -2, "newest_msg_age_sec");
+    cbL_pushint64(L, m->oldest_msg_age_sec);
+    lua_setfield(L, -2, "oldest_msg_age_sec");
+  }
+  cbL_pushint64(L, m->total_messages);
+  lua_setfield(L, -2, "total_messages");
+  lua_pushstring(L, m->scrape_time);
+  lua_setfield(L, -2, "scrape_time");
+}
+
+/* queue:metrics() -> {queue_name=, queue_length=, newest_msg_age_sec=,
+ * oldest_msg_age_sec=, total_messages=, scrape_time=} | nil, err (NOT_FOUND
+ * when the queue does not exist) */
 static int l_metrics(lua_State *L) {
   cbL_queue *q = check_queue(L);
   cb_runtime *rt = queue_runtime(L, q);
@@ -326,21 +347,24 @@ static int l_metrics(lua_State *L) {
   cb_queue_metrics m;
   cb_err err;
   if (cb_queue_metrics_get(rt, q->name, &m, &err) != CB_OK) return cbL_pusherror(L, &err);
-  lua_createtable(L, 0, 6);
-  lua_pushstring(L, q->name);
-  lua_setfield(L, -2, "queue_name");
-  cbL_pushint64(L, m.queue_length);
-  lua_setfield(L, -2, "queue_length");
-  if (m.newest_msg_age_sec >= 0) {
-    cbL_pushint64(L, m.newest_msg_age_sec);
-    lua_setfield(L, -2, "newest_msg_age_sec");
-    cbL_pushint64(L, m.oldest_msg_age_sec);
-    lua_setfield(L, -2, "oldest_msg_age_sec");
+  cbL_push_queue_metrics(L, &m);
+  return 1;
+}
+
+/* bus:queue_metrics() -> every queue's metrics (as queue:metrics()), by name */
+int cbL_bus_queue_metrics(lua_State *L) {
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
+  cb_queue_metrics *all;
+  size_t n;
+  cb_err err;
+  if (cb_queue_metrics_all(rt, &all, &n, &err) != CB_OK) return cbL_pusherror(L, &err);
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    cbL_push_queue_metrics(L, &all[i]);
+    lua_rawseti(L, -2, (int)i + 1);
   }
-  cbL_pushint64(L, m.total_messages);
-  lua_setfield(L, -2, "total_messages");
-  lua_pushstring(L, m.scrape_time);
-  lua_setfield(L, -2, "scrape_time");
+  free(all);
   return 1;
 }
 

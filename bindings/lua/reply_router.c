@@ -21,6 +21,7 @@ typedef struct cbL_reply_router {
   int managers_ref; /* table mode */
   char *module;     /* module mode */
   int ran, in_run, close_pending;
+  cbL_lanes *background; /* start(): the lanes running while the caller goes on */
 } cbL_reply_router;
 
 static cbL_reply_router *check_router(lua_State *L) { return luaL_checkudata(L, 1, REPLY_ROUTER_MT); }
@@ -174,6 +175,12 @@ static void module_lane(lua_State *L, int lane, void *arg) {
   lane_loop(L, 1, r, lane, 0, 0, LUA_NOREF);
 }
 
+static int runner_lanes(void *r) { return cb_reply_router_lanes(r); }
+static int runner_start(void *r, cb_err *err) { return cb_reply_router_start(r, err); }
+static void runner_stop(void *r) { cb_reply_router_stop(r); }
+static int runner_wait(void *r, int timeout_ms) { return cb_reply_router_wait(r, timeout_ms); }
+static const cbL_runner_ops runner = {runner_lanes, runner_start, runner_stop, runner_wait, module_lane};
+
 /* bus:reply_router{domain=, reply_queue=, managers=, concurrency=,
  *                  poll_interval=1, visibility_timeout=30, statement_timeout=25} */
 static int l_bus_reply_router(lua_State *L) {
@@ -210,8 +217,8 @@ static int l_bus_reply_router(lua_State *L) {
 
 static int l_gc(lua_State *L);
 
-/* router:run{tick=fn, tick_interval=0.5}: runs until stop() (or tick returns
- * false); drains what it took, then returns true. */
+/* router:run{tick=fn, tick_interval=0.5}: runs until stop(), SIGINT/SIGTERM
+ * or tick returning false; drains what it took, then returns true. */
 static int l_run(lua_State *L) {
   cbL_reply_router *lr = check_router(L);
   int tick_ms;
@@ -222,22 +229,11 @@ static int l_run(lua_State *L) {
   else lua_pushnil(L);
   lr->ran = lr->in_run = 1;
   cb_reply_router *r = lr->r;
-  cb_err err;
-  cbL_lanes *lanes = NULL;
-  if (lr->module) {
-    lanes = cbL_lanes_start(L, cb_reply_router_lanes(r), lr->module, module_lane, r, &err);
-    if (lanes == NULL || cbL_lanes_running(lanes) != cb_reply_router_lanes(r)) {
-      cb_reply_router_stop(r);
-      cbL_lanes_join(lanes);
-      lr->in_run = 0;
-      return lanes ? cbL_pusherrorcode(L, CB_ENOMEM, "could not start the lane threads") : cbL_pusherror(L, &err);
-    }
-  }
-  if (cb_reply_router_start(r, &err) != CB_OK) {
-    cb_reply_router_stop(r);
-    cbL_lanes_join(lanes);
+  cb_reply_router_watch_signals(r);
+  cbL_lanes *lanes;
+  if (!cbL_runner_start(L, &runner, r, lr->module, &lanes)) {
     lr->in_run = 0;
-    return cbL_pusherror(L, &err);
+    return 2;
   }
   if (lr->module) {
     while (!cb_reply_router_wait(r, tick_ms))
@@ -255,6 +251,22 @@ static int l_run(lua_State *L) {
     l_gc(L);
   }
   lua_settop(L, 1);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* router:start() -> true | nil, err: runs the router in the background (its
+ * managers module on lane threads) while the caller goes on, as inside
+ * nginx. router:stop() asks it to stop; router:close() stops it, waits for
+ * the drain and joins the lanes. */
+static int l_start(lua_State *L) {
+  cbL_reply_router *lr = check_router(L);
+  if (lr->r == NULL || lr->ran) return cbL_pusherrorcode(L, CB_ESTATE, "the reply router already ran");
+  if (lr->module == NULL)
+    luaL_error(L, "reply_router:start() runs managers on lane threads: give managers as a module name (a managers "
+                  "table runs only on run()'s thread)");
+  lr->ran = 1;
+  if (!cbL_runner_start(L, &runner, lr->r, lr->module, &lr->background)) return 2;
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -300,6 +312,10 @@ static int l_gc(lua_State *L) {
     lr->close_pending = 1;
     return 0;
   }
+  if (lr->background) {
+    cbL_runner_finish(&runner, lr->r, lr->background);
+    lr->background = NULL;
+  }
   if (lr->r) {
     cb_reply_router_free(lr->r);
     lr->r = NULL;
@@ -314,7 +330,7 @@ static int l_gc(lua_State *L) {
 
 void cbL_open_reply_router(lua_State *L) {
   static const luaL_Reg methods[] = {
-      {"run", l_run}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
+      {"run", l_run}, {"start", l_start}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
   };
   cbL_new_class(L, REPLY_ROUTER_MT, methods, l_gc, NULL);
   luaL_getmetatable(L, CBL_BUS_MT);

@@ -221,11 +221,15 @@ static void handler_lane(lua_State *L, int lane, void *arg) {
 
 static cbL_router *check_router(lua_State *L) { return luaL_checkudata(L, 1, ROUTER_MT); }
 
+/* Default names, "router_1", "router_2", ...: every router shows in metrics. */
+static atomic_int routers_named;
+
 /* core.message_router{lanes=, batch_size=100, batch_timeout_ms=10,
  *                     queue_size=10000, lane_queue_size=5000, policy="drop",
- *                     block_timeout_ms=1000, handler="module.name"}
+ *                     block_timeout_ms=1000, handler="module.name", name=}
  * -> router | nil, err. lanes defaults to core.default_threads(); the sizes
- * are at most CBL_COUNT_MAX (their rings are allocated up front). */
+ * are at most CBL_COUNT_MAX (their rings are allocated up front); name (its
+ * label in metrics, unique among live routers) to "router_<n>". */
 int cbL_message_router(lua_State *L) {
   cbL_opt_table(L, 1);
   cb_message_router_config cfg;
@@ -233,7 +237,7 @@ int cbL_message_router(lua_State *L) {
   int default_lanes = cb_default_threads();
   if (default_lanes > CB_MESSAGE_ROUTER_MAX_LANES) default_lanes = CB_MESSAGE_ROUTER_MAX_LANES;
   int batch_size, ingress_capacity, lane_capacity;
-  const char *policy, *handler;
+  const char *policy, *handler, *name;
   if (!cbL_opt_int(L, 1, "lanes", default_lanes, 1, CB_MESSAGE_ROUTER_MAX_LANES, &cfg.lanes) ||
       !cbL_opt_int(L, 1, "batch_size", CB_MESSAGE_ROUTER_DEFAULT_BATCH_SIZE, 1, CBL_COUNT_MAX, &batch_size) ||
       !cbL_opt_int(L, 1, "batch_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BATCH_TIMEOUT_MS, 0, INT_MAX,
@@ -242,7 +246,8 @@ int cbL_message_router(lua_State *L) {
       !cbL_opt_int(L, 1, "lane_queue_size", CB_MESSAGE_ROUTER_DEFAULT_LANE_CAPACITY, 1, CBL_COUNT_MAX, &lane_capacity) ||
       !cbL_opt_int(L, 1, "block_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BLOCK_TIMEOUT_MS, -1, INT_MAX,
                    &cfg.block_timeout_ms) ||
-      !cbL_opt_text(L, 1, "policy", "drop", &policy) || !cbL_opt_text(L, 1, "handler", NULL, &handler))
+      !cbL_opt_text(L, 1, "policy", "drop", &policy) || !cbL_opt_text(L, 1, "handler", NULL, &handler) ||
+      !cbL_opt_text(L, 1, "name", NULL, &name))
     return 2;
   cfg.batch_size = (size_t)batch_size;
   cfg.ingress_capacity = (size_t)ingress_capacity;
@@ -253,6 +258,8 @@ int cbL_message_router(lua_State *L) {
   if (cfg.ingress_capacity < cfg.batch_size)
     return cbL_pusherrorcode(L, CB_EINVAL, "option 'queue_size' (%d) must be at least batch_size (%d)",
                              ingress_capacity, batch_size);
+  if (name && (name[0] == '\0' || strlen(name) > CB_MESSAGE_ROUTER_NAME_MAX))
+    return cbL_pusherrorcode(L, CB_EINVAL, "option 'name' must be 1 to %d bytes long", CB_MESSAGE_ROUTER_NAME_MAX);
   /* Without a handler only this Lua state can take(), and it cannot while
    * it sits in stop() or __gc waiting forever for room in a full lane. */
   if (handler == NULL && cfg.policy == CB_MESSAGE_ROUTER_BLOCK && cfg.block_timeout_ms < 0)
@@ -269,7 +276,18 @@ int cbL_message_router(lua_State *L) {
   s->held.next = s->held.prev = &s->held;
   pthread_mutex_init(&s->held_lock, NULL);
   atomic_init(&s->handler_errors, 0);
-  int rc = cb_message_router_new(&s->router, &cfg);
+  char default_name[32];
+  int rc;
+  do { /* a default name someone took already: the next one */
+    if (name == NULL) snprintf(default_name, sizeof default_name, "router_%d", atomic_fetch_add(&routers_named, 1) + 1);
+    cfg.name = name ? name : default_name;
+    rc = cb_message_router_new(&s->router, &cfg);
+  } while (rc == -EEXIST && name == NULL);
+  if (rc == -EEXIST) {
+    pthread_mutex_destroy(&s->held_lock);
+    free(s);
+    return cbL_pusherrorcode(L, CB_EINVAL, "a message router named `%s` exists already", name);
+  }
   if (rc != 0) {
     pthread_mutex_destroy(&s->held_lock);
     free(s);

@@ -21,9 +21,10 @@ typedef struct cbL_worker {
   int bus_ref;
   int handlers_ref; /* table mode: the handlers table; LUA_NOREF in module mode */
   char *module;     /* module mode */
-  int running;      /* run() was called (a worker runs once) */
+  int running;      /* run() or start() was called (a worker runs once) */
   int in_run;       /* run() has not returned yet */
   int close_pending; /* close() was called from inside run() */
+  cbL_lanes *background; /* start(): the lanes running while the caller goes on */
 } cbL_worker;
 
 typedef struct handler_ctx {
@@ -209,6 +210,12 @@ static void module_lane(lua_State *L, int lane, void *arg) {
   lane_loop(L, 1, w, lane, NULL, 0, 0, LUA_NOREF);
 }
 
+static int runner_lanes(void *w) { return cb_worker_lanes(w); }
+static int runner_start(void *w, cb_err *err) { return cb_worker_start(w, err); }
+static void runner_stop(void *w) { cb_worker_stop(w); }
+static int runner_wait(void *w, int timeout_ms) { return cb_worker_wait(w, timeout_ms); }
+static const cbL_runner_ops runner = {runner_lanes, runner_start, runner_stop, runner_wait, module_lane};
+
 /* ---- the worker object ---------------------------------------------------------------- */
 
 /* The timing options of the worker at idx (ranges in the README). */
@@ -298,29 +305,11 @@ static int l_run(lua_State *L) {
   cb_worker *w = lw->w;
   lw->running = 1;
   lw->in_run = 1;
-  cb_err err;
-  cbL_lanes *lanes = NULL;
-  if (lw->module) {
-    lanes = cbL_lanes_start(L, cb_worker_lanes(w), lw->module, module_lane, w, &err);
-    if (lanes == NULL) {
-      lw->in_run = 0;
-      return cbL_pusherror(L, &err);
-    }
-    int running = cbL_lanes_running(lanes);
-    if (running != cb_worker_lanes(w)) {
-      /* A lane nobody runs would hold its work forever: refuse to start. */
-      cb_worker_stop(w);
-      cbL_lanes_join(lanes);
-      lw->in_run = 0;
-      return cbL_pusherrorcode(L, CB_ENOMEM, "could start only %d of %d lane threads", running, cb_worker_lanes(w));
-    }
-  }
   cb_worker_watch_signals(w);
-  if (cb_worker_start(w, &err) != CB_OK) {
-    cb_worker_stop(w);
-    cbL_lanes_join(lanes);
+  cbL_lanes *lanes;
+  if (!cbL_runner_start(L, &runner, w, lw->module, &lanes)) {
     lw->in_run = 0;
-    return cbL_pusherror(L, &err);
+    return 2;
   }
   if (lw->module) {
     while (!cb_worker_wait(w, tick_ms))
@@ -343,25 +332,43 @@ static int l_run(lua_State *L) {
   return 1;
 }
 
+/* worker:start() -> true | nil, err: runs the worker in the background (its
+ * handler module on lane threads) while the caller goes on, as inside nginx.
+ * worker:stop() asks it to stop; worker:close() stops it, waits for the
+ * drain and joins the lanes. */
+static int l_start(lua_State *L) {
+  cbL_worker *lw = check_worker(L);
+  if (lw->w == NULL || lw->running) return cbL_pusherrorcode(L, CB_ESTATE, "the worker already ran");
+  if (lw->module == NULL)
+    luaL_error(L, "worker:start() runs handlers on lane threads: give handlers as a module name (a handlers table "
+                  "runs only on run()'s thread)");
+  lw->running = 1;
+  if (!cbL_runner_start(L, &runner, lw->w, lw->module, &lw->background)) return 2;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int l_stop(lua_State *L) {
   cbL_worker *lw = check_worker(L);
   if (lw->w) cb_worker_stop(lw->w);
   return 0;
 }
 
-/* worker:health() -> {state=, successes=, failures=, consecutive_failures=,
- *                     stuck=, poison=, last_success_at=, in_flight=} */
+/* worker:health() -> {state=, successes=, failures=, retries=,
+ *                     consecutive_failures=, stuck=, poison=, last_success_at=, in_flight=} */
 static int l_health(lua_State *L) {
   cbL_worker *lw = check_worker(L);
   if (lw->w == NULL) return cbL_pusherrorcode(L, CB_ECLOSED, "the worker is closed");
   cb_worker_health h;
   cb_worker_health_get(lw->w, &h);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
   set_string(L, "state", h.state);
   cbL_pushint64(L, (int64_t)h.successes);
   lua_setfield(L, -2, "successes");
   cbL_pushint64(L, (int64_t)h.failures);
   lua_setfield(L, -2, "failures");
+  cbL_pushint64(L, (int64_t)h.retries);
+  lua_setfield(L, -2, "retries");
   cbL_pushint64(L, (int64_t)h.consecutive_failures);
   lua_setfield(L, -2, "consecutive_failures");
   cbL_pushint64(L, (int64_t)h.stuck);
@@ -392,6 +399,10 @@ static int l_gc(lua_State *L) {
     lw->close_pending = 1;
     return 0;
   }
+  if (lw->background) {
+    cbL_runner_finish(&runner, lw->w, lw->background);
+    lw->background = NULL;
+  }
   if (lw->w) {
     cb_worker_free(lw->w);
     lw->w = NULL;
@@ -407,7 +418,7 @@ static int l_gc(lua_State *L) {
 void cbL_open_worker(lua_State *L) {
   open_ctx(L);
   static const luaL_Reg methods[] = {
-      {"run", l_run}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
+      {"run", l_run}, {"start", l_start}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight}, {"close", l_gc}, {NULL, NULL},
   };
   cbL_new_class(L, WORKER_MT, methods, l_gc, NULL);
   luaL_getmetatable(L, CBL_BUS_MT);

@@ -1,6 +1,8 @@
 -- The commandbus schema shared with rcmd (reliable-cmd 0.2.x); see
--- docs/architecture.md, "Data contract". IF NOT EXISTS throughout, so that it also applies on top
--- of a schema rcmd created.
+-- docs/architecture.md, "Data contract". IF NOT EXISTS throughout, so that it
+-- also applies on top of a schema rcmd created. The indexes are made by
+-- 005_shared_with_rcmd.sql, which skips any index the database already has
+-- under another name.
 CREATE SCHEMA IF NOT EXISTS commandbus;
 
 CREATE TABLE IF NOT EXISTS commandbus.command (
@@ -23,11 +25,6 @@ CREATE TABLE IF NOT EXISTS commandbus.command (
   batch_id         uuid,
   PRIMARY KEY (domain, command_id)
 );
-CREATE INDEX IF NOT EXISTS ix_command_status_type ON commandbus.command (status, command_type);
-CREATE INDEX IF NOT EXISTS ix_command_status_created ON commandbus.command (status, created_at DESC);
-CREATE INDEX IF NOT EXISTS ix_command_updated ON commandbus.command (updated_at);
-CREATE INDEX IF NOT EXISTS ix_command_domain_batch ON commandbus.command (domain, batch_id) WHERE batch_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS ix_command_batch_status ON commandbus.command (batch_id, status) WHERE batch_id IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS commandbus.audit (
   audit_id     bigserial   PRIMARY KEY,
@@ -37,7 +34,6 @@ CREATE TABLE IF NOT EXISTS commandbus.audit (
   ts           timestamptz NOT NULL DEFAULT now(),
   details_json jsonb
 );
-CREATE INDEX IF NOT EXISTS ix_audit_command_ts ON commandbus.audit (command_id, ts);
 
 CREATE TABLE IF NOT EXISTS commandbus.batch (
   domain                   text        NOT NULL,
@@ -56,7 +52,6 @@ CREATE TABLE IF NOT EXISTS commandbus.batch (
   completed_at             timestamptz,
   PRIMARY KEY (domain, batch_id)
 );
-CREATE INDEX IF NOT EXISTS ix_batch_status ON commandbus.batch (status, created_at DESC);
 
 CREATE TABLE IF NOT EXISTS commandbus.process (
   domain        text        NOT NULL,
@@ -73,8 +68,6 @@ CREATE TABLE IF NOT EXISTS commandbus.process (
   batch_id      uuid,
   PRIMARY KEY (domain, process_id)
 );
-CREATE INDEX IF NOT EXISTS ix_process_type_status ON commandbus.process (process_type, status);
-CREATE INDEX IF NOT EXISTS ix_process_status_created ON commandbus.process (status, created_at DESC);
 
 CREATE TABLE IF NOT EXISTS commandbus.process_audit (
   id            bigserial   PRIMARY KEY,
@@ -89,8 +82,6 @@ CREATE TABLE IF NOT EXISTS commandbus.process_audit (
   reply_data    jsonb,
   received_at   timestamptz
 );
-CREATE INDEX IF NOT EXISTS ix_process_audit_process ON commandbus.process_audit (domain, process_id, sent_at);
-CREATE INDEX IF NOT EXISTS ix_process_audit_command ON commandbus.process_audit (command_id);
 
 -- Present in rcmd's schema and unused by it; kept for compatibility.
 CREATE TABLE IF NOT EXISTS commandbus.payload_archive (

@@ -67,10 +67,12 @@ static int check_spec(const cb_command_spec *s, size_t i, char *id, char *corr, 
 }
 
 /* The statement that sends one chunk: commands first (ON CONFLICT DO NOTHING
- * tells duplicates apart without an error), then messages and SENT audit rows
- * for the fresh ones only. The message id is drawn from the queue's identity
- * sequence up front so that the command row carries it from the start. */
-static void send_sql(char *sql, size_t len, const char *queue) {
+ * tells duplicates apart without an error; without it, refusing duplicates,
+ * an existing id fails the statement on the command's key), then messages
+ * and SENT audit rows for the fresh ones only. The message id is drawn from
+ * the queue's identity sequence up front so that the command row carries it
+ * from the start. */
+static void send_sql(char *sql, size_t len, const char *queue, int refuse_duplicates) {
   snprintf(sql, len,
            "WITH input AS ("
            " SELECT e.ord, (e.v->>'id')::uuid AS command_id, e.v->>'type' AS command_type,"
@@ -85,7 +87,7 @@ static void send_sql(char *sql, size_t len, const char *queue) {
            " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
            " SELECT $2, '%s', nextval('pgmq.q_%s_msg_id_seq'), command_id, command_type, 'PENDING', 0,"
            " max_attempts, reply_to, correlation_id, batch_id FROM firsts ORDER BY ord"
-           " ON CONFLICT (domain, command_id) DO NOTHING RETURNING command_id, msg_id),"
+           "%s RETURNING command_id, msg_id),"
            " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
            " SELECT f.msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
            " jsonb_build_object('domain', $2::text, 'command_type', i.command_type, 'command_id', i.command_id,"
@@ -99,14 +101,21 @@ static void send_sql(char *sql, size_t len, const char *queue) {
            " SELECT i.command_id::text, CASE WHEN i.ord = fi.ord THEN coalesce(f.msg_id, 0) ELSE 0 END"
            " FROM input i LEFT JOIN fresh f USING (command_id) LEFT JOIN firsts fi USING (command_id)"
            " ORDER BY i.ord",
-           queue, queue, queue);
+           queue, queue, refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue);
+}
+
+int cb_bus_is_duplicate(const cb_err *err) {
+  /* Both unique indexes a command table may have (commandbus's key, rcmd's
+   * uq_command_domain_cmdid) are on (domain, command_id). */
+  return err->code == CB_EDATABASE && strcmp(err->sqlstate, "23505") == 0 &&
+         strcmp(err->table, "commandbus.command") == 0;
 }
 
 /* Validates specs, makes sure the queues exist, then appends the send
  * statements (one per chunk) and the queue's notify to u, without running it.
  * On an error u may hold part of them: the caller discards the unit. */
 int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                    double delay, cb_send_result *results, const char *forced_batch, cb_err *err) {
+                    double delay, cb_send_result *results, const cb_send_options *options, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
@@ -117,7 +126,8 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   cb_strbuf json = {0};
   char id[CB_UUID_LEN + 1], corr[CB_UUID_LEN + 1], batch[CB_UUID_LEN + 1];
   char sql[4096];
-  send_sql(sql, sizeof sql, queue);
+  const char *forced_batch = options ? options->batch_id : NULL;
+  send_sql(sql, sizeof sql, queue, options && options->refuse_duplicates);
   char delay_text[32];
   snprintf(delay_text, sizeof delay_text, "%.6f", delay);
   for (size_t start = 0; start < n && rc == CB_OK; start += SEND_CHUNK) {
@@ -185,9 +195,9 @@ static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
 
 /* Sends specs within u, after the statements the caller added, and runs it. */
 static int send_in_unit(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                        double delay, cb_send_result *results, const char *forced_batch, cb_err *err) {
+                        double delay, cb_send_result *results, cb_err *err) {
   int first = cb_unit_count(u);
-  int rc = cb_bus_add_send(rt, u, domain, specs, n, delay, results, forced_batch, err);
+  int rc = cb_bus_add_send(rt, u, domain, specs, n, delay, results, NULL, err);
   if (rc == CB_OK) rc = exec_send(rt, u, err);
   if (rc == CB_OK) cb_bus_read_send(u, first, n, results);
   return rc;
@@ -198,7 +208,7 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   if (n == 0) return cb_domain_valid(domain, err);
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  int rc = send_in_unit(rt, u, domain, specs, n, delay, results, NULL, err);
+  int rc = send_in_unit(rt, u, domain, specs, n, delay, results, err);
   cb_unit_free(u);
   if (rc == CB_OK && n == 1 && results[0].duplicate)
     return cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", results[0].command_id, domain);
@@ -304,40 +314,9 @@ int cb_bus_audit(cb_runtime *rt, const char *domain, const char *command_id, cb_
 
 int cb_bus_add_batch_refresh(cb_unit *u, const char *domain, const char *batch_id) {
   const char *params[] = {domain, batch_id};
-  /* Cheap while the batch runs: two EXISTS probes on the (batch_id, status)
-   * index; the full counts are taken only once nothing is open (the gate is a
-   * one-time filter, so the scan is skipped otherwise). The two UPDATEs
-   * exclude each other, so the batch row is modified at most once here;
-   * concurrent refreshes serialize on the row and the status guard lets only
-   * one of them record each transition. */
-  return cb_unit_add(u,
-                     "WITH o AS (SELECT EXISTS (SELECT 1 FROM commandbus.command WHERE domain = $1"
-                     " AND batch_id = $2::uuid AND status IN ('PENDING', 'IN_PROGRESS', 'IN_TROUBLESHOOTING_QUEUE'))"
-                     " AS open, EXISTS (SELECT 1 FROM commandbus.command WHERE domain = $1 AND batch_id = $2::uuid"
-                     " AND status <> 'PENDING') AS started),"
-                     " s AS (SELECT count(*) AS total,"
-                     " count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"
-                     " count(*) FILTER (WHERE status = 'CANCELED') AS canceled,"
-                     " count(*) FILTER (WHERE status = 'FAILED') AS failed"
-                     " FROM commandbus.command WHERE domain = $1 AND batch_id = $2::uuid"
-                     " AND NOT (SELECT open FROM o)),"
-                     " st AS (UPDATE commandbus.batch b SET status = 'IN_PROGRESS', started_at = now() FROM o"
-                     " WHERE b.domain = $1 AND b.batch_id = $2::uuid AND b.status = 'PENDING' AND o.open AND o.started"
-                     " RETURNING b.batch_id),"
-                     " done AS (UPDATE commandbus.batch b SET status = CASE WHEN s.failed + s.canceled > 0"
-                     " THEN 'COMPLETED_WITH_FAILURES' ELSE 'COMPLETED' END, started_at = coalesce(b.started_at, now()),"
-                     " completed_at = now(), completed_count = s.completed, canceled_count = s.canceled,"
-                     " failed_count = s.failed, in_troubleshooting_count = 0 FROM s, o"
-                     " WHERE b.domain = $1 AND b.batch_id = $2::uuid AND b.status IN ('PENDING', 'IN_PROGRESS')"
-                     " AND NOT o.open AND s.total > 0"
-                     " RETURNING b.batch_id, b.total_count, s.completed, s.canceled, s.failed),"
-                     " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
-                     " SELECT $1, batch_id, 'BATCH_STARTED', jsonb_build_object('batch_id', batch_id) FROM st"
-                     " UNION ALL SELECT $1, batch_id, 'BATCH_COMPLETED', jsonb_build_object('batch_id', batch_id,"
-                     " 'total_count', total_count, 'completed_count', completed, 'canceled_count', canceled,"
-                     " 'failed_count', failed) FROM done)"
-                     " SELECT (SELECT count(*) FROM done)",
-                     2, params);
+  /* The rule lives in the database (core/sql/005_shared_with_rcmd.sql), where
+   * rcmd's batch procedures apply it too. */
+  return cb_unit_add(u, "SELECT commandbus.batch_refresh($1, $2::uuid)", 2, params);
 }
 
 int cb_bus_create_batch(cb_runtime *rt, const char *domain, const char *name, const char *custom_data_json,
@@ -356,7 +335,8 @@ int cb_bus_create_batch(cb_runtime *rt, const char *domain, const char *name, co
               " VALUES ($1, $2::uuid, $3, $4::jsonb, 'PENDING', $5::int, 'COMMAND')",
               5, params);
   int first = cb_unit_count(u);
-  rc = cb_bus_add_send(rt, u, domain, specs, n, 0, results, batch_id, err);
+  const cb_send_options joined = {.batch_id = batch_id};
+  rc = cb_bus_add_send(rt, u, domain, specs, n, 0, results, &joined, err);
   /* The total counts the commands that joined: an id that already existed
    * elsewhere is reported as a duplicate and is not part of the batch. */
   const char *count_params[] = {domain, batch_id};

@@ -27,6 +27,7 @@ int cb_err_set(cb_err *err, int code, const char *fmt, ...) {
   if (err == NULL) return code;
   err->code = code;
   err->sqlstate[0] = '\0';
+  err->table[0] = '\0';
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(err->message, sizeof err->message, fmt, ap);
@@ -38,5 +39,6 @@ void cb_err_clear(cb_err *err) {
   if (err == NULL) return;
   err->code = CB_OK;
   err->sqlstate[0] = '\0';
+  err->table[0] = '\0';
   err->message[0] = '\0';
 }

@@ -19,6 +19,7 @@ typedef struct hub_entry {
   uint64_t hash;
   uint64_t version;
   int subscribers;
+  int is_record; /* a record-change key (cb_hub_change_key) */
   pthread_cond_t changed;
   char key[];
 } hub_entry;
@@ -28,6 +29,7 @@ struct cb_hub {
   hub_entry **buckets;
   size_t nbuckets; /* a power of two */
   size_t count;
+  size_t record_waiters; /* subscriptions to record-change keys */
   int closed;
 };
 
@@ -120,6 +122,7 @@ cb_hub_sub *cb_hub_subscribe(cb_hub *hub, const char *key) {
     }
     memcpy(e->key, key, len + 1);
     e->hash = h;
+    e->is_record = strncmp(key, CB_HUB_CHANGE_CHANNEL ":", sizeof CB_HUB_CHANGE_CHANNEL) == 0;
     pthread_cond_init(&e->changed, NULL);
     maybe_grow(hub);
     size_t b = h & (hub->nbuckets - 1);
@@ -128,6 +131,7 @@ cb_hub_sub *cb_hub_subscribe(cb_hub *hub, const char *key) {
     hub->count++;
   }
   e->subscribers++;
+  hub->record_waiters += (size_t)e->is_record;
   sub->hub = hub;
   sub->entry = e;
   sub->seen = e->version;
@@ -140,6 +144,7 @@ void cb_hub_unsubscribe(cb_hub_sub *sub) {
   cb_hub *hub = sub->hub;
   hub_entry *e = sub->entry;
   pthread_mutex_lock(&hub->lock);
+  hub->record_waiters -= (size_t)e->is_record;
   if (--e->subscribers == 0) {
     hub_entry **pp = &hub->buckets[e->hash & (hub->nbuckets - 1)];
     while (*pp != e) pp = &(*pp)->next;
@@ -226,6 +231,13 @@ void cb_hub_close(cb_hub *hub) {
 size_t cb_hub_size(cb_hub *hub) {
   pthread_mutex_lock(&hub->lock);
   size_t n = hub->count;
+  pthread_mutex_unlock(&hub->lock);
+  return n;
+}
+
+size_t cb_hub_record_waiters(cb_hub *hub) {
+  pthread_mutex_lock(&hub->lock);
+  size_t n = hub->record_waiters;
   pthread_mutex_unlock(&hub->lock);
   return n;
 }

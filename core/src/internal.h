@@ -8,6 +8,7 @@
 
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <sys/types.h>
 #include <uv.h>
 
 #include "commandbus/runtime.h"
@@ -87,6 +88,7 @@ struct cb_runtime {
   uv_async_t wake;     /* [loop]; uv_async_send from any thread */
   pthread_t thread;    /* [init] */
   int thread_started;  /* [init] */
+  pid_t pid;           /* [init] the process that created it: a fork's child may not use it */
 
   pthread_mutex_t lock;
   pthread_cond_t started; /* signalled when the first connection attempts end */
@@ -105,6 +107,12 @@ struct cb_runtime {
   struct notify_watch *watches; /* [loop] */
   size_t nwatches, watches_cap; /* [loop] */
   int next_watch_id;            /* [loop] */
+  pthread_mutex_t signal_lock; /* guards signal_watches; held while their callbacks run */
+  struct signal_watch *signal_watches; /* [signal_lock] id 0: a free slot */
+  size_t nsignal_watches, signal_watches_cap; /* [signal_lock] */
+  int next_signal_id, live_signal_watches;    /* [signal_lock] */
+  uv_signal_t sigint, sigterm; /* [loop] */
+  int signals_inited, signals_on; /* [loop] */
   cb_conn *conns;      /* [init] the pool */
   int nconns;
   cb_conn listener;
@@ -113,6 +121,7 @@ struct cb_runtime {
   int connect_timeout_ms; /* [init] */
   cb_hub *hub;         /* [init] */
   struct cb_event_feed *events; /* [init] the process event sink's queue (events.c) */
+  struct cb_runner_registry *runners; /* [init] running workers and reply routers (runner.c) */
   uint64_t units_sent;  /* atomic: units sent to PostgreSQL (each one transaction) */
   cb_runtime *next_open; /* guarded by the global list's lock */
 };
@@ -120,6 +129,17 @@ struct cb_runtime {
 /* events.c: the queue of process events for the host (has its own lock). */
 struct cb_event_feed *cb_event_feed_new(void);
 void cb_event_feed_free(struct cb_event_feed *feed);
+
+/* runner.c: the registry of runners and its heartbeat timer (freed after the
+ * loop thread was joined). */
+struct cb_runner_registry *cb_runner_registry_new(cb_runtime *rt);
+void cb_runner_registry_free(struct cb_runner_registry *reg);
+
+typedef struct signal_watch {
+  int id; /* 0: free slot */
+  cb_signal_fn fn;
+  void *arg;
+} signal_watch;
 
 typedef struct notify_watch {
   int id; /* 0: free slot */

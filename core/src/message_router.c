@@ -22,11 +22,13 @@
 #define _GNU_SOURCE /* clock_gettime, condattr_setclock, nanosleep under -std=c11 */
 #endif
 #include "commandbus/message_router.h"
+#include "commandbus/thread.h"
 
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -121,7 +123,14 @@ struct cb_message_router {
     _Atomic uint64_t batches_sent;
     _Atomic uint64_t queue_full_events;
     _Atomic uint64_t routing_errors;
+
+    char name[CB_MESSAGE_ROUTER_NAME_MAX + 1]; /* "" when not listed */
+    struct cb_message_router *next_listed;     /* guarded by listed_lock */
 };
+
+/* The routers that have a name, for metrics (see cb_message_router_each). */
+static pthread_mutex_t listed_lock = PTHREAD_MUTEX_INITIALIZER;
+static cb_message_router *listed_head;
 
 /* ------------------------------------------------------------------ hash */
 
@@ -292,7 +301,42 @@ static bool config_valid(const cb_message_router_config *cfg) {
            cfg->lane_capacity >= 1 && cfg->batch_timeout_ms >= 0 &&
            cfg->block_timeout_ms >= -1 &&
            (cfg->policy == CB_MESSAGE_ROUTER_DROP ||
-            cfg->policy == CB_MESSAGE_ROUTER_BLOCK);
+            cfg->policy == CB_MESSAGE_ROUTER_BLOCK) &&
+           (!cfg->name ||
+            (cfg->name[0] && strlen(cfg->name) <= CB_MESSAGE_ROUTER_NAME_MAX));
+}
+
+/* Lists r under its name; -EEXIST when a live router has it already. */
+static int list_router(cb_message_router *r) {
+    int rc = 0;
+
+    pthread_mutex_lock(&listed_lock);
+    for (cb_message_router *o = listed_head; o && !rc; o = o->next_listed)
+        if (strcmp(o->name, r->name) == 0)
+            rc = -EEXIST;
+    if (!rc) {
+        r->next_listed = listed_head;
+        listed_head = r;
+    }
+    pthread_mutex_unlock(&listed_lock);
+    return rc;
+}
+
+static void unlist_router(cb_message_router *r) {
+    pthread_mutex_lock(&listed_lock);
+    for (cb_message_router **p = &listed_head; *p; p = &(*p)->next_listed)
+        if (*p == r) {
+            *p = r->next_listed;
+            break;
+        }
+    pthread_mutex_unlock(&listed_lock);
+}
+
+void cb_message_router_each(cb_message_router_visit visit, void *arg) {
+    pthread_mutex_lock(&listed_lock);
+    for (cb_message_router *r = listed_head; r; r = r->next_listed)
+        visit(r, r->name, arg);
+    pthread_mutex_unlock(&listed_lock);
 }
 
 static int lane_init(cb_lane *lane, cb_message_router *router, int index) {
@@ -355,6 +399,9 @@ int cb_message_router_new(cb_message_router **out,
     if (!(r = calloc(1, sizeof *r)))
         return -ENOMEM;
     r->cfg = *cfg;
+    if (cfg->name)
+        snprintf(r->name, sizeof r->name, "%s", cfg->name);
+    r->cfg.name = NULL; /* the copy in r->name is what counts */
     r->batch_timeout_ns = (uint64_t)cfg->batch_timeout_ms * 1000000ULL;
     r->lane_wake_count = cfg->batch_size < cfg->lane_capacity
                              ? cfg->batch_size
@@ -380,6 +427,10 @@ int cb_message_router_new(cb_message_router **out,
             lanes_initialised++; /* partially initialised: destroy it too */
             goto fail;
         }
+    if (r->name[0] && list_router(r)) {
+        router_release(r, lanes_initialised);
+        return -EEXIST;
+    }
     *out = r;
     return 0;
 
@@ -864,14 +915,14 @@ int cb_message_router_start(cb_message_router *router) {
     }
     router->state = ROUTER_RUNNING;
     for (int l = 0; router->cfg.on_batch && l < router->cfg.lanes; l++) {
-        if (pthread_create(&router->lanes[l].thread, NULL, lane_main,
+        if (cb_thread_start(&router->lanes[l].thread, lane_main,
                            &router->lanes[l])) {
             rc = -EAGAIN;
             break;
         }
         router->lane_threads_started++;
     }
-    if (!rc && pthread_create(&router->dispatcher, NULL, dispatcher_main,
+    if (!rc && cb_thread_start(&router->dispatcher, dispatcher_main,
                               router) == 0)
         router->dispatcher_started = true;
     else
@@ -895,6 +946,8 @@ int cb_message_router_stop(cb_message_router *router) {
 void cb_message_router_free(cb_message_router *router) {
     if (!router)
         return;
+    if (router->name[0])
+        unlist_router(router);
     cb_message_router_stop(router);
     router_release(router, router->cfg.lanes);
 }

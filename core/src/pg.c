@@ -682,6 +682,10 @@ static void record_error(cb_unit *u, const PGresult *r) {
   u->status = lost ? CB_ECONNECTION : CB_EDATABASE;
   u->err.code = u->status;
   snprintf(u->err.sqlstate, sizeof u->err.sqlstate, "%s", state ? state : "");
+  const char *schema = PQresultErrorField(r, PG_DIAG_SCHEMA_NAME);
+  const char *table = PQresultErrorField(r, PG_DIAG_TABLE_NAME);
+  snprintf(u->err.table, sizeof u->err.table, "%s%s%s", schema && table ? schema : "", schema && table ? "." : "",
+           table ? table : "");
   const char *primary = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
   const char *detail = PQresultErrorField(r, PG_DIAG_MESSAGE_DETAIL);
   snprintf(u->err.message, sizeof u->err.message, "%s%s%s", primary ? primary : PQresultErrorMessage(r),

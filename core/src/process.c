@@ -54,29 +54,28 @@ int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb
                                   spec->batch_id ? batch : NULL};
   cb_unit_add(u,
               "INSERT INTO commandbus.process (domain, process_id, process_type, status, current_step, state, batch_id)"
-              " VALUES ($1, $2::uuid, $3, 'WAITING', $4, coalesce($5::jsonb, '{}'::jsonb), $6::uuid)",
+              " VALUES ($1::text, $2::uuid, $3, 'WAITING', $4, coalesce($5::jsonb, '{}'::jsonb), $6::uuid)",
               6, process_params);
   int first = cb_unit_count(u), events = -1;
-  rc = cb_bus_add_send(rt, u, spec->domain, &command, 1, 0, result, NULL, err);
+  /* A command id that exists fails the whole start on the command's key. */
+  const cb_send_options strict = {.refuse_duplicates = 1};
+  rc = cb_bus_add_send(rt, u, spec->domain, &command, 1, 0, result, &strict, err);
   if (rc == CB_OK) {
-    /* The send skips an id that already exists instead of failing; here that
-     * must undo the whole start. The subquery finds the command only when
-     * this transaction wrote it (its correlation_id is the brand-new process
-     * id), so a duplicate leaves command_id NULL and the NOT NULL constraint
-     * rolls everything back (23502, reported as a duplicate below). */
+    /* The domain is cast to text throughout: rcmd's process tables declare
+     * it varchar(255), its command table text. rcmd's sent_at has no
+     * default. */
     const char *audit_params[] = {spec->domain, process_id, spec->step_name, result->command_id,
                                   first_command->command_type, first_command->data_json};
     cb_unit_add(u,
                 "INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
-                " command_data) VALUES ($1, $2::uuid, $3, (SELECT command_id FROM commandbus.command"
-                " WHERE domain = $1 AND command_id = $4::uuid AND correlation_id = $2::uuid), $5,"
-                " coalesce($6::jsonb, '{}'::jsonb))",
+                " command_data, sent_at) VALUES ($1::text, $2::uuid, $3, $4::uuid, $5, coalesce($6::jsonb, '{}'::jsonb),"
+                " now())",
                 6, audit_params);
     events = cb_events_add_read(u);
     rc = cb_runtime_exec(rt, u, err);
     if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
       rc = cb_err_set(err, CB_EINVAL, "invalid process state or command data: %s", err->message);
-    else if (rc == CB_EDATABASE && strcmp(err->sqlstate, "23502") == 0)
+    else if (rc != CB_OK && cb_bus_is_duplicate(err))
       rc = cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", result->command_id,
                       spec->domain);
   }

@@ -8,6 +8,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "strbuf.h"
+
 #define SQL_MAX 1024
 
 /* Every queue DDL statement runs under this transaction-level advisory lock,
@@ -129,15 +131,25 @@ int cb_queue_add_delete(cb_unit *u, const char *queue, const int64_t *ids, size_
   return i;
 }
 
+int cb_queue_archive_ctes(char *out, size_t len, const char *queue, const char *ids) {
+  /* Through jsonb, column by column by name: the same statement serves the
+   * layouts before and after pgmq 1.5, and archived_at is stamped here
+   * (an explicit NULL would not take the column's default). */
+  int n = snprintf(out, len,
+                   "x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(%s) RETURNING q.*),"
+                   " ar AS (INSERT INTO pgmq.a_%s SELECT r.* FROM x, jsonb_populate_record(NULL::pgmq.a_%s,"
+                   " to_jsonb(x) || jsonb_build_object('archived_at', now())) r RETURNING msg_id)",
+                   queue, ids, queue, queue);
+  return n < 0 || (size_t)n >= len ? CB_EINTERNAL : CB_OK;
+}
+
 int cb_queue_add_archive(cb_unit *u, const char *queue, const int64_t *ids, size_t n) {
   char *arr = id_array(ids, n);
   if (arr == NULL) return CB_ENOMEM;
   const char *params[] = {arr};
-  int i = add_sql(u, 0, params, 1,
-                  "WITH d AS (DELETE FROM pgmq.q_%s WHERE msg_id = ANY($1::bigint[]) RETURNING " MESSAGE_COLUMNS
-                  ") INSERT INTO pgmq.a_%s (" MESSAGE_COLUMNS ") SELECT " MESSAGE_COLUMNS
-                  " FROM d RETURNING msg_id",
-                  queue, queue);
+  char ctes[512];
+  int i = cb_queue_archive_ctes(ctes, sizeof ctes, queue, "$1::bigint[]");
+  if (i == CB_OK) i = add_sql(u, 0, params, 1, "WITH %s SELECT msg_id FROM ar", ctes);
   free(arr);
   return i;
 }
@@ -211,14 +223,17 @@ static int64_t *ids_of(const cb_result *r, size_t *count) {
 /* ---- blocking operations ------------------------------------------------------ */
 
 /* Runs a unit built by `build` (which returns the index of the interesting
- * statement). On success *u_out holds the completed unit; the caller frees it. */
-static int run(cb_runtime *rt, cb_unit **u_out, int *index, int built, cb_unit *u, cb_err *err) {
+ * statement) on `queue`. On success *u_out holds the completed unit; the
+ * caller frees it. A queue whose table does not exist is NOT_FOUND. */
+static int run(cb_runtime *rt, const char *queue, cb_unit **u_out, int *index, int built, cb_unit *u, cb_err *err) {
   *u_out = NULL;
   if (built < 0) {
     cb_unit_free(u);
     return cb_err_set(err, built, "cannot build the statement: %s", cb_strerror(built));
   }
   int rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "42P01") == 0) /* undefined_table */
+    rc = cb_err_set(err, CB_ENOTFOUND, "no queue `%s`", queue);
   if (rc != CB_OK) {
     cb_unit_free(u);
     return rc;
@@ -238,25 +253,27 @@ static int run(cb_runtime *rt, cb_unit **u_out, int *index, int built, cb_unit *
   cb_unit *u = cb_unit_new();                                             \
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory")
 
-static int pgmq_extension_installed(cb_runtime *rt, int *installed, cb_err *err) {
+/* pgmq is there when its functions are: installed as an extension, or
+ * loaded as plain SQL (pgmq's SQL-only install leaves no pg_extension row). */
+static int pgmq_present(cb_runtime *rt, int *present, cb_err *err) {
   NEW_UNIT(u);
-  cb_unit_add(u, "SELECT count(*) FROM pg_extension WHERE extname = 'pgmq'", 0, NULL);
+  cb_unit_add(u, "SELECT to_regprocedure('pgmq.create(text)') IS NOT NULL", 0, NULL);
   int rc = cb_runtime_exec(rt, u, err);
-  if (rc == CB_OK) *installed = cb_result_int(cb_unit_result(u, 0), 0, 0) > 0;
+  if (rc == CB_OK) *present = cb_result_value(cb_unit_result(u, 0), 0, 0)[0] == 't';
   cb_unit_free(u);
   return rc;
 }
 
-int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
-  CHECK_NAME(queue);
-  int ext = 0;
-  int rc = pgmq_extension_installed(rt, &ext, err);
+static int create_once(cb_runtime *rt, const char *queue, cb_err *err) {
+  int pgmq = 0;
+  int rc = pgmq_present(rt, &pgmq, err);
   if (rc != CB_OK) return rc;
   NEW_UNIT(u);
   const char *params[] = {queue};
-  if (ext) {
+  if (pgmq) {
     cb_unit_add_flags(u, "SELECT pgmq.create($1::text)", 1, params, CB_STMT_ONESHOT);
   } else {
+    /* pgmq 1.5's tables, column for column, with its index names. */
     const int o = CB_STMT_ONESHOT;
     cb_unit_add_flags(u, QUEUE_DDL_LOCK, 0, NULL, o);
     cb_unit_add_flags(u, "CREATE SCHEMA IF NOT EXISTS pgmq", 0, NULL, o);
@@ -268,13 +285,13 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
     add_sql(u, o, NULL, 0,
             "CREATE TABLE IF NOT EXISTS pgmq.q_%s (msg_id bigint PRIMARY KEY GENERATED ALWAYS AS IDENTITY, "
             "read_ct integer NOT NULL DEFAULT 0, enqueued_at timestamptz NOT NULL DEFAULT now(), "
-            "vt timestamptz NOT NULL, message jsonb)",
+            "vt timestamptz NOT NULL, message jsonb, headers jsonb)",
             queue);
     add_sql(u, o, NULL, 0, "CREATE INDEX IF NOT EXISTS q_%s_vt_idx ON pgmq.q_%s (vt ASC)", queue, queue);
     add_sql(u, o, NULL, 0,
             "CREATE TABLE IF NOT EXISTS pgmq.a_%s (msg_id bigint PRIMARY KEY, read_ct integer NOT NULL DEFAULT 0, "
             "enqueued_at timestamptz NOT NULL DEFAULT now(), archived_at timestamptz NOT NULL DEFAULT now(), "
-            "vt timestamptz NOT NULL, message jsonb)",
+            "vt timestamptz NOT NULL, message jsonb, headers jsonb)",
             queue);
     add_sql(u, o, NULL, 0, "CREATE INDEX IF NOT EXISTS archived_at_idx_%s ON pgmq.a_%s (archived_at)", queue,
             queue);
@@ -288,6 +305,23 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
   return rc;
 }
 
+/* Two processes creating the first queues of a database at once: the DDL
+ * lock serialises them, but the one that waited may still see the catalog
+ * as it was before the other committed (PostgreSQL refreshes a session's
+ * catalog caches at the start of a transaction, not after an advisory
+ * lock), and then collides on the schema or a table the other made. A new
+ * transaction sees them. */
+int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
+  CHECK_NAME(queue);
+  cb_err local;
+  cb_err *e = err ? err : &local;
+  int rc = create_once(rt, queue, e);
+  if (rc == CB_EDATABASE && (strcmp(e->sqlstate, "23505") == 0 || strcmp(e->sqlstate, "42P06") == 0 ||
+                             strcmp(e->sqlstate, "42P07") == 0))
+    rc = create_once(rt, queue, e);
+  return rc;
+}
+
 int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) {
   CHECK_NAME(queue);
   *existed = 0;
@@ -295,22 +329,20 @@ int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) 
   snprintf(table, sizeof table, "pgmq.q_%s", queue);
   NEW_UNIT(probe);
   const char *tp[] = {table};
-  cb_unit_add(probe,
-              "SELECT to_regclass($1) IS NOT NULL, "
-              "EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pgmq')",
-              1, tp);
+  cb_unit_add(probe, "SELECT to_regclass($1) IS NOT NULL, to_regprocedure('pgmq.drop_queue(text)') IS NOT NULL", 1,
+              tp);
   int rc = cb_runtime_exec(rt, probe, err);
   if (rc != CB_OK) {
     cb_unit_free(probe);
     return rc;
   }
   *existed = cb_result_value(cb_unit_result(probe, 0), 0, 0)[0] == 't';
-  int ext = cb_result_value(cb_unit_result(probe, 0), 0, 1)[0] == 't';
+  int pgmq = cb_result_value(cb_unit_result(probe, 0), 0, 1)[0] == 't';
   cb_unit_free(probe);
   if (!*existed) return CB_OK;
   NEW_UNIT(u);
   const char *params[] = {queue};
-  if (ext) {
+  if (pgmq) {
     cb_unit_add_flags(u, "SELECT pgmq.drop_queue($1::text)", 1, params, CB_STMT_ONESHOT);
   } else {
     cb_unit_add_flags(u, QUEUE_DDL_LOCK, 0, NULL, CB_STMT_ONESHOT);
@@ -328,7 +360,7 @@ int cb_queue_send(cb_runtime *rt, const char *queue, const char *json, double de
   CHECK_NAME(queue);
   NEW_UNIT(u);
   int index;
-  int rc = run(rt, &u, &index, cb_queue_add_send(u, queue, json, delay), u, err);
+  int rc = run(rt, queue, &u, &index, cb_queue_add_send(u, queue, json, delay), u, err);
   if (rc != CB_OK) return rc;
   *msg_id = cb_result_int(cb_unit_result(u, index), 0, 0);
   cb_unit_free(u);
@@ -340,16 +372,16 @@ int cb_queue_send_batch(cb_runtime *rt, const char *queue, const char *json_arra
   CHECK_NAME(queue);
   NEW_UNIT(u);
   int index;
-  int rc = run(rt, &u, &index, cb_queue_add_send_batch(u, queue, json_array, delay), u, err);
+  int rc = run(rt, queue, &u, &index, cb_queue_add_send_batch(u, queue, json_array, delay), u, err);
   if (rc != CB_OK) return rc;
   *ids = ids_of(cb_unit_result(u, index), count);
   cb_unit_free(u);
   return *ids ? CB_OK : cb_err_set(err, CB_ENOMEM, "out of memory");
 }
 
-static int take(cb_runtime *rt, cb_unit *u, int built, cb_messages *out, cb_err *err) {
+static int take(cb_runtime *rt, const char *queue, cb_unit *u, int built, cb_messages *out, cb_err *err) {
   int index;
-  int rc = run(rt, &u, &index, built, u, err);
+  int rc = run(rt, queue, &u, &index, built, u, err);
   if (rc != CB_OK) return rc;
   return cb_messages_take(out, u, index, err);
 }
@@ -358,7 +390,7 @@ int cb_queue_read(cb_runtime *rt, const char *queue, double vt, int qty, cb_mess
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
   NEW_UNIT(u);
-  return take(rt, u, cb_queue_add_read(u, queue, vt, qty), out, err);
+  return take(rt, queue, u, cb_queue_add_read(u, queue, vt, qty), out, err);
 }
 
 static double now_seconds(void) {
@@ -401,7 +433,7 @@ int cb_queue_pop(cb_runtime *rt, const char *queue, int qty, cb_messages *out, c
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
   NEW_UNIT(u);
-  return take(rt, u, cb_queue_add_pop(u, queue, qty), out, err);
+  return take(rt, queue, u, cb_queue_add_pop(u, queue, qty), out, err);
 }
 
 static int id_op(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **done, size_t *count,
@@ -412,7 +444,7 @@ static int id_op(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n
   NEW_UNIT(u);
   int built = archive ? cb_queue_add_archive(u, queue, ids, n) : cb_queue_add_delete(u, queue, ids, n);
   int index;
-  int rc = run(rt, &u, &index, built, u, err);
+  int rc = run(rt, queue, &u, &index, built, u, err);
   if (rc != CB_OK) return rc;
   *done = ids_of(cb_unit_result(u, index), count);
   cb_unit_free(u);
@@ -433,38 +465,90 @@ int cb_queue_set_vt(cb_runtime *rt, const char *queue, int64_t id, double vt, cb
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
   NEW_UNIT(u);
-  return take(rt, u, cb_queue_add_set_vt(u, queue, id, vt), out, err);
+  return take(rt, queue, u, cb_queue_add_set_vt(u, queue, id, vt), out, err);
+}
+
+/* The metrics of one queue as a row: its name, depth, newest and oldest
+ * message age, messages ever sent, time of reading. */
+#define METRICS_ROW                                                                                   \
+  "SELECT '%s'::text, count(*), "                                                                     \
+  "coalesce(extract(epoch FROM clock_timestamp() - max(enqueued_at))::bigint, -1), "                  \
+  "coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at))::bigint, -1), "                  \
+  "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgmq.q_%s_msg_id_seq), "               \
+  "clock_timestamp() FROM pgmq.q_%s"
+
+static void read_metrics(const cb_result *r, int row, cb_queue_metrics *out) {
+  snprintf(out->queue_name, sizeof out->queue_name, "%s", cb_result_value(r, row, 0));
+  out->queue_length = cb_result_int(r, row, 1);
+  out->newest_msg_age_sec = cb_result_int(r, row, 2);
+  out->oldest_msg_age_sec = cb_result_int(r, row, 3);
+  out->total_messages = cb_result_int(r, row, 4);
+  snprintf(out->scrape_time, sizeof out->scrape_time, "%s", cb_result_value(r, row, 5));
 }
 
 int cb_queue_metrics_get(cb_runtime *rt, const char *queue, cb_queue_metrics *out, cb_err *err) {
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
   NEW_UNIT(u);
-  int built = add_sql(u, 0, NULL, 0,
-                      "SELECT count(*), "
-                      "coalesce(extract(epoch FROM clock_timestamp() - max(enqueued_at))::bigint, -1), "
-                      "coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at))::bigint, -1), "
-                      "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgmq.q_%s_msg_id_seq), "
-                      "clock_timestamp() FROM pgmq.q_%s",
-                      queue, queue);
   int index;
-  int rc = run(rt, &u, &index, built, u, err);
+  int rc = run(rt, queue, &u, &index, add_sql(u, 0, NULL, 0, METRICS_ROW, queue, queue, queue), u, err);
   if (rc != CB_OK) return rc;
-  const cb_result *r = cb_unit_result(u, index);
-  out->queue_length = cb_result_int(r, 0, 0);
-  out->newest_msg_age_sec = cb_result_int(r, 0, 1);
-  out->oldest_msg_age_sec = cb_result_int(r, 0, 2);
-  out->total_messages = cb_result_int(r, 0, 3);
-  snprintf(out->scrape_time, sizeof out->scrape_time, "%s", cb_result_value(r, 0, 4));
+  read_metrics(cb_unit_result(u, index), 0, out);
   cb_unit_free(u);
   return CB_OK;
+}
+
+/* One statement for every listed queue (its text changes with the list:
+ * not prepared). 42P01 when a queue was dropped meanwhile. */
+static int metrics_of(cb_runtime *rt, const cb_queue_info *queues, size_t n, cb_queue_metrics *out, size_t *count,
+                      cb_err *err) {
+  cb_strbuf sql = {0};
+  for (size_t i = 0; i < n; i++) {
+    if (cb_queue_name_valid(queues[i].name, NULL) != CB_OK) continue; /* not ours to read */
+    if (sql.len) cb_strbuf_puts(&sql, " UNION ALL ");
+    cb_strbuf_printf(&sql, "(" METRICS_ROW ")", queues[i].name, queues[i].name, queues[i].name);
+  }
+  *count = 0;
+  if (sql.len == 0) return CB_OK;
+  cb_strbuf_puts(&sql, " ORDER BY 1");
+  cb_unit *u = cb_unit_new();
+  int rc = u && !sql.failed && cb_unit_add_flags(u, sql.data, 0, NULL, CB_STMT_ONESHOT) >= 0
+               ? cb_runtime_exec(rt, u, err)
+               : cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_strbuf_free(&sql);
+  const cb_result *r = rc == CB_OK ? cb_unit_result(u, 0) : NULL;
+  for (int i = 0; r && i < cb_result_rows(r) && (size_t)i < n; i++) read_metrics(r, i, &out[(*count)++]);
+  cb_unit_free(u);
+  return rc;
+}
+
+int cb_queue_metrics_all(cb_runtime *rt, cb_queue_metrics **out, size_t *count, cb_err *err) {
+  *out = NULL;
+  *count = 0;
+  int rc = CB_OK;
+  for (int attempt = 0; attempt < 3; attempt++) {
+    cb_queue_info *queues;
+    size_t n;
+    if ((rc = cb_queue_list(rt, &queues, &n, err)) != CB_OK) return rc;
+    free(*out);
+    *out = calloc(n + 1, sizeof **out);
+    rc = *out ? metrics_of(rt, queues, n, *out, count, err) : cb_err_set(err, CB_ENOMEM, "out of memory");
+    free(queues);
+    if (!(rc == CB_EDATABASE && strcmp(err->sqlstate, "42P01") == 0)) break; /* else a queue went: list again */
+  }
+  if (rc != CB_OK) {
+    free(*out);
+    *out = NULL;
+    *count = 0;
+  }
+  return rc;
 }
 
 int cb_queue_purge(cb_runtime *rt, const char *queue, int64_t *count, cb_err *err) {
   CHECK_NAME(queue);
   NEW_UNIT(u);
   int index;
-  int rc = run(rt, &u, &index, add_sql(u, CB_STMT_ONESHOT, NULL, 0, "DELETE FROM pgmq.q_%s", queue), u, err);
+  int rc = run(rt, queue, &u, &index, add_sql(u, CB_STMT_ONESHOT, NULL, 0, "DELETE FROM pgmq.q_%s", queue), u, err);
   if (rc != CB_OK) return rc;
   *count = cb_result_affected(cb_unit_result(u, index));
   cb_unit_free(u);

@@ -13,6 +13,8 @@
 #include "keyed.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
+#include "commandbus/runner.h"
+#include "commandbus/thread.h"
 #include "commandbus/uuid.h"
 #include "strbuf.h"
 
@@ -33,12 +35,14 @@ struct cb_reply_router {
   cb_message_router *router;
   pthread_t fetcher;
   int fetcher_started;
+  cb_runner runner; /* seen by metrics and heartbeats while it runs */
 
   pthread_mutex_t lock; /* guards what follows */
   pthread_cond_t changed;
   int stop_requested;
   int fetcher_done;
-  int lanes_ended;
+  int lanes_ending; /* one thread ends the lanes... */
+  int lanes_ended;  /* ...and says so when done */
   int in_flight; /* routed, not yet applied, rejected or released */
   cb_reply_router_health health;
 };
@@ -63,6 +67,22 @@ const char *cb_reply_router_domain(const cb_reply_router *r) { return r->domain;
 const char *cb_reply_router_queue(const cb_reply_router *r) { return r->queue; }
 
 static void add_timeout(cb_unit *u, const cb_reply_router *r) { cb_add_keyed_begin(u, r->o.statement_timeout); }
+
+/* What metrics and heartbeats see of the router (any thread). */
+static void report(void *self, cb_runner_stat *s) {
+  cb_reply_router *r = self;
+  cb_reply_router_health h;
+  cb_reply_router_health_get(r, &h);
+  snprintf(s->state, sizeof s->state, "%s", h.state);
+  s->in_flight = h.in_flight;
+  s->applied = h.applied;
+  s->rejected = h.rejected;
+  s->failures = h.failures;
+}
+
+static void stop_runner(void *self) { cb_reply_router_stop(self); }
+
+void cb_reply_router_watch_signals(cb_reply_router *r) { r->runner.stop_on_signals = 1; }
 
 int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err) {
   *out = NULL;
@@ -124,17 +144,17 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
            " reply text, status text, step text, state text, ecode text, emsg text, next_id uuid, next_type text,"
            " next_data text)),"
            " a AS (UPDATE commandbus.process_audit pa SET reply_outcome = i.outcome, reply_data = i.reply::jsonb,"
-           " received_at = now() FROM i WHERE pa.domain = $1 AND pa.command_id = ANY(ARRAY(SELECT cid FROM i))"
+           " received_at = now() FROM i WHERE pa.domain = $1::text AND pa.command_id = ANY(ARRAY(SELECT cid FROM i))"
            " AND pa.command_id = i.cid AND pa.process_id = i.pid AND pa.reply_outcome IS NULL"
            " RETURNING pa.process_id),"
            " p AS (UPDATE commandbus.process pr SET status = i.status, current_step = i.step,"
            " state = i.state::jsonb, error_code = i.ecode, error_message = i.emsg, updated_at = now(),"
            " completed_at = CASE WHEN i.status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED') THEN now() END"
-           " FROM i WHERE pr.domain = $1 AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a))"
+           " FROM i WHERE pr.domain = $1::text AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a))"
            " AND pr.process_id = i.pid AND " CB_STATUS_OF("pr") " IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')"
            " RETURNING pr.process_id),"
            " n AS (INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
-           " command_data) SELECT $1, pid, step, next_id, next_type, next_data::jsonb FROM i"
+           " command_data, sent_at) SELECT $1::text, pid, step, next_id, next_type, next_data::jsonb, now() FROM i"
            " WHERE next_type IS NOT NULL),"
            " d AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i)))"
            " SELECT 1 / ((SELECT count(*) FROM p) = (SELECT count(*) FROM i))::int",
@@ -142,6 +162,12 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
   pthread_mutex_init(&r->lock, NULL);
   pthread_cond_init(&r->changed, NULL);
   r->health.state = "starting";
+  r->runner.kind = "reply_router";
+  r->runner.domain = r->domain;
+  r->runner.lanes = r->lanes;
+  r->runner.report = report;
+  r->runner.stop = stop_runner;
+  r->runner.self = r;
   cb_message_router_config cfg;
   cb_message_router_config_init(&cfg);
   cfg.lanes = r->lanes;
@@ -155,6 +181,7 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
     cb_reply_router_free(r);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
+  r->runner.router = r->router;
   rc = cb_bus_ensure_queue(rt, r->queue, err);
   if (rc == CB_OK) rc = cb_runtime_listen(rt, r->channel, err);
   if (rc != CB_OK) {
@@ -187,12 +214,9 @@ static cb_reply *reply_new(const cb_result *res, int row) {
 
 /* Moves replies out of the queue into its archive (so they can be read). */
 static void archive(cb_reply_router *r, int64_t msg_id) {
-  char sql[512], id[24];
-  snprintf(sql, sizeof sql,
-           "WITH x AS (DELETE FROM pgmq.q_%s WHERE msg_id = $1::bigint"
-           " RETURNING msg_id, read_ct, enqueued_at, vt, message)"
-           " INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x",
-           r->queue, r->queue);
+  char sql[600], ctes[512], id[24];
+  cb_queue_archive_ctes(ctes, sizeof ctes, r->queue, "ARRAY[$1::bigint]");
+  snprintf(sql, sizeof sql, "WITH %s SELECT count(*) FROM ar", ctes);
   snprintf(id, sizeof id, "%lld", (long long)msg_id);
   const char *p[] = {id};
   cb_unit *u = cb_unit_new();
@@ -312,11 +336,19 @@ static void *fetch_main(void *arg) {
 int cb_reply_router_start(cb_reply_router *r, cb_err *err) {
   if (r->fetcher_started) return cb_err_set(err, CB_ESTATE, "the reply router was already started");
   if (cb_message_router_start(r->router) != 0) return cb_err_set(err, CB_ESTATE, "cannot start the lanes");
-  if (pthread_create(&r->fetcher, NULL, fetch_main, r) != 0) return cb_err_set(err, CB_ENOMEM, "no thread");
-  r->fetcher_started = 1;
   pthread_mutex_lock(&r->lock);
-  r->health.state = "running";
+  r->health.state = "running"; /* as its first heartbeat says */
   pthread_mutex_unlock(&r->lock);
+  int rc = cb_runner_start(r->rt, &r->runner, err);
+  if (rc == CB_OK && cb_thread_start(&r->fetcher, fetch_main, r) != 0)
+    rc = cb_err_set(err, CB_ENOMEM, "cannot start the fetch thread");
+  if (rc != CB_OK) {
+    pthread_mutex_lock(&r->lock);
+    r->health.state = "stopped";
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+  }
+  r->fetcher_started = 1;
   cb_log(CB_LOG_INFO, "reply router %s: running with %d lane(s) on %s", r->domain, r->lanes, r->queue);
   return CB_OK;
 }
@@ -333,16 +365,18 @@ void cb_reply_router_stop(cb_reply_router *r) {
 /* Once stopping, fetched out and drained: the lanes may end. */
 static void maybe_end_lanes(cb_reply_router *r) {
   pthread_mutex_lock(&r->lock);
-  int end = r->stop_requested && r->fetcher_done && r->in_flight == 0 && !r->lanes_ended;
-  if (end) r->lanes_ended = 1;
+  int end = r->stop_requested && r->fetcher_done && r->in_flight == 0 && !r->lanes_ending;
+  if (end) r->lanes_ending = 1;
   pthread_mutex_unlock(&r->lock);
   if (end) {
     cb_message_router_stop(r->router);
+    cb_log(CB_LOG_INFO, "reply router %s: stopped", r->domain);
+    cb_runner_stopped(&r->runner); /* before a waiter may see it ended and free the router */
     pthread_mutex_lock(&r->lock);
+    r->lanes_ended = 1;
     r->health.state = "stopped";
     pthread_cond_broadcast(&r->changed);
     pthread_mutex_unlock(&r->lock);
-    cb_log(CB_LOG_INFO, "reply router %s: stopped", r->domain);
   }
 }
 
@@ -382,6 +416,7 @@ void cb_reply_router_free(cb_reply_router *r) {
     cb_reply_router_stop(r);
     pthread_join(r->fetcher, NULL);
   }
+  cb_runner_remove(&r->runner); /* its last row says how it ended */
   if (r->router) {
     cb_message_router_stop(r->router);
     for (int lane = 0; lane < r->lanes; lane++) {

@@ -2,17 +2,41 @@
  * Connections themselves live in pg.c. */
 #include "internal.h"
 
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "commandbus/error.h"
+#include "commandbus/thread.h"
 
 typedef struct pending_call {
   struct pending_call *next;
   void (*fn)(cb_runtime *rt, void *arg);
   void *arg;
 } pending_call;
+
+/* ---- fork safety --------------------------------------------------------- */
+
+/* A fork copies a runtime's memory but not its loop thread: in the child its
+ * locks may be held for good and its wake-up descriptor still reaches the
+ * parent's loop. So a child never touches it, not even a lock; every entry
+ * point asks this first. (nginx forks its workers after init_by_lua.) */
+static int forked(const cb_runtime *rt) { return rt->pid != getpid(); }
+
+static int fork_error(const cb_runtime *rt, cb_err *err) {
+  return cb_err_set(err, CB_ESTATE,
+                    "this bus was connected in process %d and cannot be used in process %d, a child forked from it "
+                    "(nginx forks its workers after init_by_lua): connect in the process that uses the bus "
+                    "(in nginx, in init_worker_by_lua or on first use)",
+                    (int)rt->pid, (int)getpid());
+}
+
+int cb_runtime_check(cb_runtime *rt, cb_err *err) {
+  if (forked(rt)) return fork_error(rt, err);
+  if (cb_runtime_is_closed(rt)) return cb_err_set(err, CB_ECLOSED, "the bus is closed");
+  return CB_OK;
+}
 
 /* ---- units ------------------------------------------------------------- */
 
@@ -292,6 +316,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   if (options == NULL) options = &defaults;
   cb_runtime *rt = calloc(1, sizeof *rt);
   if (rt == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  rt->pid = getpid();
   rt->nconns = options->pool_size > 0 ? options->pool_size : 2;
   rt->connect_timeout_ms = options->connect_timeout_ms > 0 ? options->connect_timeout_ms : 5000;
   rt->conninfo = dup_or_null(options->conninfo ? options->conninfo : "");
@@ -299,16 +324,19 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   rt->conns = calloc((size_t)rt->nconns, sizeof *rt->conns);
   rt->hub = cb_hub_new();
   rt->events = cb_event_feed_new();
-  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events) {
+  rt->runners = cb_runner_registry_new(rt);
+  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events || !rt->runners) {
     free(rt->conninfo);
     free(rt->application_name);
     free(rt->conns);
     cb_hub_free(rt->hub);
     cb_event_feed_free(rt->events);
+    cb_runner_registry_free(rt->runners);
     free(rt);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
   pthread_mutex_init(&rt->lock, NULL);
+  pthread_mutex_init(&rt->signal_lock, NULL);
   pthread_cond_init(&rt->started, NULL);
   uv_loop_init(&rt->loop);
   uv_async_init(&rt->loop, &rt->wake, on_wake);
@@ -317,7 +345,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   cb__conn_init(rt, &rt->listener, -1);
   rt->startup_pending = rt->nconns;
 
-  if (pthread_create(&rt->thread, NULL, loop_main, rt) != 0) {
+  if (cb_thread_start(&rt->thread, loop_main, rt) != 0) {
     uv_close((uv_handle_t *)&rt->wake, NULL);
     for (int i = 0; i < rt->nconns; i++) uv_close((uv_handle_t *)&rt->conns[i].timer, NULL);
     uv_close((uv_handle_t *)&rt->listener.timer, NULL);
@@ -352,6 +380,10 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
 
 void cb_runtime_close(cb_runtime *rt) {
   if (rt == NULL) return;
+  if (forked(rt)) { /* the parent's to close; the child only forgets it */
+    unlink_open(rt);
+    return;
+  }
   pthread_mutex_lock(&rt->lock);
   if (rt->closing) {
     /* Another thread is closing: wait until it has joined the loop. */
@@ -378,22 +410,27 @@ void cb_runtime_close(cb_runtime *rt) {
 void cb_runtime_free(cb_runtime *rt) {
   if (rt == NULL) return;
   cb_runtime_close(rt);
+  if (forked(rt)) return; /* a copy of the parent's: left as it is */
   for (size_t i = 0; i < rt->nchannels; i++) free(rt->channels[i]);
   free(rt->channels);
   for (size_t i = 0; i < rt->nremembered; i++) free(rt->remembered[i]);
   free(rt->remembered);
   free(rt->watches);
+  free(rt->signal_watches);
   free(rt->conns);
   free(rt->conninfo);
   free(rt->application_name);
   cb_hub_free(rt->hub);
   cb_event_feed_free(rt->events);
+  cb_runner_registry_free(rt->runners);
   pthread_cond_destroy(&rt->started);
+  pthread_mutex_destroy(&rt->signal_lock);
   pthread_mutex_destroy(&rt->lock);
   free(rt);
 }
 
 int cb_runtime_is_closed(cb_runtime *rt) {
+  if (forked(rt)) return 1;
   pthread_mutex_lock(&rt->lock);
   int closing = rt->closing;
   pthread_mutex_unlock(&rt->lock);
@@ -421,6 +458,7 @@ static void chain(cb_unit *const *units, size_t n) {
 }
 
 int cb_runtime_submit(cb_runtime *rt, cb_unit *const *units, size_t n) {
+  if (forked(rt)) return CB_ESTATE;
   if (n == 0) return CB_OK;
   if (cb_runtime_on_loop(rt) && rt->loop_closing) return CB_ECLOSED;
   chain(units, n);
@@ -445,6 +483,7 @@ int cb_runtime_submit(cb_runtime *rt, cb_unit *const *units, size_t n) {
 }
 
 int cb_runtime_call(cb_runtime *rt, void (*fn)(cb_runtime *rt, void *arg), void *arg) {
+  if (forked(rt)) return CB_ESTATE;
   pending_call *c = malloc(sizeof *c);
   if (c == NULL) return CB_ENOMEM;
   c->next = NULL;
@@ -480,6 +519,7 @@ static void waiter_unit_done(cb_unit *u, void *arg) {
 }
 
 int cb_runtime_exec_many(cb_runtime *rt, cb_unit *const *units, size_t n, cb_err *err) {
+  if (forked(rt)) return fork_error(rt, err);
   if (cb_runtime_on_loop(rt))
     return cb_err_set(err, CB_EDEADLOCK,
                       "a blocking call was made on the runtime's own loop thread; it would wait forever");
@@ -523,6 +563,7 @@ static int valid_channel(const char *c) {
 }
 
 int cb_runtime_listen(cb_runtime *rt, const char *channel, cb_err *err) {
+  if (forked(rt)) return fork_error(rt, err);
   if (!valid_channel(channel)) return cb_err_set(err, CB_EINVAL, "invalid channel name `%s`", channel);
   pthread_mutex_lock(&rt->lock);
   for (size_t i = 0; i < rt->nchannels; i++)
@@ -589,11 +630,95 @@ void cb__notify_watches(cb_runtime *rt, const char *channel) {
   }
 }
 
+/* ---- signal watches ------------------------------------------------------ */
+
+static void on_signal(uv_signal_t *handle, int signum) {
+  cb_runtime *rt = handle->data;
+  /* Under the lock: once unwatch returns, its callback cannot be running. */
+  pthread_mutex_lock(&rt->signal_lock);
+  for (size_t i = 0; i < rt->nsignal_watches; i++)
+    if (rt->signal_watches[i].id != 0) rt->signal_watches[i].fn(signum, rt->signal_watches[i].arg);
+  pthread_mutex_unlock(&rt->signal_lock);
+}
+
+/* Loop: handles the signals while any watch wants them. */
+static void sync_signals(cb_runtime *rt, void *arg) {
+  (void)arg;
+  if (rt->loop_closing) return;
+  pthread_mutex_lock(&rt->signal_lock);
+  int want = rt->live_signal_watches > 0;
+  pthread_mutex_unlock(&rt->signal_lock);
+  if (want && !rt->signals_inited) {
+    uv_signal_init(&rt->loop, &rt->sigint);
+    uv_signal_init(&rt->loop, &rt->sigterm);
+    rt->sigint.data = rt->sigterm.data = rt;
+    rt->signals_inited = 1;
+  }
+  if (want && !rt->signals_on) {
+    uv_signal_start(&rt->sigint, on_signal, SIGINT);
+    uv_signal_start(&rt->sigterm, on_signal, SIGTERM);
+  } else if (!want && rt->signals_on) {
+    uv_signal_stop(&rt->sigint);
+    uv_signal_stop(&rt->sigterm);
+  }
+  rt->signals_on = want;
+}
+
+static int request_sync_signals(cb_runtime *rt) {
+  if (cb_runtime_on_loop(rt)) {
+    sync_signals(rt, NULL);
+    return CB_OK;
+  }
+  return cb_runtime_call(rt, sync_signals, NULL);
+}
+
+int cb_runtime_watch_signals(cb_runtime *rt, cb_signal_fn fn, void *arg) {
+  pthread_mutex_lock(&rt->signal_lock);
+  size_t i = 0;
+  while (i < rt->nsignal_watches && rt->signal_watches[i].id != 0) i++;
+  if (i == rt->nsignal_watches) {
+    size_t cap = rt->signal_watches_cap;
+    if (grow((void **)&rt->signal_watches, &cap, rt->nsignal_watches + 1, sizeof *rt->signal_watches) < 0) {
+      pthread_mutex_unlock(&rt->signal_lock);
+      return CB_ENOMEM;
+    }
+    rt->signal_watches_cap = cap;
+    rt->nsignal_watches++;
+  }
+  signal_watch *w = &rt->signal_watches[i];
+  w->id = ++rt->next_signal_id;
+  w->fn = fn;
+  w->arg = arg;
+  rt->live_signal_watches++;
+  int id = w->id;
+  pthread_mutex_unlock(&rt->signal_lock);
+  if (request_sync_signals(rt) != CB_OK) {
+    cb_runtime_unwatch_signals(rt, id);
+    return CB_ECLOSED;
+  }
+  return id;
+}
+
+void cb_runtime_unwatch_signals(cb_runtime *rt, int id) {
+  if (id <= 0) return;
+  int found = 0;
+  pthread_mutex_lock(&rt->signal_lock);
+  for (size_t i = 0; i < rt->nsignal_watches && !found; i++)
+    if (rt->signal_watches[i].id == id) {
+      rt->signal_watches[i].id = 0;
+      rt->live_signal_watches--;
+      found = 1;
+    }
+  pthread_mutex_unlock(&rt->signal_lock);
+  if (found) request_sync_signals(rt); /* closed: the loop's handles are gone already */
+}
+
 struct uv_loop_s *cb_runtime_loop(cb_runtime *rt) { return &rt->loop; }
 
 /* ---- remembered facts ---------------------------------------------------- */
 
 int cb_runtime_remembers(cb_runtime *rt, const char *key) {
+  if (forked(rt)) return 0;
   pthread_mutex_lock(&rt->lock);
   int found = 0;
   for (size_t i = 0; i < rt->nremembered && !found; i++) found = strcmp(rt->remembered[i], key) == 0;
@@ -602,7 +727,7 @@ int cb_runtime_remembers(cb_runtime *rt, const char *key) {
 }
 
 void cb_runtime_remember(cb_runtime *rt, const char *key) {
-  if (cb_runtime_remembers(rt, key)) return;
+  if (forked(rt) || cb_runtime_remembers(rt, key)) return;
   char *copy = strdup(key);
   if (copy == NULL) return;
   pthread_mutex_lock(&rt->lock);

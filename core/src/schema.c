@@ -96,17 +96,30 @@ static int add_statements(cb_unit *u, const char *sql) {
   return rc;
 }
 
-static int recorded_version(cb_runtime *rt, int *version, cb_err *err) {
+/* Marks in `applied[i]` each compiled-in migration the database has recorded.
+ * Every unrecorded migration is applied, not only those above the highest
+ * recorded version: migrations written on parallel branches may be recorded
+ * out of order, and each is idempotent. */
+static int recorded_versions(cb_runtime *rt, char *applied, int *missing, cb_err *err) {
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  memset(applied, 0, (size_t)cb_migrations_count);
+  *missing = cb_migrations_count;
   cb_unit_add(u, "SELECT to_regclass('commandbus.schema_migrations') IS NOT NULL", 0, NULL);
   int rc = cb_runtime_exec(rt, u, err);
-  *version = 0;
   if (rc == CB_OK && cb_result_value(cb_unit_result(u, 0), 0, 0)[0] == 't') {
     cb_unit_reset(u);
-    cb_unit_add(u, "SELECT coalesce(max(version), 0) FROM commandbus.schema_migrations", 0, NULL);
+    cb_unit_add(u, "SELECT version FROM commandbus.schema_migrations", 0, NULL);
     rc = cb_runtime_exec(rt, u, err);
-    if (rc == CB_OK) *version = (int)cb_result_int(cb_unit_result(u, 0), 0, 0);
+    const cb_result *r = cb_unit_result(u, 0);
+    for (int row = 0; rc == CB_OK && row < cb_result_rows(r); row++) {
+      int version = (int)cb_result_int(r, row, 0);
+      for (int i = 0; i < cb_migrations_count; i++)
+        if (cb_migrations[i].version == version && !applied[i]) {
+          applied[i] = 1;
+          (*missing)--;
+        }
+    }
   }
   cb_unit_free(u);
   return rc;
@@ -114,12 +127,20 @@ static int recorded_version(cb_runtime *rt, int *version, cb_err *err) {
 
 int cb_schema_setup(cb_runtime *rt, int *applied, cb_err *err) {
   if (applied) *applied = 0;
-  int current = 0;
-  int rc = recorded_version(rt, &current, err);
-  if (rc != CB_OK || current >= cb_schema_version()) return rc;
+  char *applied_before = malloc((size_t)cb_migrations_count + 1);
+  if (applied_before == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  int missing = 0;
+  int rc = recorded_versions(rt, applied_before, &missing, err);
+  if (rc != CB_OK || missing == 0) {
+    free(applied_before);
+    return rc;
+  }
 
   cb_unit *u = cb_unit_new();
-  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (u == NULL) {
+    free(applied_before);
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
   cb_unit_add_flags(u, SETUP_LOCK, 0, NULL, CB_STMT_ONESHOT);
   cb_unit_add_flags(u, "CREATE SCHEMA IF NOT EXISTS commandbus", 0, NULL, CB_STMT_ONESHOT);
   cb_unit_add_flags(u,
@@ -130,7 +151,7 @@ int cb_schema_setup(cb_runtime *rt, int *applied, cb_err *err) {
   int count = 0;
   for (int i = 0; rc == CB_OK && i < cb_migrations_count; i++) {
     const cb_migration *m = &cb_migrations[i];
-    if (m->version <= current) continue;
+    if (applied_before[i]) continue;
     rc = add_statements(u, m->sql);
     char version[16];
     snprintf(version, sizeof version, "%d", m->version);
@@ -143,6 +164,7 @@ int cb_schema_setup(cb_runtime *rt, int *applied, cb_err *err) {
       rc = CB_ENOMEM;
     count++;
   }
+  free(applied_before);
   if (rc != CB_OK) {
     cb_unit_free(u);
     return cb_err_set(err, rc, "out of memory");

@@ -109,8 +109,12 @@ static int finish(cb_runtime *rt, cb_unit *u, int main_stmt, const char *id, cb_
   return rc;
 }
 
+/* The audit details' `reason`, when the operator gave one (parameter $n). */
+#define WITH_REASON(n)                                                                                \
+  " || CASE WHEN $" #n "::text IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('reason', $" #n "::text) END"
+
 int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, const char *operator_name,
-                 int64_t *new_msg_id, cb_err *err) {
+                 const char *reason, int64_t *new_msg_id, cb_err *err) {
   char id[CB_UUID_LEN + 1], reply[CB_QUEUE_NAME_MAX + 1], batch[CB_UUID_LEN + 1];
   int rc = precheck(rt, domain, command_id, id, reply, batch, err);
   if (rc != CB_OK) return rc;
@@ -125,15 +129,15 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
            " updated_at = now(), lease_expires_at = NULL FROM m WHERE k.domain = $1 AND k.command_id = $2::uuid),"
            " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
            " SELECT $1, $2::uuid, 'OPERATOR_RETRY', jsonb_build_object('operator', $3::text, 'new_msg_id', m.msg_id)"
-           " FROM m)"
+           WITH_REASON(4) " FROM m)"
            " SELECT msg_id FROM m",
            queue, queue);
   /* A retried command is no longer in the TSQ; its awaiters keep waiting
    * (only this process's are told: others re-read when it finishes). */
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  const char *params[] = {domain, id, operator_name ? operator_name : "operator"};
-  cb_unit_add(u, sql, 3, params);
+  const char *params[] = {domain, id, operator_name ? operator_name : "operator", reason};
+  cb_unit_add(u, sql, 4, params);
   cb_queue_add_notify(u, queue);
   /* The command's process (if it is a process step) waits for it again. */
   cb_events_add_begin(u);
@@ -156,9 +160,10 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
   return rc;
 }
 
-/* Cancel and complete differ in status, audit event and reply. */
+/* Cancel and complete differ in status, audit event and reply. text is the
+ * cancel's reason or the completion's result; reason is the completion's. */
 static int close_command(cb_runtime *rt, const char *domain, const char *command_id, int complete, const char *text,
-                         const char *operator_name, cb_err *err) {
+                         const char *operator_name, const char *reason, cb_err *err) {
   char id[CB_UUID_LEN + 1], reply[CB_QUEUE_NAME_MAX + 1], batch[CB_UUID_LEN + 1];
   int rc = precheck(rt, domain, command_id, id, reply, batch, err);
   if (rc != CB_OK) return rc;
@@ -170,9 +175,10 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
                    " RETURNING command_id, correlation_id, reply_queue),"
                    " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                    " SELECT $1, command_id, '%s', jsonb_build_object('operator', $3::text, %s, 'reply_to',"
-                   " nullif(reply_queue, '')) FROM c)",
+                   " nullif(reply_queue, ''))%s FROM c)",
                    complete ? "COMPLETED" : "CANCELED", complete ? "OPERATOR_COMPLETE" : "OPERATOR_CANCEL",
-                   complete ? "'has_result_data', $4::jsonb IS NOT NULL" : "'reason', $4::text");
+                   complete ? "'has_result_data', $4::jsonb IS NOT NULL" : "'reason', $4::text",
+                   complete ? WITH_REASON(5) : "");
   if (reply[0])
     cb_strbuf_printf(&sql,
                      ", r AS (INSERT INTO pgmq.q_%s (vt, message) SELECT clock_timestamp(),"
@@ -186,8 +192,8 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
     cb_unit_free(u);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
-  const char *params[] = {domain, id, operator_name ? operator_name : "operator", text};
-  cb_unit_add(u, sql.data, 4, params);
+  const char *params[] = {domain, id, operator_name ? operator_name : "operator", text, reason};
+  cb_unit_add(u, sql.data, complete ? 5 : 4, params);
   cb_strbuf_free(&sql);
   if (reply[0]) cb_queue_add_notify(u, reply);
   rc = finish(rt, u, 0, id, err);
@@ -201,10 +207,10 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
 
 int cb_tsq_cancel(cb_runtime *rt, const char *domain, const char *command_id, const char *reason,
                   const char *operator_name, cb_err *err) {
-  return close_command(rt, domain, command_id, 0, reason ? reason : "", operator_name, err);
+  return close_command(rt, domain, command_id, 0, reason ? reason : "", operator_name, NULL, err);
 }
 
 int cb_tsq_complete(cb_runtime *rt, const char *domain, const char *command_id, const char *result_json,
-                    const char *operator_name, cb_err *err) {
-  return close_command(rt, domain, command_id, 1, result_json, operator_name, err);
+                    const char *operator_name, const char *reason, cb_err *err) {
+  return close_command(rt, domain, command_id, 1, result_json, operator_name, reason, err);
 }

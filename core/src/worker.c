@@ -14,7 +14,6 @@
 
 #include <math.h>
 #include <stddef.h>
-#include <signal.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +26,7 @@
 #include "commandbus/log.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
+#include "commandbus/runner.h"
 #include "keyed.h"
 #include "strbuf.h"
 
@@ -74,8 +74,7 @@ struct cb_worker {
   int started_next;
   uv_timer_t poll_timer, stuck_timer, drain_timer;
   int timers_open;
-  int watch_signals;
-  uv_signal_t sigint, sigterm;
+  cb_runner runner; /* seen by metrics and heartbeats while it runs */
   int handles_closing; /* uv_close calls whose callbacks have not run yet */
 
   pthread_mutex_t lock; /* guards what follows */
@@ -201,6 +200,24 @@ static void build_receive_sql(cb_worker *w) {
            q, q);
 }
 
+/* What metrics and heartbeats see of the worker (any thread). */
+static void report(void *self, cb_runner_stat *s) {
+  cb_worker *w = self;
+  cb_worker_health h;
+  cb_worker_health_get(w, &h);
+  snprintf(s->state, sizeof s->state, "%s", h.state);
+  s->in_flight = h.in_flight;
+  s->successes = h.successes;
+  s->failures = h.failures;
+  s->retries = h.retries;
+  s->consecutive_failures = h.consecutive_failures;
+  s->stuck = h.stuck;
+  s->poison = h.poison;
+  s->last_success_at = h.last_success_at;
+}
+
+static void stop_runner(void *self) { cb_worker_stop(self); }
+
 int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out, cb_err *err) {
   *out = NULL;
   int rc = cb_domain_valid(opts->domain, err);
@@ -230,6 +247,12 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   if (w->lanes > CB_MESSAGE_ROUTER_MAX_LANES) w->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
   w->capacity = w->lanes * 2;
   build_receive_sql(w);
+  w->runner.kind = "worker";
+  w->runner.domain = w->domain;
+  w->runner.lanes = w->lanes;
+  w->runner.report = report;
+  w->runner.stop = stop_runner;
+  w->runner.self = w;
   pthread_mutex_init(&w->lock, NULL);
   pthread_cond_init(&w->changed, NULL);
   w->state = STATE_STARTING;
@@ -249,6 +272,7 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
     cb_worker_free(w);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
+  w->runner.router = w->router;
   rc = cb_bus_ensure_queue(rt, w->queue, err);
   if (rc == CB_OK) rc = cb_runtime_listen(rt, w->channel, err);
   if (rc != CB_OK) {
@@ -293,17 +317,15 @@ static void on_acked(cb_unit *u, void *arg);
 static void set_aside(cb_worker *w, cb_strbuf *poison) {
   cb_unit *u = cb_unit_new();
   if (u == NULL) return;
-  char sql[1024];
+  char sql[1024], archive[512];
+  cb_queue_archive_ctes(archive, sizeof archive, w->queue, "ARRAY(SELECT msg FROM i)");
   snprintf(sql, sizeof sql,
-           "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(msg bigint, id uuid, reason text)),"
-           " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i))"
-           " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
-           " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x),"
+           "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(msg bigint, id uuid, reason text)), %s,"
            " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
            " SELECT $1, coalesce(i.id, '00000000-0000-0000-0000-000000000000'), 'MESSAGE_REJECTED',"
            " jsonb_build_object('msg_id', i.msg, 'reason', i.reason, 'queue', $3::text) FROM i)"
            " SELECT count(*) FROM x",
-           w->queue, w->queue);
+           archive);
   add_timeout(u, w);
   const char *params[] = {w->domain, poison->data, w->queue};
   cb_unit_add(u, sql, 3, params);
@@ -509,7 +531,7 @@ static void append_input(cb_strbuf *b, const cb_worker *w, const cb_work *work, 
     cb_strbuf_printf(b, ",\"etype\":\"%s\",\"exhausted\":%s",
                      work->outcome == CB_OUTCOME_PERMANENT ? "PERMANENT" : "TRANSIENT",
                      work->outcome == CB_OUTCOME_PERMANENT ? "false" : "true");
-  if (kind == ACK_FAILED) {
+  if (kind == ACK_FAILED || kind == ACK_TSQ) {
     cb_strbuf_puts(b, ",\"details\":");
     json_or_null(b, work->error_details_json);
   }
@@ -533,6 +555,9 @@ static void reply_ctes(cb_strbuf *sql, char reply[][CB_QUEUE_NAME_MAX + 1], int 
 static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char reply[][CB_QUEUE_NAME_MAX + 1],
                           int nreply) {
   const char *q = w->queue;
+  char archive[512] = ""; /* the message of each command moved (TSQ, FAILED) */
+  if (kind == ACK_TSQ || kind == ACK_FAILED)
+    cb_queue_archive_ctes(archive, sizeof archive, q, "ARRAY(SELECT msg FROM c)");
   cb_strbuf_reset(sql);
   switch (kind) {
     case ACK_SUCCESS:
@@ -572,30 +597,29 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
     case ACK_TSQ:
       cb_strbuf_printf(sql,
                        "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, code text,"
-                       " message text, etype text, exhausted bool)),"
+                       " message text, etype text, exhausted bool, details jsonb)),"
                        " c AS (UPDATE commandbus.command k SET status = 'IN_TROUBLESHOOTING_QUEUE',"
                        " last_error_type = i.etype, last_error_code = i.code, last_error_msg = i.message,"
                        " updated_at = now(), lease_expires_at = NULL FROM i WHERE k.domain = $1"
                        " AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i)) AND k.attempts = i.attempt AND " CB_STATUS_OF("k") " = 'IN_PROGRESS'"
                        " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, k.correlation_id, i.msg, i.code,"
-                       " i.message, i.etype, i.exhausted),"
+                       " i.message, i.etype, i.exhausted, i.details),"
+                       /* One MOVED_TO_TSQ event, with rcmd's details: an
+                        * exhausted command's last error, or a permanent
+                        * failure's code, message and details. */
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
-                       " SELECT $1, c.command_id, e.event, CASE WHEN e.n = 1 THEN jsonb_build_object('msg_id', c.msg,"
-                       " 'attempt', c.attempts, 'max_attempts', c.max_attempts, 'error_type', c.etype,"
-                       " 'error_code', c.code, 'error_msg', c.message) ELSE jsonb_build_object('msg_id', c.msg,"
-                       " 'attempt', c.attempts, 'error_code', c.code, 'error_msg', c.message) || CASE WHEN c.exhausted"
-                       " THEN '{\"reason\": \"EXHAUSTED\"}'::jsonb ELSE '{}'::jsonb END END"
-                       " FROM c CROSS JOIN (VALUES (1, 'FAILED'), (2, 'MOVED_TO_TSQ')) AS e(n, event)"
-                       " ORDER BY c.command_id, e.n),"
-                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM c))"
-                       " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
-                       " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x),"
+                       " SELECT $1, c.command_id, 'MOVED_TO_TSQ', CASE WHEN c.exhausted THEN jsonb_build_object('msg_id',"
+                       " c.msg, 'attempt', c.attempts, 'max_attempts', c.max_attempts, 'reason', 'EXHAUSTED',"
+                       " 'error_type', c.etype, 'error_code', c.code, 'error_msg', c.message) ELSE"
+                       " jsonb_build_object('msg_id', c.msg, 'attempt', c.attempts, 'error_code', c.code,"
+                       " 'error_msg', c.message, 'error_details', c.details) END FROM c),"
+                       " %s,"
                        /* A process step that lands in the TSQ pauses its
                         * process until the operator acts (a probe by key;
                         * commands of no process change nothing). */
                        " pw AS (UPDATE commandbus.process pr SET status = 'WAITING_FOR_TSQ', updated_at = now() FROM c"
                        " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND " CB_STATUS_OF("pr") " = 'WAITING')",
-                       q, q);
+                       archive);
       break;
     case ACK_FAILED:
       cb_strbuf_printf(sql,
@@ -609,11 +633,8 @@ static void ack_statement(cb_strbuf *sql, const cb_worker *w, int kind, char rep
                        " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                        " SELECT $1, command_id, 'BUSINESS_RULE_FAILED', jsonb_build_object('msg_id', msg,"
                        " 'attempt', attempts, 'error_code', code, 'error_msg', message, 'error_details', details)"
-                       " FROM c),"
-                       " x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM c))"
-                       " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message),"
-                       " ar AS (INSERT INTO pgmq.a_%s (msg_id, read_ct, enqueued_at, vt, message) SELECT * FROM x)",
-                       q, q);
+                       " FROM c), %s",
+                       archive);
       reply_ctes(sql, reply, nreply,
                  "jsonb_build_object('command_id', command_id, 'correlation_id', correlation_id,"
                  " 'outcome', 'FAILED', 'result', jsonb_build_object('error_code', code, 'error_message', message,"
@@ -965,6 +986,7 @@ static void on_drain_deadline(uv_timer_t *t) {
 static void closed_one(cb_worker *w) {
   if (--w->handles_closing == 0) {
     cb_log(CB_LOG_INFO, "worker %s: stopped", w->domain);
+    cb_runner_stopped(&w->runner); /* before a waiter may see STOPPED and free the worker */
     set_state(w, STATE_STOPPED);
   }
 }
@@ -989,10 +1011,6 @@ static void maybe_finalize(cb_worker *w) {
     close_handle(w, (uv_handle_t *)&w->stuck_timer);
     close_handle(w, (uv_handle_t *)&w->drain_timer);
     w->timers_open = 0;
-    if (w->watch_signals) {
-      close_handle(w, (uv_handle_t *)&w->sigint);
-      close_handle(w, (uv_handle_t *)&w->sigterm);
-    }
   }
   closed_one(w); /* drops the hold */
 }
@@ -1011,24 +1029,11 @@ static void stop_on_loop(cb_runtime *rt, void *arg) {
   maybe_finalize(w);
 }
 
-static void on_signal(uv_signal_t *s, int signum) {
-  cb_worker *w = s->data;
-  cb_log(CB_LOG_INFO, "worker %s: %s received; stopping", w->domain, signum == SIGINT ? "SIGINT" : "SIGTERM");
-  cb_worker_stop(w);
-}
-
-void cb_worker_watch_signals(cb_worker *w) { w->watch_signals = 1; }
+void cb_worker_watch_signals(cb_worker *w) { w->runner.stop_on_signals = 1; }
 
 static void start_on_loop(cb_runtime *rt, void *arg) {
   cb_worker *w = arg;
   uv_loop_t *loop = cb_runtime_loop(rt);
-  if (w->watch_signals) {
-    uv_signal_init(loop, &w->sigint);
-    uv_signal_init(loop, &w->sigterm);
-    w->sigint.data = w->sigterm.data = w;
-    uv_signal_start(&w->sigint, on_signal, SIGINT);
-    uv_signal_start(&w->sigterm, on_signal, SIGTERM);
-  }
   uv_timer_init(loop, &w->poll_timer);
   uv_timer_init(loop, &w->stuck_timer);
   uv_timer_init(loop, &w->drain_timer);
@@ -1039,6 +1044,9 @@ static void start_on_loop(cb_runtime *rt, void *arg) {
   uv_timer_start(&w->stuck_timer, on_stuck_check, 1000, 1000);
   w->watch_id = cb_runtime_watch(rt, w->channel, on_notified, w);
   set_state(w, STATE_RUNNING);
+  cb_err err;
+  if (cb_runner_start(rt, &w->runner, &err) != CB_OK) /* only signals can fail, and only when closing */
+    cb_log(CB_LOG_WARN, "worker %s: %s", w->domain, err.message);
   cb_log(CB_LOG_INFO, "worker %s: running with %d lane(s), visibility timeout %g s", w->domain, w->lanes,
          w->o.visibility_timeout);
   maybe_fetch(w);
@@ -1117,6 +1125,7 @@ void cb_worker_free(cb_worker *w) {
       cb_worker_stop(w);
       cb_worker_wait(w, -1);
     }
+    cb_runner_remove(&w->runner); /* its last row says how it ended */
     cb_message_router_stop(w->router);
     /* Works still queued in lanes (never taken) are ours to free. */
     for (int lane = 0; lane < w->lanes; lane++) {
@@ -1202,6 +1211,7 @@ void cb_worker_done(cb_worker *w, cb_work *work) {
   } else if (work->outcome != CB_OUTCOME_NONE) {
     w->health.failures++;
     w->health.consecutive_failures++;
+    if (work->outcome == CB_OUTCOME_TRANSIENT && work->attempt < work->max_attempts) w->health.retries++;
   }
   if (w->done_tail) w->done_tail->next = work;
   else w->done_head = work;

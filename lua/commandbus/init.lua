@@ -85,16 +85,20 @@ function tsq_mt:list(options)
 end
 
 --- Sends the command again (status PENDING, attempts reset) -> new msg_id.
+-- options: {operator = "ada", reason = "fixed the data"}, both recorded in
+-- the OPERATOR_RETRY audit event (as for cancel and complete).
 function tsq_mt:retry(domain, id, options)
   return self.bus:tsq_retry(domain, id, options)
 end
 
---- Cancels it (status CANCELED, reply CANCELED with the reason).
+--- Cancels it (status CANCELED, reply CANCELED with the reason);
+-- options: {operator=}.
 function tsq_mt:cancel(domain, id, reason, options)
   return self.bus:tsq_cancel(domain, id, reason, options)
 end
 
---- Completes it by hand (status COMPLETED, reply SUCCESS with result).
+--- Completes it by hand (status COMPLETED, reply SUCCESS with result);
+-- options: {operator=, reason=}.
 function tsq_mt:complete(domain, id, result, options)
   return self.bus:tsq_complete(domain, id, result, options)
 end
@@ -122,6 +126,12 @@ M.message_router = core.message_router
 -- back with bus:get_process(domain, id), bus:list_processes{domain=, type=,
 -- status=, limit=, offset=} and bus:process_audit(domain, id).
 M.process = require "commandbus.process"
+
+-- Metrics (bus methods, see README "Metrics"): bus:metrics{all_processes=}
+-- -> a snapshot table; bus:metrics_text{all_processes=} -> the Prometheus
+-- text exposition (format 0.0.4); bus:runners{domain=} -> workers and reply
+-- routers of every process from their heartbeats; bus:queue_metrics() ->
+-- every queue's metrics.
 
 --- The newest schema version this build knows.
 M.schema_version = core.schema_version

@@ -287,9 +287,7 @@ static void setup(void) {
   state = luaL_newstate();
   luaL_openlibs(state);
   luaL_requiref(state, "commandbus.core", luaopen_commandbus_core, 0); /* [1] the module */
-  cbL_bus *bus = lua_newuserdata(state, sizeof *bus);                 /* [2] a bus without a runtime */
-  bus->rt = NULL;
-  luaL_setmetatable(state, CBL_BUS_MT);
+  cbL_newbus(state);                                                  /* [2] a bus without a runtime */
   lua_getfield(state, 2, "queue");
   lua_pushvalue(state, 2);
   lua_pushliteral(state, "fuzz_q");

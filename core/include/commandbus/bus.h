@@ -58,15 +58,25 @@ int cb_bus_ensure_queue(cb_runtime *rt, const char *queue, cb_err *err);
 int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, double delay,
                 cb_send_result *results, cb_err *err);
 
+typedef struct cb_send_options {
+  const char *batch_id;  /* NULL: each spec's own; else every command joins this batch */
+  int refuse_duplicates; /* an id that exists fails the whole unit (see cb_bus_is_duplicate)
+                            instead of being reported as a duplicate */
+} cb_send_options;
+
 /* The send of cb_bus_send, appended to a unit the caller runs, so that other
  * writes share its transaction (a process's row with its first command, a
  * batch row with its commands). Validates every spec, makes sure the domain
  * queue and each reply queue exist, then appends one statement per 1000
  * commands followed by the queue's notify; u is not run. results[i] gets each
- * command's id now; forced_batch (NULL: none) overrides every batch_id. On an
- * error u may hold part of the statements: discard it. */
+ * command's id now; options may be NULL. On an error u may hold part of the
+ * statements: discard it. */
 int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                    double delay, cb_send_result *results, const char *forced_batch, cb_err *err);
+                    double delay, cb_send_result *results, const cb_send_options *options, cb_err *err);
+/* Whether a failed unit's error is a unique violation on the command table's
+ * key, (domain, command_id): a command id that exists. Any other error,
+ * unique violations elsewhere included, is not a duplicate. */
+int cb_bus_is_duplicate(const cb_err *err);
 /* After u ran: fills results[i].msg_id and .duplicate from the send statements,
  * which start at statement `first` (cb_unit_count(u) before cb_bus_add_send). */
 void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *results);
@@ -96,10 +106,14 @@ int cb_bus_audit(cb_runtime *rt, const char *domain, const char *command_id, cb_
 
 /* ---- batches ------------------------------------------------------------------
  * A batch's counts are computed from its commands whenever they are read, so
- * no batch row is touched on the worker's completion path. Status moves
- * PENDING -> IN_PROGRESS -> COMPLETED or COMPLETED_WITH_FAILURES through a
- * refresh statement run after commands change (and on every read): it
- * records BATCH_STARTED and BATCH_COMPLETED audit events once each. */
+ * no batch row is touched on the worker's completion path. Its status
+ * follows one rule, rcmd's: complete once every member is COMPLETED, FAILED,
+ * CANCELED or in the TSQ (COMPLETED_WITH_FAILURES when any is not
+ * COMPLETED), else IN_PROGRESS once a member was received, else PENDING. A
+ * refresh applies it after members change (in a transaction of its own, after
+ * theirs committed) and on every read; a TSQ retry that reopens a complete
+ * batch makes it IN_PROGRESS again. BATCH_STARTED is recorded once, and
+ * BATCH_COMPLETED once, when the batch is complete with nothing in the TSQ. */
 
 /* Appends the refresh of one batch to u (a statement of its own). */
 int cb_bus_add_batch_refresh(cb_unit *u, const char *domain, const char *batch_id);

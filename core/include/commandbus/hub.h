@@ -65,6 +65,9 @@ void cb_hub_change_key(const char *domain, const char *id, char *out /* CB_HUB_K
 /* Wakes this process's waiters on the record (a hash probe when there are
  * none): every writer calls it after the change committed. */
 void cb_hub_changed(cb_hub *hub, const char *domain, const char *id);
+/* Subscriptions to record-change keys now: the threads awaiting a command,
+ * a process or an event. */
+size_t cb_hub_record_waiters(cb_hub *hub);
 
 #ifdef __cplusplus
 }

@@ -49,6 +49,7 @@ extern "C" {
 #define CB_MESSAGE_ROUTER_DEFAULT_BATCH_TIMEOUT_MS 10
 #define CB_MESSAGE_ROUTER_DEFAULT_BLOCK_TIMEOUT_MS 1000
 #define CB_MESSAGE_ROUTER_MAX_LANES 1024
+#define CB_MESSAGE_ROUTER_NAME_MAX 63
 
 /* What happens when the ingress (in route) or a lane (in the dispatcher) is
  * full. Either way the item is counted in `dropped` if it finally fails. */
@@ -76,6 +77,9 @@ typedef struct cb_message_router_config {
     int block_timeout_ms;      /* BLOCK only; -1 = wait forever */
     cb_message_router_batch_cb on_batch; /* NULL: consumers call take() */
     void *on_batch_ctx;
+    const char *name;          /* NULL: unlisted; else (1..NAME_MAX bytes,
+                                  copied) listed for cb_message_router_each
+                                  while the router lives, and unique there */
 } cb_message_router_config;
 
 typedef struct cb_message_router_stats {
@@ -99,7 +103,8 @@ void cb_message_router_config_init(cb_message_router_config *cfg);
 
 /* Allocates a router and all its rings; cfg NULL means the defaults. The
  * router accepts route() at once (items wait in the ingress until start).
- * Returns 0, -EINVAL (bad config) or -ENOMEM; *out is set only on success. */
+ * Returns 0, -EINVAL (bad config), -EEXIST (a listed router has the name)
+ * or -ENOMEM; *out is set only on success. */
 int cb_message_router_new(cb_message_router **out,
                           const cb_message_router_config *cfg);
 
@@ -164,6 +169,13 @@ void cb_message_router_stats_get(cb_message_router *router,
                                  cb_message_router_stats *out);
 size_t cb_message_router_ingress_depth(cb_message_router *router);
 size_t cb_message_router_lane_depth(cb_message_router *router, int lane);
+
+/* Calls visit for every named router of the process (what metrics report),
+ * under a lock that cb_message_router_new and _free of named routers take:
+ * visit may read the router (stats, depths) but not create or free one. */
+typedef void (*cb_message_router_visit)(cb_message_router *router,
+                                        const char *name, void *arg);
+void cb_message_router_each(cb_message_router_visit visit, void *arg);
 
 /* 64-bit hash of key bytes (Murmur3-style 8-byte blocks, fmix64 finish);
  * stable across runs and platforms. */

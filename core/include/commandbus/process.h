@@ -1,5 +1,7 @@
 /* commandbus: long-running processes (sagas), rcmd's `process` and
- * `process_audit` tables (see docs/architecture.md, "Data contract").
+ * `process_audit` tables (see docs/architecture.md, "Data contract"). Statements
+ * work on rcmd's own tables too, where `domain` is varchar(255) and
+ * `process_audit.sent_at` has no default.
  *
  * A process is a row holding its type, status, current step and state (a JSON
  * object); each step sends one command whose correlation_id is the process id

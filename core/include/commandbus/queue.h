@@ -1,11 +1,16 @@
 /* commandbus: the queue client, pgmq's protocol and table layout.
  *
  * Queue `q` is the table pgmq.q_<q> (msg_id, read_ct, enqueued_at, vt,
- * message) with its archive pgmq.a_<q>, listed in pgmq.meta. When the pgmq
- * extension is installed, queues are created and dropped through it;
- * otherwise the same tables are created here. Hot paths are prepared
- * statements on the tables, never calls into plpgsql. Every send notifies
- * `pgmq_notify_<q>` in the same transaction, so listeners wake on commit.
+ * message, headers) with its archive pgmq.a_<q> (the same and archived_at),
+ * listed in pgmq.meta: the layout of pgmq 1.5 (1.5.0 added headers). When
+ * pgmq is in the database, as an extension or loaded as plain SQL (its
+ * functions are there), queues are created and dropped through it, in
+ * whatever layout its version has; otherwise the tables are created here,
+ * exactly as pgmq 1.5 makes them, so that pgmq's own functions and clients
+ * work on them. Every statement here works on both layouts (with or
+ * without headers). Hot paths are prepared statements on the tables, never
+ * calls into plpgsql. Every send notifies `pgmq_notify_<q>` in the same
+ * transaction, so listeners wake on commit.
  *
  * Names are validated (cb_queue_name_valid) before any SQL is built; all
  * values are bind parameters. Messages are JSON text: the core never parses
@@ -50,7 +55,8 @@ void cb_messages_free(cb_messages *m);
 int cb_messages_take(cb_messages *m, cb_unit *u, int index, cb_err *err);
 
 typedef struct cb_queue_metrics {
-  int64_t queue_length;
+  char queue_name[CB_QUEUE_NAME_MAX + 1];
+  int64_t queue_length;       /* messages in the queue, visible or not */
   int64_t newest_msg_age_sec; /* -1 when empty */
   int64_t oldest_msg_age_sec; /* -1 when empty */
   int64_t total_messages;
@@ -77,8 +83,16 @@ int cb_queue_add_delete(cb_unit *u, const char *queue, const int64_t *ids, size_
 int cb_queue_add_archive(cb_unit *u, const char *queue, const int64_t *ids, size_t n);
 int cb_queue_add_set_vt(cb_unit *u, const char *queue, int64_t id, double vt);
 int cb_queue_add_notify(cb_unit *u, const char *queue);
+/* Writes into out (len bytes) two CTEs of a statement that archive, as
+ * pgmq's archive does: `x` deletes from the queue the messages listed by
+ * `ids` (SQL for an array of msg_id), `ar` inserts them into the archive,
+ * every column carried over by name (headers too, where the tables have
+ * them), and returns their msg_id. Returns CB_OK, or CB_EINTERNAL when out
+ * is too small. */
+int cb_queue_archive_ctes(char *out, size_t len, const char *queue, const char *ids);
 
-/* Blocking operations. */
+/* Blocking operations. An operation on a queue that does not exist fails
+ * with CB_ENOTFOUND. */
 int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err);
 /* *existed tells whether there was a queue to drop. */
 int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err);
@@ -102,6 +116,9 @@ int cb_queue_archive(cb_runtime *rt, const char *queue, const int64_t *ids, size
 /* out is empty when there is no such message. */
 int cb_queue_set_vt(cb_runtime *rt, const char *queue, int64_t id, double vt, cb_messages *out, cb_err *err);
 int cb_queue_metrics_get(cb_runtime *rt, const char *queue, cb_queue_metrics *out, cb_err *err);
+/* The metrics of every queue (those of pgmq.meta), by name: two round trips
+ * however many queues. *out is malloc'd (caller frees). */
+int cb_queue_metrics_all(cb_runtime *rt, cb_queue_metrics **out, size_t *count, cb_err *err);
 int cb_queue_purge(cb_runtime *rt, const char *queue, int64_t *count, cb_err *err);
 /* *queues is malloc'd; caller frees. */
 int cb_queue_list(cb_runtime *rt, cb_queue_info **queues, size_t *count, cb_err *err);

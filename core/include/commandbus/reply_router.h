@@ -83,6 +83,13 @@ int cb_reply_router_lanes(const cb_reply_router *r);
 const char *cb_reply_router_domain(const cb_reply_router *r);
 const char *cb_reply_router_queue(const cb_reply_router *r);
 
+/* Makes SIGINT and SIGTERM stop the router while it runs (they end the
+ * process again once it stopped). Call before cb_reply_router_start. */
+void cb_reply_router_watch_signals(cb_reply_router *r);
+
+/* Starts fetching. While it runs, the router is registered as a runner
+ * (commandbus/runner.h): metrics see its health, and its heartbeats tell
+ * other processes. */
 int cb_reply_router_start(cb_reply_router *r, cb_err *err);
 /* Stops fetching; lanes finish what they hold (drain), then end. */
 void cb_reply_router_stop(cb_reply_router *r);

@@ -18,7 +18,13 @@
  * flight with CB_ECLOSED, and joins the thread; later calls fail with
  * CB_ECLOSED. cb_runtime_free closes and frees; no other thread may be using
  * the runtime then. Runtimes still open at process exit are closed by an
- * atexit hook, so no thread outlives main(). */
+ * atexit hook, so no thread outlives main().
+ *
+ * A runtime belongs to the process that created it. In a child forked from
+ * that process (nginx's workers, when a bus was connected in init_by_lua)
+ * every call fails at once with CB_ESTATE, saying so, instead of waiting
+ * for a loop thread the child does not have; closing or freeing it there
+ * only forgets it. */
 #ifndef COMMANDBUS_RUNTIME_H
 #define COMMANDBUS_RUNTIME_H
 
@@ -49,6 +55,9 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
 void cb_runtime_close(cb_runtime *rt);
 void cb_runtime_free(cb_runtime *rt);
 int cb_runtime_is_closed(cb_runtime *rt);
+/* CB_OK when rt may be used from the calling process; else CB_ESTATE (it was
+ * created before a fork) or CB_ECLOSED, with a message in err. */
+int cb_runtime_check(cb_runtime *rt, cb_err *err);
 
 /* The hub fed by this runtime's listener (keys are channel names) and by the
  * components above it. Lives as long as the runtime. */
@@ -136,6 +145,21 @@ int cb_runtime_listen(cb_runtime *rt, const char *channel, cb_err *err);
 typedef void (*cb_notify_fn)(void *arg);
 int cb_runtime_watch(cb_runtime *rt, const char *channel, cb_notify_fn fn, void *arg);
 void cb_runtime_unwatch(cb_runtime *rt, int id);
+
+/* --- signals ------------------------------------------------------------ */
+
+/* Makes SIGINT and SIGTERM call fn(signum, arg) on the loop thread until
+ * cb_runtime_unwatch_signals(id): how a worker run from a shell, a systemd
+ * unit or a container drains on Ctrl-C or a stop. While any watch exists the
+ * runtime handles both signals (they no longer end the process); after the
+ * last watch goes they get their default action back. fn must not call
+ * cb_runtime_unwatch_signals. Any thread; returns a watch id > 0, or
+ * CB_ECLOSED or CB_ENOMEM. */
+typedef void (*cb_signal_fn)(int signum, void *arg);
+int cb_runtime_watch_signals(cb_runtime *rt, cb_signal_fn fn, void *arg);
+/* Any thread. Once it returns, fn is not running for this watch and will not
+ * run again. */
+void cb_runtime_unwatch_signals(cb_runtime *rt, int id);
 
 /* The runtime's libuv loop, for components that put their own handles on it
  * (from the loop thread only). */

@@ -22,14 +22,18 @@ extern "C" {
  * *rows, the total number in the TSQ for the filter in *total. */
 int cb_tsq_list(cb_runtime *rt, const char *domain, const char *command_type, int limit, int offset, cb_unit **rows,
                 int64_t *total, cb_err *err);
+/* operator_name (NULL: "operator") and reason (NULL: none) go into the
+ * action's audit event. */
+
 /* Sends the archived message again: status PENDING, attempts 0. */
 int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, const char *operator_name,
-                 int64_t *new_msg_id, cb_err *err);
+                 const char *reason, int64_t *new_msg_id, cb_err *err);
+/* The reason also goes into the CANCELED reply. */
 int cb_tsq_cancel(cb_runtime *rt, const char *domain, const char *command_id, const char *reason,
                   const char *operator_name, cb_err *err);
 /* result_json: the reply's result (NULL for none). */
 int cb_tsq_complete(cb_runtime *rt, const char *domain, const char *command_id, const char *result_json,
-                    const char *operator_name, cb_err *err);
+                    const char *operator_name, const char *reason, cb_err *err);
 
 #ifdef __cplusplus
 }

@@ -76,6 +76,7 @@ void cb_work_fail(cb_work *w, int outcome, const char *code, const char *message
 typedef struct cb_worker_health {
   const char *state; /* "starting", "running", "stopping", "stopped" */
   uint64_t successes, failures, consecutive_failures, stuck, poison;
+  uint64_t retries; /* failures that will be tried again (transient, attempts left) */
   double last_success_at; /* Unix seconds, 0 = never */
   int in_flight;
 } cb_worker_health;
@@ -90,11 +91,13 @@ int cb_worker_lanes(const cb_worker *w);
 const char *cb_worker_domain(const cb_worker *w);
 
 /* Makes SIGINT and SIGTERM stop the worker while it runs (the loop thread
- * watches them; the previous handlers come back when it stops). Call before
+ * watches them; they end the process again once it stopped). Call before
  * cb_worker_start. */
 void cb_worker_watch_signals(cb_worker *w);
 
-/* Starts fetching. */
+/* Starts fetching. While it runs, the worker is registered as a runner
+ * (commandbus/runner.h): metrics see its health, and its heartbeats tell
+ * other processes. */
 int cb_worker_start(cb_worker *w, cb_err *err);
 /* Asks the worker to stop: no more fetching; running handlers may finish
  * (up to drain_timeout) and are acknowledged; then the lanes get their end.
