@@ -36,16 +36,6 @@ void cb_retention_counts_values(const cb_retention_counts *c, int64_t out[CB_RET
   memcpy(out, v, sizeof v);
 }
 
-void cb_retention_counts_from_values(cb_retention_counts *c, const int64_t v[CB_RETENTION_KINDS]) {
-  c->commands = v[0];
-  c->audit = v[1];
-  c->archive = v[2];
-  c->batches = v[3];
-  c->processes = v[4];
-  c->dedup_keys = v[5];
-  c->schedule_runs = v[6];
-}
-
 /* ---- the policy ------------------------------------------------------------------- */
 
 int cb_retention_set(cb_runtime *rt, const char *domain, const cb_retention_policy *p, cb_err *err) {
