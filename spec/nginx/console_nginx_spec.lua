@@ -6,6 +6,7 @@ local cjson = require("cjson").new()
 local chromium = require "spec.support.chromium"
 local console_world = require "spec.support.console_world"
 local prometheus = require "spec.support.prometheus"
+local saga = require "spec.support.saga"
 local world = require "spec.support.world"
 local socket = require "socket"
 
@@ -16,7 +17,7 @@ local HOSTILE_ERROR = "<img src=x onerror=alert(2)>"
 local function js(s) return cjson.encode(s) end
 
 describe("the operator console in nginx", function()
-  local bus, server, browser, domain
+  local bus, server, browser, domain, process_domain, process_id
   local hostile, failed = nil, {}
 
   setup(function()
@@ -32,6 +33,8 @@ describe("the operator console in nginx", function()
     assert(bus:create_batch{domain = domain, name = "nightly", commands = {
       {type = "Charge", data = {amount = 1}}, {type = "Charge", data = {amount = 2}}}})
     console_world.settle(bus, domain)
+    process_domain = world.domain() -- no worker: the process waits at its first step
+    process_id = assert(saga.for_domain(process_domain):start(bus, {order = 7}))
     browser = chromium.start()
   end)
 
@@ -198,6 +201,34 @@ describe("the operator console in nginx", function()
     status, answer = server:request("POST", "/ops/api/tsq/cancel", body, good)
     assert.are.equal(409, status)
     assert.are.equal("INVALID_STATE", cjson.decode(answer).error.code)
+  end)
+
+  it("shows batches with progress bars, processes with their event timeline, workers from their heartbeats", function()
+    local page = open("/ops/", "#/batches?domain=" .. domain, "document.querySelector('#view[data-view=batches] tr[data-batch]')")
+    local batch = page:eval("document.querySelector('tr[data-batch]').textContent")
+    assert.matches("nightly", batch)
+    assert.matches("COMPLETED", batch)
+    assert.matches("2 / 2 done", batch)
+    assert.is_true(page:eval("document.querySelector('tr[data-batch] svg rect') !== null"))
+
+    page:navigate(url("/ops/", "#/processes?domain=" .. process_domain))
+    local link = ("document.querySelector('tr[data-process=%s] a')"):format(js(process_id))
+    page:wait(link)
+    page:eval(link .. ".click()")
+    page:wait("document.querySelector('#view[data-view=process] ol.timeline')")
+    local events = page:eval("Array.from(document.querySelectorAll('ol.timeline li strong')).map(e => e.textContent)")
+    local expected = {}
+    for i, e in ipairs(assert(bus:process_events(process_domain, process_id))) do expected[i] = e.event_type end
+    assert.are.same(expected, events)
+    assert.matches("reserve", page:eval("document.querySelector('#view table').textContent"))
+
+    page:navigate(url("/ops/", "#/workers"))
+    page:wait("document.querySelector('#view[data-view=workers] tr[data-runner]')")
+    local states = page:eval(("Array.from(document.querySelectorAll('tr[data-runner]'))"
+                              .. ".filter(r => r.cells[1].textContent === %s).map(r => r.cells[3].textContent)")
+                             :format(js(domain)))
+    assert.are.same({"stopped"}, states) -- the worker that settled the domain said goodbye
+    no_page_trouble(page)
   end)
 
   it("acts as the user nginx authenticated (auth_basic), whose name the page shows escaped", function()

@@ -10,6 +10,7 @@ return {
     return {charged = cmd.data.amount}
   end,
   Ship = function(cmd)
+    if cmd.data.work_ms then require("socket").sleep(cmd.data.work_ms / 1000) end
     return {parcel = cmd.data.order}
   end,
 }

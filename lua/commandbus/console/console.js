@@ -82,7 +82,7 @@
     return (seconds / 86400).toFixed(1) + " d";
   }
   const num = (n) => (n === undefined || n === null ? "–" : Number(n).toLocaleString("en"));
-  const rate = (n) => (n === undefined || n === null ? "–" : n < 10 ? n.toFixed(2) : Math.round(n).toLocaleString("en"));
+  const rate = (n) => (n === undefined || n === null ? "–" : n < 10 ? n.toFixed(1) : Math.round(n).toLocaleString("en"));
   function json(v) {
     if (v === undefined || v === null) return "";
     try { return JSON.stringify(v, null, 2); } catch (e) { return String(v); }
@@ -104,8 +104,11 @@
 
   // ---- charts (inline SVG) -------------------------------------------------
   // A horizontal bar split by status, with a legend.
+  const ORDER = Object.keys(COLORS);
+  const rank = (status) => (ORDER.includes(status) ? ORDER.indexOf(status) : ORDER.length);
   function statusBar(counts, width) {
-    const items = entries(counts).filter(([, n]) => n > 0);
+    const items = entries(counts).filter(([, n]) => n > 0)
+      .sort(([a], [b]) => rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0));
     const total = items.reduce((a, [, n]) => a + n, 0);
     const svg = s("svg", { class: "chart", width: width, height: 12, role: "img" });
     let x = 0;
@@ -134,12 +137,11 @@
     const t0 = points[0][0], t1 = points[points.length - 1][0];
     const max = Math.max(1e-9, ...points.map((p) => Math.max(p[1], p[2])));
     const xy = (p, i) => [((p[0] - t0) / Math.max(1e-9, t1 - t0)) * (width - 2) + 1, height - 2 - (p[i] / max) * (height - 4)];
-    for (const [i, color] of [[1, "#2f5fd0"], [2, "#2e8b57"]]) {
-      svg.appendChild(s("polyline", {
-        points: points.map((p) => xy(p, i).map((v) => v.toFixed(1)).join(",")).join(" "),
-        fill: "none", stroke: color, "stroke-width": 1.5,
-      }));
-    }
+    const line = (i) => points.map((p) => xy(p, i).map((v) => v.toFixed(1)).join(",")).join(" ");
+    // out: a green area; in: a blue line over it
+    svg.appendChild(s("polygon", { points: "1," + (height - 2) + " " + line(2) + " " + (width - 1) + "," + (height - 2),
+                                   fill: "#bfe3cd", stroke: "#2e8b57", "stroke-width": 1 }));
+    svg.appendChild(s("polyline", { points: line(1), fill: "none", stroke: "#2f5fd0", "stroke-width": 1.5 }));
     svg.appendChild(s("title")).textContent = "peak " + rate(max) + " msg/s over " + duration(t1 - t0);
     return svg;
   }
@@ -210,7 +212,7 @@
       h("h2", null, "Queues"),
       history.available ? null : h("p", { class: "muted" }, "Throughput: " + (history.reason || "no history yet")),
       table(["Queue", "Depth ", "Oldest ", "Sent ever ", "In /s ", "Out /s ",
-             "Last " + duration(history.seconds || 900) + " (in blue, out green)"], queues.map((q) =>
+             "Last " + duration(history.seconds || 900) + ": in (line), out (area)"], queues.map((q) =>
         h("tr", { "data-queue": q.name },
           td(h("span", { class: "mono" }, q.name)), tdn(num(q.depth)), tdn(duration(q.oldest_age)), tdn(num(q.total)),
           tdn(rate(q.rate_in)), tdn(rate(q.rate_out)), td(sparkline(q.history, 240, 28)))),
@@ -247,7 +249,7 @@
               h("div", { class: "error-message" }, it.last_error_msg || "")]),
           tdn((it.attempts || 0) + " / " + (it.max_attempts || 0)),
           td(h("span", { title: time(it.updated_at) }, ago(it.updated_at))),
-          td(h("pre", { class: "payload" }, json(it.data !== undefined ? it.data : it.payload))),
+          td(h("pre", { class: "payload" }, JSON.stringify(it.data !== undefined ? it.data : it.payload))),
           h("td", { class: "actions" }, button("Retry", "retry", it), button("Cancel", "cancel", it), button("Complete", "complete", it)))),
         "The troubleshooting queue is empty."),
     ];
