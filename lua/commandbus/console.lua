@@ -222,6 +222,23 @@ end
 
 local ACTIONS = {retry = true, cancel = true, complete = true}
 
+-- A copy of decoded JSON without its nulls (cjson.null cannot cross to the
+-- thread the call runs on): dropped from objects; in a list, an error.
+local function without_nulls(value)
+  if type(value) ~= "table" then return value end
+  local n, copy = #value, {}
+  for k, v in pairs(value) do
+    if v == cjson.null then
+      if type(k) == "number" and k >= 1 and k <= n then return nil, "may not hold null in a list" end
+    else
+      local err
+      copy[k], err = without_nulls(v)
+      if err then return nil, err end
+    end
+  end
+  return copy
+end
+
 local function text_field(body, name, max, required)
   local v = body[name]
   if v == nil or v == cjson.null or v == "" then
@@ -257,6 +274,7 @@ local function run_action(bus, settings, kind)
 
   ngx.req.read_body()
   local raw = ngx.req.get_body_data()
+  if raw == nil and ngx.req.get_body_file() then return refuse(413, "INVALID_ARGUMENT", "the body is too large") end
   if raw == nil or #raw > MAX_BODY then return refuse(400, "INVALID_ARGUMENT", "expected a JSON body") end
   local ok, body = pcall(cjson.decode, raw)
   if not ok or type(body) ~= "table" then return refuse(400, "INVALID_ARGUMENT", "the body is not a JSON object") end
@@ -269,8 +287,10 @@ local function run_action(bus, settings, kind)
   operator = operator or typed
   local result = body.result
   if result == cjson.null then result = nil end
-  if kind == "complete" and result ~= nil and type(result) ~= "table" then
-    return refuse(400, "INVALID_ARGUMENT", "`result` must be a JSON object")
+  if kind == "complete" and result ~= nil then
+    if type(result) ~= "table" then return refuse(400, "INVALID_ARGUMENT", "`result` must be a JSON object") end
+    result, err = without_nulls(result)
+    if err then return refuse(400, "INVALID_ARGUMENT", "`result` %s", err) end
   end
 
   local res
@@ -282,9 +302,10 @@ local function run_action(bus, settings, kind)
     res, err = bus:tsq_complete(domain, command_id, result, {operator = operator, reason = reason})
   end
   if res == nil then return bus_failure(err) end
-  ngx.log(ngx.NOTICE, format("commandbus console: %s %s command %s of %s%s", operator, kind == "retry" and "retried"
-                             or kind == "cancel" and "canceled" or "completed", command_id, domain,
-                             reason and (" (" .. reason .. ")") or ""))
+  local line = format("commandbus console: %s %s command %s of %s%s", operator, kind == "retry" and "retried"
+                      or kind == "cancel" and "canceled" or "completed", command_id, domain,
+                      reason and (" (" .. reason .. ")") or "")
+  ngx.log(ngx.NOTICE, (line:gsub("%c", "?"))) -- one line whatever the operator typed
   return send_json(200, {ok = true, action = kind, domain = domain, command_id = command_id, operator = operator})
 end
 

@@ -244,7 +244,7 @@ describe("the operator console in nginx", function()
     local cookie = headers["set-cookie"]:match("^(commandbus_csrf=%x+);")
     local token = page:match('<meta name="commandbus%-csrf" content="(%x+)">')
     local body = cjson.encode{domain = domain, command_id = id, operator = "someone else", reason = "refunded by phone",
-                              result = {refunded = true}}
+                              result = {refunded = true, voucher = cjson.null}}
     status = server:request("POST", "/staff/api/tsq/complete", body, {Cookie = cookie, ["X-CSRF-Token"] = token})
     assert.are.equal(401, status) -- without credentials, nginx refuses it
     assert.are.equal("IN_TROUBLESHOOTING_QUEUE", status_of(id))
