@@ -494,25 +494,24 @@ function api.command(bus, q)
   return send_json(200, {command = command, audit = audit})
 end
 
-function api.batches(bus, q)
-  local limit, err = query_integer(q, "limit", 50, MAX_LIST)
-  if not limit then return refuse(400, "INVALID_ARGUMENT", "%s", err) end
-  local rows, domains = gather(bus, q, function(domain)
-    return bus:list_batches{domain = domain, status = q.status, limit = limit}
-  end, "created_at")
-  if rows == nil then return bus_failure(domains) end
-  return send_json(200, {items = rows, domains = domains})
+-- A list method of the bus across domains (?domain= or every known one),
+-- newest first by sort_key, with the query's filters that the method takes.
+local function across_domains(method, sort_key, filters)
+  return function(bus, q)
+    local limit, err = query_integer(q, "limit", 50, MAX_LIST)
+    if not limit then return refuse(400, "INVALID_ARGUMENT", "%s", err) end
+    local rows, domains = gather(bus, q, function(domain)
+      local options = {domain = domain, limit = limit}
+      for _, name in ipairs(filters) do options[name] = q[name] end
+      return bus[method](bus, options)
+    end, sort_key)
+    if rows == nil then return bus_failure(domains) end
+    return send_json(200, {items = rows, domains = domains})
+  end
 end
 
-function api.processes(bus, q)
-  local limit, err = query_integer(q, "limit", 50, MAX_LIST)
-  if not limit then return refuse(400, "INVALID_ARGUMENT", "%s", err) end
-  local rows, domains = gather(bus, q, function(domain)
-    return bus:list_processes{domain = domain, status = q.status, type = q.type, limit = limit}
-  end, "updated_at")
-  if rows == nil then return bus_failure(domains) end
-  return send_json(200, {items = rows, domains = domains})
-end
+api.batches = across_domains("list_batches", "created_at", {"status"})
+api.processes = across_domains("list_processes", "updated_at", {"status", "type"})
 
 function api.process(bus, q)
   if not q.domain or not q.id then return refuse(400, "INVALID_ARGUMENT", "`domain` and `id` are required") end
