@@ -27,11 +27,11 @@
 -- changed per minute in the database instead would cost in proportion to
 -- the traffic, on every refresh of every open console.
 local M = {
-  _VERSION = "commandbus.console 1",
+  _VERSION = require("commandbus.core")._VERSION,
 }
 
 local type, tostring, tonumber, pairs, ipairs, error, pcall = type, tostring, tonumber, pairs, ipairs, error, pcall
-local format, concat, floor = string.format, table.concat, math.floor
+local format, floor = string.format, math.floor
 
 local cjson = require("cjson").new()
 
@@ -45,7 +45,7 @@ local MAX_LIST = 500
 -- Options
 
 local function bad_option(fname, name, want, got)
-  error(format("bad option '%s' to '%s': %s expected, got %s", name, fname, want, got), 3)
+  error(format("bad option '%s' to '%s': %s expected, got %s", name, fname, want, got), 4) -- the caller's caller's caller
 end
 
 -- Checks options against spec {name = "type"}; returns a copy.

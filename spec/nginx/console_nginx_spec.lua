@@ -91,6 +91,11 @@ describe("the operator console in nginx", function()
                      page:eval(domain_row .. ".cells[2].textContent")) -- in the troubleshooting queue
     assert.matches("completed " .. #assert(bus:list_commands{domain = domain, status = "COMPLETED"}),
                    page:eval(domain_row .. ".cells[1].textContent"))
+    -- It reads again by itself: a queue made now appears without a reload.
+    local later = world.domain()
+    assert(bus:send{domain = later, type = "Charge"})
+    page:wait(("document.querySelector('tr[data-queue=%s]')"):format(js(later .. "__commands")))
+    assert.are.equal(1, #page:received("Page.loadEventFired"))
     no_page_trouble(page)
   end)
 

@@ -234,7 +234,7 @@
     const items = list(page.items);
     const can = config.actions !== "off";
     const button = (label, action, item) => h("button", {
-      type: "button", class: action === "retry" ? "" : "", "data-action": action, "data-command": item.command_id,
+      type: "button", "data-action": action, "data-command": item.command_id,
       disabled: !can, title: can ? null : "read-only: " + config.readOnlyReason,
       onclick: () => openAction(action, item),
     }, label);
