@@ -8,14 +8,13 @@
 -- transaction (the floors), and each figure's ratio is printed against the
 -- floor of the same concurrency (1 or 2 clients). Ends with one JSON line.
 local commandbus = require "commandbus"
-local socket = require "socket"
 local cjson = require "cjson"
+local common = require "bench.support.common"
 
 local N = tonumber(os.getenv("BENCH_COMMANDS")) or 50000
 -- Rounds of the sending figures and their floors (the best of each is kept).
 local SEND_ROUNDS = tonumber(os.getenv("BENCH_SEND_ROUNDS")) or 3
-local dsn = assert(os.getenv("DATABASE_URL"), "DATABASE_URL is not set")
-local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
+local dsn, lua, now, sh, psql = common.dsn, common.lua, common.now, common.sh, common.psql
 local pgbench = "/usr/lib/postgresql/15/bin/pgbench"
 do
   local f = io.popen("ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null | sort -V | tail -n 1")
@@ -26,25 +25,8 @@ end
 
 local bus = assert(commandbus.connect(dsn, {pool_size = 4}))
 assert(bus:setup())
-local function now() return socket.gettime() end
-local function sh(cmd)
-  local f = io.popen(cmd .. " 2>&1")
-  local out = f:read("*a")
-  f:close()
-  return out
-end
-local function psql(sql) return sh(string.format("psql -qAt %q -c %q", dsn, sql)) end
-
-local function drop_domain(name)
-  psql(("DELETE FROM commandbus.command WHERE domain = '%s'; DELETE FROM commandbus.audit WHERE domain = '%s';"):format(name, name))
-  bus:queue(name .. "__commands"):drop()
-end
-
-local function fresh_domain(name)
-  drop_domain(name)
-  assert(bus:queue(name .. "__commands"):create())
-  return name
-end
+local function drop_domain(name) common.drop_domain(bus, name) end
+local function fresh_domain(name) return common.fresh_domain(bus, name) end
 
 local function send_all(domain)
   local commands = {}
@@ -56,10 +38,7 @@ local function send_all(domain)
   return N / took
 end
 
-local function completed(domain)
-  local out = psql(("SELECT count(*) FROM commandbus.command WHERE domain = '%s' AND status = 'COMPLETED'"):format(domain))
-  return tonumber(out:match("%d+"))
-end
+local completed = common.completed
 
 local function run_in_process(domain, concurrency)
   local worker = assert(bus:worker{domain = domain, handlers = "bench.throughput.noop_handlers",
@@ -77,9 +56,7 @@ end
 
 -- Runs two OS processes at once; returns what they printed (stdout and
 -- stderr of both).
-local function two_processes(cmd1, cmd2)
-  return sh(("(%s & %s & wait)"):format(cmd1, cmd2 or cmd1))
-end
+local function two_processes(cmd1, cmd2) return common.at_once({cmd1, cmd2 or cmd1}) end
 
 -- send_batch with the concurrency of the two-client floor: two processes,
 -- each one send_batch of half the commands (as send_all does, the core
@@ -122,22 +99,13 @@ local function pgbench_tps(script, transactions_per_client, clients)
   return tonumber(tps)
 end
 
--- Comparable runs: earlier runs leave dead rows behind. One statement per
--- psql -c: VACUUM refuses to run in the implicit transaction of a
--- multi-statement string.
-for _, t in ipairs({"commandbus.command", "commandbus.audit"}) do
-  local out = psql("VACUUM ANALYZE " .. t)
-  if out:match("ERROR") then io.stderr:write("bench/throughput: " .. out) end
-end
+-- Comparable runs: earlier runs leave dead rows behind.
+common.vacuum_analyze({"commandbus.command", "commandbus.audit"}, "throughput")
 io.stderr:write(("bench/throughput: %d commands, %s cores, PostgreSQL on the same machine\n"):format(N, sh("nproc"):match("%d+")))
 local result = {bench = "throughput", commands = N}
 
-local function ratio(x, floor) return math.floor(x / floor * 100) / 100 end
-local function rounds_text(xs)
-  local t = {}
-  for i, x in ipairs(xs) do t[i] = ("%.0f"):format(x) end
-  return table.concat(t, " ")
-end
+local ratio = common.ratio
+local rounds_text = common.rates_text
 
 -- Sending, against its floors (raw SQL, 100 commands a transaction). One
 -- send_batch is one transaction on one connection (one backend, one core):
