@@ -5,6 +5,7 @@
 local cjson = require("cjson").new()
 local chromium = require "spec.support.chromium"
 local console_world = require "spec.support.console_world"
+local nginx = require "spec.support.nginx"
 local prometheus = require "spec.support.prometheus"
 local saga = require "spec.support.saga"
 local world = require "spec.support.world"
@@ -89,8 +90,20 @@ describe("the operator console in nginx", function()
     local domain_row = ("document.querySelector('tr[data-domain=%s]')"):format(js(domain))
     assert.are.equal(tostring(assert(bus:tsq_list{domain = domain}).total),
                      page:eval(domain_row .. ".cells[2].textContent")) -- in the troubleshooting queue
-    assert.matches("completed " .. #assert(bus:list_commands{domain = domain, status = "COMPLETED"}),
-                   page:eval(domain_row .. ".cells[1].textContent"))
+    local completed = #assert(bus:list_commands{domain = domain, status = "COMPLETED"})
+    assert.matches("completed " .. completed, page:eval(domain_row .. ".cells[1].textContent"))
+    -- Drawn as a small chart, a bar per status.
+    local bars = page:eval(domain_row .. ".cells[1].querySelectorAll('svg rect').length")
+    local titles = page:eval("Array.from(" .. domain_row .. ".cells[1].querySelectorAll('svg rect title'))"
+                             .. ".map(t => t.textContent).sort()")
+    assert.are.equal(#titles, bars)
+    assert.are.same({"COMPLETED: " .. completed,
+                     "IN_TROUBLESHOOTING_QUEUE: " .. assert(bus:tsq_list{domain = domain}).total}, titles)
+    -- Everything it loaded came from its own origin (no CDN, no web font),
+    -- in a browser that reaches nothing but loopback: it works offline.
+    assert.is_true(page:eval("performance.getEntriesByType('resource').length") >= 3) -- CSS, JS, the API
+    assert.are.same({}, page:eval("performance.getEntriesByType('resource').map(e => e.name)"
+                                  .. ".filter(n => !n.startsWith(location.origin + '/ops/'))"))
     -- It reads again by itself: a queue made now appears without a reload.
     local later = world.domain()
     assert(bus:send{domain = later, type = "Charge"})
@@ -341,5 +354,39 @@ describe("the operator console in nginx", function()
     for i = 1, 5 do assert(bus:send{domain = quiet, type = "Charge", data = {amount = i}}) end
     wait_for(function() return select(2, history()) == before + 5 end)
     assert.are.equal(0, select(3, history())) -- nothing left the queue
+    -- Two points at least (the 5 came after the first): the page draws them.
+    local spark = ("document.querySelector('tr[data-queue=%s] svg polyline')"):format(js(queue))
+    local page = open("/ops/", "#/", spark)
+    assert.matches("msg/s", page:eval(spark .. ".parentNode.querySelector('title').textContent"))
+    no_page_trouble(page)
+  end)
+end)
+
+describe("commandbus.console's options", function()
+  it("are checked at once: a wrong one raises, naming the line of nginx.conf that gave it", function()
+    local server = nginx.start{server = [[
+      location = /refresh { content_by_lua_block { require("commandbus.console").serve{refresh = "often"} } }
+      location = /unknown { content_by_lua_block { require("commandbus.console").serve{colour = "blue"} } }
+      location = /range { content_by_lua_block { require("commandbus.console").serve{refresh = 0} } }
+      location = /metrics { content_by_lua_block { require("commandbus.console").metrics{all_processes = 1} } }
+      location = /sampler { content_by_lua_block { require("commandbus.console").init_worker{history = "1h"} } }
+    ]]}
+    finally(function() server:stop() end)
+    local expected = {
+      refresh = "bad option 'refresh' to 'serve': number expected, got string",
+      unknown = "bad argument #1 to 'serve' (unknown option 'colour')",
+      range = "bad option 'refresh' to 'serve': 1 to 3600 seconds expected, got 0",
+      metrics = "bad option 'all_processes' to 'metrics': boolean expected, got number",
+      sampler = "bad option 'history' to 'init_worker': number expected, got string",
+    }
+    for path, message in pairs(expected) do
+      assert.are.equal(500, (server:request("GET", "/" .. path)))
+      local line
+      for _, l in ipairs(server:errors()) do
+        if l:find(message, 1, true) then line = l end
+      end
+      assert.is_not_nil(line, message)
+      assert.matches("content_by_lua%(nginx%.conf:%d+%):1: " .. message:gsub("%p", "%%%0"), line)
+    end
   end)
 end)

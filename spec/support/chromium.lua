@@ -21,7 +21,12 @@ local bxor = (function()
   return load("return function(a, b) return a ~ b end")() -- Lua 5.4
 end)()
 
+-- The proxy is a closed port: the browser reaches loopback addresses (which
+-- chromium never sends through a proxy) and nothing else, as on a machine
+-- without a network; a page that fetched anything from elsewhere would fail
+-- to load it, and page:errors() would say so.
 local CHROMIUM_FLAGS = "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run"
+                       .. " --proxy-server=http://127.0.0.1:9"
                        .. " --disable-background-networking --disable-component-update --disable-sync"
                        .. " --disable-dev-shm-usage --hide-scrollbars --remote-debugging-address=127.0.0.1"
                        .. " --remote-debugging-port=0 --window-size=%d,%d"

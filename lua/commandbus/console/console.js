@@ -87,6 +87,12 @@
     if (v === undefined || v === null) return "";
     try { return JSON.stringify(v, null, 2); } catch (e) { return String(v); }
   }
+  // JSON on one line with a space after each comma and colon, so that a
+  // long payload wraps between its fields.
+  function jsonLine(v) {
+    const text = JSON.stringify(v, null, 1);
+    return text === undefined ? "" : text.replace(/\n\s*/g, " ");
+  }
   function pill(text) {
     const cls = GOOD.includes(text) ? "ok" : BAD.includes(text) ? "bad" : WARN.includes(text) ? "warn" : "";
     return h("span", { class: "pill " + cls }, text);
@@ -249,7 +255,7 @@
               h("div", { class: "error-message" }, it.last_error_msg || "")]),
           tdn((it.attempts || 0) + " / " + (it.max_attempts || 0)),
           td(h("span", { title: time(it.updated_at) }, ago(it.updated_at))),
-          td(h("pre", { class: "payload" }, JSON.stringify(it.data !== undefined ? it.data : it.payload))),
+          td(h("pre", { class: "payload" }, jsonLine(it.data !== undefined ? it.data : it.payload))),
           h("td", { class: "actions" }, button("Retry", "retry", it), button("Cancel", "cancel", it), button("Complete", "complete", it)))),
         "The troubleshooting queue is empty."),
     ];
