@@ -3,6 +3,7 @@
 -- through the DevTools protocol. Operators click, type and read what the
 -- page shows; the database says what their actions did.
 local cjson = require("cjson").new()
+local commandbus = require "commandbus"
 local chromium = require "spec.support.chromium"
 local console_world = require "spec.support.console_world"
 local nginx = require "spec.support.nginx"
@@ -18,12 +19,17 @@ local HOSTILE_ERROR = "<img src=x onerror=alert(2)>"
 local function js(s) return cjson.encode(s) end
 
 describe("the operator console in nginx", function()
-  local bus, server, browser, domain, process_domain, process_id
+  local bus, server, browser, domain, process_domain, process_id, drop_database
   local hostile, failed = nil, {}
 
   setup(function()
-    bus = world.bus()
-    server = console_world.start()
+    -- A database of its own: the console shows every queue of its database,
+    -- and the test database holds those of every other spec.
+    local url
+    url, drop_database = console_world.database()
+    bus = assert(commandbus.connect(url))
+    assert(bus:setup())
+    server = console_world.start{database_url = url}
     domain = world.domain()
     for i = 1, 3 do assert(bus:send{domain = domain, type = "Charge", data = {amount = i}}) end
     for i = 1, 4 do
@@ -41,8 +47,9 @@ describe("the operator console in nginx", function()
 
   teardown(function()
     if browser then browser:stop() end
-    server:stop()
-    bus:close()
+    if server then server:stop() end
+    if bus then bus:close() end
+    if drop_database then drop_database() end
   end)
 
   after_each(function() assert.are.same({}, server:errors()) end)

@@ -23,9 +23,38 @@ local function users_file()
   return path
 end
 
+-- Runs one statement with psql on the server of url (maintenance
+-- statements with names this file made); raises with psql's message.
+local function psql(url, statement)
+  local f = assert(io.popen(("psql -X -v ON_ERROR_STOP=1 -qAt '%s' -c '%s' 2>&1; echo \"exit=$?\"")
+                            :format(url, statement)))
+  local out = f:read("*a")
+  f:close()
+  local body, code = out:match("^(.-)exit=(%d+)%s*$")
+  if code ~= "0" then error(("psql failed: %s (%s)"):format(body, statement), 2) end
+  return body
+end
+
+--- A new empty database on the server of DATABASE_URL, for a console that
+-- shows only what its spec seeded (the test database holds every spec's
+-- queues): returns its URL and a function that drops it.
+function console_world.database()
+  local main = assert(os.getenv("DATABASE_URL"), "DATABASE_URL is not set")
+  local name = require("spec.helper").unique("commandbus_console")
+  local url, n = main:gsub("^(%a[%w+.-]*://[^/]*/)[^?]*", "%1" .. name)
+  assert(n == 1, "cannot find the database name in DATABASE_URL")
+  psql(main, "CREATE DATABASE " .. name)
+  return url, function() psql(main, ("DROP DATABASE IF EXISTS %s WITH (FORCE)"):format(name)) end
+end
+
+--- Starts nginx with the console's locations (see the top of this file).
+-- options: database_url (nginx's DATABASE_URL; else the caller's), workers
+-- (2), history (seconds of throughput samples, 120), refresh (the page's
+-- seconds between updates, 2).
 function console_world.start(options)
   options = options or {}
   return nginx.start{
+    env = options.database_url and {DATABASE_URL = options.database_url},
     workers = options.workers or 2,
     http = "lua_shared_dict commandbus_console 1m;\n"
            .. "init_worker_by_lua_block { assert(require('commandbus.console').init_worker{sample_interval = 1,"
