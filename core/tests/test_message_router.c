@@ -12,6 +12,7 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -206,47 +207,53 @@ static void a_single_message_is_handed_over_on_the_batch_timeout(void **state) {
     cb_message_router_free(r);
 }
 
-typedef struct early_consumer {
+/* A consumer that takes once, waiting as long as it takes. */
+typedef struct patient_consumer {
     cb_message_router *router;
     int lane;
     int rc;
-} early_consumer;
+    atomic_int returned;
+} patient_consumer;
 
-static uint64_t monotonic_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-/* Waits up to 10 s, so only a wake-up from the router returns it early. */
-static void *take_within_a_second(void *arg) {
-    early_consumer *c = arg;
+static void *take_once_waiting_forever(void *arg) {
+    patient_consumer *c = arg;
     void *items[16];
-    uint64_t start = monotonic_ms();
-    c->rc = cb_message_router_take(c->router, c->lane, items, 16, 10000);
-    if (monotonic_ms() - start > 1000)
-        c->rc = -ETIMEDOUT;
+    c->rc = cb_message_router_take(c->router, c->lane, items, 16, -1);
+    atomic_store(&c->returned, 1);
     return NULL;
 }
 
+/* Polls up to 10 s for flag to be set; false if it never was. */
+static bool became_set(atomic_int *flag) {
+    for (int i = 0; i < 10000 && !atomic_load(flag); i++)
+        sleep_ms(1);
+    return atomic_load(flag) != 0;
+}
+
+/* The batch timeout is an hour: only a full ingress batch (or stop) moves
+ * items in this test. */
+#define AN_HOUR_MS (3600 * 1000)
+
 /* A full ingress batch split over lanes leaves each lane short of a batch;
- * a sleeping consumer must still get its share once it is batch_timeout
- * old, not wait for more. */
-static void a_sleeping_lane_consumer_gets_a_short_share_by_the_timeout(void **state) {
+ * a sleeping consumer gets its share as soon as it is handed over, and does
+ * not wait for its lane to hold a batch of its own or for the batch timeout
+ * (it would sleep for an hour here). */
+static void a_short_share_of_a_batch_wakes_a_sleeping_consumer_at_once(void **state) {
     (void)state;
     cb_message_router_config cfg = config(2);
     cfg.batch_size = 10;
-    cfg.batch_timeout_ms = 30;
+    cfg.batch_timeout_ms = AN_HOUR_MS;
     cb_message_router *r = router_new(&cfg);
-    early_consumer consumers[2] = {{.router = r, .lane = 0}, {.router = r, .lane = 1}};
+    patient_consumer consumers[2] = {{.router = r, .lane = 0}, {.router = r, .lane = 1}};
     pthread_t threads[2];
     int per_lane[2] = {0}, k = 0;
+    bool woken[2];
 
     assert_int_equal(cb_message_router_start(r), 0);
     for (int c = 0; c < 2; c++)
-        assert_int_equal(pthread_create(&threads[c], NULL, take_within_a_second,
+        assert_int_equal(pthread_create(&threads[c], NULL, take_once_waiting_forever,
                                         &consumers[c]), 0);
-    sleep_ms(20); /* let both consumers fall asleep */
+    sleep_ms(20); /* let both consumers fall asleep (if not, they take at once) */
     while (per_lane[0] + per_lane[1] < 10) {
         int lane = cb_message_router_lane_for(r, &k, sizeof k);
         if (per_lane[lane] < 5) {
@@ -255,9 +262,64 @@ static void a_sleeping_lane_consumer_gets_a_short_share_by_the_timeout(void **st
         }
         k++;
     }
+    for (int c = 0; c < 2; c++)
+        woken[c] = became_set(&consumers[c].returned);
+    cb_message_router_stop(r); /* ends the lanes: a consumer still asleep returns */
     for (int c = 0; c < 2; c++) {
         pthread_join(threads[c], NULL);
+        assert_true(woken[c]);
         assert_int_equal(consumers[c].rc, 5);
+    }
+    cb_message_router_free(r);
+}
+
+typedef struct first_batches {
+    atomic_int items[2];
+    atomic_int batches[2];
+} first_batches;
+
+static void count_first_batches(void *ctx, int lane, void **items, size_t n) {
+    first_batches *seen = ctx;
+    if (!items)
+        return; /* the end marker */
+    atomic_fetch_add(&seen->items[lane], (int)n);
+    atomic_fetch_add(&seen->batches[lane], 1);
+}
+
+/* The router's own lane threads: a batch of two split over two lanes gives
+ * each handler a single message, at once. */
+static void a_handler_gets_a_single_message_of_a_split_batch_at_once(void **state) {
+    (void)state;
+    first_batches seen = {0};
+    cb_message_router_config cfg = config(2);
+    cfg.batch_size = 2;
+    cfg.batch_timeout_ms = AN_HOUR_MS;
+    cfg.on_batch = count_first_batches;
+    cfg.on_batch_ctx = &seen;
+    cb_message_router *r = router_new(&cfg);
+    char keys[2][16] = {"", ""};
+    atomic_int both_delivered = 0;
+
+    /* one key for each lane */
+    for (int k = 0; !keys[0][0] || !keys[1][0]; k++) {
+        char key[16];
+        snprintf(key, sizeof key, "key-%d", k);
+        snprintf(keys[cb_message_router_lane_for(r, key, strlen(key))], sizeof key, "%s", key);
+    }
+    assert_int_equal(cb_message_router_start(r), 0);
+    for (int l = 0; l < 2; l++)
+        assert_int_equal(cb_message_router_route(r, keys[l], strlen(keys[l]), item_of(l)), 0);
+    for (int i = 0; i < 10000 && !atomic_load(&both_delivered); i++) {
+        if (atomic_load(&seen.items[0]) && atomic_load(&seen.items[1]))
+            atomic_store(&both_delivered, 1);
+        else
+            sleep_ms(1);
+    }
+    cb_message_router_stop(r);
+    assert_true(atomic_load(&both_delivered));
+    for (int l = 0; l < 2; l++) {
+        assert_int_equal(atomic_load(&seen.items[l]), 1);
+        assert_int_equal(atomic_load(&seen.batches[l]), 1);
     }
     cb_message_router_free(r);
 }
@@ -674,7 +736,8 @@ int main(void) {
         cmocka_unit_test(jump_hash_rejects_no_buckets_and_uses_the_only_one),
         cmocka_unit_test(a_batch_is_handed_over_when_it_reaches_batch_size),
         cmocka_unit_test(a_single_message_is_handed_over_on_the_batch_timeout),
-        cmocka_unit_test(a_sleeping_lane_consumer_gets_a_short_share_by_the_timeout),
+        cmocka_unit_test(a_short_share_of_a_batch_wakes_a_sleeping_consumer_at_once),
+        cmocka_unit_test(a_handler_gets_a_single_message_of_a_split_batch_at_once),
         cmocka_unit_test(drop_policy_refuses_and_counts_when_the_ingress_is_full),
         cmocka_unit_test(drop_policy_counts_a_full_lane),
         cmocka_unit_test(block_policy_times_out_and_counts),

@@ -151,11 +151,12 @@ long cb_message_router_route_many(cb_message_router *router,
 /* Takes up to max items from lane into items[], oldest first. Waits up to
  * timeout_ms for the first one (-1 forever, 0 not at all). Returns the count
  * (> 0), 0 on timeout, CB_MESSAGE_ROUTER_END when the lane is ended and
- * empty, or -EINVAL. A waiting consumer is woken when its lane holds
- * batch_size items, or its oldest item has waited batch_timeout_ms since
- * route(), or a partial batch was handed over, or at stop; a call that does
- * not wait (or whose timeout expires) takes whatever is there. Keep one
- * consumer per lane if order matters. Any thread; typically the lane's own. */
+ * empty, or -EINVAL. Batching happens in the ingress only (batch_size
+ * items, or the oldest has waited batch_timeout_ms): a waiting consumer is
+ * woken as soon as the dispatcher hands its lane anything, however few
+ * items, and at stop. A call that does not wait takes whatever is there.
+ * Keep one consumer per lane if order matters. Any thread; typically the
+ * lane's own. */
 int cb_message_router_take(cb_message_router *router, int lane, void **items,
                            size_t max, int timeout_ms);
 
