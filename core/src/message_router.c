@@ -25,6 +25,8 @@
 #define _GNU_SOURCE /* clock_gettime, condattr_setclock, nanosleep under -std=c11 */
 #endif
 #include "commandbus/message_router.h"
+
+#include "commandbus/error.h"
 #include "commandbus/thread.h"
 
 #include <limits.h>
@@ -192,11 +194,11 @@ int32_t cb_jump_hash(uint64_t key, int32_t buckets) {
 }
 
 int cb_message_router_lane_for(const cb_message_router *router, const void *key, size_t len) {
-  if (!router || (!key && len)) return -EINVAL;
+  if (router == NULL || (key == NULL && len)) return CB_EINVAL;
   return cb_jump_hash(cb_message_router_hash(key, len), router->cfg.lanes);
 }
 
-int cb_message_router_lanes(const cb_message_router *router) { return router ? router->cfg.lanes : -EINVAL; }
+int cb_message_router_lanes(const cb_message_router *router) { return router ? router->cfg.lanes : CB_EINVAL; }
 
 /* ------------------------------------------------------------ time, ring */
 
@@ -248,11 +250,12 @@ static int ring_init(cb_ring *r, size_t capacity) {
   r->slots = calloc(capacity, sizeof *r->slots);
   r->capacity = capacity;
   r->head = r->count = 0;
-  return r->slots ? 0 : -ENOMEM;
+  return r->slots ? CB_OK : CB_ENOMEM;
 }
 
 /* Condition variables wait on CLOCK_MONOTONIC so wall-clock jumps cannot
- * stretch or cut a timeout. */
+ * stretch or cut a timeout. CB_ENOMEM when pthread_cond_init fails (it can
+ * only lack resources). */
 static int cond_init_monotonic(pthread_cond_t *cond) {
   pthread_condattr_t attr;
   int rc;
@@ -261,7 +264,7 @@ static int cond_init_monotonic(pthread_cond_t *cond) {
   pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
   rc = pthread_cond_init(cond, &attr);
   pthread_condattr_destroy(&attr);
-  return rc ? -rc : 0;
+  return rc == 0 ? CB_OK : CB_ENOMEM;
 }
 
 /* ---------------------------------------------------------- config, new */
@@ -287,13 +290,13 @@ static bool config_valid(const cb_message_router_config *cfg) {
          (!cfg->name || (cfg->name[0] && strlen(cfg->name) <= CB_MESSAGE_ROUTER_NAME_MAX));
 }
 
-/* Lists r under its name; -EEXIST when a live router has it already. */
+/* Lists r under its name; CB_EDUPLICATE when a live router has it already. */
 static int list_router(cb_message_router *r) {
-  int rc = 0;
+  int rc = CB_OK;
 
   pthread_mutex_lock(&listed_lock);
   for (cb_message_router *o = listed_head; o && !rc; o = o->next_listed)
-    if (strcmp(o->name, r->name) == 0) rc = -EEXIST;
+    if (strcmp(o->name, r->name) == 0) rc = CB_EDUPLICATE;
   if (!rc) {
     r->next_listed = listed_head;
     listed_head = r;
@@ -322,9 +325,9 @@ static int lane_init(cb_lane *lane, cb_message_router *router, int index) {
   memset(lane, 0, sizeof *lane);
   lane->router = router;
   lane->index = index;
-  if (pthread_mutex_init(&lane->lock, NULL) || cond_init_monotonic(&lane->not_empty) ||
-      cond_init_monotonic(&lane->not_full))
-    return -ENOMEM;
+  if (pthread_mutex_init(&lane->lock, NULL) != 0 || cond_init_monotonic(&lane->not_empty) != CB_OK ||
+      cond_init_monotonic(&lane->not_full) != CB_OK)
+    return CB_ENOMEM;
   return ring_init(&lane->ring, router->cfg.lane_capacity);
 }
 
@@ -337,8 +340,9 @@ static void lane_destroy(cb_lane *lane) {
 
 static int ingress_init(cb_ingress *in, size_t capacity) {
   memset(in, 0, sizeof *in);
-  if (pthread_mutex_init(&in->lock, NULL) || cond_init_monotonic(&in->not_empty) || cond_init_monotonic(&in->not_full))
-    return -ENOMEM;
+  if (pthread_mutex_init(&in->lock, NULL) != 0 || cond_init_monotonic(&in->not_empty) != CB_OK ||
+      cond_init_monotonic(&in->not_full) != CB_OK)
+    return CB_ENOMEM;
   return ring_init(&in->ring, capacity);
 }
 
@@ -362,13 +366,13 @@ int cb_message_router_new(cb_message_router **out, const cb_message_router_confi
   cb_message_router *r;
   int lanes_initialised = 0;
 
-  if (!out) return -EINVAL;
+  if (out == NULL) return CB_EINVAL;
   if (!cfg) {
     cb_message_router_config_init(&defaults);
     cfg = &defaults;
   }
-  if (!config_valid(cfg)) return -EINVAL;
-  if (!(r = calloc(1, sizeof *r))) return -ENOMEM;
+  if (!config_valid(cfg)) return CB_EINVAL;
+  if ((r = calloc(1, sizeof *r)) == NULL) return CB_ENOMEM;
   r->cfg = *cfg;
   if (cfg->name) snprintf(r->name, sizeof r->name, "%s", cfg->name);
   r->cfg.name = NULL; /* the copy in r->name is what counts */
@@ -383,23 +387,23 @@ int cb_message_router_new(cb_message_router **out, const cb_message_router_confi
   r->lane_offsets = calloc((size_t)cfg->lanes + 1, sizeof *r->lane_offsets);
   if (cfg->on_batch) r->on_batch_items = calloc((size_t)cfg->lanes * cfg->batch_size, sizeof(void *));
   if (!r->lanes || !r->batch || !r->sorted || !r->lane_offsets || (cfg->on_batch && !r->on_batch_items) ||
-      ingress_init(&r->ingress, cfg->ingress_capacity))
+      ingress_init(&r->ingress, cfg->ingress_capacity) != CB_OK)
     goto fail;
   for (; lanes_initialised < cfg->lanes; lanes_initialised++)
-    if (lane_init(&r->lanes[lanes_initialised], r, lanes_initialised)) {
+    if (lane_init(&r->lanes[lanes_initialised], r, lanes_initialised) != CB_OK) {
       lanes_initialised++; /* partially initialised: destroy it too */
       goto fail;
     }
-  if (r->name[0] && list_router(r)) {
+  if (r->name[0] && list_router(r) != CB_OK) {
     router_release(r, lanes_initialised);
-    return -EEXIST;
+    return CB_EDUPLICATE;
   }
   *out = r;
-  return 0;
+  return CB_OK;
 
 fail:
   router_release(r, lanes_initialised);
-  return -ENOMEM;
+  return CB_ENOMEM;
 }
 
 /* ---------------------------------------------------------- producers */
@@ -407,7 +411,7 @@ fail:
 /* Counts items that route() refused, by why they were refused. */
 static void count_refused(cb_message_router *r, int err, size_t n) {
   if (!n) return;
-  if (err == -EAGAIN || err == -ETIMEDOUT)
+  if (err == CB_ETIMEOUT)
     atomic_fetch_add_explicit(&r->dropped, n, memory_order_relaxed);
   else
     atomic_fetch_add_explicit(&r->routing_errors, n, memory_order_relaxed);
@@ -437,17 +441,17 @@ static size_t ingress_push(cb_message_router *r, cb_slot *slots, size_t n, int *
   while (done < n) {
     size_t room = ring_free(&in->ring);
     if (in->stopping) {
-      *err = -ESHUTDOWN;
+      *err = CB_ECLOSED;
       break;
     }
     if (room == 0) {
       if (r->cfg.policy == CB_MESSAGE_ROUTER_DROP) {
-        *err = -EAGAIN;
+        *err = CB_ETIMEOUT; /* DROP waits for no one */
         break;
       }
       if (!deadline && r->cfg.block_timeout_ms >= 0) deadline = deadline_after_ms(r->cfg.block_timeout_ms);
       if (deadline && now_ns() >= deadline) {
-        *err = -ETIMEDOUT;
+        *err = CB_ETIMEOUT;
         break;
       }
       if (wake) /* it must drain before we can go on */
@@ -473,19 +477,19 @@ static size_t ingress_push(cb_message_router *r, cb_slot *slots, size_t n, int *
 }
 
 int cb_message_router_route(cb_message_router *router, const void *key, size_t len, void *item) {
-  int err = 0;
+  int err = CB_OK;
 
-  if (!router) return -EINVAL;
-  if (!key && len) {
-    count_refused(router, -EINVAL, 1);
-    return -EINVAL;
+  if (router == NULL) return CB_EINVAL;
+  if (key == NULL && len) {
+    count_refused(router, CB_EINVAL, 1);
+    return CB_EINVAL;
   }
   cb_slot slot = {
       .item = item,
       .enqueued_ns = now_ns(),
       .lane = (uint32_t)cb_jump_hash(cb_message_router_hash(key, len), router->cfg.lanes),
   };
-  if (ingress_push(router, &slot, 1, &err) == 1) return 0;
+  if (ingress_push(router, &slot, 1, &err) == 1) return CB_OK;
   count_refused(router, err, 1);
   return err;
 }
@@ -509,18 +513,18 @@ static size_t fill_slots(const cb_message_router *r, const cb_message_router_ent
 long cb_message_router_route_many(cb_message_router *router, const cb_message_router_entry *entries, size_t n) {
   cb_slot slots[ROUTE_CHUNK];
   size_t accepted = 0;
-  int err = 0;
+  int err = CB_OK;
 
-  if (!router || (!entries && n)) return -EINVAL;
+  if (router == NULL || (entries == NULL && n)) return CB_EINVAL;
   while (accepted < n && !err) {
     size_t chunk = n - accepted < ROUTE_CHUNK ? n - accepted : ROUTE_CHUNK;
     size_t valid = fill_slots(router, entries + accepted, chunk, slots);
     size_t pushed = ingress_push(router, slots, valid, &err);
     accepted += pushed;
-    if (!err && valid < chunk) err = -EINVAL;
+    if (!err && valid < chunk) err = CB_EINVAL;
   }
   count_refused(router, err, n - accepted);
-  if (accepted == 0 && (err == -ESHUTDOWN || err == -EINVAL)) return err;
+  if (accepted == 0 && (err == CB_ECLOSED || err == CB_EINVAL)) return err;
   return (long)accepted;
 }
 
@@ -682,7 +686,7 @@ int cb_message_router_take(cb_message_router *router, int lane_index, void **ite
   cb_lane *lane;
   size_t n;
 
-  if (!router || lane_index < 0 || lane_index >= router->cfg.lanes || !items || max == 0) return -EINVAL;
+  if (!router || lane_index < 0 || lane_index >= router->cfg.lanes || items == NULL || max == 0) return CB_EINVAL;
   lane = &router->lanes[lane_index];
   pthread_mutex_lock(&lane->lock);
   while (lane->ring.count == 0) {
@@ -748,37 +752,37 @@ static void router_stop_locked(cb_message_router *r) {
 }
 
 int cb_message_router_start(cb_message_router *router) {
-  int rc = 0;
+  int rc = CB_OK;
 
-  if (!router) return -EINVAL;
+  if (router == NULL) return CB_EINVAL;
   pthread_mutex_lock(&router->lifecycle_lock);
   if (router->state != ROUTER_CREATED) {
     pthread_mutex_unlock(&router->lifecycle_lock);
-    return -EINVAL;
+    return CB_ESTATE;
   }
   router->state = ROUTER_RUNNING;
   for (int l = 0; router->cfg.on_batch && l < router->cfg.lanes; l++) {
-    if (cb_thread_start(&router->lanes[l].thread, lane_main, &router->lanes[l])) {
-      rc = -EAGAIN;
+    if (cb_thread_start(&router->lanes[l].thread, lane_main, &router->lanes[l]) != 0) {
+      rc = CB_ENOMEM;
       break;
     }
     router->lane_threads_started++;
   }
-  if (!rc && cb_thread_start(&router->dispatcher, dispatcher_main, router) == 0)
+  if (rc == CB_OK && cb_thread_start(&router->dispatcher, dispatcher_main, router) == 0)
     router->dispatcher_started = true;
   else
-    rc = -EAGAIN;
-  if (rc) router_stop_locked(router); /* ends and joins what did start */
+    rc = CB_ENOMEM;
+  if (rc != CB_OK) router_stop_locked(router); /* ends and joins what did start */
   pthread_mutex_unlock(&router->lifecycle_lock);
   return rc;
 }
 
 int cb_message_router_stop(cb_message_router *router) {
-  if (!router) return -EINVAL;
+  if (router == NULL) return CB_EINVAL;
   pthread_mutex_lock(&router->lifecycle_lock);
   if (router->state != ROUTER_STOPPED) router_stop_locked(router);
   pthread_mutex_unlock(&router->lifecycle_lock);
-  return 0;
+  return CB_OK;
 }
 
 void cb_message_router_free(cb_message_router *router) {

@@ -31,7 +31,7 @@ static cb_message_router_config config(int lanes) {
 
 static cb_message_router *router_new(const cb_message_router_config *cfg) {
   cb_message_router *r = NULL;
-  assert_int_equal(cb_message_router_new(&r, cfg), 0);
+  assert_int_equal(cb_message_router_new(&r, cfg), CB_OK);
   assert_non_null(r);
   return r;
 }
@@ -80,8 +80,8 @@ static void same_key_always_maps_to_the_same_lane(void **state) {
   for (int i = 0; i < 100; i++) assert_int_equal(cb_message_router_lane_for(r, key, strlen(key)), lane);
   assert_int_equal(lane, cb_jump_hash(cb_message_router_hash(key, strlen(key)), 4));
 
-  assert_int_equal(cb_message_router_start(r), 0);
-  for (int i = 0; i < 5; i++) assert_int_equal(cb_message_router_route(r, key, strlen(key), item_of(i)), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
+  for (int i = 0; i < 5; i++) assert_int_equal(cb_message_router_route(r, key, strlen(key), item_of(i)), CB_OK);
   cb_message_router_stop(r);
   int got = 0, n;
   while ((n = cb_message_router_take(r, lane, items, 8, 0)) > 0) got += n;
@@ -160,13 +160,13 @@ static void a_batch_is_handed_over_when_it_reaches_batch_size(void **state) {
   void *items[32];
   cb_message_router_stats s;
 
-  assert_int_equal(cb_message_router_start(r), 0);
-  for (int i = 0; i < 9; i++) assert_int_equal(cb_message_router_route(r, "k", 1, item_of(i)), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
+  for (int i = 0; i < 9; i++) assert_int_equal(cb_message_router_route(r, "k", 1, item_of(i)), CB_OK);
   /* one short of a batch: it stays in the ingress */
   assert_int_equal(cb_message_router_take(r, 0, items, 32, 100), 0);
   assert_int_equal(cb_message_router_ingress_depth(r), 9);
 
-  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(9)), 0);
+  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(9)), CB_OK);
   int got = 0;
   while (got < 10) {
     int n = cb_message_router_take(r, 0, items + got, 32 - (size_t)got, 1000);
@@ -189,8 +189,8 @@ static void a_single_message_is_handed_over_on_the_batch_timeout(void **state) {
   void *items[4];
   int lane = cb_message_router_lane_for(r, "solo", 4);
 
-  assert_int_equal(cb_message_router_start(r), 0);
-  assert_int_equal(cb_message_router_route(r, "solo", 4, item_of(7)), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
+  assert_int_equal(cb_message_router_route(r, "solo", 4, item_of(7)), CB_OK);
   assert_int_equal(cb_message_router_take(r, lane, items, 4, 1000), 1);
   assert_int_equal(number_of(items[0]), 7);
   cb_message_router_free(r);
@@ -237,14 +237,14 @@ static void a_short_share_of_a_batch_wakes_a_sleeping_consumer_at_once(void **st
   int per_lane[2] = {0}, k = 0;
   bool woken[2];
 
-  assert_int_equal(cb_message_router_start(r), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
   for (int c = 0; c < 2; c++)
     assert_int_equal(pthread_create(&threads[c], NULL, take_once_waiting_forever, &consumers[c]), 0);
   sleep_ms(20); /* let both consumers fall asleep (if not, they take at once) */
   while (per_lane[0] + per_lane[1] < 10) {
     int lane = cb_message_router_lane_for(r, &k, sizeof k);
     if (per_lane[lane] < 5) {
-      assert_int_equal(cb_message_router_route(r, &k, sizeof k, item_of(k)), 0);
+      assert_int_equal(cb_message_router_route(r, &k, sizeof k, item_of(k)), CB_OK);
       per_lane[lane]++;
     }
     k++;
@@ -291,8 +291,8 @@ static void a_handler_gets_a_single_message_of_a_split_batch_at_once(void **stat
     snprintf(key, sizeof key, "key-%d", k);
     snprintf(keys[cb_message_router_lane_for(r, key, strlen(key))], sizeof key, "%s", key);
   }
-  assert_int_equal(cb_message_router_start(r), 0);
-  for (int l = 0; l < 2; l++) assert_int_equal(cb_message_router_route(r, keys[l], strlen(keys[l]), item_of(l)), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
+  for (int l = 0; l < 2; l++) assert_int_equal(cb_message_router_route(r, keys[l], strlen(keys[l]), item_of(l)), CB_OK);
   for (int i = 0; i < 10000 && !atomic_load(&both_delivered); i++) {
     if (atomic_load(&seen.items[0]) && atomic_load(&seen.items[1]))
       atomic_store(&both_delivered, 1);
@@ -319,8 +319,8 @@ static void drop_policy_refuses_and_counts_when_the_ingress_is_full(void **state
   cb_message_router *r = router_new(&cfg); /* not started: nothing drains */
   cb_message_router_stats s;
 
-  for (int i = 0; i < 10; i++) assert_int_equal(cb_message_router_route(r, &i, sizeof i, item_of(i)), 0);
-  assert_int_equal(cb_message_router_route(r, "x", 1, item_of(10)), -EAGAIN);
+  for (int i = 0; i < 10; i++) assert_int_equal(cb_message_router_route(r, &i, sizeof i, item_of(i)), CB_OK);
+  assert_int_equal(cb_message_router_route(r, "x", 1, item_of(10)), CB_ETIMEOUT);
 
   cb_message_router_entry more[3] = {{"a", 1, item_of(11)}, {"b", 1, item_of(12)}, {"c", 1, item_of(13)}};
   assert_int_equal(cb_message_router_route_many(r, more, 3), 0);
@@ -339,8 +339,8 @@ static void drop_policy_counts_a_full_lane(void **state) {
   cb_message_router *r = router_new(&cfg);
   cb_message_router_stats s;
 
-  assert_int_equal(cb_message_router_start(r), 0);
-  for (int i = 0; i < 8; i++) assert_int_equal(cb_message_router_route(r, "k", 1, item_of(i)), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
+  for (int i = 0; i < 8; i++) assert_int_equal(cb_message_router_route(r, "k", 1, item_of(i)), CB_OK);
   wait_until_dispatched(r, 8);
   cb_message_router_stats_get(r, &s);
   assert_int_equal(s.routed, 5);
@@ -360,9 +360,9 @@ static void block_policy_times_out_and_counts(void **state) {
   cb_message_router *r = router_new(&cfg); /* not started */
   cb_message_router_stats s;
 
-  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(0)), 0);
-  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(1)), 0);
-  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(2)), -ETIMEDOUT);
+  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(0)), CB_OK);
+  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(1)), CB_OK);
+  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(2)), CB_ETIMEOUT);
   cb_message_router_stats_get(r, &s);
   assert_int_equal(s.dropped, 1);
   cb_message_router_free(r);
@@ -379,7 +379,7 @@ typedef struct blocked_producer {
 static void *route_more_than_fits(void *arg) {
   blocked_producer *p = arg;
   for (int i = 0; i < BLOCKED_ITEMS; i++)
-    if (cb_message_router_route(p->router, "k", 1, item_of(i)) != 0) p->failures++;
+    if (cb_message_router_route(p->router, "k", 1, item_of(i)) != CB_OK) p->failures++;
   atomic_store(&p->done, 1);
   return NULL;
 }
@@ -399,7 +399,7 @@ static void block_policy_waits_then_succeeds_when_a_lane_drains(void **state) {
   pthread_t thread;
   void *items[BLOCKED_ITEMS];
 
-  assert_int_equal(cb_message_router_start(r), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
   /* The router holds at most 12 (lane 4, ingress 4, dispatcher's hand
      * 4) and nobody takes yet, so the producer must be waiting. */
   assert_int_equal(pthread_create(&thread, NULL, route_more_than_fits, &p), 0);
@@ -459,12 +459,12 @@ static void stop_delivers_what_was_accepted_and_one_end_marker_per_lane(void **s
   const int n = 1050;
   char key[16];
 
-  assert_int_equal(cb_message_router_start(r), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
   for (int i = 0; i < n; i++) {
     int len = snprintf(key, sizeof key, "k%d", i % 37);
-    assert_int_equal(cb_message_router_route(r, key, (size_t)len, item_of(i)), 0);
+    assert_int_equal(cb_message_router_route(r, key, (size_t)len, item_of(i)), CB_OK);
   }
-  assert_int_equal(cb_message_router_stop(r), 0);
+  assert_int_equal(cb_message_router_stop(r), CB_OK);
 
   long total = 0;
   for (int l = 0; l < STOP_LANES; l++) {
@@ -480,11 +480,13 @@ static void stop_delivers_what_was_accepted_and_one_end_marker_per_lane(void **s
   assert_int_equal(s.delivered, n);
 
   /* after stop nothing is accepted, and a second stop is harmless */
-  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(0)), -ESHUTDOWN);
+  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(0)), CB_ECLOSED);
+  cb_message_router_entry late[2] = {{"a", 1, item_of(1)}, {"b", 1, item_of(2)}};
+  assert_int_equal(cb_message_router_route_many(r, late, 2), CB_ECLOSED);
   cb_message_router_stats_get(r, &s);
-  assert_int_equal(s.routing_errors, 1);
-  assert_int_equal(cb_message_router_stop(r), 0);
-  assert_int_equal(cb_message_router_start(r), -EINVAL);
+  assert_int_equal(s.routing_errors, 3);
+  assert_int_equal(cb_message_router_stop(r), CB_OK);
+  assert_int_equal(cb_message_router_start(r), CB_ESTATE);
   cb_message_router_free(r);
 }
 
@@ -495,7 +497,7 @@ static void stop_without_start_still_hands_everything_to_the_lanes(void **state)
   void *items[16];
   int got = 0;
 
-  for (int i = 0; i < 10; i++) assert_int_equal(cb_message_router_route(r, &i, sizeof i, item_of(i)), 0);
+  for (int i = 0; i < 10; i++) assert_int_equal(cb_message_router_route(r, &i, sizeof i, item_of(i)), CB_OK);
   cb_message_router_stop(r);
   for (int l = 0; l < 2; l++) {
     int n;
@@ -527,7 +529,7 @@ static void stop_wakes_a_consumer_waiting_on_an_empty_lane(void **state) {
   waiting_consumer c = {.router = r};
   pthread_t thread;
 
-  assert_int_equal(cb_message_router_start(r), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
   assert_int_equal(pthread_create(&thread, NULL, take_forever, &c), 0);
   sleep_ms(20);
   cb_message_router_stop(r);
@@ -592,7 +594,7 @@ static void *produce_in_sequence(void *arg) {
   for (long i = 0; i < ITEMS_PER_PRODUCER; i++) {
     int k = (int)(next_random(&rnd) % KEYS_PER_PRODUCER);
     int len = order_key(key, sizeof key, p->id, k);
-    if (cb_message_router_route(p->router, key, (size_t)len, order_item(p->id, k, seq[k])) == 0)
+    if (cb_message_router_route(p->router, key, (size_t)len, order_item(p->id, k, seq[k])) == CB_OK)
       seq[k]++;
     else
       p->failures++;
@@ -615,7 +617,7 @@ static void per_key_order_holds_with_four_producer_threads(void **state) {
   cb_message_router_stats s;
 
   check->router = r;
-  assert_int_equal(cb_message_router_start(r), 0);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
   for (int i = 0; i < PRODUCERS; i++) {
     producers[i] = (producer_arg){.router = r, .id = i};
     assert_int_equal(pthread_create(&threads[i], NULL, produce_in_sequence, &producers[i]), 0);
@@ -675,23 +677,42 @@ static void bad_arguments_are_refused(void **state) {
   void *items[2];
 
   cfg.lanes = 0;
-  assert_int_equal(cb_message_router_new(&r, &cfg), -EINVAL);
+  assert_int_equal(cb_message_router_new(&r, &cfg), CB_EINVAL);
   cfg = config(2);
   cfg.ingress_capacity = cfg.batch_size - 1;
-  assert_int_equal(cb_message_router_new(&r, &cfg), -EINVAL);
+  assert_int_equal(cb_message_router_new(&r, &cfg), CB_EINVAL);
   assert_null(r);
 
-  assert_int_equal(cb_message_router_new(&r, NULL), 0); /* defaults */
-  assert_int_equal(cb_message_router_route(r, NULL, 3, item_of(0)), -EINVAL);
+  assert_int_equal(cb_message_router_new(&r, NULL), CB_OK); /* defaults */
+  assert_int_equal(cb_message_router_route(r, NULL, 3, item_of(0)), CB_EINVAL);
   cb_message_router_stats_get(r, &s);
   assert_int_equal(s.routing_errors, 1);
-  assert_int_equal(cb_message_router_take(r, -1, items, 2, 0), -EINVAL);
-  assert_int_equal(cb_message_router_take(r, cb_message_router_lanes(r), items, 2, 0), -EINVAL);
-  assert_int_equal(cb_message_router_take(r, 0, items, 0, 0), -EINVAL);
+  assert_int_equal(cb_message_router_take(r, -1, items, 2, 0), CB_EINVAL);
+  assert_int_equal(cb_message_router_take(r, cb_message_router_lanes(r), items, 2, 0), CB_EINVAL);
+  assert_int_equal(cb_message_router_take(r, 0, items, 0, 0), CB_EINVAL);
   assert_int_equal(cb_message_router_take(r, 0, items, 2, 0), 0);
   assert_int_equal(cb_message_router_take(r, 0, items, 2, 20), 0); /* timeout */
+  assert_int_equal(cb_message_router_lane_for(NULL, "k", 1), CB_EINVAL);
+  assert_int_equal(cb_message_router_lanes(NULL), CB_EINVAL);
+  assert_int_equal(cb_message_router_start(NULL), CB_EINVAL);
+  assert_int_equal(cb_message_router_stop(NULL), CB_EINVAL);
   cb_message_router_free(r);
   cb_message_router_free(NULL);
+}
+
+static void a_name_is_unique_among_live_routers(void **state) {
+  (void)state;
+  cb_message_router_config cfg = config(1);
+  cb_message_router *first = NULL, *second = NULL;
+
+  cfg.name = "orders";
+  assert_int_equal(cb_message_router_new(&first, &cfg), CB_OK);
+  assert_int_equal(cb_message_router_new(&second, &cfg), CB_EDUPLICATE);
+  assert_null(second);
+  cb_message_router_free(first);
+  /* freed, its name is free again */
+  assert_int_equal(cb_message_router_new(&second, &cfg), CB_OK);
+  cb_message_router_free(second);
 }
 
 int main(void) {
@@ -715,6 +736,7 @@ int main(void) {
       cmocka_unit_test(per_key_order_holds_with_four_producer_threads),
       cmocka_unit_test(route_many_keeps_order_and_lane_choice),
       cmocka_unit_test(bad_arguments_are_refused),
+      cmocka_unit_test(a_name_is_unique_among_live_routers),
   };
   return cmocka_run_group_tests_name("message_router", tests, NULL, NULL);
 }

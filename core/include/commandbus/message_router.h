@@ -23,16 +23,18 @@
  *   b) set config.on_batch and the router starts one thread per lane that
  *      does exactly that loop and calls on_batch for each batch.
  *
- * Errors are plain negative errno values (0 = ok), documented per function.
+ * Errors are cb_code values (commandbus/error.h; CB_OK = 0), documented per
+ * function; functions that return a count return a negative cb_code on error.
  * Threads: every function may be called from any thread except where noted;
  * new/free are not concurrent with anything else on the same router.
  */
 #ifndef COMMANDBUS_MESSAGE_ROUTER_H
 #define COMMANDBUS_MESSAGE_ROUTER_H
 
-#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "commandbus/error.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -41,7 +43,7 @@ extern "C" {
 /* Returned by cb_message_router_take() once the lane is empty and the router
  * has been stopped: the lane is finished, its consumer should exit. It is
  * returned again on every later call. */
-#define CB_MESSAGE_ROUTER_END (-ESHUTDOWN)
+#define CB_MESSAGE_ROUTER_END CB_ECLOSED
 
 #define CB_MESSAGE_ROUTER_DEFAULT_INGRESS_CAPACITY 10000
 #define CB_MESSAGE_ROUTER_DEFAULT_LANE_CAPACITY 5000
@@ -52,9 +54,10 @@ extern "C" {
 #define CB_MESSAGE_ROUTER_NAME_MAX 63
 
 /* What happens when the ingress (in route) or a lane (in the dispatcher) is
- * full. Either way the item is counted in `dropped` if it finally fails. */
+ * full: how long to wait for room. Either way the item is counted in
+ * `dropped` if it finally fails. */
 typedef enum cb_message_router_policy {
-  CB_MESSAGE_ROUTER_DROP = 0, /* fail at once */
+  CB_MESSAGE_ROUTER_DROP = 0, /* wait not at all: fail at once */
   CB_MESSAGE_ROUTER_BLOCK = 1 /* wait up to block_timeout_ms, then fail */
 } cb_message_router_policy;
 
@@ -102,8 +105,8 @@ void cb_message_router_config_init(cb_message_router_config *cfg);
 
 /* Allocates a router and all its rings; cfg NULL means the defaults. The
  * router accepts route() at once (items wait in the ingress until start).
- * Returns 0, -EINVAL (bad config), -EEXIST (a listed router has the name)
- * or -ENOMEM; *out is set only on success. */
+ * Returns CB_OK, CB_EINVAL (bad config), CB_EDUPLICATE (a listed router has
+ * the name) or CB_ENOMEM; *out is set only on success. */
 int cb_message_router_new(cb_message_router **out, const cb_message_router_config *cfg);
 
 /* Stops the router if it is running (see stop) and frees it. Items still held
@@ -111,7 +114,8 @@ int cb_message_router_new(cb_message_router **out, const cb_message_router_confi
 void cb_message_router_free(cb_message_router *router);
 
 /* Starts the dispatcher thread, and the lane threads when on_batch is set.
- * Returns 0, -EINVAL (already started or stopped) or -EAGAIN (no thread). */
+ * Returns CB_OK, CB_ESTATE (already started or stopped), CB_ENOMEM (a
+ * thread could not start; the router is then stopped) or CB_EINVAL (NULL). */
 int cb_message_router_start(cb_message_router *router);
 
 /* Refuses new items, hands everything left in the ingress to the lanes, then
@@ -121,14 +125,16 @@ int cb_message_router_start(cb_message_router *router);
  * either delivered or counted in `dropped` (a lane still full after
  * block_timeout_ms drops; with -1 stop waits for consumers to make room).
  * Works without start too (the drain then runs on the caller's thread).
- * Idempotent; returns 0. Not from an on_batch callback. */
+ * Idempotent; returns CB_OK (CB_EINVAL for NULL). Not from an on_batch
+ * callback. */
 int cb_message_router_stop(cb_message_router *router);
 
 /* Accepts item for the lane of key[0..len). The key is only read during the
- * call. Returns 0 when accepted; -EAGAIN (DROP, ingress full) or -ETIMEDOUT
- * (BLOCK, still full after block_timeout_ms), both counted in `dropped`;
- * -ESHUTDOWN after stop, -EINVAL for key NULL with len > 0, both counted in
- * `routing_errors`. On failure the item is untouched and still the caller's. */
+ * call. Returns CB_OK when accepted; CB_ETIMEOUT when the ingress had no room
+ * within the policy's wait (DROP: full, refused at once; BLOCK: still full
+ * after block_timeout_ms), counted in `dropped`; CB_ECLOSED after stop, or
+ * CB_EINVAL for key NULL with len > 0, both counted in `routing_errors`. On
+ * failure the item is untouched and still the caller's. */
 int cb_message_router_route(cb_message_router *router, const void *key, size_t len, void *item);
 
 typedef struct cb_message_router_entry {
@@ -140,13 +146,14 @@ typedef struct cb_message_router_entry {
 /* route() for n entries under one lock, in order: the fast path for a
  * producer that already holds a batch. Returns how many leading entries were
  * accepted (0..n); the rest failed as route() would have and were counted the
- * same way. Returns -ESHUTDOWN/-EINVAL if nothing could be tried at all. */
+ * same way. Returns CB_ECLOSED or CB_EINVAL if nothing could be tried at
+ * all. */
 long cb_message_router_route_many(cb_message_router *router, const cb_message_router_entry *entries, size_t n);
 
 /* Takes up to max items from lane into items[], oldest first. Waits up to
  * timeout_ms for the first one (-1 forever, 0 not at all). Returns the count
  * (> 0), 0 on timeout, CB_MESSAGE_ROUTER_END when the lane is ended and
- * empty, or -EINVAL. Batching happens in the ingress only (batch_size
+ * empty, or CB_EINVAL. Batching happens in the ingress only (batch_size
  * items, or the oldest has waited batch_timeout_ms): a waiting consumer is
  * woken as soon as the dispatcher hands its lane anything, however few
  * items, and at stop. A call that does not wait takes whatever is there.
@@ -154,8 +161,10 @@ long cb_message_router_route_many(cb_message_router *router, const cb_message_ro
  * lane's own. */
 int cb_message_router_take(cb_message_router *router, int lane, void **items, size_t max, int timeout_ms);
 
-/* Lane that key[0..len) routes to: pure, the same as route() would pick. */
+/* Lane that key[0..len) routes to: pure, the same as route() would pick.
+ * CB_EINVAL for a NULL router, or key NULL with len > 0. */
 int cb_message_router_lane_for(const cb_message_router *router, const void *key, size_t len);
+/* The number of lanes; CB_EINVAL for a NULL router. */
 int cb_message_router_lanes(const cb_message_router *router);
 
 /* Snapshot of the counters (each is exact; they are read one by one). */
