@@ -283,7 +283,7 @@ static void a_handler_gets_a_single_message_of_a_split_batch_at_once(void **stat
   cfg.on_batch_ctx = &seen;
   cb_message_router *r = router_new(&cfg);
   char keys[2][16] = {"", ""};
-  atomic_int both_delivered = 0;
+  bool both_delivered = false;
 
   /* one key for each lane */
   for (int k = 0; !keys[0][0] || !keys[1][0]; k++) {
@@ -293,14 +293,14 @@ static void a_handler_gets_a_single_message_of_a_split_batch_at_once(void **stat
   }
   assert_int_equal(cb_message_router_start(r), CB_OK);
   for (int l = 0; l < 2; l++) assert_int_equal(cb_message_router_route(r, keys[l], strlen(keys[l]), item_of(l)), CB_OK);
-  for (int i = 0; i < 10000 && !atomic_load(&both_delivered); i++) {
+  for (int i = 0; i < 10000 && !both_delivered; i++) {
     if (atomic_load(&seen.items[0]) && atomic_load(&seen.items[1]))
-      atomic_store(&both_delivered, 1);
+      both_delivered = true;
     else
       sleep_ms(1);
   }
   cb_message_router_stop(r);
-  assert_true(atomic_load(&both_delivered));
+  assert_true(both_delivered);
   for (int l = 0; l < 2; l++) {
     assert_int_equal(atomic_load(&seen.items[l]), 1);
     assert_int_equal(atomic_load(&seen.batches[l]), 1);
