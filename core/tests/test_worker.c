@@ -103,10 +103,10 @@ static void every_outcome_lands_as_the_contract_says(void **state) {
   lane_arg args[4];
   pthread_t threads[4];
   run_lanes(w, args, threads, 4, 0);
-  assert_int_equal(cb_worker_start(w, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
   for (int i = 0; i < 300 && !all_settled(rt, domain); i++) usleep(50 * 1000);
-  cb_worker_stop(w);
-  assert_int_equal(cb_worker_wait(w, 30000), 1);
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
   for (int i = 0; i < 4; i++) pthread_join(threads[i], NULL);
   cb_worker_health h;
   cb_worker_health_get(w, &h);
@@ -148,10 +148,10 @@ static void stop_lets_running_handlers_finish_and_acknowledges_them(void **state
   lane_arg args[2];
   pthread_t threads[2];
   run_lanes(w, args, threads, 2, 300); /* each handler takes 0.3 s */
-  assert_int_equal(cb_worker_start(w, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
   while (cb_worker_in_flight(w) == 0) usleep(10 * 1000);
-  cb_worker_stop(w);
-  assert_int_equal(cb_worker_wait(w, 30000), 1);
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
   for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
   int handled = args[0].handled + args[1].handled;
   assert_true(handled >= 1);
