@@ -318,8 +318,11 @@ static void start_on_loop(cb_runtime *rt, void *arg) {
 void cb_engine_watch_signals(cb_engine *e) { e->runner.stop_on_signals = 1; }
 
 int cb_engine_start(cb_engine *e, cb_err *err) {
+  pthread_mutex_lock(&e->lock);
+  e->started = 1;
+  pthread_mutex_unlock(&e->lock);
   if (cb_message_router_start(e->router) != 0)
-    return cb_err_set(err, CB_ESTATE, "the %s was already started", e->c.name);
+    return cb_err_set(err, CB_ESTATE, "the %s was already started or stopped", e->c.name);
   int rc = cb_runtime_call(e->rt, start_on_loop, e);
   if (rc != CB_OK) {
     cb_message_router_stop(e->router);
@@ -334,10 +337,13 @@ void cb_engine_stop(cb_engine *e) {
   int first = !e->stop_requested;
   e->stop_requested = 1;
   if (e->state == CB_ENGINE_RUNNING) e->state = CB_ENGINE_STOPPING;
+  int started = e->started;
   pthread_mutex_unlock(&e->lock);
-  /* With the runtime closed there is no loop to drain through: end the
+  /* Never started: nothing on the loop thread to drain (and nothing to
+   * call there: the owner may be freed at once); the lanes end now. With
+   * the runtime closed there is no loop to drain through: end the
    * lanes now (their leftover work is freed with the owner). */
-  if (cb_runtime_is_closed(e->rt) || (first && cb_runtime_call(e->rt, stop_on_loop, e) != CB_OK)) {
+  if (!started || cb_runtime_is_closed(e->rt) || (first && cb_runtime_call(e->rt, stop_on_loop, e) != CB_OK)) {
     cb_message_router_stop(e->router);
     set_state(e, CB_ENGINE_STOPPED);
   }
@@ -380,9 +386,9 @@ void cb_engine_destroy(cb_engine *e) {
   if (!e->ready) return;
   if (e->router) {
     pthread_mutex_lock(&e->lock);
-    int state = e->state;
+    int running = e->started && e->state != CB_ENGINE_STOPPED;
     pthread_mutex_unlock(&e->lock);
-    if (state != CB_ENGINE_STOPPED && state != CB_ENGINE_STARTING) {
+    if (running) { /* the loop thread may still hold it: stop, and wait for the end */
       cb_engine_stop(e);
       cb_engine_wait(e, -1);
     }

@@ -110,6 +110,7 @@ struct cb_engine {
   pthread_mutex_t lock;
   pthread_cond_t changed;
   int state;          /* [lock] CB_ENGINE_* */
+  int started;        /* [lock] cb_engine_start handed the start to the loop thread */
   int stop_requested; /* [lock] */
   int wake_scheduled; /* [lock] a collect is due on the loop thread */
   int handed_back;    /* [lock] items handed back since the last collect */

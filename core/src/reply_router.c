@@ -1,13 +1,18 @@
 /* commandbus: the process reply router (see reply_router.h). It is an
- * engine (engine.h), as the worker is: fetches on the runtime's loop thread,
- * replies routed to lanes by process id, lanes applying what they decide.
+ * engine (engine.h), as the worker is: it fetches on the runtime's loop
+ * thread and routes replies to lanes by process id; lanes decide and apply.
  *
  * Why on the loop thread, like the worker, rather than on a fetch thread of
- * its own with blocking calls: measured with bench/saga (the router alone on
- * 10,000 preloaded replies, 2 lanes), the loop-thread router was FIXME.
- * A fetch thread costs a hop to the loop thread and back for every fetch
- * and a wake-up through the hub for every notification; on the loop the
- * fetch is a callback, and the next one is sent as the rows are routed. */
+ * its own making blocking calls (as it did before): it is faster. Measured
+ * with bench/saga on the same machine in one sitting, the two alternating
+ * (2 cores, PostgreSQL beside them, 2 lanes), the router alone on 10,000
+ * preloaded replies applied 2,273 and 3,766 replies/s on the loop thread
+ * against 1,806 and 3,086 on its own thread, and whole sagas went as fast
+ * or faster. A fetch thread pays a hop to the loop thread and back for
+ * every fetch, a wake-up through the hub for every notification, and it
+ * archives unusable replies one blocking call at a time before it fetches
+ * again; on the loop thread a fetch is a callback, the next one leaves as
+ * soon as the rows are routed, and archives go out beside it. */
 #include "commandbus/reply_router.h"
 
 #include <stddef.h>
