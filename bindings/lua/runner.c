@@ -303,6 +303,7 @@ void cbL_set_runner_counters(lua_State *L, const cb_runner_stat *s) {
       {"consecutive_failures", offsetof(cb_runner_stat, consecutive_failures), 1},
       {"stuck", offsetof(cb_runner_stat, stuck), 1},
       {"poison", offsetof(cb_runner_stat, poison), 1},
+      {"scheduled", offsetof(cb_runner_stat, scheduled), 1},
       {"applied", offsetof(cb_runner_stat, applied), 0},
       {"rejected", offsetof(cb_runner_stat, rejected), 0},
   };

@@ -184,14 +184,12 @@ static int lane_round(lua_State *L, int handlers, void *worker, int lane, int ti
   return n >= 0;
 }
 
-/* The worker's own fields of health(): its background jobs. */
+/* The worker's own field of health(): what its retention passes did. */
 static void health(lua_State *L, void *worker) {
   cb_worker_health h;
   cb_worker_health_get(worker, &h);
   cbL_push_upkeep_stats(L, &h.upkeep);
   lua_setfield(L, -2, "retention");
-  cbL_pushint64(L, (int64_t)h.upkeep.scheduled);
-  lua_setfield(L, -2, "scheduled");
 }
 
 static void free_worker(void *w) { cb_worker_free(w); }

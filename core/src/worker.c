@@ -185,6 +185,8 @@ static void report(void *w, cb_runner_stat *s) {
   s->stuck = h.stuck;
   s->poison = h.poison;
   s->last_success_at = h.last_success_at;
+  s->removed = h.upkeep.removed;
+  s->scheduled = h.upkeep.scheduled;
 }
 
 static const cb_engine_ops ops = {
