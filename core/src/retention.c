@@ -5,8 +5,8 @@
 #include <string.h>
 
 #include "commandbus/bus.h"
-#include "commandbus/events.h"
 #include "commandbus/log.h"
+#include "commandbus/process.h"
 #include "commandbus/queue.h"
 #include "keyed.h"
 #include "strbuf.h"

@@ -9,7 +9,10 @@
  *                   rows made into works, poison messages set aside;
  *   worker_acks.c   acknowledgement rounds: outcomes recorded in groups,
  *                   one transaction a round, one by one when a round fails;
- *   worker_sql.c    the SQL of all three, in one place.
+ *   worker_sql.c    the SQL of all three, in one place;
+ *   worker_work.c   works, what all of them hand around.
+ * Calls go one way: worker.c uses the others, worker_fetch.c uses
+ * worker_acks.c, and worker_sql.c and worker_work.c use none of them.
  *
  * Threads: fields marked [loop] are the loop thread's; [lock] are guarded by
  * the engine's lock; lane_buffer belongs to its lane's thread. */
@@ -77,7 +80,7 @@ struct cb_worker {
   double avg_handler_s; /* moving average of handler time; 0 = unknown yet */
 };
 
-/* ---- worker.c -------------------------------------------------------------------- */
+/* ---- worker_work.c ---------------------------------------------------------------- */
 
 double cb__worker_now(void);
 /* One allocation holds the work and its input strings (row of the receive). */

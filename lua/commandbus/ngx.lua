@@ -213,7 +213,8 @@ end
 local CALLS = {
   "setup", "list_queues", "send", "send_batch", "create_batch", "get_batch", "list_batches", "get_command",
   "list_commands", "audit", "tsq_list", "tsq_retry", "tsq_cancel", "tsq_complete", "process_start", "get_process",
-  "list_processes", "process_audit", "process_events", "append_process_event", "purge_processes",
+  "list_processes", "process_audit", "process_events", "append_process_event", "purge_processes", "queue_metrics",
+  "metrics", "metrics_text", "runners",
 }
 local WAITS = {"await", "await_process", "await_event"}
 local QUEUE_CALLS = {"create", "drop", "send", "send_batch", "read", "pop", "delete", "archive", "set_vt", "metrics",
