@@ -16,15 +16,15 @@
 
 struct cbL_runner {
   const cbL_runner_class *cls;
-  void *runner; /* the core's worker or reply router; NULL once closed */
-  cb_engine *engine;
-  int bus_ref;
+  void *runner;      /* the core's worker or reply router; NULL once closed */
+  cb_engine *engine; /* its engine */
   cb_runtime *rt;
-  int code, self; /* while the constructor runs: the stack indexes of the code and the object */
-  int code_ref;  /* table mode: the code table; LUA_NOREF in module mode */
-  char *module;  /* module mode */
-  int ran;       /* run() or start() was called (a runner runs once) */
-  int in_run;    /* run() has not returned yet */
+  int bus_ref;
+  int code_ref;      /* table mode: the code table; LUA_NOREF in module mode */
+  char *module;      /* module mode */
+  int code, self;    /* while the constructor runs: the stack indexes of the code and the object */
+  int ran;           /* run() or start() was called (a runner runs once) */
+  int in_run;        /* run() has not returned yet */
   int close_pending; /* close() was called from inside run() */
   cbL_lanes *background; /* start(): the lanes running while the caller goes on */
 };
