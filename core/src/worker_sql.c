@@ -19,6 +19,11 @@
  * partial priority index (which holds only messages with a priority), then
  * those at 0 in msg_id order, then those below 0. Each source is read only as
  * far as the fetch needs (a LIMIT over the three reads lazily). The read at
+ * priority 0 tests `NOT (message ? 'priority')` first: the planner has no
+ * statistics on priority_of(message) and would guess that few messages are
+ * at 0, then read the whole queue and sort it on every fetch instead of
+ * walking msg_id order; messages without the key are what it expects almost
+ * all messages to be, as they are. The read at
  * priority 0 starts at msg_id $4 (see scan_from): under a transaction that
  * holds back vacuum, the dead entries of every message completed since it
  * began lie below that mark, and the index scan would otherwise step over
@@ -48,7 +53,7 @@ void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
   cb_queue_sql_table(sql, queue);
   cb_strbuf_puts(sql,
                  " WHERE msg_id >= $4::bigint AND " CB_QUEUE_SQL_VISIBLE
-                 " AND coalesce(commandbus.priority_of(message), 0) = 0" NOT_FULL
+                 " AND (NOT (message ? 'priority') OR coalesce(commandbus.priority_of(message), 0) = 0)" NOT_FULL
                  " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
                  " lo AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
                  " FROM ");
