@@ -36,10 +36,8 @@ static void push_runner(lua_State *L, const cb_runner_stat *s) {
   set_int(L, "in_flight", s->in_flight);
   cbL_set_runner_counters(L, s);
   if (strcmp(s->kind, "worker") == 0) {
-    int64_t removed[CB_RETENTION_KINDS];
-    cb_retention_counts_values(&s->removed, removed);
-    lua_createtable(L, 0, CB_RETENTION_KINDS);
-    for (int k = 0; k < CB_RETENTION_KINDS; k++) set_int(L, cb_retention_kinds[k], removed[k]);
+    lua_createtable(L, 0, CB_RUNNER_REMOVED_KINDS);
+    for (int k = 0; k < CB_RUNNER_REMOVED_KINDS; k++) set_int(L, cb_retention_kinds[k], s->removed[k]);
     lua_setfield(L, -2, "removed");
   }
   lua_createtable(L, s->nlane_depths, 0);

@@ -2,10 +2,12 @@
  * (see process.h). */
 #include "commandbus/process.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "commandbus/events.h"
+#include "commandbus/retention.h"
 #include "commandbus/uuid.h"
 
 static int check_name(const char *what, const char *value, cb_err *err) {
@@ -227,26 +229,6 @@ int cb_process_events(cb_runtime *rt, const char *domain, const char *process_id
   return found(cb_bus_run_query(rt, u, rows, err), rows, id, err);
 }
 
-int cb_process_add_purge(cb_unit *u, const char *domain, const char *older_than, const char *limit) {
-  const char *params[] = {domain, older_than, limit};
-  /* Their events and process_audit rows go alongside (neither table has a
-   * foreign key: rcmd's schema, and a cheaper append). SKIP LOCKED: two
-   * purges at once take different processes. */
-  return cb_unit_add(u,
-                     "WITH p AS (DELETE FROM commandbus.process x WHERE x.domain = $1 AND x.process_id = ANY(ARRAY("
-                     " SELECT process_id FROM commandbus.process WHERE domain = $1"
-                     " AND status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED')"
-                     " AND completed_at < now() - coalesce(make_interval(secs => $2::float8),"
-                     " (SELECT r.processes FROM commandbus.retention_of($1) r))"
-                     " ORDER BY completed_at LIMIT $3::int FOR UPDATE SKIP LOCKED)) RETURNING process_id),"
-                     " a AS (DELETE FROM commandbus.process_audit x USING p WHERE x.domain = $1"
-                     " AND x.process_id = p.process_id),"
-                     " e AS (DELETE FROM commandbus.process_event x USING p WHERE x.domain = $1"
-                     " AND x.process_id = p.process_id)"
-                     " SELECT count(*) FROM p",
-                     3, params);
-}
-
 int cb_process_purge(cb_runtime *rt, const char *domain, double older_than, int64_t *count, cb_err *err) {
   *count = 0;
   int rc = cb_domain_valid(domain, err);
@@ -256,8 +238,9 @@ int cb_process_purge(cb_runtime *rt, const char *domain, double older_than, int6
   snprintf(secs, sizeof secs, "%.3f", older_than);
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  int at = cb_process_add_purge(u, domain, secs, NULL);
-  rc = cb_runtime_exec(rt, u, err);
+  /* Retention's statement, for every such process at once. */
+  int at = cb_retention_add_step(u, CB_RETAIN_PROCESSES, domain, NULL, secs, NULL, INT_MAX);
+  rc = at < 0 ? cb_err_set(err, at, "cannot build the purge statement") : cb_runtime_exec(rt, u, err);
   if (rc == CB_OK) *count = cb_result_int(cb_unit_result(u, at), 0, 0);
   cb_unit_free(u);
   return rc;

@@ -98,10 +98,9 @@ static void append_row(cb_strbuf *b, const cb_runner_stat *s) {
                    (unsigned long long)s->poison, (unsigned long long)s->applied, (unsigned long long)s->rejected,
                    s->last_success_at, s->started_at);
   for (int i = 0; i < s->nlane_depths; i++) cb_strbuf_printf(b, i ? ",%u" : "%u", s->lane_depths[i]);
-  int64_t removed[CB_RETENTION_KINDS];
-  cb_retention_counts_values(&s->removed, removed);
   cb_strbuf_puts(b, "],\"removed\":[");
-  for (int i = 0; i < CB_RETENTION_KINDS; i++) cb_strbuf_printf(b, i ? ",%lld" : "%lld", (long long)removed[i]);
+  for (int i = 0; i < CB_RUNNER_REMOVED_KINDS; i++)
+    cb_strbuf_printf(b, i ? ",%lld" : "%lld", (long long)s->removed[i]);
   cb_strbuf_printf(b, "],\"scheduled\":%llu}", (unsigned long long)s->scheduled);
 }
 
@@ -322,14 +321,12 @@ static void read_lane_depths(cb_runner_stat *s, const char *list) {
 }
 
 static void read_removed(cb_runner_stat *s, const char *list) {
-  int64_t v[CB_RETENTION_KINDS] = {0};
-  for (int i = 0; i < CB_RETENTION_KINDS && *list; i++) {
+  for (int i = 0; i < CB_RUNNER_REMOVED_KINDS && *list; i++) {
     char *end;
-    v[i] = strtoll(list, &end, 10);
+    s->removed[i] = strtoll(list, &end, 10);
     if (end == list) break;
     list = *end == ',' ? end + 1 : end;
   }
-  cb_retention_counts_from_values(&s->removed, v);
 }
 
 int cb_runner_list(cb_runtime *rt, const char *domain, cb_runner_stat **out, size_t *count, cb_err *err) {

@@ -110,7 +110,8 @@ static void report(void *w, cb_runner_stat *s) {
   s->stuck = h.stuck;
   s->poison = h.poison;
   s->last_success_at = h.last_success_at;
-  s->removed = h.upkeep.removed;
+  _Static_assert(CB_RUNNER_REMOVED_KINDS == CB_RETENTION_KINDS, "a heartbeat carries every kind retention removes");
+  cb_retention_counts_values(&h.upkeep.removed, s->removed);
   s->scheduled = h.upkeep.scheduled;
 }
 

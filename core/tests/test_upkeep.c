@@ -120,8 +120,8 @@ static void background_jobs_remove_old_work_and_send_due_schedules(void **state)
   size_t nrunners;
   assert_int_equal(cb_runner_list(rt, domain, &runners, &nrunners, &err), CB_OK);
   assert_int_equal(nrunners, 1);
-  assert_int_equal(runners[0].removed.commands, 50);
-  assert_int_equal(runners[0].removed.audit, 50);
+  assert_int_equal(runners[0].removed[0], 50); /* commands */
+  assert_int_equal(runners[0].removed[1], 50); /* audit */
   assert_true(runners[0].scheduled >= 1);
   free(runners);
 

@@ -84,10 +84,6 @@ int cb_process_events(cb_runtime *rt, const char *domain, const char *process_id
  * process_audit rows; *count receives how many. Wakes nobody: awaiters only
  * care about changes. */
 int cb_process_purge(cb_runtime *rt, const char *domain, double older_than, int64_t *count, cb_err *err);
-/* The statement of such a purge, appended to u: older_than in seconds as
- * text (NULL: the domain's retention policy), at most limit processes (text;
- * NULL: all). Its one row counts the processes removed. Returns its index. */
-int cb_process_add_purge(cb_unit *u, const char *domain, const char *older_than, const char *limit);
 
 #ifdef __cplusplus
 }
