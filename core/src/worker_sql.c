@@ -118,97 +118,98 @@ static void reply_ctes(cb_strbuf *sql, char reply[][CB_QUEUE_NAME_MAX + 1], int 
   }
 }
 
-/* The input of each kind, and its guard: a command moves only when it is
- * still IN_PROGRESS *at the attempt this outcome belongs to* (a delivery
- * that outlived its visibility timeout may have been received again
- * elsewhere: its late outcome must not touch the newer delivery). */
-#define INPUT(columns)                                                                                   \
-  "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, " columns ")),"
-#define GUARD                                                                                                   \
-  " FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i))"     \
-  " AND k.attempts = i.attempt AND " CB_STATUS_OF("k") " = 'IN_PROGRESS'"
-#define AUDIT " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+/* What each kind's statement does to its commands: the input's columns
+ * (besides id, msg and attempt), the columns it sets (besides updated_at
+ * and lease_expires_at), what the moved rows return (besides command_id and
+ * batch_id), and their audit row's event type and details. */
+static const struct {
+  const char *input, *set, *returning, *audit;
+} ACK_SQL[ACK_KINDS] = {
+    [ACK_SUCCESS] = {"result jsonb, has bool", "status = 'COMPLETED'",
+                     "k.correlation_id, k.reply_queue, i.msg, i.result, i.has",
+                     "'COMPLETED', jsonb_build_object('msg_id', msg, 'reply_to', nullif(reply_queue, ''),"
+                     " 'has_result', has)"},
+    [ACK_RETRY] = {"code text, message text, delay float8",
+                   "last_error_type = 'TRANSIENT', last_error_code = i.code, last_error_msg = i.message",
+                   "k.attempts, k.max_attempts, i.msg, i.code, i.message, i.delay",
+                   "'FAILED', jsonb_build_object('msg_id', msg, 'attempt', attempts, 'max_attempts', max_attempts,"
+                   " 'error_type', 'TRANSIENT', 'error_code', code, 'error_msg', message)"},
+    /* One MOVED_TO_TSQ event, with rcmd's details: an exhausted command's
+     * last error, or a permanent failure's code, message and details. */
+    [ACK_TSQ] = {"code text, message text, etype text, exhausted bool, details jsonb",
+                 "status = 'IN_TROUBLESHOOTING_QUEUE', last_error_type = i.etype, last_error_code = i.code,"
+                 " last_error_msg = i.message",
+                 "k.attempts, k.max_attempts, k.correlation_id, i.msg, i.code, i.message, i.etype, i.exhausted,"
+                 " i.details",
+                 "'MOVED_TO_TSQ', CASE WHEN exhausted THEN jsonb_build_object('msg_id', msg, 'attempt', attempts,"
+                 " 'max_attempts', max_attempts, 'reason', 'EXHAUSTED', 'error_type', etype, 'error_code', code,"
+                 " 'error_msg', message) ELSE jsonb_build_object('msg_id', msg, 'attempt', attempts,"
+                 " 'error_code', code, 'error_msg', message, 'error_details', details) END"},
+    [ACK_FAILED] = {"code text, message text, details jsonb",
+                    "status = 'FAILED', last_error_type = 'BUSINESS_RULE', last_error_code = i.code,"
+                    " last_error_msg = i.message",
+                    "k.correlation_id, k.reply_queue, k.attempts, i.msg, i.code, i.message, i.details",
+                    "'BUSINESS_RULE_FAILED', jsonb_build_object('msg_id', msg, 'attempt', attempts,"
+                    " 'error_code', code, 'error_msg', message, 'error_details', details)"},
+};
 
-static void ack_success(cb_strbuf *sql, const char *queue) {
-  cb_strbuf_puts(sql,
-                 INPUT("result jsonb, has bool")
-                 " c AS (UPDATE commandbus.command k SET status = 'COMPLETED', updated_at = now(),"
-                 " lease_expires_at = NULL" GUARD " RETURNING k.command_id, k.correlation_id, k.reply_queue,"
-                 " k.batch_id, i.msg, i.result, i.has)," AUDIT
-                 " SELECT $1, command_id, 'COMPLETED', jsonb_build_object('msg_id', msg, 'reply_to',"
-                 " nullif(reply_queue, ''), 'has_result', has) FROM c),"
-                 " d AS (");
-  cb_queue_sql_delete(sql, queue, "ARRAY(SELECT msg FROM c)");
-  cb_strbuf_putc(sql, ')');
+/* The moved commands (c) and their audit rows (a), as CTEs, ready for the
+ * next. A command moves only when it is still IN_PROGRESS *at the attempt
+ * this outcome belongs to* (a delivery that outlived its visibility timeout
+ * may have been received again elsewhere: its late outcome must not touch
+ * the newer delivery). */
+static void ack_move(cb_strbuf *sql, int kind) {
+  cb_strbuf_printf(sql,
+                   "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int, %s)),"
+                   " c AS (UPDATE commandbus.command k SET %s, updated_at = now(), lease_expires_at = NULL"
+                   " FROM i WHERE k.domain = $1 AND k.command_id = i.id AND k.command_id = ANY(ARRAY(SELECT id FROM i))"
+                   " AND k.attempts = i.attempt AND " CB_STATUS_OF("k") " = 'IN_PROGRESS'"
+                   " RETURNING k.command_id, k.batch_id, %s),"
+                   " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+                   " SELECT $1, command_id, %s FROM c), ",
+                   ACK_SQL[kind].input, ACK_SQL[kind].set, ACK_SQL[kind].returning, ACK_SQL[kind].audit);
 }
 
-static void ack_retry(cb_strbuf *sql, const char *queue) {
-  cb_strbuf_puts(sql,
-                 INPUT("code text, message text, delay float8")
-                 " c AS (UPDATE commandbus.command k SET last_error_type = 'TRANSIENT', last_error_code = i.code,"
-                 " last_error_msg = i.message, updated_at = now(), lease_expires_at = NULL" GUARD
-                 " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, i.msg, i.code, i.message,"
-                 " i.delay)," AUDIT
-                 " SELECT $1, command_id, 'FAILED', jsonb_build_object('msg_id', msg, 'attempt', attempts,"
-                 " 'max_attempts', max_attempts, 'error_type', 'TRANSIENT', 'error_code', code,"
-                 " 'error_msg', message) FROM c),"
-                 " v AS (");
-  cb_queue_sql_set_vt(sql, queue, "c.delay");
-  cb_strbuf_puts(sql, " FROM c WHERE q.msg_id = c.msg)");
-}
-
-static void ack_tsq(cb_strbuf *sql, const char *queue) {
-  cb_strbuf_puts(sql,
-                 INPUT("code text, message text, etype text, exhausted bool, details jsonb")
-                 " c AS (UPDATE commandbus.command k SET status = 'IN_TROUBLESHOOTING_QUEUE',"
-                 " last_error_type = i.etype, last_error_code = i.code, last_error_msg = i.message,"
-                 " updated_at = now(), lease_expires_at = NULL" GUARD
-                 " RETURNING k.command_id, k.batch_id, k.attempts, k.max_attempts, k.correlation_id, i.msg, i.code,"
-                 " i.message, i.etype, i.exhausted, i.details),"
-                 /* One MOVED_TO_TSQ event, with rcmd's details: an exhausted
-                  * command's last error, or a permanent failure's code,
-                  * message and details. */
-                 AUDIT " SELECT $1, c.command_id, 'MOVED_TO_TSQ', CASE WHEN c.exhausted THEN"
-                 " jsonb_build_object('msg_id', c.msg, 'attempt', c.attempts, 'max_attempts', c.max_attempts,"
-                 " 'reason', 'EXHAUSTED', 'error_type', c.etype, 'error_code', c.code, 'error_msg', c.message) ELSE"
-                 " jsonb_build_object('msg_id', c.msg, 'attempt', c.attempts, 'error_code', c.code,"
-                 " 'error_msg', c.message, 'error_details', c.details) END FROM c), ");
-  cb_queue_sql_archive(sql, queue, "ARRAY(SELECT msg FROM c)");
-  /* A process step that lands in the TSQ pauses its process until the
-   * operator acts (a probe by key; commands of no process change nothing). */
-  cb_strbuf_puts(sql,
-                 ", pw AS (UPDATE commandbus.process pr SET status = 'WAITING_FOR_TSQ', updated_at = now() FROM c"
-                 " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND " CB_STATUS_OF("pr") " = 'WAITING')");
-}
-
-static void ack_failed(cb_strbuf *sql, const char *queue) {
-  cb_strbuf_puts(sql,
-                 INPUT("code text, message text, details jsonb")
-                 " c AS (UPDATE commandbus.command k SET status = 'FAILED', last_error_type = 'BUSINESS_RULE',"
-                 " last_error_code = i.code, last_error_msg = i.message, updated_at = now(),"
-                 " lease_expires_at = NULL" GUARD " RETURNING k.command_id, k.correlation_id, k.reply_queue,"
-                 " k.batch_id, k.attempts, i.msg, i.code, i.message, i.details)," AUDIT
-                 " SELECT $1, command_id, 'BUSINESS_RULE_FAILED', jsonb_build_object('msg_id', msg,"
-                 " 'attempt', attempts, 'error_code', code, 'error_msg', message, 'error_details', details)"
-                 " FROM c), ");
-  cb_queue_sql_archive(sql, queue, "ARRAY(SELECT msg FROM c)");
+/* What each kind does to the queue's messages, after ack_move. */
+static void ack_queue(cb_strbuf *sql, const char *queue, int kind) {
+  switch (kind) {
+    case ACK_SUCCESS:
+      cb_strbuf_puts(sql, "d AS (");
+      cb_queue_sql_delete(sql, queue, "ARRAY(SELECT msg FROM c)");
+      cb_strbuf_putc(sql, ')');
+      break;
+    case ACK_RETRY:
+      cb_strbuf_puts(sql, "v AS (");
+      cb_queue_sql_set_vt(sql, queue, "c.delay");
+      cb_strbuf_puts(sql, " FROM c WHERE q.msg_id = c.msg)");
+      break;
+    case ACK_TSQ:
+      cb_queue_sql_archive(sql, queue, "ARRAY(SELECT msg FROM c)");
+      /* A process step that lands in the TSQ pauses its process until the
+       * operator acts (a probe by key; commands of no process change
+       * nothing). */
+      cb_strbuf_puts(sql,
+                     ", pw AS (UPDATE commandbus.process pr SET status = 'WAITING_FOR_TSQ', updated_at = now() FROM c"
+                     " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND " CB_STATUS_OF("pr")
+                     " = 'WAITING')");
+      break;
+    case ACK_FAILED: cb_queue_sql_archive(sql, queue, "ARRAY(SELECT msg FROM c)"); break;
+  }
 }
 
 /* Each statement touches the queue only for the commands it moved. */
 void cb__worker_sql_ack(cb_strbuf *sql, const char *queue, int kind, char reply[][CB_QUEUE_NAME_MAX + 1],
                         int nreply) {
   cb_strbuf_reset(sql);
+  ack_move(sql, kind);
+  ack_queue(sql, queue, kind);
   switch (kind) {
     case ACK_SUCCESS:
-      ack_success(sql, queue);
       reply_ctes(sql, reply, nreply,
                  "jsonb_build_object('command_id', command_id, 'correlation_id', correlation_id,"
                  " 'outcome', 'SUCCESS', 'result', result)");
       break;
-    case ACK_RETRY: ack_retry(sql, queue); break;
-    case ACK_TSQ: ack_tsq(sql, queue); break;
     case ACK_FAILED:
-      ack_failed(sql, queue);
       reply_ctes(sql, reply, nreply,
                  "jsonb_build_object('command_id', command_id, 'correlation_id', correlation_id,"
                  " 'outcome', 'FAILED', 'result', jsonb_build_object('error_code', code, 'error_message', message,"
