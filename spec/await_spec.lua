@@ -69,8 +69,11 @@ describe("await", function()
     -- planned at 0.775, 1.575, 3.175, 6.375 s ...); the trigger's
     -- notification wakes it at the commit. A run is clear when no read was
     -- planned between the change and the wake (nor shortly before the
-    -- change: a read may come late): then only the notification explains the
-    -- wake, and it must come soon after the change.
+    -- change: a read may come late), on that schedule or on the quicker one
+    -- without LISTEN (should the await have stopped listening): then only
+    -- the notification explains the wake, and it must come soon after the
+    -- change (a few milliseconds on an idle machine; 0.5 s leaves room for
+    -- a loaded one).
     timing.until_clear(4, function()
       local domain = helper.unique("aw")
       local sent = assert(bus:send{domain = domain, type = "Manual"})
@@ -120,6 +123,8 @@ describe("await", function()
       if safety then
         return false, ("%s: the safety read planned at %.3f s is near"):format(run, safety)
       end
+      -- A read never comes before its planned time: a wake before `after`
+      -- is not a poll; one after `after` + SLACK is not this read.
       assert.is_true(woke >= after and woke < after + timing.SLACK,
         ("%s: not with the read planned at %.3f s"):format(run, after))
       return true
