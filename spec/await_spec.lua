@@ -1,5 +1,6 @@
 -- bus:await: waiting for a command's outcome without polling storms.
 local helper = require "spec.helper"
+local timing = require "spec.support.await_timing"
 
 local sql = helper.sql
 
@@ -55,35 +56,80 @@ describe("await", function()
     assert.equal("TIMEOUT", err.code)
   end)
 
-  local function complete_behind_our_back(id, after)
-    os.execute(("(sleep %g; psql -qAt %q -c \"UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = '%s'\")"
-                .. " >/dev/null 2>&1 &"):format(after, os.getenv("DATABASE_URL"), id))
+  -- Completes the command as another tool would (psql, on its own
+  -- connection), aiming for timing.AT s from now; returns a function that
+  -- gives the wall-clock time at which it did.
+  local function complete_behind_our_back(id)
+    return timing.change_at(helper.clock() + timing.AT,
+      ("UPDATE commandbus.command SET status = 'COMPLETED' WHERE command_id = '%s' RETURNING 1"):format(id))
   end
 
   it("wakes when another tool (psql) changes the command: the table's trigger notifies", function()
-    local domain = helper.unique("aw")
-    local sent = assert(bus:send{domain = domain, type = "Manual"})
-    complete_behind_our_back(sent.command_id, 2.0)
-    local t0 = helper.clock()
-    local cmd = assert(bus:await(domain, sent.command_id, {timeout = 10}))
-    assert.equal("COMPLETED", cmd.status)
-    -- The safety poll reads at 1.575 s and 3.175 s: only the notification
-    -- explains a wake before 2.8 s.
-    assert.is_true(helper.clock() - t0 < 2.8, "woke after " .. (helper.clock() - t0) .. " s")
+    -- While listening, the await reads only on its safety schedule (reads
+    -- planned at 0.775, 1.575, 3.175, 6.375 s ...); the trigger's
+    -- notification wakes it at the commit. A run is clear when no read was
+    -- planned between the change and the wake (nor shortly before the
+    -- change: a read may come late), on that schedule or on the quicker one
+    -- without LISTEN (should the await have stopped listening): then only
+    -- the notification explains the wake, and it must come soon after the
+    -- change (a few milliseconds on an idle machine; 0.5 s leaves room for
+    -- a loaded one).
+    timing.until_clear(4, function()
+      local domain = helper.unique("aw")
+      local sent = assert(bus:send{domain = domain, type = "Manual"})
+      local changed_at = complete_behind_our_back(sent.command_id)
+      local t0 = helper.clock()
+      local cmd = assert(bus:await(domain, sent.command_id, {timeout = 30}))
+      local woke = helper.clock() - t0
+      assert.equal("COMPLETED", cmd.status)
+      local changed = changed_at() - t0
+      assert.is_true(woke > changed, ("woke at %.3f s, before the change at %.3f s"):format(woke, changed))
+      local read = timing.poll_explaining(changed, woke)
+      if read then
+        return false, ("changed at %.3f s, woke at %.3f s: the read planned at %.3f s could have seen it")
+          :format(changed, woke, read)
+      end
+      assert.is_true(woke - changed < 0.5, ("woke %.3f s after the change (at %.3f s)"):format(woke - changed, changed))
+      return true
+    end)
   end)
 
   it("without LISTEN, falls back to polling at 25 ms doubling up to 1 s", function()
-    local domain = helper.unique("aw")
-    local sent = assert(bus:send{domain = domain, type = "Manual"})
-    complete_behind_our_back(sent.command_id, 2.0)
-    local t0 = helper.clock()
-    local cmd = assert(bus:await(domain, sent.command_id, {timeout = 10, listen = false}))
-    assert.equal("COMPLETED", cmd.status)
-    -- Reads at 1.575, 2.575, 3.575 s: a notification (about 2.0 s) or the
-    -- 30 s safety schedule (1.575, 3.175 s) would wake it at another time.
-    local took = helper.clock() - t0
-    assert.is_true(took > 2.45 and took < 2.95, "woke after " .. took .. " s")
-    assert.has_error(function() bus:await(domain, sent.command_id, {listen = "no"}) end)
+    -- Without LISTEN the await reads at 0, 0.025, 0.075 ... 0.775, 1.575,
+    -- 2.575, 3.575 s ... (timing.POLLING) and nothing else wakes it: it
+    -- must wake with the first read planned at or after the change, not at
+    -- the change. A run is clear when that read is planned well after the
+    -- change (a wake at the change would come before it), the previous one
+    -- well before it (it cannot have come late enough to see it), and no
+    -- safety read is planned near (a wake on that schedule would look alike).
+    timing.until_clear(5, function()
+      local domain = helper.unique("aw")
+      local sent = assert(bus:send{domain = domain, type = "Manual"})
+      local changed_at = complete_behind_our_back(sent.command_id)
+      local t0 = helper.clock()
+      local cmd = assert(bus:await(domain, sent.command_id, {timeout = 30, listen = false}))
+      local woke = helper.clock() - t0
+      assert.equal("COMPLETED", cmd.status)
+      local changed = changed_at() - t0
+      local before, after = timing.reads_around(timing.POLLING, changed)
+      local run = ("changed at %.3f s, woke at %.3f s"):format(changed, woke)
+      if changed - before < timing.LATE then
+        return false, ("%s: the read planned at %.3f s might have come after the change"):format(run, before)
+      end
+      if after - changed < timing.APART then
+        return false, ("%s: the read planned at %.3f s comes too soon after the change"):format(run, after)
+      end
+      local safety = timing.read_between(timing.SAFETY, changed - timing.LATE, after + timing.SLACK)
+      if safety then
+        return false, ("%s: the safety read planned at %.3f s is near"):format(run, safety)
+      end
+      -- A read never comes before its planned time: a wake before `after`
+      -- is not a poll; one after `after` + SLACK is not this read.
+      assert.is_true(woke >= after and woke < after + timing.SLACK,
+        ("%s: not with the read planned at %.3f s"):format(run, after))
+      return true
+    end)
+    assert.has_error(function() bus:await(helper.unique("aw"), "01234567-89ab-7def-8123-456789abcdef", {listen = "no"}) end)
   end)
 
   it("wakes a waiter in another process when the command completes here", function()

@@ -1,6 +1,7 @@
 -- Process events, awaiting processes and events, the event sink.
 local helper = require "spec.helper"
 local saga = require "spec.support.saga"
+local timing = require "spec.support.await_timing"
 
 local sql = helper.sql
 
@@ -119,16 +120,30 @@ describe("await_process and await_event", function()
   end)
 
   it("wake on an event appended by another connection (the log's NOTIFY)", function()
-    local id = assert(order:start(bus, {order = 1}))
-    os.execute(("(sleep 2; psql -qAt %q -c \"SELECT commandbus.append_process_event('%s', '%s', 'ready',"
-                .. " '{\\\"n\\\": 7}')\") >/dev/null 2>&1 &"):format(os.getenv("DATABASE_URL"), domain, id))
-    local t0 = helper.clock()
-    local e = assert(bus:await_event(domain, id, "ready", 1, {timeout = 10}))
-    -- The safety poll reads at 1.575 s and 3.175 s: only the notification
-    -- explains a wake before 2.8 s.
-    assert.is_true(helper.clock() - t0 < 2.8, "woke after " .. (helper.clock() - t0) .. " s")
-    assert.equal(2, tonumber(e.sequence))
-    assert.equal(7, math.floor(e.data.n))
+    -- As for bus:await (await_spec): while listening, the await reads only on
+    -- its safety schedule; a run is clear when no read was planned between
+    -- the append and the wake (nor shortly before the append: a read may
+    -- come late), so that only the notification explains the wake, and it
+    -- must come soon after the append.
+    timing.until_clear(4, function()
+      local id = assert(order:start(bus, {order = 1}))
+      local appended_at = timing.change_at(helper.clock() + timing.AT,
+        ("SELECT commandbus.append_process_event('%s', '%s', 'ready', '{\"n\": 7}')"):format(domain, id))
+      local t0 = helper.clock()
+      local e = assert(bus:await_event(domain, id, "ready", 1, {timeout = 30}))
+      local woke = helper.clock() - t0
+      assert.equal(2, tonumber(e.sequence))
+      assert.equal(7, math.floor(e.data.n))
+      local appended = appended_at() - t0
+      assert.is_true(woke > appended, ("woke at %.3f s, before the append at %.3f s"):format(woke, appended))
+      local read = timing.poll_explaining(appended, woke)
+      if read then
+        return false, ("appended at %.3f s, woke at %.3f s: the read planned at %.3f s could have seen it")
+          :format(appended, woke, read)
+      end
+      assert.is_true(woke - appended < 0.5, ("woke %.3f s after the append (at %.3f s)"):format(woke - appended, appended))
+      return true
+    end)
   end)
 
   it("wake a waiter in another OS process on a completion made here", function()
