@@ -4,6 +4,7 @@ local commandbus = require "commandbus"
 local socket = require "socket"
 local cjson = require "cjson"
 local saga = require "spec.support.saga"
+local common = require "bench.support.common"
 
 local N = tonumber(os.getenv("BENCH_PROCESSES")) or 2000
 -- Replies preloaded for the router-alone run: enough that its start and stop
@@ -22,18 +23,11 @@ end
 
 -- Before each timed run, statistics as a running system has them: queues
 -- made a moment ago and tables grown from nothing would otherwise be planned
--- as tiny (prepared statements keep a generic plan that scans them whole)
--- until autovacuum's next ANALYZE, up to a minute later. One statement per
--- psql -c (VACUUM refuses a multi-statement string's transaction).
+-- as tiny until autovacuum's next ANALYZE, up to a minute later.
 local function analyse(domain)
-  local tables = {"commandbus.process", "commandbus.process_audit", "commandbus.process_event", "commandbus.command",
-                  "commandbus.audit", "pgmq.q_" .. domain .. "__commands", "pgmq.q_" .. domain .. "__process_replies"}
-  for _, t in ipairs(tables) do
-    local f = io.popen(("psql -qAt %q -c %q 2>&1"):format(os.getenv("DATABASE_URL"), "VACUUM ANALYZE " .. t))
-    local out = f:read("*a")
-    f:close()
-    if out:match("ERROR") then io.stderr:write("bench/saga: " .. out) end
-  end
+  common.vacuum_analyze({"commandbus.process", "commandbus.process_audit", "commandbus.process_event",
+                         "commandbus.command", "commandbus.audit", "pgmq.q_" .. domain .. "__commands",
+                         "pgmq.q_" .. domain .. "__process_replies"}, "saga")
 end
 
 local function run_worker(domain)

@@ -19,17 +19,16 @@
 -- bus:purge, autovacuum left to itself), then the floor and the worker runs
 -- again. It prints both ratios and the second over the first.
 local commandbus = require "commandbus"
-local socket = require "socket"
 local cjson = require "cjson"
+local common = require "bench.support.common"
 
 local N = tonumber(os.getenv("BENCH_COMMANDS")) or 50000
 -- Rounds of the sending figures and their floors (the best of each is kept).
 local SEND_ROUNDS = tonumber(os.getenv("BENCH_SEND_ROUNDS")) or 3
-local dsn = assert(os.getenv("DATABASE_URL"), "DATABASE_URL is not set")
+local dsn, lua, now, sh, psql = common.dsn, common.lua, common.now, common.sh, common.psql
 local AGED = os.getenv("BENCH_AGED") == "1"
 local AGE_ROUNDS = tonumber(os.getenv("BENCH_AGE_ROUNDS")) or 5
 local PRIORITY_ROUNDS = tonumber(os.getenv("BENCH_PRIORITY_ROUNDS")) or 3
-local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
 local pgbench = "/usr/lib/postgresql/15/bin/pgbench"
 do
   local f = io.popen("ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null | sort -V | tail -n 1")
@@ -38,15 +37,6 @@ do
   if found and found ~= "" then pgbench = found end
 end
 
-local function now() return socket.gettime() end
-local function sh(cmd)
-  local f = io.popen(cmd .. " 2>&1")
-  local out = f:read("*a")
-  f:close()
-  return out
-end
-local function psql(sql) return sh(string.format("psql -qAt %q -c %q", dsn, sql)) end
-
 if AGED then -- a database of its own, created afresh
   local name = "commandbus_bench_aged"
   psql("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
@@ -54,21 +44,13 @@ if AGED then -- a database of its own, created afresh
   assert(not out:match("ERROR"), out)
   if dsn:match("^postgres") then dsn = dsn:gsub("^(postgres[^/]*//[^/]*)/?[^?]*", "%1/" .. name)
   else dsn = dsn .. " dbname=" .. name end
+  common.dsn = dsn -- psql and the processes started use it
 end
 
 local bus = assert(commandbus.connect(dsn, {pool_size = 4}))
 assert(bus:setup())
-
-local function drop_domain(name)
-  psql(("DELETE FROM commandbus.command WHERE domain = '%s'; DELETE FROM commandbus.audit WHERE domain = '%s';"):format(name, name))
-  bus:queue(name .. "__commands"):drop()
-end
-
-local function fresh_domain(name)
-  drop_domain(name)
-  assert(bus:queue(name .. "__commands"):create())
-  return name
-end
+local function drop_domain(name) common.drop_domain(bus, name) end
+local function fresh_domain(name) return common.fresh_domain(bus, name) end
 
 local function send_all(domain, priorities)
   local commands = {}
@@ -80,10 +62,7 @@ local function send_all(domain, priorities)
   return N / took
 end
 
-local function completed(domain)
-  local out = psql(("SELECT count(*) FROM commandbus.command WHERE domain = '%s' AND status = 'COMPLETED'"):format(domain))
-  return tonumber(out:match("%d+"))
-end
+local completed = common.completed
 
 local function run_in_process(domain, concurrency, n)
   n = n or N
@@ -147,7 +126,8 @@ local function pgbench_tps(script, transactions_per_client, clients)
   return tonumber(tps)
 end
 
-local function ratio(x, floor) return math.floor(x / floor * 100) / 100 end
+local ratio = common.ratio
+local rounds_text = common.rates_text
 
 -- The worker's figure against the floor, taken in turns (BENCH_SEND_ROUNDS
 -- rounds, the best of each kept, so that autovacuum's work after the ageing
@@ -203,20 +183,10 @@ if AGED then
   os.exit(0)
 end
 
--- Comparable runs: earlier runs leave dead rows behind. One statement per
--- psql -c: VACUUM refuses to run in the implicit transaction of a
--- multi-statement string.
-for _, t in ipairs({"commandbus.command", "commandbus.audit"}) do
-  local out = psql("VACUUM ANALYZE " .. t)
-  if out:match("ERROR") then io.stderr:write("bench/throughput: " .. out) end
-end
+-- Comparable runs: earlier runs leave dead rows behind.
+common.vacuum_analyze({"commandbus.command", "commandbus.audit"}, "throughput")
 io.stderr:write(("bench/throughput: %d commands, %s cores, PostgreSQL on the same machine\n"):format(N, sh("nproc"):match("%d+")))
 local result = {bench = "throughput", commands = N}
-local function rounds_text(xs)
-  local t = {}
-  for i, x in ipairs(xs) do t[i] = ("%.0f"):format(x) end
-  return table.concat(t, " ")
-end
 
 -- Sending, against its floors (raw SQL, 100 commands a transaction). One
 -- send_batch is one transaction on one connection (one backend, one core):

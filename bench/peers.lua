@@ -1,0 +1,269 @@
+-- bench/peers: commandbus beside graphile-worker, the Node.js job queue on
+-- PostgreSQL, in one run on the same cluster (make bench-peers).
+--
+-- graphile-worker is installed with npm into a temporary folder for the run
+-- (bench/peers/setup; Node.js and npm from Debian's packages when missing)
+-- and driven through its public API by bench/peers/graphile.js, in a schema
+-- of its own that the run drops at the end. Three figures, each side by side
+-- with the ratio ours / theirs:
+--
+-- 1. insert N (50,000) in one call: our bus:send_batch, their addJobs (the
+--    add_jobs function); best of BENCH_INSERT_ROUNDS = 3, rounds alternating.
+-- 2. burn down N no-op jobs, end to end, the best configuration of each:
+--    ours with module handlers at concurrency 1, 4 and 8 in one process and
+--    two processes of 4; theirs two processes of concurrency 4 and of 24,
+--    with the batching of its performance page (a local queue of 500,
+--    completions batched).
+-- 3. one request in flight, BENCH_REQUESTS = 1000 times (after 20 to warm
+--    up), the worker in another process: the time from the send (our
+--    bus:send, their addJob) to the handler running, p50 and p99; and ours
+--    from the send until bus:await returns the completed command.
+--
+-- Every timed part runs in processes of its own, started together at an
+-- agreed wall-clock time once connected and ready (Node's start-up is not
+-- counted against it), and the run's figure is from the first start to the
+-- last finish. Around each insert and burn-down the database's own counters
+-- give WAL bytes, WAL records, full-page images, commits (pg_stat_database's
+-- xact_commit, read-only transactions included) and WAL fsyncs per command:
+-- what the work costs PostgreSQL, whoever is faster. Ends with one JSON line.
+local commandbus = require "commandbus"
+local cjson = require "cjson"
+local socket = require "socket"
+local common = require "bench.support.common"
+
+local N = tonumber(os.getenv("BENCH_COMMANDS")) or 50000
+local INSERT_ROUNDS = tonumber(os.getenv("BENCH_INSERT_ROUNDS")) or 3
+local REQUESTS = tonumber(os.getenv("BENCH_REQUESTS")) or 1000
+local WARMUP = 20
+local GRAPHILE_WORKER = "0.17.3"
+-- graphile-worker's schema for the run: never its default, graphile_worker,
+-- which a database given in DATABASE_URL may use for real.
+local SCHEMA = "cb_bench_peers_graphile_worker"
+local DOMAIN = "bench_peers"
+-- The application_name of this script's own connections: they sit idle
+-- while work is measured (see common.settled).
+local OWN = "bench_peers"
+-- Seconds from launching the processes of a run to their agreed start.
+local START_DELAY = 3
+local CB_TABLES = {"commandbus.command", "commandbus.audit", "pgmq.q_" .. DOMAIN .. "__commands"}
+local PEER_TABLES = {SCHEMA .. "._private_jobs"}
+
+local bus = assert(commandbus.connect(common.dsn, {application_name = OWN}))
+assert(bus:setup())
+local folder = common.sh("mktemp -d /tmp/commandbus-bench-peers.XXXXXX"):match("^(%S+)\n$")
+assert(folder, "bench/peers: mktemp failed")
+local node = ("BENCH_PEERS_SCHEMA=%s NODE_PATH=%q node bench/peers/graphile.js"):format(SCHEMA, folder .. "/node_modules")
+
+local function warn(fmt, ...) io.stderr:write(("bench/peers: " .. fmt .. "\n"):format(...)) end
+
+local function cleanup()
+  common.psql(("DROP SCHEMA IF EXISTS %s CASCADE"):format(SCHEMA))
+  common.drop_domain(bus, DOMAIN)
+  common.sh(("rm -rf %q"):format(folder))
+end
+
+-- The processes of one timed run: `cmd` (a format with one %.6f, the start
+-- time) `count` times at once. Each prints "<word> [<n>] <t0> <t1>", <n>
+-- being how much work it did where it says. Returns the run's span (first
+-- start to last finish), the sum of the <n>s and the counters' change per
+-- unit of work.
+local function timed_run(cmd, count, word, units)
+  local before = common.settled(OWN)
+  local start_at = common.now() + START_DELAY
+  local cmds = {}
+  for i = 1, count do cmds[i] = cmd:format(start_at) end
+  local out = common.at_once(cmds)
+  local after = common.settled(OWN)
+  local first, last, total, finished = math.huge, 0, 0, 0
+  for line in out:gmatch("[^\n]+") do
+    local fields = {}
+    for field in line:gmatch("%S+") do fields[#fields + 1] = tonumber(field) or field end
+    if fields[1] == word then
+      local t0, t1 = fields[#fields - 1], fields[#fields]
+      finished = finished + 1
+      total = total + (#fields == 4 and fields[2] or 0)
+      first, last = math.min(first, t0), math.max(last, t1)
+      if t0 > start_at + 0.05 then warn("a process started %.3f s late", t0 - start_at) end
+    end
+  end
+  assert(finished == count, ("bench/peers: %d of %d processes finished: %s"):format(finished, count, out))
+  return last - first, total, common.per_unit(before, after, units)
+end
+
+local function cb_insert()
+  common.fresh_domain(bus, DOMAIN)
+  common.vacuum_analyze(CB_TABLES, "peers")
+  local took, sent, per = timed_run(("%s bench/throughput/send_process.lua %s %d %%.6f"):format(common.lua, DOMAIN, N),
+                                    1, "sent", N)
+  assert(sent == N)
+  return N / took, per
+end
+
+local function peer_clear()
+  common.psql(("DELETE FROM %s._private_jobs"):format(SCHEMA))
+end
+
+local function peer_insert()
+  peer_clear()
+  common.vacuum_analyze(PEER_TABLES, "peers")
+  local took, inserted, per = timed_run(("%s insert %d %%.6f"):format(node, N), 1, "inserted", N)
+  assert(inserted == N)
+  return N / took, per
+end
+
+local function cb_burn_down(processes, concurrency)
+  cb_insert()
+  common.vacuum_analyze(CB_TABLES, "peers")
+  local took, _, per = timed_run(("%s bench/peers/cb_worker.lua burn %s %d %%.6f"):format(common.lua, DOMAIN, concurrency),
+                                 processes, "worked", N)
+  assert(common.completed(DOMAIN) == N, "bench/peers: not every command completed")
+  return N / took, per
+end
+
+local function peer_burn_down(processes, concurrency)
+  peer_insert()
+  common.vacuum_analyze(PEER_TABLES, "peers")
+  local took, ran, per = timed_run(("%s work %d %%.6f"):format(node, concurrency), processes, "worked", N)
+  local left = tonumber(common.psql(("SELECT count(*) FROM %s._private_jobs"):format(SCHEMA)):match("%d+"))
+  assert(ran == N and left == 0, ("bench/peers: graphile-worker ran %d jobs, %d left"):format(ran, left))
+  return N / took, per
+end
+
+-- One request in flight through our bus, as a caller does it: send, then
+-- await the completed command; meanwhile the handler (in a worker process)
+-- has said over UDP when it started. Returns the lists of send-to-handler
+-- and send-to-await seconds.
+local function cb_latency()
+  common.fresh_domain(bus, DOMAIN)
+  local udp = assert(socket.udp())
+  assert(udp:setsockname("127.0.0.1", 0))
+  local _, port = udp:getsockname()
+  udp:settimeout(10)
+  local worker = io.popen(("BENCH_PEERS_SIGNAL_PORT=%d %s bench/peers/cb_worker.lua serve %s"):format(port, common.lua, DOMAIN))
+  assert(worker:read("l") == "ready", "bench/peers: our latency worker did not start")
+  local to_handler, to_await = {}, {}
+  for i = 1, WARMUP + REQUESTS do
+    local t0 = common.now()
+    local sent = assert(bus:send{domain = DOMAIN, type = "Signal", data = {i = i}})
+    local cmd = assert(bus:await(DOMAIN, sent.command_id, {timeout = 10}))
+    local t2 = common.now()
+    assert(cmd.status == "COMPLETED", "bench/peers: a latency command ended " .. tostring(cmd.status))
+    local signal = assert(udp:receive()) -- sent while this process was in await
+    local n, started = signal:match("^(%d+) ([%d%.]+)$")
+    assert(tonumber(n) == i, "bench/peers: the handler of another command signalled: " .. signal)
+    if i > WARMUP then
+      to_handler[#to_handler + 1] = tonumber(started) - t0
+      to_await[#to_await + 1] = t2 - t0
+    end
+  end
+  assert(bus:send{domain = DOMAIN, type = "Stop"})
+  worker:close()
+  udp:close()
+  return to_handler, to_await
+end
+
+local function peer_latency()
+  peer_clear()
+  local out = common.sh(("%s latency %d %d"):format(node, REQUESTS, WARMUP))
+  local list = out:match("latencies ([%d%. ]+)")
+  assert(list, "bench/peers: graphile-worker's latency run failed: " .. out)
+  local latencies = {}
+  for x in list:gmatch("[%d%.]+") do latencies[#latencies + 1] = tonumber(x) end
+  assert(#latencies == REQUESTS)
+  return latencies
+end
+
+local function ms(seconds) return math.floor(seconds * 100000 + 0.5) / 100 end
+
+local result = {bench = "peers", peer = "graphile-worker " .. GRAPHILE_WORKER, commands = N}
+
+local function main()
+  assert(os.execute(("bench/peers/setup %q %s"):format(folder, GRAPHILE_WORKER)), "bench/peers: setup failed")
+  common.psql(("DROP SCHEMA IF EXISTS %s CASCADE"):format(SCHEMA))
+  local migrated = common.sh(node .. " migrate")
+  assert(migrated == "", "bench/peers: graphile-worker's migration failed: " .. migrated)
+  warn("%d jobs, %s cores, PostgreSQL on the same machine; graphile-worker %s on Node.js %s",
+       N, common.sh("nproc"):match("%d+"), GRAPHILE_WORKER, common.sh("node --version"):match("v[%d%.]+"))
+
+  -- 1. Insert.
+  local cb_inserts, peer_inserts, cb_insert_per, peer_insert_per = {}, {}, nil, nil
+  for r = 1, INSERT_ROUNDS do
+    local rate, per = cb_insert()
+    if rate > math.max(0, table.unpack(cb_inserts)) then cb_insert_per = per end
+    cb_inserts[r] = rate
+    rate, per = peer_insert()
+    if rate > math.max(0, table.unpack(peer_inserts)) then peer_insert_per = per end
+    peer_inserts[r] = rate
+  end
+  local cb_insert_rate, peer_insert_rate = math.max(table.unpack(cb_inserts)), math.max(table.unpack(peer_inserts))
+  result.cb_insert_per_s = math.floor(cb_insert_rate)
+  result.peer_insert_per_s = math.floor(peer_insert_rate)
+  result.insert_ratio = common.ratio(cb_insert_rate, peer_insert_rate)
+  print(("insert %d in one call (best of %d): commandbus send_batch %.0f/s, graphile-worker addJobs %.0f/s: %.2fx"):format(
+    N, INSERT_ROUNDS, cb_insert_rate, peer_insert_rate, cb_insert_rate / peer_insert_rate))
+  print(("  rounds: commandbus %s | graphile-worker %s"):format(common.rates_text(cb_inserts), common.rates_text(peer_inserts)))
+  print("  commandbus, per command: " .. common.per_unit_text(cb_insert_per))
+  print("  graphile-worker, per job: " .. common.per_unit_text(peer_insert_per))
+
+  -- 2. Burn down, the two sides' configurations taking turns.
+  local runs = {
+    {side = "cb", processes = 1, concurrency = 1}, {side = "peer", processes = 2, concurrency = 4},
+    {side = "cb", processes = 1, concurrency = 4}, {side = "peer", processes = 2, concurrency = 24},
+    {side = "cb", processes = 1, concurrency = 8}, {side = "cb", processes = 2, concurrency = 4},
+  }
+  local best = {cb = {rate = 0}, peer = {rate = 0}}
+  for _, run in ipairs(runs) do
+    local burn_down = run.side == "cb" and cb_burn_down or peer_burn_down
+    run.rate, run.per = burn_down(run.processes, run.concurrency)
+    run.name = ("%dx%d"):format(run.processes, run.concurrency)
+    result[("%s_burn_down_per_s_%s"):format(run.side, run.name)] = math.floor(run.rate)
+    if run.rate > best[run.side].rate then best[run.side] = run end
+  end
+  print(("burn down %d no-op jobs (processes x concurrency):"):format(N))
+  for _, side in ipairs({"cb", "peer"}) do
+    for _, run in ipairs(runs) do
+      if run.side == side then
+        print(("  %s %s: %.0f/s; per %s: %s"):format(side == "cb" and "commandbus" or "graphile-worker", run.name, run.rate,
+          side == "cb" and "command" or "job", common.per_unit_text(run.per)))
+      end
+    end
+  end
+  local cb, peer = best.cb, best.peer
+  result.cb_burn_down_per_s = math.floor(cb.rate)
+  result.peer_burn_down_per_s = math.floor(peer.rate)
+  result.cb_burn_down_config = cb.name
+  result.peer_burn_down_config = peer.name
+  result.burn_down_ratio = common.ratio(cb.rate, peer.rate)
+  print(("burn down, best of each: commandbus %s %.0f/s, graphile-worker %s %.0f/s: %.2fx"):format(
+    cb.name, cb.rate, peer.name, peer.rate, cb.rate / peer.rate))
+
+  -- What each side's command costs PostgreSQL (the best runs' windows).
+  local costs = {cb_insert = cb_insert_per, peer_insert = peer_insert_per, cb_burn_down = cb.per, peer_burn_down = peer.per}
+  for name, per in pairs(costs) do
+    result[name .. "_wal_bytes_per_cmd"] = math.floor(per.wal_bytes + 0.5)
+    result[name .. "_commits_per_cmd"] = math.floor(per.commits * 1000 + 0.5) / 1000
+    result[name .. "_wal_fsyncs_per_cmd"] = math.floor(per.wal_syncs * 1000 + 0.5) / 1000
+  end
+
+  -- 3. One request in flight.
+  local to_handler, to_await = cb_latency()
+  local peer_to_task = peer_latency()
+  for _, f in ipairs({{"cb_latency", to_handler}, {"cb_roundtrip", to_await}, {"peer_latency", peer_to_task}}) do
+    result[f[1] .. "_p50_ms"] = ms(common.percentile(f[2], 50))
+    result[f[1] .. "_p99_ms"] = ms(common.percentile(f[2], 99))
+  end
+  result.latency_p50_ratio = common.ratio(result.cb_latency_p50_ms, result.peer_latency_p50_ms)
+  result.latency_p99_ratio = common.ratio(result.cb_latency_p99_ms, result.peer_latency_p99_ms)
+  print(("one request in flight (%d, after %d to warm up), the worker in another process:"):format(REQUESTS, WARMUP))
+  print(("  send to handler started: commandbus p50 %.2f ms, p99 %.2f ms; graphile-worker addJob to task started p50 %.2f ms, p99 %.2f ms: %.2fx, %.2fx (lower is better)"):format(
+    result.cb_latency_p50_ms, result.cb_latency_p99_ms, result.peer_latency_p50_ms, result.peer_latency_p99_ms,
+    result.cb_latency_p50_ms / result.peer_latency_p50_ms, result.cb_latency_p99_ms / result.peer_latency_p99_ms))
+  print(("  commandbus send, handler, await returns: p50 %.2f ms, p99 %.2f ms"):format(
+    result.cb_roundtrip_p50_ms, result.cb_roundtrip_p99_ms))
+end
+
+local ok, err = xpcall(main, debug.traceback)
+cleanup()
+bus:close()
+if not ok then error(err, 0) end
+print(cjson.encode(result))
