@@ -25,10 +25,11 @@ local common = require "bench.support.common"
 local N = tonumber(os.getenv("BENCH_COMMANDS")) or 50000
 -- Rounds of the sending figures and their floors (the best of each is kept).
 local SEND_ROUNDS = tonumber(os.getenv("BENCH_SEND_ROUNDS")) or 3
-local dsn, lua, now, sh, psql = common.dsn, common.lua, common.now, common.sh, common.psql
 local AGED = os.getenv("BENCH_AGED") == "1"
 local AGE_ROUNDS = tonumber(os.getenv("BENCH_AGE_ROUNDS")) or 5
 local PRIORITY_ROUNDS = tonumber(os.getenv("BENCH_PRIORITY_ROUNDS")) or 3
+local lua, now, sh = common.lua, common.now, common.sh
+local function psql(sql) return common.psql(sql) end
 local pgbench = "/usr/lib/postgresql/15/bin/pgbench"
 do
   local f = io.popen("ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null | sort -V | tail -n 1")
@@ -42,10 +43,12 @@ if AGED then -- a database of its own, created afresh
   psql("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
   local out = psql("CREATE DATABASE " .. name)
   assert(not out:match("ERROR"), out)
+  local dsn = common.dsn
   if dsn:match("^postgres") then dsn = dsn:gsub("^(postgres[^/]*//[^/]*)/?[^?]*", "%1/" .. name)
   else dsn = dsn .. " dbname=" .. name end
-  common.dsn = dsn -- psql and the processes started use it
+  common.dsn = dsn -- psql and the helpers of bench/support/common follow
 end
+local dsn = common.dsn
 
 local bus = assert(commandbus.connect(dsn, {pool_size = 4}))
 assert(bus:setup())
@@ -81,8 +84,10 @@ end
 
 -- Runs two OS processes at once; returns what they printed (stdout and
 -- stderr of both).
+-- (The processes connect to DATABASE_URL: the aged mode's own database.)
 local function two_processes(cmd1, cmd2)
-  return sh(("(export DATABASE_URL=%q; %s & %s & wait)"):format(dsn, cmd1, cmd2 or cmd1))
+  local env = ("DATABASE_URL=%q "):format(dsn)
+  return common.at_once({env .. cmd1, env .. (cmd2 or cmd1)})
 end
 
 -- send_batch with the concurrency of the two-client floor: two processes,

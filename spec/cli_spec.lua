@@ -94,7 +94,8 @@ describe("commandbus CLI, without a database", function()
       assert.equal(0, status)
       assert.equal("", err)
       assert.matches("usage: commandbus", out)
-      for _, word in ipairs{"queues", "tsq retry", "process events", "health", "metrics", "worker", "reply%-router"} do
+      for _, word in ipairs{"queues", "tsq retry", "process events", "health", "metrics", "worker", "reply%-router",
+                             "schedules list", "schedules pause"} do
         assert.matches(word, out)
       end
     end
@@ -151,6 +152,12 @@ describe("commandbus CLI, without a database", function()
       {{"worker", "--domain", "d", "--handlers", "m", "--concurrency", "0"}, "--concurrency must be a whole number"},
       {{"worker", "--domain", "d", "--handlers", "no spaces"}, "must be a Lua module name"},
       {{"reply-router", "--domain", "d"}, "needs --managers"},
+      {{"schedules"}, "`schedules` needs one of: list, pause, resume, remove"},
+      {{"schedules", "pause"}, "`schedules pause` takes 1 argument(s), got 0"},
+      {{"schedules", "remove", "a", "b"}, "`schedules remove` takes 1 argument(s), got 2"},
+      {{"schedules", "resume", string.rep("n", 201)}, "<name> must be a schedule name of 1 to 200 bytes"},
+      {{"schedules", "list", "--domain", "Bad"}, "--domain must be a domain name"},
+      {{"schedules", "list", "extra"}, "`schedules list` takes 0 argument(s), got 1"},
     }
     for _, case in ipairs(cases) do
       local args = {"--dsn", DOWN}
@@ -419,6 +426,54 @@ describe("commandbus CLI", function()
       local replies = assert(bus:queue(domain .. "__replies"))
       local msgs = assert(replies:read{vt = 1, qty = 10})
       assert.same({refunded = true}, msgs[#msgs].message.result)
+    end)
+  end)
+
+  describe("schedules", function()
+    it("lists, pauses, resumes and removes schedules, as tables and as JSON", function()
+      local nightly, tick = domain .. "_nightly", domain .. "_tick"
+      assert(bus:schedule{name = nightly, domain = domain, type = "Build", cron = "30 2 * * *", timezone = "Europe/Paris"})
+      assert(bus:schedule{name = tick, domain = domain, type = "Ping", every = 30, missed = "catch_up"})
+      local status, out = run{"schedules", "list", "--domain", domain}
+      assert.equal(0, status)
+      local l = lines(out)
+      assert.equal(3, #l)
+      assert.matches("^NAME%s+DOMAIN%s+TYPE%s+WHEN%s+MISSED%s+STATE%s+NEXT_DUE%s+LAST_DUE$", l[1])
+      local at = columns(l[1])
+      assert.equal(at.NAME, l[2]:find(nightly, 1, true))
+      assert.equal(at.WHEN, l[2]:find("30 2 * * * (Europe/Paris)", 1, true))
+      assert.matches("skip%s+active%s+%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ", l[2])
+      assert.equal(at.WHEN, l[3]:find("every 30s", 1, true))
+      assert.matches("catch_up%s+active", l[3])
+      local rows, text = json{"schedules", "list", "--domain", domain}
+      assert_sorted_keys(text)
+      assert.equal(2, #rows)
+      assert.equal(nightly, rows[1].name)
+      assert.equal("30 2 * * *", rows[1].cron)
+      assert.equal(30, rows[2].every)
+      assert.matches(ISO, rows[2].next_due_at)
+
+      status, out = run{"schedules", "pause", tick}
+      assert.equal(0, status)
+      assert.equal("schedule " .. tick .. " paused\n", out)
+      assert.is_true(json{"schedules", "list", "--domain", domain}[2].paused)
+      assert.matches(literal(tick) .. ".-catch_up%s+paused%s+%-", select(2, run{"schedules", "list", "--domain", domain}))
+      assert.same({name = tick, paused = false}, json{"schedules", "resume", tick})
+      assert.is_false(assert(bus:list_schedules{domain = domain})[2].paused)
+      status, out = run{"schedules", "remove", tick}
+      assert.equal(0, status)
+      assert.equal("schedule " .. tick .. " removed\n", out)
+      assert.equal(1, #assert(bus:list_schedules{domain = domain}))
+      -- What is not there: exit 1, NOT_FOUND.
+      for _, words in ipairs{{"remove", tick}, {"pause", tick}, {"resume", tick}} do
+        local code, o, e = run{"schedules", words[1], words[2]}
+        assert.equal(1, code)
+        assert.equal("", o)
+        assert.matches("^commandbus: NOT_FOUND", e)
+      end
+      assert.equal("no schedules\n", select(2, run{"schedules", "list", "--domain", helper.unique("none")}))
+      assert.same({}, json{"schedules", "list", "--domain", helper.unique("none")})
+      assert(bus:unschedule(nightly))
     end)
   end)
 

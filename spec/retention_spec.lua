@@ -129,22 +129,59 @@ describe("retention", function()
       .. " updated_at = now() - interval '8 days' WHERE domain = '%s'"):format(domain, domain))
     local audits = audits_of(domain)
     local out1, out2 = os.tmpname(), os.tmpname()
-    local cmd = "%s spec/support/upkeep_process.lua %s 4 0.2 > %s 2>/dev/null"
+    local cmd = "%s spec/support/upkeep_process.lua %s 4 0.2 > %s 2>&1"
     os.execute(("(%s & %s & wait)"):format(cmd:format(lua, domain, out1), cmd:format(lua, domain, out2)))
-    local removed, audit_removed = 0, 0
+    local removed, audit_removed, logged = 0, 0, 0
     for _, out in ipairs({out1, out2}) do
       local f = assert(io.open(out))
-      local line = f:read("*a")
+      local text = f:read("*a")
       f:close()
       os.remove(out)
-      local json = assert(line:match("health (.+)"), "a worker process failed: " .. line)
+      local json = assert(text:match("\nhealth ([^\n]+)") or text:match("^health ([^\n]+)"),
+                          "a worker process failed: " .. text)
       local health = cjson.decode(json)
       removed = removed + health.retention.commands
       audit_removed = audit_removed + health.retention.audit
+      -- Each pass that removed something says so in the log.
+      for k in text:gmatch("worker " .. domain .. ": retention removed (%d+) command%(s%)") do logged = logged + tonumber(k) end
     end
     assert.equal(0, commands_of(domain))
     assert.equal(0, audits_of(domain))
     assert.equal(n, removed)
     assert.equal(audits, audit_removed)
+    assert.equal(n, logged)
+    -- The heartbeat rows carry the same counts, for any process to read.
+    local rows = assert(bus:runners{domain = domain})
+    assert.equal(2, #rows)
+    local from_rows = 0
+    for _, r in ipairs(rows) do from_rows = from_rows + r.removed.commands end
+    assert.equal(n, from_rows)
+  end)
+
+  it("a worker's counts show in its health, in bus:runners() and in the metrics", function()
+    local domain = world.domain()
+    local sent = assert(bus:send{domain = domain, type = "Echo", data = {}})
+    world.work(bus, domain, world.settled(bus, domain, {sent.command_id})):close()
+    age(domain, 8)
+    local worker = assert(bus:worker(world.options(domain, {retention = {interval = 0.1}})))
+    assert.is_true(world.run(worker, function() return tonumber(worker:health().retention.commands) == 1 end))
+    local text = assert(bus:metrics_text())
+    local metrics = assert(bus:metrics())
+    worker:close()
+    assert.matches('commandbus_worker_retention_removed_total{domain="' .. domain .. '",runner="[%x-]+",kind="commands"} 1\n',
+                   text)
+    assert.matches('commandbus_worker_retention_removed_total{domain="' .. domain .. '",runner="[%x-]+",kind="audit"} 3\n',
+                   text)
+    local mine
+    for _, w in ipairs(metrics.workers) do if w.domain == domain then mine = w end end
+    assert.equal(1, tonumber(mine.removed.commands))
+    -- The row its last heartbeat wrote, when it stopped (the last started:
+    -- the worker that handled the command has one too).
+    local rows = assert(bus:runners{domain = domain})
+    local row = rows[#rows]
+    assert.equal("stopped", row.state)
+    assert.equal(1, tonumber(row.removed.commands))
+    assert.equal(3, tonumber(row.removed.audit))
+    assert.equal(0, tonumber(row.scheduled))
   end)
 end)

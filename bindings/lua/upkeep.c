@@ -31,7 +31,7 @@ static int l_schedule(lua_State *L) {
   const char *missed;
   if (!cbL_field_text(L, 2, "name", &s.name) || !cbL_field_text(L, 2, "domain", &s.domain) ||
       !cbL_field_text(L, 2, "type", &s.command_type) || !cbL_opt_text(L, 2, "cron", NULL, &s.cron) ||
-      !cbL_opt_number(L, 2, "every", 0, 0, CBL_AGE_MAX, &s.every) ||
+      !cbL_opt_number(L, 2, "every", 0, 1, CBL_DELAY_MAX, &s.every) ||
       !cbL_opt_text(L, 2, "timezone", "UTC", &s.timezone) || !cbL_opt_text(L, 2, "missed", "skip", &missed) ||
       !cbL_opt_int(L, 2, "priority", 0, CB_PRIORITY_MIN, CB_PRIORITY_MAX, &s.priority) ||
       !cbL_opt_json(L, 2, "data", &s.data_json))
@@ -95,17 +95,14 @@ static int l_list_schedules(lua_State *L) {
 
 /* ---- retention ---------------------------------------------------------------------- */
 
+/* {commands=, audit=, archive=, batches=, processes=, dedup_keys=, schedule_runs=} */
 static void push_counts(lua_State *L, const cb_retention_counts *c) {
-  lua_createtable(L, 0, 7);
-  const struct {
-    const char *name;
-    int64_t value;
-  } fields[] = {{"commands", c->commands},     {"audit", c->audit},           {"archive", c->archive},
-                {"batches", c->batches},       {"processes", c->processes},   {"dedup_keys", c->dedup_keys},
-                {"schedule_runs", c->schedule_runs}};
-  for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
-    cbL_pushint64(L, fields[i].value);
-    lua_setfield(L, -2, fields[i].name);
+  int64_t values[CB_RETENTION_KINDS];
+  cb_retention_counts_values(c, values);
+  lua_createtable(L, 0, CB_RETENTION_KINDS + 2);
+  for (int k = 0; k < CB_RETENTION_KINDS; k++) {
+    cbL_pushint64(L, values[k]);
+    lua_setfield(L, -2, cb_retention_kinds[k]);
   }
 }
 

@@ -206,3 +206,11 @@ RETURNS SETOF timestamptz LANGUAGE sql STABLE AS $$
   SELECT commandbus.schedule_times(s, s.next_due_at, upto, s.missed = 'skip',
                                    CASE WHEN s.missed = 'skip' THEN 1 ELSE 100 END)
 $$;
+
+-- ---- what the background jobs did, in the heartbeats -------------------------------
+-- A worker's heartbeat row (commandbus.runner, from 006) also carries what
+-- its retention passes removed since it started, by kind (commands, audit,
+-- archive, batches, processes, dedup_keys, schedule_runs, in that order),
+-- and how many commands it sent for due schedules.
+ALTER TABLE commandbus.runner ADD COLUMN IF NOT EXISTS removed bigint[] NOT NULL DEFAULT '{}';
+ALTER TABLE commandbus.runner ADD COLUMN IF NOT EXISTS scheduled bigint NOT NULL DEFAULT 0;

@@ -9,7 +9,8 @@
  *   commandbus_runners{kind,domain,state}, commandbus_runner_info{kind,
  *     domain,runner,host,pid,state} (1 per live runner)
  *   commandbus_worker_*{domain,runner} and commandbus_reply_router_*{domain,
- *     runner} (RUNNER_FIELDS), their _lane_depth{domain,runner,lane}
+ *     runner} (RUNNER_FIELDS), commandbus_worker_retention_removed_total{domain,
+ *     runner,kind}, their _lane_depth{domain,runner,lane}
  *   commandbus_message_router_*{router} (ROUTER_FIELDS), _lane_depth{router,
  *     lane} (lanes count from 1, as router:take(lane) does)
  *   commandbus_awaiter_waiters, commandbus_process_events_*
@@ -255,6 +256,8 @@ static const runner_field RUNNER_FIELDS[] = {
        "Messages set aside because they are not commands (or not this worker's to run)."),
     RF("worker", "commandbus_worker_last_success_timestamp_seconds", "gauge", last_success_at, AS_DOUBLE,
        "When a handler last succeeded (Unix time); 0 if never."),
+    RF("worker", "commandbus_worker_scheduled_total", "counter", scheduled, AS_U64,
+       "Commands the worker sent for due schedules."),
     RF("reply_router", "commandbus_reply_router_lanes", "gauge", lanes, AS_INT,
        "Lanes (concurrency) of the reply router."),
     RF("reply_router", "commandbus_reply_router_in_flight", "gauge", in_flight, AS_INT,
@@ -310,6 +313,17 @@ static void runner_families(writer *w, const cb_metrics *m) {
       if (live(m, s) && strcmp(s->kind, rf->kind) == 0)
         sample(w, field_value(s, rf), "domain", s->domain, "runner", s->runner_id, NULL);
     }
+  }
+  family(w, "commandbus_worker_retention_removed_total", "counter",
+         "Rows the worker's retention passes removed, by kind: commands, audit (their audit rows), archive "
+         "(archived messages), batches, processes, dedup_keys, schedule_runs.");
+  for (size_t i = 0; i < m->nrunners; i++) {
+    const cb_runner_stat *s = &m->runners[i];
+    if (!live(m, s) || strcmp(s->kind, "worker") != 0) continue;
+    int64_t removed[CB_RETENTION_KINDS];
+    cb_retention_counts_values(&s->removed, removed);
+    for (int k = 0; k < CB_RETENTION_KINDS; k++)
+      sample(w, (double)removed[k], "domain", s->domain, "runner", s->runner_id, "kind", cb_retention_kinds[k], NULL);
   }
   static const char *const kinds[][2] = {{"worker", "commandbus_worker_lane_depth"},
                                          {"reply_router", "commandbus_reply_router_lane_depth"}};

@@ -6,6 +6,7 @@
 
 #include "commandbus/bus.h"
 #include "commandbus/events.h"
+#include "commandbus/log.h"
 #include "commandbus/queue.h"
 #include "keyed.h"
 #include "strbuf.h"
@@ -24,6 +25,25 @@ void cb_retention_counts_add(cb_retention_counts *sum, const cb_retention_counts
 
 int64_t cb_retention_counts_total(const cb_retention_counts *c) {
   return c->commands + c->audit + c->archive + c->batches + c->processes + c->dedup_keys + c->schedule_runs;
+}
+
+const char *const cb_retention_kinds[CB_RETENTION_KINDS] = {"commands",  "audit",      "archive",      "batches",
+                                                             "processes", "dedup_keys", "schedule_runs"};
+
+void cb_retention_counts_values(const cb_retention_counts *c, int64_t out[CB_RETENTION_KINDS]) {
+  const int64_t v[CB_RETENTION_KINDS] = {c->commands,  c->audit,      c->archive,      c->batches,
+                                         c->processes, c->dedup_keys, c->schedule_runs};
+  memcpy(out, v, sizeof v);
+}
+
+void cb_retention_counts_from_values(cb_retention_counts *c, const int64_t v[CB_RETENTION_KINDS]) {
+  c->commands = v[0];
+  c->audit = v[1];
+  c->archive = v[2];
+  c->batches = v[3];
+  c->processes = v[4];
+  c->dedup_keys = v[5];
+  c->schedule_runs = v[6];
 }
 
 /* ---- the policy ------------------------------------------------------------------- */
@@ -80,7 +100,10 @@ int cb_retention_get(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err 
  * (NULL: the policy), and $4 statuses for the commands. */
 #define CUTOFF(kind) "now() - coalesce(make_interval(secs => $3::float8), r." kind ")"
 #define TERMINAL_PROCESS "('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED')"
-#define FINISHED_BATCH "('COMPLETED', 'COMPLETED_WITH_FAILURES')"
+/* A batch has ended when it is complete with nothing left in the TSQ: one
+ * complete with a member in the TSQ (COMPLETED_WITH_FAILURES) is still open,
+ * a retry of that member reopens it. */
+#define FINISHED_BATCH(b) "(" b ".status IN ('COMPLETED', 'COMPLETED_WITH_FAILURES') AND " b ".in_troubleshooting_count = 0)"
 
 /* Finished commands past their age, with their audit rows. A batch's
  * commands go by the batch's age once it has finished (its counts are read
@@ -94,7 +117,7 @@ static const char commands_sql[] =
     " WHERE k.updated_at < (SELECT greatest(commands, batches) FROM p) AND k.domain = $1"
     " AND k.status = ANY(coalesce($4::text[], ARRAY['COMPLETED', 'FAILED', 'CANCELED']))"
     " AND CASE WHEN k.batch_id IS NULL THEN k.updated_at < (SELECT commands FROM p)"
-    " ELSE coalesce((SELECT b.status IN " FINISHED_BATCH " AND b.completed_at < (SELECT batches FROM p)"
+    " ELSE coalesce((SELECT " FINISHED_BATCH("b") " AND b.completed_at < (SELECT batches FROM p)"
     " FROM commandbus.batch b WHERE b.domain = $1 AND b.batch_id = k.batch_id),"
     " k.updated_at < (SELECT commands FROM p)) END"
     " AND NOT EXISTS (SELECT 1 FROM commandbus.process pr WHERE pr.domain = $1 AND pr.process_id = k.correlation_id"
@@ -109,7 +132,7 @@ static const char commands_sql[] =
 /* Finished batches past their age whose commands are gone, with the batch's
  * own audit rows (BATCH_STARTED, BATCH_COMPLETED). */
 static const char batches_sql[] =
-    "WITH v AS (SELECT b.batch_id FROM commandbus.batch b WHERE b.domain = $1 AND b.status IN " FINISHED_BATCH
+    "WITH v AS (SELECT b.batch_id FROM commandbus.batch b WHERE b.domain = $1 AND " FINISHED_BATCH("b")
     " AND b.completed_at < (SELECT " CUTOFF("batches") " FROM commandbus.retention_of($1) r)"
     " AND NOT EXISTS (SELECT 1 FROM commandbus.command k WHERE k.domain = $1 AND k.batch_id = b.batch_id)"
     " ORDER BY b.completed_at LIMIT $2::int FOR UPDATE SKIP LOCKED),"
@@ -212,6 +235,18 @@ static int purge_step(cb_runtime *rt, int step, const char *domain, const char *
   }
 }
 
+/* What a purge removed (also when it stopped at a failure: its batches
+ * before that are committed). */
+static void log_purge(const cb_purge_spec *spec, const cb_retention_counts *c, int rc) {
+  if (cb_retention_counts_total(c) == 0 && rc == CB_OK) return;
+  cb_log(rc == CB_OK ? CB_LOG_INFO : CB_LOG_WARN,
+         "purge of %s%s: removed %lld command(s) with %lld audit row(s), %lld archived message(s), %lld batch(es), "
+         "%lld process(es), %lld dedup key(s), %lld schedule record(s)",
+         spec->domain, rc == CB_OK ? "" : " (stopped by a failure)", (long long)c->commands, (long long)c->audit,
+         (long long)c->archive, (long long)c->batches, (long long)c->processes, (long long)c->dedup_keys,
+         (long long)c->schedule_runs);
+}
+
 int cb_retention_purge(cb_runtime *rt, const cb_purge_spec *spec, cb_retention_counts *removed, cb_err *err) {
   memset(removed, 0, sizeof *removed);
   int rc = cb_domain_valid(spec->domain, err);
@@ -238,6 +273,7 @@ int cb_retention_purge(cb_runtime *rt, const cb_purge_spec *spec, cb_retention_c
                          : purge_step(rt, CB_RETAIN_COMMANDS, spec->domain, NULL, older,
                                       spec->nstatuses ? statuses.data : "{}", removed, err);
     cb_strbuf_free(&statuses);
+    log_purge(spec, removed, rc);
     return rc;
   }
   cb_unit *queues = cb_unit_new();
@@ -254,5 +290,6 @@ int cb_retention_purge(cb_runtime *rt, const cb_purge_spec *spec, cb_retention_c
       rc = purge_step(rt, step, spec->domain, cb_result_value(r, i, 0), older, NULL, removed, err);
   }
   cb_unit_free(queues);
+  log_purge(spec, removed, rc);
   return rc;
 }

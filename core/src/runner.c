@@ -92,7 +92,11 @@ static void append_row(cb_strbuf *b, const cb_runner_stat *s) {
                    (unsigned long long)s->poison, (unsigned long long)s->applied, (unsigned long long)s->rejected,
                    s->last_success_at, s->started_at);
   for (int i = 0; i < s->nlane_depths; i++) cb_strbuf_printf(b, i ? ",%u" : "%u", s->lane_depths[i]);
-  cb_strbuf_puts(b, "]}");
+  int64_t removed[CB_RETENTION_KINDS];
+  cb_retention_counts_values(&s->removed, removed);
+  cb_strbuf_puts(b, "],\"removed\":[");
+  for (int i = 0; i < CB_RETENTION_KINDS; i++) cb_strbuf_printf(b, i ? ",%lld" : "%lld", (long long)removed[i]);
+  cb_strbuf_printf(b, "],\"scheduled\":%llu}", (unsigned long long)s->scheduled);
 }
 
 /* One statement upserts every row of `rows` (a JSON array) and clears rows
@@ -112,19 +116,20 @@ static cb_unit *rows_unit(cb_strbuf *rows) {
       "WITH i AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(id uuid, kind text, domain text, host text,"
       " pid int, state text, lanes int, in_flight int, successes bigint, failures bigint, retries bigint,"
       " consecutive_failures bigint, stuck bigint, poison bigint, applied bigint, rejected bigint,"
-      " last_success_at float8, started_at float8, lane_depths int[])),"
+      " last_success_at float8, started_at float8, lane_depths int[], removed bigint[], scheduled bigint)),"
       " w AS (INSERT INTO commandbus.runner AS r (runner_id, kind, domain, host, pid, state, lanes, in_flight,"
       " successes, failures, retries, consecutive_failures, stuck, poison, applied, rejected, lane_depths,"
-      " last_success_at, started_at, heartbeat_at, heartbeat_interval)"
+      " removed, scheduled, last_success_at, started_at, heartbeat_at, heartbeat_interval)"
       " SELECT id, kind, domain, host, pid, state, lanes, in_flight, successes, failures, retries,"
-      " consecutive_failures, stuck, poison, applied, rejected, lane_depths,"
+      " consecutive_failures, stuck, poison, applied, rejected, lane_depths, removed, scheduled,"
       " CASE WHEN last_success_at > 0 THEN to_timestamp(last_success_at) END, to_timestamp(started_at), now(),"
       " $2::float8 FROM i"
       " ON CONFLICT (runner_id) DO UPDATE SET state = excluded.state, lanes = excluded.lanes,"
       " in_flight = excluded.in_flight, successes = excluded.successes, failures = excluded.failures,"
       " retries = excluded.retries, consecutive_failures = excluded.consecutive_failures, stuck = excluded.stuck,"
       " poison = excluded.poison, applied = excluded.applied, rejected = excluded.rejected,"
-      " lane_depths = excluded.lane_depths, last_success_at = excluded.last_success_at,"
+      " lane_depths = excluded.lane_depths, removed = excluded.removed, scheduled = excluded.scheduled,"
+      " last_success_at = excluded.last_success_at,"
       " heartbeat_at = excluded.heartbeat_at, heartbeat_interval = excluded.heartbeat_interval)"
       " DELETE FROM commandbus.runner WHERE heartbeat_at < now() - interval '1 day'",
       2, params);
@@ -144,7 +149,9 @@ static void note_result(struct cb_runner_registry *reg, const cb_unit *u) {
     const cb_err *e = cb_unit_error(u);
     cb_log(CB_LOG_WARN, "cannot record the heartbeats of workers and reply routers (%s: %s)%s; trying again every %g s",
            cb_strerror(e->code), e->message,
-           strcmp(e->sqlstate, "42P01") == 0 ? " - the schema predates them: run setup" : "", CB_RUNNER_HEARTBEAT_S);
+           strcmp(e->sqlstate, "42P01") == 0 || strcmp(e->sqlstate, "42703") == 0 ? " - the schema predates them: run setup"
+                                                                                    : "",
+           CB_RUNNER_HEARTBEAT_S);
     reg->failing = 1;
   }
 }
@@ -300,6 +307,17 @@ static void read_lane_depths(cb_runner_stat *s, const char *list) {
   }
 }
 
+static void read_removed(cb_runner_stat *s, const char *list) {
+  int64_t v[CB_RETENTION_KINDS] = {0};
+  for (int i = 0; i < CB_RETENTION_KINDS && *list; i++) {
+    char *end;
+    v[i] = strtoll(list, &end, 10);
+    if (end == list) break;
+    list = *end == ',' ? end + 1 : end;
+  }
+  cb_retention_counts_from_values(&s->removed, v);
+}
+
 int cb_runner_list(cb_runtime *rt, const char *domain, cb_runner_stat **out, size_t *count, cb_err *err) {
   *out = NULL;
   *count = 0;
@@ -313,13 +331,16 @@ int cb_runner_list(cb_runtime *rt, const char *domain, cb_runner_stat **out, siz
               " now() - make_interval(secs => heartbeat_interval * $2::int) THEN 'lost' ELSE state END,"
               " extract(epoch FROM started_at), extract(epoch FROM heartbeat_at), lanes, in_flight, successes,"
               " failures, retries, consecutive_failures, stuck, poison, applied, rejected,"
-              " coalesce(extract(epoch FROM last_success_at), 0), array_to_string(lane_depths, ',')"
+              " coalesce(extract(epoch FROM last_success_at), 0), array_to_string(lane_depths, ','),"
+              " array_to_string(removed, ','), scheduled"
               " FROM commandbus.runner WHERE $1::text IS NULL OR domain = $1"
               " ORDER BY kind, domain, started_at, runner_id",
               2, params);
   int rc = cb_runtime_exec(rt, u, err);
   if (rc == CB_EDATABASE && strcmp(err->sqlstate, "42P01") == 0)
     cb_err_set(err, rc, "there is no table of workers and reply routers: the schema predates it (run setup)");
+  else if (rc == CB_EDATABASE && strcmp(err->sqlstate, "42703") == 0)
+    cb_err_set(err, rc, "the table of workers and reply routers predates retention counts: run setup");
   const cb_result *r = rc == CB_OK ? cb_unit_result(u, 0) : NULL;
   int rows = cb_result_rows(r);
   if (rc == CB_OK && (*out = calloc((size_t)rows + 1, sizeof **out)) == NULL)
@@ -341,6 +362,8 @@ int cb_runner_list(cb_runtime *rt, const char *domain, cb_runner_stat **out, siz
     for (int c = 0; c < 8; c++) *counters[c] = (uint64_t)cb_result_int(r, i, 10 + c);
     s->last_success_at = strtod(cb_result_value(r, i, 18), NULL);
     read_lane_depths(s, cb_result_value(r, i, 19));
+    read_removed(s, cb_result_value(r, i, 20));
+    s->scheduled = (uint64_t)cb_result_int(r, i, 21);
   }
   if (rc == CB_OK) *count = (size_t)rows;
   else {

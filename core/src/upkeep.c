@@ -159,7 +159,6 @@ static void end_pass(cb_upkeep *k, int finished) {
   k->next_retention_at = now + k->o.retention_interval * (0.9 + 0.2 * (double)rand() / RAND_MAX);
   if (!finished) return;
   pthread_mutex_lock(&k->lock);
-  cb_retention_counts_add(&k->stats.removed, &k->pass);
   k->stats.retention_passes++;
   k->stats.last_retention_at = now;
   pthread_mutex_unlock(&k->lock);
@@ -191,7 +190,14 @@ static void on_retention_step(cb_unit *u, void *arg) {
     k->queue_index = 0;
     k->step = 0;
   } else {
-    int64_t n = cb_retention_read_step(u, cb_unit_count(u) - 1, k->step, &k->pass);
+    /* Counted as each batch commits: a pass cut short by a failure still
+     * tells what it removed. */
+    cb_retention_counts batch = {0};
+    int64_t n = cb_retention_read_step(u, cb_unit_count(u) - 1, k->step, &batch);
+    cb_retention_counts_add(&k->pass, &batch);
+    pthread_mutex_lock(&k->lock);
+    cb_retention_counts_add(&k->stats.removed, &batch);
+    pthread_mutex_unlock(&k->lock);
     if (n < CB_RETENTION_BATCH) { /* this kind is done: the next one */
       if (k->step == CB_RETAIN_ARCHIVE && ++k->queue_index < k->nqueues) {
         /* the next queue's archive */

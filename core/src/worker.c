@@ -264,6 +264,8 @@ static void report(void *self, cb_runner_stat *s) {
   s->stuck = h.stuck;
   s->poison = h.poison;
   s->last_success_at = h.last_success_at;
+  s->removed = h.upkeep.removed;
+  s->scheduled = h.upkeep.scheduled;
 }
 
 static void stop_runner(void *self) { cb_worker_stop(self); }

@@ -85,8 +85,15 @@ local function module_name(v, label)
   return v
 end
 
+-- A schedule's name: any text of 1 to 200 bytes.
+local function schedule_name(v, label)
+  if v == "" or #v > 200 then usage_error("%s must be a schedule name of 1 to 200 bytes, got `%s`", label, v) end
+  return v
+end
+
 local CHECKS = {
   domain = name_check("domain name", 37),
+  name = schedule_name,
   queue = name_check("queue name", 47),
   id = uuid,
   status = text, -- per command, below
@@ -331,6 +338,30 @@ local COMMAND_COLUMNS = {
 
 local function runner_id(row) return row.runner_id end
 
+-- What a worker's retention passes removed, all kinds together.
+local function removed_total(row)
+  if not row.removed then return nil end
+  local n = 0
+  for _, v in pairs(row.removed) do n = n + v end
+  return n
+end
+
+-- A schedule's timing: "*/5 * * * * (Europe/Paris)" or "every 30s".
+local function schedule_timing(s)
+  if s.cron then return s.timezone ~= "UTC" and ("%s (%s)"):format(s.cron, s.timezone) or s.cron end
+  return ("every %ss"):format(number_json(s.every))
+end
+
+-- A schedule's pause or resume, or its removal.
+local function schedule_change(method, paused)
+  return function(bus, a)
+    local ok, err = bus[method](bus, a.name)
+    if ok == false then return nil, ("NOT_FOUND: no schedule named `%s`"):format(a.name) end
+    if not ok then return nil, err end
+    return {name = a.name, paused = paused, removed = method == "unschedule" or nil}
+  end
+end
+
 local function heartbeat_age(row)
   return age(os.time() - math.floor(row.heartbeat_at or 0))
 end
@@ -526,9 +557,43 @@ local COMMANDS = {
         {"RETRIED", field("retries"), true},
         {"STUCK", field("stuck"), true},
         {"SET_ASIDE", function(r) return r.poison or r.rejected end, true},
+        {"REMOVED", removed_total, true},
         {"HEARTBEAT", heartbeat_age, true},
       }, rows, "no workers or reply routers have run in the last day")
     end,
+  },
+  {
+    words = "schedules list", options = {domain = CHECKS.domain},
+    summary = "schedules (of one domain, or all) with their timing and next due time, by name", list = true,
+    run = function(bus, _, o) return bus:list_schedules{domain = o.domain} end,
+    show = function(out, rows)
+      print_table(out, {
+        {"NAME", field("name")},
+        {"DOMAIN", field("domain")},
+        {"TYPE", field("type")},
+        {"WHEN", schedule_timing},
+        {"MISSED", field("missed")},
+        {"STATE", function(r) return r.paused and "paused" or "active" end},
+        {"NEXT_DUE", function(r) return r.paused and "-" or short_time(r.next_due_at) end},
+        {"LAST_DUE", time_field("last_due_at")},
+      }, rows, "no schedules")
+    end,
+  },
+  {
+    words = "schedules pause", args = {"name"}, summary = "stop sending a schedule until it is resumed",
+    run = schedule_change("pause_schedule", true),
+    show = function(out, r) out:write("schedule ", r.name, " paused\n") end,
+  },
+  {
+    words = "schedules resume", args = {"name"},
+    summary = "send a paused schedule again (the due times it missed go as its `missed` says)",
+    run = schedule_change("resume_schedule", false),
+    show = function(out, r) out:write("schedule ", r.name, " resumed\n") end,
+  },
+  {
+    words = "schedules remove", args = {"name"}, summary = "remove a schedule and its record of sent due times",
+    run = schedule_change("unschedule", nil),
+    show = function(out, r) out:write("schedule ", r.name, " removed\n") end,
   },
   {
     words = "metrics", summary = "metrics in Prometheus text format (workers of every process)",

@@ -36,6 +36,15 @@ typedef struct cb_retention_counts {
 void cb_retention_counts_add(cb_retention_counts *sum, const cb_retention_counts *more);
 int64_t cb_retention_counts_total(const cb_retention_counts *c);
 
+/* The kinds of cb_retention_counts in their order, by the names the Lua API,
+ * the heartbeat rows and the metrics give them: "commands", "audit",
+ * "archive", "batches", "processes", "dedup_keys", "schedule_runs". */
+#define CB_RETENTION_KINDS 7
+extern const char *const cb_retention_kinds[CB_RETENTION_KINDS];
+/* The counts in that order. */
+void cb_retention_counts_values(const cb_retention_counts *c, int64_t out[CB_RETENTION_KINDS]);
+void cb_retention_counts_from_values(cb_retention_counts *c, const int64_t values[CB_RETENTION_KINDS]);
+
 /* One age of a policy: set = 0 leaves it as it is; seconds < 0 keeps forever. */
 typedef struct cb_retention_age {
   int set;

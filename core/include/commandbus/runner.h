@@ -23,6 +23,7 @@
 #include "commandbus/error.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
+#include "commandbus/retention.h"
 #include "commandbus/runtime.h"
 #include "commandbus/uuid.h"
 
@@ -47,6 +48,8 @@ typedef struct cb_runner_stat {
   uint64_t successes, failures, retries, consecutive_failures, stuck, poison; /* worker (failures: both) */
   uint64_t applied, rejected;                                               /* reply router */
   double last_success_at;              /* Unix seconds, 0 = never */
+  cb_retention_counts removed;         /* worker: what its retention passes removed since it started */
+  uint64_t scheduled;                  /* worker: commands it sent for due schedules */
   int nlane_depths;
   uint32_t lane_depths[CB_MESSAGE_ROUTER_MAX_LANES]; /* items waiting in each lane */
 } cb_runner_stat;
