@@ -65,6 +65,7 @@ struct cb_worker {
   int finalized;
   int watch_id;
   int more_waiting; /* the last fetch found messages: there may be more */
+  int wake_pending; /* notified since the last receive was built: fetch again */
   /* Where the read of priority-0 messages starts: the lowest msg_id the
    * last fetch received at that priority. A message below it that becomes
    * visible later (a retry, a redelivery, a send that committed late) is
@@ -480,9 +481,9 @@ static void on_fetched(cb_unit *u, void *arg) {
     w->fetch_failing = 0;
     handle_fetched(w, u, cb_unit_count(u) - 1); /* the receive is the unit's last statement */
   }
-  int more = w->more_waiting;
+  int more = w->more_waiting || (w->wake_pending && !w->fetch_failing);
   cb_unit_free(u);
-  if (more) maybe_fetch(w); /* there may be more */
+  if (more) maybe_fetch(w); /* there may be more, or a send came while this fetch was on its way */
   maybe_finalize(w);
 }
 
@@ -524,6 +525,7 @@ static int add_receive(cb_unit *u, cb_worker *w, int room) {
   snprintf(vt, sizeof vt, "%.3f", w->o.visibility_timeout);
   snprintf(from, sizeof from, "%lld", w->full_scan_due ? 0LL : (long long)w->scan_from);
   w->full_scan_due = 0;
+  w->wake_pending = 0; /* this receive runs after the notification: it sees what was sent */
   w->asked = room;
   const char *params[] = {qty, vt, w->domain, from};
   if (cb_limits_add_lock(u, w->domain) < 0) return -1;
@@ -545,7 +547,14 @@ static void maybe_fetch(cb_worker *w) {
   }
 }
 
-static void on_notified(void *arg) { maybe_fetch(arg); }
+/* A send committed. A fetch on its way may have read the queue before it:
+ * the notification is kept (wake_pending) until a receive built after it
+ * has run, so that it never waits for the next poll. */
+static void on_notified(void *arg) {
+  cb_worker *w = arg;
+  w->wake_pending = 1;
+  maybe_fetch(w);
+}
 static void flush_acks(cb_worker *w);
 static void on_poll(uv_timer_t *t);
 
@@ -763,7 +772,7 @@ static void on_round_done(cb_unit *u, void *arg) {
     w->fetching = 0;
     if (cb_unit_status(u) == CB_OK) {
       handle_fetched(w, u, round->fetch_index);
-      more = w->more_waiting;
+      more = w->more_waiting || w->wake_pending;
     }
   }
   if (cb_unit_status(u) != CB_OK && cb_unit_status(u) == CB_ECONNECTION && !w->abandon_acks) {
