@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "internal.h"
 #include "strbuf.h"
 
 #define SEND_CHUNK 1000 /* commands per statement: bounded parameter size */
@@ -270,14 +271,203 @@ static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
   return rc;
 }
 
-/* Sends specs within u, after the statements the caller added, and runs it. */
-static int send_in_unit(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                        double delay, cb_send_result *results, cb_err *err) {
-  int first = cb_unit_count(u);
-  int rc = cb_bus_add_send(rt, u, domain, specs, n, delay, results, NULL, err);
-  if (rc == CB_OK) rc = exec_send(rt, u, err);
-  if (rc == CB_OK) cb_bus_read_send(u, first, n, results);
+/* ---- sends sharing transactions ----------------------------------------------
+ *
+ * A commit waits for the disk, and a connection commits one transaction at
+ * a time. So sends from concurrent callers share transactions: at most one
+ * group of sends per pooled connection is on its way at once; sends that
+ * arrive meanwhile gather and leave together, as one transaction, when a
+ * group comes back. A caller alone sends at once, in a transaction of its
+ * own (one round trip, one commit); under load the groups grow with it.
+ * Each caller still gets its own answer. When a shared transaction fails on
+ * the database's side (a command whose data the server refuses, a deadlock
+ * between two groups), nothing of it was written, and each of its sends is
+ * made again alone, so that one bad send never fails the others. When its
+ * outcome is unknown (the connection broke) every sender gets that error,
+ * as a send alone would. */
+
+#define GROUP_MAX 128 /* sends per shared transaction, at most */
+
+typedef struct send_call {
+  struct cb_send_groups *g;
+  cb_unit *unit;            /* its statements, built and checked by the caller */
+  size_t n;                 /* its commands */
+  cb_send_result *results;
+  int first;                /* its first statement in the group's unit */
+  int rc;
+  cb_err err;
+  int done;                 /* [g->lock] */
+  struct send_call *next;
+} send_call;
+
+struct cb_send_groups {
+  cb_runtime *rt;
+  pthread_mutex_t lock;
+  pthread_cond_t done; /* a call was answered */
+  int out, max;        /* groups on their way; at most one per connection */
+  send_call *head, *tail; /* waiting for the next group */
+};
+
+typedef struct cb_send_groups cb_send_groups;
+
+typedef struct send_group {
+  cb_send_groups *g;
+  send_call *calls;
+  int count;
+} send_group;
+
+struct cb_send_groups *cb__send_groups_new(cb_runtime *rt) {
+  cb_send_groups *g = calloc(1, sizeof *g);
+  if (g == NULL) return NULL;
+  g->rt = rt;
+  g->max = rt->nconns > 0 ? rt->nconns : 1;
+  pthread_mutex_init(&g->lock, NULL);
+  pthread_cond_init(&g->done, NULL);
+  return g;
+}
+
+void cb__send_groups_free(struct cb_send_groups *g) {
+  if (g == NULL) return;
+  pthread_cond_destroy(&g->done);
+  pthread_mutex_destroy(&g->lock);
+  free(g);
+}
+
+/* The outcome of a unit holding sends, as exec_send reports it. */
+static int send_outcome(const cb_unit *u, cb_err *err) {
+  int rc = cb_unit_status(u);
+  if (rc == CB_OK) return CB_OK;
+  *err = *cb_unit_error(u);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
+    rc = cb_err_set(err, CB_EINVAL, "invalid command data: %s", cb_unit_error(u)->message);
   return rc;
+}
+
+static void answer(cb_send_groups *g, send_call *c, int rc, const cb_err *err) {
+  c->rc = rc;
+  if (rc != CB_OK && err) c->err = *err;
+  pthread_mutex_lock(&g->lock);
+  c->done = 1;
+  pthread_cond_broadcast(&g->done);
+  pthread_mutex_unlock(&g->lock);
+}
+
+static void start_group(cb_send_groups *g, send_call *calls, int count);
+
+/* Takes the sends waiting (up to GROUP_MAX) when a group may leave now;
+ * [g->lock] held. */
+static send_call *take_waiting(cb_send_groups *g, int *count) {
+  *count = 0;
+  if (g->head == NULL || g->out >= g->max) return NULL;
+  send_call *calls = g->head, *last = calls;
+  *count = 1;
+  while (last->next && *count < GROUP_MAX) last = last->next, (*count)++;
+  g->head = last->next;
+  if (g->head == NULL) g->tail = NULL;
+  last->next = NULL;
+  g->out++;
+  return calls;
+}
+
+/* A group came back, or could not leave: the next one leaves. */
+static void group_finished(cb_send_groups *g) {
+  pthread_mutex_lock(&g->lock);
+  g->out--;
+  int count;
+  send_call *next = take_waiting(g, &count);
+  pthread_mutex_unlock(&g->lock);
+  if (next) start_group(g, next, count);
+}
+
+static void alone_done(cb_unit *u, void *arg) {
+  send_call *c = arg;
+  cb_err err;
+  int rc = send_outcome(u, &err);
+  if (rc == CB_OK) cb_bus_read_send(u, 0, c->n, c->results);
+  answer(c->g, c, rc, &err);
+}
+
+static void group_done(cb_unit *u, void *arg) {
+  send_group *grp = arg;
+  cb_send_groups *g = grp->g;
+  cb_err err;
+  int rc = send_outcome(u, &err);
+  int again = rc != CB_OK && grp->count > 1 && rc != CB_ECONNECTION && rc != CB_ECLOSED;
+  for (send_call *c = grp->calls, *next; c; c = next) {
+    next = c->next; /* c may be gone once answered */
+    if (again) { /* each alone: the server tells which one it refuses */
+      cb_unit_on_done(c->unit, alone_done, c);
+      if (cb_runtime_submit(g->rt, &c->unit, 1) != CB_OK) {
+        cb_err closed;
+        cb_err_set(&closed, CB_ECLOSED, "the runtime is closed");
+        answer(g, c, CB_ECLOSED, &closed);
+      }
+      continue;
+    }
+    if (rc == CB_OK) cb_bus_read_send(u, c->first, c->n, c->results);
+    answer(g, c, rc, &err);
+  }
+  if (grp->count > 1) cb_unit_free(u); /* a group of one ran the caller's own unit */
+  free(grp);
+  group_finished(g);
+}
+
+/* Builds the group's transaction and submits it (from a caller's thread or
+ * the loop thread). */
+static void start_group(cb_send_groups *g, send_call *calls, int count) {
+  send_group *grp = calloc(1, sizeof *grp);
+  cb_unit *u = NULL;
+  int rc = grp ? CB_OK : CB_ENOMEM;
+  if (rc == CB_OK && count == 1) {
+    u = calls->unit;
+    calls->first = 0;
+  } else if (rc == CB_OK) {
+    u = cb_unit_new();
+    rc = u ? CB_OK : CB_ENOMEM;
+    for (send_call *c = calls; rc == CB_OK && c; c = c->next) {
+      c->first = cb_unit_count(u);
+      rc = cb__unit_append(u, c->unit);
+    }
+  }
+  if (rc == CB_OK) {
+    grp->g = g;
+    grp->calls = calls;
+    grp->count = count;
+    cb_unit_on_done(u, group_done, grp);
+    rc = cb_runtime_submit(g->rt, &u, 1);
+  }
+  if (rc == CB_OK) return;
+  if (u && count > 1) cb_unit_free(u);
+  else if (u) cb_unit_on_done(u, NULL, NULL);
+  free(grp);
+  cb_err err;
+  cb_err_set(&err, rc, rc == CB_ENOMEM ? "out of memory" : "the runtime is closed");
+  for (send_call *c = calls, *next; c; c = next) {
+    next = c->next;
+    answer(g, c, rc, &err);
+  }
+  group_finished(g);
+}
+
+/* Runs u (the statements of one send) in a shared transaction. */
+static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, cb_err *err) {
+  if (cb_runtime_on_loop(rt)) return exec_send(rt, u, err); /* reports the deadlock */
+  cb_send_groups *g = rt->sends;
+  send_call c = {.g = g, .unit = u, .n = n, .results = results, .rc = CB_OK};
+  pthread_mutex_lock(&g->lock);
+  if (g->tail) g->tail->next = &c;
+  else g->head = &c;
+  g->tail = &c;
+  int count;
+  send_call *calls = take_waiting(g, &count);
+  pthread_mutex_unlock(&g->lock);
+  if (calls) start_group(g, calls, count);
+  pthread_mutex_lock(&g->lock);
+  while (!c.done) pthread_cond_wait(&g->done, &g->lock);
+  pthread_mutex_unlock(&g->lock);
+  cb_unit_on_done(u, NULL, NULL);
+  if (c.rc != CB_OK) *err = c.err;
+  return c.rc;
 }
 
 int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, double delay,
@@ -285,7 +475,8 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   if (n == 0) return cb_domain_valid(domain, err);
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  int rc = send_in_unit(rt, u, domain, specs, n, delay, results, err);
+  int rc = cb_bus_add_send(rt, u, domain, specs, n, delay, results, NULL, err);
+  if (rc == CB_OK) rc = exec_send_shared(rt, u, n, results, err);
   cb_unit_free(u);
   if (rc == CB_OK && n == 1 && results[0].duplicate) {
     if (strcmp(results[0].duplicate_of, results[0].command_id) != 0)

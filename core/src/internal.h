@@ -122,9 +122,19 @@ struct cb_runtime {
   cb_hub *hub;         /* [init] */
   struct cb_event_feed *events; /* [init] the process event sink's queue (events.c) */
   struct cb_runner_registry *runners; /* [init] running workers and reply routers (runner.c) */
+  struct cb_send_groups *sends; /* [init] sends sharing transactions (bus.c) */
   uint64_t units_sent;  /* atomic: units sent to PostgreSQL (each one transaction) */
   cb_runtime *next_open; /* guarded by the global list's lock */
 };
+
+/* bus.c: concurrent single sends gathered into shared transactions (has
+ * its own lock; freed after the loop thread was joined). */
+struct cb_send_groups *cb__send_groups_new(cb_runtime *rt);
+void cb__send_groups_free(struct cb_send_groups *g);
+
+/* runtime.c: appends copies of src's statements (SQL, parameters, flags) to
+ * dst. Returns CB_OK or CB_ENOMEM. */
+int cb__unit_append(cb_unit *dst, const cb_unit *src);
 
 /* events.c: the queue of process events for the host (has its own lock). */
 struct cb_event_feed *cb_event_feed_new(void);

@@ -118,6 +118,23 @@ int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *cons
   return u->nstmts++;
 }
 
+int cb__unit_append(cb_unit *dst, const cb_unit *src) {
+  for (int i = 0; i < src->nstmts; i++) {
+    const unit_stmt *s = &src->stmts[i];
+    const char *stack[8];
+    const char **params = s->nparams <= 8 ? stack : malloc((size_t)s->nparams * sizeof *params);
+    if (params == NULL) return CB_ENOMEM;
+    for (int p = 0; p < s->nparams; p++) {
+      size_t off = src->param_offsets[s->params + (size_t)p];
+      params[p] = off == PARAM_NULL ? NULL : src->arena + off;
+    }
+    int rc = cb_unit_add_flags(dst, src->arena + s->sql, s->nparams, params, s->flags);
+    if (params != stack) free(params);
+    if (rc < 0) return CB_ENOMEM;
+  }
+  return CB_OK;
+}
+
 int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *params) {
   return cb_unit_add_flags(u, sql, nparams, params, 0);
 }
@@ -325,13 +342,16 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   rt->hub = cb_hub_new();
   rt->events = cb_event_feed_new();
   rt->runners = cb_runner_registry_new(rt);
-  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events || !rt->runners) {
+  rt->sends = cb__send_groups_new(rt);
+  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events || !rt->runners ||
+      !rt->sends) {
     free(rt->conninfo);
     free(rt->application_name);
     free(rt->conns);
     cb_hub_free(rt->hub);
     cb_event_feed_free(rt->events);
     cb_runner_registry_free(rt->runners);
+    cb__send_groups_free(rt->sends);
     free(rt);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
@@ -423,6 +443,7 @@ void cb_runtime_free(cb_runtime *rt) {
   cb_hub_free(rt->hub);
   cb_event_feed_free(rt->events);
   cb_runner_registry_free(rt->runners);
+  cb__send_groups_free(rt->sends);
   pthread_cond_destroy(&rt->started);
   pthread_mutex_destroy(&rt->signal_lock);
   pthread_mutex_destroy(&rt->lock);
