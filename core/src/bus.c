@@ -49,6 +49,9 @@ int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, int again, c
     rc = cb_queue_ensure_index(rt, queue, "priority_idx",
                                "(commandbus.priority_of(message) DESC, msg_id) WHERE commandbus.priority_of(message) <> 0",
                                err);
+  /* Room for a message's next version beside it: reading it (hidden for
+   * the visibility timeout) writes one (see core/sql/008). */
+  if (rc == CB_OK) rc = cb_queue_ensure_fillfactor(rt, queue, 50, err);
   if (rc == CB_OK) cb_runtime_remember(rt, key);
   return rc;
 }
