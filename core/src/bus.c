@@ -207,8 +207,12 @@ int cb_bus_add_send_from(cb_unit *u, const char *domain, const char *prefix, con
 /* Validates specs, makes sure the queues exist, then appends the send
  * statements (one per chunk) and the queue's notify to u, without running it.
  * On an error u may hold part of them: the caller discards the unit. */
-int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                    double delay, cb_send_result *results, const cb_send_options *options, cb_err *err) {
+/* As cb_bus_add_send; when `element` is given and n is 1, the command's
+ * JSON object (an element of send_sql's array) is copied there and *dedup
+ * tells whether it has a dedup key. */
+static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
+                    double delay, cb_send_result *results, const cb_send_options *options, cb_strbuf *element,
+                    int *has_dedup, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
@@ -257,6 +261,12 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
     }
     cb_strbuf_putc(&json, ']');
     if (rc == CB_OK && json.failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+    if (rc == CB_OK && element && n == 1) {
+      cb_strbuf_reset(element);
+      cb_strbuf_printf(element, "%.*s", (int)(json.len - 2), json.data + 1); /* without [ ] */
+      *has_dedup = dedup;
+      if (element->failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+    }
     if (rc == CB_OK && n == 1 && !dedup) { /* the common single send */
       const cb_command_spec *s = &specs[0];
       char max[16], prio[16];
@@ -287,6 +297,21 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   return rc;
 }
 
+int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
+                    double delay, cb_send_result *results, const cb_send_options *options, cb_err *err) {
+  return add_send(rt, u, domain, specs, n, delay, results, options, NULL, NULL, err);
+}
+
+/* Reads row `row` of a send statement's result into *res. */
+static void read_send_row(const cb_result *r, int row, cb_send_result *res) {
+  int holders = cb_result_columns(r) > 2; /* a send with dedup keys */
+  res->msg_id = cb_result_int(r, row, 1);
+  res->duplicate = res->msg_id == 0;
+  if (!res->duplicate) return;
+  const char *first = holders && !cb_result_is_null(r, row, 2) ? cb_result_value(r, row, 2) : res->command_id;
+  snprintf(res->duplicate_of, sizeof res->duplicate_of, "%s", first);
+}
+
 void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *results) {
   /* One statement per chunk, one row per command in it, in order. */
   size_t k = 0;
@@ -294,14 +319,7 @@ void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *res
   for (int st = first; st < first + chunks; st++) {
     const cb_result *r = cb_unit_result(u, st);
     if (r == NULL) break;
-    int holders = cb_result_columns(r) > 2; /* a send with dedup keys */
-    for (int row = 0; row < cb_result_rows(r) && k < n; row++, k++) {
-      results[k].msg_id = cb_result_int(r, row, 1);
-      results[k].duplicate = results[k].msg_id == 0;
-      if (!results[k].duplicate) continue;
-      const char *first = holders && !cb_result_is_null(r, row, 2) ? cb_result_value(r, row, 2) : results[k].command_id;
-      snprintf(results[k].duplicate_of, sizeof results[k].duplicate_of, "%s", first);
-    }
+    for (int row = 0; row < cb_result_rows(r) && k < n; row++, k++) read_send_row(r, row, &results[k]);
   }
 }
 
@@ -336,7 +354,14 @@ typedef struct send_call {
   cb_unit *unit;            /* its statements, built and checked by the caller */
   size_t n;                 /* its commands */
   cb_send_result *results;
+  /* A single command (n 1): its JSON object, so that the single sends of
+   * a group to one domain go as one statement (send_sql's array). */
+  const char *domain;
+  const char *delay;        /* as bound: "%.6f" */
+  const char *element;      /* NULL: not merged */
+  int dedup;                /* the element has a dedup key */
   int first;                /* its first statement in the group's unit */
+  int row;                  /* merged: its row in that statement's result; -1: its own statements */
   int rc;
   cb_err err;
   int done;                 /* [g->lock] */
@@ -447,12 +472,61 @@ static void group_done(cb_unit *u, void *arg) {
       }
       continue;
     }
-    if (rc == CB_OK) cb_bus_read_send(u, c->first, c->n, c->results);
+    if (rc == CB_OK && c->row >= 0) read_send_row(cb_unit_result(u, c->first), c->row, &c->results[0]);
+    else if (rc == CB_OK) cb_bus_read_send(u, c->first, c->n, c->results);
     answer(g, c, rc, &err);
   }
   if (grp->count > 1) cb_unit_free(u); /* a group of one ran the caller's own unit */
   free(grp);
   group_finished(g);
+}
+
+/* The group's statements: the single sends to one domain (and delay) as one
+ * statement of send_sql over their JSON objects, in the order they came (a
+ * second command with an id or a dedup key another one of the statement
+ * has is a duplicate, as if it came later), and one notify per domain; any
+ * other send as its own statements. */
+static int build_group(cb_unit *u, send_call *calls) {
+  for (send_call *c = calls; c; c = c->next) c->row = -2; /* not placed yet */
+  cb_strbuf json = {0};
+  char sql[6144], queue[CB_QUEUE_NAME_MAX + 1];
+  int rc = CB_OK;
+  for (send_call *c = calls; rc == CB_OK && c; c = c->next) {
+    if (c->row != -2) continue;
+    int mates = 0, dedup = c->dedup;
+    for (send_call *d = c->next; c->element && d; d = d->next)
+      if (d->row == -2 && d->element && strcmp(d->domain, c->domain) == 0 && strcmp(d->delay, c->delay) == 0) {
+        mates++;
+        dedup |= d->dedup;
+      }
+    if (mates == 0) { /* alone: its own statements */
+      c->row = -1;
+      c->first = cb_unit_count(u);
+      rc = cb__unit_append(u, c->unit);
+      continue;
+    }
+    cb_strbuf_reset(&json);
+    cb_strbuf_putc(&json, '[');
+    int row = 0;
+    for (send_call *d = c; d; d = d->next) {
+      if (d->row != -2 || !d->element || strcmp(d->domain, c->domain) != 0 || strcmp(d->delay, c->delay) != 0)
+        continue;
+      if (row) cb_strbuf_putc(&json, ',');
+      cb_strbuf_puts(&json, d->element);
+      d->first = cb_unit_count(u);
+      d->row = row++;
+    }
+    cb_strbuf_putc(&json, ']');
+    cb_command_queue_name(c->domain, queue);
+    const char *params[] = {json.data, c->domain, c->delay};
+    if (json.failed) rc = CB_ENOMEM;
+    else if (send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY", dedup, 0) != CB_OK)
+      rc = CB_EINTERNAL;
+    else if (cb_unit_add(u, sql, 3, params) < 0 || cb_queue_add_notify(u, queue) < 0)
+      rc = CB_ENOMEM;
+  }
+  cb_strbuf_free(&json);
+  return rc;
 }
 
 /* Builds the group's transaction and submits it (from a caller's thread or
@@ -464,13 +538,11 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
   if (rc == CB_OK && count == 1) {
     u = calls->unit;
     calls->first = 0;
+    calls->row = -1;
   } else if (rc == CB_OK) {
     u = cb_unit_new();
     rc = u ? CB_OK : CB_ENOMEM;
-    for (send_call *c = calls; rc == CB_OK && c; c = c->next) {
-      c->first = cb_unit_count(u);
-      rc = cb__unit_append(u, c->unit);
-    }
+    if (rc == CB_OK) rc = build_group(u, calls);
   }
   if (rc == CB_OK) {
     grp->g = g;
@@ -484,7 +556,8 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
   else if (u) cb_unit_on_done(u, NULL, NULL);
   free(grp);
   cb_err err;
-  cb_err_set(&err, rc, rc == CB_ENOMEM ? "out of memory" : "the runtime is closed");
+  cb_err_set(&err, rc, rc == CB_ENOMEM ? "out of memory" : rc == CB_EINTERNAL ? "the send statement does not fit its buffer"
+                                                                              : "the runtime is closed");
   for (send_call *c = calls, *next; c; c = next) {
     next = c->next;
     answer(g, c, rc, &err);
@@ -493,10 +566,12 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
 }
 
 /* Runs u (the statements of one send) in a shared transaction. */
-static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, cb_err *err) {
+static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, const char *domain,
+                            const char *delay, const char *element, int dedup, cb_err *err) {
   if (cb_runtime_on_loop(rt)) return exec_send(rt, u, err); /* reports the deadlock */
   cb_send_groups *g = rt->sends;
-  send_call c = {.g = g, .unit = u, .n = n, .results = results, .rc = CB_OK};
+  send_call c = {.g = g, .unit = u, .n = n, .results = results, .domain = domain, .delay = delay,
+                 .element = element, .dedup = dedup, .rc = CB_OK};
   pthread_mutex_lock(&g->lock);
   if (g->tail) g->tail->next = &c;
   else g->head = &c;
@@ -518,8 +593,14 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   if (n == 0) return cb_domain_valid(domain, err);
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  int rc = cb_bus_add_send(rt, u, domain, specs, n, delay, results, NULL, err);
-  if (rc == CB_OK) rc = exec_send_shared(rt, u, n, results, err);
+  cb_strbuf element = {0};
+  int dedup = 0;
+  char delay_text[32];
+  snprintf(delay_text, sizeof delay_text, "%.6f", delay);
+  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &dedup, err);
+  if (rc == CB_OK)
+    rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? element.data : NULL, dedup, err);
+  cb_strbuf_free(&element);
   cb_unit_free(u);
   if (rc == CB_OK && n == 1 && results[0].duplicate) {
     if (strcmp(results[0].duplicate_of, results[0].command_id) != 0)
