@@ -6,9 +6,11 @@
 -- worker processes (concurrency 2, the library's defaults: retention on, a
 -- pass every SOAK_RETENTION_INTERVAL=10 s) handle them, the domain keeping
 -- finished commands, their audit rows and archived messages SOAK_KEEP=60 s.
--- In the middle third another connection holds a REPEATABLE READ
--- transaction open for SOAK_HOLD=120 s (at most a third of the run), as a
--- long analytics query does, so that vacuum can remove nothing meanwhile.
+-- From the start of the middle third another connection holds a REPEATABLE
+-- READ transaction open for SOAK_HOLD=120 s (at most a fifth of the run), as
+-- a long analytics query does, so that vacuum can remove nothing meanwhile;
+-- the rest of the middle third lets vacuum catch up before the last third,
+-- whose growth says whether the sizes settled again.
 --
 -- Every SOAK_SAMPLE=30 s it samples the size of every table and index the
 -- bus writes (the commandbus schema and the domain's queue and archive),
@@ -30,7 +32,7 @@ local RATE = tonumber(os.getenv("SOAK_RATE")) or 500
 local SAMPLE = tonumber(os.getenv("SOAK_SAMPLE")) or 30
 local KEEP = tonumber(os.getenv("SOAK_KEEP")) or 60
 local RETENTION_INTERVAL = tonumber(os.getenv("SOAK_RETENTION_INTERVAL")) or 10
-local HOLD = math.min(tonumber(os.getenv("SOAK_HOLD")) or 120, SECONDS / 3)
+local HOLD = math.min(tonumber(os.getenv("SOAK_HOLD")) or 120, SECONDS / 5)
 local DRAIN = 30 -- seconds the workers run past the sender
 local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
 local domain = "bench_soak"
@@ -118,7 +120,7 @@ for i = 1, 2 do
     env, lua, domain, SECONDS + DRAIN, RETENTION_INTERVAL, tmp, i, tmp, i))
 end
 local start = now()
-local hold_from = start + SECONDS / 3 + (SECONDS / 3 - HOLD) / 2
+local hold_from = start + SECONDS / 3
 local hold_to = hold_from + HOLD
 local holding = false
 io.stderr:write(("bench/soak: %d s at %d commands/s, finished work kept %d s, a transaction held open %d s from %d s; sampling every %d s\n")

@@ -86,13 +86,21 @@ describe("a lost connection", function()
   it("that died while a send was on the server is not resent: CONNECTION, and nothing written", function()
     -- A lock held elsewhere keeps the send waiting on the server; the
     -- session is ended while it waits.
+    -- The locker holds the lock until the watcher has ended the waiting
+    -- session, then the watcher ends the locker too: no step waits on a clock.
     local table_name = "pgmq.q_" .. q:name()
-    os.execute(("psql -qAt %q -c \"BEGIN; LOCK TABLE %s; SELECT pg_sleep(2); COMMIT\" >/dev/null 2>&1 &")
-               :format(os.getenv("DATABASE_URL"), table_name))
-    os.execute(("(sleep 0.8; psql -qAt %q -c \"SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                .. " WHERE application_name = '%s' AND wait_event_type = 'Lock'\") >/dev/null 2>&1 &")
-               :format(os.getenv("DATABASE_URL"), app))
-    require("socket").sleep(0.3) -- the lock is taken
+    local url, locker = os.getenv("DATABASE_URL"), app .. "_locker"
+    os.execute(("PGAPPNAME=%s psql -qAt %q -c \"BEGIN; LOCK TABLE %s; SELECT pg_sleep(60); COMMIT\" >/dev/null 2>&1 &")
+               :format(locker, url, table_name))
+    os.execute(("(for i in $(seq 1200); do n=$(psql -qAt %q -c \"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                .. " WHERE application_name = '%s' AND wait_event_type = 'Lock'\"); [ \"$n\" != 0 ] && break; sleep 0.05; done;"
+                .. " psql -qAt %q -c \"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '%s'\")"
+                .. " >/dev/null 2>&1 &"):format(url, app, url, locker))
+    helper.wait_until(function() -- the lock is taken
+      return helper.sql(("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                         .. " WHERE a.application_name = '%s' AND l.granted AND l.mode = 'AccessExclusiveLock'")
+                        :format(locker)):match("%d+") ~= "0"
+    end, 30)
     local id, err = q:send({n = 1})
     assert.is_nil(id)
     assert.equal("CONNECTION", err.code)

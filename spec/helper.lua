@@ -41,6 +41,16 @@ function helper.sql(statement)
   return out
 end
 
+--- Polls `ready()` every 20 ms until it returns true; fails the test if it
+-- has not after `seconds` (a safety net for a hang, not a timing check).
+function helper.wait_until(ready, seconds)
+  local deadline = helper.clock() + seconds
+  while not ready() do
+    assert(helper.clock() < deadline, "still not ready after " .. seconds .. " s")
+    require("socket").sleep(0.02)
+  end
+end
+
 --- Starts another OS process awaiting a command or process (kind) and
 -- returns once it is registered as a waiter. The function returned waits for
 -- its answer: the wall-clock time it woke, and the status it saw.

@@ -245,6 +245,31 @@ describe("message_router", function()
     files.cleanup()
   end)
 
+  it("hands each lane its share of a batch at once, however small", function()
+    -- An hour-long batch timeout: only a full batch of two moves values here,
+    -- and it is split over the two lanes, one value each.
+    local files = lane_files(2)
+    local router = new_router{lanes = 2, batch_size = 2, batch_timeout_ms = 3600 * 1000,
+                              handler = "spec.support.router_lane"}
+    local keys = {}
+    for i = 1, 1000 do
+      local key = "key-" .. i
+      keys[router:lane_for(key)] = keys[router:lane_for(key)] or key
+      if keys[1] and keys[2] then break end
+    end
+    assert.is_true(router:start())
+    for lane = 1, 2 do
+      assert.is_true(router:route(keys[lane], {file = files.prefix, key = keys[lane], seq = lane}))
+    end
+    local deadline = socket.gettime() + 10
+    while (#files.lines(1) == 0 or #files.lines(2) == 0) and socket.gettime() < deadline do socket.sleep(0.005) end
+    local before_stop = {files.lines(1), files.lines(2)}
+    router:stop()
+    for lane = 1, 2 do assert.same({keys[lane] .. " " .. lane}, before_stop[lane]) end
+    router:close()
+    files.cleanup()
+  end)
+
   it("accepts a handler module that is a plain function(batch, lane)", function()
     local files = lane_files(1)
     local router = new_router{lanes = 1, batch_size = 5, batch_timeout_ms = 1000,

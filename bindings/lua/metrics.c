@@ -43,10 +43,8 @@ static void push_runner(lua_State *L, const cb_runner_stat *s) {
     set_int(L, "poison", (int64_t)s->poison);
     if (s->last_success_at > 0) set_number(L, "last_success_at", s->last_success_at);
     set_int(L, "scheduled", (int64_t)s->scheduled);
-    int64_t removed[CB_RETENTION_KINDS];
-    cb_retention_counts_values(&s->removed, removed);
-    lua_createtable(L, 0, CB_RETENTION_KINDS);
-    for (int k = 0; k < CB_RETENTION_KINDS; k++) set_int(L, cb_retention_kinds[k], removed[k]);
+    lua_createtable(L, 0, CB_RUNNER_REMOVED_KINDS);
+    for (int k = 0; k < CB_RUNNER_REMOVED_KINDS; k++) set_int(L, cb_retention_kinds[k], s->removed[k]);
     lua_setfield(L, -2, "removed");
   } else {
     set_int(L, "applied", (int64_t)s->applied);

@@ -35,12 +35,13 @@ typedef struct router_item {
 
 /* What the lane threads share with the Lua object. Allocated by
  * message_router{}, freed by close/__gc after the lanes are joined. router,
- * batch_size and lane_capacity are fixed after creation; held is guarded by
- * held_lock; handler_errors is atomic. */
+ * batch_size, lane_capacity and policy are fixed after creation; held is
+ * guarded by held_lock; handler_errors is atomic. */
 typedef struct router_shared {
   cb_message_router *router;
   size_t batch_size;
   size_t lane_capacity;
+  cb_message_router_policy policy;
   pthread_mutex_t held_lock;
   router_item held; /* sentinel of a circular list of accepted items */
   _Atomic uint64_t handler_errors;
@@ -273,6 +274,7 @@ int cbL_message_router(lua_State *L) {
   if (s == NULL) return cbL_pusherrorcode(L, CB_ENOMEM, "out of memory");
   s->batch_size = cfg.batch_size;
   s->lane_capacity = cfg.lane_capacity;
+  s->policy = cfg.policy;
   s->held.next = s->held.prev = &s->held;
   pthread_mutex_init(&s->held_lock, NULL);
   atomic_init(&s->handler_errors, 0);
@@ -282,17 +284,17 @@ int cbL_message_router(lua_State *L) {
     if (name == NULL) snprintf(default_name, sizeof default_name, "router_%d", atomic_fetch_add(&routers_named, 1) + 1);
     cfg.name = name ? name : default_name;
     rc = cb_message_router_new(&s->router, &cfg);
-  } while (rc == -EEXIST && name == NULL);
-  if (rc == -EEXIST) {
+  } while (rc == CB_EDUPLICATE && name == NULL);
+  if (rc == CB_EDUPLICATE) {
     pthread_mutex_destroy(&s->held_lock);
     free(s);
     return cbL_pusherrorcode(L, CB_EINVAL, "a message router named `%s` exists already", name);
   }
-  if (rc != 0) {
+  if (rc != CB_OK) {
     pthread_mutex_destroy(&s->held_lock);
     free(s);
-    return cbL_pusherrorcode(L, rc == -ENOMEM ? CB_ENOMEM : CB_EINVAL, "cannot create the message router: %s",
-                             strerror(-rc));
+    return cbL_pusherrorcode(L, rc == CB_ENOMEM ? CB_ENOMEM : CB_EINVAL, "cannot create the message router: %s",
+                             cb_strerror(rc));
   }
   r->shared = s;
   if (handler && (r->handler = strdup(handler)) == NULL) return cbL_pusherrorcode(L, CB_ENOMEM, "out of memory");
@@ -320,17 +322,16 @@ static int l_route(lua_State *L) {
   router_item *item = item_new(s, json, json_len);
   if (item == NULL) return luaL_error(L, "out of memory");
   int rc = cb_message_router_route(s->router, key, key_len, item);
-  if (rc == 0) {
+  if (rc == CB_OK) {
     lua_pushboolean(L, 1);
     return 1;
   }
   void *refused = item;
   items_free(s, &refused, 1);
   lua_pushboolean(L, 0);
-  lua_pushstring(L, rc == -EAGAIN      ? "full"
-                    : rc == -ETIMEDOUT ? "timeout"
-                    : rc == -ESHUTDOWN ? "stopped"
-                                       : strerror(-rc));
+  /* No room within the policy's wait: under drop that is a full ingress. */
+  if (rc == CB_ETIMEOUT) lua_pushstring(L, s->policy == CB_MESSAGE_ROUTER_DROP ? "full" : "timeout");
+  else lua_pushstring(L, rc == CB_ECLOSED ? "stopped" : cb_strerror(rc));
   return 2;
 }
 
@@ -374,7 +375,7 @@ static int l_start(lua_State *L) {
     }
   }
   r->started = 1;
-  if (cb_message_router_start(s->router) != 0) {
+  if (cb_message_router_start(s->router) != CB_OK) {
     /* start failed and stopped the router: the lanes have their end */
     cbL_lanes_join(r->lanes);
     r->lanes = NULL;

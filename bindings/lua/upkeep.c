@@ -134,7 +134,11 @@ static int l_purge(lua_State *L) {
       lua_rawgeti(L, -2, (int)i + 1);
       if (lua_type(L, -1) != LUA_TSTRING)
         luaL_error(L, "bad option 'statuses': strings expected, got %s", luaL_typename(L, -1));
-      statuses[i] = lua_tostring(L, -1);
+      size_t len;
+      statuses[i] = lua_tolstring(L, -1, &len);
+      if (strlen(statuses[i]) != len) /* read whole: "COMPLETED\0..." is not COMPLETED */
+        return cbL_pusherrorcode(L, CB_EINVAL, "option 'statuses' holds a string with a NUL byte (status #%d)",
+                                 (int)i + 1);
       lua_pop(L, 1); /* still referenced by the list */
     }
     spec.statuses = statuses;

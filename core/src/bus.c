@@ -2,12 +2,12 @@
 #include "commandbus/bus.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
 #include "strbuf.h"
 
 #define SEND_CHUNK 1000 /* commands per statement: bounded parameter size */
@@ -384,22 +384,25 @@ typedef struct send_group {
   int count;
 } send_group;
 
-struct cb_send_groups *cb__send_groups_new(cb_runtime *rt) {
+static void *send_groups_new(cb_runtime *rt) {
   cb_send_groups *g = calloc(1, sizeof *g);
   if (g == NULL) return NULL;
-  g->rt = rt;
-  g->max = rt->nconns > 0 ? rt->nconns : 1;
+  g->rt = rt; /* max is read from it on first use: this runs under its lock */
   pthread_mutex_init(&g->lock, NULL);
   pthread_cond_init(&g->done, NULL);
   return g;
 }
 
-void cb__send_groups_free(struct cb_send_groups *g) {
+static void send_groups_free(void *state) {
+  cb_send_groups *g = state;
   if (g == NULL) return;
   pthread_cond_destroy(&g->done);
   pthread_mutex_destroy(&g->lock);
   free(g);
 }
+
+/* The runtime keeps each one's groups (made on first use). */
+static const cb_runtime_part send_groups_part = {send_groups_new, send_groups_free};
 
 /* The outcome of a unit holding sends, as exec_send reports it. */
 static int send_outcome(const cb_unit *u, cb_err *err) {
@@ -502,7 +505,7 @@ static int build_group(cb_unit *u, send_call *calls) {
     if (mates == 0) { /* alone: its own statements */
       c->row = -1;
       c->first = cb_unit_count(u);
-      rc = cb__unit_append(u, c->unit);
+      rc = cb_unit_append(u, c->unit);
       continue;
     }
     cb_strbuf_reset(&json);
@@ -568,11 +571,12 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
 /* Runs u (the statements of one send) in a shared transaction. */
 static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, const char *domain,
                             const char *delay, const char *element, int dedup, cb_err *err) {
-  if (cb_runtime_on_loop(rt)) return exec_send(rt, u, err); /* reports the deadlock */
-  cb_send_groups *g = rt->sends;
+  cb_send_groups *g = cb_runtime_on_loop(rt) ? NULL : cb_runtime_part_of(rt, &send_groups_part);
+  if (g == NULL) return exec_send(rt, u, err); /* reports the deadlock, or the fork, or the lack of memory */
   send_call c = {.g = g, .unit = u, .n = n, .results = results, .domain = domain, .delay = delay,
                  .element = element, .dedup = dedup, .rc = CB_OK};
   pthread_mutex_lock(&g->lock);
+  if (g->max == 0) g->max = cb_runtime_pool_size(rt) > 0 ? cb_runtime_pool_size(rt) : 1;
   if (g->tail) g->tail->next = &c;
   else g->head = &c;
   g->tail = &c;

@@ -1,5 +1,10 @@
 /* commandbus: structures shared by runtime.c and pg.c. Not installed.
  *
+ * runtime.c calls into pg.c (connections), never the other way: what pg.c
+ * needs of the runtime is data of cb_runtime below, and what it owes the
+ * runtime (the pool's first attempts, notifications for watches) it writes
+ * there itself.
+ *
  * Threads: fields marked [loop] are touched only by the loop thread; fields
  * marked [lock] are guarded by cb_runtime.lock; [init] are set before the loop
  * thread starts and read-only after. */
@@ -12,37 +17,7 @@
 #include <uv.h>
 
 #include "commandbus/runtime.h"
-
-/* One statement of a unit: offsets into the unit's arena, so that the arena
- * may grow while the unit is being filled. */
-typedef struct unit_stmt {
-  size_t sql;     /* offset of the NUL-terminated SQL text */
-  size_t params;  /* index of the first entry in param_offsets */
-  int nparams;
-  int flags;      /* CB_STMT_* */
-} unit_stmt;
-
-#define PARAM_NULL ((size_t)-1)
-
-struct cb_unit {
-  unit_stmt *stmts;
-  int nstmts, stmts_cap;
-  size_t *param_offsets; /* arena offsets, PARAM_NULL for SQL NULL */
-  size_t nparam_offsets, param_offsets_cap;
-  char *arena;
-  size_t arena_len, arena_cap;
-  PGresult **results; /* one per statement, NULL until it arrives */
-  int results_cap;
-  int status;
-  cb_err err;
-  cb_unit_done done;
-  void *done_arg;
-  /* Set by the runtime while the unit is queued or in flight. */
-  cb_unit *next;
-  int group_end;   /* last unit of a group that must share one connection */
-  int to_listener; /* run on the listener connection */
-  int reconnect_tried; /* it waited for a fresh connection once (pg.c) */
-};
+#include "unit_internal.h"
 
 /* What the connection expects next from the server, in pipeline order. */
 enum { SLOT_PREPARE, SLOT_PREPARE_SYNC, SLOT_STMT, SLOT_SYNC };
@@ -120,30 +95,11 @@ struct cb_runtime {
   char *application_name; /* [init] */
   int connect_timeout_ms; /* [init] */
   cb_hub *hub;         /* [init] */
-  struct cb_event_feed *events; /* [init] the process event sink's queue (events.c) */
-  struct cb_runner_registry *runners; /* [init] running workers and reply routers (runner.c) */
-  struct cb_send_groups *sends; /* [init] sends sharing transactions (bus.c) */
+  cb_event_feed *events; /* [init] the process event sink's queue */
+  struct runtime_part *parts; /* [lock] states of components above (cb_runtime_part_of) */
   uint64_t units_sent;  /* atomic: units sent to PostgreSQL (each one transaction) */
   cb_runtime *next_open; /* guarded by the global list's lock */
 };
-
-/* bus.c: concurrent single sends gathered into shared transactions (has
- * its own lock; freed after the loop thread was joined). */
-struct cb_send_groups *cb__send_groups_new(cb_runtime *rt);
-void cb__send_groups_free(struct cb_send_groups *g);
-
-/* runtime.c: appends copies of src's statements (SQL, parameters, flags) to
- * dst. Returns CB_OK or CB_ENOMEM. */
-int cb__unit_append(cb_unit *dst, const cb_unit *src);
-
-/* events.c: the queue of process events for the host (has its own lock). */
-struct cb_event_feed *cb_event_feed_new(void);
-void cb_event_feed_free(struct cb_event_feed *feed);
-
-/* runner.c: the registry of runners and its heartbeat timer (freed after the
- * loop thread was joined). */
-struct cb_runner_registry *cb_runner_registry_new(cb_runtime *rt);
-void cb_runner_registry_free(struct cb_runner_registry *reg);
 
 typedef struct signal_watch {
   int id; /* 0: free slot */
@@ -158,9 +114,6 @@ typedef struct notify_watch {
   void *arg;
 } notify_watch;
 
-/* runtime.c: calls the watches of channel (NULL: every watch). */
-void cb__notify_watches(cb_runtime *rt, const char *channel);
-
 /* pg.c: connections, run on the loop thread. */
 void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index);
 void cb__conn_start(cb_conn *conn);
@@ -170,9 +123,5 @@ void cb__dispatch(cb_runtime *rt);     /* sends pending units where a connection
  * a password in conninfo (URI user info or password=, as written or
  * percent-decoded) shown as "***". conninfo may be NULL. */
 void cb__redact_conninfo(const char *conninfo, const char *message, char *out, size_t outlen);
-
-/* runtime.c: completion of a unit (loop thread). */
-void cb__unit_complete(cb_unit *u, int status, const cb_err *err);
-void cb__startup_attempt_done(cb_runtime *rt);
 
 #endif

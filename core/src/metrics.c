@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "commandbus/hub.h"
+#include "commandbus/retention.h"
 #include "strbuf.h"
 
 /* ---- collecting ----------------------------------------------------------------- */
@@ -320,10 +321,9 @@ static void runner_families(writer *w, const cb_metrics *m) {
   for (size_t i = 0; i < m->nrunners; i++) {
     const cb_runner_stat *s = &m->runners[i];
     if (!live(m, s) || strcmp(s->kind, "worker") != 0) continue;
-    int64_t removed[CB_RETENTION_KINDS];
-    cb_retention_counts_values(&s->removed, removed);
-    for (int k = 0; k < CB_RETENTION_KINDS; k++)
-      sample(w, (double)removed[k], "domain", s->domain, "runner", s->runner_id, "kind", cb_retention_kinds[k], NULL);
+    for (int k = 0; k < CB_RUNNER_REMOVED_KINDS; k++)
+      sample(w, (double)s->removed[k], "domain", s->domain, "runner", s->runner_id, "kind", cb_retention_kinds[k],
+             NULL);
   }
   static const char *const kinds[][2] = {{"worker", "commandbus_worker_lane_depth"},
                                          {"reply_router", "commandbus_reply_router_lane_depth"}};

@@ -16,7 +16,6 @@
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
-#define MAX_PARAMS 256
 
 static void on_poll(uv_poll_t *handle, int status, int events);
 static void conn_broken(cb_conn *conn, const char *why);
@@ -374,6 +373,14 @@ void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index) {
 
 static void relisten(cb_conn *conn);
 
+/* A pool connection's first attempt ended, well or not: cb_runtime_new
+ * waits for them all. */
+static void startup_attempt_done(cb_runtime *rt) {
+  pthread_mutex_lock(&rt->lock);
+  if (rt->startup_pending > 0 && --rt->startup_pending == 0) pthread_cond_broadcast(&rt->started);
+  pthread_mutex_unlock(&rt->lock);
+}
+
 /* Server notices ("relation already exists, skipping") are not errors; libpq
  * would print them on stderr. One kind matters: an error that arrives while
  * nothing is in flight is the server's goodbye (a terminated backend, a
@@ -399,7 +406,7 @@ static void connected(cb_conn *conn) {
   watch_ready(conn);
   if (conn->index >= 0 && !conn->startup_reported) {
     conn->startup_reported = 1;
-    cb__startup_attempt_done(conn->rt);
+    startup_attempt_done(conn->rt);
   }
   if (conn->index < 0 && reconnected) relisten(conn);
   cb__dispatch(conn->rt);
@@ -464,7 +471,7 @@ static void conn_broken(cb_conn *conn, const char *why) {
    * fast on an unreachable database; later attempts retry with backoff. */
   if (conn->index >= 0 && !conn->startup_reported) {
     conn->startup_reported = 1;
-    cb__startup_attempt_done(rt);
+    startup_attempt_done(rt);
   }
   conn->backoff_ms = conn->backoff_ms ? conn->backoff_ms * 2 : BACKOFF_MIN_MS;
   if (conn->backoff_ms > BACKOFF_MAX_MS) conn->backoff_ms = BACKOFF_MAX_MS;
@@ -476,6 +483,15 @@ static void conn_broken(cb_conn *conn, const char *why) {
 static void free_unit_when_done(cb_unit *u, void *arg) {
   (void)arg;
   cb_unit_free(u);
+}
+
+/* Calls the watches of channel (NULL: every watch), on the loop thread. */
+static void notify_watches(cb_runtime *rt, const char *channel) {
+  /* By index: a callback may add or remove watches (the array may move). */
+  for (size_t i = 0; i < rt->nwatches; i++) {
+    notify_watch w = rt->watches[i];
+    if (w.id != 0 && (channel == NULL || strcmp(w.channel, channel) == 0)) w.fn(w.arg);
+  }
 }
 
 static void relisten(cb_conn *conn) {
@@ -501,7 +517,7 @@ static void relisten(cb_conn *conn) {
   u->next = NULL;
   send_units(conn, u);
   cb_hub_notify_all(rt->hub);
-  cb__notify_watches(rt, NULL);
+  notify_watches(rt, NULL);
 }
 
 /* ---- sending ---------------------------------------------------------------- */
@@ -522,17 +538,18 @@ static void fill_values(const cb_unit *u, const unit_stmt *s, const char **value
  * completed exactly once. */
 static int send_unit(cb_conn *conn, cb_unit *u) {
   PGconn *pg = conn->pg;
-  const char *values[MAX_PARAMS];
+  if (u->broken) { /* it lost a statement while it was filled: none runs, its Sync completes it in turn */
+    conn->units_in_flight++;
+    int ok = PQpipelineSync(pg);
+    return push_slot(conn, SLOT_SYNC, u, -1) == 0 && ok ? 0 : -1;
+  }
+  const char *values[CB_UNIT_MAX_PARAMS];
   int ids[u->nstmts > 0 ? u->nstmts : 1];
   int ok = 1, prepared = 0;
   conn->units_in_flight++;
   __atomic_fetch_add(&conn->rt->units_sent, 1, __ATOMIC_RELAXED);
   for (int i = 0; ok && i < u->nstmts; i++) {
     const unit_stmt *s = &u->stmts[i];
-    if (s->nparams > MAX_PARAMS) {
-      cb_err_set(&u->err, CB_EINVAL, "too many parameters (%d) in one statement", s->nparams);
-      u->status = CB_EINVAL;
-    }
     ids[i] = -1;
     if (s->flags & CB_STMT_ONESHOT) continue;
     int fresh;
@@ -737,7 +754,7 @@ static void read_notifications(cb_conn *conn) {
       snprintf(key, sizeof key, "%s:%s", n->relname, n->extra);
       cb_hub_notify(conn->rt->hub, key);
     }
-    cb__notify_watches(conn->rt, n->relname);
+    notify_watches(conn->rt, n->relname);
     PQfreemem(n);
   }
 }

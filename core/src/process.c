@@ -1,10 +1,13 @@
-/* commandbus: starting processes and reading them back (see process.h). */
+/* commandbus: starting processes, reading them back, and their event log
+ * (see process.h). */
 #include "commandbus/process.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "commandbus/events.h"
+#include "commandbus/retention.h"
 #include "commandbus/uuid.h"
 
 static int check_name(const char *what, const char *value, cb_err *err) {
@@ -15,6 +18,23 @@ static int check_name(const char *what, const char *value, cb_err *err) {
 static int check_id(const char *what, const char *id, char *out, cb_err *err) {
   if (!cb_uuid_parse(id, out)) return cb_err_set(err, CB_EINVAL, "%s `%.60s` is not a UUID", what, id ? id : "");
   return CB_OK;
+}
+
+/* The domain and the id of an existing process, the id normalized into id. */
+static int check_process(const char *domain, const char *process_id, char *id, cb_err *err) {
+  int rc = cb_domain_valid(domain, err);
+  if (rc == CB_OK) rc = check_id("process id", process_id, id, err);
+  return rc;
+}
+
+/* Queries whose first statement looks the process up: no row, no process. */
+static int found(int rc, cb_unit **rows, const char *id, cb_err *err) {
+  if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
+    cb_unit_free(*rows);
+    *rows = NULL;
+    return cb_err_set(err, CB_ENOTFOUND, "unknown process `%s`", id);
+  }
+  return rc;
 }
 
 /* A process's state is an object: its steps read and extend it by key. */
@@ -94,25 +114,17 @@ int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb
   "error_message, created_at::text AS created_at, updated_at::text AS updated_at, "                         \
   "completed_at::text AS completed_at, batch_id::text AS batch_id"
 
-
 int cb_process_get(cb_runtime *rt, const char *domain, const char *process_id, cb_unit **rows, cb_err *err) {
   *rows = NULL;
   char id[CB_UUID_LEN + 1];
-  int rc = cb_domain_valid(domain, err);
-  if (rc == CB_OK) rc = check_id("process id", process_id, id, err);
+  int rc = check_process(domain, process_id, id, err);
   if (rc != CB_OK) return rc;
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain, id};
   cb_unit_add(u, "SELECT " PROCESS_COLUMNS " FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid",
               2, params);
-  rc = cb_bus_run_query(rt, u, rows, err);
-  if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
-    cb_unit_free(*rows);
-    *rows = NULL;
-    return cb_err_set(err, CB_ENOTFOUND, "unknown process `%s`", id);
-  }
-  return rc;
+  return found(cb_bus_run_query(rt, u, rows, err), rows, id, err);
 }
 
 int cb_process_list(cb_runtime *rt, const cb_process_filter *f, cb_unit **rows, cb_err *err) {
@@ -137,8 +149,7 @@ int cb_process_list(cb_runtime *rt, const cb_process_filter *f, cb_unit **rows, 
 int cb_process_audit(cb_runtime *rt, const char *domain, const char *process_id, cb_unit **rows, cb_err *err) {
   *rows = NULL;
   char id[CB_UUID_LEN + 1];
-  int rc = cb_domain_valid(domain, err);
-  if (rc == CB_OK) rc = check_id("process id", process_id, id, err);
+  int rc = check_process(domain, process_id, id, err);
   if (rc != CB_OK) return rc;
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -150,11 +161,87 @@ int cb_process_audit(cb_runtime *rt, const char *domain, const char *process_id,
               " sent_at::text AS sent_at, reply_outcome, reply_data, received_at::text AS received_at"
               " FROM commandbus.process_audit WHERE domain = $1 AND process_id = $2::uuid ORDER BY id",
               2, params);
-  rc = cb_bus_run_query(rt, u, rows, err);
-  if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
-    cb_unit_free(*rows);
-    *rows = NULL;
-    return cb_err_set(err, CB_ENOTFOUND, "unknown process `%s`", id);
+  return found(cb_bus_run_query(rt, u, rows, err), rows, id, err);
+}
+
+/* ---- the process-event log ------------------------------------------------------- */
+
+#define EVENT_TYPE_MAX 100
+/* Names the trigger gives events (see core/sql/003_process_events.sql); the
+ * terminal ones are cb_event_is_terminal's. */
+static const char *RESERVED[] = {"STARTED", "STEP_STARTED", "RESUMED", "WAITING_FOR_TSQ", "COMPENSATING", NULL};
+
+static int reserved(const char *event_type) {
+  for (int i = 0; RESERVED[i]; i++)
+    if (strcmp(RESERVED[i], event_type) == 0) return 1;
+  return cb_event_is_terminal(event_type);
+}
+
+int cb_process_append_event(cb_runtime *rt, const char *domain, const char *process_id, const char *event_type,
+                            const char *data_json, int64_t *sequence, cb_err *err) {
+  char id[CB_UUID_LEN + 1];
+  *sequence = 0;
+  int rc = check_process(domain, process_id, id, err);
+  if (rc != CB_OK) return rc;
+  if (event_type == NULL || event_type[0] == '\0' || strlen(event_type) > EVENT_TYPE_MAX)
+    return cb_err_set(err, CB_EINVAL, "event_type must be 1 to %d bytes", EVENT_TYPE_MAX);
+  if (reserved(event_type))
+    return cb_err_set(err, CB_EINVAL, "event_type `%s` is reserved for process changes", event_type);
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  const char *params[] = {domain, id, event_type, data_json};
+  cb_events_add_begin(u);
+  int at = cb_unit_add(u, "SELECT commandbus.append_process_event($1, $2::uuid, $3, $4::jsonb)", 4, params);
+  int read = cb_events_add_read(u);
+  rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
+    rc = cb_err_set(err, CB_EINVAL, "event data is not valid JSON: %s", err->message);
+  if (rc == CB_OK) {
+    const cb_result *r = cb_unit_result(u, at);
+    if (cb_result_is_null(r, 0, 0)) rc = cb_err_set(err, CB_ENOTFOUND, "unknown process `%s`", id);
+    else if ((*sequence = cb_result_int(r, 0, 0)) < 0) {
+      *sequence = 0;
+      rc = cb_err_set(err, CB_ESTATE, "process %s has finished; it takes no more events", id);
+    } else cb_events_published(rt, u, read);
   }
+  cb_unit_free(u);
+  return rc;
+}
+
+#define EVENT_COLUMNS \
+  "domain, process_id::text AS process_id, sequence, event_type, step, status, data, created_at::text AS created_at"
+
+int cb_process_events(cb_runtime *rt, const char *domain, const char *process_id, int64_t after_sequence,
+                      cb_unit **rows, cb_err *err) {
+  char id[CB_UUID_LEN + 1], after[24];
+  *rows = NULL;
+  int rc = check_process(domain, process_id, id, err);
+  if (rc != CB_OK) return rc;
+  snprintf(after, sizeof after, "%lld", (long long)after_sequence);
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  const char *params[] = {domain, id, after};
+  cb_unit_add(u, "SELECT 1 FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid", 2, params);
+  cb_unit_add(u,
+              "SELECT " EVENT_COLUMNS " FROM commandbus.process_event"
+              " WHERE domain = $1 AND process_id = $2::uuid AND sequence > $3::bigint ORDER BY sequence",
+              3, params);
+  return found(cb_bus_run_query(rt, u, rows, err), rows, id, err);
+}
+
+int cb_process_purge(cb_runtime *rt, const char *domain, double older_than, int64_t *count, cb_err *err) {
+  *count = 0;
+  int rc = cb_domain_valid(domain, err);
+  if (rc != CB_OK) return rc;
+  if (!(older_than >= 0)) return cb_err_set(err, CB_EINVAL, "older_than must be a number of seconds >= 0");
+  char secs[32];
+  snprintf(secs, sizeof secs, "%.3f", older_than);
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  /* Retention's statement, for every such process at once. */
+  int at = cb_retention_add_step(u, CB_RETAIN_PROCESSES, domain, NULL, secs, NULL, INT_MAX);
+  rc = at < 0 ? cb_err_set(err, at, "cannot build the purge statement") : cb_runtime_exec(rt, u, err);
+  if (rc == CB_OK) *count = cb_result_int(cb_unit_result(u, at), 0, 0);
+  cb_unit_free(u);
   return rc;
 }

@@ -5,7 +5,6 @@
 #include <string.h>
 
 #include "commandbus/bus.h"
-#include "commandbus/events.h"
 #include "commandbus/log.h"
 #include "commandbus/queue.h"
 #include "keyed.h"
@@ -34,16 +33,6 @@ void cb_retention_counts_values(const cb_retention_counts *c, int64_t out[CB_RET
   const int64_t v[CB_RETENTION_KINDS] = {c->commands,  c->audit,      c->archive,      c->batches,
                                          c->processes, c->dedup_keys, c->schedule_runs};
   memcpy(out, v, sizeof v);
-}
-
-void cb_retention_counts_from_values(cb_retention_counts *c, const int64_t v[CB_RETENTION_KINDS]) {
-  c->commands = v[0];
-  c->audit = v[1];
-  c->archive = v[2];
-  c->batches = v[3];
-  c->processes = v[4];
-  c->dedup_keys = v[5];
-  c->schedule_runs = v[6];
 }
 
 /* ---- the policy ------------------------------------------------------------------- */
@@ -153,6 +142,19 @@ static const char archive_sql[] =
     " ORDER BY a.archived_at LIMIT $2::int FOR UPDATE SKIP LOCKED)) RETURNING 1)"
     " SELECT count(*) FROM d";
 
+/* Finished processes past their age, with their events and process_audit
+ * rows (neither table has a foreign key: rcmd's schema, and a cheaper
+ * append). $3 NULL: the policy's age. */
+static const char processes_sql[] =
+    "WITH p AS (DELETE FROM commandbus.process x WHERE x.domain = $1 AND x.process_id = ANY(ARRAY("
+    " SELECT process_id FROM commandbus.process WHERE domain = $1"
+    " AND status IN " TERMINAL_PROCESS " AND completed_at < (SELECT " CUTOFF("processes")
+    " FROM commandbus.retention_of($1) r)"
+    " ORDER BY completed_at LIMIT $2::int FOR UPDATE SKIP LOCKED)) RETURNING process_id),"
+    " a AS (DELETE FROM commandbus.process_audit x USING p WHERE x.domain = $1 AND x.process_id = p.process_id),"
+    " e AS (DELETE FROM commandbus.process_event x USING p WHERE x.domain = $1 AND x.process_id = p.process_id)"
+    " SELECT count(*) FROM p";
+
 static const char dedup_sql[] =
     "WITH d AS (DELETE FROM commandbus.dedup x WHERE x.domain = $1 AND x.dedup_key = ANY(ARRAY("
     " SELECT dedup_key FROM commandbus.dedup WHERE domain = $1 AND expires_at < now() ORDER BY expires_at"
@@ -189,7 +191,7 @@ int cb_retention_add_step(cb_unit *u, int step, const char *domain, const char *
       if (cb_queue_name_valid(queue, NULL) != CB_OK) return CB_EINVAL;
       snprintf(sql, sizeof sql, archive_sql, queue, queue);
       return cb_unit_add(u, sql, 3, params);
-    case CB_RETAIN_PROCESSES: return cb_process_add_purge(u, domain, older_than, batch);
+    case CB_RETAIN_PROCESSES: return cb_unit_add(u, processes_sql, 3, params);
     case CB_RETAIN_DEDUP: return cb_unit_add(u, dedup_sql, 2, params);
     case CB_RETAIN_SCHEDULE_RUNS: return cb_unit_add(u, schedule_runs_sql, 3, params);
     default: return CB_EINVAL;

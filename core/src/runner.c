@@ -15,8 +15,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <uv.h>
+
 #include "commandbus/log.h"
-#include "internal.h"
 #include "strbuf.h"
 
 struct cb_runner_registry {
@@ -37,7 +38,9 @@ static double now_unix(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-struct cb_runner_registry *cb_runner_registry_new(cb_runtime *rt) {
+/* The runtime keeps the registry (a part of it, made on first use) and
+ * frees it after its loop thread was joined (the timer is closed then). */
+static void *registry_new(cb_runtime *rt) {
   struct cb_runner_registry *reg = calloc(1, sizeof *reg);
   if (reg == NULL) return NULL;
   reg->rt = rt;
@@ -48,12 +51,15 @@ struct cb_runner_registry *cb_runner_registry_new(cb_runtime *rt) {
   return reg;
 }
 
-/* After the loop thread was joined (its handles are closed). */
-void cb_runner_registry_free(struct cb_runner_registry *reg) {
-  if (reg == NULL) return;
+static void registry_free(void *state) {
+  struct cb_runner_registry *reg = state;
   pthread_mutex_destroy(&reg->lock);
   free(reg);
 }
+
+static const cb_runtime_part REGISTRY = {registry_new, registry_free};
+
+static struct cb_runner_registry *registry(cb_runtime *rt) { return cb_runtime_part_of(rt, &REGISTRY); }
 
 /* ---- snapshots and rows --------------------------------------------------------- */
 
@@ -92,10 +98,9 @@ static void append_row(cb_strbuf *b, const cb_runner_stat *s) {
                    (unsigned long long)s->poison, (unsigned long long)s->applied, (unsigned long long)s->rejected,
                    s->last_success_at, s->started_at);
   for (int i = 0; i < s->nlane_depths; i++) cb_strbuf_printf(b, i ? ",%u" : "%u", s->lane_depths[i]);
-  int64_t removed[CB_RETENTION_KINDS];
-  cb_retention_counts_values(&s->removed, removed);
   cb_strbuf_puts(b, "],\"removed\":[");
-  for (int i = 0; i < CB_RETENTION_KINDS; i++) cb_strbuf_printf(b, i ? ",%lld" : "%lld", (long long)removed[i]);
+  for (int i = 0; i < CB_RUNNER_REMOVED_KINDS; i++)
+    cb_strbuf_printf(b, i ? ",%lld" : "%lld", (long long)s->removed[i]);
   cb_strbuf_printf(b, "],\"scheduled\":%llu}", (unsigned long long)s->scheduled);
 }
 
@@ -171,7 +176,8 @@ static void on_beat_written(cb_unit *u, void *arg) {
  * without waiting, else blocking when `wait` (a last row must land before
  * its bus may close). */
 static void write_one(cb_runner *r, const char *state, int wait) {
-  struct cb_runner_registry *reg = r->rt->runners;
+  struct cb_runner_registry *reg = registry(r->rt);
+  if (reg == NULL) return; /* a runtime inherited through a fork: not this process's to write */
   cb_runner_stat s;
   snapshot(reg, r, &s);
   if (state) snprintf(s.state, sizeof s.state, "%s", state);
@@ -217,7 +223,7 @@ static void on_beat(uv_timer_t *t) {
 
 static void start_timer(cb_runtime *rt, void *arg) {
   struct cb_runner_registry *reg = arg;
-  if (reg->timer_on || rt->loop_closing) return;
+  if (reg->timer_on || cb_runtime_is_closed(rt)) return; /* closing: the loop's handles are being closed */
   uint64_t ms = (uint64_t)(CB_RUNNER_HEARTBEAT_S * 1000);
   uv_timer_init(cb_runtime_loop(rt), &reg->timer);
   reg->timer.data = reg;
@@ -236,7 +242,11 @@ static void on_signal(int signum, void *arg) {
 
 int cb_runner_start(cb_runtime *rt, cb_runner *r, cb_err *err) {
   if (r->registered) return CB_OK;
-  struct cb_runner_registry *reg = rt->runners;
+  struct cb_runner_registry *reg = registry(rt);
+  if (reg == NULL) {
+    int rc = cb_runtime_check(rt, err);
+    return rc != CB_OK ? rc : cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
   r->rt = rt;
   cb_uuid_v7(r->id);
   r->started_at = now_unix();
@@ -268,20 +278,23 @@ void cb_runner_remove(cb_runner *r) {
   if (!r->registered) return;
   cb_runtime_unwatch_signals(r->rt, r->signal_watch);
   r->signal_watch = 0;
-  struct cb_runner_registry *reg = r->rt->runners;
-  pthread_mutex_lock(&reg->lock);
-  for (cb_runner **p = &reg->runners; *p; p = &(*p)->next)
-    if (*p == r) {
-      *p = r->next;
-      break;
-    }
-  pthread_mutex_unlock(&reg->lock);
+  struct cb_runner_registry *reg = registry(r->rt);
+  if (reg) {
+    pthread_mutex_lock(&reg->lock);
+    for (cb_runner **p = &reg->runners; *p; p = &(*p)->next)
+      if (*p == r) {
+        *p = r->next;
+        break;
+      }
+    pthread_mutex_unlock(&reg->lock);
+  }
   write_one(r, NULL, 1);
   r->registered = 0;
 }
 
 void cb_runner_each(cb_runtime *rt, void (*visit)(const cb_runner_stat *stat, void *arg), void *arg) {
-  struct cb_runner_registry *reg = rt->runners;
+  struct cb_runner_registry *reg = registry(rt);
+  if (reg == NULL) return; /* out of memory: none could have registered */
   pthread_mutex_lock(&reg->lock);
   for (cb_runner *r = reg->runners; r; r = r->next) {
     cb_runner_stat s;
@@ -308,14 +321,12 @@ static void read_lane_depths(cb_runner_stat *s, const char *list) {
 }
 
 static void read_removed(cb_runner_stat *s, const char *list) {
-  int64_t v[CB_RETENTION_KINDS] = {0};
-  for (int i = 0; i < CB_RETENTION_KINDS && *list; i++) {
+  for (int i = 0; i < CB_RUNNER_REMOVED_KINDS && *list; i++) {
     char *end;
-    v[i] = strtoll(list, &end, 10);
+    s->removed[i] = strtoll(list, &end, 10);
     if (end == list) break;
     list = *end == ',' ? end + 1 : end;
   }
-  cb_retention_counts_from_values(&s->removed, v);
 }
 
 int cb_runner_list(cb_runtime *rt, const char *domain, cb_runner_stat **out, size_t *count, cb_err *err) {

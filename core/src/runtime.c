@@ -9,6 +9,7 @@
 
 #include "commandbus/error.h"
 #include "commandbus/thread.h"
+#include "strbuf.h"
 
 typedef struct pending_call {
   struct pending_call *next;
@@ -36,171 +37,6 @@ int cb_runtime_check(cb_runtime *rt, cb_err *err) {
   if (forked(rt)) return fork_error(rt, err);
   if (cb_runtime_is_closed(rt)) return cb_err_set(err, CB_ECLOSED, "the bus is closed");
   return CB_OK;
-}
-
-/* ---- units ------------------------------------------------------------- */
-
-cb_unit *cb_unit_new(void) { return calloc(1, sizeof(cb_unit)); }
-
-static void clear_results(cb_unit *u) {
-  for (int i = 0; i < u->nstmts; i++) {
-    if (u->results && u->results[i]) {
-      PQclear(u->results[i]);
-      u->results[i] = NULL;
-    }
-  }
-}
-
-void cb_unit_reset(cb_unit *u) {
-  clear_results(u);
-  u->nstmts = 0;
-  u->nparam_offsets = 0;
-  u->arena_len = 0;
-  u->status = CB_OK;
-  cb_err_clear(&u->err);
-  u->next = NULL;
-  u->group_end = 0;
-  u->to_listener = 0;
-}
-
-void cb_unit_free(cb_unit *u) {
-  if (u == NULL) return;
-  clear_results(u);
-  free(u->stmts);
-  free(u->param_offsets);
-  free(u->arena);
-  free(u->results);
-  free(u);
-}
-
-static int grow(void **p, size_t *cap, size_t need, size_t elem) {
-  if (need <= *cap) return 0;
-  size_t n = *cap ? *cap : 8;
-  while (n < need) n *= 2;
-  void *q = realloc(*p, n * elem);
-  if (q == NULL) return -1;
-  *p = q;
-  *cap = n;
-  return 0;
-}
-
-static size_t arena_put(cb_unit *u, const char *s) {
-  size_t len = strlen(s) + 1;
-  if (grow((void **)&u->arena, &u->arena_cap, u->arena_len + len, 1) < 0) return PARAM_NULL;
-  size_t off = u->arena_len;
-  memcpy(u->arena + off, s, len);
-  u->arena_len += len;
-  return off;
-}
-
-int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *const *params, int flags) {
-  size_t scap = (size_t)u->stmts_cap, rcap = (size_t)u->results_cap;
-  if (grow((void **)&u->stmts, &scap, (size_t)u->nstmts + 1, sizeof *u->stmts) < 0) return CB_ENOMEM;
-  u->stmts_cap = (int)scap;
-  if (grow((void **)&u->results, &rcap, (size_t)u->nstmts + 1, sizeof *u->results) < 0) return CB_ENOMEM;
-  for (size_t i = (size_t)u->results_cap; i < rcap; i++) u->results[i] = NULL;
-  u->results_cap = (int)rcap;
-  if (grow((void **)&u->param_offsets, &u->param_offsets_cap, u->nparam_offsets + (size_t)nparams,
-           sizeof *u->param_offsets) < 0)
-    return CB_ENOMEM;
-  unit_stmt *s = &u->stmts[u->nstmts];
-  s->sql = arena_put(u, sql);
-  if (s->sql == PARAM_NULL) return CB_ENOMEM;
-  s->params = u->nparam_offsets;
-  s->nparams = nparams;
-  s->flags = flags;
-  for (int i = 0; i < nparams; i++) {
-    size_t off = PARAM_NULL;
-    if (params[i] != NULL && (off = arena_put(u, params[i])) == PARAM_NULL) return CB_ENOMEM;
-    u->param_offsets[u->nparam_offsets++] = off;
-  }
-  u->results[u->nstmts] = NULL;
-  return u->nstmts++;
-}
-
-int cb__unit_append(cb_unit *dst, const cb_unit *src) {
-  for (int i = 0; i < src->nstmts; i++) {
-    const unit_stmt *s = &src->stmts[i];
-    const char *stack[8];
-    const char **params = s->nparams <= 8 ? stack : malloc((size_t)s->nparams * sizeof *params);
-    if (params == NULL) return CB_ENOMEM;
-    for (int p = 0; p < s->nparams; p++) {
-      size_t off = src->param_offsets[s->params + (size_t)p];
-      params[p] = off == PARAM_NULL ? NULL : src->arena + off;
-    }
-    int rc = cb_unit_add_flags(dst, src->arena + s->sql, s->nparams, params, s->flags);
-    if (params != stack) free(params);
-    if (rc < 0) return CB_ENOMEM;
-  }
-  return CB_OK;
-}
-
-int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *params) {
-  return cb_unit_add_flags(u, sql, nparams, params, 0);
-}
-
-int cb_unit_count(const cb_unit *u) { return u->nstmts; }
-int cb_unit_status(const cb_unit *u) { return u->status; }
-const cb_err *cb_unit_error(const cb_unit *u) { return &u->err; }
-
-const cb_result *cb_unit_result(const cb_unit *u, int i) {
-  if (i < 0 || i >= u->nstmts) return NULL;
-  return u->results[i];
-}
-
-void cb_unit_on_done(cb_unit *u, cb_unit_done done, void *arg) {
-  u->done = done;
-  u->done_arg = arg;
-}
-
-int cb_result_rows(const cb_result *r) { return r ? PQntuples(r) : 0; }
-int cb_result_columns(const cb_result *r) { return r ? PQnfields(r) : 0; }
-const char *cb_result_value(const cb_result *r, int row, int col) { return PQgetvalue(r, row, col); }
-int cb_result_is_null(const cb_result *r, int row, int col) { return PQgetisnull(r, row, col); }
-int64_t cb_result_int(const cb_result *r, int row, int col) {
-  return strtoll(PQgetvalue(r, row, col), NULL, 10);
-}
-int64_t cb_result_affected(const cb_result *r) {
-  const char *s = r ? PQcmdTuples((PGresult *)r) : "";
-  return *s ? strtoll(s, NULL, 10) : 0;
-}
-
-void *cb_result_pack(const cb_result *r, int row, size_t size, const int *cols, const size_t *offsets, int n) {
-  size_t len = size;
-  for (int i = 0; i < n; i++) len += strlen(cb_result_value(r, row, cols[i])) + 1;
-  char *record = calloc(1, len);
-  if (record == NULL) return NULL;
-  char *p = record + size;
-  for (int i = 0; i < n; i++) {
-    const char *v = cb_result_value(r, row, cols[i]);
-    size_t vlen = strlen(v) + 1;
-    memcpy(p, v, vlen);
-    *(const char **)(record + offsets[i]) = cb_result_is_null(r, row, cols[i]) ? NULL : p;
-    p += vlen;
-  }
-  return record;
-}
-
-const char *cb_result_column_name(const cb_result *r, int col) { return PQfname(r, col); }
-
-int cb_result_column_kind(const cb_result *r, int col) {
-  switch (PQftype(r, col)) {
-    case 20: case 21: case 23: case 26: return CB_COL_INT;   /* int8, int2, int4, oid */
-    case 700: case 701: case 1700: return CB_COL_FLOAT;      /* float4, float8, numeric */
-    case 16: return CB_COL_BOOL;
-    case 114: case 3802: return CB_COL_JSON;                 /* json, jsonb */
-    default: return CB_COL_TEXT;
-  }
-}
-
-void cb__unit_complete(cb_unit *u, int status, const cb_err *err) {
-  if (status != CB_OK && u->status == CB_OK) {
-    u->status = status;
-    if (err) u->err = *err;
-    else cb_err_set(&u->err, status, "%s", cb_strerror(status));
-  }
-  u->next = NULL;
-  if (u->done) u->done(u, u->done_arg);
 }
 
 /* ---- the loop thread --------------------------------------------------- */
@@ -281,12 +117,6 @@ static void *loop_main(void *arg) {
   return NULL;
 }
 
-void cb__startup_attempt_done(cb_runtime *rt) {
-  pthread_mutex_lock(&rt->lock);
-  if (rt->startup_pending > 0 && --rt->startup_pending == 0) pthread_cond_broadcast(&rt->started);
-  pthread_mutex_unlock(&rt->lock);
-}
-
 /* ---- open runtimes, closed at process exit ------------------------------ */
 
 static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -323,6 +153,44 @@ static void unlink_open(cb_runtime *rt) {
   pthread_mutex_unlock(&open_lock);
 }
 
+/* ---- parts: states of components above ---------------------------------- */
+
+typedef struct runtime_part {
+  struct runtime_part *next;
+  const cb_runtime_part *part;
+  void *state;
+} runtime_part;
+
+void *cb_runtime_part_of(cb_runtime *rt, const cb_runtime_part *part) {
+  if (forked(rt)) return NULL;
+  pthread_mutex_lock(&rt->lock);
+  runtime_part *p = rt->parts;
+  while (p && p->part != part) p = p->next;
+  if (p == NULL && (p = calloc(1, sizeof *p)) != NULL) {
+    p->part = part;
+    if ((p->state = part->make(rt)) != NULL) {
+      p->next = rt->parts;
+      rt->parts = p;
+    } else {
+      free(p);
+      p = NULL;
+    }
+  }
+  void *state = p ? p->state : NULL;
+  pthread_mutex_unlock(&rt->lock);
+  return state;
+}
+
+/* When the runtime is freed: its loop thread was joined. */
+static void drop_parts(cb_runtime *rt) {
+  while (rt->parts) {
+    runtime_part *p = rt->parts;
+    rt->parts = p->next;
+    p->part->drop(p->state);
+    free(p);
+  }
+}
+
 /* ---- lifecycle ---------------------------------------------------------- */
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
@@ -341,17 +209,12 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   rt->conns = calloc((size_t)rt->nconns, sizeof *rt->conns);
   rt->hub = cb_hub_new();
   rt->events = cb_event_feed_new();
-  rt->runners = cb_runner_registry_new(rt);
-  rt->sends = cb__send_groups_new(rt);
-  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events || !rt->runners ||
-      !rt->sends) {
+  if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events) {
     free(rt->conninfo);
     free(rt->application_name);
     free(rt->conns);
     cb_hub_free(rt->hub);
     cb_event_feed_free(rt->events);
-    cb_runner_registry_free(rt->runners);
-    cb__send_groups_free(rt->sends);
     free(rt);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
@@ -442,8 +305,7 @@ void cb_runtime_free(cb_runtime *rt) {
   free(rt->application_name);
   cb_hub_free(rt->hub);
   cb_event_feed_free(rt->events);
-  cb_runner_registry_free(rt->runners);
-  cb__send_groups_free(rt->sends);
+  drop_parts(rt);
   pthread_cond_destroy(&rt->started);
   pthread_mutex_destroy(&rt->signal_lock);
   pthread_mutex_destroy(&rt->lock);
@@ -460,6 +322,10 @@ int cb_runtime_is_closed(cb_runtime *rt) {
 
 cb_hub *cb_runtime_hub(cb_runtime *rt) { return rt->hub; }
 
+cb_event_feed *cb_runtime_event_feed(cb_runtime *rt) { return rt->events; }
+
+int cb_runtime_pool_size(const cb_runtime *rt) { return rt->nconns; }
+
 uint64_t cb_runtime_units_sent(cb_runtime *rt) { return __atomic_load_n(&rt->units_sent, __ATOMIC_RELAXED); }
 
 int cb_runtime_on_loop(cb_runtime *rt) {
@@ -472,8 +338,9 @@ static void chain(cb_unit *const *units, size_t n) {
   for (size_t i = 0; i < n; i++) {
     units[i]->next = i + 1 < n ? units[i + 1] : NULL;
     units[i]->group_end = i + 1 == n;
-    units[i]->status = CB_OK;
     units[i]->reconnect_tried = 0;
+    if (units[i]->broken) continue; /* keeps its failure: pg.c sends none of it */
+    units[i]->status = CB_OK;
     cb_err_clear(&units[i]->err);
   }
 }
@@ -565,6 +432,10 @@ int cb_runtime_exec_many(cb_runtime *rt, cb_unit *const *units, size_t n, cb_err
 }
 
 int cb_runtime_exec(cb_runtime *rt, cb_unit *u, cb_err *err) {
+  if (u->broken) { /* a statement was dropped while it was filled: nothing runs */
+    if (err) *err = u->err;
+    return u->broken;
+  }
   int rc = cb_runtime_exec_many(rt, &u, 1, err);
   if (rc != CB_OK) return rc;
   if (u->status != CB_OK && err) *err = u->err;
@@ -595,7 +466,7 @@ int cb_runtime_listen(cb_runtime *rt, const char *channel, cb_err *err) {
   /* Recorded first, so that a reconnection in between re-LISTENs it too. */
   char *copy = strdup(channel);
   size_t cap = rt->channels_cap;
-  if (copy == NULL || grow((void **)&rt->channels, &cap, rt->nchannels + 1, sizeof(char *)) < 0) {
+  if (copy == NULL || cb_grow((void **)&rt->channels, &cap, rt->nchannels + 1, sizeof(char *)) < 0) {
     pthread_mutex_unlock(&rt->lock);
     free(copy);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -626,7 +497,7 @@ int cb_runtime_watch(cb_runtime *rt, const char *channel, cb_notify_fn fn, void 
   while (i < rt->nwatches && rt->watches[i].id != 0) i++;
   if (i == rt->nwatches) {
     size_t cap = rt->watches_cap;
-    if (grow((void **)&rt->watches, &cap, rt->nwatches + 1, sizeof *rt->watches) < 0) return CB_ENOMEM;
+    if (cb_grow((void **)&rt->watches, &cap, rt->nwatches + 1, sizeof *rt->watches) < 0) return CB_ENOMEM;
     rt->watches_cap = cap;
     rt->nwatches++;
   }
@@ -643,13 +514,6 @@ void cb_runtime_unwatch(cb_runtime *rt, int id) {
     if (rt->watches[i].id == id) rt->watches[i].id = 0;
 }
 
-void cb__notify_watches(cb_runtime *rt, const char *channel) {
-  /* By index: a callback may add or remove watches (the array may move). */
-  for (size_t i = 0; i < rt->nwatches; i++) {
-    notify_watch w = rt->watches[i];
-    if (w.id != 0 && (channel == NULL || strcmp(w.channel, channel) == 0)) w.fn(w.arg);
-  }
-}
 
 /* ---- signal watches ------------------------------------------------------ */
 
@@ -699,7 +563,7 @@ int cb_runtime_watch_signals(cb_runtime *rt, cb_signal_fn fn, void *arg) {
   while (i < rt->nsignal_watches && rt->signal_watches[i].id != 0) i++;
   if (i == rt->nsignal_watches) {
     size_t cap = rt->signal_watches_cap;
-    if (grow((void **)&rt->signal_watches, &cap, rt->nsignal_watches + 1, sizeof *rt->signal_watches) < 0) {
+    if (cb_grow((void **)&rt->signal_watches, &cap, rt->nsignal_watches + 1, sizeof *rt->signal_watches) < 0) {
       pthread_mutex_unlock(&rt->signal_lock);
       return CB_ENOMEM;
     }
@@ -753,7 +617,7 @@ void cb_runtime_remember(cb_runtime *rt, const char *key) {
   if (copy == NULL) return;
   pthread_mutex_lock(&rt->lock);
   size_t cap = rt->remembered_cap;
-  if (grow((void **)&rt->remembered, &cap, rt->nremembered + 1, sizeof(char *)) == 0) {
+  if (cb_grow((void **)&rt->remembered, &cap, rt->nremembered + 1, sizeof(char *)) == 0) {
     rt->remembered_cap = cap;
     rt->remembered[rt->nremembered++] = copy;
     copy = NULL;

@@ -171,7 +171,7 @@ static int check_spec(const cb_schedule_spec *s, cb_cron *cron, cb_err *err) {
 
 int cb_schedule_set(cb_runtime *rt, const cb_schedule_spec *s, cb_unit **rows, cb_err *err) {
   *rows = NULL;
-  cb_cron cron;
+  cb_cron cron = {0}; /* all clear for a schedule by `every` */
   int rc = check_spec(s, &cron, err);
   if (rc != CB_OK) return rc;
   char priority[16], every[32], lists[5][200];

@@ -1,10 +1,11 @@
 /* commandbus: applies the compiled-in migrations (see schema.h).
  *
- * Migrations are idempotent (IF NOT EXISTS and the like), as the design
- * requires. Setup reads the recorded version; when migrations are missing it
- * runs them in one transaction under an advisory lock, each recorded with ON
- * CONFLICT DO NOTHING, so a second process doing the same at the same time
- * waits for the lock and then changes nothing. Pipeline mode takes one SQL
+ * Migrations are idempotent (IF NOT EXISTS and the like), so that they also
+ * apply on top of a schema rcmd created (docs/architecture.md). Setup reads
+ * the recorded version; when migrations are missing it runs them in one
+ * transaction under an advisory lock, each recorded with ON CONFLICT DO
+ * NOTHING, so a second process doing the same at the same time waits for
+ * the lock and then changes nothing. Pipeline mode takes one SQL
  * statement per message, so each migration file is split into statements
  * here, minding quotes, dollar quotes and comments. */
 #include "commandbus/schema.h"

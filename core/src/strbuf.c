@@ -1,7 +1,8 @@
-/* commandbus: growable strings (see strbuf.h). */
+/* commandbus: growable strings and arrays (see strbuf.h). */
 #include "strbuf.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,4 +74,19 @@ void cb_strbuf_json_string(cb_strbuf *b, const char *s) {
     }
   }
   cb_strbuf_putc(b, '"');
+}
+
+int cb_grow(void **p, size_t *cap, size_t need, size_t elem) {
+  if (need <= *cap) return 0;
+  size_t n = *cap ? *cap : 8;
+  while (n < need) {
+    if (n > SIZE_MAX / 2) return -1;
+    n *= 2;
+  }
+  if (n > SIZE_MAX / elem) return -1;
+  void *q = realloc(*p, n * elem);
+  if (q == NULL) return -1;
+  *p = q;
+  *cap = n;
+  return 0;
 }

@@ -1,6 +1,6 @@
 /* commandbus: a growable string for building SQL parameters (JSON text,
  * array literals). Out of memory sets `failed` and further writes are
- * ignored, so callers check once at the end. */
+ * ignored, so callers check once at the end. And growable arrays. */
 #ifndef COMMANDBUS_STRBUF_H
 #define COMMANDBUS_STRBUF_H
 
@@ -19,5 +19,10 @@ void cb_strbuf_puts(cb_strbuf *b, const char *s);
 void cb_strbuf_printf(cb_strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Appends s as a JSON string literal, quoted and escaped. */
 void cb_strbuf_json_string(cb_strbuf *b, const char *s);
+
+/* Makes room for `need` elements of `elem` bytes in the array *p of
+ * capacity *cap (which doubles, from 8). 0, or -1 when out of memory (then
+ * *p and *cap are unchanged). */
+int cb_grow(void **p, size_t *cap, size_t need, size_t elem);
 
 #endif

@@ -190,6 +190,11 @@ void cb_worker_options_init(cb_worker_options *o) {
  * partial priority index (which holds only messages with a priority), then
  * those at 0 in msg_id order, then those below 0. Each source is read only as
  * far as the fetch needs (a LIMIT over the three reads lazily). The read at
+ * priority 0 tests `NOT (message ? 'priority')` first: the planner has no
+ * statistics on priority_of(message) and would guess that few messages are
+ * at 0, then read the whole queue and sort it on every fetch instead of
+ * walking msg_id order; messages without the key are what it expects almost
+ * all messages to be, as they are. The read at
  * priority 0 starts at msg_id $4 (see scan_from): under a transaction that
  * holds back vacuum, the dead entries of every message completed since it
  * began lie below that mark, and the index scan would otherwise step over
@@ -213,7 +218,7 @@ static void build_receive_sql(cb_worker *w) {
            " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
            " mid AS (SELECT msg_id, message->>'command_type' AS type, 0 AS prio FROM pgmq.q_%s"
            " WHERE msg_id >= $4::bigint AND vt <= clock_timestamp()"
-           " AND coalesce(commandbus.priority_of(message), 0) = 0" NOT_FULL
+           " AND (NOT (message ? 'priority') OR coalesce(commandbus.priority_of(message), 0) = 0)" NOT_FULL
            " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
            " lo AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
            " FROM pgmq.q_%s WHERE commandbus.priority_of(message) < 0 AND vt <= clock_timestamp()" NOT_FULL
@@ -265,7 +270,8 @@ static void report(void *self, cb_runner_stat *s) {
   s->stuck = h.stuck;
   s->poison = h.poison;
   s->last_success_at = h.last_success_at;
-  s->removed = h.upkeep.removed;
+  _Static_assert(CB_RUNNER_REMOVED_KINDS == CB_RETENTION_KINDS, "a heartbeat carries every kind retention removes");
+  cb_retention_counts_values(&h.upkeep.removed, s->removed);
   s->scheduled = h.upkeep.scheduled;
 }
 

@@ -7,10 +7,14 @@
 #include <stdint.h>
 #include <cmocka.h>
 #include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "commandbus/bus.h"
+#include "commandbus/metrics.h"
+#include "commandbus/runner.h"
 #include "commandbus/schedule.h"
 #include "commandbus/schema.h"
 #include "commandbus/worker.h"
@@ -98,7 +102,28 @@ static void background_jobs_remove_old_work_and_send_due_schedules(void **state)
   assert_int_equal(h.upkeep.removed.audit, 50); /* their SENT rows */
   assert_true(h.upkeep.retention_passes >= 1);
   assert_true(h.upkeep.scheduled >= 1);
+  /* The metrics carry the counts, by kind. */
+  cb_metrics m;
+  assert_int_equal(cb_metrics_collect(rt, 0, &m, &err), CB_OK);
+  char *text = cb_metrics_text(&m);
+  assert_non_null(text);
+  char line[256];
+  snprintf(line, sizeof line, "commandbus_worker_retention_removed_total{domain=\"%s\",runner=\"", domain);
+  const char *at = strstr(text, line);
+  assert_non_null(at);
+  assert_non_null(strstr(at, "\",kind=\"commands\"} 50\n"));
+  free(text);
+  cb_metrics_free(&m);
   cb_worker_free(w);
+  /* So does its heartbeat row, written when it was removed. */
+  cb_runner_stat *runners;
+  size_t nrunners;
+  assert_int_equal(cb_runner_list(rt, domain, &runners, &nrunners, &err), CB_OK);
+  assert_int_equal(nrunners, 1);
+  assert_int_equal(runners[0].removed[0], 50); /* commands */
+  assert_int_equal(runners[0].removed[1], 50); /* audit */
+  assert_true(runners[0].scheduled >= 1);
+  free(runners);
 
   assert_int_equal(count(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND command_type = 'Old'", domain), 0);
   assert_true(count(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND command_type = 'Tick'"

@@ -1,6 +1,6 @@
 /* The worker engine from C, with lanes as plain threads: outcomes land as
- * the contract says, stop drains in-flight work, and the whole thing is
- * clean under ASan and TSan. */
+ * the data contract of docs/architecture.md says, stop drains in-flight
+ * work, and the whole thing is clean under ASan and TSan. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -213,7 +213,8 @@ end
 local CALLS = {
   "setup", "list_queues", "send", "send_batch", "create_batch", "get_batch", "list_batches", "get_command",
   "list_commands", "audit", "tsq_list", "tsq_retry", "tsq_cancel", "tsq_complete", "process_start", "get_process",
-  "list_processes", "process_audit", "process_events", "append_process_event", "purge_processes",
+  "list_processes", "process_audit", "process_events", "append_process_event", "purge_processes", "queue_metrics",
+  "metrics", "metrics_text", "runners",
 }
 local WAITS = {"await", "await_process", "await_event"}
 local QUEUE_CALLS = {"create", "drop", "send", "send_batch", "read", "pop", "delete", "archive", "set_vt", "metrics",
@@ -257,8 +258,20 @@ end
 
 local flush
 
-local function duplicate_error(command_id, domain)
-  return bus_error("DUPLICATE_COMMAND", "command %s already exists in domain %s", command_id, domain)
+-- The error a plain send gives for a duplicate in the batch's result r: the
+-- id already sent, or a dedup key another command holds; err.command_id is
+-- the command that is there.
+local function duplicate_error(r, command, domain)
+  local holder = r.duplicate_of or r.command_id
+  local err
+  if holder ~= r.command_id then
+    err = bus_error("DUPLICATE_COMMAND", "dedup key `%s` is held by command %s in domain %s until its window ends",
+                    tostring(command.dedup_key):sub(1, 200), holder, domain)
+  else
+    err = bus_error("DUPLICATE_COMMAND", "command %s already exists in domain %s", r.command_id, domain)
+  end
+  err.command_id = holder
+  return err
 end
 
 -- Starts sending a batch (from a timer, in this turn's wake, so that the
@@ -287,7 +300,7 @@ function flush(_, batch)
                                               {domain = batch.domain, delay = batch.delay, commands = commands})
   if ran and ok and results then
     for i, r in ipairs(results) do
-      answers[i] = r.duplicate and {true, nil, duplicate_error(r.command_id, batch.domain)} or {true, r}
+      answers[i] = r.duplicate and {true, nil, duplicate_error(r, commands[i], batch.domain)} or {true, r}
     end
   elseif not ran or (ok and (err.code == "CONNECTION" or err.code == "CLOSED")) then
     -- No thread to run it, or the outcome is unknown (a send made again

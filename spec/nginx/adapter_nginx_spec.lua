@@ -162,6 +162,22 @@ describe("commandbus.ngx in one nginx worker", function()
     local _, raised = pcall(function() bus:send(commands[10]) end)
     assert.are.equal((raised:gsub("^[^:]+:%d+: ", "")), (answers[10].raised:gsub("^[^:]+:%d+: ", "")))
     assert.are.equal(40 + 8, #assert(bus:list_commands{domain = domain, limit = 100}))
+    -- Sends with one dedup key that arrive together: one is sent, the others
+    -- are refused as a plain send refuses them, naming it.
+    commands = {}
+    for i = 1, 6 do commands[i] = {domain = domain, type = "Echo", dedup_key = "once", dedup_for = 60} end
+    answers = send_all(commands)
+    local sent, refused = {}, {}
+    for _, a in ipairs(answers) do
+      if a.err then refused[#refused + 1] = a.err else sent[#sent + 1] = a.results[1].command_id end
+    end
+    assert.are.equal(1, #sent)
+    assert.are.equal(5, #refused)
+    for _, e in ipairs(refused) do
+      assert.are.equal("DUPLICATE_COMMAND", e.code)
+      assert.are.equal(sent[1], e.command_id)
+      assert.are.same(via_plain(bus, "send", {commands[1]}).err, e)
+    end
   end)
 
   it("operates the troubleshooting queue", function()

@@ -57,6 +57,16 @@ describe("examples/openresty", function()
     assert.are.equal("COMPLETED", assert(bus:await("orders", answer.command_id, {timeout = 10})).status)
   end)
 
+  it("serves the operator console, read-only, and /metrics", function()
+    local status, page = server:request("GET", "/commandbus/")
+    assert.are.equal(200, status)
+    assert.matches('<meta name="commandbus-actions" content="off">', page, 1, true)
+    local text
+    status, text = server:request("GET", "/metrics")
+    assert.are.equal(200, status)
+    assert.matches('commandbus_queue_depth{queue="orders__commands"}', text, 1, true)
+  end)
+
   it("answers 404 for an unknown command and 400 for a malformed id or order", function()
     assert.are.equal(404, (server:request("GET", "/commands/01900000-0000-7000-8000-000000000000")))
     assert.are.equal(400, (server:request("GET", "/commands/not-a-uuid")))

@@ -90,7 +90,8 @@ server_mt.__index = server_mt
 -- main (directives of the main context), http (of the http block), server
 -- (of the server block: locations), lua_path (extra lua_package_path
 -- entries), conf (a whole configuration instead, where %PORT% is replaced),
--- threads (the commandbus thread pool's size, 64).
+-- threads (the commandbus thread pool's size, 64), env (variables set in
+-- nginx's environment, e.g. {DATABASE_URL = another database's}).
 function M.start(options)
   local f = io.open(MODULES .. "/ngx_http_lua_module.so")
   if not f then error("nginx's Lua module is not installed (" .. MODULES .. "): run scripts/deps") end
@@ -116,7 +117,13 @@ function M.start(options)
   local server = setmetatable({prefix = prefix, port = port, conf = conf}, server_mt)
   -- Without the caller's LUA_PATH/LUA_CPATH: LuaJIT would take them for the
   -- ";;" (default) part of lua_package_path, and the caller may be Lua 5.4.
-  local out, ok = shell(("env -u LUA_PATH -u LUA_CPATH %s -p %q -c conf/nginx.conf"):format(NGINX, prefix))
+  local assignments = {}
+  for name, value in pairs(options.env or {}) do
+    assert(name:match("^[%a_][%w_]*$"), "bad environment variable name")
+    assignments[#assignments + 1] = ("%s='%s'"):format(name, (value:gsub("'", [['\'']])))
+  end
+  local out, ok = shell(("env -u LUA_PATH -u LUA_CPATH %s %s -p %q -c conf/nginx.conf")
+                        :format(table.concat(assignments, " "), NGINX, prefix))
   if not ok then
     error("nginx did not start: " .. out .. "\n" .. server:log())
   end

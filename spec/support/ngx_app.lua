@@ -21,7 +21,7 @@ end
 
 local function describe_error(err)
   if type(err) ~= "table" then return err end
-  return {code = err.code, message = err.message, sqlstate = err.sqlstate, text = tostring(err),
+  return {code = err.code, message = err.message, sqlstate = err.sqlstate, command_id = err.command_id, text = tostring(err),
           has_metatable = getmetatable(err) ~= nil}
 end
 

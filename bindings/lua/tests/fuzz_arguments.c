@@ -61,12 +61,15 @@ static const char *const option_names[] = {
     "custom_data", "operator", "step", "state", "command", "older_than", "capacity", "handlers", "managers",
     "concurrency", "visibility_timeout", "statement_timeout", "drain_timeout", "retry", "backoff", "reply_queue",
     "tick_interval", "tick", "threads", "lanes", "batch_size", "batch_timeout_ms", "queue_size", "lane_queue_size",
-    "block_timeout_ms", "policy", "handler", "pool_size", "connect_timeout", "application_name"};
+    "block_timeout_ms", "policy", "handler", "pool_size", "connect_timeout", "application_name", "priority",
+    "dedup_key", "dedup_for", "cron", "every", "timezone", "missed", "statuses", "archive", "batches", "processes",
+    "per_second", "retention", "schedules", "interval"};
 #define NOPTIONS (sizeof option_names / sizeof option_names[0])
 
 static const char *const good_strings[] = {
     "d", "payments", "T", "01234567-89ab-7def-8123-456789abcdef", "fuzz_q", "1", "9223372036854775807", "drop",
-    "block", "spec.support.handlers", "PENDING", "h\xc3\xa9llo", ""};
+    "block", "spec.support.handlers", "PENDING", "h\xc3\xa9llo", "", "skip", "catch_up", "*/5 * * * *", "UTC",
+    "COMPLETED"};
 #define NGOOD (sizeof good_strings / sizeof good_strings[0])
 
 static void push_value(lua_State *L, input *in, int depth);
@@ -136,7 +139,8 @@ typedef struct method {
 } method;
 
 static const method methods[] = {
-    {"send", ON_BUS, 1, "domain type id correlation_id reply_to batch_id max_attempts delay"},
+    {"send", ON_BUS, 1,
+     "domain type id correlation_id reply_to batch_id max_attempts delay priority dedup_key dedup_for"},
     {"send_batch", ON_BUS, 1, "domain delay"},
     {"create_batch", ON_BUS, 1, "domain name"},
     {"get_command", ON_BUS, 2, ""},
@@ -161,9 +165,19 @@ static const method methods[] = {
     {"on_process_event", ON_BUS, 2, "capacity"},
     {"dispatch_process_events", ON_BUS, 1, ""},
     {"worker", ON_BUS, 1,
-     "domain concurrency visibility_timeout statement_timeout poll_interval drain_timeout"},
+     "domain concurrency visibility_timeout statement_timeout poll_interval drain_timeout schedules"},
     {"reply_router", ON_BUS, 1, "domain reply_queue concurrency visibility_timeout statement_timeout poll_interval"},
     {"queue", ON_BUS, 1, ""},
+    {"schedule", ON_BUS, 1, "name domain type cron every timezone missed priority"},
+    {"unschedule", ON_BUS, 1, ""},
+    {"pause_schedule", ON_BUS, 1, ""},
+    {"resume_schedule", ON_BUS, 1, ""},
+    {"list_schedules", ON_BUS, 1, "domain"},
+    {"purge", ON_BUS, 1, "domain older_than"},
+    {"set_retention", ON_BUS, 1, "domain commands archive batches processes"},
+    {"retention", ON_BUS, 1, ""},
+    {"set_limit", ON_BUS, 1, "domain type per_second concurrency"},
+    {"limits", ON_BUS, 1, ""},
     {"send", ON_QUEUE, 2, "delay"},
     {"send_batch", ON_QUEUE, 2, "delay"},
     {"read", ON_QUEUE, 1, "vt qty"},

@@ -11,6 +11,8 @@
 #ifndef COMMANDBUS_PROCESS_H
 #define COMMANDBUS_PROCESS_H
 
+#include <stdint.h>
+
 #include "commandbus/bus.h"
 #include "commandbus/error.h"
 #include "commandbus/runtime.h"
@@ -59,6 +61,29 @@ int cb_process_list(cb_runtime *rt, const cb_process_filter *filter, cb_unit **r
  * command_data, sent_at, reply_outcome, reply_data, received_at.
  * CB_ENOTFOUND when there is no such process. */
 int cb_process_audit(cb_runtime *rt, const char *domain, const char *process_id, cb_unit **rows, cb_err *err);
+
+/* ---- the process-event log (commandbus.process_event; events.h says how
+ * the core collects what its own writes appended) ------------------------- */
+
+/* Appends a host event of event_type (1 to 100 bytes, not one of the names
+ * the trigger uses) with data (a JSON object's text, NULL: {}) to a running
+ * process; *sequence receives its number. CB_ENOTFOUND for no such process,
+ * CB_ESTATE when it has finished. */
+int cb_process_append_event(cb_runtime *rt, const char *domain, const char *process_id, const char *event_type,
+                            const char *data_json, int64_t *sequence, cb_err *err);
+
+/* The process's events after after_sequence, oldest first, as a completed
+ * unit whose last statement holds the rows (caller frees); columns: domain,
+ * process_id, sequence, event_type, step, status, data, created_at.
+ * CB_ENOTFOUND for no such process. */
+int cb_process_events(cb_runtime *rt, const char *domain, const char *process_id, int64_t after_sequence,
+                      cb_unit **rows, cb_err *err);
+
+/* Deletes finished processes (COMPLETED, COMPENSATED, FAILED, CANCELED)
+ * whose completed_at is older than older_than seconds, with their events and
+ * process_audit rows; *count receives how many. Wakes nobody: awaiters only
+ * care about changes. */
+int cb_process_purge(cb_runtime *rt, const char *domain, double older_than, int64_t *count, cb_err *err);
 
 #ifdef __cplusplus
 }

@@ -43,7 +43,6 @@ int64_t cb_retention_counts_total(const cb_retention_counts *c);
 extern const char *const cb_retention_kinds[CB_RETENTION_KINDS];
 /* The counts in that order. */
 void cb_retention_counts_values(const cb_retention_counts *c, int64_t out[CB_RETENTION_KINDS]);
-void cb_retention_counts_from_values(cb_retention_counts *c, const int64_t values[CB_RETENTION_KINDS]);
 
 /* One age of a policy: set = 0 leaves it as it is; seconds < 0 keeps forever. */
 typedef struct cb_retention_age {

@@ -23,7 +23,6 @@
 #include "commandbus/error.h"
 #include "commandbus/message_router.h"
 #include "commandbus/queue.h"
-#include "commandbus/retention.h"
 #include "commandbus/runtime.h"
 #include "commandbus/uuid.h"
 
@@ -32,6 +31,7 @@ extern "C" {
 #endif
 
 #define CB_RUNNER_HEARTBEAT_S 5.0
+#define CB_RUNNER_REMOVED_KINDS 7
 /* A heartbeat older than this many intervals: the runner is "lost". */
 #define CB_RUNNER_LOST_AFTER 3
 
@@ -48,7 +48,10 @@ typedef struct cb_runner_stat {
   uint64_t successes, failures, retries, consecutive_failures, stuck, poison; /* worker (failures: both) */
   uint64_t applied, rejected;                                               /* reply router */
   double last_success_at;              /* Unix seconds, 0 = never */
-  cb_retention_counts removed;         /* worker: what its retention passes removed since it started */
+  /* worker: what its retention passes removed since it started, by kind, in
+   * the order of cb_retention_kinds (retention.h): commands, audit, archive,
+   * batches, processes, dedup_keys, schedule_runs */
+  int64_t removed[CB_RUNNER_REMOVED_KINDS];
   uint64_t scheduled;                  /* worker: commands it sent for due schedules */
   int nlane_depths;
   uint32_t lane_depths[CB_MESSAGE_ROUTER_MAX_LANES]; /* items waiting in each lane */

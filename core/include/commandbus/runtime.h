@@ -11,8 +11,8 @@
  * one pipeline segment closed by a Sync, so PostgreSQL runs them in one
  * implicit transaction and an error in any rolls back all. Several units
  * submitted together go out in one write and come back in one round trip,
- * each still atomic on its own. Statements are prepared once per connection
- * (keyed by their SQL text) unless added with CB_STMT_ONESHOT.
+ * each still atomic on its own. Units themselves (filling them, reading
+ * their results) are unit.h's.
  *
  * Lifecycle: cb_runtime_close stops the loop, fails whatever is queued or in
  * flight with CB_ECLOSED, and joins the thread; later calls fail with
@@ -32,15 +32,15 @@
 #include <stdint.h>
 
 #include "commandbus/error.h"
+#include "commandbus/event_feed.h"
 #include "commandbus/hub.h"
+#include "commandbus/unit.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 typedef struct cb_runtime cb_runtime;
-typedef struct cb_unit cb_unit;
-typedef struct pg_result cb_result; /* libpq's PGresult, read through cb_result_* */
 
 typedef struct cb_runtime_options {
   const char *conninfo;   /* libpq conninfo or URI; NULL or "" uses PG* variables */
@@ -63,6 +63,24 @@ int cb_runtime_check(cb_runtime *rt, cb_err *err);
  * components above it. Lives as long as the runtime. */
 cb_hub *cb_runtime_hub(cb_runtime *rt);
 
+/* The queue of process events waiting for the host (events.h fills it and
+ * hands it out). Lives as long as the runtime. */
+cb_event_feed *cb_runtime_event_feed(cb_runtime *rt);
+
+/* State that a component above the runtime keeps per runtime (the registry
+ * of runners): made by make(rt) on first use, freed by drop(state) when the
+ * runtime is freed, after its loop thread was joined. So the runtime owns
+ * the state without knowing its component, and never calls up by name.
+ * `part` names the component (the address of a static object). make runs
+ * under the runtime's lock: it must not call the runtime. Any thread;
+ * returns the state, or NULL when make failed (it is asked again next time)
+ * or the runtime was created before a fork. */
+typedef struct cb_runtime_part {
+  void *(*make)(cb_runtime *rt);
+  void (*drop)(void *state);
+} cb_runtime_part;
+void *cb_runtime_part_of(cb_runtime *rt, const cb_runtime_part *part);
+
 /* Units (each one transaction, one round trip or part of one) sent to
  * PostgreSQL since the runtime started: what the runtime costs the server. */
 uint64_t cb_runtime_units_sent(cb_runtime *rt);
@@ -70,49 +88,15 @@ uint64_t cb_runtime_units_sent(cb_runtime *rt);
 /* True on the runtime's loop thread. */
 int cb_runtime_on_loop(cb_runtime *rt);
 
-/* --- units of work ------------------------------------------------------ */
+/* The connections of the pool (pool_size as it was resolved). */
+int cb_runtime_pool_size(const cb_runtime *rt);
 
-enum { CB_STMT_ONESHOT = 1 }; /* do not prepare (DDL, rare statements) */
+/* --- running units (unit.h) ------------------------------------------------ */
 
-cb_unit *cb_unit_new(void);
-void cb_unit_free(cb_unit *u);
-/* Forgets statements and results so the unit can be filled again. */
-void cb_unit_reset(cb_unit *u);
-
-/* Appends a statement; sql and params are copied, a NULL param is SQL NULL.
- * Returns the statement's index, or a negative cb_code. */
-int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *params);
-int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *const *params, int flags);
-int cb_unit_count(const cb_unit *u);
-
-/* After completion: CB_OK, or the first error (the transaction rolled back). */
-int cb_unit_status(const cb_unit *u);
-const cb_err *cb_unit_error(const cb_unit *u);
-/* Statement i's result; NULL when the unit failed before reaching it. */
-const cb_result *cb_unit_result(const cb_unit *u, int i);
-
-typedef void (*cb_unit_done)(cb_unit *u, void *arg);
-/* A callback run on the loop thread when the unit completes (async use). */
-void cb_unit_on_done(cb_unit *u, cb_unit_done done, void *arg);
-
-int cb_result_rows(const cb_result *r);
-int cb_result_columns(const cb_result *r);
-const char *cb_result_value(const cb_result *r, int row, int col); /* "" for NULL */
-int cb_result_is_null(const cb_result *r, int row, int col);
-int64_t cb_result_int(const cb_result *r, int row, int col);
-/* One allocation holding a record of `size` bytes (zeroed) followed by
- * copies of the row's columns cols[0..n): the const char * member at byte
- * offsets[i] of the record points at the copy of cols[i] (NULL for SQL
- * NULL). free() releases it all. NULL when out of memory. */
-void *cb_result_pack(const cb_result *r, int row, size_t size, const int *cols, const size_t *offsets, int n);
-/* Rows affected by an INSERT/UPDATE/DELETE. */
-int64_t cb_result_affected(const cb_result *r);
-
-/* Kinds of column, from PostgreSQL's type: how a binding should present a
- * value (JSON is handed over as text, for the binding to decode). */
-enum { CB_COL_TEXT, CB_COL_INT, CB_COL_FLOAT, CB_COL_BOOL, CB_COL_JSON };
-const char *cb_result_column_name(const cb_result *r, int col);
-int cb_result_column_kind(const cb_result *r, int col);
+/* A unit that failed while it was filled (unit.h) runs none of its
+ * statements: cb_runtime_exec returns its failure at once, without a round
+ * trip; among several units (exec_many, submit) it completes in its turn
+ * with that failure, and the others run. */
 
 /* Runs n units in one round trip and blocks until all complete. Returns CB_OK
  * when they ran (each unit has its own status), CB_EDEADLOCK from the loop

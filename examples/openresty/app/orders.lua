@@ -21,11 +21,15 @@ local bus
 function orders.init_worker()
   bus = assert(cbngx.connect(nil, {pool_size = 4, await_thread_pool = "commandbus_await"}))
   assert(bus:setup()) -- blocking here, at startup; idempotent
+  assert(require("commandbus.console").init_worker{bus = bus}) -- the console's throughput samples
   if ngx.worker.id() == 0 then
     local worker = assert(bus:worker{domain = DOMAIN, handlers = "app.handlers", concurrency = 2})
     assert(worker:start())
   end
 end
+
+--- This nginx worker's bus (for the console's locations).
+function orders.bus() return bus end
 
 local function reply(status, body)
   ngx.status = status

@@ -1,0 +1,197 @@
+/* commandbus: units of work and their results (see unit.h). */
+#include "unit_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "commandbus/error.h"
+#include "strbuf.h"
+
+cb_unit *cb_unit_new(void) { return calloc(1, sizeof(cb_unit)); }
+
+static void clear_results(cb_unit *u) {
+  for (int i = 0; i < u->nstmts; i++) {
+    if (u->results && u->results[i]) {
+      PQclear(u->results[i]);
+      u->results[i] = NULL;
+    }
+  }
+}
+
+void cb_unit_reset(cb_unit *u) {
+  clear_results(u);
+  u->nstmts = 0;
+  u->nparam_offsets = 0;
+  u->arena_len = 0;
+  u->broken = 0;
+  u->status = CB_OK;
+  cb_err_clear(&u->err);
+  u->next = NULL;
+  u->group_end = 0;
+  u->to_listener = 0;
+}
+
+void cb_unit_free(cb_unit *u) {
+  if (u == NULL) return;
+  clear_results(u);
+  free(u->stmts);
+  free(u->param_offsets);
+  free(u->arena);
+  free(u->results);
+  free(u);
+}
+
+static size_t arena_put(cb_unit *u, const char *s) {
+  size_t len = strlen(s) + 1;
+  if (cb_grow((void **)&u->arena, &u->arena_cap, u->arena_len + len, 1) < 0) return PARAM_NULL;
+  size_t off = u->arena_len;
+  memcpy(u->arena + off, s, len);
+  u->arena_len += len;
+  return off;
+}
+
+/* Room for one more statement and its parameters. */
+static int reserve(cb_unit *u, int nparams) {
+  size_t scap = (size_t)u->stmts_cap, rcap = (size_t)u->results_cap;
+  if (cb_grow((void **)&u->stmts, &scap, (size_t)u->nstmts + 1, sizeof *u->stmts) < 0) return -1;
+  u->stmts_cap = (int)scap;
+  if (cb_grow((void **)&u->results, &rcap, (size_t)u->nstmts + 1, sizeof *u->results) < 0) return -1;
+  for (size_t i = (size_t)u->results_cap; i < rcap; i++) u->results[i] = NULL;
+  u->results_cap = (int)rcap;
+  return cb_grow((void **)&u->param_offsets, &u->param_offsets_cap, u->nparam_offsets + (size_t)nparams,
+                 sizeof *u->param_offsets);
+}
+
+/* The unit takes nothing more and will fail with code (its message in
+ * u->err, already set) when it runs. */
+static int break_unit(cb_unit *u, int code) {
+  u->broken = code;
+  u->status = code;
+  return code;
+}
+
+int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *const *params, int flags) {
+  if (u->broken) return u->broken;
+  if (sql == NULL)
+    return break_unit(u, cb_err_set(&u->err, CB_EINVAL, "statement %d of a unit has no SQL text", u->nstmts + 1));
+  if (nparams < 0 || nparams > CB_UNIT_MAX_PARAMS || (nparams > 0 && params == NULL))
+    return break_unit(u, cb_err_set(&u->err, CB_EINVAL,
+                                    "statement %d of a unit has %d parameters%s; a statement takes 0 to %d",
+                                    u->nstmts + 1, nparams, nparams > 0 && params == NULL ? " and no values" : "",
+                                    CB_UNIT_MAX_PARAMS));
+  /* What a failure below must take back: nothing of it may stay. */
+  size_t arena_len = u->arena_len, nparam_offsets = u->nparam_offsets;
+  int ok = reserve(u, nparams) == 0;
+  unit_stmt *s = ok ? &u->stmts[u->nstmts] : NULL;
+  if (ok) {
+    s->sql = arena_put(u, sql);
+    ok = s->sql != PARAM_NULL;
+  }
+  for (int i = 0; ok && i < nparams; i++) {
+    size_t off = PARAM_NULL;
+    if (params[i] != NULL && (off = arena_put(u, params[i])) == PARAM_NULL) ok = 0;
+    else u->param_offsets[u->nparam_offsets++] = off;
+  }
+  if (!ok) {
+    u->arena_len = arena_len;
+    u->nparam_offsets = nparam_offsets;
+    return break_unit(u, cb_err_set(&u->err, CB_ENOMEM, "out of memory adding statement %d of a unit",
+                                    u->nstmts + 1));
+  }
+  s->params = nparam_offsets;
+  s->nparams = nparams;
+  s->flags = flags;
+  u->results[u->nstmts] = NULL;
+  return u->nstmts++;
+}
+
+int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *params) {
+  return cb_unit_add_flags(u, sql, nparams, params, 0);
+}
+
+int cb_unit_append(cb_unit *dst, const cb_unit *src) {
+  if (src->broken) {
+    if (!dst->broken) {
+      dst->err = src->err;
+      break_unit(dst, src->broken);
+    }
+    return src->broken;
+  }
+  for (int i = 0; i < src->nstmts; i++) {
+    const unit_stmt *s = &src->stmts[i];
+    const char *params[CB_UNIT_MAX_PARAMS];
+    for (int p = 0; p < s->nparams; p++) {
+      size_t off = src->param_offsets[s->params + (size_t)p];
+      params[p] = off == PARAM_NULL ? NULL : src->arena + off;
+    }
+    int rc = cb_unit_add_flags(dst, src->arena + s->sql, s->nparams, params, s->flags);
+    if (rc < 0) return rc;
+  }
+  return CB_OK;
+}
+
+int cb_unit_count(const cb_unit *u) { return u->nstmts; }
+int cb_unit_status(const cb_unit *u) { return u->status; }
+const cb_err *cb_unit_error(const cb_unit *u) { return &u->err; }
+
+const cb_result *cb_unit_result(const cb_unit *u, int i) {
+  if (i < 0 || i >= u->nstmts) return NULL;
+  return u->results[i];
+}
+
+void cb_unit_on_done(cb_unit *u, cb_unit_done done, void *arg) {
+  u->done = done;
+  u->done_arg = arg;
+}
+
+void cb__unit_complete(cb_unit *u, int status, const cb_err *err) {
+  if (status != CB_OK && u->status == CB_OK) {
+    u->status = status;
+    if (err) u->err = *err;
+    else cb_err_set(&u->err, status, "%s", cb_strerror(status));
+  }
+  u->next = NULL;
+  if (u->done) u->done(u, u->done_arg);
+}
+
+/* ---- results ------------------------------------------------------------ */
+
+int cb_result_rows(const cb_result *r) { return r ? PQntuples(r) : 0; }
+int cb_result_columns(const cb_result *r) { return r ? PQnfields(r) : 0; }
+const char *cb_result_value(const cb_result *r, int row, int col) { return PQgetvalue(r, row, col); }
+int cb_result_is_null(const cb_result *r, int row, int col) { return PQgetisnull(r, row, col); }
+int64_t cb_result_int(const cb_result *r, int row, int col) {
+  return strtoll(PQgetvalue(r, row, col), NULL, 10);
+}
+int64_t cb_result_affected(const cb_result *r) {
+  const char *s = r ? PQcmdTuples((PGresult *)r) : "";
+  return *s ? strtoll(s, NULL, 10) : 0;
+}
+
+void *cb_result_pack(const cb_result *r, int row, size_t size, const int *cols, const size_t *offsets, int n) {
+  size_t len = size;
+  for (int i = 0; i < n; i++) len += strlen(cb_result_value(r, row, cols[i])) + 1;
+  char *record = calloc(1, len);
+  if (record == NULL) return NULL;
+  char *p = record + size;
+  for (int i = 0; i < n; i++) {
+    const char *v = cb_result_value(r, row, cols[i]);
+    size_t vlen = strlen(v) + 1;
+    memcpy(p, v, vlen);
+    *(const char **)(record + offsets[i]) = cb_result_is_null(r, row, cols[i]) ? NULL : p;
+    p += vlen;
+  }
+  return record;
+}
+
+const char *cb_result_column_name(const cb_result *r, int col) { return PQfname(r, col); }
+
+int cb_result_column_kind(const cb_result *r, int col) {
+  switch (PQftype(r, col)) {
+    case 20: case 21: case 23: case 26: return CB_COL_INT;   /* int8, int2, int4, oid */
+    case 700: case 701: case 1700: return CB_COL_FLOAT;      /* float4, float8, numeric */
+    case 16: return CB_COL_BOOL;
+    case 114: case 3802: return CB_COL_JSON;                 /* json, jsonb */
+    default: return CB_COL_TEXT;
+  }
+}
