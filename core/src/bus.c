@@ -636,8 +636,8 @@ int cb_bus_run_query(cb_runtime *rt, cb_unit *u, cb_unit **rows, cb_err *err) {
   return CB_OK;
 }
 
-static int run_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows,
-                     cb_err *err) {
+int cb_bus_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows,
+                 cb_err *err) {
   *rows = NULL;
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -657,7 +657,7 @@ int cb_bus_get_command(cb_runtime *rt, const char *domain, const char *command_i
   if (rc == CB_OK) rc = check_id("command id", command_id, id, err);
   if (rc != CB_OK) return rc;
   const char *params[] = {domain, id};
-  rc = run_query(rt, "SELECT " COMMAND_COLUMNS " FROM commandbus.command WHERE domain = $1 AND command_id = $2::uuid",
+  rc = cb_bus_query(rt, "SELECT " COMMAND_COLUMNS " FROM commandbus.command WHERE domain = $1 AND command_id = $2::uuid",
                  2, params, rows, err);
   if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
     cb_unit_free(*rows);
@@ -679,7 +679,7 @@ int cb_bus_list_commands(cb_runtime *rt, const cb_command_filter *f, cb_unit **r
   snprintf(offset, sizeof offset, "%d", f->offset);
   const char *params[] = {f->domain, f->status, f->command_type, f->correlation_id ? corr : NULL,
                           f->batch_id ? batch : NULL, limit, offset};
-  return run_query(rt,
+  return cb_bus_query(rt,
                    "SELECT " COMMAND_COLUMNS " FROM commandbus.command WHERE domain = $1"
                    " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR command_type = $3)"
                    " AND ($4::uuid IS NULL OR correlation_id = $4) AND ($5::uuid IS NULL OR batch_id = $5)"
@@ -694,7 +694,7 @@ int cb_bus_audit(cb_runtime *rt, const char *domain, const char *command_id, cb_
   if (rc == CB_OK) rc = check_id("command id", command_id, id, err);
   if (rc != CB_OK) return rc;
   const char *params[] = {domain, id};
-  return run_query(rt,
+  return cb_bus_query(rt,
                    "SELECT audit_id, event_type, ts::text AS ts, details_json AS details FROM commandbus.audit"
                    " WHERE domain = $1 AND command_id = $2::uuid ORDER BY audit_id",
                    2, params, rows, err);
@@ -795,7 +795,7 @@ int cb_bus_list_batches(cb_runtime *rt, const char *domain, const char *status, 
   snprintf(l, sizeof l, "%d", limit > 0 ? limit : 100);
   snprintf(o, sizeof o, "%d", offset);
   const char *params[] = {domain, status, l, o};
-  return run_query(rt,
+  return cb_bus_query(rt,
                    "SELECT " BATCH_COLUMNS ", c.completed AS completed_count, c.canceled AS canceled_count,"
                    " c.failed AS failed_count, c.tsq AS in_troubleshooting_count FROM commandbus.batch b"
                    " CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"

@@ -39,16 +39,14 @@ int cb_limits_list(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err *e
   *rows = NULL;
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain};
-  cb_unit_add(u,
-              "SELECT l.command_type AS type, l.per_second, l.max_in_flight AS concurrency,"
-              " (SELECT count(*) FROM commandbus.command k WHERE k.status = 'IN_PROGRESS'"
-              " AND k.command_type = l.command_type AND k.domain = $1 AND k.lease_expires_at > clock_timestamp())"
-              " AS in_flight FROM commandbus.type_limit l WHERE l.domain = $1 ORDER BY l.command_type",
-              1, params);
-  return cb_bus_run_query(rt, u, rows, err);
+  return cb_bus_query(rt,
+                      "SELECT l.command_type AS type, l.per_second, l.max_in_flight AS concurrency,"
+                      " (SELECT count(*) FROM commandbus.command k WHERE k.status = 'IN_PROGRESS'"
+                      " AND k.command_type = l.command_type AND k.domain = $1"
+                      " AND k.lease_expires_at > clock_timestamp())"
+                      " AS in_flight FROM commandbus.type_limit l WHERE l.domain = $1 ORDER BY l.command_type",
+                      1, params, rows, err);
 }
 
 int cb_limits_add_lock(cb_unit *u, const char *domain) {

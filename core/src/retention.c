@@ -72,15 +72,12 @@ int cb_retention_get(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err 
   *rows = NULL;
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain};
-  cb_unit_add(u,
-              "SELECT $1::text AS domain, extract(epoch FROM commands)::float8 AS commands,"
-              " extract(epoch FROM archive)::float8 AS archive, extract(epoch FROM batches)::float8 AS batches,"
-              " extract(epoch FROM processes)::float8 AS processes FROM commandbus.retention_of($1)",
-              1, params);
-  return cb_bus_run_query(rt, u, rows, err);
+  return cb_bus_query(rt,
+                      "SELECT $1::text AS domain, extract(epoch FROM commands)::float8 AS commands,"
+                      " extract(epoch FROM archive)::float8 AS archive, extract(epoch FROM batches)::float8 AS batches,"
+                      " extract(epoch FROM processes)::float8 AS processes FROM commandbus.retention_of($1)",
+                      1, params, rows, err);
 }
 
 /* ---- the steps -------------------------------------------------------------------- */

@@ -273,12 +273,9 @@ int cb_schedule_list(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err 
     int rc = cb_domain_valid(domain, err);
     if (rc != CB_OK) return rc;
   }
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain};
-  cb_unit_add(u, "SELECT " SCHEDULE_COLUMNS " FROM commandbus.schedule WHERE $1::text IS NULL OR domain = $1"
-              " ORDER BY name", 1, params);
-  return cb_bus_run_query(rt, u, rows, err);
+  return cb_bus_query(rt, "SELECT " SCHEDULE_COLUMNS " FROM commandbus.schedule WHERE $1::text IS NULL OR domain = $1"
+                      " ORDER BY name", 1, params, rows, err);
 }
 
 /* ---- the pass ------------------------------------------------------------------------ */

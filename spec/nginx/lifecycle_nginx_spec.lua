@@ -114,7 +114,9 @@ describe("commandbus.ngx's life in nginx", function()
     local summary = io.open(out):read("*a")
     assert.is_nil(summary:match("Non%-2xx"), summary) -- every send under the reloads answered 200
     wait_until("the old workers' sessions ended", function() return connections(app_name) == expected end)
-    wait_until("threads as before", function() return server:threads() == threads end)
+    -- No extra thread: a new nginx worker that has had no request since the
+    -- last reload has not started its bus yet, so it may hold fewer.
+    wait_until("no more threads than before", function() return server:threads() <= threads end)
     assert.are.same({}, server:errors())
     assert.is_true(server:quit(30))
     wait_until("every session ended", function() return connections(app_name) == 0 end)

@@ -111,6 +111,10 @@ void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *res
  * PostgreSQL cannot read (SQLSTATE 22P02) is the caller's INVALID_ARGUMENT. */
 int cb_bus_run_query(cb_runtime *rt, cb_unit *u, cb_unit **rows, cb_err *err);
 
+/* The same for a query of one statement. */
+int cb_bus_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows,
+                 cb_err *err);
+
 typedef struct cb_command_filter {
   const char *domain;         /* required */
   const char *status;         /* NULL: any */
