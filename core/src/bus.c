@@ -189,6 +189,41 @@ static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_dup
   return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
 }
 
+/* The statement that sends commands whose ids this call made (none given,
+ * no dedup key): no two of them, and none of them and a command there, can
+ * share an id, so the rows go in as they are, without send_sql's search
+ * for duplicates (the speculative insertion of ON CONFLICT, the sort that
+ * keeps the first of an id, the joins that tell the caller which were
+ * sent). The array $1 (send_sql's objects) is read once into typed columns,
+ * each command drawing its message id there, and the three inserts read
+ * that. The same rows as send_sql's; the result has the same two columns
+ * (the second the message id), in the order of the array. $2 the domain,
+ * $3 the delay. */
+static int send_fresh_sql(char *sql, size_t len, const char *queue) {
+  int n = snprintf(sql, len,
+           "WITH input AS (SELECT e.ord, e.id, e.type, coalesce(e.data, '{}'::jsonb) AS data, e.corr,"
+           " coalesce(e.reply, '') AS reply, e.max, e.batch, coalesce(e.prio, 0) AS prio,"
+           " nextval('pgmq.q_%s_msg_id_seq') AS msg_id"
+           " FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (id uuid, corr uuid, type text, data jsonb, reply text,"
+           " max int, batch uuid, prio int)) WITH ORDINALITY AS e(id, corr, type, data, reply, max, batch, prio, ord)),"
+           " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
+           " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
+           " SELECT $2, '%s', msg_id, id, type, 'PENDING', 0, max, reply, corr, batch FROM input ORDER BY ord),"
+           " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
+           " SELECT msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
+           " jsonb_build_object('domain', $2::text, 'command_type', type, 'command_id', id, 'correlation_id', corr,"
+           " 'data', data)"
+           " || CASE WHEN reply <> '' THEN jsonb_build_object('reply_to', reply) ELSE '{}'::jsonb END"
+           " || CASE WHEN prio <> 0 THEN jsonb_build_object('priority', prio) ELSE '{}'::jsonb END"
+           " FROM input ORDER BY ord),"
+           " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+           " SELECT $2, id, 'SENT', jsonb_build_object('command_type', type, 'correlation_id', corr,"
+           " 'reply_to', nullif(reply, ''), 'msg_id', msg_id, 'batch_id', batch) FROM input ORDER BY ord)"
+           " SELECT ord, msg_id FROM input ORDER BY ord",
+           queue, queue, queue);
+  return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
+}
+
 int cb_bus_is_duplicate(const cb_err *err) {
   /* Both unique indexes a command table may have (commandbus's key, rcmd's
    * uq_command_domain_cmdid) are on (domain, command_id). */
@@ -230,9 +265,10 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
     size_t end = start + SEND_CHUNK < n ? start + SEND_CHUNK : n;
     cb_strbuf_reset(&json);
     cb_strbuf_putc(&json, '[');
-    int dedup = 0;
+    int dedup = 0, given_ids = 0;
     for (size_t i = start; i < end && rc == CB_OK; i++) {
       const cb_command_spec *s = &specs[i];
+      given_ids |= s->command_id != NULL;
       rc = check_spec(s, i, id, corr, batch, err);
       if (rc != CB_OK) break;
       if (forced_batch) snprintf(batch, sizeof batch, "%s", forced_batch);
@@ -280,8 +316,10 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
         rc = cb_err_set(err, CB_ENOMEM, "out of memory");
       break;
     }
-    if (rc == CB_OK && send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY", dedup,
-                                options && options->refuse_duplicates) != CB_OK)
+    if (rc == CB_OK &&
+        (!dedup && !given_ids ? send_fresh_sql(sql, sizeof sql, queue)
+                              : send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY",
+                                         dedup, options && options->refuse_duplicates)) != CB_OK)
       rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
     if (rc == CB_OK) {
       const char *params[] = {json.data, domain, delay_text};
