@@ -11,6 +11,8 @@
 #include "strbuf.h"
 
 #define SEND_CHUNK 1000 /* commands per statement: bounded parameter size */
+#define SEND_DEDUP 1    /* a command of the send has a dedup key */
+#define SEND_GIVEN_ID 2 /* a command of the send has an id its caller gave */
 
 int cb_domain_valid(const char *domain, cb_err *err) {
   if (domain == NULL) return cb_err_set(err, CB_EINVAL, "domain expected, got nothing");
@@ -170,6 +172,9 @@ static int send_sql(char *sql, size_t len, const char *queue, const char *prefix
  * for none), $7 correlation id, $8 batch id (NULL for none), $9 priority,
  * $10 data (JSON text, NULL for {}). One row: id, msg_id (0: a duplicate). */
 static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_duplicates) {
+  /* refuse_duplicates: an existing id fails the statement (as in send_sql);
+   * also given when the id is new by construction (made by this call), so
+   * that the insert needs no speculative insertion. */
   int n = snprintf(sql, len,
            "WITH fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
            " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
@@ -243,11 +248,12 @@ int cb_bus_add_send_from(cb_unit *u, const char *domain, const char *prefix, con
  * statements (one per chunk) and the queue's notify to u, without running it.
  * On an error u may hold part of them: the caller discards the unit. */
 /* As cb_bus_add_send; when `element` is given and n is 1, the command's
- * JSON object (an element of send_sql's array) is copied there and *dedup
- * tells whether it has a dedup key. */
+ * JSON object (an element of send_sql's array) is copied there and *flags
+ * tells whether it has a dedup key (SEND_DEDUP) or an id its caller gave
+ * (SEND_GIVEN_ID). */
 static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const cb_send_options *options, cb_strbuf *element,
-                    int *has_dedup, cb_err *err) {
+                    int *flags, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
@@ -300,7 +306,7 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
     if (rc == CB_OK && element && n == 1) {
       cb_strbuf_reset(element);
       cb_strbuf_printf(element, "%.*s", (int)(json.len - 2), json.data + 1); /* without [ ] */
-      *has_dedup = dedup;
+      *flags = (dedup ? SEND_DEDUP : 0) | (given_ids ? SEND_GIVEN_ID : 0);
       if (element->failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
     }
     if (rc == CB_OK && n == 1 && !dedup) { /* the common single send */
@@ -310,7 +316,8 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
       snprintf(prio, sizeof prio, "%d", s->priority);
       const char *params[] = {domain, delay_text, id, s->command_type, max, s->reply_to ? s->reply_to : "",
                               corr, batch[0] ? batch : NULL, prio, s->data_json};
-      if (send_one_sql(sql, sizeof sql, queue, options && options->refuse_duplicates) != CB_OK)
+      /* An id made here cannot be there already: no need to look. */
+      if (send_one_sql(sql, sizeof sql, queue, (options && options->refuse_duplicates) || !given_ids) != CB_OK)
         rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
       else if (cb_unit_add(u, sql, 10, params) < 0)
         rc = cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -397,7 +404,7 @@ typedef struct send_call {
   const char *domain;
   const char *delay;        /* as bound: "%.6f" */
   const char *element;      /* NULL: not merged */
-  int dedup;                /* the element has a dedup key */
+  int flags;                /* the element's SEND_DEDUP, SEND_GIVEN_ID */
   int first;                /* its first statement in the group's unit */
   int row;                  /* merged: its row in that statement's result; -1: its own statements */
   int rc;
@@ -523,7 +530,8 @@ static void group_done(cb_unit *u, void *arg) {
 }
 
 /* The group's statements: the single sends to one domain (and delay) as one
- * statement of send_sql over their JSON objects, in the order they came (a
+ * statement of send_sql over their JSON objects (send_fresh_sql's when none
+ * has an id its caller gave or a dedup key), in the order they came (a
  * second command with an id or a dedup key another one of the statement
  * has is a duplicate, as if it came later), and one notify per domain; any
  * other send as its own statements. */
@@ -534,11 +542,11 @@ static int build_group(cb_unit *u, send_call *calls) {
   int rc = CB_OK;
   for (send_call *c = calls; rc == CB_OK && c; c = c->next) {
     if (c->row != -2) continue;
-    int mates = 0, dedup = c->dedup;
+    int mates = 0, flags = c->flags;
     for (send_call *d = c->next; c->element && d; d = d->next)
       if (d->row == -2 && d->element && strcmp(d->domain, c->domain) == 0 && strcmp(d->delay, c->delay) == 0) {
         mates++;
-        dedup |= d->dedup;
+        flags |= d->flags;
       }
     if (mates == 0) { /* alone: its own statements */
       c->row = -1;
@@ -561,7 +569,9 @@ static int build_group(cb_unit *u, send_call *calls) {
     cb_command_queue_name(c->domain, queue);
     const char *params[] = {json.data, c->domain, c->delay};
     if (json.failed) rc = CB_ENOMEM;
-    else if (send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY", dedup, 0) != CB_OK)
+    else if ((flags == 0 ? send_fresh_sql(sql, sizeof sql, queue)
+                         : send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY",
+                                    flags & SEND_DEDUP, 0)) != CB_OK)
       rc = CB_EINTERNAL;
     else if (cb_unit_add(u, sql, 3, params) < 0 || cb_queue_add_notify(u, queue) < 0)
       rc = CB_ENOMEM;
@@ -608,11 +618,11 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
 
 /* Runs u (the statements of one send) in a shared transaction. */
 static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, const char *domain,
-                            const char *delay, const char *element, int dedup, cb_err *err) {
+                            const char *delay, const char *element, int flags, cb_err *err) {
   cb_send_groups *g = cb_runtime_on_loop(rt) ? NULL : cb_runtime_part_of(rt, &send_groups_part);
   if (g == NULL) return exec_send(rt, u, err); /* reports the deadlock, or the fork, or the lack of memory */
   send_call c = {.g = g, .unit = u, .n = n, .results = results, .domain = domain, .delay = delay,
-                 .element = element, .dedup = dedup, .rc = CB_OK};
+                 .element = element, .flags = flags, .rc = CB_OK};
   pthread_mutex_lock(&g->lock);
   if (g->max == 0) g->max = cb_runtime_pool_size(rt) > 0 ? cb_runtime_pool_size(rt) : 1;
   if (g->tail) g->tail->next = &c;
@@ -636,12 +646,12 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   cb_strbuf element = {0};
-  int dedup = 0;
+  int flags = 0;
   char delay_text[32];
   snprintf(delay_text, sizeof delay_text, "%.6f", delay);
-  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &dedup, err);
+  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &flags, err);
   if (rc == CB_OK)
-    rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? element.data : NULL, dedup, err);
+    rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? element.data : NULL, flags, err);
   cb_strbuf_free(&element);
   cb_unit_free(u);
   if (rc == CB_OK && n == 1 && results[0].duplicate) {
