@@ -210,4 +210,29 @@ describe("reply router", function()
     -- The reply is still there, hidden until its visibility timeout passes.
     assert.equal(1, assert(bus:queue(domain .. "__process_replies"):metrics()).queue_length)
   end)
+
+  it("checks run() and start() as a worker does, and reports its health alike", function()
+    local router = assert(bus:reply_router{domain = domain, managers = {Order = saga.Order}})
+    local worker = assert(bus:worker{domain = domain, handlers = {}})
+    for _, runner in ipairs({router, worker}) do
+      assert.has_error(function() runner:run{tick = 5} end, "bad option 'tick': function expected, got number")
+    end
+    assert.has_error(function() router:start() end,
+                     "reply_router:start() runs managers on lane threads: give managers as a module name (a managers"
+                     .. " table runs only on run()'s thread)")
+    assert.are.same({state = "starting", in_flight = 0, applied = 0, failures = 0, rejected = 0},
+                    assert(router:health()))
+    assert.equal(0, router:in_flight())
+    router:close()
+    worker:close()
+    local ok, err = router:health()
+    assert.is_nil(ok)
+    assert.equal("CLOSED", err.code)
+    assert.equal("the reply router is closed", err.message)
+    assert.equal(0, router:in_flight())
+    ok, err = router:run()
+    assert.is_nil(ok)
+    assert.equal("INVALID_STATE", err.code)
+    assert.equal("the reply router already ran", err.message)
+  end)
 end)

@@ -10,6 +10,7 @@
 #include <stdio.h>
 
 #include "commandbus/bus.h"
+#include "commandbus/engine.h"
 #include "commandbus/error.h"
 #include "commandbus/runtime.h"
 #include "commandbus/upkeep.h"
@@ -201,38 +202,45 @@ cbL_lanes *cbL_lanes_start(lua_State *L, int count, const char *module, cbL_lane
 /* Joins every lane thread and frees. */
 void cbL_lanes_join(cbL_lanes *lanes);
 int cbL_lanes_running(const cbL_lanes *lanes);
-/* Between a run() loop's rounds on the caller's thread: hands queued process
- * events to the sink of the bus referenced by bus_ref (LUA_NOREF: none),
- * then calls run()'s tick (the function at idx; 0 or nil: none). Returns 0
- * when the runner should stop: the tick returned false, or raised (logged
- * with the domain `who`). */
-int cbL_tick(lua_State *L, int idx, int bus_ref, const char *who);
 
-/* A component that runs lanes (a worker, a reply router), as the bindings
- * drive it: in run() on the caller's thread, or in the background after
- * start(). */
-typedef struct cbL_runner_ops {
-  int (*lanes)(void *component);
-  int (*start)(void *component, cb_err *err);
-  void (*stop)(void *component);
-  int (*wait)(void *component, int timeout_ms); /* 1 once stopped and drained */
-  cbL_lane_fn lane;                             /* each module lane's loop */
-} cbL_runner_ops;
-/* Starts one lane thread per lane loading `module` (none when module is
- * NULL: the caller runs the only lane), then the component. Returns 1 and
- * the lanes; or 0 after pushing nil, err, with nothing left running. */
-int cbL_runner_start(lua_State *L, const cbL_runner_ops *ops, void *component, const char *module,
-                     cbL_lanes **lanes);
-/* Stops the component, waits until it drained, joins its lanes. */
-void cbL_runner_finish(const cbL_runner_ops *ops, void *component, cbL_lanes *lanes);
-/* The {tick=fn, tick_interval=0.5} options (argument 2) of a run() loop:
- * the interval in milliseconds; raises when tick is not a function. */
-int cbL_run_options(lua_State *L, int *tick_ms);
-/* The options workers and reply routers share, of the table at idx:
- * concurrency (*lanes; 0 when absent) and the three timings (defaults in
- * the pointed-to values). */
-int cbL_runner_options(lua_State *L, int idx, int *lanes, double *visibility_timeout, double *statement_timeout,
-                       double *poll_interval);
+/* ---- runners: workers and reply routers (runner.c) ------------------------ */
+
+/* What a Lua runner type is made of besides its engine (commandbus/engine.h),
+ * which drives every kind alike. */
+typedef struct cbL_runner_class {
+  const char *mt;   /* its metatable */
+  const char *name; /* in messages: "worker", "reply router" */
+  const char *type; /* as Lua spells it: "worker", "reply_router" */
+  const char *code; /* what its lanes run: "handlers", "managers" */
+  void (*free)(void *runner);
+  /* One round of a lane: takes what the lane has (waiting up to timeout_ms)
+   * and handles it with the code table at index `code` of L; L is NULL when
+   * the module failed to load (the work goes back, undone). 0 once the lane
+   * has ended. */
+  int (*lane_round)(lua_State *L, int code, void *runner, int lane, int timeout_ms);
+  /* Optional: adds the kind's own fields to the health table at the top. */
+  void (*health)(lua_State *L, void *runner);
+} cbL_runner_class;
+
+typedef struct cbL_runner cbL_runner;
+/* Registers the class (methods run, start, stop, health, in_flight, close)
+ * and bus:<type>{...}, the constructor. */
+void cbL_runner_open(lua_State *L, const cbL_runner_class *cls, lua_CFunction constructor);
+/* The start of bus:<type>{...} (argument 1 the bus, 2 the options): the
+ * options every runner takes, domain, concurrency (*lanes; 0 when absent),
+ * the three timings (defaults in the pointed-to values) and the code (field
+ * cls->code: a module name, or a table, which runs on run()'s thread as the
+ * only lane: *lanes is 1). Pushes the object, empty until cbL_runner_adopt;
+ * NULL after pushing nil, err. Raises for wrong types. */
+cbL_runner *cbL_runner_begin(lua_State *L, const cbL_runner_class *cls, const char **domain, int *lanes,
+                             double *visibility_timeout, double *statement_timeout, double *poll_interval);
+/* The runtime of the bus the object belongs to. */
+cb_runtime *cbL_runner_runtime(const cbL_runner *lr);
+/* The object takes the core's runner and its engine (close() and the GC
+ * free them), the bus and the code; pushes the object and returns 1. */
+int cbL_runner_adopt(lua_State *L, cbL_runner *lr, void *runner, cb_engine *engine);
+/* Sets a runner's counters, those of its kind, in the table at the top. */
+void cbL_set_runner_counters(lua_State *L, const cb_runner_stat *s);
 
 void cbL_open_worker(lua_State *L);
 void cbL_open_metrics(lua_State *L);

@@ -34,21 +34,11 @@ static void push_runner(lua_State *L, const cb_runner_stat *s) {
   set_number(L, "heartbeat_at", s->heartbeat_at);
   set_int(L, "lanes", s->lanes);
   set_int(L, "in_flight", s->in_flight);
-  set_int(L, "failures", (int64_t)s->failures);
+  cbL_set_runner_counters(L, s);
   if (strcmp(s->kind, "worker") == 0) {
-    set_int(L, "successes", (int64_t)s->successes);
-    set_int(L, "retries", (int64_t)s->retries);
-    set_int(L, "consecutive_failures", (int64_t)s->consecutive_failures);
-    set_int(L, "stuck", (int64_t)s->stuck);
-    set_int(L, "poison", (int64_t)s->poison);
-    if (s->last_success_at > 0) set_number(L, "last_success_at", s->last_success_at);
-    set_int(L, "scheduled", (int64_t)s->scheduled);
     lua_createtable(L, 0, CB_RUNNER_REMOVED_KINDS);
     for (int k = 0; k < CB_RUNNER_REMOVED_KINDS; k++) set_int(L, cb_retention_kinds[k], s->removed[k]);
     lua_setfield(L, -2, "removed");
-  } else {
-    set_int(L, "applied", (int64_t)s->applied);
-    set_int(L, "rejected", (int64_t)s->rejected);
   }
   lua_createtable(L, s->nlane_depths, 0);
   for (int i = 0; i < s->nlane_depths; i++) {

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "queue_layout.h"
 #include "strbuf.h"
 
 #define SQL_MAX 1024
@@ -15,8 +16,6 @@
 /* Every queue DDL statement runs under this transaction-level advisory lock,
  * so that two processes creating queues at once never race on the schema. */
 #define QUEUE_DDL_LOCK "SELECT pg_advisory_xact_lock(7236871042)"
-
-#define MESSAGE_COLUMNS "msg_id, read_ct, enqueued_at, vt, message"
 
 int cb_queue_name_valid(const char *name, cb_err *err) {
   if (name == NULL) return cb_err_set(err, CB_EINVAL, "queue name expected, got nothing");
@@ -60,96 +59,157 @@ static char *id_array(const int64_t *ids, size_t n) {
   return s;
 }
 
+/* ---- the layout (queue_layout.h) ------------------------------------------------ */
+
+void cb_queue_channel(const char *queue, char out[CB_QUEUE_CHANNEL_MAX]) {
+  snprintf(out, CB_QUEUE_CHANNEL_MAX, "pgmq_notify_%s", queue);
+}
+
+void cb_queue_sql_table(cb_strbuf *b, const char *queue) { cb_strbuf_printf(b, "pgmq.q_%s", queue); }
+
+void cb_queue_sql_archive_table(cb_strbuf *b, const char *queue) { cb_strbuf_printf(b, "pgmq.a_%s", queue); }
+
+void cb_queue_sql_visible(cb_strbuf *b, const char *queue, const char *limit) {
+  cb_strbuf_printf(b,
+                   "SELECT msg_id FROM pgmq.q_%s WHERE " CB_QUEUE_SQL_VISIBLE " ORDER BY msg_id LIMIT %s"
+                   " FOR UPDATE SKIP LOCKED",
+                   queue, limit);
+}
+
+void cb_queue_sql_set_vt(cb_strbuf *b, const char *queue, const char *seconds) {
+  cb_strbuf_printf(b, "UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => %s)", queue, seconds);
+}
+
+void cb_queue_sql_receive(cb_strbuf *b, const char *queue, const char *ids, const char *seconds) {
+  cb_queue_sql_set_vt(b, queue, seconds);
+  cb_strbuf_printf(b, ", read_ct = q.read_ct + 1 WHERE q.msg_id = ANY(%s)", ids);
+}
+
+/* `msg_id = ANY(ARRAY(...))`, not a join: a join is planned as a hash over
+ * a scan of the whole queue, slower as the queue and its dead rows grow;
+ * this is primary-key lookups. */
+void cb_queue_sql_read(cb_strbuf *b, const char *queue, const char *limit, const char *seconds) {
+  cb_strbuf ids = {0};
+  cb_strbuf_puts(&ids, "ARRAY(");
+  cb_queue_sql_visible(&ids, queue, limit);
+  cb_strbuf_putc(&ids, ')');
+  if (ids.failed) b->failed = 1;
+  else cb_queue_sql_receive(b, queue, ids.data, seconds);
+  cb_strbuf_free(&ids);
+}
+
+void cb_queue_sql_delete(cb_strbuf *b, const char *queue, const char *ids) {
+  cb_strbuf_printf(b, "DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(%s)", queue, ids);
+}
+
+void cb_queue_sql_insert(cb_strbuf *b, const char *queue) {
+  cb_strbuf_printf(b, "INSERT INTO pgmq.q_%s (vt, message)", queue);
+}
+
+/* Through jsonb, column by column by name: the same statement serves the
+ * layouts before and after pgmq 1.5, and archived_at is stamped here (an
+ * explicit NULL would not take the column's default). */
+void cb_queue_sql_archive(cb_strbuf *b, const char *queue, const char *ids) {
+  cb_strbuf_puts(b, "x AS (");
+  cb_queue_sql_delete(b, queue, ids);
+  cb_strbuf_printf(b,
+                   " RETURNING q.*), ar AS (INSERT INTO pgmq.a_%s SELECT r.* FROM x,"
+                   " jsonb_populate_record(NULL::pgmq.a_%s, to_jsonb(x) || jsonb_build_object('archived_at', now()))"
+                   " r RETURNING msg_id)",
+                   queue, queue);
+}
+
+/* ---- statement builders --------------------------------------------------------- */
+
+/* Appends the statement in sql to u and frees sql: the statement's index,
+ * or a negative cb_code. */
+static int add_built(cb_unit *u, cb_strbuf *sql, int nparams, const char *const *params) {
+  int i = sql->failed ? CB_ENOMEM : cb_unit_add(u, sql->data, nparams, params);
+  cb_strbuf_free(sql);
+  return i;
+}
+
 int cb_queue_add_notify(cb_unit *u, const char *queue) {
-  char channel[80];
-  snprintf(channel, sizeof channel, "pgmq_notify_%s", queue);
+  char channel[CB_QUEUE_CHANNEL_MAX];
+  cb_queue_channel(queue, channel);
   const char *params[] = {channel};
   return cb_unit_add(u, "SELECT pg_notify($1, '')", 1, params);
 }
 
-int cb_queue_add_send(cb_unit *u, const char *queue, const char *json, double delay) {
+/* A send: the insert whose values the SELECT `from` gives, then the
+ * notification. */
+static int add_send(cb_unit *u, const char *queue, const char *json, double delay, const char *from) {
   char d[32];
   fmt_double(d, sizeof d, delay);
   const char *params[] = {json, d};
-  int i = add_sql(u, 0, params, 2,
-                  "INSERT INTO pgmq.q_%s (vt, message) "
-                  "VALUES (clock_timestamp() + make_interval(secs => $2::float8), $1::jsonb) RETURNING msg_id",
-                  queue);
+  cb_strbuf sql = {0};
+  cb_queue_sql_insert(&sql, queue);
+  cb_strbuf_printf(&sql, " %s RETURNING msg_id", from);
+  int i = add_built(u, &sql, 2, params);
   if (i < 0) return i;
   int rc = cb_queue_add_notify(u, queue);
   return rc < 0 ? rc : i;
 }
 
-int cb_queue_add_send_batch(cb_unit *u, const char *queue, const char *json_array, double delay) {
-  char d[32];
-  fmt_double(d, sizeof d, delay);
-  const char *params[] = {json_array, d};
-  int i = add_sql(u, 0, params, 2,
-                  "INSERT INTO pgmq.q_%s (vt, message) "
-                  "SELECT clock_timestamp() + make_interval(secs => $2::float8), m "
-                  "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(m, i) ORDER BY i RETURNING msg_id",
-                  queue);
-  if (i < 0) return i;
-  int rc = cb_queue_add_notify(u, queue);
-  return rc < 0 ? rc : i;
+int cb_queue_add_send(cb_unit *u, const char *queue, const char *json, double delay) {
+  return add_send(u, queue, json, delay, "VALUES (clock_timestamp() + make_interval(secs => $2::float8), $1::jsonb)");
 }
+
+int cb_queue_add_send_batch(cb_unit *u, const char *queue, const char *json_array, double delay) {
+  return add_send(u, queue, json_array, delay,
+                  "SELECT clock_timestamp() + make_interval(secs => $2::float8), m"
+                  " FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS t(m, i) ORDER BY i");
+}
+
+#define RETURNING_MESSAGES " RETURNING q.msg_id, q.read_ct, q.enqueued_at, q.vt, q.message"
 
 int cb_queue_add_read(cb_unit *u, const char *queue, double vt, int qty) {
   char v[32], q[16];
   fmt_double(v, sizeof v, vt);
   snprintf(q, sizeof q, "%d", qty);
   const char *params[] = {v, q};
-  /* `msg_id = ANY(ARRAY(...))`, not a join: a join is planned as a hash over
-   * a scan of the whole queue, slower as the queue and its dead rows grow;
-   * this is primary-key lookups. */
-  return add_sql(u, 0, params, 2,
-                 "UPDATE pgmq.q_%s m SET vt = clock_timestamp() + make_interval(secs => $1::float8), "
-                 "read_ct = m.read_ct + 1 WHERE m.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s "
-                 "WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $2::int FOR UPDATE SKIP LOCKED)) "
-                 "RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message",
-                 queue, queue);
+  cb_strbuf sql = {0};
+  cb_queue_sql_read(&sql, queue, "$2::int", "$1::float8");
+  cb_strbuf_puts(&sql, RETURNING_MESSAGES);
+  return add_built(u, &sql, 2, params);
 }
 
 int cb_queue_add_pop(cb_unit *u, const char *queue, int qty) {
   char q[16];
   snprintf(q, sizeof q, "%d", qty);
   const char *params[] = {q};
-  return add_sql(u, 0, params, 1,
-                 "DELETE FROM pgmq.q_%s m WHERE m.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s "
-                 "WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED)) "
-                 "RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message",
-                 queue, queue);
+  cb_strbuf ids = {0}, sql = {0};
+  cb_strbuf_puts(&ids, "ARRAY(");
+  cb_queue_sql_visible(&ids, queue, "$1::int");
+  cb_strbuf_putc(&ids, ')');
+  if (ids.failed) sql.failed = 1;
+  else cb_queue_sql_delete(&sql, queue, ids.data);
+  cb_strbuf_free(&ids);
+  cb_strbuf_puts(&sql, RETURNING_MESSAGES);
+  return add_built(u, &sql, 1, params);
 }
 
 int cb_queue_add_delete(cb_unit *u, const char *queue, const int64_t *ids, size_t n) {
   char *arr = id_array(ids, n);
   if (arr == NULL) return CB_ENOMEM;
   const char *params[] = {arr};
-  int i = add_sql(u, 0, params, 1, "DELETE FROM pgmq.q_%s WHERE msg_id = ANY($1::bigint[]) RETURNING msg_id",
-                  queue);
+  cb_strbuf sql = {0};
+  cb_queue_sql_delete(&sql, queue, "$1::bigint[]");
+  cb_strbuf_puts(&sql, " RETURNING q.msg_id");
+  int i = add_built(u, &sql, 1, params);
   free(arr);
   return i;
-}
-
-int cb_queue_archive_ctes(char *out, size_t len, const char *queue, const char *ids) {
-  /* Through jsonb, column by column by name: the same statement serves the
-   * layouts before and after pgmq 1.5, and archived_at is stamped here
-   * (an explicit NULL would not take the column's default). */
-  int n = snprintf(out, len,
-                   "x AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(%s) RETURNING q.*),"
-                   " ar AS (INSERT INTO pgmq.a_%s SELECT r.* FROM x, jsonb_populate_record(NULL::pgmq.a_%s,"
-                   " to_jsonb(x) || jsonb_build_object('archived_at', now())) r RETURNING msg_id)",
-                   queue, ids, queue, queue);
-  return n < 0 || (size_t)n >= len ? CB_EINTERNAL : CB_OK;
 }
 
 int cb_queue_add_archive(cb_unit *u, const char *queue, const int64_t *ids, size_t n) {
   char *arr = id_array(ids, n);
   if (arr == NULL) return CB_ENOMEM;
   const char *params[] = {arr};
-  char ctes[512];
-  int i = cb_queue_archive_ctes(ctes, sizeof ctes, queue, "$1::bigint[]");
-  if (i == CB_OK) i = add_sql(u, 0, params, 1, "WITH %s SELECT msg_id FROM ar", ctes);
+  cb_strbuf sql = {0};
+  cb_strbuf_puts(&sql, "WITH ");
+  cb_queue_sql_archive(&sql, queue, "$1::bigint[]");
+  cb_strbuf_puts(&sql, " SELECT msg_id FROM ar");
+  int i = add_built(u, &sql, 1, params);
   free(arr);
   return i;
 }
@@ -159,10 +219,10 @@ int cb_queue_add_set_vt(cb_unit *u, const char *queue, int64_t id, double vt) {
   fmt_double(v, sizeof v, vt);
   snprintf(idtext, sizeof idtext, "%" PRId64, id);
   const char *params[] = {idtext, v};
-  return add_sql(u, 0, params, 2,
-                 "UPDATE pgmq.q_%s SET vt = clock_timestamp() + make_interval(secs => $2::float8) "
-                 "WHERE msg_id = $1::bigint RETURNING " MESSAGE_COLUMNS,
-                 queue);
+  cb_strbuf sql = {0};
+  cb_queue_sql_set_vt(&sql, queue, "$2::float8");
+  cb_strbuf_puts(&sql, " WHERE q.msg_id = $1::bigint" RETURNING_MESSAGES);
+  return add_built(u, &sql, 2, params);
 }
 
 /* ---- results ---------------------------------------------------------------- */
@@ -464,8 +524,8 @@ int cb_queue_read_with_poll(cb_runtime *rt, const char *queue, double vt, int qt
                             double poll_interval, cb_messages *out, cb_err *err) {
   memset(out, 0, sizeof *out);
   CHECK_NAME(queue);
-  char channel[80];
-  snprintf(channel, sizeof channel, "pgmq_notify_%s", queue);
+  char channel[CB_QUEUE_CHANNEL_MAX];
+  cb_queue_channel(queue, channel);
   int rc = cb_runtime_listen(rt, channel, err);
   if (rc != CB_OK) return rc;
   /* Subscribe before the first read: a send that commits between the read

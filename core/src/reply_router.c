@@ -1,21 +1,30 @@
-/* commandbus: the process reply router (see reply_router.h). */
+/* commandbus: the process reply router (see reply_router.h). It is an
+ * engine (engine.h), as the worker is: it fetches on the runtime's loop
+ * thread and routes replies to lanes by process id; lanes decide and apply.
+ *
+ * Why on the loop thread, like the worker, rather than on a fetch thread of
+ * its own making blocking calls (as it did before): it is faster. Measured
+ * with bench/saga on the same machine in one sitting, the two alternating
+ * (2 cores, PostgreSQL beside them, 2 lanes), the router alone on 10,000
+ * preloaded replies applied 2,273 and 3,766 replies/s on the loop thread
+ * against 1,806 and 3,086 on its own thread, and whole sagas went as fast
+ * or faster. A fetch thread pays a hop to the loop thread and back for
+ * every fetch, a wake-up through the hub for every notification, and it
+ * archives unusable replies one blocking call at a time before it fetches
+ * again; on the loop thread a fetch is a callback, the next one leaves as
+ * soon as the rows are routed, and archives go out beside it. */
 #include "commandbus/reply_router.h"
 
-#include <pthread.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "commandbus/events.h"
 #include "commandbus/log.h"
-#include "keyed.h"
-#include "commandbus/message_router.h"
-#include "commandbus/queue.h"
-#include "commandbus/runner.h"
-#include "commandbus/thread.h"
 #include "commandbus/uuid.h"
+#include "engine_internal.h"
+#include "keyed.h"
 #include "strbuf.h"
 
 /* Replies fetched at once, at most: a lane's two batches' worth. */
@@ -27,24 +36,11 @@ struct cb_reply_router {
   cb_reply_router_options o;
   char domain[CB_QUEUE_NAME_MAX + 1];
   char queue[CB_QUEUE_NAME_MAX + 1];
-  char channel[80];
-  char fetch_sql[2048];
-  char apply_sql[2048];
+  cb_strbuf fetch_sql, apply_sql;
   int lanes;
   int capacity;
-  cb_message_router *router;
-  pthread_t fetcher;
-  int fetcher_started;
-  cb_runner runner; /* seen by metrics and heartbeats while it runs */
-
-  pthread_mutex_t lock; /* guards what follows */
-  pthread_cond_t changed;
-  int stop_requested;
-  int fetcher_done;
-  int lanes_ending; /* one thread ends the lanes... */
-  int lanes_ended;  /* ...and says so when done */
-  int in_flight; /* routed, not yet applied, rejected or released */
-  cb_reply_router_health health;
+  cb_engine engine;
+  cb_reply_router_health health; /* [lock] (the engine's) */
 };
 
 static const char *TERMINAL[] = {"COMPLETED", "COMPENSATED", "FAILED", "CANCELED", NULL};
@@ -62,27 +58,215 @@ void cb_reply_router_options_init(cb_reply_router_options *o) {
   o->poll_interval = 1;
 }
 
-int cb_reply_router_lanes(const cb_reply_router *r) { return r->lanes; }
-const char *cb_reply_router_domain(const cb_reply_router *r) { return r->domain; }
 const char *cb_reply_router_queue(const cb_reply_router *r) { return r->queue; }
+cb_engine *cb_reply_router_engine(cb_reply_router *r) { return &r->engine; }
 
 static void add_timeout(cb_unit *u, const cb_reply_router *r) { cb_add_keyed_begin(u, r->o.statement_timeout); }
 
-/* What metrics and heartbeats see of the router (any thread). */
-static void report(void *self, cb_runner_stat *s) {
-  cb_reply_router *r = self;
-  cb_reply_router_health h;
-  cb_reply_router_health_get(r, &h);
-  snprintf(s->state, sizeof s->state, "%s", h.state);
-  s->in_flight = h.in_flight;
-  s->applied = h.applied;
-  s->rejected = h.rejected;
-  s->failures = h.failures;
+/* What metrics, heartbeats and health() see of the router. */
+static void report(void *arg, cb_runner_stat *s) {
+  cb_reply_router *r = arg;
+  pthread_mutex_lock(&r->engine.lock);
+  s->in_flight = r->health.in_flight;
+  s->applied = r->health.applied;
+  s->rejected = r->health.rejected;
+  s->failures = r->health.failures;
+  pthread_mutex_unlock(&r->engine.lock);
 }
 
-static void stop_runner(void *self) { cb_reply_router_stop(self); }
+/* ---- the statements ------------------------------------------------------------- */
 
-void cb_reply_router_watch_signals(cb_reply_router *r) { r->runner.stop_on_signals = 1; }
+/* Receives up to $1 replies for $2 seconds, each with its process and the
+ * step it answers ($3 the domain). */
+static void build_fetch_sql(cb_strbuf *sql, const char *queue) {
+  cb_strbuf_puts(sql, "WITH m AS (");
+  cb_queue_sql_read(sql, queue, "$1::int", "$2::float8");
+  cb_strbuf_puts(sql,
+                 " RETURNING q.msg_id, q.message,"
+                 " CASE WHEN jsonb_typeof(q.message) = 'object' AND (q.message->>'correlation_id') ~* " UUID_RE
+                 " THEN (q.message->>'correlation_id')::uuid END AS process_id,"
+                 " CASE WHEN jsonb_typeof(q.message) = 'object' AND (q.message->>'command_id') ~* " UUID_RE
+                 " THEN (q.message->>'command_id')::uuid END AS command_id)"
+                 " SELECT m.msg_id, m.message::text, coalesce(m.message->>'outcome', ''), m.command_id::text,"
+                 " m.process_id::text, p.process_type, p.status, p.current_step, p.state::text, pa.step_name,"
+                 " pa.reply_outcome, (SELECT coalesce(jsonb_agg(x.step_name ORDER BY x.id), '[]'::jsonb)::text"
+                 " FROM commandbus.process_audit x WHERE x.domain = $3 AND x.process_id = m.process_id"
+                 " AND x.reply_outcome = 'SUCCESS')"
+                 /* Each reply's process and step looked up by key (LIMIT
+                  * keeps the lookups per reply: joined whole, a plan made
+                  * while the tables were small reads every process of the
+                  * domain). */
+                 " FROM m LEFT JOIN LATERAL (SELECT process_type, status, current_step, state"
+                 " FROM commandbus.process WHERE domain = $3 AND process_id = m.process_id LIMIT 1) p ON true"
+                 " LEFT JOIN LATERAL (SELECT step_name, reply_outcome FROM commandbus.process_audit"
+                 " WHERE domain = $3 AND process_id = m.process_id AND command_id = m.command_id LIMIT 1) pa ON true"
+                 " ORDER BY m.msg_id");
+}
+
+/* Applies a batch of replies, one per process. Each reply is recorded once
+ * (reply_outcome IS NULL) and only a process still waiting moves; unless
+ * every reply of the batch did, 1/0 aborts the whole transaction (next
+ * commands included). The probes by ANY(ARRAY(...)) keep the plans on the
+ * indexes whatever the row estimate of the input. */
+static void build_apply_sql(cb_strbuf *sql, const char *queue) {
+  cb_strbuf_puts(sql,
+                 "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(msg bigint, pid uuid, cid uuid,"
+                 " outcome text, reply text, status text, step text, state text, ecode text, emsg text,"
+                 " next_id uuid, next_type text, next_data text)),"
+                 " a AS (UPDATE commandbus.process_audit pa SET reply_outcome = i.outcome,"
+                 " reply_data = i.reply::jsonb, received_at = now() FROM i WHERE pa.domain = $1::text"
+                 " AND pa.command_id = ANY(ARRAY(SELECT cid FROM i))"
+                 " AND pa.command_id = i.cid AND pa.process_id = i.pid AND pa.reply_outcome IS NULL"
+                 " RETURNING pa.process_id),"
+                 " p AS (UPDATE commandbus.process pr SET status = i.status, current_step = i.step,"
+                 " state = i.state::jsonb, error_code = i.ecode, error_message = i.emsg, updated_at = now(),"
+                 " completed_at = CASE WHEN i.status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED')"
+                 " THEN now() END FROM i WHERE pr.domain = $1::text"
+                 " AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a)) AND pr.process_id = i.pid"
+                 " AND " CB_STATUS_OF("pr") " IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')"
+                 " RETURNING pr.process_id),"
+                 " n AS (INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id,"
+                 " command_type, command_data, sent_at) SELECT $1::text, pid, step, next_id, next_type,"
+                 " next_data::jsonb, now() FROM i WHERE next_type IS NOT NULL),"
+                 " d AS (");
+  cb_queue_sql_delete(sql, queue, "ARRAY(SELECT msg FROM i)");
+  cb_strbuf_puts(sql, ") SELECT 1 / ((SELECT count(*) FROM p) = (SELECT count(*) FROM i))::int");
+}
+
+/* Appends the archive of the replies listed by $1 (an array literal). */
+static int add_archive(cb_unit *u, const cb_reply_router *r, const char *ids) {
+  cb_strbuf sql = {0};
+  cb_strbuf_puts(&sql, "WITH ");
+  cb_queue_sql_archive(&sql, r->queue, "$1::bigint[]");
+  cb_strbuf_puts(&sql, " SELECT count(*) FROM ar");
+  const char *p[] = {ids};
+  int i = sql.failed ? CB_ENOMEM : cb_unit_add(u, sql.data, 1, p);
+  cb_strbuf_free(&sql);
+  return i;
+}
+
+/* ---- the engine's hooks (loop) ---------------------------------------------------- */
+
+static cb_reply *reply_new(const cb_result *res, int row) {
+  static const int cols[] = {1, 2, 3, 4, 5, 6, 7, 9, 8, 11};
+  static const size_t offsets[] = {
+      offsetof(cb_reply, message_json), offsetof(cb_reply, outcome),      offsetof(cb_reply, command_id),
+      offsetof(cb_reply, process_id),   offsetof(cb_reply, process_type), offsetof(cb_reply, status),
+      offsetof(cb_reply, current_step), offsetof(cb_reply, step_name),    offsetof(cb_reply, state_json),
+      offsetof(cb_reply, completed_steps_json)};
+  cb_reply *r = cb_result_pack(res, row, sizeof(cb_reply), cols, offsets, (int)(sizeof cols / sizeof cols[0]));
+  if (r == NULL) return NULL;
+  /* The fields are read as strings: "" rather than NULL for SQL NULL. */
+  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) {
+    const char **field = (const char **)((char *)r + offsets[i]);
+    if (*field == NULL) *field = "";
+  }
+  r->msg_id = cb_result_int(res, row, 0);
+  return r;
+}
+
+/* Why a fetched reply cannot be applied, or NULL when it can. */
+static const char *unusable(const cb_result *res, int row, int *level) {
+  *level = CB_LOG_WARN;
+  if (cb_result_is_null(res, row, 4)) return "its correlation_id is missing or not a UUID";
+  if (cb_result_is_null(res, row, 5)) return "no process has its correlation_id";
+  if (is_terminal(cb_result_value(res, row, 6))) {
+    *level = CB_LOG_INFO;
+    return "its process has already finished";
+  }
+  if (cb_result_is_null(res, row, 9)) return "it answers a command that is not a step of its process";
+  if (!cb_result_is_null(res, row, 10)) {
+    *level = CB_LOG_INFO;
+    return "it was applied before";
+  }
+  const char *outcome = cb_result_value(res, row, 2);
+  if (strcmp(outcome, "SUCCESS") && strcmp(outcome, "FAILED") && strcmp(outcome, "CANCELED"))
+    return "its outcome is not SUCCESS, FAILED or CANCELED";
+  return NULL;
+}
+
+static int room(void *arg) {
+  cb_reply_router *r = arg;
+  int room = r->capacity - r->engine.in_flight;
+  return room > FETCH_MAX ? FETCH_MAX : room;
+}
+
+static int add_fetch(void *arg, cb_unit *u, int room) {
+  cb_reply_router *r = arg;
+  char qty[16], vt[32];
+  snprintf(qty, sizeof qty, "%d", room);
+  snprintf(vt, sizeof vt, "%.3f", r->o.visibility_timeout);
+  const char *params[] = {qty, vt, r->domain};
+  return r->fetch_sql.failed ? CB_ENOMEM : cb_unit_add(u, r->fetch_sql.data, 3, params);
+}
+
+/* Archives the replies that cannot be applied (ids: an array literal). */
+static void archive_unusable(cb_reply_router *r, const cb_strbuf *ids, int n) {
+  pthread_mutex_lock(&r->engine.lock);
+  r->health.rejected += (uint64_t)n;
+  pthread_mutex_unlock(&r->engine.lock);
+  cb_unit *u = ids->failed ? NULL : cb_unit_new();
+  if (u == NULL) return; /* they come back after the visibility timeout */
+  add_timeout(u, r);
+  if (add_archive(u, r, ids->data) < 0) {
+    cb_unit_free(u);
+    return;
+  }
+  cb_engine_write(&r->engine, u, "archiving replies that cannot be applied", "they come back later");
+}
+
+/* Routes the usable replies of the fetch to lanes by process id; archives
+ * the others. */
+static void fetched(void *arg, cb_unit *u, int index) {
+  cb_reply_router *r = arg;
+  const cb_result *res = cb_unit_result(u, index);
+  int rows = cb_result_rows(res);
+  cb_message_router_entry entries[FETCH_MAX];
+  cb_strbuf rejected = {0};
+  int n = 0, nrejected = 0;
+  for (int i = 0; i < rows && n < FETCH_MAX; i++) {
+    int level;
+    const char *why = unusable(res, i, &level);
+    if (why) {
+      cb_log(level, "reply router %s: reply %s archived: %s (process %s)", r->domain, cb_result_value(res, i, 0),
+             why, cb_result_value(res, i, 4));
+      cb_strbuf_printf(&rejected, "%c%s", nrejected++ ? ',' : '{', cb_result_value(res, i, 0));
+      continue;
+    }
+    cb_reply *reply = reply_new(res, i);
+    if (reply == NULL) continue; /* comes back after the visibility timeout */
+    entries[n].key = reply->process_id;
+    entries[n].len = strlen(reply->process_id);
+    entries[n].item = reply;
+    n++;
+  }
+  if (nrejected) {
+    cb_strbuf_putc(&rejected, '}');
+    archive_unusable(r, &rejected, nrejected);
+  }
+  cb_strbuf_free(&rejected);
+  pthread_mutex_lock(&r->engine.lock);
+  r->health.in_flight += n;
+  pthread_mutex_unlock(&r->engine.lock);
+  int before = r->engine.in_flight;
+  cb_engine_route(&r->engine, entries, n);
+  int dropped = n - (r->engine.in_flight - before);
+  if (dropped) {
+    pthread_mutex_lock(&r->engine.lock);
+    r->health.in_flight -= dropped;
+    pthread_mutex_unlock(&r->engine.lock);
+  }
+}
+
+
+static const cb_engine_ops ops = {
+    .room = room,
+    .add_fetch = add_fetch,
+    .fetched = fetched,
+    .report = report,
+};
+
+/* ---- lifecycle ------------------------------------------------------------------ */
 
 int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err) {
   *out = NULL;
@@ -106,84 +290,19 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
   snprintf(r->queue, sizeof r->queue, "%.47s", queue);
   r->o.domain = r->domain;
   r->o.reply_queue = r->queue;
-  snprintf(r->channel, sizeof r->channel, "pgmq_notify_%s", r->queue);
   r->lanes = o->lanes > 0 ? o->lanes : cb_default_threads();
   if (r->lanes > CB_MESSAGE_ROUTER_MAX_LANES) r->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
   /* Two full batches per lane: one being applied, the next one waiting. */
   r->capacity = r->lanes * 2 * CB_REPLY_ROUTER_BATCH_MAX;
-  snprintf(r->fetch_sql, sizeof r->fetch_sql,
-           "WITH m AS (UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => $2::float8),"
-           " read_ct = q.read_ct + 1 WHERE q.msg_id = ANY(ARRAY(SELECT msg_id FROM pgmq.q_%s"
-           " WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED))"
-           " RETURNING q.msg_id, q.message,"
-           " CASE WHEN jsonb_typeof(q.message) = 'object' AND (q.message->>'correlation_id') ~* " UUID_RE
-           " THEN (q.message->>'correlation_id')::uuid END AS process_id,"
-           " CASE WHEN jsonb_typeof(q.message) = 'object' AND (q.message->>'command_id') ~* " UUID_RE
-           " THEN (q.message->>'command_id')::uuid END AS command_id)"
-           " SELECT m.msg_id, m.message::text, coalesce(m.message->>'outcome', ''), m.command_id::text,"
-           " m.process_id::text, p.process_type, p.status, p.current_step, p.state::text, pa.step_name,"
-           " pa.reply_outcome, (SELECT coalesce(jsonb_agg(x.step_name ORDER BY x.id), '[]'::jsonb)::text"
-           " FROM commandbus.process_audit x WHERE x.domain = $3 AND x.process_id = m.process_id"
-           " AND x.reply_outcome = 'SUCCESS')"
-           /* Each reply's process and step looked up by key (LIMIT keeps the
-            * lookups per reply: joined whole, a plan made while the tables
-            * were small reads every process of the domain). */
-           " FROM m LEFT JOIN LATERAL (SELECT process_type, status, current_step, state FROM commandbus.process"
-           " WHERE domain = $3 AND process_id = m.process_id LIMIT 1) p ON true"
-           " LEFT JOIN LATERAL (SELECT step_name, reply_outcome FROM commandbus.process_audit"
-           " WHERE domain = $3 AND process_id = m.process_id AND command_id = m.command_id LIMIT 1) pa ON true"
-           " ORDER BY m.msg_id",
-           r->queue, r->queue);
-  /* Applies a batch of replies, one per process. Each reply is recorded once
-   * (reply_outcome IS NULL) and only a process still waiting moves; unless
-   * every reply of the batch did, 1/0 aborts the whole transaction (next
-   * commands included). The probes by ANY(ARRAY(...)) keep the plans on the
-   * indexes whatever the row estimate of the input. */
-  snprintf(r->apply_sql, sizeof r->apply_sql,
-           "WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(msg bigint, pid uuid, cid uuid, outcome text,"
-           " reply text, status text, step text, state text, ecode text, emsg text, next_id uuid, next_type text,"
-           " next_data text)),"
-           " a AS (UPDATE commandbus.process_audit pa SET reply_outcome = i.outcome, reply_data = i.reply::jsonb,"
-           " received_at = now() FROM i WHERE pa.domain = $1::text AND pa.command_id = ANY(ARRAY(SELECT cid FROM i))"
-           " AND pa.command_id = i.cid AND pa.process_id = i.pid AND pa.reply_outcome IS NULL"
-           " RETURNING pa.process_id),"
-           " p AS (UPDATE commandbus.process pr SET status = i.status, current_step = i.step,"
-           " state = i.state::jsonb, error_code = i.ecode, error_message = i.emsg, updated_at = now(),"
-           " completed_at = CASE WHEN i.status IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED') THEN now() END"
-           " FROM i WHERE pr.domain = $1::text AND pr.process_id = ANY(ARRAY(SELECT process_id FROM a))"
-           " AND pr.process_id = i.pid AND " CB_STATUS_OF("pr") " IN ('WAITING', 'WAITING_FOR_TSQ', 'COMPENSATING')"
-           " RETURNING pr.process_id),"
-           " n AS (INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
-           " command_data, sent_at) SELECT $1::text, pid, step, next_id, next_type, next_data::jsonb, now() FROM i"
-           " WHERE next_type IS NOT NULL),"
-           " d AS (DELETE FROM pgmq.q_%s q WHERE q.msg_id = ANY(ARRAY(SELECT msg FROM i)))"
-           " SELECT 1 / ((SELECT count(*) FROM p) = (SELECT count(*) FROM i))::int",
-           r->queue);
-  pthread_mutex_init(&r->lock, NULL);
-  pthread_cond_init(&r->changed, NULL);
-  r->health.state = "starting";
-  r->runner.kind = "reply_router";
-  r->runner.domain = r->domain;
-  r->runner.lanes = r->lanes;
-  r->runner.report = report;
-  r->runner.stop = stop_runner;
-  r->runner.self = r;
-  cb_message_router_config cfg;
-  cb_message_router_config_init(&cfg);
-  cfg.lanes = r->lanes;
-  cfg.batch_size = 16;
-  cfg.batch_timeout_ms = 0;
-  cfg.policy = CB_MESSAGE_ROUTER_BLOCK;
-  cfg.block_timeout_ms = -1;
-  cfg.ingress_capacity = (size_t)r->capacity + 64;
-  cfg.lane_capacity = (size_t)r->capacity + 1;
-  if (cb_message_router_new(&r->router, &cfg) != 0) {
-    cb_reply_router_free(r);
-    return cb_err_set(err, CB_ENOMEM, "out of memory");
-  }
-  r->runner.router = r->router;
-  rc = cb_bus_ensure_queue(rt, r->queue, err);
-  if (rc == CB_OK) rc = cb_runtime_listen(rt, r->channel, err);
+  build_fetch_sql(&r->fetch_sql, r->queue);
+  build_apply_sql(&r->apply_sql, r->queue);
+  cb_engine_config c = {.kind = "reply_router", .name = "reply router", .domain = r->domain, .queue = r->queue,
+                        .lanes = r->lanes, .capacity = r->capacity, .visibility_timeout = o->visibility_timeout,
+                        .statement_timeout = o->statement_timeout, .poll_interval = o->poll_interval,
+                        .ops = &ops, .owner = r};
+  rc = r->fetch_sql.failed || r->apply_sql.failed ? cb_err_set(err, CB_ENOMEM, "out of memory")
+                                                  : cb_bus_ensure_queue(rt, r->queue, err);
+  if (rc == CB_OK) rc = cb_engine_init(&r->engine, rt, &c, err);
   if (rc != CB_OK) {
     cb_reply_router_free(r);
     return rc;
@@ -192,244 +311,20 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
   return CB_OK;
 }
 
-/* ---- replies ---------------------------------------------------------------- */
-
-static cb_reply *reply_new(const cb_result *res, int row) {
-  static const int cols[] = {1, 2, 3, 4, 5, 6, 7, 9, 8, 11};
-  static const size_t offsets[] = {
-      offsetof(cb_reply, message_json), offsetof(cb_reply, outcome),      offsetof(cb_reply, command_id),
-      offsetof(cb_reply, process_id),   offsetof(cb_reply, process_type), offsetof(cb_reply, status),
-      offsetof(cb_reply, current_step), offsetof(cb_reply, step_name),    offsetof(cb_reply, state_json),
-      offsetof(cb_reply, completed_steps_json)};
-  cb_reply *r = cb_result_pack(res, row, sizeof(cb_reply), cols, offsets, (int)(sizeof cols / sizeof cols[0]));
-  if (r == NULL) return NULL;
-  /* The fields are read as strings: "" rather than NULL for SQL NULL. */
-  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) {
-    const char **field = (const char **)((char *)r + offsets[i]);
-    if (*field == NULL) *field = "";
-  }
-  r->msg_id = cb_result_int(res, row, 0);
-  return r;
-}
-
-/* Moves replies out of the queue into its archive (so they can be read). */
-static void archive(cb_reply_router *r, int64_t msg_id) {
-  char sql[600], ctes[512], id[24];
-  cb_queue_archive_ctes(ctes, sizeof ctes, r->queue, "ARRAY[$1::bigint]");
-  snprintf(sql, sizeof sql, "WITH %s SELECT count(*) FROM ar", ctes);
-  snprintf(id, sizeof id, "%lld", (long long)msg_id);
-  const char *p[] = {id};
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return;
-  cb_unit_add(u, sql, 1, p);
-  cb_err err;
-  if (cb_runtime_exec(r->rt, u, &err) != CB_OK)
-    cb_log(CB_LOG_WARN, "reply router %s: cannot archive reply %lld (%s); it comes back later", r->domain,
-           (long long)msg_id, err.message);
-  cb_unit_free(u);
-}
-
-/* n replies left the router's hands (applied, rejected or released). */
-static void count_finished(cb_reply_router *r, uint64_t *counter, int n) {
-  pthread_mutex_lock(&r->lock);
-  r->in_flight -= n;
-  if (counter) *counter += (uint64_t)n;
-  pthread_cond_broadcast(&r->changed);
-  pthread_mutex_unlock(&r->lock);
-}
-
-static void count_done(cb_reply_router *r, uint64_t *counter) { count_finished(r, counter, 1); }
-
-/* Why a fetched reply cannot be applied, or NULL when it can. */
-static const char *unusable(const cb_result *res, int row, int *level) {
-  *level = CB_LOG_WARN;
-  if (cb_result_is_null(res, row, 4)) return "its correlation_id is missing or not a UUID";
-  if (cb_result_is_null(res, row, 5)) return "no process has its correlation_id";
-  if (is_terminal(cb_result_value(res, row, 6))) {
-    *level = CB_LOG_INFO;
-    return "its process has already finished";
-  }
-  if (cb_result_is_null(res, row, 9)) return "it answers a command that is not a step of its process";
-  if (!cb_result_is_null(res, row, 10)) {
-    *level = CB_LOG_INFO;
-    return "it was applied before";
-  }
-  const char *outcome = cb_result_value(res, row, 2);
-  if (strcmp(outcome, "SUCCESS") && strcmp(outcome, "FAILED") && strcmp(outcome, "CANCELED"))
-    return "its outcome is not SUCCESS, FAILED or CANCELED";
-  return NULL;
-}
-
-/* ---- the fetch thread ----------------------------------------------------------- */
-
-static void *fetch_main(void *arg) {
-  cb_reply_router *r = arg;
-  cb_hub_sub *sub = cb_hub_subscribe(cb_runtime_hub(r->rt), r->channel);
-  int failing = 0;
-  int wait_ms = (int)(r->o.poll_interval * 1000);
-  for (;;) {
-    pthread_mutex_lock(&r->lock);
-    while (!r->stop_requested && r->in_flight >= r->capacity) pthread_cond_wait(&r->changed, &r->lock);
-    int stop = r->stop_requested;
-    int room = r->capacity - r->in_flight;
-    pthread_mutex_unlock(&r->lock);
-    if (stop) break;
-    if (room > FETCH_MAX) room = FETCH_MAX;
-    cb_unit *u = cb_unit_new();
-    char qty[16], vt[32];
-    snprintf(qty, sizeof qty, "%d", room);
-    snprintf(vt, sizeof vt, "%.3f", r->o.visibility_timeout);
-    const char *params[] = {qty, vt, r->domain};
-    add_timeout(u, r);
-    cb_unit_add(u, r->fetch_sql, 3, params);
-    cb_err err;
-    int rc = cb_runtime_exec(r->rt, u, &err);
-    if (rc == CB_ECLOSED) {
-      cb_unit_free(u);
-      break;
-    }
-    int rows = 0;
-    if (rc != CB_OK) {
-      if (!failing)
-        cb_log(CB_LOG_WARN, "reply router %s: fetch failed (%s: %s); retrying at each poll", r->domain,
-               cb_strerror(err.code), err.message);
-      failing = 1;
-    } else {
-      if (failing) cb_log(CB_LOG_INFO, "reply router %s: fetching again", r->domain);
-      failing = 0;
-      const cb_result *res = cb_unit_result(u, 1);
-      rows = cb_result_rows(res);
-      for (int i = 0; i < rows; i++) {
-        int level;
-        const char *why = unusable(res, i, &level);
-        if (why) {
-          cb_log(level, "reply router %s: reply %s archived: %s (process %s)", r->domain, cb_result_value(res, i, 0),
-                 why, cb_result_value(res, i, 4));
-          archive(r, cb_result_int(res, i, 0));
-          pthread_mutex_lock(&r->lock);
-          r->health.rejected++;
-          pthread_mutex_unlock(&r->lock);
-          continue;
-        }
-        cb_reply *reply = reply_new(res, i);
-        if (reply == NULL) continue; /* comes back after the visibility timeout */
-        pthread_mutex_lock(&r->lock);
-        r->in_flight++;
-        pthread_mutex_unlock(&r->lock);
-        if (cb_message_router_route(r->router, reply->process_id, strlen(reply->process_id), reply) != 0) {
-          free(reply);
-          count_done(r, NULL);
-        }
-      }
-    }
-    cb_unit_free(u);
-    if (rows == 0 && cb_hub_wait(sub, wait_ms) == CB_ECLOSED) break;
-  }
-  cb_hub_unsubscribe(sub);
-  pthread_mutex_lock(&r->lock);
-  r->fetcher_done = 1;
-  pthread_cond_broadcast(&r->changed);
-  pthread_mutex_unlock(&r->lock);
-  return NULL;
-}
-
-int cb_reply_router_start(cb_reply_router *r, cb_err *err) {
-  if (r->fetcher_started) return cb_err_set(err, CB_ESTATE, "the reply router was already started");
-  if (cb_message_router_start(r->router) != 0) return cb_err_set(err, CB_ESTATE, "cannot start the lanes");
-  pthread_mutex_lock(&r->lock);
-  r->health.state = "running"; /* as its first heartbeat says */
-  pthread_mutex_unlock(&r->lock);
-  int rc = cb_runner_start(r->rt, &r->runner, err);
-  if (rc == CB_OK && cb_thread_start(&r->fetcher, fetch_main, r) != 0)
-    rc = cb_err_set(err, CB_ENOMEM, "cannot start the fetch thread");
-  if (rc != CB_OK) {
-    pthread_mutex_lock(&r->lock);
-    r->health.state = "stopped";
-    pthread_mutex_unlock(&r->lock);
-    return rc;
-  }
-  r->fetcher_started = 1;
-  cb_log(CB_LOG_INFO, "reply router %s: running with %d lane(s) on %s", r->domain, r->lanes, r->queue);
-  return CB_OK;
-}
-
-void cb_reply_router_stop(cb_reply_router *r) {
-  pthread_mutex_lock(&r->lock);
-  r->stop_requested = 1;
-  if (strcmp(r->health.state, "running") == 0) r->health.state = "stopping";
-  pthread_cond_broadcast(&r->changed);
-  pthread_mutex_unlock(&r->lock);
-  cb_hub_notify(cb_runtime_hub(r->rt), r->channel); /* wakes the fetch thread */
-}
-
-/* Once stopping, fetched out and drained: the lanes may end. */
-static void maybe_end_lanes(cb_reply_router *r) {
-  pthread_mutex_lock(&r->lock);
-  int end = r->stop_requested && r->fetcher_done && r->in_flight == 0 && !r->lanes_ending;
-  if (end) r->lanes_ending = 1;
-  pthread_mutex_unlock(&r->lock);
-  if (end) {
-    cb_message_router_stop(r->router);
-    cb_log(CB_LOG_INFO, "reply router %s: stopped", r->domain);
-    cb_runner_stopped(&r->runner); /* before a waiter may see it ended and free the router */
-    pthread_mutex_lock(&r->lock);
-    r->lanes_ended = 1;
-    r->health.state = "stopped";
-    pthread_cond_broadcast(&r->changed);
-    pthread_mutex_unlock(&r->lock);
-  }
-}
-
-int cb_reply_router_wait(cb_reply_router *r, int timeout_ms) {
-  struct timespec start;
-  clock_gettime(CLOCK_MONOTONIC, &start);
-  for (;;) {
-    /* Short waits (a closed runtime is noticed), never past the caller's
-     * timeout: run()'s tick comes every tick_interval, not every 100 ms. */
-    long slice_ms = 100;
-    if (timeout_ms >= 0) {
-      struct timespec now;
-      clock_gettime(CLOCK_MONOTONIC, &now);
-      long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
-      if (left < slice_ms) slice_ms = left > 0 ? left : 0;
-    }
-    maybe_end_lanes(r);
-    pthread_mutex_lock(&r->lock);
-    int ended = r->lanes_ended;
-    if (!ended && slice_ms > 0) {
-      struct timespec ts;
-      clock_gettime(CLOCK_REALTIME, &ts);
-      ts.tv_nsec += slice_ms * 1000000L;
-      if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
-      pthread_cond_timedwait(&r->changed, &r->lock, &ts);
-    }
-    pthread_mutex_unlock(&r->lock);
-    if (ended) return 1;
-    if (cb_runtime_is_closed(r->rt)) cb_reply_router_stop(r);
-    if (slice_ms == 0) return 0;
-  }
-}
 
 void cb_reply_router_free(cb_reply_router *r) {
   if (r == NULL) return;
-  if (r->fetcher_started) {
-    cb_reply_router_stop(r);
-    pthread_join(r->fetcher, NULL);
-  }
-  cb_runner_remove(&r->runner); /* its last row says how it ended */
-  if (r->router) {
-    cb_message_router_stop(r->router);
-    for (int lane = 0; lane < r->lanes; lane++) {
-      void *items[64];
-      int n;
-      while ((n = cb_message_router_take(r->router, lane, items, 64, 0)) > 0)
-        for (int i = 0; i < n; i++) free(items[i]);
-    }
-    cb_message_router_free(r->router);
-  }
-  pthread_cond_destroy(&r->changed);
-  pthread_mutex_destroy(&r->lock);
+  cb_engine_destroy(&r->engine);
+  cb_strbuf_free(&r->fetch_sql);
+  cb_strbuf_free(&r->apply_sql);
   free(r);
+}
+
+void cb_reply_router_health_get(cb_reply_router *r, cb_reply_router_health *h) {
+  pthread_mutex_lock(&r->engine.lock);
+  *h = r->health;
+  h->state = cb_engine_state_name(&r->engine);
+  pthread_mutex_unlock(&r->engine.lock);
 }
 
 /* ---- lanes ---------------------------------------------------------------------- */
@@ -440,21 +335,40 @@ cb_reply *cb_reply_router_take(cb_reply_router *r, int lane, int timeout_ms, int
 }
 
 int cb_reply_router_take_many(cb_reply_router *r, int lane, cb_reply **replies, int max, int timeout_ms, int *ended) {
-  *ended = 0;
   void *items[CB_REPLY_ROUTER_BATCH_MAX];
   if (max > CB_REPLY_ROUTER_BATCH_MAX) max = CB_REPLY_ROUTER_BATCH_MAX;
-  if (max < 1) return 0;
-  int n = cb_message_router_take(r->router, lane, items, (size_t)max, timeout_ms);
-  if (n == CB_MESSAGE_ROUTER_END) {
-    *ended = 1;
-    return 0;
-  }
-  if (n <= 0) {
-    maybe_end_lanes(r); /* a table-mode lane is also the caller waiting for the end */
-    return 0;
-  }
+  int n = max < 1 ? 0 : cb_engine_take(&r->engine, lane, items, max, timeout_ms);
+  *ended = n < 0;
   for (int i = 0; i < n; i++) replies[i] = items[i];
-  return n;
+  return n < 0 ? 0 : n;
+}
+
+/* n replies left the lanes' hands (applied, rejected or released): counted,
+ * and the loop thread told (there is room to fetch again). */
+static void count_finished(cb_reply_router *r, uint64_t *counter, int n) {
+  pthread_mutex_lock(&r->engine.lock);
+  r->health.in_flight -= n;
+  if (counter) *counter += (uint64_t)n;
+  int wake = cb_engine_hand_back(&r->engine, n);
+  pthread_mutex_unlock(&r->engine.lock);
+  if (wake) cb_engine_wake_now(&r->engine);
+}
+
+static void count_done(cb_reply_router *r, uint64_t *counter) { count_finished(r, counter, 1); }
+
+/* Moves a reply out of the queue into its archive (so that it can be read);
+ * a lane's blocking call. */
+static void archive(cb_reply_router *r, int64_t msg_id) {
+  char ids[32];
+  snprintf(ids, sizeof ids, "{%lld}", (long long)msg_id);
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return;
+  cb_err err;
+  int rc = add_archive(u, r, ids) < 0 ? cb_err_set(&err, CB_ENOMEM, "out of memory") : cb_runtime_exec(r->rt, u, &err);
+  if (rc != CB_OK)
+    cb_log(CB_LOG_WARN, "reply router %s: cannot archive reply %lld (%s); it comes back later", r->domain,
+           (long long)msg_id, err.message);
+  cb_unit_free(u);
 }
 
 void cb_reply_router_reject(cb_reply_router *r, cb_reply *reply, const char *why) {
@@ -525,7 +439,7 @@ static int add_apply(cb_reply_router *r, cb_unit *u, cb_reply *const *replies, c
   if (!input.failed) {
     const char *params[] = {r->domain, input.data};
     add_timeout(u, r);
-    if (cb_unit_add(u, r->apply_sql, 2, params) < 0) input.failed = 1;
+    if (cb_unit_add(u, r->apply_sql.data, 2, params) < 0) input.failed = 1;
   }
   if (input.failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
   if (rc == CB_OK && nsend) rc = cb_bus_add_send(r->rt, u, r->domain, specs, (size_t)nsend, 0, sent, NULL, err);
@@ -652,11 +566,4 @@ int cb_reply_router_apply_many(cb_reply_router *r, cb_reply **replies, const cb_
   }
   free(pending);
   return first;
-}
-
-void cb_reply_router_health_get(cb_reply_router *r, cb_reply_router_health *h) {
-  pthread_mutex_lock(&r->lock);
-  *h = r->health;
-  h->in_flight = r->in_flight;
-  pthread_mutex_unlock(&r->lock);
 }

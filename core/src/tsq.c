@@ -9,6 +9,7 @@
 #include "commandbus/log.h"
 #include "commandbus/bus.h"
 #include "commandbus/queue.h"
+#include "queue_layout.h"
 #include "strbuf.h"
 
 int cb_tsq_list(cb_runtime *rt, const char *domain, const char *command_type, int limit, int offset, cb_unit **rows,
@@ -18,7 +19,7 @@ int cb_tsq_list(cb_runtime *rt, const char *domain, const char *command_type, in
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (offset < 0) return cb_err_set(err, CB_EINVAL, "offset must not be negative");
-  char queue[CB_QUEUE_NAME_MAX + 1], l[16], o[16], sql[2048];
+  char queue[CB_QUEUE_NAME_MAX + 1], l[16], o[16];
   cb_command_queue_name(domain, queue);
   rc = cb_bus_ensure_queue(rt, queue, err); /* the archive table must exist */
   if (rc != CB_OK) return rc;
@@ -31,17 +32,24 @@ int cb_tsq_list(cb_runtime *rt, const char *domain, const char *command_type, in
               "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND status = 'IN_TROUBLESHOOTING_QUEUE'"
               " AND ($2::text IS NULL OR command_type = $2)",
               2, params);
-  snprintf(sql, sizeof sql,
-           "SELECT c.domain, c.command_id::text AS command_id, c.command_type AS type, c.status, c.attempts,"
-           " c.max_attempts, c.msg_id, c.last_error_type, c.last_error_code, c.last_error_msg,"
-           " c.correlation_id::text AS correlation_id, nullif(c.reply_queue, '') AS reply_to,"
-           " c.batch_id::text AS batch_id, c.created_at::text AS created_at, c.updated_at::text AS updated_at,"
-           " a.message AS payload, a.message->'data' AS data"
-           " FROM commandbus.command c LEFT JOIN pgmq.a_%s a ON a.msg_id = c.msg_id"
-           " WHERE c.domain = $1 AND c.status = 'IN_TROUBLESHOOTING_QUEUE' AND ($2::text IS NULL OR c.command_type = $2)"
-           " ORDER BY c.updated_at, c.command_id LIMIT $3::int OFFSET $4::int",
-           queue);
-  cb_unit_add(u, sql, 4, params);
+  cb_strbuf sql = {0};
+  cb_strbuf_puts(&sql,
+                 "SELECT c.domain, c.command_id::text AS command_id, c.command_type AS type, c.status, c.attempts,"
+                 " c.max_attempts, c.msg_id, c.last_error_type, c.last_error_code, c.last_error_msg,"
+                 " c.correlation_id::text AS correlation_id, nullif(c.reply_queue, '') AS reply_to,"
+                 " c.batch_id::text AS batch_id, c.created_at::text AS created_at, c.updated_at::text AS updated_at,"
+                 " a.message AS payload, a.message->'data' AS data FROM commandbus.command c LEFT JOIN ");
+  cb_queue_sql_archive_table(&sql, queue);
+  cb_strbuf_puts(&sql,
+                 " a ON a.msg_id = c.msg_id WHERE c.domain = $1 AND c.status = 'IN_TROUBLESHOOTING_QUEUE'"
+                 " AND ($2::text IS NULL OR c.command_type = $2) ORDER BY c.updated_at, c.command_id"
+                 " LIMIT $3::int OFFSET $4::int");
+  if (sql.failed || cb_unit_add(u, sql.data, 4, params) < 0) {
+    cb_strbuf_free(&sql);
+    cb_unit_free(u);
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
+  cb_strbuf_free(&sql);
   rc = cb_runtime_exec(rt, u, err);
   if (rc != CB_OK) {
     cb_unit_free(u);
@@ -118,26 +126,33 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
   char id[CB_UUID_LEN + 1], reply[CB_QUEUE_NAME_MAX + 1], batch[CB_UUID_LEN + 1];
   int rc = precheck(rt, domain, command_id, id, reply, batch, err);
   if (rc != CB_OK) return rc;
-  char queue[CB_QUEUE_NAME_MAX + 1], sql[2048];
+  char queue[CB_QUEUE_NAME_MAX + 1];
   cb_command_queue_name(domain, queue);
-  snprintf(sql, sizeof sql,
-           "WITH c AS (SELECT k.msg_id FROM commandbus.command k WHERE k.domain = $1 AND k.command_id = $2::uuid"
-           " AND k.status = 'IN_TROUBLESHOOTING_QUEUE' FOR UPDATE),"
-           " p AS (SELECT a.message FROM pgmq.a_%s a JOIN c ON a.msg_id = c.msg_id),"
-           " m AS (INSERT INTO pgmq.q_%s (vt, message) SELECT clock_timestamp(), p.message FROM p RETURNING msg_id),"
-           " u AS (UPDATE commandbus.command k SET status = 'PENDING', attempts = 0, msg_id = m.msg_id,"
-           " updated_at = now(), lease_expires_at = NULL FROM m WHERE k.domain = $1 AND k.command_id = $2::uuid),"
-           " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
-           " SELECT $1, $2::uuid, 'OPERATOR_RETRY', jsonb_build_object('operator', $3::text, 'new_msg_id', m.msg_id)"
-           WITH_REASON(4) " FROM m)"
-           " SELECT msg_id FROM m",
-           queue, queue);
+  cb_strbuf sql = {0};
+  cb_strbuf_puts(&sql,
+                 "WITH c AS (SELECT k.msg_id FROM commandbus.command k WHERE k.domain = $1 AND k.command_id = $2::uuid"
+                 " AND k.status = 'IN_TROUBLESHOOTING_QUEUE' FOR UPDATE), p AS (SELECT a.message FROM ");
+  cb_queue_sql_archive_table(&sql, queue);
+  cb_strbuf_puts(&sql, " a JOIN c ON a.msg_id = c.msg_id), m AS (");
+  cb_queue_sql_insert(&sql, queue);
+  cb_strbuf_puts(&sql,
+                 " SELECT clock_timestamp(), p.message FROM p RETURNING msg_id),"
+                 " u AS (UPDATE commandbus.command k SET status = 'PENDING', attempts = 0, msg_id = m.msg_id,"
+                 " updated_at = now(), lease_expires_at = NULL FROM m WHERE k.domain = $1 AND k.command_id = $2::uuid),"
+                 " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+                 " SELECT $1, $2::uuid, 'OPERATOR_RETRY', jsonb_build_object('operator', $3::text,"
+                 " 'new_msg_id', m.msg_id)" WITH_REASON(4) " FROM m)"
+                 " SELECT msg_id FROM m");
   /* A retried command is no longer in the TSQ; its awaiters keep waiting
    * (only this process's are told: others re-read when it finishes). */
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_unit *u = sql.failed ? NULL : cb_unit_new();
+  if (u == NULL) {
+    cb_strbuf_free(&sql);
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
   const char *params[] = {domain, id, operator_name ? operator_name : "operator", reason};
-  cb_unit_add(u, sql, 4, params);
+  cb_unit_add(u, sql.data, 4, params);
+  cb_strbuf_free(&sql);
   cb_queue_add_notify(u, queue);
   /* The command's process (if it is a process step) waits for it again. */
   cb_events_add_begin(u);
@@ -179,12 +194,15 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
                    complete ? "COMPLETED" : "CANCELED", complete ? "OPERATOR_COMPLETE" : "OPERATOR_CANCEL",
                    complete ? "'has_result_data', $4::jsonb IS NOT NULL" : "'reason', $4::text",
                    complete ? WITH_REASON(5) : "");
-  if (reply[0])
+  if (reply[0]) {
+    cb_strbuf_puts(&sql, ", r AS (");
+    cb_queue_sql_insert(&sql, reply);
     cb_strbuf_printf(&sql,
-                     ", r AS (INSERT INTO pgmq.q_%s (vt, message) SELECT clock_timestamp(),"
-                     " jsonb_build_object('command_id', command_id, 'correlation_id', correlation_id, %s) FROM c)",
-                     reply,
-                     complete ? "'outcome', 'SUCCESS', 'result', $4::jsonb" : "'outcome', 'CANCELED', 'reason', $4::text");
+                     " SELECT clock_timestamp(), jsonb_build_object('command_id', command_id, 'correlation_id',"
+                     " correlation_id, %s) FROM c)",
+                     complete ? "'outcome', 'SUCCESS', 'result', $4::jsonb"
+                              : "'outcome', 'CANCELED', 'reason', $4::text");
+  }
   cb_strbuf_puts(&sql, " SELECT command_id FROM c"); /* the table's trigger notifies awaiters elsewhere */
   cb_unit *u = cb_unit_new();
   if (u == NULL || sql.failed) {

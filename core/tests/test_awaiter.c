@@ -86,14 +86,14 @@ static void sixteen_waiters_are_released_together_by_one_completion(void **state
   assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
   pthread_t lane;
   pthread_create(&lane, NULL, lane_main, w);
-  assert_int_equal(cb_worker_start(w, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
   for (int i = 0; i < 16; i++) {
     pthread_join(threads[i], NULL);
     assert_int_equal(args[i].rc, CB_OK);
     assert_string_equal(args[i].status, "COMPLETED");
   }
-  cb_worker_stop(w);
-  cb_worker_wait(w, -1);
+  cb_engine_stop(cb_worker_engine(w));
+  cb_engine_wait(cb_worker_engine(w), -1);
   pthread_join(lane, NULL);
   cb_worker_free(w);
   char queue[80];

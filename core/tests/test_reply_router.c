@@ -183,7 +183,7 @@ typedef struct lanes {
 } lanes;
 
 static void lanes_start(lanes *l, cb_reply_router *r, int sleep_ms) {
-  l->n = cb_reply_router_lanes(r);
+  l->n = cb_engine_lanes(cb_reply_router_engine(r));
   for (int i = 0; i < l->n; i++) {
     l->args[i] = (lane_arg){r, i, sleep_ms, 0};
     pthread_create(&l->threads[i], NULL, lane_main, &l->args[i]);
@@ -206,15 +206,15 @@ static cb_reply_router_health route_until(world *w, int lanes_count, uint64_t do
   lanes l;
   lanes_start(&l, r, 0);
   cb_err err;
-  assert_int_equal(cb_reply_router_start(r, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_reply_router_engine(r), &err), CB_OK);
   cb_reply_router_health h;
   for (int i = 0; i < 600; i++) {
     cb_reply_router_health_get(r, &h);
     if (h.applied + h.rejected >= done) break;
     usleep(20 * 1000);
   }
-  cb_reply_router_stop(r);
-  assert_int_equal(cb_reply_router_wait(r, 30000), 1);
+  cb_engine_stop(cb_reply_router_engine(r));
+  assert_int_equal(cb_engine_wait(cb_reply_router_engine(r), 30000), 1);
   lanes_join(&l);
   cb_reply_router_health_get(r, &h);
   cb_reply_router_free(r);
@@ -235,8 +235,8 @@ static void take_exactly(cb_reply_router *r, int lane, cb_reply **replies, int n
 }
 
 static void stop_and_free(cb_reply_router *r) {
-  cb_reply_router_stop(r);
-  assert_int_equal(cb_reply_router_wait(r, 30000), 1);
+  cb_engine_stop(cb_reply_router_engine(r));
+  assert_int_equal(cb_engine_wait(cb_reply_router_engine(r), 30000), 1);
   int ended;
   cb_reply *none[1];
   assert_int_equal(cb_reply_router_take_many(r, 0, none, 1, 0, &ended), 0);
@@ -255,7 +255,7 @@ static void a_reply_moves_its_process_and_sends_the_next_command(void **state) {
   }
   cb_reply_router *r = new_router(&w, 1);
   cb_err err;
-  assert_int_equal(cb_reply_router_start(r, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_reply_router_engine(r), &err), CB_OK);
   cb_reply *replies[N];
   take_exactly(r, 0, replies, N);
   cb_reply_decision decisions[N];
@@ -335,7 +335,7 @@ static void a_duplicate_reply_is_applied_once(void **state) {
    * transaction, where the guard finds it applied and archives it. */
   cb_reply_router *r = new_router(&w, 1);
   cb_err err;
-  assert_int_equal(cb_reply_router_start(r, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_reply_router_engine(r), &err), CB_OK);
   cb_reply *replies[2];
   take_exactly(r, 0, replies, 2);
   cb_reply_decision decisions[2] = {decide(replies[0]), decide(replies[1])};
@@ -376,7 +376,7 @@ static void a_batch_holding_a_reply_applied_before_still_applies_the_others(void
   }
   cb_reply_router *r = new_router(&w, 1);
   cb_err err;
-  assert_int_equal(cb_reply_router_start(r, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_reply_router_engine(r), &err), CB_OK);
   cb_reply *replies[N];
   take_exactly(r, 0, replies, N);
   /* Meanwhile another router applied one of them. */
@@ -419,7 +419,7 @@ static void stop_drains_in_flight_replies_before_wait_returns(void **state) {
   lanes l;
   lanes_start(&l, r, 300); /* each batch takes 0.3 s to decide */
   cb_err err;
-  assert_int_equal(cb_reply_router_start(r, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_reply_router_engine(r), &err), CB_OK);
   cb_reply_router_health h;
   for (int i = 0; i < 1000; i++) {
     cb_reply_router_health_get(r, &h);
@@ -427,8 +427,8 @@ static void stop_drains_in_flight_replies_before_wait_returns(void **state) {
     usleep(5 * 1000);
   }
   assert_int_equal(h.in_flight, N); /* all fetched, none applied yet */
-  cb_reply_router_stop(r);
-  assert_int_equal(cb_reply_router_wait(r, 30000), 1);
+  cb_engine_stop(cb_reply_router_engine(r));
+  assert_int_equal(cb_engine_wait(cb_reply_router_engine(r), 30000), 1);
   /* Nothing held when wait returns: every reply taken was applied. */
   cb_reply_router_health_get(r, &h);
   assert_int_equal(h.in_flight, 0);

@@ -87,15 +87,15 @@ static void background_jobs_remove_old_work_and_send_due_schedules(void **state)
   lane_arg arg = {w, 0};
   pthread_t lane;
   pthread_create(&lane, NULL, lane_main, &arg);
-  assert_int_equal(cb_worker_start(w, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
   cb_worker_health h;
   for (int i = 0; i < 200; i++) {
     cb_worker_health_get(w, &h);
     if (h.upkeep.removed.commands == 50 && h.upkeep.scheduled >= 1 && arg.handled >= 1) break;
     usleep(50 * 1000);
   }
-  cb_worker_stop(w);
-  assert_int_equal(cb_worker_wait(w, 30000), 1);
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
   pthread_join(lane, NULL);
   cb_worker_health_get(w, &h);
   assert_int_equal(h.upkeep.removed.commands, 50);
@@ -150,9 +150,9 @@ static void a_worker_stopped_at_once_stops_its_jobs_too(void **state) {
     lane_arg arg = {w, 0};
     pthread_t lane;
     pthread_create(&lane, NULL, lane_main, &arg);
-    assert_int_equal(cb_worker_start(w, &err), CB_OK);
-    cb_worker_stop(w);
-    assert_int_equal(cb_worker_wait(w, 30000), 1);
+    assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+    cb_engine_stop(cb_worker_engine(w));
+    assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
     pthread_join(lane, NULL);
     cb_worker_free(w);
   }

@@ -103,10 +103,10 @@ static void every_outcome_lands_as_the_contract_says(void **state) {
   lane_arg args[4];
   pthread_t threads[4];
   run_lanes(w, args, threads, 4, 0);
-  assert_int_equal(cb_worker_start(w, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
   for (int i = 0; i < 300 && !all_settled(rt, domain); i++) usleep(50 * 1000);
-  cb_worker_stop(w);
-  assert_int_equal(cb_worker_wait(w, 30000), 1);
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
   for (int i = 0; i < 4; i++) pthread_join(threads[i], NULL);
   cb_worker_health h;
   cb_worker_health_get(w, &h);
@@ -148,10 +148,10 @@ static void stop_lets_running_handlers_finish_and_acknowledges_them(void **state
   lane_arg args[2];
   pthread_t threads[2];
   run_lanes(w, args, threads, 2, 300); /* each handler takes 0.3 s */
-  assert_int_equal(cb_worker_start(w, &err), CB_OK);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
   while (cb_worker_in_flight(w) == 0) usleep(10 * 1000);
-  cb_worker_stop(w);
-  assert_int_equal(cb_worker_wait(w, 30000), 1);
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
   for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
   int handled = args[0].handled + args[1].handled;
   assert_true(handled >= 1);
@@ -183,11 +183,49 @@ static void a_statement_timeout_not_below_the_visibility_timeout_is_refused(void
   cb_runtime_free(rt);
 }
 
+/* A stop before the start ends the lanes at once and leaves nothing for the
+ * loop thread to do: the worker can be freed right away (under ASan and
+ * valgrind, a stop left pending on the loop thread would touch freed
+ * memory), and it does not start afterwards. */
+static void a_worker_stopped_before_it_started_ends_at_once(void **state) {
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("cwstop"));
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  o.domain = domain;
+  o.lanes = 2;
+  for (int round = 0; round < 20; round++) {
+    cb_worker *w = NULL;
+    assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
+    cb_engine *e = cb_worker_engine(w);
+    cb_engine_stop(e);
+    assert_int_equal(cb_engine_wait(e, 0), 1);
+    cb_work *work;
+    assert_int_equal(cb_worker_take(w, 1, &work, 1, 0), -1);
+    if (round == 0) assert_int_equal(cb_engine_start(e, &err), CB_ESTATE);
+    cb_runner_stat stat;
+    cb_engine_report(e, &stat);
+    assert_string_equal(stat.state, "stopped");
+    assert_string_equal(stat.kind, "worker");
+    assert_int_equal(stat.lanes, 2);
+    cb_worker_free(w);
+  }
+  char queue[80];
+  snprintf(queue, sizeof queue, "%s__commands", domain);
+  int existed;
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(every_outcome_lands_as_the_contract_says),
       cmocka_unit_test(stop_lets_running_handlers_finish_and_acknowledges_them),
       cmocka_unit_test(a_statement_timeout_not_below_the_visibility_timeout_is_refused),
+      cmocka_unit_test(a_worker_stopped_before_it_started_ends_at_once),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -83,14 +83,6 @@ int cb_queue_add_delete(cb_unit *u, const char *queue, const int64_t *ids, size_
 int cb_queue_add_archive(cb_unit *u, const char *queue, const int64_t *ids, size_t n);
 int cb_queue_add_set_vt(cb_unit *u, const char *queue, int64_t id, double vt);
 int cb_queue_add_notify(cb_unit *u, const char *queue);
-/* Writes into out (len bytes) two CTEs of a statement that archive, as
- * pgmq's archive does: `x` deletes from the queue the messages listed by
- * `ids` (SQL for an array of msg_id), `ar` inserts them into the archive,
- * every column carried over by name (headers too, where the tables have
- * them), and returns their msg_id. Returns CB_OK, or CB_EINTERNAL when out
- * is too small. */
-int cb_queue_archive_ctes(char *out, size_t len, const char *queue, const char *ids);
-
 /* Blocking operations. An operation on a queue that does not exist fails
  * with CB_ENOTFOUND. */
 int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err);

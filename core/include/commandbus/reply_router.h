@@ -16,8 +16,8 @@
  * A hook that raises leaves the reply for redelivery after the visibility
  * timeout.
  *
- * Threads: one fetch thread of its own (blocking calls on the runtime);
- * lanes are the caller's threads (take / apply / release). */
+ * Threads: it fetches on the runtime's loop thread, as the worker does;
+ * lanes are the caller's threads (take / apply / release, blocking). */
 #ifndef COMMANDBUS_REPLY_ROUTER_H
 #define COMMANDBUS_REPLY_ROUTER_H
 
@@ -25,6 +25,7 @@
 
 #include "commandbus/bus.h"
 #include "commandbus/error.h"
+#include "commandbus/engine.h"
 #include "commandbus/runtime.h"
 
 #ifdef __cplusplus
@@ -79,22 +80,12 @@ typedef struct cb_reply_router_health {
 void cb_reply_router_options_init(cb_reply_router_options *o);
 int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_reply_router **out, cb_err *err);
 void cb_reply_router_free(cb_reply_router *r);
-int cb_reply_router_lanes(const cb_reply_router *r);
-const char *cb_reply_router_domain(const cb_reply_router *r);
 const char *cb_reply_router_queue(const cb_reply_router *r);
 
-/* Makes SIGINT and SIGTERM stop the router while it runs (they end the
- * process again once it stopped). Call before cb_reply_router_start. */
-void cb_reply_router_watch_signals(cb_reply_router *r);
-
-/* Starts fetching. While it runs, the router is registered as a runner
- * (commandbus/runner.h): metrics see its health, and its heartbeats tell
- * other processes. */
-int cb_reply_router_start(cb_reply_router *r, cb_err *err);
-/* Stops fetching; lanes finish what they hold (drain), then end. */
-void cb_reply_router_stop(cb_reply_router *r);
-/* Blocks until stopped and drained (timeout_ms -1: no limit); 1 when so. */
-int cb_reply_router_wait(cb_reply_router *r, int timeout_ms);
+/* Running it: cb_engine_start, cb_engine_stop, cb_engine_wait and the
+ * rest of commandbus/engine.h on cb_reply_router_engine(r). Stopping asks
+ * for no more fetching; lanes finish what they hold (the drain), then end. */
+cb_engine *cb_reply_router_engine(cb_reply_router *r);
 
 /* Most replies a lane takes at once, and one transaction applies. */
 #define CB_REPLY_ROUTER_BATCH_MAX 64

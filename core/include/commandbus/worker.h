@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "commandbus/error.h"
+#include "commandbus/engine.h"
 #include "commandbus/runtime.h"
 #include "commandbus/upkeep.h"
 
@@ -92,25 +93,12 @@ void cb_worker_options_init(cb_worker_options *o);
 int cb_worker_new(cb_runtime *rt, const cb_worker_options *o, cb_worker **out, cb_err *err);
 /* Frees a stopped worker (stops it first if needed). */
 void cb_worker_free(cb_worker *w);
-int cb_worker_lanes(const cb_worker *w);
-const char *cb_worker_domain(const cb_worker *w);
 
-/* Makes SIGINT and SIGTERM stop the worker while it runs (the loop thread
- * watches them; they end the process again once it stopped). Call before
- * cb_worker_start. */
-void cb_worker_watch_signals(cb_worker *w);
-
-/* Starts fetching. While it runs, the worker is registered as a runner
- * (commandbus/runner.h): metrics see its health, and its heartbeats tell
- * other processes. */
-int cb_worker_start(cb_worker *w, cb_err *err);
-/* Asks the worker to stop: no more fetching; running handlers may finish
- * (up to drain_timeout) and are acknowledged; then the lanes get their end.
- * Safe from any thread, and from a signal-watching thread. Idempotent. */
-void cb_worker_stop(cb_worker *w);
-/* Blocks until the worker has stopped and everything taken was acknowledged
- * (or timeout_ms passes, -1 = no limit). 1 when stopped, 0 on timeout. */
-int cb_worker_wait(cb_worker *w, int timeout_ms);
+/* Running it: cb_engine_start, cb_engine_stop, cb_engine_wait and the
+ * rest of commandbus/engine.h on cb_worker_engine(w). Stopping asks for no
+ * more fetching; running handlers may finish (up to drain_timeout) and are
+ * acknowledged; then the lanes get their end. */
+cb_engine *cb_worker_engine(cb_worker *w);
 
 /* For lane threads: up to max works, waiting up to timeout_ms. Returns the
  * count, 0 on timeout, -1 when the lane is finished (exit). */

@@ -1,0 +1,80 @@
+/* commandbus: the worker's works (see worker_internal.h): one command handed
+ * to a lane, from the receive statement's row to its outcome; lists of
+ * works. Used by every part of the worker, and using none of them. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "worker_internal.h"
+
+double cb__worker_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+
+void cb_work_succeed(cb_work *w, const char *result_json) {
+  w->outcome = CB_OUTCOME_SUCCESS;
+  free(w->result_json);
+  w->result_json = dup_or_null(result_json);
+}
+
+void cb_work_fail(cb_work *w, int outcome, const char *code, const char *message, const char *details_json) {
+  w->outcome = outcome;
+  free(w->error_code);
+  free(w->error_message);
+  free(w->error_details_json);
+  w->error_code = strdup(code && *code ? code : "ERROR");
+  w->error_message = strdup(message ? message : "");
+  w->error_details_json = dup_or_null(details_json);
+}
+
+cb_work *cb__work_new(const cb_result *r, int row) {
+  static const int cols[] = {2, 3, 4, 7, 8, 9}; /* id, type, data, correlation, reply, batch */
+  size_t len = sizeof(cb_work);
+  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) len += strlen(cb_result_value(r, row, cols[i])) + 1;
+  cb_work *w = calloc(1, len);
+  if (w == NULL) return NULL;
+  char *p = (char *)(w + 1);
+  const char **fields[] = {&w->command_id, &w->command_type, &w->data_json,
+                           &w->correlation_id, &w->reply_to, &w->batch_id};
+  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) {
+    const char *v = cb_result_value(r, row, cols[i]);
+    size_t n = strlen(v) + 1;
+    memcpy(p, v, n);
+    *fields[i] = cb_result_is_null(r, row, cols[i]) ? NULL : p;
+    p += n;
+  }
+  if (w->data_json == NULL) w->data_json = "{}";
+  w->msg_id = cb_result_int(r, row, 0);
+  w->attempt = (int)cb_result_int(r, row, 5);
+  w->max_attempts = (int)cb_result_int(r, row, 6);
+  return w;
+}
+
+void cb__work_free(cb_work *w) {
+  if (w == NULL) return;
+  free(w->result_json);
+  free(w->error_code);
+  free(w->error_message);
+  free(w->error_details_json);
+  free(w);
+}
+
+void cb__work_list_free(cb_work *list) {
+  while (list) {
+    cb_work *next = list->next;
+    cb__work_free(list);
+    list = next;
+  }
+}
+
+void cb__work_list_append(cb_work **head, cb_work **tail, cb_work *list) {
+  if (list == NULL) return;
+  if (*tail) (*tail)->next = list;
+  else *head = list;
+  while (list->next) list = list->next;
+  *tail = list;
+}
