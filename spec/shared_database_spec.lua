@@ -257,6 +257,23 @@ for _, order in ipairs(orders) do
                     failed_count = 0}}, ended())
     end)
 
+    it("gives the command table and command queues room for updated rows, and keeps a fillfactor set before",
+       function()
+      local function options(table_name)
+        return sql(("SELECT coalesce(reloptions::text, '') FROM pg_class WHERE oid = '%s'::regclass"):format(table_name))
+      end
+      assert.equal("{fillfactor=70}", options("commandbus.command"))
+      local domain = world.domain()
+      assert(bus:send{domain = domain, type = "Echo"})
+      assert.equal("{fillfactor=50}", options(("pgmq.q_%s__commands"):format(domain)))
+      -- A queue whose owner chose its own keeps it.
+      local chosen = world.domain()
+      assert(assert(bus:queue(chosen .. "__commands")):create())
+      sql(("ALTER TABLE pgmq.q_%s__commands SET (fillfactor = 80)"):format(chosen))
+      assert(bus:send{domain = chosen, type = "Echo"})
+      assert.equal("{fillfactor=80}", options(("pgmq.q_%s__commands"):format(chosen)))
+    end)
+
     it("adds no index equal to one the database has, and setup() again adds nothing", function()
       assert.equal("", sql(EQUAL_INDEXES))
       local before = sql("SELECT count(*) FROM pg_indexes WHERE schemaname = 'commandbus'")

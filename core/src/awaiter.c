@@ -45,6 +45,7 @@ typedef struct target {
   const char *domain;
   char id[CB_UUID_LEN + 1];
   const char *sql[2]; /* read statements; the last one's rows are the answer */
+  const char *lock_sql; /* sql[0] taking a share lock on the record's row (see await_target) */
   int sql_nparams[2]; /* each uses the first sql_nparams[i] of params */
   int nsql;
   const char *params[4];
@@ -99,8 +100,47 @@ static int check_event(const cb_unit *u, const target *t, char *why, size_t n) {
   return 0;
 }
 
-static void add_reads(cb_unit *u, const target *t) {
-  for (int i = 0; i < t->nsql; i++) cb_unit_add(u, t->sql[i], t->sql_nparams[i], t->params);
+static void add_reads(cb_unit *u, const target *t, int locked) {
+  for (int i = 0; i < t->nsql; i++)
+    cb_unit_add(u, i == 0 && locked ? t->lock_sql : t->sql[i], t->sql_nparams[i], t->params);
+}
+
+/* The first round trip of a listening await: register (so that writers
+ * elsewhere notify us), then read, in one transaction. Rows of waiters that
+ * died without removing theirs are cleared on the way, so that the table
+ * stays as small as the number of live waiters (the triggers' first probe
+ * finds it empty).
+ *
+ * The read takes a share lock on the record's row (`locked`), which closes
+ * the gap between a writer and a waiter that registers meanwhile. A writer's
+ * trigger looks for waiters when its statement ends, before its commit; a
+ * waiter that registers after that look and reads before that commit would
+ * neither be notified nor see the change. Under the lock it cannot: a writer
+ * that holds the row already makes the read wait for its commit (the read
+ * then returns the row as the writer left it), and a writer that comes
+ * later waits for this transaction, so its trigger sees the registration.
+ * The lock is held for this one transaction, which is not flushed to disk
+ * before it returns (synchronous_commit off: a registration lost to a crash
+ * costs nothing). `lock_ms` bounds the wait for a writer; when the lock
+ * cannot be had (that bound, or a role without UPDATE on the table) the
+ * round is made again without it, and the safety poll covers the gap. */
+static void add_first_round(cb_unit *u, const target *t, const char *const *register_params, int locked,
+                            const char *lock_ms) {
+  const char *settings[] = {lock_ms};
+  cb_unit_add(u, "SELECT set_config('synchronous_commit', 'off', true), set_config('lock_timeout', $1, true)", 1,
+              settings);
+  cb_unit_add(u, "DELETE FROM commandbus.awaiter WHERE expires_at < now()", 0, NULL);
+  cb_unit_add(u,
+              "INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
+              " VALUES ($1, $2::uuid, $3::uuid, now() + make_interval(secs => $4::float8))",
+              4, register_params);
+  add_reads(u, t, locked);
+}
+
+/* The lock of the first round could not be had: 55P03 (lock_timeout),
+ * 42501 (no UPDATE privilege on the table). */
+static int lock_refused(const cb_err *err) {
+  return err->code == CB_EDATABASE && (strcmp(err->sqlstate, "55P03") == 0 || strcmp(err->sqlstate, "42501") == 0);
 }
 
 static void free_unit(cb_unit *u, void *arg) {
@@ -148,20 +188,21 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
     cb_hub_unsubscribe(sub);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
-  /* First round trip: register (so that writers elsewhere notify us), then
-   * read, in one transaction. Rows of waiters that died without removing
-   * theirs are cleared on the way, so that the table stays as small as the
-   * number of live waiters (the triggers' first probe finds it empty). */
-  if (!no_listen) cb_unit_add(u, "DELETE FROM commandbus.awaiter WHERE expires_at < now()", 0, NULL);
-  if (!no_listen)
-    cb_unit_add(u,
-                "INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
-                " VALUES ($1, $2::uuid, $3::uuid, now() + make_interval(secs => $4::float8))",
-                4, register_params);
-  add_reads(u, t);
+  /* A waiter that only looks (timeout 0) has no gap to close. */
+  int locked = !no_listen && timeout > 0;
+  char lock_ms[24];
+  snprintf(lock_ms, sizeof lock_ms, "%d", timeout >= 5 ? 5000 : timeout * 1000 < 1 ? 1 : (int)(timeout * 1000));
+  if (no_listen) add_reads(u, t, 0);
+  else add_first_round(u, t, register_params, locked, lock_ms);
   int registered = 0;
   for (int attempt = 0;; attempt++) {
     rc = cb_runtime_exec(rt, u, err);
+    if (rc != CB_OK && locked && !registered && lock_refused(err)) {
+      locked = 0;
+      cb_unit_reset(u);
+      add_first_round(u, t, register_params, 0, lock_ms);
+      rc = cb_runtime_exec(rt, u, err);
+    }
     if (rc != CB_OK) break;
     registered = !no_listen;
     int found = t->check(u, t, why, sizeof why);
@@ -189,7 +230,7 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
                   4, register_params);
       registered_until = now_seconds() + lasts;
     }
-    add_reads(u, t);
+    add_reads(u, t, 0);
     /* Listening, every writer's change reaches us (the command and process
      * tables' triggers notify awaiters, core/sql/003 and 004): polling is
      * only a safety net. Otherwise re-reads back off from 25 ms to 1 s. */
@@ -228,6 +269,7 @@ int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id,
   if (rc != CB_OK) return rc;
   t.sql_nparams[t.nsql] = 2;
   t.sql[t.nsql++] = READ_COMMAND;
+  t.lock_sql = READ_COMMAND " FOR SHARE";
   t.check = check_command;
   return await_target(rt, &t, timeout, flags, rows, err);
 }
@@ -240,6 +282,7 @@ int cb_await_process(cb_runtime *rt, const char *domain, const char *process_id,
   if (rc != CB_OK) return rc;
   t.sql_nparams[t.nsql] = 2;
   t.sql[t.nsql++] = READ_PROCESS;
+  t.lock_sql = READ_PROCESS " FOR SHARE";
   t.check = check_process;
   return await_target(rt, &t, timeout, flags, rows, err);
 }
@@ -260,6 +303,9 @@ int cb_await_event(cb_runtime *rt, const char *domain, const char *process_id, c
   t.params[3] = after;
   t.sql_nparams[t.nsql] = 2;
   t.sql[t.nsql++] = "SELECT 1 FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid";
+  /* Events are written under the process row's lock (its update's trigger,
+   * or commandbus.append_process_event's FOR NO KEY UPDATE). */
+  t.lock_sql = "SELECT 1 FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid FOR SHARE";
   t.sql_nparams[t.nsql] = 4;
   t.sql[t.nsql++] = READ_EVENT;
   t.check = check_event;

@@ -2,6 +2,7 @@
 #include "commandbus/bus.h"
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,8 @@
 #include "strbuf.h"
 
 #define SEND_CHUNK 1000 /* commands per statement: bounded parameter size */
+#define SEND_DEDUP 1    /* a command of the send has a dedup key */
+#define SEND_GIVEN_ID 2 /* a command of the send has an id its caller gave */
 
 int cb_domain_valid(const char *domain, cb_err *err) {
   if (domain == NULL) return cb_err_set(err, CB_EINVAL, "domain expected, got nothing");
@@ -48,6 +51,9 @@ int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, int again, c
     rc = cb_queue_ensure_index(rt, queue, "priority_idx",
                                "(commandbus.priority_of(message) DESC, msg_id) WHERE commandbus.priority_of(message) <> 0",
                                err);
+  /* Room for a message's next version beside it: reading it (hidden for
+   * the visibility timeout) writes one (see core/sql/008). */
+  if (rc == CB_OK) rc = cb_queue_ensure_fillfactor(rt, queue, 50, err);
   if (rc == CB_OK) cb_runtime_remember(rt, key);
   return rc;
 }
@@ -158,6 +164,71 @@ static int send_sql(char *sql, size_t len, const char *queue, const char *prefix
   return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
 }
 
+/* The statement that sends one command without a dedup key: the same rows
+ * as send_sql's, from parameters rather than a JSON array, without the
+ * array's unpacking, ordering and joins (it executes in about 60% of the
+ * time: a single send's cost is mostly this statement and its commit).
+ * $1 domain, $2 delay, $3 id, $4 type, $5 max_attempts, $6 reply queue (''
+ * for none), $7 correlation id, $8 batch id (NULL for none), $9 priority,
+ * $10 data (JSON text, NULL for {}). One row: id, msg_id (0: a duplicate). */
+static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_duplicates) {
+  /* refuse_duplicates: an existing id fails the statement (as in send_sql);
+   * also given when the id is new by construction (made by this call), so
+   * that the insert needs no speculative insertion. */
+  int n = snprintf(sql, len,
+           "WITH fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
+           " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
+           " VALUES ($1, '%s', nextval('pgmq.q_%s_msg_id_seq'), $3::uuid, $4, 'PENDING', 0, $5::int, $6, $7::uuid,"
+           " $8::uuid)%s RETURNING msg_id),"
+           " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
+           " SELECT msg_id, clock_timestamp() + make_interval(secs => $2::float8),"
+           " jsonb_build_object('domain', $1::text, 'command_type', $4::text, 'command_id', $3::uuid,"
+           " 'correlation_id', $7::uuid, 'data', coalesce($10::jsonb, '{}'::jsonb))"
+           " || CASE WHEN $6 <> '' THEN jsonb_build_object('reply_to', $6::text) ELSE '{}'::jsonb END"
+           " || CASE WHEN $9::int <> 0 THEN jsonb_build_object('priority', $9::int) ELSE '{}'::jsonb END FROM fresh),"
+           " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+           " SELECT $1, $3::uuid, 'SENT', jsonb_build_object('command_type', $4::text, 'correlation_id', $7::uuid,"
+           " 'reply_to', nullif($6::text, ''), 'msg_id', msg_id, 'batch_id', $8::uuid) FROM fresh)"
+           " SELECT $3::uuid::text, coalesce((SELECT msg_id FROM fresh), 0)",
+           queue, queue, refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue);
+  return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
+}
+
+/* The statement that sends commands whose ids this call made (none given,
+ * no dedup key): no two of them, and none of them and a command there, can
+ * share an id, so the rows go in as they are, without send_sql's search
+ * for duplicates (the speculative insertion of ON CONFLICT, the sort that
+ * keeps the first of an id, the joins that tell the caller which were
+ * sent). The array $1 (send_sql's objects) is read once into typed columns,
+ * each command drawing its message id there, and the three inserts read
+ * that. The same rows as send_sql's; the result has the same two columns
+ * (the second the message id), in the order of the array. $2 the domain,
+ * $3 the delay. */
+static int send_fresh_sql(char *sql, size_t len, const char *queue) {
+  int n = snprintf(sql, len,
+           "WITH input AS (SELECT e.ord, e.id, e.type, coalesce(e.data, '{}'::jsonb) AS data, e.corr,"
+           " coalesce(e.reply, '') AS reply, e.max, e.batch, coalesce(e.prio, 0) AS prio,"
+           " nextval('pgmq.q_%s_msg_id_seq') AS msg_id"
+           " FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (id uuid, corr uuid, type text, data jsonb, reply text,"
+           " max int, batch uuid, prio int)) WITH ORDINALITY AS e(id, corr, type, data, reply, max, batch, prio, ord)),"
+           " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
+           " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
+           " SELECT $2, '%s', msg_id, id, type, 'PENDING', 0, max, reply, corr, batch FROM input ORDER BY ord),"
+           " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
+           " SELECT msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
+           " jsonb_build_object('domain', $2::text, 'command_type', type, 'command_id', id, 'correlation_id', corr,"
+           " 'data', data)"
+           " || CASE WHEN reply <> '' THEN jsonb_build_object('reply_to', reply) ELSE '{}'::jsonb END"
+           " || CASE WHEN prio <> 0 THEN jsonb_build_object('priority', prio) ELSE '{}'::jsonb END"
+           " FROM input ORDER BY ord),"
+           " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+           " SELECT $2, id, 'SENT', jsonb_build_object('command_type', type, 'correlation_id', corr,"
+           " 'reply_to', nullif(reply, ''), 'msg_id', msg_id, 'batch_id', batch) FROM input ORDER BY ord)"
+           " SELECT ord, msg_id FROM input ORDER BY ord",
+           queue, queue, queue);
+  return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
+}
+
 int cb_bus_is_duplicate(const cb_err *err) {
   /* Both unique indexes a command table may have (commandbus's key, rcmd's
    * uq_command_domain_cmdid) are on (domain, command_id). */
@@ -176,8 +247,13 @@ int cb_bus_add_send_from(cb_unit *u, const char *domain, const char *prefix, con
 /* Validates specs, makes sure the queues exist, then appends the send
  * statements (one per chunk) and the queue's notify to u, without running it.
  * On an error u may hold part of them: the caller discards the unit. */
-int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                    double delay, cb_send_result *results, const cb_send_options *options, cb_err *err) {
+/* As cb_bus_add_send; when `element` is given and n is 1, the command's
+ * JSON object (an element of send_sql's array) is copied there and *flags
+ * tells whether it has a dedup key (SEND_DEDUP) or an id its caller gave
+ * (SEND_GIVEN_ID). */
+static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
+                    double delay, cb_send_result *results, const cb_send_options *options, cb_strbuf *element,
+                    int *flags, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
@@ -195,9 +271,10 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
     size_t end = start + SEND_CHUNK < n ? start + SEND_CHUNK : n;
     cb_strbuf_reset(&json);
     cb_strbuf_putc(&json, '[');
-    int dedup = 0;
+    int dedup = 0, given_ids = 0;
     for (size_t i = start; i < end && rc == CB_OK; i++) {
       const cb_command_spec *s = &specs[i];
+      given_ids |= s->command_id != NULL;
       rc = check_spec(s, i, id, corr, batch, err);
       if (rc != CB_OK) break;
       if (forced_batch) snprintf(batch, sizeof batch, "%s", forced_batch);
@@ -226,8 +303,30 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
     }
     cb_strbuf_putc(&json, ']');
     if (rc == CB_OK && json.failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
-    if (rc == CB_OK && send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY", dedup,
-                                options && options->refuse_duplicates) != CB_OK)
+    if (rc == CB_OK && element && n == 1) {
+      cb_strbuf_reset(element);
+      cb_strbuf_printf(element, "%.*s", (int)(json.len - 2), json.data + 1); /* without [ ] */
+      *flags = (dedup ? SEND_DEDUP : 0) | (given_ids ? SEND_GIVEN_ID : 0);
+      if (element->failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+    }
+    if (rc == CB_OK && n == 1 && !dedup) { /* the common single send */
+      const cb_command_spec *s = &specs[0];
+      char max[16], prio[16];
+      snprintf(max, sizeof max, "%d", s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
+      snprintf(prio, sizeof prio, "%d", s->priority);
+      const char *params[] = {domain, delay_text, id, s->command_type, max, s->reply_to ? s->reply_to : "",
+                              corr, batch[0] ? batch : NULL, prio, s->data_json};
+      /* An id made here cannot be there already: no need to look. */
+      if (send_one_sql(sql, sizeof sql, queue, (options && options->refuse_duplicates) || !given_ids) != CB_OK)
+        rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
+      else if (cb_unit_add(u, sql, 10, params) < 0)
+        rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+      break;
+    }
+    if (rc == CB_OK &&
+        (!dedup && !given_ids ? send_fresh_sql(sql, sizeof sql, queue)
+                              : send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY",
+                                         dedup, options && options->refuse_duplicates)) != CB_OK)
       rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
     if (rc == CB_OK) {
       const char *params[] = {json.data, domain, delay_text};
@@ -243,6 +342,21 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   return rc;
 }
 
+int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
+                    double delay, cb_send_result *results, const cb_send_options *options, cb_err *err) {
+  return add_send(rt, u, domain, specs, n, delay, results, options, NULL, NULL, err);
+}
+
+/* Reads row `row` of a send statement's result into *res. */
+static void read_send_row(const cb_result *r, int row, cb_send_result *res) {
+  int holders = cb_result_columns(r) > 2; /* a send with dedup keys */
+  res->msg_id = cb_result_int(r, row, 1);
+  res->duplicate = res->msg_id == 0;
+  if (!res->duplicate) return;
+  const char *first = holders && !cb_result_is_null(r, row, 2) ? cb_result_value(r, row, 2) : res->command_id;
+  snprintf(res->duplicate_of, sizeof res->duplicate_of, "%s", first);
+}
+
 void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *results) {
   /* One statement per chunk, one row per command in it, in order. */
   size_t k = 0;
@@ -250,14 +364,7 @@ void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *res
   for (int st = first; st < first + chunks; st++) {
     const cb_result *r = cb_unit_result(u, st);
     if (r == NULL) break;
-    int holders = cb_result_columns(r) > 2; /* a send with dedup keys */
-    for (int row = 0; row < cb_result_rows(r) && k < n; row++, k++) {
-      results[k].msg_id = cb_result_int(r, row, 1);
-      results[k].duplicate = results[k].msg_id == 0;
-      if (!results[k].duplicate) continue;
-      const char *first = holders && !cb_result_is_null(r, row, 2) ? cb_result_value(r, row, 2) : results[k].command_id;
-      snprintf(results[k].duplicate_of, sizeof results[k].duplicate_of, "%s", first);
-    }
+    for (int row = 0; row < cb_result_rows(r) && k < n; row++, k++) read_send_row(r, row, &results[k]);
   }
 }
 
@@ -270,14 +377,267 @@ static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
   return rc;
 }
 
-/* Sends specs within u, after the statements the caller added, and runs it. */
-static int send_in_unit(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                        double delay, cb_send_result *results, cb_err *err) {
-  int first = cb_unit_count(u);
-  int rc = cb_bus_add_send(rt, u, domain, specs, n, delay, results, NULL, err);
-  if (rc == CB_OK) rc = exec_send(rt, u, err);
-  if (rc == CB_OK) cb_bus_read_send(u, first, n, results);
+/* ---- sends sharing transactions ----------------------------------------------
+ *
+ * A commit waits for the disk, and a connection commits one transaction at
+ * a time. So sends from concurrent callers share transactions: at most one
+ * group of sends per pooled connection is on its way at once; sends that
+ * arrive meanwhile gather and leave together, as one transaction, when a
+ * group comes back. A caller alone sends at once, in a transaction of its
+ * own (one round trip, one commit); under load the groups grow with it.
+ * Each caller still gets its own answer. When a shared transaction fails on
+ * the database's side (a command whose data the server refuses, a deadlock
+ * between two groups), nothing of it was written, and each of its sends is
+ * made again alone, so that one bad send never fails the others. When its
+ * outcome is unknown (the connection broke) every sender gets that error,
+ * as a send alone would. */
+
+#define GROUP_MAX 128 /* sends per shared transaction, at most */
+
+typedef struct send_call {
+  struct cb_send_groups *g;
+  cb_unit *unit;            /* its statements, built and checked by the caller */
+  size_t n;                 /* its commands */
+  cb_send_result *results;
+  /* A single command (n 1): its JSON object, so that the single sends of
+   * a group to one domain go as one statement (send_sql's array). */
+  const char *domain;
+  const char *delay;        /* as bound: "%.6f" */
+  const char *element;      /* NULL: not merged */
+  int flags;                /* the element's SEND_DEDUP, SEND_GIVEN_ID */
+  int first;                /* its first statement in the group's unit */
+  int row;                  /* merged: its row in that statement's result; -1: its own statements */
+  int rc;
+  cb_err err;
+  int done;                 /* [g->lock] */
+  struct send_call *next;
+} send_call;
+
+struct cb_send_groups {
+  cb_runtime *rt;
+  pthread_mutex_t lock;
+  pthread_cond_t done; /* a call was answered */
+  int out, max;        /* groups on their way; at most one per connection */
+  send_call *head, *tail; /* waiting for the next group */
+};
+
+typedef struct cb_send_groups cb_send_groups;
+
+typedef struct send_group {
+  cb_send_groups *g;
+  send_call *calls;
+  int count;
+} send_group;
+
+static void *send_groups_new(cb_runtime *rt) {
+  cb_send_groups *g = calloc(1, sizeof *g);
+  if (g == NULL) return NULL;
+  g->rt = rt; /* max is read from it on first use: this runs under its lock */
+  pthread_mutex_init(&g->lock, NULL);
+  pthread_cond_init(&g->done, NULL);
+  return g;
+}
+
+static void send_groups_free(void *state) {
+  cb_send_groups *g = state;
+  if (g == NULL) return;
+  pthread_cond_destroy(&g->done);
+  pthread_mutex_destroy(&g->lock);
+  free(g);
+}
+
+/* The runtime keeps each one's groups (made on first use). */
+static const cb_runtime_part send_groups_part = {send_groups_new, send_groups_free};
+
+/* The outcome of a unit holding sends, as exec_send reports it. */
+static int send_outcome(const cb_unit *u, cb_err *err) {
+  int rc = cb_unit_status(u);
+  if (rc == CB_OK) return CB_OK;
+  *err = *cb_unit_error(u);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
+    rc = cb_err_set(err, CB_EINVAL, "invalid command data: %s", cb_unit_error(u)->message);
   return rc;
+}
+
+static void answer(cb_send_groups *g, send_call *c, int rc, const cb_err *err) {
+  c->rc = rc;
+  if (rc != CB_OK && err) c->err = *err;
+  pthread_mutex_lock(&g->lock);
+  c->done = 1;
+  pthread_cond_broadcast(&g->done);
+  pthread_mutex_unlock(&g->lock);
+}
+
+static void start_group(cb_send_groups *g, send_call *calls, int count);
+
+/* Takes the sends waiting (up to GROUP_MAX) when a group may leave now;
+ * [g->lock] held. */
+static send_call *take_waiting(cb_send_groups *g, int *count) {
+  *count = 0;
+  if (g->head == NULL || g->out >= g->max) return NULL;
+  send_call *calls = g->head, *last = calls;
+  *count = 1;
+  while (last->next && *count < GROUP_MAX) last = last->next, (*count)++;
+  g->head = last->next;
+  if (g->head == NULL) g->tail = NULL;
+  last->next = NULL;
+  g->out++;
+  return calls;
+}
+
+/* A group came back, or could not leave: the next one leaves. */
+static void group_finished(cb_send_groups *g) {
+  pthread_mutex_lock(&g->lock);
+  g->out--;
+  int count;
+  send_call *next = take_waiting(g, &count);
+  pthread_mutex_unlock(&g->lock);
+  if (next) start_group(g, next, count);
+}
+
+static void alone_done(cb_unit *u, void *arg) {
+  send_call *c = arg;
+  cb_err err;
+  int rc = send_outcome(u, &err);
+  if (rc == CB_OK) cb_bus_read_send(u, 0, c->n, c->results);
+  answer(c->g, c, rc, &err);
+}
+
+static void group_done(cb_unit *u, void *arg) {
+  send_group *grp = arg;
+  cb_send_groups *g = grp->g;
+  cb_err err;
+  int rc = send_outcome(u, &err);
+  int again = rc != CB_OK && grp->count > 1 && rc != CB_ECONNECTION && rc != CB_ECLOSED;
+  for (send_call *c = grp->calls, *next; c; c = next) {
+    next = c->next; /* c may be gone once answered */
+    if (again) { /* each alone: the server tells which one it refuses */
+      cb_unit_on_done(c->unit, alone_done, c);
+      if (cb_runtime_submit(g->rt, &c->unit, 1) != CB_OK) {
+        cb_err closed;
+        cb_err_set(&closed, CB_ECLOSED, "the runtime is closed");
+        answer(g, c, CB_ECLOSED, &closed);
+      }
+      continue;
+    }
+    if (rc == CB_OK && c->row >= 0) read_send_row(cb_unit_result(u, c->first), c->row, &c->results[0]);
+    else if (rc == CB_OK) cb_bus_read_send(u, c->first, c->n, c->results);
+    answer(g, c, rc, &err);
+  }
+  if (grp->count > 1) cb_unit_free(u); /* a group of one ran the caller's own unit */
+  free(grp);
+  group_finished(g);
+}
+
+/* The group's statements: the single sends to one domain (and delay) as one
+ * statement of send_sql over their JSON objects (send_fresh_sql's when none
+ * has an id its caller gave or a dedup key), in the order they came (a
+ * second command with an id or a dedup key another one of the statement
+ * has is a duplicate, as if it came later), and one notify per domain; any
+ * other send as its own statements. */
+static int build_group(cb_unit *u, send_call *calls) {
+  for (send_call *c = calls; c; c = c->next) c->row = -2; /* not placed yet */
+  cb_strbuf json = {0};
+  char sql[6144], queue[CB_QUEUE_NAME_MAX + 1];
+  int rc = CB_OK;
+  for (send_call *c = calls; rc == CB_OK && c; c = c->next) {
+    if (c->row != -2) continue;
+    int mates = 0, flags = c->flags;
+    for (send_call *d = c->next; c->element && d; d = d->next)
+      if (d->row == -2 && d->element && strcmp(d->domain, c->domain) == 0 && strcmp(d->delay, c->delay) == 0) {
+        mates++;
+        flags |= d->flags;
+      }
+    if (mates == 0) { /* alone: its own statements */
+      c->row = -1;
+      c->first = cb_unit_count(u);
+      rc = cb_unit_append(u, c->unit);
+      continue;
+    }
+    cb_strbuf_reset(&json);
+    cb_strbuf_putc(&json, '[');
+    int row = 0;
+    for (send_call *d = c; d; d = d->next) {
+      if (d->row != -2 || !d->element || strcmp(d->domain, c->domain) != 0 || strcmp(d->delay, c->delay) != 0)
+        continue;
+      if (row) cb_strbuf_putc(&json, ',');
+      cb_strbuf_puts(&json, d->element);
+      d->first = cb_unit_count(u);
+      d->row = row++;
+    }
+    cb_strbuf_putc(&json, ']');
+    cb_command_queue_name(c->domain, queue);
+    const char *params[] = {json.data, c->domain, c->delay};
+    if (json.failed) rc = CB_ENOMEM;
+    else if ((flags == 0 ? send_fresh_sql(sql, sizeof sql, queue)
+                         : send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY",
+                                    flags & SEND_DEDUP, 0)) != CB_OK)
+      rc = CB_EINTERNAL;
+    else if (cb_unit_add(u, sql, 3, params) < 0 || cb_queue_add_notify(u, queue) < 0)
+      rc = CB_ENOMEM;
+  }
+  cb_strbuf_free(&json);
+  return rc;
+}
+
+/* Builds the group's transaction and submits it (from a caller's thread or
+ * the loop thread). */
+static void start_group(cb_send_groups *g, send_call *calls, int count) {
+  send_group *grp = calloc(1, sizeof *grp);
+  cb_unit *u = NULL;
+  int rc = grp ? CB_OK : CB_ENOMEM;
+  if (rc == CB_OK && count == 1) {
+    u = calls->unit;
+    calls->first = 0;
+    calls->row = -1;
+  } else if (rc == CB_OK) {
+    u = cb_unit_new();
+    rc = u ? CB_OK : CB_ENOMEM;
+    if (rc == CB_OK) rc = build_group(u, calls);
+  }
+  if (rc == CB_OK) {
+    grp->g = g;
+    grp->calls = calls;
+    grp->count = count;
+    cb_unit_on_done(u, group_done, grp);
+    rc = cb_runtime_submit(g->rt, &u, 1);
+  }
+  if (rc == CB_OK) return;
+  if (u && count > 1) cb_unit_free(u);
+  else if (u) cb_unit_on_done(u, NULL, NULL);
+  free(grp);
+  cb_err err;
+  cb_err_set(&err, rc, rc == CB_ENOMEM ? "out of memory" : rc == CB_EINTERNAL ? "the send statement does not fit its buffer"
+                                                                              : "the runtime is closed");
+  for (send_call *c = calls, *next; c; c = next) {
+    next = c->next;
+    answer(g, c, rc, &err);
+  }
+  group_finished(g);
+}
+
+/* Runs u (the statements of one send) in a shared transaction. */
+static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, const char *domain,
+                            const char *delay, const char *element, int flags, cb_err *err) {
+  cb_send_groups *g = cb_runtime_on_loop(rt) ? NULL : cb_runtime_part_of(rt, &send_groups_part);
+  if (g == NULL) return exec_send(rt, u, err); /* reports the deadlock, or the fork, or the lack of memory */
+  send_call c = {.g = g, .unit = u, .n = n, .results = results, .domain = domain, .delay = delay,
+                 .element = element, .flags = flags, .rc = CB_OK};
+  pthread_mutex_lock(&g->lock);
+  if (g->max == 0) g->max = cb_runtime_pool_size(rt) > 0 ? cb_runtime_pool_size(rt) : 1;
+  if (g->tail) g->tail->next = &c;
+  else g->head = &c;
+  g->tail = &c;
+  int count;
+  send_call *calls = take_waiting(g, &count);
+  pthread_mutex_unlock(&g->lock);
+  if (calls) start_group(g, calls, count);
+  pthread_mutex_lock(&g->lock);
+  while (!c.done) pthread_cond_wait(&g->done, &g->lock);
+  pthread_mutex_unlock(&g->lock);
+  cb_unit_on_done(u, NULL, NULL);
+  if (c.rc != CB_OK) *err = c.err;
+  return c.rc;
 }
 
 int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, double delay,
@@ -285,7 +645,14 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   if (n == 0) return cb_domain_valid(domain, err);
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  int rc = send_in_unit(rt, u, domain, specs, n, delay, results, err);
+  cb_strbuf element = {0};
+  int flags = 0;
+  char delay_text[32];
+  snprintf(delay_text, sizeof delay_text, "%.6f", delay);
+  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &flags, err);
+  if (rc == CB_OK)
+    rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? element.data : NULL, flags, err);
+  cb_strbuf_free(&element);
   cb_unit_free(u);
   if (rc == CB_OK && n == 1 && results[0].duplicate) {
     if (strcmp(results[0].duplicate_of, results[0].command_id) != 0)

@@ -82,6 +82,7 @@ static int add_fetch(cb_engine *e, cb_unit *u, int room, int *index) {
   if (i < 0) return i;
   *index = i;
   e->fetching = 1;
+  e->wake_pending = 0; /* this fetch runs after the notification: it sees what was sent */
   return CB_OK;
 }
 
@@ -106,7 +107,7 @@ int cb_engine_fetched(cb_engine *e, cb_unit *u, int index) {
   if (e->fetch_failing) cb_log(CB_LOG_INFO, "%s %s: fetching again", e->c.name, e->c.domain);
   e->fetch_failing = 0;
   e->c.ops->fetched(e->c.owner, u, index);
-  return cb_result_rows(cb_unit_result(u, index)) > 0;
+  return cb_result_rows(cb_unit_result(u, index)) > 0 || e->wake_pending;
 }
 
 static void on_fetched(cb_unit *u, void *arg) {
@@ -190,7 +191,14 @@ static void on_poll(uv_timer_t *t) {
   cb_engine_fetch(e);
 }
 
-static void on_notified(void *arg) { cb_engine_fetch(arg); }
+/* A send committed. A fetch on its way may have read the queue before it:
+ * the notification is kept (wake_pending) until a fetch built after it has
+ * run, so that the message never waits for the next poll. */
+static void on_notified(void *arg) {
+  cb_engine *e = arg;
+  e->wake_pending = 1;
+  cb_engine_fetch(e);
+}
 
 static uint64_t poll_ms(const cb_engine *e) {
   uint64_t ms = (uint64_t)(e->c.poll_interval * 1000);

@@ -96,6 +96,9 @@ struct cb_engine {
 
   /* [loop] */
   int fetching;   /* a fetch is on its way */
+  /* Notified since the last fetch was built: a fetch on its way may have
+   * read the queue before the send committed, so another one follows it. */
+  int wake_pending;
   int fetch_index;
   int in_flight;  /* routed, not yet handed back */
   int stop_seen;
@@ -151,8 +154,9 @@ int cb_engine_fetch_into(cb_engine *e, cb_unit *u, int *index);
 /* The owner's unit holding a fetch was never sent. */
 void cb_engine_fetch_cancel(cb_engine *e);
 /* A fetch came back (statement `index` of u): hands the rows to the owner,
- * or logs the failure (once per outage). 1 when it read rows: there may be
- * more. */
+ * or logs the failure (once per outage). 1 when it read rows (there may be
+ * more) or when a notification came while it was on its way (a send it may
+ * not have seen): fetch again. */
 int cb_engine_fetched(cb_engine *e, cb_unit *u, int index);
 /* Routes n items to lanes; those that cannot be routed (only when
  * stopping) are freed, to be redelivered later. */

@@ -410,6 +410,39 @@ int cb_queue_ensure_index(cb_runtime *rt, const char *queue, const char *suffix,
   return rc;
 }
 
+int cb_queue_ensure_fillfactor(cb_runtime *rt, const char *queue, int percent, cb_err *err) {
+  CHECK_NAME(queue);
+  if (percent < 10 || percent > 100) return cb_err_set(err, CB_EINVAL, "fillfactor %d is outside 10..100", percent);
+  /* Read first, so that a table that has one (the usual case) takes no
+   * lock stronger than a read's. */
+  char table[64];
+  snprintf(table, sizeof table, "pgmq.q_%s", queue);
+  const char *params[] = {table};
+  NEW_UNIT(probe);
+  cb_unit_add(probe,
+              "SELECT EXISTS (SELECT 1 FROM pg_class c, unnest(coalesce(c.reloptions, '{}')) o"
+              " WHERE c.oid = to_regclass($1) AND o LIKE 'fillfactor=%')",
+              1, params);
+  int rc = cb_runtime_exec(rt, probe, err);
+  int set = rc == CB_OK && cb_result_value(cb_unit_result(probe, 0), 0, 0)[0] == 't';
+  cb_unit_free(probe);
+  if (rc != CB_OK || set) return rc;
+  NEW_UNIT(u);
+  cb_unit_add_flags(u, QUEUE_DDL_LOCK, 0, NULL, CB_STMT_ONESHOT);
+  rc = add_sql(u, CB_STMT_ONESHOT, NULL, 0,
+               "DO $cb$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_class c, unnest(coalesce(c.reloptions, '{}')) o"
+               " WHERE c.oid = 'pgmq.q_%s'::regclass AND o LIKE 'fillfactor=%%') THEN"
+               " ALTER TABLE pgmq.q_%s SET (fillfactor = %d); END IF; END $cb$",
+               queue, queue, percent);
+  if (rc < 0) {
+    cb_unit_free(u);
+    return cb_err_set(err, rc, "the fillfactor statement for %s does not fit its buffer", queue);
+  }
+  rc = cb_runtime_exec(rt, u, err);
+  cb_unit_free(u);
+  return rc;
+}
+
 int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) {
   CHECK_NAME(queue);
   *existed = 0;

@@ -324,6 +324,8 @@ cb_hub *cb_runtime_hub(cb_runtime *rt) { return rt->hub; }
 
 cb_event_feed *cb_runtime_event_feed(cb_runtime *rt) { return rt->events; }
 
+int cb_runtime_pool_size(const cb_runtime *rt) { return rt->nconns; }
+
 uint64_t cb_runtime_units_sent(cb_runtime *rt) { return __atomic_load_n(&rt->units_sent, __ATOMIC_RELAXED); }
 
 int cb_runtime_on_loop(cb_runtime *rt) {

@@ -109,6 +109,27 @@ int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *par
   return cb_unit_add_flags(u, sql, nparams, params, 0);
 }
 
+int cb_unit_append(cb_unit *dst, const cb_unit *src) {
+  if (src->broken) {
+    if (!dst->broken) {
+      dst->err = src->err;
+      break_unit(dst, src->broken);
+    }
+    return src->broken;
+  }
+  for (int i = 0; i < src->nstmts; i++) {
+    const unit_stmt *s = &src->stmts[i];
+    const char *params[CB_UNIT_MAX_PARAMS];
+    for (int p = 0; p < s->nparams; p++) {
+      size_t off = src->param_offsets[s->params + (size_t)p];
+      params[p] = off == PARAM_NULL ? NULL : src->arena + off;
+    }
+    int rc = cb_unit_add_flags(dst, src->arena + s->sql, s->nparams, params, s->flags);
+    if (rc < 0) return rc;
+  }
+  return CB_OK;
+}
+
 int cb_unit_count(const cb_unit *u) { return u->nstmts; }
 int cb_unit_status(const cb_unit *u) { return u->status; }
 const cb_err *cb_unit_error(const cb_unit *u) { return &u->err; }

@@ -1,6 +1,7 @@
 /* Awaiting commands and processes (the scenarios that matter): the poll
  * schedules, sixteen waiters released together by one completion (no lost
- * wake-up), a polling waiter, historical events, unknown ids, purges that
+ * wake-up), a waiter that registers while a writer holds the command, a
+ * polling waiter, historical events, unknown ids, purges that
  * wake nobody, and the event sink's bounded queue. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -347,11 +348,122 @@ static void the_sink_gets_committed_events_in_order_and_counts_what_does_not_fit
   cb_runtime_free(rt);
 }
 
+/* ---- a waiter that registers while a writer holds the command ------------ */
+
+typedef struct holder_arg {
+  cb_runtime *rt;
+  const char *domain, *id;
+  double hold_s;
+  int rc;
+} holder_arg;
+
+/* A writer elsewhere: completes the command, then holds its transaction
+ * open for hold_s before committing (its trigger has looked for waiters
+ * already, before anyone registered). */
+static void *holder_main(void *p) {
+  holder_arg *a = p;
+  char hold[32];
+  snprintf(hold, sizeof hold, "%.3f", a->hold_s);
+  const char *params[] = {a->domain, a->id, hold};
+  cb_unit *u = cb_unit_new();
+  cb_unit_add(u,
+              "UPDATE commandbus.command SET status = 'COMPLETED', updated_at = now()"
+              " WHERE domain = $1 AND command_id = $2::uuid",
+              2, params);
+  cb_unit_add(u, "SELECT pg_sleep($3::float8), $1::text, $2::text", 3, params);
+  cb_err err;
+  a->rc = cb_runtime_exec(a->rt, u, &err);
+  cb_unit_free(u);
+  return NULL;
+}
+
+/* 1 when the query (a SELECT EXISTS about the backends) says true. */
+static int backend_waits(cb_runtime *rt, const char *sql) {
+  cb_unit *u = test_sql(rt, sql);
+  int yes = cb_unit_status(u) == CB_OK && strcmp(cb_result_value(cb_unit_result(u, 0), 0, 0), "t") == 0;
+  cb_unit_free(u);
+  return yes;
+}
+
+/* Asks until the query says true, for at most within_s. */
+static int wait_for_backend(cb_runtime *rt, const char *sql, double within_s) {
+  double until = now_s() + within_s;
+  while (now_s() < until) {
+    if (backend_waits(rt, sql)) return 1;
+    usleep(10 * 1000);
+  }
+  return 0;
+}
+
+#define IN_PG_SLEEP                                                                                        \
+  "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"                      \
+  " AND wait_event = 'PgSleep' AND query LIKE '%pg_sleep($3::float8)%')"
+#define WAITING_FOR_SHARE                                                                                  \
+  "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"                      \
+  " AND wait_event_type = 'Lock' AND query LIKE '%FROM commandbus.command%FOR SHARE%')"
+
+static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_its_outcome(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(3);
+  cb_runtime *waiter_rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("await_gap"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result sent;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+
+  holder_arg h = {rt, domain, sent.command_id, 1.5, -99};
+  pthread_t holder;
+  pthread_create(&holder, NULL, holder_main, &h);
+  assert_true(wait_for_backend(rt, IN_PG_SLEEP, 10));
+
+  assert_int_equal(cb_runtime_listen(waiter_rt, CB_AWAIT_CHANNEL, &err), CB_OK); /* counted before */
+  uint64_t units_before = cb_runtime_units_sent(waiter_rt);
+  waiter_arg a = {waiter_rt, domain, sent.command_id, -99, ""};
+  pthread_t waiter;
+  pthread_create(&waiter, NULL, await_main, &a);
+  /* The registering read waits for the writer instead of reading the row
+   * as it was before the writer's change... */
+  assert_true(wait_for_backend(rt, WAITING_FOR_SHARE, 10));
+  pthread_join(holder, NULL);
+  assert_int_equal(h.rc, CB_OK);
+  pthread_join(waiter, NULL);
+  /* ...and reads it as the writer committed it: no second read was needed
+   * (the one other unit is the registration's removal). */
+  assert_int_equal(a.rc, CB_OK);
+  assert_string_equal(a.status, "COMPLETED");
+  usleep(100 * 1000);
+  assert_true(cb_runtime_units_sent(waiter_rt) - units_before <= 2);
+
+  /* A writer holding the row past the waiter's timeout: TIMEOUT, as for any
+   * command that does not finish in time (not a lock error). */
+  cb_send_result second;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &second, &err), CB_OK);
+  holder_arg h2 = {rt, domain, second.command_id, 1.0, -99};
+  pthread_create(&holder, NULL, holder_main, &h2);
+  assert_true(wait_for_backend(rt, IN_PG_SLEEP, 10));
+  cb_unit *rows = NULL;
+  assert_int_equal(cb_await_command(waiter_rt, domain, second.command_id, 0.2, 0, &rows, &err), CB_ETIMEOUT);
+  assert_null(rows);
+  pthread_join(holder, NULL);
+  assert_int_equal(h2.rc, CB_OK);
+  cb_runtime_free(waiter_rt);
+  char queue[80];
+  snprintf(queue, sizeof queue, "%s__commands", domain);
+  int existed;
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(the_poll_schedule_is_25_ms_doubling_capped_at_1_s),
       cmocka_unit_test(sixteen_waiters_are_released_together_by_one_completion),
       cmocka_unit_test(the_safety_poll_doubles_from_25_ms_up_to_30_s),
+      cmocka_unit_test(a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_its_outcome),
       cmocka_unit_test(sixteen_process_waiters_racing_a_completion_resolve_alike),
       cmocka_unit_test(a_polling_waiter_resolves_by_backoff_without_notifications),
       cmocka_unit_test(historical_events_return_at_once_and_unknown_ids_say_so),

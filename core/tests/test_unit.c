@@ -3,7 +3,8 @@
  * (so a dropped statement can never shift the results of the others). The
  * failing add is a statement with more parameters than a statement may take,
  * or none of its values, or no SQL text: what a caller can get wrong without
- * any memory pressure, and the path an allocation failure takes too. */
+ * any memory pressure, and the path an allocation failure takes too.
+ * Appending one unit to another copies its statements, or its failure. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -198,12 +199,50 @@ static void a_statement_at_the_limit_is_taken_and_runs(void **state) {
   cb_runtime_free(rt);
 }
 
+/* Appending copies statements, parameters (SQL NULL too) and flags, to run
+ * in the other unit's transaction; a source that failed passes its failure
+ * on, and the copy runs nothing. */
+static void appending_copies_statements_and_passes_a_failure_on(void **state) {
+  cb_runtime *rt = test_runtime(1);
+  const char *table = make_table(rt);
+  cb_unit *src = cb_unit_new(), *dst = cb_unit_new();
+  assert_int_equal(add_insert(dst, table, "first"), 0);
+  assert_int_equal(add_insert(src, table, "second"), 0);
+  assert_int_equal(add_insert(src, table, NULL), 1);
+  char sql[96];
+  snprintf(sql, sizeof sql, "SELECT count(*), count(v) FROM %s", table);
+  assert_int_equal(cb_unit_add_flags(src, sql, 0, NULL, CB_STMT_ONESHOT), 2);
+  assert_int_equal(cb_unit_append(dst, src), CB_OK);
+  assert_int_equal(cb_unit_count(dst), 4);
+  cb_unit_free(src); /* the copies are dst's own */
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, dst, &err), CB_OK);
+  assert_string_equal(cb_result_value(cb_unit_result(dst, 3), 0, 0), "3");
+  assert_string_equal(cb_result_value(cb_unit_result(dst, 3), 0, 1), "2");
+  cb_unit_free(dst);
+
+  src = cb_unit_new();
+  dst = cb_unit_new();
+  assert_int_equal(add_oversized(src), CB_EINVAL);
+  assert_int_equal(add_insert(dst, table, "never"), 0);
+  assert_int_equal(cb_unit_append(dst, src), CB_EINVAL);
+  assert_int_equal(cb_unit_status(dst), CB_EINVAL);
+  assert_int_equal(cb_runtime_exec(rt, dst, &err), CB_EINVAL);
+  assert_non_null(strstr(err.message, "257 parameters"));
+  assert_int_equal(rows_in(rt, table), 3);
+  cb_unit_free(src);
+  cb_unit_free(dst);
+  drop_table(rt, table);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(a_failed_add_is_remembered_and_the_exec_runs_nothing),
       cmocka_unit_test(every_kind_of_bad_statement_fails_the_unit),
       cmocka_unit_test(among_several_units_only_the_failed_one_runs_nothing),
       cmocka_unit_test(a_statement_at_the_limit_is_taken_and_runs),
+      cmocka_unit_test(appending_copies_statements_and_passes_a_failure_on),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

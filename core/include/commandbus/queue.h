@@ -93,6 +93,10 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err);
  * Building it blocks writes to the queue for as long as it takes. */
 int cb_queue_ensure_index(cb_runtime *rt, const char *queue, const char *suffix, const char *definition,
                           cb_err *err);
+/* Sets the fillfactor of the queue's table (10..100: the share of each page
+ * that inserts fill, leaving room for updated versions) unless one is set
+ * already, under the lock of queue DDL. Pages written later have the room. */
+int cb_queue_ensure_fillfactor(cb_runtime *rt, const char *queue, int percent, cb_err *err);
 /* *existed tells whether there was a queue to drop. */
 int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err);
 int cb_queue_send(cb_runtime *rt, const char *queue, const char *json, double delay, int64_t *msg_id, cb_err *err);

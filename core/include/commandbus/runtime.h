@@ -88,6 +88,9 @@ uint64_t cb_runtime_units_sent(cb_runtime *rt);
 /* True on the runtime's loop thread. */
 int cb_runtime_on_loop(cb_runtime *rt);
 
+/* The connections of the pool (pool_size as it was resolved). */
+int cb_runtime_pool_size(const cb_runtime *rt);
+
 /* --- running units (unit.h) ------------------------------------------------ */
 
 /* A unit that failed while it was filled (unit.h) runs none of its

@@ -50,6 +50,10 @@ void cb_unit_reset(cb_unit *u);
 int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *params);
 int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *const *params, int flags);
 int cb_unit_count(const cb_unit *u);
+/* Appends copies of src's statements (SQL, parameters, flags) to dst, as
+ * cb_unit_add does; returns CB_OK or the failing add's code. A src that
+ * failed while it was filled passes its failure on. */
+int cb_unit_append(cb_unit *dst, const cb_unit *src);
 
 /* CB_OK, or the first failure: of an add (as soon as it happened), else of
  * the run once the unit completed (the transaction rolled back). */

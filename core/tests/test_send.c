@@ -1,0 +1,379 @@
+/* Sends from concurrent callers share transactions (bus.c): while the
+ * connection is busy, sends gather and leave as one transaction, each caller
+ * getting its own answer; a send the server refuses fails only itself; ids
+ * and dedup keys are told apart as if the sends came one by one; a caller
+ * alone sends in a transaction of its own. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "commandbus/bus.h"
+#include "commandbus/queue.h"
+#include "commandbus/schema.h"
+#include "test_support.h"
+
+#define CALLERS 8
+
+typedef struct caller {
+  cb_runtime *rt;
+  const char *domain;
+  const char *data; /* the command's data (JSON text) */
+  const char *id;   /* NULL: a new one */
+  const char *dedup_key;
+  int two;          /* sends two commands in one call (not merged into the group's statement) */
+  pthread_barrier_t *go;
+  int rc;
+  cb_err err;
+  cb_send_result sent;
+  cb_send_result second; /* the second command of `two` */
+} caller;
+
+static void *caller_main(void *p) {
+  caller *c = p;
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  spec.data_json = c->data;
+  spec.command_id = c->id;
+  spec.dedup_key = c->dedup_key;
+  spec.dedup_for = c->dedup_key ? 60 : 0;
+  pthread_barrier_wait(c->go);
+  if (c->two) {
+    cb_command_spec specs[2] = {spec, spec};
+    specs[1].command_id = NULL;
+    cb_send_result results[2];
+    c->rc = cb_bus_send(c->rt, c->domain, specs, 2, 0, results, &c->err);
+    c->sent = results[0];
+    c->second = results[1];
+  } else {
+    c->rc = cb_bus_send(c->rt, c->domain, &spec, 1, 0, &c->sent, &c->err);
+  }
+  return NULL;
+}
+
+static void *sleeper_main(void *p) {
+  cb_runtime *rt = p;
+  cb_unit *u = test_sql(rt, "SELECT pg_sleep(1)");
+  cb_unit_free(u);
+  return NULL;
+}
+
+static long long count_commands(cb_runtime *rt, const char *domain) {
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {domain};
+  cb_unit_add(u, "SELECT count(*) FROM commandbus.command WHERE domain = $1", 1, params);
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  long long n = cb_result_int(cb_unit_result(u, 0), 0, 0);
+  cb_unit_free(u);
+  return n;
+}
+
+/* One number from a query with the domain as $1 and `id` (may be NULL) as $2. */
+static long long count_of(cb_runtime *rt, const char *sql, const char *domain, const char *id) {
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {domain, id};
+  cb_unit_add(u, sql, id ? 2 : 1, params);
+  cb_err err;
+  int rc = cb_runtime_exec(rt, u, &err);
+  if (rc != CB_OK) fprintf(stderr, "%s: %s\n", sql, err.message);
+  assert_int_equal(rc, CB_OK);
+  long long n = cb_result_int(cb_unit_result(u, 0), 0, 0);
+  cb_unit_free(u);
+  return n;
+}
+
+/* The rows of a sent command: the command (PENDING) with its message in the
+ * queue under the msg_id its caller was told, and one SENT audit row. */
+static void assert_sent(cb_runtime *rt, const char *domain, const cb_send_result *r) {
+  char sql[512];
+  snprintf(sql, sizeof sql,
+           "SELECT count(*) FROM commandbus.command k JOIN pgmq.q_%s__commands q ON q.msg_id = k.msg_id"
+           " WHERE k.domain = $1 AND k.command_id = $2::uuid AND k.status = 'PENDING' AND k.msg_id = %lld"
+           " AND q.message->>'command_id' = $2::uuid::text",
+           domain, (long long)r->msg_id);
+  assert_int_equal(count_of(rt, sql, domain, r->command_id), 1);
+  assert_int_equal(count_of(rt,
+                            "SELECT count(*) FROM commandbus.audit WHERE domain = $1 AND command_id = $2::uuid"
+                            " AND event_type = 'SENT'",
+                            domain, r->command_id),
+                   1);
+}
+
+static void drop(cb_runtime *rt, const char *domain) {
+  char queue[80];
+  snprintf(queue, sizeof queue, "%s__commands", domain);
+  int existed;
+  cb_err err;
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {domain};
+  cb_unit_add(u, "DELETE FROM commandbus.audit WHERE domain = $1", 1, params);
+  cb_unit_add(u, "DELETE FROM commandbus.command WHERE domain = $1", 1, params);
+  cb_unit_add(u, "DELETE FROM commandbus.dedup WHERE domain = $1", 1, params);
+  cb_runtime_exec(rt, u, &err);
+  cb_unit_free(u);
+}
+
+static void wait_for_units(cb_runtime *rt, uint64_t n) {
+  while (cb_runtime_units_sent(rt) < n) usleep(1000);
+}
+
+/* One connection, busy for a second (a sleep); a send made meanwhile (the
+ * opener) leaves at once, queued behind it; the sends made while it is on
+ * its way gather, and leave in one transaction when it is back. In the
+ * second round one of them carries data the server refuses: that
+ * transaction is refused, and each of its sends is made again alone. */
+static void concurrent_sends_share_a_transaction_and_a_refused_one_fails_alone(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendgroup"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result first;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &first, &err), CB_OK); /* makes the queue */
+
+  for (int round = 0; round < 2; round++) {
+    int with_bad = round == 1;
+    pthread_barrier_t go, go_opener;
+    pthread_barrier_init(&go, NULL, CALLERS + 1);
+    pthread_barrier_init(&go_opener, NULL, 2);
+    caller callers[CALLERS], opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
+    pthread_t threads[CALLERS], sleeper, opener_thread;
+    for (int i = 0; i < CALLERS; i++) {
+      callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99,
+                            .data = with_bad && i == CALLERS / 2 ? "{\"n\": oops}" : "{\"n\": 1}"};
+      pthread_create(&threads[i], NULL, caller_main, &callers[i]);
+    }
+    pthread_create(&opener_thread, NULL, caller_main, &opener);
+    uint64_t units_before = cb_runtime_units_sent(rt);
+    pthread_create(&sleeper, NULL, sleeper_main, rt);
+    wait_for_units(rt, units_before + 1); /* the sleep is on the connection */
+    pthread_barrier_wait(&go_opener);
+    wait_for_units(rt, units_before + 2); /* the opener is on its way behind it */
+    pthread_barrier_wait(&go);
+    for (int i = 0; i < CALLERS; i++) pthread_join(threads[i], NULL);
+    pthread_join(opener_thread, NULL);
+    pthread_join(sleeper, NULL);
+    uint64_t units = cb_runtime_units_sent(rt) - units_before;
+    assert_int_equal(opener.rc, CB_OK);
+    int ok = 0;
+    for (int i = 0; i < CALLERS; i++) {
+      if (with_bad && i == CALLERS / 2) {
+        assert_int_equal(callers[i].rc, CB_EINVAL);
+        assert_non_null(strstr(callers[i].err.message, "invalid command data"));
+        continue;
+      }
+      assert_int_equal(callers[i].rc, CB_OK);
+      assert_true(callers[i].sent.msg_id > 0);
+      assert_false(callers[i].sent.duplicate);
+      assert_true(callers[i].sent.msg_id != opener.sent.msg_id);
+      for (int j = 0; j < i; j++) assert_true(callers[i].sent.msg_id != callers[j].sent.msg_id);
+      ok++;
+    }
+    /* The sleep, the opener, one transaction for the rest; after a refusal,
+     * one more for each send of it. */
+    assert_int_equal(units, with_bad ? 3 + CALLERS : 3);
+    assert_int_equal(count_commands(rt, domain), 1 + (1 + CALLERS) + (round == 1 ? 1 + ok : 0));
+    pthread_barrier_destroy(&go);
+    pthread_barrier_destroy(&go_opener);
+  }
+  drop(rt, domain);
+  cb_runtime_free(rt);
+}
+
+/* Sends that share a transaction are told apart as sends made one after
+ * the other would be: of two with one id, or one dedup key, the first one
+ * is sent and the second is a duplicate naming it; the others are sent. */
+static void sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendtwins"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result first;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &first, &err), CB_OK);
+  const char *twin = "01234567-89ab-7def-8123-456789abcdef";
+  pthread_barrier_t go, go_opener;
+  pthread_barrier_init(&go, NULL, CALLERS + 1);
+  pthread_barrier_init(&go_opener, NULL, 2);
+  caller callers[CALLERS], opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
+  pthread_t threads[CALLERS], sleeper, opener_thread;
+  for (int i = 0; i < CALLERS; i++) {
+    callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99, .data = "{\"n\": 2}",
+                          .id = i < 2 ? twin : NULL, .dedup_key = i == 2 || i == 3 ? "once" : NULL};
+    pthread_create(&threads[i], NULL, caller_main, &callers[i]);
+  }
+  pthread_create(&opener_thread, NULL, caller_main, &opener);
+  uint64_t units_before = cb_runtime_units_sent(rt);
+  pthread_create(&sleeper, NULL, sleeper_main, rt);
+  wait_for_units(rt, units_before + 1);
+  pthread_barrier_wait(&go_opener);
+  wait_for_units(rt, units_before + 2);
+  pthread_barrier_wait(&go);
+  for (int i = 0; i < CALLERS; i++) pthread_join(threads[i], NULL);
+  pthread_join(opener_thread, NULL);
+  pthread_join(sleeper, NULL);
+  assert_int_equal(cb_runtime_units_sent(rt) - units_before, 3); /* the sleep, the opener, the rest together */
+  assert_int_equal(opener.rc, CB_OK);
+  /* Which of a pair came first is up to the threads: one of each is sent. */
+  for (int pair = 0; pair < 4; pair += 2) {
+    caller *a = &callers[pair], *b = &callers[pair + 1];
+    assert_true((a->rc == CB_OK) != (b->rc == CB_OK));
+    caller *sent = a->rc == CB_OK ? a : b, *refused = a->rc == CB_OK ? b : a;
+    assert_int_equal(refused->rc, CB_EDUPLICATE);
+    assert_true(refused->sent.duplicate);
+    assert_string_equal(refused->sent.duplicate_of, sent->sent.command_id);
+    assert_non_null(strstr(refused->err.message, pair == 0 ? "already exists" : "dedup key `once`"));
+  }
+  for (int i = 4; i < CALLERS; i++) assert_int_equal(callers[i].rc, CB_OK);
+  assert_int_equal(count_commands(rt, domain), 1 + 1 + (CALLERS - 2));
+  pthread_barrier_destroy(&go);
+  pthread_barrier_destroy(&go_opener);
+  drop(rt, domain);
+  cb_runtime_free(rt);
+}
+
+/* Duplicates and a refusal in one shared transaction: an id that exists
+ * already, a dedup key another command holds from before, two sends with one
+ * new dedup key, two with one new id, a call of two commands (its own
+ * statements in the group), a plain send, and a send whose data the server
+ * refuses. The refusal undoes the shared transaction; each send is then made
+ * alone, and each caller gets the answer it would have had alone: nothing is
+ * lost, nothing is written twice, and the dedup key goes to the one sent. */
+static void a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendmixed"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result existing, holder;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &existing, &err), CB_OK);
+  spec.dedup_key = "held";
+  spec.dedup_for = 60;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &holder, &err), CB_OK);
+  const char *twin = "01234567-89ab-7def-8123-456789abcd01";
+  enum { OLD_ID, HELD_KEY, PAIR_A, PAIR_B, TWIN_A, TWIN_B, TWO, BAD, PLAIN, MIXED };
+  pthread_barrier_t go, go_opener;
+  pthread_barrier_init(&go, NULL, MIXED + 1);
+  pthread_barrier_init(&go_opener, NULL, 2);
+  caller callers[MIXED], opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
+  pthread_t threads[MIXED], sleeper, opener_thread;
+  for (int i = 0; i < MIXED; i++) {
+    callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99, .data = "{\"n\": 3}"};
+    caller *c = &callers[i];
+    if (i == OLD_ID) c->id = existing.command_id;
+    if (i == HELD_KEY) c->dedup_key = "held";
+    if (i == PAIR_A || i == PAIR_B) c->dedup_key = "pair";
+    if (i == TWIN_A || i == TWIN_B) c->id = twin;
+    if (i == TWO) c->two = 1;
+    if (i == BAD) c->data = "{\"n\": oops}";
+    pthread_create(&threads[i], NULL, caller_main, c);
+  }
+  pthread_create(&opener_thread, NULL, caller_main, &opener);
+  uint64_t units_before = cb_runtime_units_sent(rt);
+  pthread_create(&sleeper, NULL, sleeper_main, rt);
+  wait_for_units(rt, units_before + 1);
+  pthread_barrier_wait(&go_opener);
+  wait_for_units(rt, units_before + 2);
+  pthread_barrier_wait(&go);
+  for (int i = 0; i < MIXED; i++) pthread_join(threads[i], NULL);
+  pthread_join(opener_thread, NULL);
+  pthread_join(sleeper, NULL);
+  /* The sleep, the opener, the shared transaction refused, each send alone. */
+  assert_int_equal(cb_runtime_units_sent(rt) - units_before, 3 + MIXED);
+  assert_int_equal(opener.rc, CB_OK);
+  assert_int_equal(callers[BAD].rc, CB_EINVAL);
+  assert_non_null(strstr(callers[BAD].err.message, "invalid command data"));
+  assert_int_equal(callers[OLD_ID].rc, CB_EDUPLICATE);
+  assert_string_equal(callers[OLD_ID].sent.duplicate_of, existing.command_id);
+  assert_int_equal(callers[HELD_KEY].rc, CB_EDUPLICATE);
+  assert_string_equal(callers[HELD_KEY].sent.duplicate_of, holder.command_id);
+  assert_non_null(strstr(callers[HELD_KEY].err.message, "dedup key `held`"));
+  caller *sent_pair = NULL, *sent_twin = NULL;
+  for (int pair = PAIR_A; pair <= TWIN_A; pair += 2) {
+    caller *a = &callers[pair], *b = &callers[pair + 1];
+    assert_true((a->rc == CB_OK) != (b->rc == CB_OK));
+    caller *sent = a->rc == CB_OK ? a : b, *refused = a->rc == CB_OK ? b : a;
+    assert_int_equal(refused->rc, CB_EDUPLICATE);
+    assert_string_equal(refused->sent.duplicate_of, sent->sent.command_id);
+    if (pair == PAIR_A) sent_pair = sent;
+    else sent_twin = sent;
+  }
+  assert_int_equal(callers[TWO].rc, CB_OK);
+  assert_int_equal(callers[PLAIN].rc, CB_OK);
+  /* What each caller was told is what the database holds. */
+  assert_sent(rt, domain, &opener.sent);
+  assert_sent(rt, domain, &sent_pair->sent);
+  assert_sent(rt, domain, &sent_twin->sent);
+  assert_sent(rt, domain, &callers[TWO].sent);
+  assert_sent(rt, domain, &callers[TWO].second);
+  assert_sent(rt, domain, &callers[PLAIN].sent);
+  /* Before: 2; now the opener, a pair's, a twin's, two, plain. */
+  assert_int_equal(count_commands(rt, domain), 2 + 6);
+  char sql[256];
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM pgmq.q_%s__commands WHERE message->>'domain' = $1", domain);
+  assert_int_equal(count_of(rt, sql, domain, NULL), 2 + 6);
+  assert_int_equal(count_of(rt, "SELECT count(*) FROM commandbus.audit WHERE domain = $1 AND event_type = 'SENT'",
+                            domain, NULL),
+                   2 + 6);
+  assert_int_equal(count_of(rt, "SELECT count(*) FROM commandbus.dedup WHERE domain = $1 AND dedup_key = 'pair'"
+                            " AND command_id = $2::uuid",
+                            domain, sent_pair->sent.command_id),
+                   1);
+  assert_int_equal(count_of(rt, "SELECT count(*) FROM commandbus.dedup WHERE domain = $1 AND dedup_key = 'held'"
+                            " AND command_id = $2::uuid",
+                            domain, holder.command_id),
+                   1);
+  pthread_barrier_destroy(&go);
+  pthread_barrier_destroy(&go_opener);
+  drop(rt, domain);
+  cb_runtime_free(rt);
+}
+
+/* A caller alone: one transaction per send. */
+static void a_caller_alone_sends_in_a_transaction_of_its_own(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendalone"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result sent;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  uint64_t before = cb_runtime_units_sent(rt);
+  for (int i = 0; i < 5; i++) assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  assert_int_equal(cb_runtime_units_sent(rt) - before, 5);
+  /* A duplicate id is still its caller's answer. */
+  spec.command_id = sent.command_id;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_EDUPLICATE);
+  drop(rt, domain);
+  cb_runtime_free(rt);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(concurrent_sends_share_a_transaction_and_a_refused_one_fails_alone),
+      cmocka_unit_test(sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart),
+      cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
+      cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
