@@ -49,12 +49,12 @@ int cb_retention_set(cb_runtime *rt, const char *domain, const cb_retention_poli
     snprintf(text[i], sizeof text[i], "%.3f", ages[i]->seconds);
     params[i + 1] = ages[i]->set ? text[i] : NULL;
   }
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   /* NULL keeps the current value; a negative age is "forever" (NULL). */
 #define AGE(n, col)                                                                                  \
   "CASE WHEN $" #n "::float8 IS NULL THEN d." col " WHEN $" #n "::float8 < 0 THEN NULL"              \
   " ELSE make_interval(secs => $" #n "::float8) END"
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   cb_unit_add(u,
               "INSERT INTO commandbus.retention (domain, commands, archive, batches, processes)"
               " SELECT $1, " AGE(2, "commands") ", " AGE(3, "archive") ", " AGE(4, "batches") ", "
