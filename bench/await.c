@@ -325,8 +325,8 @@ int main(void) {
   pthread_join(lt, NULL);
   pthread_barrier_destroy(&lw.ready);
   double l50 = pct(local, LOCAL_ROUNDS, 0.5) * 1e3, l99 = pct(local, LOCAL_ROUNDS, 0.99) * 1e3;
-  printf("  local wake (same process, %d rounds):   p50 %.3f ms  p99 %.3f ms   (target p99 < 1 ms: %s)\n",
-         LOCAL_ROUNDS, l50, l99, l99 < 1 ? "met" : "MISSED");
+  printf("  local wake (same process, %d rounds):   p50 %.3f ms  p99 %.3f ms   (target p99 < 1 ms: %s)\n", LOCAL_ROUNDS,
+         l50, l99, l99 < 1 ? "met" : "MISSED");
 
   /* cross-process */
   for (int i = 0; i < CROSS_ROUNDS; i++) {
@@ -364,25 +364,26 @@ int main(void) {
 
   /* idle */
   idle_result ip = run_idle(rt, domain, 0, 0);
-  printf("  %d idle process waiters (notified):          %.4f queries/waiter/s, %.0f heap bytes/waiter\n",
-         IDLE_WAITERS, ip.per_waiter_per_s, ip.heap_bytes);
+  printf("  %d idle process waiters (notified):          %.4f queries/waiter/s, %.0f heap bytes/waiter\n", IDLE_WAITERS,
+         ip.per_waiter_per_s, ip.heap_bytes);
   idle_result ic = run_idle(rt, domain, 1, 0);
-  printf("  %d idle command waiters (notified):          %.4f queries/waiter/s, %.0f heap bytes/waiter\n",
-         IDLE_WAITERS, ic.per_waiter_per_s, ic.heap_bytes);
+  printf("  %d idle command waiters (notified):          %.4f queries/waiter/s, %.0f heap bytes/waiter\n", IDLE_WAITERS,
+         ic.per_waiter_per_s, ic.heap_bytes);
   idle_result in = run_idle(rt, domain, 1, CB_AWAIT_NO_LISTEN);
-  printf("  %d idle command waiters (listen = false):    %.4f queries/waiter/s, %.0f heap bytes/waiter\n",
-         IDLE_WAITERS, in.per_waiter_per_s, in.heap_bytes);
-  printf("  (over a %.0f s window from %.0f s in; notified waiters poll as a safety net at 25 ms doubling to 30 s,\n"
-         "   others at 25 ms doubling to 1 s. Target: at most 1 query/waiter/s at the 1 s cap: %s. Heap net of the\n"
-         "   waiting thread's own.)\n",
-         IDLE_WINDOW, IDLE_WARMUP, in.per_waiter_per_s <= 1.0 + 1e-9 ? "met" : "MISSED");
+  printf("  %d idle command waiters (listen = false):    %.4f queries/waiter/s, %.0f heap bytes/waiter\n", IDLE_WAITERS,
+         in.per_waiter_per_s, in.heap_bytes);
+  printf(
+      "  (over a %.0f s window from %.0f s in; notified waiters poll as a safety net at 25 ms doubling to 30 s,\n"
+      "   others at 25 ms doubling to 1 s. Target: at most 1 query/waiter/s at the 1 s cap: %s. Heap net of the\n"
+      "   waiting thread's own.)\n",
+      IDLE_WINDOW, IDLE_WARMUP, in.per_waiter_per_s <= 1.0 + 1e-9 ? "met" : "MISSED");
   cleanup(rt, domain);
   cb_runtime_free(rt);
-  printf("{\"local_p50_ms\": %.3f, \"local_p99_ms\": %.3f, \"cross_p50_ms\": %.3f, \"cross_p99_ms\": %.3f,"
-         " \"idle_process_queries_per_waiter_s\": %.4f, \"idle_command_queries_per_waiter_s\": %.4f,"
-         " \"idle_unlistened_queries_per_waiter_s\": %.4f,"
-         " \"heap_bytes_per_process_waiter\": %.0f, \"heap_bytes_per_command_waiter\": %.0f}\n",
-         l50, l99, c50, c99, ip.per_waiter_per_s, ic.per_waiter_per_s, in.per_waiter_per_s, ip.heap_bytes,
-         ic.heap_bytes);
+  printf(
+      "{\"local_p50_ms\": %.3f, \"local_p99_ms\": %.3f, \"cross_p50_ms\": %.3f, \"cross_p99_ms\": %.3f,"
+      " \"idle_process_queries_per_waiter_s\": %.4f, \"idle_command_queries_per_waiter_s\": %.4f,"
+      " \"idle_unlistened_queries_per_waiter_s\": %.4f,"
+      " \"heap_bytes_per_process_waiter\": %.0f, \"heap_bytes_per_command_waiter\": %.0f}\n",
+      l50, l99, c50, c99, ip.per_waiter_per_s, ic.per_waiter_per_s, in.per_waiter_per_s, ip.heap_bytes, ic.heap_bytes);
   return 0;
 }

@@ -248,10 +248,11 @@ static result bench_rate(int lanes, int rate, double seconds, int batch_timeout_
 }
 
 static void print_result(const char *name, result res) {
-  printf("%-38s %10.0f msgs/s  avg %7.0f us  p50 %7.0f us  p99 %7.0f us  "
-         "(batches %" PRIu64 ", lane full %" PRIu64 ", dropped %" PRIu64 ", max %.1f us)\n",
-         name, res.msgs_per_s, res.avg_us, res.p50_us, res.p99_us, res.stats.batches_sent,
-         res.stats.queue_full_events, res.stats.dropped, (double)res.stats.latency_max_ns / 1e3);
+  printf(
+      "%-38s %10.0f msgs/s  avg %7.0f us  p50 %7.0f us  p99 %7.0f us  "
+      "(batches %" PRIu64 ", lane full %" PRIu64 ", dropped %" PRIu64 ", max %.1f us)\n",
+      name, res.msgs_per_s, res.avg_us, res.p50_us, res.p99_us, res.stats.batches_sent, res.stats.queue_full_events,
+      res.stats.dropped, (double)res.stats.latency_max_ns / 1e3);
   fflush(stdout);
 }
 
@@ -284,17 +285,20 @@ int main(void) {
   result light0 = bench_rate(LOAD_LANES, LIGHT_RATE, LIGHT_SECONDS, 0);
   print_result("1000/s, 4 lanes, batch timeout 0", light0);
 
-  printf("{\"bench\":\"message_router\",\"lanes\":%d,"
-         "\"msgs_per_s_1p\":%.0f,\"msgs_per_s_2p\":%.0f,\"msgs_per_s_1p_route_many\":%.0f,"
-         "\"p50_us_load\":%.0f,\"p99_us_load\":%.0f,",
-         LOAD_LANES, one.msgs_per_s, two.msgs_per_s, many.msgs_per_s, one.p50_us, one.p99_us);
+  printf(
+      "{\"bench\":\"message_router\",\"lanes\":%d,"
+      "\"msgs_per_s_1p\":%.0f,\"msgs_per_s_2p\":%.0f,\"msgs_per_s_1p_route_many\":%.0f,"
+      "\"p50_us_load\":%.0f,\"p99_us_load\":%.0f,",
+      LOAD_LANES, one.msgs_per_s, two.msgs_per_s, many.msgs_per_s, one.p50_us, one.p99_us);
   for (int i = 0; i < 3; i++)
-    printf("\"latency_avg_us_%d_lanes\":%.0f,\"latency_p99_us_%d_lanes\":%.0f,"
-           "\"latency_avg_us_%d_lanes_no_batch_wait\":%.0f,\"latency_avg_%d_lanes_ratio\":%.2f,",
-           rate_lanes[i], rated[i].avg_us, rate_lanes[i], rated[i].p99_us, rate_lanes[i], rated0[i].avg_us,
-           rate_lanes[i], rated[i].avg_us / rated0[i].avg_us);
-  printf("\"p50_us_light\":%.0f,\"p99_us_light\":%.0f,"
-         "\"p50_us_light_no_batch_wait\":%.0f,\"p99_us_light_no_batch_wait\":%.0f}\n",
-         light.p50_us, light.p99_us, light0.p50_us, light0.p99_us);
+    printf(
+        "\"latency_avg_us_%d_lanes\":%.0f,\"latency_p99_us_%d_lanes\":%.0f,"
+        "\"latency_avg_us_%d_lanes_no_batch_wait\":%.0f,\"latency_avg_%d_lanes_ratio\":%.2f,",
+        rate_lanes[i], rated[i].avg_us, rate_lanes[i], rated[i].p99_us, rate_lanes[i], rated0[i].avg_us, rate_lanes[i],
+        rated[i].avg_us / rated0[i].avg_us);
+  printf(
+      "\"p50_us_light\":%.0f,\"p99_us_light\":%.0f,"
+      "\"p50_us_light_no_batch_wait\":%.0f,\"p99_us_light_no_batch_wait\":%.0f}\n",
+      light.p50_us, light.p99_us, light0.p50_us, light0.p99_us);
   return 0;
 }

@@ -68,7 +68,7 @@
 #define Q_OURS "bench_queue_ours"
 #define Q_PGB "bench_queue_pgb" /* hard-coded in the bench/queue scripts */
 #define MSG "{\"kind\":\"bench\",\"n\":12345,\"body\":\"a small message of about sixty bytes\"}"
-#define DELAY "0.000000"       /* what cb_queue_add_* binds for delay 0 */
+#define DELAY "0.000000" /* what cb_queue_add_* binds for delay 0 */
 #define MAX_CLIENTS 64
 #define MAX_DEPTH 256
 
@@ -198,8 +198,8 @@ static int64_t prefill(cb_runtime *rt, const char *q, int64_t n) {
   snprintf(sql, sizeof sql, "SELECT min(msg_id), max(msg_id), count(*) FROM pgmq.q_%s", q);
   query_ints(rt, sql, v, 3);
   if (v[2] != n || v[1] - v[0] + 1 != n) {
-    fprintf(stderr, "bench_queue: prefill of %s: %" PRId64 " rows, ids %" PRId64 "..%" PRId64 "\n", q, v[2],
-            v[0], v[1]);
+    fprintf(stderr, "bench_queue: prefill of %s: %" PRId64 " rows, ids %" PRId64 "..%" PRId64 "\n", q, v[2], v[0],
+            v[1]);
     exit(1);
   }
   snprintf(sql, sizeof sql, "ANALYZE pgmq.q_%s", q);
@@ -246,8 +246,7 @@ static void *work(void *arg) {
   while (!atomic_load(&ph->go)) sched_yield();
 
   for (;;) {
-    if (ph->per_client > 0 ? w->txns >= ph->per_client : atomic_load_explicit(&ph->stop, memory_order_relaxed))
-      break;
+    if (ph->per_client > 0 ? w->txns >= ph->per_client : atomic_load_explicit(&ph->stop, memory_order_relaxed)) break;
     int d = ph->depth;
     if (ph->per_client > 0 && ph->per_client - w->txns < d) d = (int)(ph->per_client - w->txns);
     if (ph->depth == 1) {
@@ -272,8 +271,7 @@ static void *work(void *arg) {
         next_id += ph->batch;
         int64_t *got;
         size_t n;
-        if (cb_queue_delete(ph->rt, ph->queue, ids, (size_t)ph->batch, &got, &n, &err) != CB_OK)
-          die("delete", &err);
+        if (cb_queue_delete(ph->rt, ph->queue, ids, (size_t)ph->batch, &got, &n, &err) != CB_OK) die("delete", &err);
         w->msgs += (int64_t)n;
         free(got);
       }
@@ -306,13 +304,13 @@ static void *work(void *arg) {
 }
 
 typedef struct outcome {
-  double per_s;    /* messages/s */
-  double tps;      /* transactions/s */
+  double per_s; /* messages/s */
+  double tps;   /* transactions/s */
   int64_t msgs;
   long txns;
   double elapsed;
-  double cpu;      /* client CPU seconds (all our threads, or pgbench) */
-  double csw;      /* client context switches */
+  double cpu; /* client CPU seconds (all our threads, or pgbench) */
+  double csw; /* client context switches */
 } outcome;
 
 static outcome run_ours(phase *ph) {
@@ -474,9 +472,7 @@ static int64_t db_count(cb_runtime *rt, const char *q, int op, int64_t prefilled
   return op == OP_DELETE ? prefilled - v : v;
 }
 
-static void settle(cb_runtime *rt) {
-  exec_sql(rt, "CHECKPOINT", 1, 1); /* may need privileges; then skipped */
-}
+static void settle(cb_runtime *rt) { exec_sql(rt, "CHECKPOINT", 1, 1); /* may need privileges; then skipped */ }
 
 /* Prepares a fresh queue for the side; returns the first prefilled id. */
 static int64_t setup(cb_runtime *rt, const char *q, int op, int64_t prefill_n) {
@@ -489,16 +485,21 @@ static int64_t setup(cb_runtime *rt, const char *q, int op, int64_t prefill_n) {
 
 static void check_rows(const char *who, const char *name, int64_t expected, int64_t db) {
   if (expected != db) {
-    fprintf(stderr, "bench_queue: %s %s: counted %" PRId64 " messages but the database shows %" PRId64 "\n", who,
-            name, expected, db);
+    fprintf(stderr, "bench_queue: %s %s: counted %" PRId64 " messages but the database shows %" PRId64 "\n", who, name,
+            expected, db);
     exit(1);
   }
 }
 
 static outcome side_ours(cb_runtime *rt, const char *name, int op, int batch, int d, long per_client) {
   int64_t prefill_n = op == OP_READ ? read_prefill() : op == OP_DELETE ? (int64_t)clients * per_client * batch : 0;
-  phase ph = {.rt = rt, .queue = Q_OURS, .op = op, .batch = batch, .depth = d,
-              .per_client = op == OP_DELETE ? per_client : 0, .span = per_client * batch};
+  phase ph = {.rt = rt,
+              .queue = Q_OURS,
+              .op = op,
+              .batch = batch,
+              .depth = d,
+              .per_client = op == OP_DELETE ? per_client : 0,
+              .span = per_client * batch};
   ph.id_base = setup(rt, Q_OURS, op, prefill_n);
   outcome o = run_ours(&ph);
   check_rows(d == 1 ? "ours" : "ours pipelined", name, o.msgs, db_count(rt, Q_OURS, op, prefill_n));
@@ -571,13 +572,14 @@ static void run_figure(cb_runtime *rt, figure *fg, int op, int batch, long per_c
   fg->piped = side_ours(rt, fg->name, op, batch, depth, per_client);
 
 #define PER_TX(o, v) ((o).txns ? (v) / (double)(o).txns : 0)
-  printf("%-10s ours %7.0f msg/s (%5.0f tx/s)  pgbench %7.0f msg/s (%5.0f tx/s)  ratio %.2f"
-         "  | pipelined x%d %7.0f msg/s  ratio %.2f\n",
-         fg->name, fg->ours.per_s, fg->ours.tps, fg->pgb.per_s, fg->pgb.tps,
-         fg->pgb.per_s > 0 ? fg->ours.per_s / fg->pgb.per_s : 0, depth, fg->piped.per_s,
-         fg->pgb.per_s > 0 ? fg->piped.per_s / fg->pgb.per_s : 0);
-  printf("%-10s   client cpu us/tx, ctx switches/tx: ours %.0f, %.1f  pgbench %.0f, %.1f  pipelined %.0f, %.1f\n",
-         "", PER_TX(fg->ours, 1e6 * fg->ours.cpu), PER_TX(fg->ours, fg->ours.csw), PER_TX(fg->pgb, 1e6 * fg->pgb.cpu),
+  printf(
+      "%-10s ours %7.0f msg/s (%5.0f tx/s)  pgbench %7.0f msg/s (%5.0f tx/s)  ratio %.2f"
+      "  | pipelined x%d %7.0f msg/s  ratio %.2f\n",
+      fg->name, fg->ours.per_s, fg->ours.tps, fg->pgb.per_s, fg->pgb.tps,
+      fg->pgb.per_s > 0 ? fg->ours.per_s / fg->pgb.per_s : 0, depth, fg->piped.per_s,
+      fg->pgb.per_s > 0 ? fg->piped.per_s / fg->pgb.per_s : 0);
+  printf("%-10s   client cpu us/tx, ctx switches/tx: ours %.0f, %.1f  pgbench %.0f, %.1f  pipelined %.0f, %.1f\n", "",
+         PER_TX(fg->ours, 1e6 * fg->ours.cpu), PER_TX(fg->ours, fg->ours.csw), PER_TX(fg->pgb, 1e6 * fg->pgb.cpu),
          PER_TX(fg->pgb, fg->pgb.csw), PER_TX(fg->piped, 1e6 * fg->piped.cpu), PER_TX(fg->piped, fg->piped.csw));
   fflush(stdout);
 }
@@ -609,8 +611,8 @@ static int in_list(const char *list, const char *name) {
  * through scripts/env. */
 static double lua_send_batch(const char *flavor, int n) {
   char cmd[3000];
-  snprintf(cmd, sizeof cmd, "cd %s/../.. && eval \"$(scripts/env %s)\" && %s bench/queue/send_batch.lua %d 3", script_dir,
-           flavor, flavor, n);
+  snprintf(cmd, sizeof cmd, "cd %s/../.. && eval \"$(scripts/env %s)\" && %s bench/queue/send_batch.lua %d 3",
+           script_dir, flavor, flavor, n);
   FILE *p = popen(cmd, "r");
   if (p == NULL) return -1;
   double per_s = -1, took;
@@ -642,23 +644,26 @@ int main(void) {
   if (cb_runtime_new(&opt, &rt, &err) != CB_OK) die("runtime", &err);
 
   printf("bench queue: nproc %ld, PostgreSQL on the same machine\n", sysconf(_SC_NPROCESSORS_ONLN));
-  printf("  pgbench: %s -n -M prepared -c %d -j %d, -T %d (send, read) or -t N (delete), scripts %s\n",
-         pgbench_path, clients, clients, seconds, script_dir);
-  printf("  ours: one runtime, pool_size %d, %d caller threads; matched = blocking cb_queue_* (1 tx in flight\n"
-         "        per thread, like pgbench); pipelined = %d units per cb_runtime_exec_many (1 tx per unit)\n",
-         clients, clients, depth);
-  printf("  read: vt 0 over %" PRId64 " prefilled messages; delete: %ld x 1 and %ld x 100 ids per client\n", read_prefill(),
-         del1, del100);
-  printf("  message: %zu bytes of JSON; every run gets a fresh queue, then CHECKPOINT; best of %d runs per side,\n"
-         "  alternating which goes first (pipelined: 1 run)\n",
-         strlen(MSG), reps);
+  printf("  pgbench: %s -n -M prepared -c %d -j %d, -T %d (send, read) or -t N (delete), scripts %s\n", pgbench_path,
+         clients, clients, seconds, script_dir);
+  printf(
+      "  ours: one runtime, pool_size %d, %d caller threads; matched = blocking cb_queue_* (1 tx in flight\n"
+      "        per thread, like pgbench); pipelined = %d units per cb_runtime_exec_many (1 tx per unit)\n",
+      clients, clients, depth);
+  printf("  read: vt 0 over %" PRId64 " prefilled messages; delete: %ld x 1 and %ld x 100 ids per client\n",
+         read_prefill(), del1, del100);
+  printf(
+      "  message: %zu bytes of JSON; every run gets a fresh queue, then CHECKPOINT; best of %d runs per side,\n"
+      "  alternating which goes first (pipelined: 1 run)\n",
+      strlen(MSG), reps);
   fflush(stdout);
 
   double t0 = now_s();
   figure figs[6];
   int n = 0;
-  static const struct { int op, batch; } plan[] = {{OP_SEND, 1}, {OP_SEND, 100}, {OP_READ, 1},
-                                                    {OP_READ, 100}, {OP_DELETE, 1}, {OP_DELETE, 100}};
+  static const struct {
+    int op, batch;
+  } plan[] = {{OP_SEND, 1}, {OP_SEND, 100}, {OP_READ, 1}, {OP_READ, 100}, {OP_DELETE, 1}, {OP_DELETE, 100}};
   const char *only = getenv("BENCH_QUEUE_ONLY"); /* e.g. "read_1,send_100" (for profiling) */
   for (size_t i = 0; i < sizeof plan / sizeof plan[0]; i++) {
     char name[32];
@@ -692,15 +697,17 @@ int main(void) {
   for (int i = 0; i < n; i++) {
     figure *f = &figs[i];
     double pg = f->pgb.per_s;
-    printf(",\"%s_per_s\":%.0f,\"%s_pgbench_per_s\":%.0f,\"%s_ratio\":%.2f,\"%s_pipelined_per_s\":%.0f,"
-           "\"%s_pipelined_ratio\":%.2f",
-           f->name, f->ours.per_s, f->name, pg, f->name, pg > 0 ? f->ours.per_s / pg : 0, f->name,
-           f->piped.per_s, f->name, pg > 0 ? f->piped.per_s / pg : 0);
+    printf(
+        ",\"%s_per_s\":%.0f,\"%s_pgbench_per_s\":%.0f,\"%s_ratio\":%.2f,\"%s_pipelined_per_s\":%.0f,"
+        "\"%s_pipelined_ratio\":%.2f",
+        f->name, f->ours.per_s, f->name, pg, f->name, pg > 0 ? f->ours.per_s / pg : 0, f->name, f->piped.per_s, f->name,
+        pg > 0 ? f->piped.per_s / pg : 0);
   }
   if (jit > 0 && lua54 > 0)
-    printf(",\"lua_send_batch_messages\":%d,\"luajit_send_batch_per_s\":%.0f,\"lua54_send_batch_per_s\":%.0f,"
-           "\"luajit_vs_lua54_ratio\":%.2f",
-           lua_n, jit, lua54, jit / lua54);
+    printf(
+        ",\"lua_send_batch_messages\":%d,\"luajit_send_batch_per_s\":%.0f,\"lua54_send_batch_per_s\":%.0f,"
+        "\"luajit_vs_lua54_ratio\":%.2f",
+        lua_n, jit, lua54, jit / lua54);
   printf(",\"target_met\":%s}\n", ok ? "true" : "false");
   return 0;
 }

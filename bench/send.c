@@ -44,7 +44,7 @@
 
 #define DOMAIN "bench_send"
 #define FLOOR_DOMAIN "bench_send_floor" /* hard-coded in bench/send/floor_send_1.sql */
-#define APP "bench_send_driver"       /* this process's own connection */
+#define APP "bench_send_driver"         /* this process's own connection */
 #define THREADS_MAX 8
 
 static const char *url;
@@ -106,7 +106,8 @@ static counters settled(void) {
     cb_unit_add_flags(u,
                       "SELECT (SELECT wal_bytes FROM pg_stat_wal)::float8, xact_commit::float8,"
                       " (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                      " AND backend_type = 'client backend' AND application_name <> '" APP "')"
+                      " AND backend_type = 'client backend' AND application_name <> '" APP
+                      "')"
                       " FROM pg_stat_database WHERE datname = current_database()",
                       0, NULL, CB_STMT_ONESHOT);
     if (cb_runtime_exec(own, u, &err) != CB_OK) die("counters", err.message);
@@ -123,9 +124,9 @@ static counters settled(void) {
 }
 
 typedef struct figure {
-  double rate;           /* commands/s, best round */
-  double wal, commits;   /* per command, in the best round */
-  double rates[16];      /* each round */
+  double rate;         /* commands/s, best round */
+  double wal, commits; /* per command, in the best round */
+  double rates[16];    /* each round */
 } figure;
 
 static void keep(figure *f, int round, double rate, counters before, counters after, double commands) {
@@ -256,7 +257,8 @@ static void lua_run(figure *f, int round, int processes) {
 static void rounds_text(const figure *f, char *out, size_t len) {
   size_t n = 0;
   out[0] = '\0';
-  for (int r = 0; r < rounds && n < len; r++) n += (size_t)snprintf(out + n, len - n, "%s%.0f", r ? " " : "", f->rates[r]);
+  for (int r = 0; r < rounds && n < len; r++)
+    n += (size_t)snprintf(out + n, len - n, "%s%.0f", r ? " " : "", f->rates[r]);
 }
 
 static void print_figure(const char *name, const figure *f, const figure *floor) {
@@ -289,8 +291,8 @@ int main(void) {
   cb_err err;
   if (cb_runtime_new(&o, &own, &err) != CB_OK) die("connect", err.message);
   if (cb_schema_setup(own, NULL, &err) != CB_OK) die("setup", err.message);
-  fprintf(stderr, "bench_send: %d s a figure, best of %d rounds, %ld cores, PostgreSQL on the same machine\n",
-          seconds, rounds, sysconf(_SC_NPROCESSORS_ONLN));
+  fprintf(stderr, "bench_send: %d s a figure, best of %d rounds, %ld cores, PostgreSQL on the same machine\n", seconds,
+          rounds, sysconf(_SC_NPROCESSORS_ONLN));
 
   figure floor1 = {0}, lua1 = {0}, core1 = {0}, floor8 = {0}, core8 = {0}, lua8 = {0};
   const char *only = getenv("BENCH_SEND_ONLY");
@@ -319,13 +321,14 @@ int main(void) {
   print_figure("floor, 8 clients (pgbench)", &floor8, NULL);
   print_figure("cb_bus_send, 8 threads on one runtime (pool 2)", &core8, &floor8);
   print_figure("bus:send, 8 Lua processes of 1 caller", &lua8, &floor8);
-  printf("{\"bench\":\"send\",\"seconds\":%d,\"rounds\":%d,"
-         "\"floor_1_per_s\":%.0f,\"lua_1_per_s\":%.0f,\"lua_1_ratio\":%.2f,\"core_1_per_s\":%.0f,\"core_1_ratio\":%.2f,"
-         "\"floor_8_per_s\":%.0f,\"core_8_per_s\":%.0f,\"core_8_ratio\":%.2f,\"lua_8proc_per_s\":%.0f,\"lua_8proc_ratio\":%.2f,"
-         "\"lua_1_wal_bytes_per_cmd\":%.0f,\"lua_1_commits_per_cmd\":%.3f,\"core_8_wal_bytes_per_cmd\":%.0f,"
-         "\"core_8_commits_per_cmd\":%.3f,\"floor_1_wal_bytes_per_cmd\":%.0f,\"floor_8_commits_per_cmd\":%.3f}\n",
-         seconds, rounds, floor1.rate, lua1.rate, lua1.rate / floor1.rate, core1.rate, core1.rate / floor1.rate,
-         floor8.rate, core8.rate, core8.rate / floor8.rate, lua8.rate, lua8.rate / floor8.rate, lua1.wal, lua1.commits,
-         core8.wal, core8.commits, floor1.wal, floor8.commits);
+  printf(
+      "{\"bench\":\"send\",\"seconds\":%d,\"rounds\":%d,"
+      "\"floor_1_per_s\":%.0f,\"lua_1_per_s\":%.0f,\"lua_1_ratio\":%.2f,\"core_1_per_s\":%.0f,\"core_1_ratio\":%.2f,"
+      "\"floor_8_per_s\":%.0f,\"core_8_per_s\":%.0f,\"core_8_ratio\":%.2f,\"lua_8proc_per_s\":%.0f,\"lua_8proc_ratio\":%.2f,"
+      "\"lua_1_wal_bytes_per_cmd\":%.0f,\"lua_1_commits_per_cmd\":%.3f,\"core_8_wal_bytes_per_cmd\":%.0f,"
+      "\"core_8_commits_per_cmd\":%.3f,\"floor_1_wal_bytes_per_cmd\":%.0f,\"floor_8_commits_per_cmd\":%.3f}\n",
+      seconds, rounds, floor1.rate, lua1.rate, lua1.rate / floor1.rate, core1.rate, core1.rate / floor1.rate,
+      floor8.rate, core8.rate, core8.rate / floor8.rate, lua8.rate, lua8.rate / floor8.rate, lua1.wal, lua1.commits,
+      core8.wal, core8.commits, floor1.wal, floor8.commits);
   return 0;
 }

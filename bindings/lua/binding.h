@@ -116,8 +116,7 @@ void cbL_push_error_metatable(lua_State *L);
 /* Registers the metatable `name`: methods as __index, gc as __gc (and as
  * __close under Lua 5.4), tostring as __tostring; gc and tostring may be
  * NULL. Leaves the stack as it was. */
-void cbL_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc,
-                   lua_CFunction tostring);
+void cbL_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc, lua_CFunction tostring);
 
 /* ---- JSON through a private lua-cjson instance (json.c) ----------------------- */
 

@@ -112,8 +112,8 @@ static int number_at(lua_State *L, int idx, int arg, const char *name, double mi
   format_number(lo, sizeof lo, min);
   format_number(hi, sizeof hi, max);
   const char *what = value_name(L, arg, name);
-  cbL_pusherrorcode(L, CB_EINVAL, "%s must be %s from %s to %s, got %s", what, integral ? "an integer" : "a number",
-                    lo, hi, got);
+  cbL_pusherrorcode(L, CB_EINVAL, "%s must be %s from %s to %s, got %s", what, integral ? "an integer" : "a number", lo,
+                    hi, got);
   return 0;
 }
 
@@ -223,8 +223,9 @@ int cbL_int64_at(lua_State *L, int idx, const char *name, int64_t min, int64_t m
   const char *shown = type == LUA_TSTRING ? lua_tostring(L, idx) : NULL;
   char got[40];
   if (shown == NULL) format_number(got, sizeof got, lua_tonumber(L, idx));
-  cbL_pusherrorcode(L, CB_EINVAL, "%s must be an integer from %lld to %lld (a number or its decimal string), got %s%.40s%s",
-                    name, (long long)min, (long long)max, shown ? "\"" : "", shown ? shown : got, shown ? "\"" : "");
+  cbL_pusherrorcode(L, CB_EINVAL,
+                    "%s must be an integer from %lld to %lld (a number or its decimal string), got %s%.40s%s", name,
+                    (long long)min, (long long)max, shown ? "\"" : "", shown ? shown : got, shown ? "\"" : "");
   return 0;
 }
 
@@ -251,8 +252,7 @@ static int text_at(lua_State *L, int idx, int arg, const char *name, const char 
   if (nul)
     cbL_pusherrorcode(L, CB_EINVAL, "%s contains a NUL byte (at byte %d): names, ids and text cannot hold one", what,
                       (int)(nul - s) + 1);
-  else
-    cbL_pusherrorcode(L, CB_EINVAL, "%s is not valid UTF-8 (at byte %d)", what, (int)bad + 1);
+  else cbL_pusherrorcode(L, CB_EINVAL, "%s is not valid UTF-8 (at byte %d)", what, (int)bad + 1);
   return 0;
 }
 

@@ -49,12 +49,9 @@ int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
   struct {
     const char *name;
     const char **out;
-  } strings[] = {{"type", &spec->command_type},
-                 {"id", &spec->command_id},
-                 {"correlation_id", &spec->correlation_id},
-                 {"reply_to", &spec->reply_to},
-                 {"batch_id", &spec->batch_id},
-                 {"dedup_key", &spec->dedup_key}};
+  } strings[] = {
+      {"type", &spec->command_type}, {"id", &spec->command_id},     {"correlation_id", &spec->correlation_id},
+      {"reply_to", &spec->reply_to}, {"batch_id", &spec->batch_id}, {"dedup_key", &spec->dedup_key}};
   for (size_t k = 0; k < sizeof strings / sizeof strings[0]; k++) {
     lua_getfield(L, idx, strings[k].name);
     int type = lua_type(L, -1);
@@ -70,8 +67,7 @@ int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
   lua_pop(L, 1);
   if (type != LUA_TNIL && type != LUA_TNUMBER)
     spec_raise(L, what, i, " field 'max_attempts': integer expected, got %s", lua_typename(L, type));
-  if (!cbL_opt_int(L, idx, "max_attempts", 0, 1, CBL_MAX_ATTEMPTS, &spec->max_attempts))
-    return spec_error(L, what, i);
+  if (!cbL_opt_int(L, idx, "max_attempts", 0, 1, CBL_MAX_ATTEMPTS, &spec->max_attempts)) return spec_error(L, what, i);
   lua_getfield(L, idx, "priority");
   type = lua_type(L, -1);
   lua_pop(L, 1);
@@ -121,8 +117,7 @@ static void push_result(lua_State *L, const cb_send_result *r) {
 /* Reads the list of command tables at `list` into userdata arrays (so that a
  * raise on a bad field leaks nothing): specs and results for n commands.
  * Returns 0 after pushing nil, err when a command's data cannot be encoded. */
-static int read_specs(lua_State *L, int list, int anchor, size_t n, cb_command_spec **specs,
-                      cb_send_result **results) {
+static int read_specs(lua_State *L, int list, int anchor, size_t n, cb_command_spec **specs, cb_send_result **results) {
   *specs = lua_newuserdata(L, n * sizeof **specs);
   *results = lua_newuserdata(L, n * sizeof **results);
   for (size_t i = 0; i < n; i++) {
@@ -180,7 +175,8 @@ static int l_send(lua_State *L) {
  * length (raises when it is not a table). */
 static size_t commands_field(lua_State *L) {
   lua_getfield(L, 2, "commands");
-  if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "bad option 'commands': table expected, got %s", luaL_typename(L, -1));
+  if (lua_type(L, -1) != LUA_TTABLE)
+    luaL_error(L, "bad option 'commands': table expected, got %s", luaL_typename(L, -1));
   return lua_rawlen(L, -1);
 }
 

@@ -21,8 +21,7 @@ static int error_tostring(lua_State *L) {
   const char *sqlstate = lua_tostring(L, -1);
   if (sqlstate && *sqlstate)
     lua_pushfstring(L, "%s: %s (SQLSTATE %s)", code ? code : "ERROR", message ? message : "", sqlstate);
-  else
-    lua_pushfstring(L, "%s: %s", code ? code : "ERROR", message ? message : "");
+  else lua_pushfstring(L, "%s: %s", code ? code : "ERROR", message ? message : "");
   return 1;
 }
 
@@ -71,8 +70,7 @@ const char *cbL_tostring(lua_State *L, int idx) {
   return s ? s : "?";
 }
 
-void cbL_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc,
-                   lua_CFunction tostring) {
+void cbL_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc, lua_CFunction tostring) {
   luaL_newmetatable(L, name);
   lua_newtable(L);
   luaL_setfuncs(L, methods, 0);

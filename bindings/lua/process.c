@@ -67,8 +67,7 @@ static int l_list_processes(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   cb_process_filter f = {0};
   if (!cbL_field_text(L, 2, "domain", &f.domain) || !cbL_opt_text(L, 2, "type", NULL, &f.process_type) ||
-      !cbL_opt_text(L, 2, "status", NULL, &f.status) ||
-      !cbL_opt_int(L, 2, "limit", 100, 1, CBL_COUNT_MAX, &f.limit) ||
+      !cbL_opt_text(L, 2, "status", NULL, &f.status) || !cbL_opt_int(L, 2, "limit", 100, 1, CBL_COUNT_MAX, &f.limit) ||
       !cbL_opt_int(L, 2, "offset", 0, 0, CBL_OFFSET_MAX, &f.offset))
     return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);

@@ -86,8 +86,8 @@ static int l_drop(lua_State *L) {
 static int encode_message(lua_State *L, int idx, int position) {
   if (lua_type(L, idx) != LUA_TTABLE) {
     if (position)
-      return luaL_argerror(L, 2, lua_pushfstring(L, "message #%d: table expected, got %s", position,
-                                                 luaL_typename(L, idx)));
+      return luaL_argerror(L, 2,
+                           lua_pushfstring(L, "message #%d: table expected, got %s", position, luaL_typename(L, idx)));
     return luaL_argerror(L, 2, lua_pushfstring(L, "table expected, got %s", luaL_typename(L, idx)));
   }
   if (!cbL_json_encode(L, idx)) {
@@ -232,8 +232,7 @@ static int l_read_with_poll(lua_State *L) {
   if (rt == NULL) return 2;
   cb_messages m;
   cb_err err;
-  if (cb_queue_read_with_poll(rt, q->name, vt, qty, max_wait, poll, &m, &err) != CB_OK)
-    return cbL_pusherror(L, &err);
+  if (cb_queue_read_with_poll(rt, q->name, vt, qty, max_wait, poll, &m, &err) != CB_OK) return cbL_pusherror(L, &err);
   return push_messages(L, &m);
 }
 
@@ -272,8 +271,8 @@ static int id_op(lua_State *L, int archive) {
       at = lua_gettop(L);
     }
     if (lua_type(L, at) != LUA_TNUMBER && lua_type(L, at) != LUA_TSTRING)
-      return luaL_argerror(L, 2, lua_pushfstring(L, "id #%d: integer expected, got %s", (int)i + 1,
-                                                 luaL_typename(L, at)));
+      return luaL_argerror(L, 2,
+                           lua_pushfstring(L, "id #%d: integer expected, got %s", (int)i + 1, luaL_typename(L, at)));
     if (!cbL_int64_at(L, at, "message id", ID_MIN, ID_MAX, &ids[i])) return 2;
     if (!single) lua_pop(L, 1);
   }
@@ -282,7 +281,7 @@ static int id_op(lua_State *L, int archive) {
   int64_t *done = NULL;
   size_t count = 0;
   cb_err err;
-  int rc = n == 0 ? CB_OK
+  int rc = n == 0    ? CB_OK
            : archive ? cb_queue_archive(rt, q->name, ids, n, &done, &count, &err)
                      : cb_queue_delete(rt, q->name, ids, n, &done, &count, &err);
   if (rc != CB_OK) return cbL_pusherror(L, &err);
@@ -417,11 +416,13 @@ int cbL_bus_list_queues(lua_State *L) {
 
 void cbL_open_queue(lua_State *L) {
   static const luaL_Reg methods[] = {
-      {"create", l_create}, {"drop", l_drop},         {"send", l_send},
-      {"send_batch", l_send_batch}, {"read", l_read}, {"read_with_poll", l_read_with_poll},
-      {"pop", l_pop},       {"delete", l_delete},     {"archive", l_archive},
-      {"set_vt", l_set_vt}, {"metrics", l_metrics},   {"purge", l_purge},
-      {"name", l_name},     {NULL, NULL},
+      {"create", l_create},   {"drop", l_drop},
+      {"send", l_send},       {"send_batch", l_send_batch},
+      {"read", l_read},       {"read_with_poll", l_read_with_poll},
+      {"pop", l_pop},         {"delete", l_delete},
+      {"archive", l_archive}, {"set_vt", l_set_vt},
+      {"metrics", l_metrics}, {"purge", l_purge},
+      {"name", l_name},       {NULL, NULL},
   };
   luaL_newmetatable(L, QUEUE_MT);
   luaL_newlib(L, methods);

@@ -84,8 +84,10 @@ static int decide_reply(lua_State *L, int managers, int decide, int anchor, int 
   }
   int d = lua_gettop(L);
   if (!lua_istable(L, d)) {
-    cb_log(CB_LOG_WARN, "reply router %s: deciding about process %s returned %s, not a table; the reply comes back "
-           "later", domain_of(r), reply->process_id, luaL_typename(L, d));
+    cb_log(CB_LOG_WARN,
+           "reply router %s: deciding about process %s returned %s, not a table; the reply comes back "
+           "later",
+           domain_of(r), reply->process_id, luaL_typename(L, d));
     cb_reply_router_release(r, reply);
     lua_settop(L, top);
     return 0;
@@ -124,8 +126,7 @@ static void handle_replies(lua_State *L, int managers, cb_reply_router *r, cb_re
   lua_getglobal(L, "require");
   lua_pushliteral(L, "commandbus.process");
   if (lua_pcall(L, 1, 1, 0) != 0) {
-    cb_log(CB_LOG_ERROR, "reply router %s: cannot load commandbus.process: %s", domain_of(r),
-           lua_tostring(L, -1));
+    cb_log(CB_LOG_ERROR, "reply router %s: cannot load commandbus.process: %s", domain_of(r), lua_tostring(L, -1));
     for (int i = 0; i < n; i++) cb_reply_router_release(r, replies[i]);
     lua_settop(L, top);
     return;
@@ -158,8 +159,8 @@ static int lane_round(lua_State *L, int managers, void *router, int lane, int ti
 
 static void free_router(void *r) { cb_reply_router_free(r); }
 
-static const cbL_runner_class reply_router_class = {REPLY_ROUTER_MT, "reply router", "reply_router", "managers",
-                                                    free_router, lane_round, NULL};
+static const cbL_runner_class reply_router_class = {
+    REPLY_ROUTER_MT, "reply router", "reply_router", "managers", free_router, lane_round, NULL};
 
 /* bus:reply_router{domain=, reply_queue=, managers=, concurrency=,
  *                  poll_interval=1, visibility_timeout=30, statement_timeout=25} */

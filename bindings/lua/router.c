@@ -243,8 +243,10 @@ int cbL_message_router(lua_State *L) {
       !cbL_opt_int(L, 1, "batch_size", CB_MESSAGE_ROUTER_DEFAULT_BATCH_SIZE, 1, CBL_COUNT_MAX, &batch_size) ||
       !cbL_opt_int(L, 1, "batch_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BATCH_TIMEOUT_MS, 0, INT_MAX,
                    &cfg.batch_timeout_ms) ||
-      !cbL_opt_int(L, 1, "queue_size", CB_MESSAGE_ROUTER_DEFAULT_INGRESS_CAPACITY, 1, CBL_COUNT_MAX, &ingress_capacity) ||
-      !cbL_opt_int(L, 1, "lane_queue_size", CB_MESSAGE_ROUTER_DEFAULT_LANE_CAPACITY, 1, CBL_COUNT_MAX, &lane_capacity) ||
+      !cbL_opt_int(L, 1, "queue_size", CB_MESSAGE_ROUTER_DEFAULT_INGRESS_CAPACITY, 1, CBL_COUNT_MAX,
+                   &ingress_capacity) ||
+      !cbL_opt_int(L, 1, "lane_queue_size", CB_MESSAGE_ROUTER_DEFAULT_LANE_CAPACITY, 1, CBL_COUNT_MAX,
+                   &lane_capacity) ||
       !cbL_opt_int(L, 1, "block_timeout_ms", CB_MESSAGE_ROUTER_DEFAULT_BLOCK_TIMEOUT_MS, -1, INT_MAX,
                    &cfg.block_timeout_ms) ||
       !cbL_opt_text(L, 1, "policy", "drop", &policy) || !cbL_opt_text(L, 1, "handler", NULL, &handler) ||
@@ -306,7 +308,8 @@ int cbL_message_router(lua_State *L) {
 static int l_route(lua_State *L) {
   cbL_router *r = check_router(L);
   size_t key_len;
-  if (lua_type(L, 2) != LUA_TSTRING) luaL_argerror(L, 2, lua_pushfstring(L, "string expected, got %s", luaL_typename(L, 2)));
+  if (lua_type(L, 2) != LUA_TSTRING)
+    luaL_argerror(L, 2, lua_pushfstring(L, "string expected, got %s", luaL_typename(L, 2)));
   const char *key = lua_tolstring(L, 2, &key_len);
   luaL_checkany(L, 3);
   router_shared *s = r->shared;
@@ -339,7 +342,8 @@ static int l_route(lua_State *L) {
 static int l_lane_for(lua_State *L) {
   cbL_router *r = check_router(L);
   size_t len;
-  if (lua_type(L, 2) != LUA_TSTRING) luaL_argerror(L, 2, lua_pushfstring(L, "string expected, got %s", luaL_typename(L, 2)));
+  if (lua_type(L, 2) != LUA_TSTRING)
+    luaL_argerror(L, 2, lua_pushfstring(L, "string expected, got %s", luaL_typename(L, 2)));
   const char *key = lua_tolstring(L, 2, &len);
   if (r->shared == NULL) return cbL_pusherrorcode(L, CB_ECLOSED, "the message router is closed");
   lua_pushinteger(L, cb_message_router_lane_for(r->shared->router, key, len) + 1);
@@ -359,7 +363,8 @@ static int l_start(lua_State *L) {
   cbL_router *r = check_router(L);
   router_shared *s = r->shared;
   if (s == NULL) return cbL_pusherrorcode(L, CB_ECLOSED, "the message router is closed");
-  if (r->started || r->stopped) return cbL_pusherrorcode(L, CB_ESTATE, "the message router was already started or stopped");
+  if (r->started || r->stopped)
+    return cbL_pusherrorcode(L, CB_ESTATE, "the message router was already started or stopped");
   if (r->handler) {
     cb_err err;
     int lanes = cb_message_router_lanes(s->router);
@@ -510,16 +515,11 @@ static int l_tostring(lua_State *L) {
 
 void cbL_open_router(lua_State *L) {
   static const luaL_Reg methods[] = {
-      {"route", l_route},
-      {"lane_for", l_lane_for},
-      {"lanes", l_lanes},
-      {"start", l_start},
-      {"stop", l_stop},
-      {"take", l_take},
-      {"stats", l_stats},
-      {"queue_depths", l_queue_depths},
-      {"close", l_gc},
-      {NULL, NULL},
+      {"route", l_route}, {"lane_for", l_lane_for},
+      {"lanes", l_lanes}, {"start", l_start},
+      {"stop", l_stop},   {"take", l_take},
+      {"stats", l_stats}, {"queue_depths", l_queue_depths},
+      {"close", l_gc},    {NULL, NULL},
   };
   cbL_new_class(L, ROUTER_MT, methods, l_gc, l_tostring);
 }

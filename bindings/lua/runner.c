@@ -20,12 +20,12 @@ struct cbL_runner {
   cb_engine *engine; /* its engine */
   cb_runtime *rt;
   int bus_ref;
-  int code_ref;      /* table mode: the code table; LUA_NOREF in module mode */
-  char *module;      /* module mode */
-  int code, self;    /* while the constructor runs: the stack indexes of the code and the object */
-  int ran;           /* run() or start() was called (a runner runs once) */
-  int in_run;        /* run() has not returned yet */
-  int close_pending; /* close() was called from inside run() */
+  int code_ref;          /* table mode: the code table; LUA_NOREF in module mode */
+  char *module;          /* module mode */
+  int code, self;        /* while the constructor runs: the stack indexes of the code and the object */
+  int ran;               /* run() or start() was called (a runner runs once) */
+  int in_run;            /* run() has not returned yet */
+  int close_pending;     /* close() was called from inside run() */
   cbL_lanes *background; /* start(): the lanes running while the caller goes on */
 };
 
@@ -220,8 +220,10 @@ static int l_start(lua_State *L) {
   const cbL_runner_class *cls = lr->cls;
   if (lr->runner == NULL || lr->ran) return cbL_pusherrorcode(L, CB_ESTATE, "the %s already ran", cls->name);
   if (lr->module == NULL)
-    luaL_error(L, "%s:start() runs %s on lane threads: give %s as a module name (a %s table runs only on run()'s "
-               "thread)", cls->type, cls->code, cls->code, cls->code);
+    luaL_error(L,
+               "%s:start() runs %s on lane threads: give %s as a module name (a %s table runs only on run()'s "
+               "thread)",
+               cls->type, cls->code, cls->code, cls->code);
   if (!start(L, lr, &lr->background)) return 2;
   lua_pushboolean(L, 1);
   return 1;
@@ -310,7 +312,7 @@ void cbL_set_runner_counters(lua_State *L, const cb_runner_stat *s) {
   int worker = strcmp(s->kind, "worker") == 0;
   for (size_t i = 0; i < sizeof counters / sizeof counters[0]; i++) {
     if (counters[i].worker >= 0 && counters[i].worker != worker) continue;
-    cbL_pushint64(L, (int64_t)*(const uint64_t *)((const char *)s + counters[i].offset));
+    cbL_pushint64(L, (int64_t) * (const uint64_t *)((const char *)s + counters[i].offset));
     lua_setfield(L, -2, counters[i].name);
   }
   if (worker && s->last_success_at > 0) {
@@ -321,8 +323,8 @@ void cbL_set_runner_counters(lua_State *L, const cb_runner_stat *s) {
 
 void cbL_runner_open(lua_State *L, const cbL_runner_class *cls, lua_CFunction constructor) {
   static const luaL_Reg methods[] = {
-      {"run", l_run},           {"start", l_start}, {"stop", l_stop}, {"health", l_health},
-      {"in_flight", l_in_flight}, {"close", l_close}, {NULL, NULL},
+      {"run", l_run},     {"start", l_start}, {"stop", l_stop}, {"health", l_health}, {"in_flight", l_in_flight},
+      {"close", l_close}, {NULL, NULL},
   };
   luaL_newmetatable(L, cls->mt);
   lua_newtable(L);

@@ -122,7 +122,8 @@ static int l_purge(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   cb_purge_spec spec;
   memset(&spec, 0, sizeof spec);
-  if (!cbL_field_text(L, 2, "domain", &spec.domain) || !need_number(L, 2, "older_than", 0, CBL_AGE_MAX, &spec.older_than))
+  if (!cbL_field_text(L, 2, "domain", &spec.domain) ||
+      !need_number(L, 2, "older_than", 0, CBL_AGE_MAX, &spec.older_than))
     return 2;
   lua_getfield(L, 2, "statuses");
   if (!lua_isnil(L, -1)) {
@@ -166,7 +167,8 @@ static int l_set_retention(lua_State *L) {
   const struct {
     const char *name;
     cb_retention_age *age;
-  } fields[] = {{"commands", &p.commands}, {"archive", &p.archive}, {"batches", &p.batches}, {"processes", &p.processes}};
+  } fields[] = {
+      {"commands", &p.commands}, {"archive", &p.archive}, {"batches", &p.batches}, {"processes", &p.processes}};
   for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
     lua_getfield(L, 2, fields[i].name);
     int type = lua_type(L, -1), forever = type == LUA_TBOOLEAN && !lua_toboolean(L, -1);

@@ -109,7 +109,7 @@ static void classify_error(lua_State *L, cb_work *work) {
   int idx = lua_gettop(L);
   if (lua_istable(L, idx)) {
     const char *kind = string_field(L, idx, "kind");
-    int outcome = !kind                              ? CB_OUTCOME_NONE
+    int outcome = !kind                                ? CB_OUTCOME_NONE
                   : strcmp(kind, "transient") == 0     ? CB_OUTCOME_TRANSIENT
                   : strcmp(kind, "permanent") == 0     ? CB_OUTCOME_PERMANENT
                   : strcmp(kind, "business_rule") == 0 ? CB_OUTCOME_BUSINESS_RULE
@@ -194,8 +194,8 @@ static void health(lua_State *L, void *worker) {
 
 static void free_worker(void *w) { cb_worker_free(w); }
 
-static const cbL_runner_class worker_class = {WORKER_MT, "worker", "worker", "handlers", free_worker, lane_round,
-                                              health};
+static const cbL_runner_class worker_class = {WORKER_MT,   "worker",   "worker", "handlers",
+                                              free_worker, lane_round, health};
 
 /* ---- the worker object ---------------------------------------------------------------- */
 
@@ -257,8 +257,8 @@ static int upkeep_options(lua_State *L, int idx, cb_worker_options *o) {
 static int l_bus_worker(lua_State *L) {
   cb_worker_options o;
   cb_worker_options_init(&o);
-  cbL_runner *lr = cbL_runner_begin(L, &worker_class, &o.domain, &o.lanes, &o.visibility_timeout,
-                                    &o.statement_timeout, &o.poll_interval);
+  cbL_runner *lr = cbL_runner_begin(L, &worker_class, &o.domain, &o.lanes, &o.visibility_timeout, &o.statement_timeout,
+                                    &o.poll_interval);
   if (lr == NULL || !cbL_opt_number(L, 2, "drain_timeout", o.drain_timeout, 0, CBL_TIMING_MAX, &o.drain_timeout) ||
       !retry_option(L, 2, &o) || !upkeep_options(L, 2, &o))
     return 2;

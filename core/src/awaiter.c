@@ -44,9 +44,9 @@ typedef struct target {
   const char *what; /* "command" or "process": for messages */
   const char *domain;
   char id[CB_UUID_LEN + 1];
-  const char *sql[2]; /* read statements; the last one's rows are the answer */
+  const char *sql[2];   /* read statements; the last one's rows are the answer */
   const char *lock_sql; /* sql[0] taking a share lock on the record's row (see await_target) */
-  int sql_nparams[2]; /* each uses the first sql_nparams[i] of params */
+  int sql_nparams[2];   /* each uses the first sql_nparams[i] of params */
   int nsql;
   const char *params[4];
   /* 1: resolved; 0: not yet (why filled); CB_ENOTFOUND. u holds the reads
@@ -56,21 +56,21 @@ typedef struct target {
   const char *after;
 } target;
 
-#define READ_COMMAND                                                                                        \
-  "SELECT domain, command_id::text AS command_id, command_type AS type, status, attempts, max_attempts,"   \
-  " msg_id, queue_name, nullif(reply_queue, '') AS reply_to, correlation_id::text AS correlation_id,"      \
-  " batch_id::text AS batch_id, last_error_type, last_error_code, last_error_msg,"                         \
-  " created_at::text AS created_at, updated_at::text AS updated_at FROM commandbus.command"                \
+#define READ_COMMAND                                                                                     \
+  "SELECT domain, command_id::text AS command_id, command_type AS type, status, attempts, max_attempts," \
+  " msg_id, queue_name, nullif(reply_queue, '') AS reply_to, correlation_id::text AS correlation_id,"    \
+  " batch_id::text AS batch_id, last_error_type, last_error_code, last_error_msg,"                       \
+  " created_at::text AS created_at, updated_at::text AS updated_at FROM commandbus.command"              \
   " WHERE domain = $1 AND command_id = $2::uuid"
 
-#define READ_PROCESS                                                                                        \
-  "SELECT domain, process_id::text AS process_id, process_type AS type, status, current_step, state,"      \
-  " error_code, error_message, created_at::text AS created_at, updated_at::text AS updated_at,"            \
-  " completed_at::text AS completed_at, batch_id::text AS batch_id FROM commandbus.process"                \
+#define READ_PROCESS                                                                                  \
+  "SELECT domain, process_id::text AS process_id, process_type AS type, status, current_step, state," \
+  " error_code, error_message, created_at::text AS created_at, updated_at::text AS updated_at,"       \
+  " completed_at::text AS completed_at, batch_id::text AS batch_id FROM commandbus.process"           \
   " WHERE domain = $1 AND process_id = $2::uuid"
 
-#define READ_EVENT                                                                                          \
-  "SELECT domain, process_id::text AS process_id, sequence, event_type, step, status, data,"               \
+#define READ_EVENT                                                                                            \
+  "SELECT domain, process_id::text AS process_id, sequence, event_type, step, status, data,"                  \
   " created_at::text AS created_at FROM commandbus.process_event WHERE domain = $1 AND process_id = $2::uuid" \
   " AND event_type = $3 AND sequence > $4::bigint ORDER BY sequence LIMIT 1"
 
@@ -154,8 +154,7 @@ static void unregister(cb_runtime *rt, const target *t, const char *waiter) {
   cb_unit *d = cb_unit_new();
   if (d == NULL) return;
   const char *params[] = {t->domain, t->id, waiter};
-  cb_unit_add(d, "DELETE FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid AND waiter = $3::uuid", 3,
-              params);
+  cb_unit_add(d, "DELETE FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid AND waiter = $3::uuid", 3, params);
   cb_unit_on_done(d, free_unit, NULL);
   if (cb_runtime_submit(rt, &d, 1) != CB_OK) cb_unit_free(d);
 }

@@ -48,9 +48,9 @@ int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, int again, c
    * commands sent without one pay nothing for it but the test of the
    * predicate; the worker reads it first (see the worker's receive). */
   if (rc == CB_OK)
-    rc = cb_queue_ensure_index(rt, queue, "priority_idx",
-                               "(commandbus.priority_of(message) DESC, msg_id) WHERE commandbus.priority_of(message) <> 0",
-                               err);
+    rc = cb_queue_ensure_index(
+        rt, queue, "priority_idx",
+        "(commandbus.priority_of(message) DESC, msg_id) WHERE commandbus.priority_of(message) <> 0", err);
   /* Room for a message's next version beside it: reading it (hidden for
    * the visibility timeout) writes one (see core/sql/008). */
   if (rc == CB_OK) rc = cb_queue_ensure_fillfactor(rt, queue, 50, err);
@@ -71,8 +71,7 @@ static int check_spec(const cb_command_spec *s, size_t i, char *id, char *corr, 
   }
   if (s->correlation_id) {
     if (!cb_uuid_parse(s->correlation_id, corr))
-      return cb_err_set(err, CB_EINVAL, "command #%zu: correlation_id `%.60s` is not a UUID", i + 1,
-                        s->correlation_id);
+      return cb_err_set(err, CB_EINVAL, "command #%zu: correlation_id `%.60s` is not a UUID", i + 1, s->correlation_id);
   } else {
     cb_uuid_v7(corr);
   }
@@ -114,53 +113,53 @@ static int check_spec(const cb_command_spec *s, size_t i, char *id, char *corr, 
  * result then has a third column, the id of the command holding the key.
  * Priority rides in the message only when it is not 0, so that messages
  * without one are what they always were. */
-#define SEND_DEDUP_CTES                                                                                          \
-  " claims AS (INSERT INTO commandbus.dedup AS d (domain, dedup_key, command_id, expires_at)"                   \
-  " SELECT DISTINCT ON (dedup_key) $2, dedup_key, command_id, now() + make_interval(secs => dedup_for)"        \
-  " FROM firsts WHERE dedup_key IS NOT NULL ORDER BY dedup_key, ord"                                           \
-  " ON CONFLICT (domain, dedup_key) DO UPDATE SET"                                                             \
-  " command_id = CASE WHEN d.expires_at <= now() THEN excluded.command_id ELSE d.command_id END,"              \
-  " expires_at = CASE WHEN d.expires_at <= now() THEN excluded.expires_at ELSE d.expires_at END"               \
+#define SEND_DEDUP_CTES                                                                                 \
+  " claims AS (INSERT INTO commandbus.dedup AS d (domain, dedup_key, command_id, expires_at)"           \
+  " SELECT DISTINCT ON (dedup_key) $2, dedup_key, command_id, now() + make_interval(secs => dedup_for)" \
+  " FROM firsts WHERE dedup_key IS NOT NULL ORDER BY dedup_key, ord"                                    \
+  " ON CONFLICT (domain, dedup_key) DO UPDATE SET"                                                      \
+  " command_id = CASE WHEN d.expires_at <= now() THEN excluded.command_id ELSE d.command_id END,"       \
+  " expires_at = CASE WHEN d.expires_at <= now() THEN excluded.expires_at ELSE d.expires_at END"        \
   " RETURNING d.dedup_key, d.command_id),"
 static int send_sql(char *sql, size_t len, const char *queue, const char *prefix, const char *source, int dedup,
                     int refuse_duplicates) {
-  int n = snprintf(sql, len,
-           "WITH %s input AS ("
-           " SELECT e.ord, (e.v->>'id')::uuid AS command_id, e.v->>'type' AS command_type,"
-           " coalesce(e.v->'data', '{}'::jsonb) AS data, (e.v->>'corr')::uuid AS correlation_id,"
-           " coalesce(e.v->>'reply', '') AS reply_to, (e.v->>'max')::int AS max_attempts,"
-           " (e.v->>'batch')::uuid AS batch_id, coalesce((e.v->>'prio')::int, 0) AS priority,"
-           " e.v->>'dedup' AS dedup_key, (e.v->>'dedup_for')::float8 AS dedup_for"
-           " FROM %s AS e(v, ord)),"
-           /* The first of several commands with one id in the same call is
-            * sent; the later ones are duplicates like any existing id. */
-           " firsts AS (SELECT DISTINCT ON (command_id) * FROM input ORDER BY command_id, ord),%s"
-           " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
-           " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
-           " SELECT $2, '%s', nextval('pgmq.q_%s_msg_id_seq'), command_id, command_type, 'PENDING', 0,"
-           " max_attempts, reply_to, correlation_id, batch_id FROM firsts f%s ORDER BY ord"
-           "%s RETURNING command_id, msg_id),"
-           " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
-           " SELECT f.msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
-           " jsonb_build_object('domain', $2::text, 'command_type', i.command_type, 'command_id', i.command_id,"
-           " 'correlation_id', i.correlation_id, 'data', i.data)"
-           " || CASE WHEN i.reply_to <> '' THEN jsonb_build_object('reply_to', i.reply_to) ELSE '{}'::jsonb END"
-           " || CASE WHEN i.priority <> 0 THEN jsonb_build_object('priority', i.priority) ELSE '{}'::jsonb END"
-           " FROM fresh f JOIN firsts i USING (command_id) ORDER BY f.msg_id),"
-           " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
-           " SELECT $2, i.command_id, 'SENT', jsonb_build_object('command_type', i.command_type,"
-           " 'correlation_id', i.correlation_id, 'reply_to', nullif(i.reply_to, ''), 'msg_id', f.msg_id,"
-           " 'batch_id', i.batch_id) FROM fresh f JOIN firsts i USING (command_id))"
-           " SELECT i.command_id::text, CASE WHEN i.ord = fi.ord THEN coalesce(f.msg_id, 0) ELSE 0 END%s"
-           " FROM input i LEFT JOIN fresh f USING (command_id) LEFT JOIN firsts fi USING (command_id)%s"
-           " ORDER BY i.ord",
-           prefix, source, dedup ? SEND_DEDUP_CTES : "", queue, queue,
-           dedup ? " WHERE f.dedup_key IS NULL OR EXISTS (SELECT 1 FROM claims c WHERE c.dedup_key = f.dedup_key"
-                   " AND c.command_id = f.command_id)"
-                 : "",
-           refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING",
-           queue, dedup ? ", cl.command_id::text" : "",
-           dedup ? " LEFT JOIN claims cl ON cl.dedup_key = i.dedup_key" : "");
+  int n = snprintf(
+      sql, len,
+      "WITH %s input AS ("
+      " SELECT e.ord, (e.v->>'id')::uuid AS command_id, e.v->>'type' AS command_type,"
+      " coalesce(e.v->'data', '{}'::jsonb) AS data, (e.v->>'corr')::uuid AS correlation_id,"
+      " coalesce(e.v->>'reply', '') AS reply_to, (e.v->>'max')::int AS max_attempts,"
+      " (e.v->>'batch')::uuid AS batch_id, coalesce((e.v->>'prio')::int, 0) AS priority,"
+      " e.v->>'dedup' AS dedup_key, (e.v->>'dedup_for')::float8 AS dedup_for"
+      " FROM %s AS e(v, ord)),"
+      /* The first of several commands with one id in the same call is
+       * sent; the later ones are duplicates like any existing id. */
+      " firsts AS (SELECT DISTINCT ON (command_id) * FROM input ORDER BY command_id, ord),%s"
+      " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
+      " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
+      " SELECT $2, '%s', nextval('pgmq.q_%s_msg_id_seq'), command_id, command_type, 'PENDING', 0,"
+      " max_attempts, reply_to, correlation_id, batch_id FROM firsts f%s ORDER BY ord"
+      "%s RETURNING command_id, msg_id),"
+      " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
+      " SELECT f.msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
+      " jsonb_build_object('domain', $2::text, 'command_type', i.command_type, 'command_id', i.command_id,"
+      " 'correlation_id', i.correlation_id, 'data', i.data)"
+      " || CASE WHEN i.reply_to <> '' THEN jsonb_build_object('reply_to', i.reply_to) ELSE '{}'::jsonb END"
+      " || CASE WHEN i.priority <> 0 THEN jsonb_build_object('priority', i.priority) ELSE '{}'::jsonb END"
+      " FROM fresh f JOIN firsts i USING (command_id) ORDER BY f.msg_id),"
+      " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+      " SELECT $2, i.command_id, 'SENT', jsonb_build_object('command_type', i.command_type,"
+      " 'correlation_id', i.correlation_id, 'reply_to', nullif(i.reply_to, ''), 'msg_id', f.msg_id,"
+      " 'batch_id', i.batch_id) FROM fresh f JOIN firsts i USING (command_id))"
+      " SELECT i.command_id::text, CASE WHEN i.ord = fi.ord THEN coalesce(f.msg_id, 0) ELSE 0 END%s"
+      " FROM input i LEFT JOIN fresh f USING (command_id) LEFT JOIN firsts fi USING (command_id)%s"
+      " ORDER BY i.ord",
+      prefix, source, dedup ? SEND_DEDUP_CTES : "", queue, queue,
+      dedup ? " WHERE f.dedup_key IS NULL OR EXISTS (SELECT 1 FROM claims c WHERE c.dedup_key = f.dedup_key"
+              " AND c.command_id = f.command_id)"
+            : "",
+      refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue,
+      dedup ? ", cl.command_id::text" : "", dedup ? " LEFT JOIN claims cl ON cl.dedup_key = i.dedup_key" : "");
   return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
 }
 
@@ -175,22 +174,23 @@ static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_dup
   /* refuse_duplicates: an existing id fails the statement (as in send_sql);
    * also given when the id is new by construction (made by this call), so
    * that the insert needs no speculative insertion. */
-  int n = snprintf(sql, len,
-           "WITH fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
-           " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
-           " VALUES ($1, '%s', nextval('pgmq.q_%s_msg_id_seq'), $3::uuid, $4, 'PENDING', 0, $5::int, $6, $7::uuid,"
-           " $8::uuid)%s RETURNING msg_id),"
-           " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
-           " SELECT msg_id, clock_timestamp() + make_interval(secs => $2::float8),"
-           " jsonb_build_object('domain', $1::text, 'command_type', $4::text, 'command_id', $3::uuid,"
-           " 'correlation_id', $7::uuid, 'data', coalesce($10::jsonb, '{}'::jsonb))"
-           " || CASE WHEN $6 <> '' THEN jsonb_build_object('reply_to', $6::text) ELSE '{}'::jsonb END"
-           " || CASE WHEN $9::int <> 0 THEN jsonb_build_object('priority', $9::int) ELSE '{}'::jsonb END FROM fresh),"
-           " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
-           " SELECT $1, $3::uuid, 'SENT', jsonb_build_object('command_type', $4::text, 'correlation_id', $7::uuid,"
-           " 'reply_to', nullif($6::text, ''), 'msg_id', msg_id, 'batch_id', $8::uuid) FROM fresh)"
-           " SELECT $3::uuid::text, coalesce((SELECT msg_id FROM fresh), 0)",
-           queue, queue, refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue);
+  int n = snprintf(
+      sql, len,
+      "WITH fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
+      " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
+      " VALUES ($1, '%s', nextval('pgmq.q_%s_msg_id_seq'), $3::uuid, $4, 'PENDING', 0, $5::int, $6, $7::uuid,"
+      " $8::uuid)%s RETURNING msg_id),"
+      " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
+      " SELECT msg_id, clock_timestamp() + make_interval(secs => $2::float8),"
+      " jsonb_build_object('domain', $1::text, 'command_type', $4::text, 'command_id', $3::uuid,"
+      " 'correlation_id', $7::uuid, 'data', coalesce($10::jsonb, '{}'::jsonb))"
+      " || CASE WHEN $6 <> '' THEN jsonb_build_object('reply_to', $6::text) ELSE '{}'::jsonb END"
+      " || CASE WHEN $9::int <> 0 THEN jsonb_build_object('priority', $9::int) ELSE '{}'::jsonb END FROM fresh),"
+      " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+      " SELECT $1, $3::uuid, 'SENT', jsonb_build_object('command_type', $4::text, 'correlation_id', $7::uuid,"
+      " 'reply_to', nullif($6::text, ''), 'msg_id', msg_id, 'batch_id', $8::uuid) FROM fresh)"
+      " SELECT $3::uuid::text, coalesce((SELECT msg_id FROM fresh), 0)",
+      queue, queue, refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue);
   return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
 }
 
@@ -205,27 +205,28 @@ static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_dup
  * (the second the message id), in the order of the array. $2 the domain,
  * $3 the delay. */
 static int send_fresh_sql(char *sql, size_t len, const char *queue) {
-  int n = snprintf(sql, len,
-           "WITH input AS (SELECT e.ord, e.id, e.type, coalesce(e.data, '{}'::jsonb) AS data, e.corr,"
-           " coalesce(e.reply, '') AS reply, e.max, e.batch, coalesce(e.prio, 0) AS prio,"
-           " nextval('pgmq.q_%s_msg_id_seq') AS msg_id"
-           " FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (id uuid, corr uuid, type text, data jsonb, reply text,"
-           " max int, batch uuid, prio int)) WITH ORDINALITY AS e(id, corr, type, data, reply, max, batch, prio, ord)),"
-           " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
-           " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
-           " SELECT $2, '%s', msg_id, id, type, 'PENDING', 0, max, reply, corr, batch FROM input ORDER BY ord),"
-           " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
-           " SELECT msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
-           " jsonb_build_object('domain', $2::text, 'command_type', type, 'command_id', id, 'correlation_id', corr,"
-           " 'data', data)"
-           " || CASE WHEN reply <> '' THEN jsonb_build_object('reply_to', reply) ELSE '{}'::jsonb END"
-           " || CASE WHEN prio <> 0 THEN jsonb_build_object('priority', prio) ELSE '{}'::jsonb END"
-           " FROM input ORDER BY ord),"
-           " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
-           " SELECT $2, id, 'SENT', jsonb_build_object('command_type', type, 'correlation_id', corr,"
-           " 'reply_to', nullif(reply, ''), 'msg_id', msg_id, 'batch_id', batch) FROM input ORDER BY ord)"
-           " SELECT ord, msg_id FROM input ORDER BY ord",
-           queue, queue, queue);
+  int n = snprintf(
+      sql, len,
+      "WITH input AS (SELECT e.ord, e.id, e.type, coalesce(e.data, '{}'::jsonb) AS data, e.corr,"
+      " coalesce(e.reply, '') AS reply, e.max, e.batch, coalesce(e.prio, 0) AS prio,"
+      " nextval('pgmq.q_%s_msg_id_seq') AS msg_id"
+      " FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (id uuid, corr uuid, type text, data jsonb, reply text,"
+      " max int, batch uuid, prio int)) WITH ORDINALITY AS e(id, corr, type, data, reply, max, batch, prio, ord)),"
+      " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
+      " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
+      " SELECT $2, '%s', msg_id, id, type, 'PENDING', 0, max, reply, corr, batch FROM input ORDER BY ord),"
+      " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
+      " SELECT msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
+      " jsonb_build_object('domain', $2::text, 'command_type', type, 'command_id', id, 'correlation_id', corr,"
+      " 'data', data)"
+      " || CASE WHEN reply <> '' THEN jsonb_build_object('reply_to', reply) ELSE '{}'::jsonb END"
+      " || CASE WHEN prio <> 0 THEN jsonb_build_object('priority', prio) ELSE '{}'::jsonb END"
+      " FROM input ORDER BY ord),"
+      " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
+      " SELECT $2, id, 'SENT', jsonb_build_object('command_type', type, 'correlation_id', corr,"
+      " 'reply_to', nullif(reply, ''), 'msg_id', msg_id, 'batch_id', batch) FROM input ORDER BY ord)"
+      " SELECT ord, msg_id FROM input ORDER BY ord",
+      queue, queue, queue);
   return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
 }
 
@@ -314,13 +315,13 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
       char max[16], prio[16];
       snprintf(max, sizeof max, "%d", s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
       snprintf(prio, sizeof prio, "%d", s->priority);
-      const char *params[] = {domain, delay_text, id, s->command_type, max, s->reply_to ? s->reply_to : "",
-                              corr, batch[0] ? batch : NULL, prio, s->data_json};
+      const char *params[] = {
+          domain, delay_text,  id, s->command_type, max, s->reply_to ? s->reply_to : "", corr, batch[0] ? batch : NULL,
+          prio,   s->data_json};
       /* An id made here cannot be there already: no need to look. */
       if (send_one_sql(sql, sizeof sql, queue, (options && options->refuse_duplicates) || !given_ids) != CB_OK)
         rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
-      else if (cb_unit_add(u, sql, 10, params) < 0)
-        rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+      else if (cb_unit_add(u, sql, 10, params) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
       break;
     }
     if (rc == CB_OK &&
@@ -396,28 +397,28 @@ static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
 
 typedef struct send_call {
   struct cb_send_groups *g;
-  cb_unit *unit;            /* its statements, built and checked by the caller */
-  size_t n;                 /* its commands */
+  cb_unit *unit; /* its statements, built and checked by the caller */
+  size_t n;      /* its commands */
   cb_send_result *results;
   /* A single command (n 1): its JSON object, so that the single sends of
    * a group to one domain go as one statement (send_sql's array). */
   const char *domain;
-  const char *delay;        /* as bound: "%.6f" */
-  const char *element;      /* NULL: not merged */
-  int flags;                /* the element's SEND_DEDUP, SEND_GIVEN_ID */
-  int first;                /* its first statement in the group's unit */
-  int row;                  /* merged: its row in that statement's result; -1: its own statements */
+  const char *delay;   /* as bound: "%.6f" */
+  const char *element; /* NULL: not merged */
+  int flags;           /* the element's SEND_DEDUP, SEND_GIVEN_ID */
+  int first;           /* its first statement in the group's unit */
+  int row;             /* merged: its row in that statement's result; -1: its own statements */
   int rc;
   cb_err err;
-  int done;                 /* [g->lock] */
+  int done; /* [g->lock] */
   struct send_call *next;
 } send_call;
 
 struct cb_send_groups {
   cb_runtime *rt;
   pthread_mutex_t lock;
-  pthread_cond_t done; /* a call was answered */
-  int out, max;        /* groups on their way; at most one per connection */
+  pthread_cond_t done;    /* a call was answered */
+  int out, max;           /* groups on their way; at most one per connection */
   send_call *head, *tail; /* waiting for the next group */
 };
 
@@ -511,7 +512,7 @@ static void group_done(cb_unit *u, void *arg) {
   int again = rc != CB_OK && grp->count > 1 && rc != CB_ECONNECTION && rc != CB_ECLOSED;
   for (send_call *c = grp->calls, *next; c; c = next) {
     next = c->next; /* c may be gone once answered */
-    if (again) { /* each alone: the server tells which one it refuses */
+    if (again) {    /* each alone: the server tells which one it refuses */
       cb_unit_on_done(c->unit, alone_done, c);
       if (cb_runtime_submit(g->rt, &c->unit, 1) != CB_OK) {
         cb_err closed;
@@ -558,8 +559,7 @@ static int build_group(cb_unit *u, send_call *calls) {
     cb_strbuf_putc(&json, '[');
     int row = 0;
     for (send_call *d = c; d; d = d->next) {
-      if (d->row != -2 || !d->element || strcmp(d->domain, c->domain) != 0 || strcmp(d->delay, c->delay) != 0)
-        continue;
+      if (d->row != -2 || !d->element || strcmp(d->domain, c->domain) != 0 || strcmp(d->delay, c->delay) != 0) continue;
       if (row) cb_strbuf_putc(&json, ',');
       cb_strbuf_puts(&json, d->element);
       d->first = cb_unit_count(u);
@@ -573,8 +573,7 @@ static int build_group(cb_unit *u, send_call *calls) {
                          : send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY",
                                     flags & SEND_DEDUP, 0)) != CB_OK)
       rc = CB_EINTERNAL;
-    else if (cb_unit_add(u, sql, 3, params) < 0 || cb_queue_add_notify(u, queue) < 0)
-      rc = CB_ENOMEM;
+    else if (cb_unit_add(u, sql, 3, params) < 0 || cb_queue_add_notify(u, queue) < 0) rc = CB_ENOMEM;
   }
   cb_strbuf_free(&json);
   return rc;
@@ -607,8 +606,10 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
   else if (u) cb_unit_on_done(u, NULL, NULL);
   free(grp);
   cb_err err;
-  cb_err_set(&err, rc, rc == CB_ENOMEM ? "out of memory" : rc == CB_EINTERNAL ? "the send statement does not fit its buffer"
-                                                                              : "the runtime is closed");
+  cb_err_set(&err, rc,
+             rc == CB_ENOMEM      ? "out of memory"
+             : rc == CB_EINTERNAL ? "the send statement does not fit its buffer"
+                                  : "the runtime is closed");
   for (send_call *c = calls, *next; c; c = next) {
     next = c->next;
     answer(g, c, rc, &err);
@@ -621,8 +622,15 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
                             const char *delay, const char *element, int flags, cb_err *err) {
   cb_send_groups *g = cb_runtime_on_loop(rt) ? NULL : cb_runtime_part_of(rt, &send_groups_part);
   if (g == NULL) return exec_send(rt, u, err); /* reports the deadlock, or the fork, or the lack of memory */
-  send_call c = {.g = g, .unit = u, .n = n, .results = results, .domain = domain, .delay = delay,
-                 .element = element, .flags = flags, .rc = CB_OK};
+  send_call c = {.g = g,
+                 .unit = u,
+                 .n = n,
+                 .results = results,
+                 .domain = domain,
+                 .delay = delay,
+                 .element = element,
+                 .flags = flags,
+                 .rc = CB_OK};
   pthread_mutex_lock(&g->lock);
   if (g->max == 0) g->max = cb_runtime_pool_size(rt) > 0 ? cb_runtime_pool_size(rt) : 1;
   if (g->tail) g->tail->next = &c;
@@ -656,7 +664,8 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   cb_unit_free(u);
   if (rc == CB_OK && n == 1 && results[0].duplicate) {
     if (strcmp(results[0].duplicate_of, results[0].command_id) != 0)
-      return cb_err_set(err, CB_EDUPLICATE, "dedup key `%.200s` is held by command %s in domain %s until its window ends",
+      return cb_err_set(err, CB_EDUPLICATE,
+                        "dedup key `%.200s` is held by command %s in domain %s until its window ends",
                         specs[0].dedup_key, results[0].duplicate_of, domain);
     return cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", results[0].command_id, domain);
   }
@@ -665,9 +674,9 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
 
 /* ---- queries ------------------------------------------------------------------- */
 
-#define COMMAND_COLUMNS                                                                                   \
-  "domain, command_id::text AS command_id, command_type AS type, status, attempts, max_attempts, msg_id, " \
-  "queue_name, nullif(reply_queue, '') AS reply_to, correlation_id::text AS correlation_id, "              \
+#define COMMAND_COLUMNS                                                                                            \
+  "domain, command_id::text AS command_id, command_type AS type, status, attempts, max_attempts, msg_id, "         \
+  "queue_name, nullif(reply_queue, '') AS reply_to, correlation_id::text AS correlation_id, "                      \
   "batch_id::text AS batch_id, last_error_type, last_error_code, last_error_msg, created_at::text AS created_at, " \
   "updated_at::text AS updated_at, lease_expires_at::text AS lease_expires_at"
 
@@ -684,8 +693,7 @@ int cb_bus_run_query(cb_runtime *rt, cb_unit *u, cb_unit **rows, cb_err *err) {
   return CB_OK;
 }
 
-int cb_bus_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows,
-                 cb_err *err) {
+int cb_bus_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows, cb_err *err) {
   *rows = NULL;
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -705,8 +713,9 @@ int cb_bus_get_command(cb_runtime *rt, const char *domain, const char *command_i
   if (rc == CB_OK) rc = check_id("command id", command_id, id, err);
   if (rc != CB_OK) return rc;
   const char *params[] = {domain, id};
-  rc = cb_bus_query(rt, "SELECT " COMMAND_COLUMNS " FROM commandbus.command WHERE domain = $1 AND command_id = $2::uuid",
-                 2, params, rows, err);
+  rc = cb_bus_query(rt,
+                    "SELECT " COMMAND_COLUMNS " FROM commandbus.command WHERE domain = $1 AND command_id = $2::uuid", 2,
+                    params, rows, err);
   if (rc == CB_OK && cb_result_rows(cb_unit_result(*rows, 0)) == 0) {
     cb_unit_free(*rows);
     *rows = NULL;
@@ -725,14 +734,16 @@ int cb_bus_list_commands(cb_runtime *rt, const cb_command_filter *f, cb_unit **r
   if (f->offset < 0) return cb_err_set(err, CB_EINVAL, "offset must not be negative");
   snprintf(limit, sizeof limit, "%d", f->limit > 0 ? f->limit : 100);
   snprintf(offset, sizeof offset, "%d", f->offset);
-  const char *params[] = {f->domain, f->status, f->command_type, f->correlation_id ? corr : NULL,
-                          f->batch_id ? batch : NULL, limit, offset};
+  const char *params[] = {
+      f->domain, f->status, f->command_type, f->correlation_id ? corr : NULL, f->batch_id ? batch : NULL,
+      limit,     offset};
   return cb_bus_query(rt,
-                   "SELECT " COMMAND_COLUMNS " FROM commandbus.command WHERE domain = $1"
-                   " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR command_type = $3)"
-                   " AND ($4::uuid IS NULL OR correlation_id = $4) AND ($5::uuid IS NULL OR batch_id = $5)"
-                   " ORDER BY created_at, command_id LIMIT $6::int OFFSET $7::int",
-                   7, params, rows, err);
+                      "SELECT " COMMAND_COLUMNS
+                      " FROM commandbus.command WHERE domain = $1"
+                      " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR command_type = $3)"
+                      " AND ($4::uuid IS NULL OR correlation_id = $4) AND ($5::uuid IS NULL OR batch_id = $5)"
+                      " ORDER BY created_at, command_id LIMIT $6::int OFFSET $7::int",
+                      7, params, rows, err);
 }
 
 int cb_bus_audit(cb_runtime *rt, const char *domain, const char *command_id, cb_unit **rows, cb_err *err) {
@@ -743,21 +754,21 @@ int cb_bus_audit(cb_runtime *rt, const char *domain, const char *command_id, cb_
   if (rc != CB_OK) return rc;
   const char *params[] = {domain, id};
   return cb_bus_query(rt,
-                   "SELECT audit_id, event_type, ts::text AS ts, details_json AS details FROM commandbus.audit"
-                   " WHERE domain = $1 AND command_id = $2::uuid ORDER BY audit_id",
-                   2, params, rows, err);
+                      "SELECT audit_id, event_type, ts::text AS ts, details_json AS details FROM commandbus.audit"
+                      " WHERE domain = $1 AND command_id = $2::uuid ORDER BY audit_id",
+                      2, params, rows, err);
 }
 
 /* ---- batches ---------------------------------------------------------------------- */
 
-#define BATCH_COUNTS                                                                                         \
-  "SELECT count(*) AS total,"                                                                                \
-  " count(*) FILTER (WHERE status IN ('PENDING', 'IN_PROGRESS', 'IN_TROUBLESHOOTING_QUEUE')) AS open,"       \
-  " count(*) FILTER (WHERE status = 'PENDING') AS pending,"                                                  \
-  " count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"                                              \
-  " count(*) FILTER (WHERE status = 'CANCELED') AS canceled,"                                                \
-  " count(*) FILTER (WHERE status = 'FAILED') AS failed,"                                                    \
-  " count(*) FILTER (WHERE status = 'IN_TROUBLESHOOTING_QUEUE') AS tsq"                                      \
+#define BATCH_COUNTS                                                                                   \
+  "SELECT count(*) AS total,"                                                                          \
+  " count(*) FILTER (WHERE status IN ('PENDING', 'IN_PROGRESS', 'IN_TROUBLESHOOTING_QUEUE')) AS open," \
+  " count(*) FILTER (WHERE status = 'PENDING') AS pending,"                                            \
+  " count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"                                        \
+  " count(*) FILTER (WHERE status = 'CANCELED') AS canceled,"                                          \
+  " count(*) FILTER (WHERE status = 'FAILED') AS failed,"                                              \
+  " count(*) FILTER (WHERE status = 'IN_TROUBLESHOOTING_QUEUE') AS tsq"                                \
   " FROM commandbus.command WHERE domain = $1 AND batch_id = $2::uuid"
 
 int cb_bus_add_batch_refresh(cb_unit *u, const char *domain, const char *batch_id) {
@@ -800,9 +811,9 @@ int cb_bus_create_batch(cb_runtime *rt, const char *domain, const char *name, co
   return rc;
 }
 
-#define BATCH_COLUMNS                                                                                        \
-  "b.domain, b.batch_id::text AS batch_id, b.name, b.custom_data, b.status, b.batch_type,"                   \
-  " b.total_count, b.created_at::text AS created_at, b.started_at::text AS started_at,"                      \
+#define BATCH_COLUMNS                                                                      \
+  "b.domain, b.batch_id::text AS batch_id, b.name, b.custom_data, b.status, b.batch_type," \
+  " b.total_count, b.created_at::text AS created_at, b.started_at::text AS started_at,"    \
   " b.completed_at::text AS completed_at"
 
 int cb_bus_get_batch(cb_runtime *rt, const char *domain, const char *batch_id, cb_unit **rows, cb_err *err) {
@@ -817,7 +828,8 @@ int cb_bus_get_batch(cb_runtime *rt, const char *domain, const char *batch_id, c
   cb_bus_add_batch_refresh(u, domain, id);
   const char *params[] = {domain, id};
   cb_unit_add(u,
-              "WITH s AS (" BATCH_COUNTS ") SELECT " BATCH_COLUMNS ", s.completed AS completed_count,"
+              "WITH s AS (" BATCH_COUNTS ") SELECT " BATCH_COLUMNS
+              ", s.completed AS completed_count,"
               " s.canceled AS canceled_count, s.failed AS failed_count, s.tsq AS in_troubleshooting_count,"
               " s.pending AS pending_count, s.open - s.pending - s.tsq AS in_progress_count"
               " FROM commandbus.batch b, s WHERE b.domain = $1 AND b.batch_id = $2::uuid",
@@ -833,8 +845,8 @@ int cb_bus_get_batch(cb_runtime *rt, const char *domain, const char *batch_id, c
   return CB_OK;
 }
 
-int cb_bus_list_batches(cb_runtime *rt, const char *domain, const char *status, int limit, int offset,
-                        cb_unit **rows, cb_err *err) {
+int cb_bus_list_batches(cb_runtime *rt, const char *domain, const char *status, int limit, int offset, cb_unit **rows,
+                        cb_err *err) {
   *rows = NULL;
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
@@ -844,14 +856,15 @@ int cb_bus_list_batches(cb_runtime *rt, const char *domain, const char *status, 
   snprintf(o, sizeof o, "%d", offset);
   const char *params[] = {domain, status, l, o};
   return cb_bus_query(rt,
-                   "SELECT " BATCH_COLUMNS ", c.completed AS completed_count, c.canceled AS canceled_count,"
-                   " c.failed AS failed_count, c.tsq AS in_troubleshooting_count FROM commandbus.batch b"
-                   " CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"
-                   " count(*) FILTER (WHERE status = 'CANCELED') AS canceled,"
-                   " count(*) FILTER (WHERE status = 'FAILED') AS failed,"
-                   " count(*) FILTER (WHERE status = 'IN_TROUBLESHOOTING_QUEUE') AS tsq"
-                   " FROM commandbus.command k WHERE k.domain = b.domain AND k.batch_id = b.batch_id) c"
-                   " WHERE b.domain = $1 AND ($2::text IS NULL OR b.status = $2)"
-                   " ORDER BY b.created_at DESC LIMIT $3::int OFFSET $4::int",
-                   4, params, rows, err);
+                      "SELECT " BATCH_COLUMNS
+                      ", c.completed AS completed_count, c.canceled AS canceled_count,"
+                      " c.failed AS failed_count, c.tsq AS in_troubleshooting_count FROM commandbus.batch b"
+                      " CROSS JOIN LATERAL (SELECT count(*) FILTER (WHERE status = 'COMPLETED') AS completed,"
+                      " count(*) FILTER (WHERE status = 'CANCELED') AS canceled,"
+                      " count(*) FILTER (WHERE status = 'FAILED') AS failed,"
+                      " count(*) FILTER (WHERE status = 'IN_TROUBLESHOOTING_QUEUE') AS tsq"
+                      " FROM commandbus.command k WHERE k.domain = b.domain AND k.batch_id = b.batch_id) c"
+                      " WHERE b.domain = $1 AND ($2::text IS NULL OR b.status = $2)"
+                      " ORDER BY b.created_at DESC LIMIT $3::int OFFSET $4::int",
+                      4, params, rows, err);
 }

@@ -95,12 +95,12 @@ struct cb_engine {
   int ready; /* initialised: destroy has something to undo */
 
   /* [loop] */
-  int fetching;   /* a fetch is on its way */
+  int fetching; /* a fetch is on its way */
   /* Notified since the last fetch was built: a fetch on its way may have
    * read the queue before the send committed, so another one follows it. */
   int wake_pending;
   int fetch_index;
-  int in_flight;  /* routed, not yet handed back */
+  int in_flight; /* routed, not yet handed back */
   int stop_seen;
   int finished;
   int fetch_failing; /* logged once per outage */

@@ -49,8 +49,8 @@ static cb_process_event *event_from_row(const cb_result *r, int row) {
                                    offsetof(cb_process_event, event_type), offsetof(cb_process_event, step),
                                    offsetof(cb_process_event, status),     offsetof(cb_process_event, data_json),
                                    offsetof(cb_process_event, created_at)};
-  cb_process_event *e =
-      cb_result_pack(r, row, sizeof(cb_process_event), cols, offsets, (int)(sizeof cols / sizeof cols[0]));
+  cb_process_event *e = cb_result_pack(r, row, sizeof(cb_process_event), cols, offsets,
+                                       (int)(sizeof cols / sizeof cols[0]));
   if (e) e->sequence = cb_result_int(r, row, 2);
   return e;
 }

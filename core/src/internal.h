@@ -49,9 +49,9 @@ typedef struct cb_conn {
   int backoff_ms;       /* [loop] */
   pipe_slot *slots;     /* [loop] ring of what the server will answer */
   size_t slot_head, slot_count, slot_cap;
-  int units_in_flight;  /* [loop] */
-  int want_write;       /* [loop] PQflush left data to send */
-  int goodbye;          /* [loop] the server said FATAL while nothing was in flight */
+  int units_in_flight;     /* [loop] */
+  int want_write;          /* [loop] PQflush left data to send */
+  int goodbye;             /* [loop] the server said FATAL while nothing was in flight */
   stmt_cache_entry *cache; /* [loop] prepared statements of this session */
   size_t cache_cap, cache_count;
   int next_stmt_id;     /* [loop] */
@@ -59,46 +59,46 @@ typedef struct cb_conn {
 } cb_conn;
 
 struct cb_runtime {
-  uv_loop_t loop;      /* [loop] */
-  uv_async_t wake;     /* [loop]; uv_async_send from any thread */
-  pthread_t thread;    /* [init] */
-  int thread_started;  /* [init] */
-  pid_t pid;           /* [init] the process that created it: a fork's child may not use it */
+  uv_loop_t loop;     /* [loop] */
+  uv_async_t wake;    /* [loop]; uv_async_send from any thread */
+  pthread_t thread;   /* [init] */
+  int thread_started; /* [init] */
+  pid_t pid;          /* [init] the process that created it: a fork's child may not use it */
 
   pthread_mutex_t lock;
-  pthread_cond_t started; /* signalled when the first connection attempts end */
-  cb_unit *submitted_head, *submitted_tail; /* [lock] handed over, not yet taken */
+  pthread_cond_t started;                       /* signalled when the first connection attempts end */
+  cb_unit *submitted_head, *submitted_tail;     /* [lock] handed over, not yet taken */
   struct pending_call *calls_head, *calls_tail; /* [lock] */
-  int closing;         /* [lock] no new work accepted */
-  int closed;          /* [lock] the loop thread has been joined */
-  int startup_pending; /* [lock] pool connections still making their first attempt */
-  char **channels;     /* [lock] channels LISTENed on (or being) */
+  int closing;                                  /* [lock] no new work accepted */
+  int closed;                                   /* [lock] the loop thread has been joined */
+  int startup_pending;                          /* [lock] pool connections still making their first attempt */
+  char **channels;                              /* [lock] channels LISTENed on (or being) */
   size_t nchannels, channels_cap;
-  char **remembered;   /* [lock] see cb_runtime_remember */
+  char **remembered; /* [lock] see cb_runtime_remember */
   size_t nremembered, remembered_cap;
 
-  cb_unit *pending_head, *pending_tail; /* [loop] waiting for a connection */
-  int loop_closing;    /* [loop] shutting down: no new work from callbacks */
-  struct notify_watch *watches; /* [loop] */
-  size_t nwatches, watches_cap; /* [loop] */
-  int next_watch_id;            /* [loop] */
-  pthread_mutex_t signal_lock; /* guards signal_watches; held while their callbacks run */
-  struct signal_watch *signal_watches; /* [signal_lock] id 0: a free slot */
+  cb_unit *pending_head, *pending_tail;       /* [loop] waiting for a connection */
+  int loop_closing;                           /* [loop] shutting down: no new work from callbacks */
+  struct notify_watch *watches;               /* [loop] */
+  size_t nwatches, watches_cap;               /* [loop] */
+  int next_watch_id;                          /* [loop] */
+  pthread_mutex_t signal_lock;                /* guards signal_watches; held while their callbacks run */
+  struct signal_watch *signal_watches;        /* [signal_lock] id 0: a free slot */
   size_t nsignal_watches, signal_watches_cap; /* [signal_lock] */
   int next_signal_id, live_signal_watches;    /* [signal_lock] */
-  uv_signal_t sigint, sigterm; /* [loop] */
-  int signals_inited, signals_on; /* [loop] */
-  cb_conn *conns;      /* [init] the pool */
+  uv_signal_t sigint, sigterm;                /* [loop] */
+  int signals_inited, signals_on;             /* [loop] */
+  cb_conn *conns;                             /* [init] the pool */
   int nconns;
   cb_conn listener;
-  char *conninfo;      /* [init] */
-  char *application_name; /* [init] */
-  int connect_timeout_ms; /* [init] */
-  cb_hub *hub;         /* [init] */
-  cb_event_feed *events; /* [init] the process event sink's queue */
+  char *conninfo;             /* [init] */
+  char *application_name;     /* [init] */
+  int connect_timeout_ms;     /* [init] */
+  cb_hub *hub;                /* [init] */
+  cb_event_feed *events;      /* [init] the process event sink's queue */
   struct runtime_part *parts; /* [lock] states of components above (cb_runtime_part_of) */
-  uint64_t units_sent;  /* atomic: units sent to PostgreSQL (each one transaction) */
-  cb_runtime *next_open; /* guarded by the global list's lock */
+  uint64_t units_sent;        /* atomic: units sent to PostgreSQL (each one transaction) */
+  cb_runtime *next_open;      /* guarded by the global list's lock */
 };
 
 typedef struct signal_watch {

@@ -22,7 +22,8 @@ static inline int cb_add_keyed_begin(cb_unit *u, double statement_timeout) {
   char ms[32];
   snprintf(ms, sizeof ms, "%d", (int)(statement_timeout * 1000));
   const char *p[] = {ms};
-  return cb_unit_add(u, "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true),"
+  return cb_unit_add(u,
+                     "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true),"
                      " set_config('jit', 'off', true)",
                      1, p);
 }

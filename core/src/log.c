@@ -38,7 +38,9 @@ void cb_log(int l, const char *fmt, ...) {
   char line[1024];
   int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ commandbus %s ", tm.tm_year + 1900,
                    tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000L,
-                   names[l < 0 ? 0 : l > 3 ? 3 : l]);
+                   names[l < 0   ? 0
+                         : l > 3 ? 3
+                                 : l]);
   va_list ap;
   va_start(ap, fmt);
   if (n > 0 && (size_t)n < sizeof line) vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);

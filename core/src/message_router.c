@@ -412,10 +412,8 @@ fail:
 /* Counts items that route() refused, by why they were refused. */
 static void count_refused(cb_message_router *r, int err, size_t n) {
   if (!n) return;
-  if (err == CB_ETIMEOUT)
-    atomic_fetch_add_explicit(&r->dropped, n, memory_order_relaxed);
-  else
-    atomic_fetch_add_explicit(&r->routing_errors, n, memory_order_relaxed);
+  if (err == CB_ETIMEOUT) atomic_fetch_add_explicit(&r->dropped, n, memory_order_relaxed);
+  else atomic_fetch_add_explicit(&r->routing_errors, n, memory_order_relaxed);
 }
 
 /* The dispatcher needs waking only at two moments: the ingress just became
@@ -437,7 +435,7 @@ static size_t ingress_push(cb_message_router *r, cb_slot *slots, size_t n, int *
   bool wake = false;
 
   /* Signals go out after unlock where possible, so the woken dispatcher
-     * does not at once block on the lock we still hold. */
+   * does not at once block on the lock we still hold. */
   pthread_mutex_lock(&in->lock);
   while (done < n) {
     size_t room = ring_free(&in->ring);
@@ -563,9 +561,9 @@ static size_t ingress_take_batches(cb_message_router *r, size_t *batches, bool *
   *batches = (n + batch - 1) / batch;
   ring_get(&in->ring, r->batch, n);
   /* Producers blocked on a full ingress are woken as soon as a batch left
-     * it: one wake-up per batch, never per item, and never a producer kept
-     * waiting while there is room (a low-water mark would make a BLOCK
-     * producer sit out its whole timeout whenever the lanes are slow). */
+   * it: one wake-up per batch, never per item, and never a producer kept
+   * waiting while there is room (a low-water mark would make a BLOCK
+   * producer sit out its whole timeout whenever the lanes are slow). */
   bool wake_producers = in->producers_waiting > 0;
   pthread_mutex_unlock(&in->lock);
   if (wake_producers) pthread_cond_broadcast(&in->not_full);
@@ -617,7 +615,7 @@ static void dispatch_batches(cb_message_router *r, size_t n, size_t batches) {
   int lanes = r->cfg.lanes;
 
   /* Counted before the lanes see it, so a consumer that has an item also
-     * sees its batch counted. */
+   * sees its batch counted. */
   atomic_fetch_add_explicit(&r->batches_sent, batches, memory_order_relaxed);
   memset(offsets, 0, sizeof *offsets * ((size_t)lanes + 1));
   for (size_t i = 0; i < n; i++) offsets[r->batch[i].lane + 1]++;
@@ -742,10 +740,8 @@ static void router_stop_locked(cb_message_router *r) {
   pthread_cond_broadcast(&in->not_full);
   pthread_mutex_unlock(&in->lock);
 
-  if (r->dispatcher_started)
-    pthread_join(r->dispatcher, NULL);
-  else
-    dispatcher_run(r); /* never started: drain on this thread */
+  if (r->dispatcher_started) pthread_join(r->dispatcher, NULL);
+  else dispatcher_run(r); /* never started: drain on this thread */
   for (int l = 0; l < r->lane_threads_started; l++) pthread_join(r->lanes[l].thread, NULL);
   r->dispatcher_started = false;
   r->lane_threads_started = 0;
@@ -771,8 +767,7 @@ int cb_message_router_start(cb_message_router *router) {
   }
   if (rc == CB_OK && cb_thread_start(&router->dispatcher, dispatcher_main, router) == 0)
     router->dispatcher_started = true;
-  else
-    rc = CB_ENOMEM;
+  else rc = CB_ENOMEM;
   if (rc != CB_OK) router_stop_locked(router); /* ends and joins what did start */
   pthread_mutex_unlock(&router->lifecycle_lock);
   return rc;

@@ -180,16 +180,15 @@ static void sample(writer *w, double value, ...) {
   if (n) cb_strbuf_putc(&w->b, '}');
   if (value == (double)(int64_t)value && value < 1e15 && value > -1e15)
     cb_strbuf_printf(&w->b, " %lld\n", (long long)value);
-  else
-    cb_strbuf_printf(&w->b, " %.15g\n", value);
+  else cb_strbuf_printf(&w->b, " %.15g\n", value);
 }
 
 /* ---- commands and processes by status ---- */
 
-static const char *const COMMAND_STATUSES[] = {"PENDING",  "IN_PROGRESS", "COMPLETED",
-                                               "FAILED",   "CANCELED",    "IN_TROUBLESHOOTING_QUEUE", NULL};
-static const char *const PROCESS_STATUSES[] = {"PENDING",   "WAITING",     "WAITING_FOR_TSQ", "COMPENSATING",
-                                               "COMPLETED", "COMPENSATED", "FAILED",          "CANCELED", NULL};
+static const char *const COMMAND_STATUSES[] = {
+    "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELED", "IN_TROUBLESHOOTING_QUEUE", NULL};
+static const char *const PROCESS_STATUSES[] = {
+    "PENDING", "WAITING", "WAITING_FOR_TSQ", "COMPENSATING", "COMPLETED", "COMPENSATED", "FAILED", "CANCELED", NULL};
 
 static int known(const char *const *statuses, const char *status) {
   for (int i = 0; statuses[i]; i++)
@@ -239,7 +238,8 @@ typedef struct runner_field {
   int as;
 } runner_field;
 
-#define RF(kind, name, type, field, as, help) {kind, name, type, help, offsetof(cb_runner_stat, field), as}
+#define RF(kind, name, type, field, as, help) \
+  { kind, name, type, help, offsetof(cb_runner_stat, field), as }
 static const runner_field RUNNER_FIELDS[] = {
     RF("worker", "commandbus_worker_lanes", "gauge", lanes, AS_INT, "Handler lanes (concurrency) of the worker."),
     RF("worker", "commandbus_worker_in_flight", "gauge", in_flight, AS_INT, "Commands whose handler runs now."),
@@ -349,7 +349,8 @@ typedef struct router_field {
   double scale;
 } router_field;
 
-#define MF(name, type, field, scale, help) {name, type, help, offsetof(cb_message_router_stats, field), scale}
+#define MF(name, type, field, scale, help) \
+  { name, type, help, offsetof(cb_message_router_stats, field), scale }
 static const router_field ROUTER_FIELDS[] = {
     MF("commandbus_message_router_routed_total", "counter", routed, 1, "Items placed in a lane."),
     MF("commandbus_message_router_dropped_total", "counter", dropped, 1,

@@ -102,9 +102,7 @@ static int push_slot(cb_conn *conn, int kind, cb_unit *u, int index) {
   return 0;
 }
 
-static pipe_slot *head_slot(cb_conn *conn) {
-  return conn->slot_count ? &conn->slots[conn->slot_head] : NULL;
-}
+static pipe_slot *head_slot(cb_conn *conn) { return conn->slot_count ? &conn->slots[conn->slot_head] : NULL; }
 
 static void pop_slot(cb_conn *conn) {
   conn->slot_head = (conn->slot_head + 1) % conn->slot_cap;
@@ -180,7 +178,9 @@ typedef struct secret_span {
 #define MAX_SECRETS 8
 
 static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
-static int is_word(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'; }
+static int is_word(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
 
 /* Where a key=value value that starts at `at` ends, as far as secrets go: at
  * the next " keyword=" (or the end), whatever quoting says, so that a value
@@ -308,7 +308,10 @@ static void mask_text(cb_strbuf *b, const char *secret, size_t len) {
 }
 
 static int hex_value(char c) {
-  return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+  return c >= '0' && c <= '9'   ? c - '0'
+         : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                : -1;
 }
 
 void cb__redact_conninfo(const char *conninfo, const char *message, char *out, size_t outlen) {
@@ -348,7 +351,8 @@ void cb__redact_conninfo(const char *conninfo, const char *message, char *out, s
     }
     if (d != len) mask_text(&b, decoded, d);
   }
-  snprintf(out, outlen, "%s", b.failed || b.data == NULL ? (*message ? "(message withheld: out of memory)" : "") : b.data);
+  snprintf(out, outlen, "%s",
+           b.failed || b.data == NULL ? (*message ? "(message withheld: out of memory)" : "") : b.data);
   cb_strbuf_free(&b);
 }
 
@@ -414,18 +418,14 @@ static void connected(cb_conn *conn) {
 
 static void continue_connect(cb_conn *conn) {
   switch (PQconnectPoll(conn->pg)) {
-    case PGRES_POLLING_OK:
-      connected(conn);
-      return;
+    case PGRES_POLLING_OK: connected(conn); return;
     case PGRES_POLLING_READING:
       if (poll_watch(conn, UV_READABLE) < 0) conn_broken(conn, "cannot watch the connection's socket");
       return;
     case PGRES_POLLING_WRITING:
       if (poll_watch(conn, UV_WRITABLE) < 0) conn_broken(conn, "cannot watch the connection's socket");
       return;
-    default:
-      conn_broken(conn, PQerrorMessage(conn->pg));
-      return;
+    default: conn_broken(conn, PQerrorMessage(conn->pg)); return;
   }
 }
 
@@ -674,8 +674,8 @@ void cb__dispatch(cb_runtime *rt) {
     last->group_end = 1;
     if (conn == NULL) {
       cb_err err;
-      cb_err_set(&err, CB_ECONNECTION, "no connection to PostgreSQL%s%s",
-                 rt->conns[0].last_error[0] ? ": " : "", rt->conns[0].last_error);
+      cb_err_set(&err, CB_ECONNECTION, "no connection to PostgreSQL%s%s", rt->conns[0].last_error[0] ? ": " : "",
+                 rt->conns[0].last_error);
       while (first) {
         cb_unit *next = first->next;
         cb__unit_complete(first, CB_ECONNECTION, &err);

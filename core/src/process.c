@@ -45,8 +45,7 @@ static int check_state(const char *json, cb_err *err) {
   return CB_OK;
 }
 
-static int check_start(const cb_process_start_spec *spec, const cb_command_spec *command, char *batch,
-                       cb_err *err) {
+static int check_start(const cb_process_start_spec *spec, const cb_command_spec *command, char *batch, cb_err *err) {
   int rc = cb_domain_valid(spec->domain, err);
   if (rc == CB_OK) rc = check_name("process type", spec->process_type, err);
   if (rc == CB_OK) rc = check_name("step name", spec->step_name, err);
@@ -70,8 +69,8 @@ int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   cb_events_add_begin(u); /* STARTED: for local awaiters and the sink */
-  const char *process_params[] = {spec->domain, process_id, spec->process_type, spec->step_name, spec->state_json,
-                                  spec->batch_id ? batch : NULL};
+  const char *process_params[] = {spec->domain,    process_id,       spec->process_type,
+                                  spec->step_name, spec->state_json, spec->batch_id ? batch : NULL};
   cb_unit_add(u,
               "INSERT INTO commandbus.process (domain, process_id, process_type, status, current_step, state, batch_id)"
               " VALUES ($1::text, $2::uuid, $3, 'WAITING', $4, coalesce($5::jsonb, '{}'::jsonb), $6::uuid)",
@@ -84,20 +83,24 @@ int cb_process_start(cb_runtime *rt, const cb_process_start_spec *spec, const cb
     /* The domain is cast to text throughout: rcmd's process tables declare
      * it varchar(255), its command table text. rcmd's sent_at has no
      * default. */
-    const char *audit_params[] = {spec->domain, process_id, spec->step_name, result->command_id,
-                                  first_command->command_type, first_command->data_json};
-    cb_unit_add(u,
-                "INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
-                " command_data, sent_at) VALUES ($1::text, $2::uuid, $3, $4::uuid, $5, coalesce($6::jsonb, '{}'::jsonb),"
-                " now())",
-                6, audit_params);
+    const char *audit_params[] = {spec->domain,
+                                  process_id,
+                                  spec->step_name,
+                                  result->command_id,
+                                  first_command->command_type,
+                                  first_command->data_json};
+    cb_unit_add(
+        u,
+        "INSERT INTO commandbus.process_audit (domain, process_id, step_name, command_id, command_type,"
+        " command_data, sent_at) VALUES ($1::text, $2::uuid, $3, $4::uuid, $5, coalesce($6::jsonb, '{}'::jsonb),"
+        " now())",
+        6, audit_params);
     events = cb_events_add_read(u);
     rc = cb_runtime_exec(rt, u, err);
     if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
       rc = cb_err_set(err, CB_EINVAL, "invalid process state or command data: %s", err->message);
     else if (rc != CB_OK && cb_bus_is_duplicate(err))
-      rc = cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", result->command_id,
-                      spec->domain);
+      rc = cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", result->command_id, spec->domain);
   }
   if (rc == CB_OK) {
     cb_bus_read_send(u, first, 1, result);
@@ -122,8 +125,8 @@ int cb_process_get(cb_runtime *rt, const char *domain, const char *process_id, c
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {domain, id};
-  cb_unit_add(u, "SELECT " PROCESS_COLUMNS " FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid",
-              2, params);
+  cb_unit_add(u, "SELECT " PROCESS_COLUMNS " FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid", 2,
+              params);
   return found(cb_bus_run_query(rt, u, rows, err), rows, id, err);
 }
 
@@ -139,7 +142,8 @@ int cb_process_list(cb_runtime *rt, const cb_process_filter *f, cb_unit **rows, 
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   const char *params[] = {f->domain, f->process_type, f->status, limit, offset};
   cb_unit_add(u,
-              "SELECT " PROCESS_COLUMNS " FROM commandbus.process WHERE domain = $1"
+              "SELECT " PROCESS_COLUMNS
+              " FROM commandbus.process WHERE domain = $1"
               " AND ($2::text IS NULL OR process_type = $2) AND ($3::text IS NULL OR status = $3)"
               " ORDER BY created_at DESC, process_id DESC LIMIT $4::int OFFSET $5::int",
               5, params);
@@ -223,7 +227,8 @@ int cb_process_events(cb_runtime *rt, const char *domain, const char *process_id
   const char *params[] = {domain, id, after};
   cb_unit_add(u, "SELECT 1 FROM commandbus.process WHERE domain = $1 AND process_id = $2::uuid", 2, params);
   cb_unit_add(u,
-              "SELECT " EVENT_COLUMNS " FROM commandbus.process_event"
+              "SELECT " EVENT_COLUMNS
+              " FROM commandbus.process_event"
               " WHERE domain = $1 AND process_id = $2::uuid AND sequence > $3::bigint ORDER BY sequence",
               3, params);
   return found(cb_bus_run_query(rt, u, rows, err), rows, id, err);

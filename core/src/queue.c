@@ -71,7 +71,8 @@ void cb_queue_sql_archive_table(cb_strbuf *b, const char *queue) { cb_strbuf_pri
 
 void cb_queue_sql_visible(cb_strbuf *b, const char *queue, const char *limit) {
   cb_strbuf_printf(b,
-                   "SELECT msg_id FROM pgmq.q_%s WHERE " CB_QUEUE_SQL_VISIBLE " ORDER BY msg_id LIMIT %s"
+                   "SELECT msg_id FROM pgmq.q_%s WHERE " CB_QUEUE_SQL_VISIBLE
+                   " ORDER BY msg_id LIMIT %s"
                    " FOR UPDATE SKIP LOCKED",
                    queue, limit);
 }
@@ -303,14 +304,14 @@ static int run(cb_runtime *rt, const char *queue, cb_unit **u_out, int *index, i
   return CB_OK;
 }
 
-#define CHECK_NAME(q)                              \
-  do {                                             \
-    int rc_ = cb_queue_name_valid((q), err);       \
-    if (rc_ != CB_OK) return rc_;                  \
+#define CHECK_NAME(q)                        \
+  do {                                       \
+    int rc_ = cb_queue_name_valid((q), err); \
+    if (rc_ != CB_OK) return rc_;            \
   } while (0)
 
-#define NEW_UNIT(u)                                                       \
-  cb_unit *u = cb_unit_new();                                             \
+#define NEW_UNIT(u)           \
+  cb_unit *u = cb_unit_new(); \
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory")
 
 /* pgmq is there when its functions are: installed as an extension, or
@@ -353,8 +354,7 @@ static int create_once(cb_runtime *rt, const char *queue, cb_err *err) {
             "enqueued_at timestamptz NOT NULL DEFAULT now(), archived_at timestamptz NOT NULL DEFAULT now(), "
             "vt timestamptz NOT NULL, message jsonb, headers jsonb)",
             queue);
-    add_sql(u, o, NULL, 0, "CREATE INDEX IF NOT EXISTS archived_at_idx_%s ON pgmq.a_%s (archived_at)", queue,
-            queue);
+    add_sql(u, o, NULL, 0, "CREATE INDEX IF NOT EXISTS archived_at_idx_%s ON pgmq.a_%s (archived_at)", queue, queue);
     cb_unit_add_flags(u,
                       "INSERT INTO pgmq.meta (queue_name, is_partitioned, is_unlogged) VALUES ($1, false, false) "
                       "ON CONFLICT (queue_name) DO NOTHING",
@@ -376,8 +376,8 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err) {
   cb_err local;
   cb_err *e = err ? err : &local;
   int rc = create_once(rt, queue, e);
-  if (rc == CB_EDATABASE && (strcmp(e->sqlstate, "23505") == 0 || strcmp(e->sqlstate, "42P06") == 0 ||
-                             strcmp(e->sqlstate, "42P07") == 0))
+  if (rc == CB_EDATABASE &&
+      (strcmp(e->sqlstate, "23505") == 0 || strcmp(e->sqlstate, "42P06") == 0 || strcmp(e->sqlstate, "42P07") == 0))
     rc = create_once(rt, queue, e);
   return rc;
 }
@@ -399,8 +399,7 @@ static int ensure_index_once(cb_runtime *rt, const char *queue, const char *suff
 
 /* As for cb_queue_create: a process that waited for another's index may
  * not see it yet, and collide; a new transaction does. */
-int cb_queue_ensure_index(cb_runtime *rt, const char *queue, const char *suffix, const char *definition,
-                          cb_err *err) {
+int cb_queue_ensure_index(cb_runtime *rt, const char *queue, const char *suffix, const char *definition, cb_err *err) {
   CHECK_NAME(queue);
   cb_err local;
   cb_err *e = err ? err : &local;
@@ -450,8 +449,7 @@ int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) 
   snprintf(table, sizeof table, "pgmq.q_%s", queue);
   NEW_UNIT(probe);
   const char *tp[] = {table};
-  cb_unit_add(probe, "SELECT to_regclass($1) IS NOT NULL, to_regprocedure('pgmq.drop_queue(text)') IS NOT NULL", 1,
-              tp);
+  cb_unit_add(probe, "SELECT to_regclass($1) IS NOT NULL, to_regprocedure('pgmq.drop_queue(text)') IS NOT NULL", 1, tp);
   int rc = cb_runtime_exec(rt, probe, err);
   if (rc != CB_OK) {
     cb_unit_free(probe);
@@ -476,8 +474,7 @@ int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err) 
   return rc;
 }
 
-int cb_queue_send(cb_runtime *rt, const char *queue, const char *json, double delay, int64_t *msg_id,
-                  cb_err *err) {
+int cb_queue_send(cb_runtime *rt, const char *queue, const char *json, double delay, int64_t *msg_id, cb_err *err) {
   CHECK_NAME(queue);
   NEW_UNIT(u);
   int index;
@@ -572,13 +569,13 @@ static int id_op(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n
   return *done ? CB_OK : cb_err_set(err, CB_ENOMEM, "out of memory");
 }
 
-int cb_queue_delete(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **deleted,
-                    size_t *count, cb_err *err) {
+int cb_queue_delete(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **deleted, size_t *count,
+                    cb_err *err) {
   return id_op(rt, queue, ids, n, deleted, count, 0, err);
 }
 
-int cb_queue_archive(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **archived,
-                     size_t *count, cb_err *err) {
+int cb_queue_archive(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **archived, size_t *count,
+                     cb_err *err) {
   return id_op(rt, queue, ids, n, archived, count, 1, err);
 }
 
@@ -591,11 +588,11 @@ int cb_queue_set_vt(cb_runtime *rt, const char *queue, int64_t id, double vt, cb
 
 /* The metrics of one queue as a row: its name, depth, newest and oldest
  * message age, messages ever sent, time of reading. */
-#define METRICS_ROW                                                                                   \
-  "SELECT '%s'::text, count(*), "                                                                     \
-  "coalesce(extract(epoch FROM clock_timestamp() - max(enqueued_at))::bigint, -1), "                  \
-  "coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at))::bigint, -1), "                  \
-  "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgmq.q_%s_msg_id_seq), "               \
+#define METRICS_ROW                                                                     \
+  "SELECT '%s'::text, count(*), "                                                       \
+  "coalesce(extract(epoch FROM clock_timestamp() - max(enqueued_at))::bigint, -1), "    \
+  "coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at))::bigint, -1), "    \
+  "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgmq.q_%s_msg_id_seq), " \
   "clock_timestamp() FROM pgmq.q_%s"
 
 static void read_metrics(const cb_result *r, int row, cb_queue_metrics *out) {
@@ -686,9 +683,8 @@ int cb_queue_list(cb_runtime *rt, cb_queue_info **queues, size_t *count, cb_err 
   int exists = rc == CB_OK && cb_result_value(cb_unit_result(u, 0), 0, 0)[0] == 't';
   cb_unit_reset(u);
   if (rc == CB_OK && exists) {
-    cb_unit_add(u,
-                "SELECT queue_name, is_partitioned, is_unlogged, created_at FROM pgmq.meta ORDER BY queue_name",
-                0, NULL);
+    cb_unit_add(u, "SELECT queue_name, is_partitioned, is_unlogged, created_at FROM pgmq.meta ORDER BY queue_name", 0,
+                NULL);
     rc = cb_runtime_exec(rt, u, err);
   }
   if (rc == CB_OK) {

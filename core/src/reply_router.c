@@ -149,11 +149,11 @@ static int add_archive(cb_unit *u, const cb_reply_router *r, const char *ids) {
 
 static cb_reply *reply_new(const cb_result *res, int row) {
   static const int cols[] = {1, 2, 3, 4, 5, 6, 7, 9, 8, 11};
-  static const size_t offsets[] = {
-      offsetof(cb_reply, message_json), offsetof(cb_reply, outcome),      offsetof(cb_reply, command_id),
-      offsetof(cb_reply, process_id),   offsetof(cb_reply, process_type), offsetof(cb_reply, status),
-      offsetof(cb_reply, current_step), offsetof(cb_reply, step_name),    offsetof(cb_reply, state_json),
-      offsetof(cb_reply, completed_steps_json)};
+  static const size_t offsets[] = {offsetof(cb_reply, message_json), offsetof(cb_reply, outcome),
+                                   offsetof(cb_reply, command_id),   offsetof(cb_reply, process_id),
+                                   offsetof(cb_reply, process_type), offsetof(cb_reply, status),
+                                   offsetof(cb_reply, current_step), offsetof(cb_reply, step_name),
+                                   offsetof(cb_reply, state_json),   offsetof(cb_reply, completed_steps_json)};
   cb_reply *r = cb_result_pack(res, row, sizeof(cb_reply), cols, offsets, (int)(sizeof cols / sizeof cols[0]));
   if (r == NULL) return NULL;
   /* The fields are read as strings: "" rather than NULL for SQL NULL. */
@@ -228,8 +228,8 @@ static void fetched(void *arg, cb_unit *u, int index) {
     int level;
     const char *why = unusable(res, i, &level);
     if (why) {
-      cb_log(level, "reply router %s: reply %s archived: %s (process %s)", r->domain, cb_result_value(res, i, 0),
-             why, cb_result_value(res, i, 4));
+      cb_log(level, "reply router %s: reply %s archived: %s (process %s)", r->domain, cb_result_value(res, i, 0), why,
+             cb_result_value(res, i, 4));
       cb_strbuf_printf(&rejected, "%c%s", nrejected++ ? ',' : '{', cb_result_value(res, i, 0));
       continue;
     }
@@ -257,7 +257,6 @@ static void fetched(void *arg, cb_unit *u, int index) {
     pthread_mutex_unlock(&r->engine.lock);
   }
 }
-
 
 static const cb_engine_ops ops = {
     .room = room,
@@ -296,10 +295,17 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
   r->capacity = r->lanes * 2 * CB_REPLY_ROUTER_BATCH_MAX;
   build_fetch_sql(&r->fetch_sql, r->queue);
   build_apply_sql(&r->apply_sql, r->queue);
-  cb_engine_config c = {.kind = "reply_router", .name = "reply router", .domain = r->domain, .queue = r->queue,
-                        .lanes = r->lanes, .capacity = r->capacity, .visibility_timeout = o->visibility_timeout,
-                        .statement_timeout = o->statement_timeout, .poll_interval = o->poll_interval,
-                        .ops = &ops, .owner = r};
+  cb_engine_config c = {.kind = "reply_router",
+                        .name = "reply router",
+                        .domain = r->domain,
+                        .queue = r->queue,
+                        .lanes = r->lanes,
+                        .capacity = r->capacity,
+                        .visibility_timeout = o->visibility_timeout,
+                        .statement_timeout = o->statement_timeout,
+                        .poll_interval = o->poll_interval,
+                        .ops = &ops,
+                        .owner = r};
   rc = r->fetch_sql.failed || r->apply_sql.failed ? cb_err_set(err, CB_ENOMEM, "out of memory")
                                                   : cb_bus_ensure_queue(rt, r->queue, err);
   if (rc == CB_OK) rc = cb_engine_init(&r->engine, rt, &c, err);
@@ -310,7 +316,6 @@ int cb_reply_router_new(cb_runtime *rt, const cb_reply_router_options *o, cb_rep
   *out = r;
   return CB_OK;
 }
-
 
 void cb_reply_router_free(cb_reply_router *r) {
   if (r == NULL) return;
@@ -477,8 +482,10 @@ int cb_reply_router_apply(cb_reply_router *r, cb_reply *reply, const cb_reply_de
   int rc = exec_apply(r, &reply, d, &only, 1, err);
   if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22012") == 0) {
     /* At-least-once delivery: a reply answered twice, or late. Not an error. */
-    cb_log(CB_LOG_INFO, "reply router %s: reply %lld archived: it was applied before, or its process moved on"
-           " (process %s)", r->domain, (long long)reply->msg_id, reply->process_id);
+    cb_log(CB_LOG_INFO,
+           "reply router %s: reply %lld archived: it was applied before, or its process moved on"
+           " (process %s)",
+           r->domain, (long long)reply->msg_id, reply->process_id);
     archive(r, reply->msg_id);
     free(reply);
     count_done(r, &r->health.rejected);
@@ -518,8 +525,10 @@ static int apply_batch(cb_reply_router *r, cb_reply **replies, const cb_reply_de
     return rc;
   }
   if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22012") == 0)
-    cb_log(CB_LOG_INFO, "reply router %s: a batch of %d replies holds one applied before or whose process moved "
-           "on; applying them one by one", r->domain, m);
+    cb_log(CB_LOG_INFO,
+           "reply router %s: a batch of %d replies holds one applied before or whose process moved "
+           "on; applying them one by one",
+           r->domain, m);
   else
     cb_log(CB_LOG_WARN, "reply router %s: applying a batch of %d replies failed (%s: %s); applying them one by one",
            r->domain, m, cb_strerror(rc), err->message);

@@ -27,7 +27,7 @@ int64_t cb_retention_counts_total(const cb_retention_counts *c) {
 }
 
 const char *const cb_retention_kinds[CB_RETENTION_KINDS] = {"commands",  "audit",      "archive",      "batches",
-                                                             "processes", "dedup_keys", "schedule_runs"};
+                                                            "processes", "dedup_keys", "schedule_runs"};
 
 void cb_retention_counts_values(const cb_retention_counts *c, int64_t out[CB_RETENTION_KINDS]) {
   const int64_t v[CB_RETENTION_KINDS] = {c->commands,  c->audit,      c->archive,      c->batches,
@@ -50,8 +50,9 @@ int cb_retention_set(cb_runtime *rt, const char *domain, const cb_retention_poli
     params[i + 1] = ages[i]->set ? text[i] : NULL;
   }
   /* NULL keeps the current value; a negative age is "forever" (NULL). */
-#define AGE(n, col)                                                                                  \
-  "CASE WHEN $" #n "::float8 IS NULL THEN d." col " WHEN $" #n "::float8 < 0 THEN NULL"              \
+#define AGE(n, col)                                            \
+  "CASE WHEN $" #n "::float8 IS NULL THEN d." col " WHEN $" #n \
+  "::float8 < 0 THEN NULL"                                     \
   " ELSE make_interval(secs => $" #n "::float8) END"
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -89,7 +90,8 @@ int cb_retention_get(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err 
 /* A batch has ended when it is complete with nothing left in the TSQ: one
  * complete with a member in the TSQ (COMPLETED_WITH_FAILURES) is still open,
  * a retry of that member reopens it. */
-#define FINISHED_BATCH(b) "(" b ".status IN ('COMPLETED', 'COMPLETED_WITH_FAILURES') AND " b ".in_troubleshooting_count = 0)"
+#define FINISHED_BATCH(b) \
+  "(" b ".status IN ('COMPLETED', 'COMPLETED_WITH_FAILURES') AND " b ".in_troubleshooting_count = 0)"
 
 /* Finished commands past their age, with their audit rows. A batch's
  * commands go by the batch's age once it has finished (its counts are read

@@ -21,9 +21,9 @@
 #include "strbuf.h"
 
 struct cb_runner_registry {
-  cb_runtime *rt;   /* [init] */
-  char host[64];    /* [init] */
-  int pid;          /* [init] */
+  cb_runtime *rt; /* [init] */
+  char host[64];  /* [init] */
+  int pid;        /* [init] */
   pthread_mutex_t lock;
   cb_runner *runners; /* [lock] */
   uv_timer_t timer;   /* [loop] */
@@ -92,15 +92,13 @@ static void append_row(cb_strbuf *b, const cb_runner_stat *s) {
                    ",\"pid\":%d,\"lanes\":%d,\"in_flight\":%d,\"successes\":%llu,\"failures\":%llu,\"retries\":%llu,"
                    "\"consecutive_failures\":%llu,\"stuck\":%llu,\"poison\":%llu,\"applied\":%llu,\"rejected\":%llu,"
                    "\"last_success_at\":%.6f,\"started_at\":%.6f,\"lane_depths\":[",
-                   s->pid, s->lanes, s->in_flight, (unsigned long long)s->successes,
-                   (unsigned long long)s->failures, (unsigned long long)s->retries,
-                   (unsigned long long)s->consecutive_failures, (unsigned long long)s->stuck,
-                   (unsigned long long)s->poison, (unsigned long long)s->applied, (unsigned long long)s->rejected,
-                   s->last_success_at, s->started_at);
+                   s->pid, s->lanes, s->in_flight, (unsigned long long)s->successes, (unsigned long long)s->failures,
+                   (unsigned long long)s->retries, (unsigned long long)s->consecutive_failures,
+                   (unsigned long long)s->stuck, (unsigned long long)s->poison, (unsigned long long)s->applied,
+                   (unsigned long long)s->rejected, s->last_success_at, s->started_at);
   for (int i = 0; i < s->nlane_depths; i++) cb_strbuf_printf(b, i ? ",%u" : "%u", s->lane_depths[i]);
   cb_strbuf_puts(b, "],\"removed\":[");
-  for (int i = 0; i < CB_RUNNER_REMOVED_KINDS; i++)
-    cb_strbuf_printf(b, i ? ",%lld" : "%lld", (long long)s->removed[i]);
+  for (int i = 0; i < CB_RUNNER_REMOVED_KINDS; i++) cb_strbuf_printf(b, i ? ",%lld" : "%lld", (long long)s->removed[i]);
   cb_strbuf_printf(b, "],\"scheduled\":%llu}", (unsigned long long)s->scheduled);
 }
 
@@ -154,8 +152,9 @@ static void note_result(struct cb_runner_registry *reg, const cb_unit *u) {
     const cb_err *e = cb_unit_error(u);
     cb_log(CB_LOG_WARN, "cannot record the heartbeats of workers and reply routers (%s: %s)%s; trying again every %g s",
            cb_strerror(e->code), e->message,
-           strcmp(e->sqlstate, "42P01") == 0 || strcmp(e->sqlstate, "42703") == 0 ? " - the schema predates them: run setup"
-                                                                                    : "",
+           strcmp(e->sqlstate, "42P01") == 0 || strcmp(e->sqlstate, "42703") == 0
+               ? " - the schema predates them: run setup"
+               : "",
            CB_RUNNER_HEARTBEAT_S);
     reg->failing = 1;
   }

@@ -328,9 +328,7 @@ int cb_runtime_pool_size(const cb_runtime *rt) { return rt->nconns; }
 
 uint64_t cb_runtime_units_sent(cb_runtime *rt) { return __atomic_load_n(&rt->units_sent, __ATOMIC_RELAXED); }
 
-int cb_runtime_on_loop(cb_runtime *rt) {
-  return rt->thread_started && pthread_equal(pthread_self(), rt->thread);
-}
+int cb_runtime_on_loop(cb_runtime *rt) { return rt->thread_started && pthread_equal(pthread_self(), rt->thread); }
 
 /* ---- handing work to the loop ------------------------------------------ */
 
@@ -514,7 +512,6 @@ void cb_runtime_unwatch(cb_runtime *rt, int id) {
     if (rt->watches[i].id == id) rt->watches[i].id = 0;
 }
 
-
 /* ---- signal watches ------------------------------------------------------ */
 
 static void on_signal(uv_signal_t *handle, int signum) {
@@ -598,7 +595,9 @@ void cb_runtime_unwatch_signals(cb_runtime *rt, int id) {
   if (found) request_sync_signals(rt); /* closed: the loop's handles are gone already */
 }
 
-struct uv_loop_s *cb_runtime_loop(cb_runtime *rt) { return &rt->loop; }
+struct uv_loop_s *cb_runtime_loop(cb_runtime *rt) {
+  return &rt->loop;
+}
 
 /* ---- remembered facts ---------------------------------------------------- */
 

@@ -19,13 +19,14 @@ typedef struct cron_field {
   const char *const *names; /* three-letter names of min, min+1, ... or NULL */
 } cron_field;
 
-static const char *const month_names[] = {"jan", "feb", "mar", "apr", "may", "jun",
-                                          "jul", "aug", "sep", "oct", "nov", "dec", NULL};
+static const char *const month_names[] = {"jan", "feb", "mar", "apr", "may", "jun", "jul",
+                                          "aug", "sep", "oct", "nov", "dec", NULL};
 static const char *const day_names[] = {"sun", "mon", "tue", "wed", "thu", "fri", "sat", NULL};
 
 static const cron_field fields[5] = {
-    {"minute", 0, 59, NULL},     {"hour", 0, 23, NULL},           {"day of month", 1, 31, NULL},
-    {"month", 1, 12, month_names}, {"day of week", 0, 7, day_names}, /* 7 is Sunday too */
+    {"minute", 0, 59, NULL},          {"hour", 0, 23, NULL},
+    {"day of month", 1, 31, NULL},    {"month", 1, 12, month_names},
+    {"day of week", 0, 7, day_names}, /* 7 is Sunday too */
 };
 
 /* Reads a number or a name at *p; advances *p. 0 when there is neither. */
@@ -92,9 +93,8 @@ static int parse_field(const char *text, const cron_field *f, uint64_t *bits, cb
 
 static const char *expand_shorthand(const char *text) {
   static const char *const table[][2] = {
-      {"@yearly", "0 0 1 1 *"}, {"@annually", "0 0 1 1 *"}, {"@monthly", "0 0 1 * *"},
-      {"@weekly", "0 0 * * 0"}, {"@daily", "0 0 * * *"},    {"@midnight", "0 0 * * *"},
-      {"@hourly", "0 * * * *"},
+      {"@yearly", "0 0 1 1 *"}, {"@annually", "0 0 1 1 *"}, {"@monthly", "0 0 1 * *"}, {"@weekly", "0 0 * * 0"},
+      {"@daily", "0 0 * * *"},  {"@midnight", "0 0 * * *"}, {"@hourly", "0 * * * *"},
   };
   for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
     if (strcmp(text, table[i][0]) == 0) return table[i][1];
@@ -117,8 +117,8 @@ int cb_cron_parse(const char *text, cb_cron *out, cb_err *err) {
     tokens[n++] = t;
   }
   if (n != 5)
-    return cb_err_set(err, CB_EINVAL,
-                      "cron `%.100s`: 5 fields expected (minute hour day-of-month month day-of-week)", text);
+    return cb_err_set(err, CB_EINVAL, "cron `%.100s`: 5 fields expected (minute hour day-of-month month day-of-week)",
+                      text);
   uint64_t bits[5];
   for (int i = 0; i < 5; i++) {
     cb_err why;
@@ -145,8 +145,8 @@ static void bits_array(char *out, size_t len, uint64_t bits, int min, int max) {
 
 /* ---- the API ------------------------------------------------------------------------ */
 
-#define SCHEDULE_COLUMNS                                                                                    \
-  "name, domain, command_type AS type, data, priority, cron, every_seconds AS every, timezone, missed, "    \
+#define SCHEDULE_COLUMNS                                                                                         \
+  "name, domain, command_type AS type, data, priority, cron, every_seconds AS every, timezone, missed, "         \
   "paused, next_due_at::text AS next_due_at, last_due_at::text AS last_due_at, created_at::text AS created_at, " \
   "updated_at::text AS updated_at"
 
@@ -183,11 +183,21 @@ int cb_schedule_set(cb_runtime *rt, const cb_schedule_spec *s, cb_unit **rows, c
   bits_array(lists[3], sizeof lists[3], cron.months, 1, 12);
   bits_array(lists[4], sizeof lists[4], cron.weekdays, 0, 6);
   const char *tz = s->timezone ? s->timezone : "UTC";
-  const char *params[] = {s->name, s->domain, s->command_type, s->data_json, priority,
-                          s->cron, s->cron ? NULL : every, tz,
-                          s->cron ? lists[0] : NULL, s->cron ? lists[1] : NULL, s->cron ? lists[2] : NULL,
-                          s->cron ? lists[3] : NULL, s->cron ? lists[4] : NULL,
-                          cron.days_restricted ? "true" : "false", cron.weekdays_restricted ? "true" : "false",
+  const char *params[] = {s->name,
+                          s->domain,
+                          s->command_type,
+                          s->data_json,
+                          priority,
+                          s->cron,
+                          s->cron ? NULL : every,
+                          tz,
+                          s->cron ? lists[0] : NULL,
+                          s->cron ? lists[1] : NULL,
+                          s->cron ? lists[2] : NULL,
+                          s->cron ? lists[3] : NULL,
+                          s->cron ? lists[4] : NULL,
+                          cron.days_restricted ? "true" : "false",
+                          cron.weekdays_restricted ? "true" : "false",
                           s->catch_up ? "catch_up" : "skip"};
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
@@ -274,8 +284,11 @@ int cb_schedule_list(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err 
     if (rc != CB_OK) return rc;
   }
   const char *params[] = {domain};
-  return cb_bus_query(rt, "SELECT " SCHEDULE_COLUMNS " FROM commandbus.schedule WHERE $1::text IS NULL OR domain = $1"
-                      " ORDER BY name", 1, params, rows, err);
+  return cb_bus_query(rt,
+                      "SELECT " SCHEDULE_COLUMNS
+                      " FROM commandbus.schedule WHERE $1::text IS NULL OR domain = $1"
+                      " ORDER BY name",
+                      1, params, rows, err);
 }
 
 /* ---- the pass ------------------------------------------------------------------------ */

@@ -18,9 +18,7 @@
 
 #define SETUP_LOCK "SELECT pg_advisory_xact_lock(7236871001)"
 
-int cb_schema_version(void) {
-  return cb_migrations_count ? cb_migrations[cb_migrations_count - 1].version : 0;
-}
+int cb_schema_version(void) { return cb_migrations_count ? cb_migrations[cb_migrations_count - 1].version : 0; }
 
 /* Length of the dollar-quote tag starting at p ("$$" or "$tag$"), or 0. */
 static size_t dollar_tag(const char *p) {

@@ -80,8 +80,7 @@ static int precheck(cb_runtime *rt, const char *domain, const char *command_id, 
   if (rc == CB_OK && cb_result_rows(r) == 0) {
     rc = cb_err_set(err, CB_ENOTFOUND, "unknown command `%s` in domain %s", id, domain);
   } else if (rc == CB_OK && strcmp(cb_result_value(r, 0, 0), "IN_TROUBLESHOOTING_QUEUE") != 0) {
-    rc = cb_err_set(err, CB_ESTATE, "command %s is %s, not in the troubleshooting queue", id,
-                    cb_result_value(r, 0, 0));
+    rc = cb_err_set(err, CB_ESTATE, "command %s is %s, not in the troubleshooting queue", id, cb_result_value(r, 0, 0));
   } else if (rc == CB_OK) {
     /* The reply queue becomes a name in SQL: checked whole, like a caller's,
      * before it is copied (a peer may have written anything there). */
@@ -118,7 +117,7 @@ static int finish(cb_runtime *rt, cb_unit *u, int main_stmt, const char *id, cb_
 }
 
 /* The audit details' `reason`, when the operator gave one (parameter $n). */
-#define WITH_REASON(n)                                                                                \
+#define WITH_REASON(n) \
   " || CASE WHEN $" #n "::text IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('reason', $" #n "::text) END"
 
 int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, const char *operator_name,
@@ -167,8 +166,7 @@ int cb_tsq_retry(cb_runtime *rt, const char *domain, const char *command_id, con
     cb_hub_changed(cb_runtime_hub(rt), domain, id); /* PENDING again */
     cb_events_published(rt, u, events);
   }
-  if (rc == CB_ESTATE)
-    rc = cb_err_set(err, CB_ESTATE, "command %s has no archived message to send again", id);
+  if (rc == CB_ESTATE) rc = cb_err_set(err, CB_ESTATE, "command %s has no archived message to send again", id);
   if (rc == CB_OK && new_msg_id) *new_msg_id = cb_result_int(cb_unit_result(u, 0), 0, 0);
   cb_unit_free(u);
   if (rc == CB_OK) refresh_batch_after(rt, domain, batch);
@@ -197,11 +195,11 @@ static int close_command(cb_runtime *rt, const char *domain, const char *command
   if (reply[0]) {
     cb_strbuf_puts(&sql, ", r AS (");
     cb_queue_sql_insert(&sql, reply);
-    cb_strbuf_printf(&sql,
-                     " SELECT clock_timestamp(), jsonb_build_object('command_id', command_id, 'correlation_id',"
-                     " correlation_id, %s) FROM c)",
-                     complete ? "'outcome', 'SUCCESS', 'result', $4::jsonb"
-                              : "'outcome', 'CANCELED', 'reason', $4::text");
+    cb_strbuf_printf(
+        &sql,
+        " SELECT clock_timestamp(), jsonb_build_object('command_id', command_id, 'correlation_id',"
+        " correlation_id, %s) FROM c)",
+        complete ? "'outcome', 'SUCCESS', 'result', $4::jsonb" : "'outcome', 'CANCELED', 'reason', $4::text");
   }
   cb_strbuf_puts(&sql, " SELECT command_id FROM c"); /* the table's trigger notifies awaiters elsewhere */
   cb_unit *u = cb_unit_new();

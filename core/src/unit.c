@@ -75,10 +75,10 @@ int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *cons
   if (sql == NULL)
     return break_unit(u, cb_err_set(&u->err, CB_EINVAL, "statement %d of a unit has no SQL text", u->nstmts + 1));
   if (nparams < 0 || nparams > CB_UNIT_MAX_PARAMS || (nparams > 0 && params == NULL))
-    return break_unit(u, cb_err_set(&u->err, CB_EINVAL,
-                                    "statement %d of a unit has %d parameters%s; a statement takes 0 to %d",
-                                    u->nstmts + 1, nparams, nparams > 0 && params == NULL ? " and no values" : "",
-                                    CB_UNIT_MAX_PARAMS));
+    return break_unit(
+        u,
+        cb_err_set(&u->err, CB_EINVAL, "statement %d of a unit has %d parameters%s; a statement takes 0 to %d",
+                   u->nstmts + 1, nparams, nparams > 0 && params == NULL ? " and no values" : "", CB_UNIT_MAX_PARAMS));
   /* What a failure below must take back: nothing of it may stay. */
   size_t arena_len = u->arena_len, nparam_offsets = u->nparam_offsets;
   int ok = reserve(u, nparams) == 0;
@@ -95,8 +95,7 @@ int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *cons
   if (!ok) {
     u->arena_len = arena_len;
     u->nparam_offsets = nparam_offsets;
-    return break_unit(u, cb_err_set(&u->err, CB_ENOMEM, "out of memory adding statement %d of a unit",
-                                    u->nstmts + 1));
+    return break_unit(u, cb_err_set(&u->err, CB_ENOMEM, "out of memory adding statement %d of a unit", u->nstmts + 1));
   }
   s->params = nparam_offsets;
   s->nparams = nparams;
@@ -160,9 +159,7 @@ int cb_result_rows(const cb_result *r) { return r ? PQntuples(r) : 0; }
 int cb_result_columns(const cb_result *r) { return r ? PQnfields(r) : 0; }
 const char *cb_result_value(const cb_result *r, int row, int col) { return PQgetvalue(r, row, col); }
 int cb_result_is_null(const cb_result *r, int row, int col) { return PQgetisnull(r, row, col); }
-int64_t cb_result_int(const cb_result *r, int row, int col) {
-  return strtoll(PQgetvalue(r, row, col), NULL, 10);
-}
+int64_t cb_result_int(const cb_result *r, int row, int col) { return strtoll(PQgetvalue(r, row, col), NULL, 10); }
 int64_t cb_result_affected(const cb_result *r) {
   const char *s = r ? PQcmdTuples((PGresult *)r) : "";
   return *s ? strtoll(s, NULL, 10) : 0;
@@ -188,10 +185,16 @@ const char *cb_result_column_name(const cb_result *r, int col) { return PQfname(
 
 int cb_result_column_kind(const cb_result *r, int col) {
   switch (PQftype(r, col)) {
-    case 20: case 21: case 23: case 26: return CB_COL_INT;   /* int8, int2, int4, oid */
-    case 700: case 701: case 1700: return CB_COL_FLOAT;      /* float4, float8, numeric */
+    case 20:
+    case 21:
+    case 23:
+    case 26: return CB_COL_INT; /* int8, int2, int4, oid */
+    case 700:
+    case 701:
+    case 1700: return CB_COL_FLOAT; /* float4, float8, numeric */
     case 16: return CB_COL_BOOL;
-    case 114: case 3802: return CB_COL_JSON;                 /* json, jsonb */
+    case 114:
+    case 3802: return CB_COL_JSON; /* json, jsonb */
     default: return CB_COL_TEXT;
   }
 }

@@ -14,10 +14,10 @@
 /* One statement of a unit: offsets into the unit's arena, so that the arena
  * may grow while the unit is being filled. */
 typedef struct unit_stmt {
-  size_t sql;     /* offset of the NUL-terminated SQL text */
-  size_t params;  /* index of the first entry in param_offsets */
+  size_t sql;    /* offset of the NUL-terminated SQL text */
+  size_t params; /* index of the first entry in param_offsets */
   int nparams;
-  int flags;      /* CB_STMT_* */
+  int flags; /* CB_STMT_* */
 } unit_stmt;
 
 #define PARAM_NULL ((size_t)-1)

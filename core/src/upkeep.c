@@ -17,8 +17,8 @@
 #include "commandbus/schedule.h"
 #include "keyed.h"
 
-#define TICK_MS 50            /* a retention pass goes on at most this long after a full batch */
-#define SCHEDULE_EVERY 1.0    /* seconds between schedule passes */
+#define TICK_MS 50         /* a retention pass goes on at most this long after a full batch */
+#define SCHEDULE_EVERY 1.0 /* seconds between schedule passes */
 #define MAX_QUEUES 3
 
 struct cb_upkeep {

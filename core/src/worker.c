@@ -53,8 +53,10 @@ static void started(void *arg, uv_loop_t *loop) {
 
 static void on_drain_deadline(uv_timer_t *t) {
   cb_worker *w = t->data;
-  cb_log(CB_LOG_WARN, "worker %s: drain timeout (%g s) passed with %d command(s) in flight; leaving them for "
-         "redelivery", w->domain, w->o.drain_timeout, w->engine.in_flight);
+  cb_log(CB_LOG_WARN,
+         "worker %s: drain timeout (%g s) passed with %d command(s) in flight; leaving them for "
+         "redelivery",
+         w->domain, w->o.drain_timeout, w->engine.in_flight);
   pthread_mutex_lock(&w->engine.lock);
   w->abandon = 1;
   pthread_mutex_unlock(&w->engine.lock);
@@ -179,8 +181,10 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   if (w->lanes > CB_MESSAGE_ROUTER_MAX_LANES) w->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
   w->capacity = w->lanes * 2;
   cb__worker_sql_receive(&w->receive_sql, w->queue);
-  cb_upkeep_options uo = {.retention = opts->retention, .retention_interval = opts->retention_interval,
-                          .schedules = opts->schedules, .statement_timeout = opts->statement_timeout};
+  cb_upkeep_options uo = {.retention = opts->retention,
+                          .retention_interval = opts->retention_interval,
+                          .schedules = opts->schedules,
+                          .statement_timeout = opts->statement_timeout};
   w->upkeep = cb_upkeep_new(rt, w->domain, &uo);
   w->current = calloc((size_t)w->lanes, sizeof *w->current);
   w->buffers = calloc((size_t)w->lanes, sizeof *w->buffers);
@@ -188,10 +192,17 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
     cb_worker_free(w);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
-  cb_engine_config c = {.kind = "worker", .name = "worker", .domain = w->domain, .queue = w->queue,
-                        .lanes = w->lanes, .capacity = 4 * FETCH_MAX, .visibility_timeout = opts->visibility_timeout,
-                        .statement_timeout = opts->statement_timeout, .poll_interval = opts->poll_interval,
-                        .ops = &ops, .owner = w};
+  cb_engine_config c = {.kind = "worker",
+                        .name = "worker",
+                        .domain = w->domain,
+                        .queue = w->queue,
+                        .lanes = w->lanes,
+                        .capacity = 4 * FETCH_MAX,
+                        .visibility_timeout = opts->visibility_timeout,
+                        .statement_timeout = opts->statement_timeout,
+                        .poll_interval = opts->poll_interval,
+                        .ops = &ops,
+                        .owner = w};
   rc = cb_bus_ensure_command_queue(rt, w->domain, 1, err);
   if (rc == CB_OK) rc = cb_engine_init(&w->engine, rt, &c, err);
   if (rc != CB_OK) {

@@ -228,8 +228,10 @@ static void round_failed(cb_worker *w, ack_round *round, const cb_err *e) {
   if (round->single && work && work->reply_to && !work->reply_dropped) {
     /* Most likely the reply queue is gone: record the outcome without the
      * reply rather than run the handler again forever. */
-    cb_log(CB_LOG_ERROR, "worker %s: acknowledging command %s with a reply to %s failed (%s); recording its "
-           "outcome without the reply", w->domain, work->command_id, work->reply_to, e->message);
+    cb_log(CB_LOG_ERROR,
+           "worker %s: acknowledging command %s with a reply to %s failed (%s); recording its "
+           "outcome without the reply",
+           w->domain, work->command_id, work->reply_to, e->message);
     work->reply_to = NULL;
     work->reply_dropped = 1;
   } else if (!round->single) {

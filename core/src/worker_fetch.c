@@ -79,8 +79,8 @@ static void add_poison(cb_worker *w, cb_strbuf *poison, const cb_result *r, int 
   cb_log(CB_LOG_WARN, "worker %s: message %s set aside (%s)%s%s", w->domain, cb_result_value(r, i, 0), reason,
          id ? " for command " : "", id ? id : "");
   cb_strbuf_putc(poison, poison->len ? ',' : '[');
-  cb_strbuf_printf(poison, "{\"msg\":%s,\"id\":%s%s%s,\"reason\":\"%s\"}", cb_result_value(r, i, 0),
-                   id ? "\"" : "", id ? id : "null", id ? "\"" : "", reason);
+  cb_strbuf_printf(poison, "{\"msg\":%s,\"id\":%s%s%s,\"reason\":\"%s\"}", cb_result_value(r, i, 0), id ? "\"" : "",
+                   id ? id : "null", id ? "\"" : "", reason);
 }
 
 /* Archives the poison messages (a JSON list) with an audit row each. */
@@ -140,7 +140,7 @@ void cb__worker_fetched(void *arg, cb_unit *u, int index) {
       continue;
     }
     cb_work *work = cb__work_new(r, i);
-    if (work == NULL) continue; /* redelivered after the visibility timeout */
+    if (work == NULL) continue;                                         /* redelivered after the visibility timeout */
     cb_hub_changed(cb_runtime_hub(w->rt), w->domain, work->command_id); /* received: a state change */
     work->started_at = fetched_at;
     if (work->batch_id && nbatches < FETCH_MAX && !batch_seen_started(w, work->batch_id))

@@ -74,8 +74,8 @@ struct cb_worker {
 
   /* [lock] */
   cb_work *done_head, *done_tail; /* handed back by lanes, not yet collected */
-  int abandon;        /* drain deadline passed: lanes drop what they have not started */
-  cb_work **current;  /* per lane: the work whose handler runs, or NULL */
+  int abandon;                    /* drain deadline passed: lanes drop what they have not started */
+  cb_work **current;              /* per lane: the work whose handler runs, or NULL */
   cb_worker_health health;
   double avg_handler_s; /* moving average of handler time; 0 = unknown yet */
 };
@@ -115,7 +115,6 @@ void cb__worker_sql_receive(cb_strbuf *sql, const char *queue);
 void cb__worker_sql_set_aside(cb_strbuf *sql, const char *queue);
 /* The acknowledgement statement of one kind of outcome: $1 domain, $2 the
  * JSON input of its works; replies go to the nreply listed queues. */
-void cb__worker_sql_ack(cb_strbuf *sql, const char *queue, int kind, char reply[][CB_QUEUE_NAME_MAX + 1],
-                        int nreply);
+void cb__worker_sql_ack(cb_strbuf *sql, const char *queue, int kind, char reply[][CB_QUEUE_NAME_MAX + 1], int nreply);
 
 #endif

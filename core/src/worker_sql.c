@@ -46,17 +46,15 @@ void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
                  " hi AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
                  " FROM ");
   cb_queue_sql_table(sql, queue);
-  cb_strbuf_puts(sql,
-                 " WHERE commandbus.priority_of(message) > 0" VISIBLE
-                 " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-                 " mid AS (SELECT msg_id, message->>'command_type' AS type, 0 AS prio FROM ");
+  cb_strbuf_puts(sql, " WHERE commandbus.priority_of(message) > 0" VISIBLE
+                      " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+                      " mid AS (SELECT msg_id, message->>'command_type' AS type, 0 AS prio FROM ");
   cb_queue_sql_table(sql, queue);
-  cb_strbuf_puts(sql,
-                 " WHERE msg_id >= $4::bigint AND " CB_QUEUE_SQL_VISIBLE
-                 " AND (NOT (message ? 'priority') OR coalesce(commandbus.priority_of(message), 0) = 0)" NOT_FULL
-                 " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-                 " lo AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
-                 " FROM ");
+  cb_strbuf_puts(sql, " WHERE msg_id >= $4::bigint AND " CB_QUEUE_SQL_VISIBLE
+                      " AND (NOT (message ? 'priority') OR coalesce(commandbus.priority_of(message), 0) = 0)" NOT_FULL
+                      " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+                      " lo AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
+                      " FROM ");
   cb_queue_sql_table(sql, queue);
   cb_strbuf_puts(sql,
                  " WHERE commandbus.priority_of(message) < 0" VISIBLE
@@ -188,18 +186,17 @@ static void ack_queue(cb_strbuf *sql, const char *queue, int kind) {
       /* A process step that lands in the TSQ pauses its process until the
        * operator acts (a probe by key; commands of no process change
        * nothing). */
-      cb_strbuf_puts(sql,
-                     ", pw AS (UPDATE commandbus.process pr SET status = 'WAITING_FOR_TSQ', updated_at = now() FROM c"
-                     " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND " CB_STATUS_OF("pr")
-                     " = 'WAITING')");
+      cb_strbuf_puts(
+          sql,
+          ", pw AS (UPDATE commandbus.process pr SET status = 'WAITING_FOR_TSQ', updated_at = now() FROM c"
+          " WHERE pr.domain = $1 AND pr.process_id = c.correlation_id AND " CB_STATUS_OF("pr") " = 'WAITING')");
       break;
     case ACK_FAILED: cb_queue_sql_archive(sql, queue, "ARRAY(SELECT msg FROM c)"); break;
   }
 }
 
 /* Each statement touches the queue only for the commands it moved. */
-void cb__worker_sql_ack(cb_strbuf *sql, const char *queue, int kind, char reply[][CB_QUEUE_NAME_MAX + 1],
-                        int nreply) {
+void cb__worker_sql_ack(cb_strbuf *sql, const char *queue, int kind, char reply[][CB_QUEUE_NAME_MAX + 1], int nreply) {
   cb_strbuf_reset(sql);
   ack_move(sql, kind);
   ack_queue(sql, queue, kind);

@@ -38,8 +38,8 @@ cb_work *cb__work_new(const cb_result *r, int row) {
   cb_work *w = calloc(1, len);
   if (w == NULL) return NULL;
   char *p = (char *)(w + 1);
-  const char **fields[] = {&w->command_id, &w->command_type, &w->data_json,
-                           &w->correlation_id, &w->reply_to, &w->batch_id};
+  const char **fields[] = {&w->command_id,     &w->command_type, &w->data_json,
+                           &w->correlation_id, &w->reply_to,     &w->batch_id};
   for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) {
     const char *v = cb_result_value(r, row, cols[i]);
     size_t n = strlen(v) + 1;

@@ -321,7 +321,7 @@ static void the_sink_gets_committed_events_in_order_and_counts_what_does_not_fit
   assert_int_equal(cb_process_append_event(rt, domain, id, "a", NULL, &seq, &err), CB_OK);
   assert_int_equal(cb_process_append_event(rt, domain, id, "b", NULL, &seq, &err), CB_OK);
   assert_int_equal(cb_process_append_event(rt, domain, id, "c", NULL, &seq, &err), CB_OK); /* does not fit */
-  change_process(rt, domain, id, "COMPLETED", "{}"); /* terminal: never pushed */
+  change_process(rt, domain, id, "COMPLETED", "{}");                                       /* terminal: never pushed */
   cb_events_stats st;
   cb_events_stats_get(rt, &st);
   assert_int_equal(st.pushed, 3);
@@ -395,11 +395,11 @@ static int wait_for_backend(cb_runtime *rt, const char *sql, double within_s) {
   return 0;
 }
 
-#define IN_PG_SLEEP                                                                                        \
-  "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"                      \
+#define IN_PG_SLEEP                                                                  \
+  "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()" \
   " AND wait_event = 'PgSleep' AND query LIKE '%pg_sleep($3::float8)%')"
-#define WAITING_FOR_SHARE                                                                                  \
-  "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"                      \
+#define WAITING_FOR_SHARE                                                            \
+  "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()" \
   " AND wait_event_type = 'Lock' AND query LIKE '%FROM commandbus.command%FOR SHARE%')"
 
 static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_its_outcome(void **state) {

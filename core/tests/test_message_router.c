@@ -113,7 +113,7 @@ static void textual_keys_spread_evenly_too(void **state) {
   char key[32];
 
   /* Sequential ids differ only in their last bytes: the mixer must still
-     * scatter them. */
+   * scatter them. */
   for (int i = 0; i < 100000; i++) {
     int len = snprintf(key, sizeof key, "order-%d", i);
     counts[cb_jump_hash(cb_message_router_hash(key, (size_t)len), 4)]++;
@@ -294,10 +294,8 @@ static void a_handler_gets_a_single_message_of_a_split_batch_at_once(void **stat
   assert_int_equal(cb_message_router_start(r), CB_OK);
   for (int l = 0; l < 2; l++) assert_int_equal(cb_message_router_route(r, keys[l], strlen(keys[l]), item_of(l)), CB_OK);
   for (int i = 0; i < 10000 && !both_delivered; i++) {
-    if (atomic_load(&seen.items[0]) && atomic_load(&seen.items[1]))
-      both_delivered = true;
-    else
-      sleep_ms(1);
+    if (atomic_load(&seen.items[0]) && atomic_load(&seen.items[1])) both_delivered = true;
+    else sleep_ms(1);
   }
   cb_message_router_stop(r);
   assert_true(both_delivered);
@@ -401,7 +399,7 @@ static void block_policy_waits_then_succeeds_when_a_lane_drains(void **state) {
 
   assert_int_equal(cb_message_router_start(r), CB_OK);
   /* The router holds at most 12 (lane 4, ingress 4, dispatcher's hand
-     * 4) and nobody takes yet, so the producer must be waiting. */
+   * 4) and nobody takes yet, so the producer must be waiting. */
   assert_int_equal(pthread_create(&thread, NULL, route_more_than_fits, &p), 0);
   sleep_ms(100);
   assert_int_equal(atomic_load(&p.done), 0);
@@ -548,7 +546,7 @@ static void stop_wakes_a_consumer_waiting_on_an_empty_lane(void **state) {
 typedef struct order_check {
   cb_message_router *router;
   /* next expected sequence per (producer, key); each key has one lane, so
-     * each counter is only touched by that lane's thread */
+   * each counter is only touched by that lane's thread */
   long next_seq[PRODUCERS][KEYS_PER_PRODUCER];
   atomic_long out_of_order;
   atomic_long wrong_lane;
@@ -594,10 +592,8 @@ static void *produce_in_sequence(void *arg) {
   for (long i = 0; i < ITEMS_PER_PRODUCER; i++) {
     int k = (int)(next_random(&rnd) % KEYS_PER_PRODUCER);
     int len = order_key(key, sizeof key, p->id, k);
-    if (cb_message_router_route(p->router, key, (size_t)len, order_item(p->id, k, seq[k])) == CB_OK)
-      seq[k]++;
-    else
-      p->failures++;
+    if (cb_message_router_route(p->router, key, (size_t)len, order_item(p->id, k, seq[k])) == CB_OK) seq[k]++;
+    else p->failures++;
   }
   return NULL;
 }

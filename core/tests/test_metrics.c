@@ -54,8 +54,8 @@ static void exposition_escapes_labels_and_leaves_empty_families_out(void **state
   assert_non_null(strstr(text, "commandbus_commands{domain=\"a\\\"b\\\\c\\nd\",status=\"CANCELED\"} 0\n"));
   assert_non_null(strstr(text, "commandbus_commands{domain=\"a\\\"b\\\\c\\nd\",status=\"FROM_A_PEER\"} 1\n"));
   assert_non_null(strstr(text, "commandbus_tsq_commands{domain=\"a\\\"b\\\\c\\nd\"} 0\n"));
-  assert_null(strstr(text, "commandbus_processes"));   /* no process: no family */
-  assert_null(strstr(text, "commandbus_worker_"));     /* no worker either */
+  assert_null(strstr(text, "commandbus_processes")); /* no process: no family */
+  assert_null(strstr(text, "commandbus_worker_"));   /* no worker either */
   assert_non_null(strstr(text, "commandbus_awaiter_waiters 0\n"));
   assert_int_equal(text[strlen(text) - 1], '\n');
   free(text);

@@ -187,8 +187,7 @@ static void a_batch_gets_ids_in_order_and_is_read_in_queue_order(void **state) {
   int64_t *ids = NULL;
   size_t n = 0;
   cb_err err;
-  assert_int_equal(cb_queue_send_batch(rt, q, "[{\"n\":1},{\"n\":2},{\"n\":3},{\"n\":4},{\"n\":5}]", 0, &ids,
-                                       &n, &err),
+  assert_int_equal(cb_queue_send_batch(rt, q, "[{\"n\":1},{\"n\":2},{\"n\":3},{\"n\":4},{\"n\":5}]", 0, &ids, &n, &err),
                    CB_OK);
   assert_int_equal(n, 5);
   for (size_t i = 1; i < n; i++) assert_true(ids[i] > ids[i - 1]);

@@ -17,9 +17,9 @@ static const char *redacted(const char *conninfo, const char *message) {
 }
 
 static void a_quoted_password_token_is_masked(void **state) {
-  assert_string_equal(redacted("postgresql://u:S3cr3tPw%ZZ@127.0.0.1:5432/db",
-                               "invalid percent-encoded token: \"S3cr3tPw%ZZ\""),
-                      "invalid percent-encoded token: \"***\"");
+  assert_string_equal(
+      redacted("postgresql://u:S3cr3tPw%ZZ@127.0.0.1:5432/db", "invalid percent-encoded token: \"S3cr3tPw%ZZ\""),
+      "invalid percent-encoded token: \"***\"");
 }
 
 static void an_echoed_uri_keeps_its_host_but_not_its_password(void **state) {
@@ -39,13 +39,14 @@ static void a_password_with_a_raw_slash_or_at_sign_is_covered_whole(void **state
 }
 
 static void key_value_passwords_are_masked_even_when_quoted_wrongly(void **state) {
-  assert_string_equal(redacted("host=127.0.0.1 password=\"S3cr3t Pw",
-                               "missing \"=\" after \"Pw\" in connection info string"),
-                      "missing \"=\" after \"***\" in connection info string");
+  assert_string_equal(
+      redacted("host=127.0.0.1 password=\"S3cr3t Pw", "missing \"=\" after \"Pw\" in connection info string"),
+      "missing \"=\" after \"***\" in connection info string");
   assert_string_equal(redacted("host=x sslpassword = k3yPass port=1", "bad value \"k3yPass\""), "bad value \"***\"");
   /* the other values stay readable */
-  assert_string_equal(redacted("host=x password=S3cr3tPw port=abc", "invalid integer value \"abc\" for connection option \"port\""),
-                      "invalid integer value \"abc\" for connection option \"port\"");
+  assert_string_equal(
+      redacted("host=x password=S3cr3tPw port=abc", "invalid integer value \"abc\" for connection option \"port\""),
+      "invalid integer value \"abc\" for connection option \"port\"");
 }
 
 static void a_query_password_is_masked(void **state) {

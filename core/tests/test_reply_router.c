@@ -73,8 +73,8 @@ static int64_t query_int(world *w, const char *sql, int nparams, const char *con
 /* Starts a process at step "reserve"; process_id gets its id, command_id
  * the id of the Reserve command it sent. */
 static void start_process(world *w, char *process_id, char *command_id) {
-  cb_process_start_spec spec = {.domain = w->domain, .process_type = "Order", .state_json = "{}",
-                                .step_name = "reserve"};
+  cb_process_start_spec spec = {
+      .domain = w->domain, .process_type = "Order", .state_json = "{}", .step_name = "reserve"};
   cb_command_spec first = {.command_type = "Reserve", .data_json = "{}", .reply_to = w->replies};
   cb_send_result sent;
   cb_err err;
@@ -86,8 +86,8 @@ static void start_process(world *w, char *process_id, char *command_id) {
 static void send_reply(world *w, const char *process_id, const char *command_id) {
   char json[256];
   snprintf(json, sizeof json,
-           "{\"command_id\": \"%s\", \"correlation_id\": \"%s\", \"outcome\": \"SUCCESS\", \"result\": {}}",
-           command_id, process_id);
+           "{\"command_id\": \"%s\", \"correlation_id\": \"%s\", \"outcome\": \"SUCCESS\", \"result\": {}}", command_id,
+           process_id);
   int64_t msg_id;
   cb_err err;
   assert_int_equal(cb_queue_send(w->rt, w->replies, json, 0, &msg_id, &err), CB_OK);
@@ -270,8 +270,7 @@ static void a_reply_moves_its_process_and_sends_the_next_command(void **state) {
   stop_and_free(r);
   /* One transaction moved them all. */
   const char *dp[] = {w.domain};
-  assert_int_equal(query_int(&w, "SELECT count(DISTINCT xmin::text) FROM commandbus.process WHERE domain = $1", 1,
-                             dp),
+  assert_int_equal(query_int(&w, "SELECT count(DISTINCT xmin::text) FROM commandbus.process WHERE domain = $1", 1, dp),
                    1);
   for (int i = 0; i < N; i++) {
     process_is(&w, pid[i], "WAITING", "charge");
@@ -350,8 +349,11 @@ static void a_duplicate_reply_is_applied_once(void **state) {
   process_is(&w, pid, "WAITING", "charge");
   assert_int_equal(commands_of_type(&w, "Charge"), 1);
   const char *p[] = {w.domain, pid};
-  assert_int_equal(query_int(&w, "SELECT count(*) FROM commandbus.process_audit WHERE domain = $1"
-                                 " AND process_id = $2::uuid", 2, p), 2);
+  assert_int_equal(query_int(&w,
+                             "SELECT count(*) FROM commandbus.process_audit WHERE domain = $1"
+                             " AND process_id = $2::uuid",
+                             2, p),
+                   2);
   assert_int_equal(queue_length(&w, w.replies), 0);
   assert_int_equal(archived(&w), 1);
 
@@ -385,8 +387,10 @@ static void a_batch_holding_a_reply_applied_before_still_applies_the_others(void
     if (strcmp(replies[i]->process_id, pid[STALE]) == 0) stale = i;
   assert_true(stale >= 0);
   const char *p[] = {w.domain, cid[STALE]};
-  run_sql(&w, "UPDATE commandbus.process_audit SET reply_outcome = 'SUCCESS' WHERE domain = $1"
-              " AND command_id = $2::uuid", 2, p);
+  run_sql(&w,
+          "UPDATE commandbus.process_audit SET reply_outcome = 'SUCCESS' WHERE domain = $1"
+          " AND command_id = $2::uuid",
+          2, p);
 
   cb_reply_decision decisions[N];
   for (int i = 0; i < N; i++) decisions[i] = decide(replies[i]);

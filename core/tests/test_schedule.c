@@ -77,11 +77,21 @@ static void bad_expressions_are_refused_naming_the_field(void **state) {
   static const struct {
     const char *text, *says;
   } cases[] = {
-      {"60 * * * *", "minute"},   {"* 24 * * *", "hour"},       {"* * 0 * *", "day of month"},
-      {"* * 32 * *", "day of month"}, {"* * * 13 *", "month"},  {"* * * * 8", "day of week"},
-      {"5-1 * * * *", "minute"},  {"*/0 * * * *", "minute"},    {"x * * * *", "minute"},
-      {"1,,2 * * * *", "minute"}, {"* * * * *  *", "5 fields"}, {"* * * *", "5 fields"},
-      {"", "5 fields"},           {"@often", "5 fields"},       {"* * * foo *", "month"},
+      {"60 * * * *", "minute"},
+      {"* 24 * * *", "hour"},
+      {"* * 0 * *", "day of month"},
+      {"* * 32 * *", "day of month"},
+      {"* * * 13 *", "month"},
+      {"* * * * 8", "day of week"},
+      {"5-1 * * * *", "minute"},
+      {"*/0 * * * *", "minute"},
+      {"x * * * *", "minute"},
+      {"1,,2 * * * *", "minute"},
+      {"* * * * *  *", "5 fields"},
+      {"* * * *", "5 fields"},
+      {"", "5 fields"},
+      {"@often", "5 fields"},
+      {"* * * foo *", "month"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     cb_cron c;

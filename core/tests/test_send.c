@@ -27,7 +27,7 @@ typedef struct caller {
   const char *data; /* the command's data (JSON text) */
   const char *id;   /* NULL: a new one */
   const char *dedup_key;
-  int two;          /* sends two commands in one call (not merged into the group's statement) */
+  int two; /* sends two commands in one call (not merged into the group's statement) */
   pthread_barrier_t *go;
   int rc;
   cb_err err;
@@ -150,7 +150,10 @@ static void concurrent_sends_share_a_transaction_and_a_refused_one_fails_alone(v
     caller callers[CALLERS], opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
     pthread_t threads[CALLERS], sleeper, opener_thread;
     for (int i = 0; i < CALLERS; i++) {
-      callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99,
+      callers[i] = (caller){.rt = rt,
+                            .domain = domain,
+                            .go = &go,
+                            .rc = -99,
                             .data = with_bad && i == CALLERS / 2 ? "{\"n\": oops}" : "{\"n\": 1}"};
       pthread_create(&threads[i], NULL, caller_main, &callers[i]);
     }
@@ -212,8 +215,13 @@ static void sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart(void **sta
   caller callers[CALLERS], opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
   pthread_t threads[CALLERS], sleeper, opener_thread;
   for (int i = 0; i < CALLERS; i++) {
-    callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99, .data = "{\"n\": 2}",
-                          .id = i < 2 ? twin : NULL, .dedup_key = i == 2 || i == 3 ? "once" : NULL};
+    callers[i] = (caller){.rt = rt,
+                          .domain = domain,
+                          .go = &go,
+                          .rc = -99,
+                          .data = "{\"n\": 2}",
+                          .id = i < 2 ? twin : NULL,
+                          .dedup_key = i == 2 || i == 3 ? "once" : NULL};
     pthread_create(&threads[i], NULL, caller_main, &callers[i]);
   }
   pthread_create(&opener_thread, NULL, caller_main, &opener);
@@ -329,14 +337,16 @@ static void a_refused_send_among_duplicates_fails_alone_and_the_others_keep_thei
   char sql[256];
   snprintf(sql, sizeof sql, "SELECT count(*) FROM pgmq.q_%s__commands WHERE message->>'domain' = $1", domain);
   assert_int_equal(count_of(rt, sql, domain, NULL), 2 + 6);
-  assert_int_equal(count_of(rt, "SELECT count(*) FROM commandbus.audit WHERE domain = $1 AND event_type = 'SENT'",
-                            domain, NULL),
-                   2 + 6);
-  assert_int_equal(count_of(rt, "SELECT count(*) FROM commandbus.dedup WHERE domain = $1 AND dedup_key = 'pair'"
+  assert_int_equal(
+      count_of(rt, "SELECT count(*) FROM commandbus.audit WHERE domain = $1 AND event_type = 'SENT'", domain, NULL),
+      2 + 6);
+  assert_int_equal(count_of(rt,
+                            "SELECT count(*) FROM commandbus.dedup WHERE domain = $1 AND dedup_key = 'pair'"
                             " AND command_id = $2::uuid",
                             domain, sent_pair->sent.command_id),
                    1);
-  assert_int_equal(count_of(rt, "SELECT count(*) FROM commandbus.dedup WHERE domain = $1 AND dedup_key = 'held'"
+  assert_int_equal(count_of(rt,
+                            "SELECT count(*) FROM commandbus.dedup WHERE domain = $1 AND dedup_key = 'held'"
                             " AND command_id = $2::uuid",
                             domain, holder.command_id),
                    1);

@@ -125,9 +125,12 @@ static void background_jobs_remove_old_work_and_send_due_schedules(void **state)
   assert_true(runners[0].scheduled >= 1);
   free(runners);
 
-  assert_int_equal(count(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND command_type = 'Old'", domain), 0);
-  assert_true(count(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND command_type = 'Tick'"
-                        " AND status = 'COMPLETED'", domain) >= 1);
+  assert_int_equal(
+      count(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND command_type = 'Old'", domain), 0);
+  assert_true(count(rt,
+                    "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND command_type = 'Tick'"
+                    " AND status = 'COMPLETED'",
+                    domain) >= 1);
   int existed;
   assert_int_equal(cb_schedule_remove(rt, name, &existed, &err), CB_OK);
   assert_true(existed);

@@ -55,29 +55,120 @@ static double any_double(input *in) {
   return d;
 }
 
-static const char *const option_names[] = {
-    "vt", "qty", "delay", "max_wait", "poll_interval", "timeout", "listen", "limit", "offset", "domain", "type",
-    "status", "id", "correlation_id", "reply_to", "batch_id", "max_attempts", "data", "commands", "name",
-    "custom_data", "operator", "step", "state", "command", "older_than", "capacity", "handlers", "managers",
-    "concurrency", "visibility_timeout", "statement_timeout", "drain_timeout", "retry", "backoff", "reply_queue",
-    "tick_interval", "tick", "threads", "lanes", "batch_size", "batch_timeout_ms", "queue_size", "lane_queue_size",
-    "block_timeout_ms", "policy", "handler", "pool_size", "connect_timeout", "application_name", "priority",
-    "dedup_key", "dedup_for", "cron", "every", "timezone", "missed", "statuses", "archive", "batches", "processes",
-    "per_second", "retention", "schedules", "interval"};
+static const char *const option_names[] = {"vt",
+                                           "qty",
+                                           "delay",
+                                           "max_wait",
+                                           "poll_interval",
+                                           "timeout",
+                                           "listen",
+                                           "limit",
+                                           "offset",
+                                           "domain",
+                                           "type",
+                                           "status",
+                                           "id",
+                                           "correlation_id",
+                                           "reply_to",
+                                           "batch_id",
+                                           "max_attempts",
+                                           "data",
+                                           "commands",
+                                           "name",
+                                           "custom_data",
+                                           "operator",
+                                           "step",
+                                           "state",
+                                           "command",
+                                           "older_than",
+                                           "capacity",
+                                           "handlers",
+                                           "managers",
+                                           "concurrency",
+                                           "visibility_timeout",
+                                           "statement_timeout",
+                                           "drain_timeout",
+                                           "retry",
+                                           "backoff",
+                                           "reply_queue",
+                                           "tick_interval",
+                                           "tick",
+                                           "threads",
+                                           "lanes",
+                                           "batch_size",
+                                           "batch_timeout_ms",
+                                           "queue_size",
+                                           "lane_queue_size",
+                                           "block_timeout_ms",
+                                           "policy",
+                                           "handler",
+                                           "pool_size",
+                                           "connect_timeout",
+                                           "application_name",
+                                           "priority",
+                                           "dedup_key",
+                                           "dedup_for",
+                                           "cron",
+                                           "every",
+                                           "timezone",
+                                           "missed",
+                                           "statuses",
+                                           "archive",
+                                           "batches",
+                                           "processes",
+                                           "per_second",
+                                           "retention",
+                                           "schedules",
+                                           "interval"};
 #define NOPTIONS (sizeof option_names / sizeof option_names[0])
 
-static const char *const good_strings[] = {
-    "d", "payments", "T", "01234567-89ab-7def-8123-456789abcdef", "fuzz_q", "1", "9223372036854775807", "drop",
-    "block", "spec.support.handlers", "PENDING", "h\xc3\xa9llo", "", "skip", "catch_up", "*/5 * * * *", "UTC",
-    "COMPLETED"};
+static const char *const good_strings[] = {"d",
+                                           "payments",
+                                           "T",
+                                           "01234567-89ab-7def-8123-456789abcdef",
+                                           "fuzz_q",
+                                           "1",
+                                           "9223372036854775807",
+                                           "drop",
+                                           "block",
+                                           "spec.support.handlers",
+                                           "PENDING",
+                                           "h\xc3\xa9llo",
+                                           "",
+                                           "skip",
+                                           "catch_up",
+                                           "*/5 * * * *",
+                                           "UTC",
+                                           "COMPLETED"};
 #define NGOOD (sizeof good_strings / sizeof good_strings[0])
 
 static void push_value(lua_State *L, input *in, int depth);
 
 static void push_number(lua_State *L, input *in) {
-  static const double special[] = {0,  1, -1, 0.5, 1.5, 1e300, -1e300, 2147483647.0, 2147483648.0, 4294967297.0,
-                                   9007199254740993.0, 9223372036854775808.0, -9223372036854775808.0, 1e-300,
-                                   604800, 604801, 31536000, 31536001, 1000, 1001, 64, 65, 1024, 1025};
+  static const double special[] = {0,
+                                   1,
+                                   -1,
+                                   0.5,
+                                   1.5,
+                                   1e300,
+                                   -1e300,
+                                   2147483647.0,
+                                   2147483648.0,
+                                   4294967297.0,
+                                   9007199254740993.0,
+                                   9223372036854775808.0,
+                                   -9223372036854775808.0,
+                                   1e-300,
+                                   604800,
+                                   604801,
+                                   31536000,
+                                   31536001,
+                                   1000,
+                                   1001,
+                                   64,
+                                   65,
+                                   1024,
+                                   1025};
   uint8_t k = byte(in);
   if (k < 3) lua_pushnumber(L, k == 0 ? NAN : k == 1 ? INFINITY : -INFINITY);
   else if (k < 3 + sizeof special / sizeof special[0]) lua_pushnumber(L, special[k - 3]);
@@ -261,7 +352,8 @@ static int probe(lua_State *L) {
   check_outcome(L, m, status, args);
   /* A message router holds memory Lua does not count: close it now, not
    * whenever the collector gets to it. */
-  if (status == LUA_OK && lua_gettop(L) > args && lua_isuserdata(L, args + 1) && luaL_getmetafield(L, args + 1, "__gc")) {
+  if (status == LUA_OK && lua_gettop(L) > args && lua_isuserdata(L, args + 1) &&
+      luaL_getmetafield(L, args + 1, "__gc")) {
     lua_pushvalue(L, args + 1);
     lua_call(L, 1, 0);
   }
@@ -301,7 +393,7 @@ static void setup(void) {
   state = luaL_newstate();
   luaL_openlibs(state);
   luaL_requiref(state, "commandbus.core", luaopen_commandbus_core, 0); /* [1] the module */
-  cbL_newbus(state);                                                  /* [2] a bus without a runtime */
+  cbL_newbus(state);                                                   /* [2] a bus without a runtime */
   lua_getfield(state, 2, "queue");
   lua_pushvalue(state, 2);
   lua_pushliteral(state, "fuzz_q");

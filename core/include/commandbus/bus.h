@@ -46,8 +46,8 @@ typedef struct cb_command_spec {
 
 typedef struct cb_send_result {
   char command_id[CB_UUID_LEN + 1];
-  int64_t msg_id;  /* 0 for a duplicate */
-  int duplicate;   /* the id existed, or the dedup key was held: nothing was written for it */
+  int64_t msg_id;                     /* 0 for a duplicate */
+  int duplicate;                      /* the id existed, or the dedup key was held: nothing was written for it */
   char duplicate_of[CB_UUID_LEN + 1]; /* a duplicate's first command: the same id, or the key's holder */
 } cb_send_result;
 
@@ -112,8 +112,7 @@ void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *res
 int cb_bus_run_query(cb_runtime *rt, cb_unit *u, cb_unit **rows, cb_err *err);
 
 /* The same for a query of one statement. */
-int cb_bus_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows,
-                 cb_err *err);
+int cb_bus_query(cb_runtime *rt, const char *sql, int nparams, const char *const *params, cb_unit **rows, cb_err *err);
 
 typedef struct cb_command_filter {
   const char *domain;         /* required */
@@ -151,8 +150,8 @@ int cb_bus_create_batch(cb_runtime *rt, const char *domain, const char *name, co
                         cb_command_spec *specs, size_t n, cb_send_result *results, char *batch_id, cb_err *err);
 /* One row with exact counts; CB_ENOTFOUND for an unknown batch. */
 int cb_bus_get_batch(cb_runtime *rt, const char *domain, const char *batch_id, cb_unit **rows, cb_err *err);
-int cb_bus_list_batches(cb_runtime *rt, const char *domain, const char *status, int limit, int offset,
-                        cb_unit **rows, cb_err *err);
+int cb_bus_list_batches(cb_runtime *rt, const char *domain, const char *status, int limit, int offset, cb_unit **rows,
+                        cb_err *err);
 
 #ifdef __cplusplus
 }

@@ -29,10 +29,10 @@ typedef enum cb_code {
 #define CB_ERR_MESSAGE_MAX 512
 
 typedef struct cb_err {
-  int code;                        /* a cb_code */
-  char sqlstate[6];                /* "" unless PostgreSQL gave one */
-  char table[128];                 /* "schema.table" the error names (a violated
-                                      constraint's table), "" when none */
+  int code;         /* a cb_code */
+  char sqlstate[6]; /* "" unless PostgreSQL gave one */
+  char table[128];  /* "schema.table" the error names (a violated
+                       constraint's table), "" when none */
   char message[CB_ERR_MESSAGE_MAX];
 } cb_err;
 

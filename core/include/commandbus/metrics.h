@@ -49,20 +49,20 @@ typedef struct cb_router_metrics {
 } cb_router_metrics;
 
 typedef struct cb_metrics {
-  int all_processes;         /* runners come from heartbeats (every process) */
-  cb_queue_metrics *queues;  /* by name */
+  int all_processes;        /* runners come from heartbeats (every process) */
+  cb_queue_metrics *queues; /* by name */
   size_t nqueues;
   cb_status_count *commands; /* by domain, then status (only counts > 0) */
   size_t ncommands;
   cb_status_count *processes;
   size_t nprocesses;
-  cb_runner_stat *runners;   /* by kind, domain; all_processes: stopped and lost ones too */
+  cb_runner_stat *runners; /* by kind, domain; all_processes: stopped and lost ones too */
   size_t nrunners;
   cb_router_metrics *routers; /* the process's named message routers */
   size_t nrouters;
-  size_t awaiting;           /* threads of this runtime awaiting a record now */
-  cb_events_stats events;    /* this runtime's process-event sink */
-  cb_unit *owner;            /* holds the strings above */
+  size_t awaiting;        /* threads of this runtime awaiting a record now */
+  cb_events_stats events; /* this runtime's process-event sink */
+  cb_unit *owner;         /* holds the strings above */
 } cb_metrics;
 
 /* Fills *m (free it with cb_metrics_free, also after a failure). */

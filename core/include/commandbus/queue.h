@@ -91,8 +91,7 @@ int cb_queue_create(cb_runtime *rt, const char *queue, cb_err *err);
  * CREATE INDEX IF NOT EXISTS q_<queue>_<suffix> ON pgmq.q_<queue> <definition>.
  * suffix and definition are the core's own SQL, never a caller's text.
  * Building it blocks writes to the queue for as long as it takes. */
-int cb_queue_ensure_index(cb_runtime *rt, const char *queue, const char *suffix, const char *definition,
-                          cb_err *err);
+int cb_queue_ensure_index(cb_runtime *rt, const char *queue, const char *suffix, const char *definition, cb_err *err);
 /* Sets the fillfactor of the queue's table (10..100: the share of each page
  * that inserts fill, leaving room for updated versions) unless one is set
  * already, under the lock of queue DDL. Pages written later have the room. */
@@ -102,8 +101,8 @@ int cb_queue_drop(cb_runtime *rt, const char *queue, int *existed, cb_err *err);
 int cb_queue_send(cb_runtime *rt, const char *queue, const char *json, double delay, int64_t *msg_id, cb_err *err);
 /* json_array is a JSON array of messages; ids (malloc'd, caller frees) get
  * one id per message, in order. */
-int cb_queue_send_batch(cb_runtime *rt, const char *queue, const char *json_array, double delay,
-                        int64_t **ids, size_t *count, cb_err *err);
+int cb_queue_send_batch(cb_runtime *rt, const char *queue, const char *json_array, double delay, int64_t **ids,
+                        size_t *count, cb_err *err);
 int cb_queue_read(cb_runtime *rt, const char *queue, double vt, int qty, cb_messages *out, cb_err *err);
 /* Reads; when nothing is visible, waits up to max_wait seconds for a send
  * (woken by LISTEN/NOTIFY from any connection) and re-reads every
@@ -112,10 +111,10 @@ int cb_queue_read_with_poll(cb_runtime *rt, const char *queue, double vt, int qt
                             double poll_interval, cb_messages *out, cb_err *err);
 int cb_queue_pop(cb_runtime *rt, const char *queue, int qty, cb_messages *out, cb_err *err);
 /* deleted/archived (malloc'd, caller frees) get the ids that existed. */
-int cb_queue_delete(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **deleted,
-                    size_t *count, cb_err *err);
-int cb_queue_archive(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **archived,
-                     size_t *count, cb_err *err);
+int cb_queue_delete(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **deleted, size_t *count,
+                    cb_err *err);
+int cb_queue_archive(cb_runtime *rt, const char *queue, const int64_t *ids, size_t n, int64_t **archived, size_t *count,
+                     cb_err *err);
 /* out is empty when there is no such message. */
 int cb_queue_set_vt(cb_runtime *rt, const char *queue, int64_t id, double vt, cb_messages *out, cb_err *err);
 int cb_queue_metrics_get(cb_runtime *rt, const char *queue, cb_queue_metrics *out, cb_err *err);

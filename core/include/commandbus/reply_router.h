@@ -46,14 +46,14 @@ typedef struct cb_reply_router_options {
 /* One reply handed to a lane; read-only for the lane. */
 typedef struct cb_reply {
   int64_t msg_id;
-  const char *message_json;    /* the reply as sent */
-  const char *outcome;         /* SUCCESS, FAILED, CANCELED */
-  const char *command_id;      /* the step command it answers */
+  const char *message_json; /* the reply as sent */
+  const char *outcome;      /* SUCCESS, FAILED, CANCELED */
+  const char *command_id;   /* the step command it answers */
   const char *process_id;
   const char *process_type;
-  const char *status;          /* the process's status */
+  const char *status; /* the process's status */
   const char *current_step;
-  const char *step_name;       /* the step of the command it answers */
+  const char *step_name; /* the step of the command it answers */
   const char *state_json;
   const char *completed_steps_json; /* steps answered SUCCESS so far, in order */
   struct cb_reply *next;

@@ -62,9 +62,9 @@ int cb_retention_get(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err 
 
 typedef struct cb_purge_spec {
   const char *domain;
-  double older_than;            /* seconds, >= 0 */
-  const char *const *statuses;  /* NULL: every kind the policy covers; else only commands in these
-                                   statuses (of COMPLETED, FAILED, CANCELED) with their audit rows */
+  double older_than;           /* seconds, >= 0 */
+  const char *const *statuses; /* NULL: every kind the policy covers; else only commands in these
+                                  statuses (of COMPLETED, FAILED, CANCELED) with their audit rows */
   size_t nstatuses;
 } cb_purge_spec;
 

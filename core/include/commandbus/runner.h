@@ -37,22 +37,22 @@ extern "C" {
 
 /* What a runner reports. Counters a kind does not have stay 0. */
 typedef struct cb_runner_stat {
-  char kind[16];                       /* "worker", "reply_router" */
+  char kind[16]; /* "worker", "reply_router" */
   char domain[CB_QUEUE_NAME_MAX + 1];
-  char runner_id[CB_UUID_LEN + 1];     /* one per run (UUIDv7) */
+  char runner_id[CB_UUID_LEN + 1]; /* one per run (UUIDv7) */
   char host[64];
   int pid;
-  char state[16];                      /* starting, running, stopping, stopped (cb_runner_list: or lost) */
-  double started_at, heartbeat_at;     /* Unix seconds; a live snapshot's heartbeat_at is now */
+  char state[16];                  /* starting, running, stopping, stopped (cb_runner_list: or lost) */
+  double started_at, heartbeat_at; /* Unix seconds; a live snapshot's heartbeat_at is now */
   int lanes, in_flight;
   uint64_t successes, failures, retries, consecutive_failures, stuck, poison; /* worker (failures: both) */
-  uint64_t applied, rejected;                                               /* reply router */
-  double last_success_at;              /* Unix seconds, 0 = never */
+  uint64_t applied, rejected;                                                 /* reply router */
+  double last_success_at;                                                     /* Unix seconds, 0 = never */
   /* worker: what its retention passes removed since it started, by kind, in
    * the order of cb_retention_kinds (retention.h): commands, audit, archive,
    * batches, processes, dedup_keys, schedule_runs */
   int64_t removed[CB_RUNNER_REMOVED_KINDS];
-  uint64_t scheduled;                  /* worker: commands it sent for due schedules */
+  uint64_t scheduled; /* worker: commands it sent for due schedules */
   int nlane_depths;
   uint32_t lane_depths[CB_MESSAGE_ROUTER_MAX_LANES]; /* items waiting in each lane */
 } cb_runner_stat;

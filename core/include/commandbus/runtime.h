@@ -43,9 +43,9 @@ extern "C" {
 typedef struct cb_runtime cb_runtime;
 
 typedef struct cb_runtime_options {
-  const char *conninfo;   /* libpq conninfo or URI; NULL or "" uses PG* variables */
-  int pool_size;          /* connections for queries; <= 0 means 2 */
-  int connect_timeout_ms; /* per connection attempt; <= 0 means 5000 */
+  const char *conninfo;         /* libpq conninfo or URI; NULL or "" uses PG* variables */
+  int pool_size;                /* connections for queries; <= 0 means 2 */
+  int connect_timeout_ms;       /* per connection attempt; <= 0 means 5000 */
   const char *application_name; /* NULL means "commandbus" */
 } cb_runtime_options;
 

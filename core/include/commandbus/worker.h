@@ -32,10 +32,10 @@ extern "C" {
 
 typedef struct cb_worker_options {
   const char *domain;
-  int lanes;                 /* handler concurrency; <= 0: cb_default_threads() */
-  double visibility_timeout; /* seconds a received message stays hidden; default 30 */
-  double statement_timeout;  /* seconds, per transaction; default 25; must be < visibility */
-  double poll_interval;      /* seconds between polls when idle; default 1 */
+  int lanes;                      /* handler concurrency; <= 0: cb_default_threads() */
+  double visibility_timeout;      /* seconds a received message stays hidden; default 30 */
+  double statement_timeout;       /* seconds, per transaction; default 25; must be < visibility */
+  double poll_interval;           /* seconds between polls when idle; default 1 */
   double backoff[CB_MAX_BACKOFF]; /* retry delays by attempt; default 10, 60, 300 */
   int nbackoff;
   double drain_timeout;      /* seconds stop waits for running handlers; default 30 */
@@ -62,7 +62,7 @@ typedef struct cb_work {
   int max_attempts;
   /* Outcome, set by the lane. */
   int outcome;
-  char *result_json;        /* SUCCESS: JSON text or NULL */
+  char *result_json; /* SUCCESS: JSON text or NULL */
   char *error_code;
   char *error_message;
   char *error_details_json; /* JSON text or NULL */
@@ -81,7 +81,7 @@ void cb_work_fail(cb_work *w, int outcome, const char *code, const char *message
 typedef struct cb_worker_health {
   const char *state; /* "starting", "running", "stopping", "stopped" */
   uint64_t successes, failures, consecutive_failures, stuck, poison;
-  uint64_t retries; /* failures that will be tried again (transient, attempts left) */
+  uint64_t retries;       /* failures that will be tried again (transient, attempts left) */
   double last_success_at; /* Unix seconds, 0 = never */
   int in_flight;
   cb_upkeep_stats upkeep; /* background jobs: retention counts, scheduled commands */
