@@ -125,6 +125,42 @@ static void wait_for_units(cb_runtime *rt, uint64_t n) {
   while (cb_runtime_units_sent(rt) < n) usleep(1000);
 }
 
+/* Makes the sends of callers[0..n) share one transaction. One connection is
+ * kept busy for a second (a sleep); a send made meanwhile (*opener) leaves
+ * at once, queued behind it; the callers, released together while it is on
+ * its way, gather and leave in one transaction when it is back. Fills in
+ * each caller's runtime, domain and barrier (the test sets what it sends);
+ * returns the units the runtime sent meanwhile. */
+#define MAX_CALLERS 16
+static uint64_t send_together(cb_runtime *rt, const char *domain, caller *callers, int n, caller *opener) {
+  assert_true(n <= MAX_CALLERS);
+  pthread_barrier_t go, go_opener;
+  pthread_barrier_init(&go, NULL, (unsigned)n + 1);
+  pthread_barrier_init(&go_opener, NULL, 2);
+  *opener = (caller){.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
+  pthread_t threads[MAX_CALLERS], sleeper, opener_thread;
+  for (int i = 0; i < n; i++) {
+    callers[i].rt = rt;
+    callers[i].domain = domain;
+    callers[i].go = &go;
+    callers[i].rc = -99;
+    pthread_create(&threads[i], NULL, caller_main, &callers[i]);
+  }
+  pthread_create(&opener_thread, NULL, caller_main, opener);
+  uint64_t units_before = cb_runtime_units_sent(rt);
+  pthread_create(&sleeper, NULL, sleeper_main, rt);
+  wait_for_units(rt, units_before + 1); /* the sleep is on the connection */
+  pthread_barrier_wait(&go_opener);
+  wait_for_units(rt, units_before + 2); /* the opener is on its way behind it */
+  pthread_barrier_wait(&go);
+  for (int i = 0; i < n; i++) pthread_join(threads[i], NULL);
+  pthread_join(opener_thread, NULL);
+  pthread_join(sleeper, NULL);
+  pthread_barrier_destroy(&go);
+  pthread_barrier_destroy(&go_opener);
+  return cb_runtime_units_sent(rt) - units_before;
+}
+
 /* One connection, busy for a second (a sleep); a send made meanwhile (the
  * opener) leaves at once, queued behind it; the sends made while it is on
  * its way gather, and leave in one transaction when it is back. In the
@@ -144,30 +180,10 @@ static void concurrent_sends_share_a_transaction_and_a_refused_one_fails_alone(v
 
   for (int round = 0; round < 2; round++) {
     int with_bad = round == 1;
-    pthread_barrier_t go, go_opener;
-    pthread_barrier_init(&go, NULL, CALLERS + 1);
-    pthread_barrier_init(&go_opener, NULL, 2);
-    caller callers[CALLERS], opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
-    pthread_t threads[CALLERS], sleeper, opener_thread;
-    for (int i = 0; i < CALLERS; i++) {
-      callers[i] = (caller){.rt = rt,
-                            .domain = domain,
-                            .go = &go,
-                            .rc = -99,
-                            .data = with_bad && i == CALLERS / 2 ? "{\"n\": oops}" : "{\"n\": 1}"};
-      pthread_create(&threads[i], NULL, caller_main, &callers[i]);
-    }
-    pthread_create(&opener_thread, NULL, caller_main, &opener);
-    uint64_t units_before = cb_runtime_units_sent(rt);
-    pthread_create(&sleeper, NULL, sleeper_main, rt);
-    wait_for_units(rt, units_before + 1); /* the sleep is on the connection */
-    pthread_barrier_wait(&go_opener);
-    wait_for_units(rt, units_before + 2); /* the opener is on its way behind it */
-    pthread_barrier_wait(&go);
-    for (int i = 0; i < CALLERS; i++) pthread_join(threads[i], NULL);
-    pthread_join(opener_thread, NULL);
-    pthread_join(sleeper, NULL);
-    uint64_t units = cb_runtime_units_sent(rt) - units_before;
+    caller callers[CALLERS], opener;
+    for (int i = 0; i < CALLERS; i++)
+      callers[i] = (caller){.data = with_bad && i == CALLERS / 2 ? "{\"n\": oops}" : "{\"n\": 1}"};
+    uint64_t units = send_together(rt, domain, callers, CALLERS, &opener);
     assert_int_equal(opener.rc, CB_OK);
     int ok = 0;
     for (int i = 0; i < CALLERS; i++) {
@@ -187,8 +203,6 @@ static void concurrent_sends_share_a_transaction_and_a_refused_one_fails_alone(v
      * one more for each send of it. */
     assert_int_equal(units, with_bad ? 3 + CALLERS : 3);
     assert_int_equal(count_commands(rt, domain), 1 + (1 + CALLERS) + (round == 1 ? 1 + ok : 0));
-    pthread_barrier_destroy(&go);
-    pthread_barrier_destroy(&go_opener);
   }
   drop(rt, domain);
   cb_runtime_free(rt);
@@ -209,32 +223,12 @@ static void sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart(void **sta
   cb_send_result first;
   assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &first, &err), CB_OK);
   const char *twin = "01234567-89ab-7def-8123-456789abcdef";
-  pthread_barrier_t go, go_opener;
-  pthread_barrier_init(&go, NULL, CALLERS + 1);
-  pthread_barrier_init(&go_opener, NULL, 2);
-  caller callers[CALLERS], opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
-  pthread_t threads[CALLERS], sleeper, opener_thread;
-  for (int i = 0; i < CALLERS; i++) {
-    callers[i] = (caller){.rt = rt,
-                          .domain = domain,
-                          .go = &go,
-                          .rc = -99,
-                          .data = "{\"n\": 2}",
-                          .id = i < 2 ? twin : NULL,
-                          .dedup_key = i == 2 || i == 3 ? "once" : NULL};
-    pthread_create(&threads[i], NULL, caller_main, &callers[i]);
-  }
-  pthread_create(&opener_thread, NULL, caller_main, &opener);
-  uint64_t units_before = cb_runtime_units_sent(rt);
-  pthread_create(&sleeper, NULL, sleeper_main, rt);
-  wait_for_units(rt, units_before + 1);
-  pthread_barrier_wait(&go_opener);
-  wait_for_units(rt, units_before + 2);
-  pthread_barrier_wait(&go);
-  for (int i = 0; i < CALLERS; i++) pthread_join(threads[i], NULL);
-  pthread_join(opener_thread, NULL);
-  pthread_join(sleeper, NULL);
-  assert_int_equal(cb_runtime_units_sent(rt) - units_before, 3); /* the sleep, the opener, the rest together */
+  caller callers[CALLERS], opener;
+  for (int i = 0; i < CALLERS; i++)
+    callers[i] = (caller){
+        .data = "{\"n\": 2}", .id = i < 2 ? twin : NULL, .dedup_key = i == 2 || i == 3 ? "once" : NULL};
+  /* The sleep, the opener, the rest together. */
+  assert_int_equal(send_together(rt, domain, callers, CALLERS, &opener), 3);
   assert_int_equal(opener.rc, CB_OK);
   /* Which of a pair came first is up to the threads: one of each is sent. */
   for (int pair = 0; pair < 4; pair += 2) {
@@ -248,8 +242,6 @@ static void sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart(void **sta
   }
   for (int i = 4; i < CALLERS; i++) assert_int_equal(callers[i].rc, CB_OK);
   assert_int_equal(count_commands(rt, domain), 1 + 1 + (CALLERS - 2));
-  pthread_barrier_destroy(&go);
-  pthread_barrier_destroy(&go_opener);
   drop(rt, domain);
   cb_runtime_free(rt);
 }
@@ -277,13 +269,9 @@ static void a_refused_send_among_duplicates_fails_alone_and_the_others_keep_thei
   assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &holder, &err), CB_OK);
   const char *twin = "01234567-89ab-7def-8123-456789abcd01";
   enum { OLD_ID, HELD_KEY, PAIR_A, PAIR_B, TWIN_A, TWIN_B, TWO, BAD, PLAIN, MIXED };
-  pthread_barrier_t go, go_opener;
-  pthread_barrier_init(&go, NULL, MIXED + 1);
-  pthread_barrier_init(&go_opener, NULL, 2);
-  caller callers[MIXED], opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
-  pthread_t threads[MIXED], sleeper, opener_thread;
+  caller callers[MIXED], opener;
   for (int i = 0; i < MIXED; i++) {
-    callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99, .data = "{\"n\": 3}"};
+    callers[i] = (caller){.data = "{\"n\": 3}"};
     caller *c = &callers[i];
     if (i == OLD_ID) c->id = existing.command_id;
     if (i == HELD_KEY) c->dedup_key = "held";
@@ -291,20 +279,10 @@ static void a_refused_send_among_duplicates_fails_alone_and_the_others_keep_thei
     if (i == TWIN_A || i == TWIN_B) c->id = twin;
     if (i == TWO) c->two = 1;
     if (i == BAD) c->data = "{\"n\": oops}";
-    pthread_create(&threads[i], NULL, caller_main, c);
   }
-  pthread_create(&opener_thread, NULL, caller_main, &opener);
-  uint64_t units_before = cb_runtime_units_sent(rt);
-  pthread_create(&sleeper, NULL, sleeper_main, rt);
-  wait_for_units(rt, units_before + 1);
-  pthread_barrier_wait(&go_opener);
-  wait_for_units(rt, units_before + 2);
-  pthread_barrier_wait(&go);
-  for (int i = 0; i < MIXED; i++) pthread_join(threads[i], NULL);
-  pthread_join(opener_thread, NULL);
-  pthread_join(sleeper, NULL);
+  uint64_t units = send_together(rt, domain, callers, MIXED, &opener);
   /* The sleep, the opener, the shared transaction refused, each send alone. */
-  assert_int_equal(cb_runtime_units_sent(rt) - units_before, 3 + MIXED);
+  assert_int_equal(units, 3 + MIXED);
   assert_int_equal(opener.rc, CB_OK);
   assert_int_equal(callers[BAD].rc, CB_EINVAL);
   assert_non_null(strstr(callers[BAD].err.message, "invalid command data"));
@@ -350,8 +328,6 @@ static void a_refused_send_among_duplicates_fails_alone_and_the_others_keep_thei
                             " AND command_id = $2::uuid",
                             domain, holder.command_id),
                    1);
-  pthread_barrier_destroy(&go);
-  pthread_barrier_destroy(&go_opener);
   drop(rt, domain);
   cb_runtime_free(rt);
 }
