@@ -13,7 +13,12 @@
  * are planned from statistics, and a queue workload keeps them stale (a
  * domain seen as one row led to a nested loop over all its commands for each
  * message). Key conditions make the plan primary-key lookups whatever the
- * statistics say.
+ * statistics say. The pairing of a command with its current message is
+ * tested through one JSON object (msg_id -> command_id) built once from the
+ * received rows, a lookup by key per command: joined to the received rows
+ * instead, the planner (which expects few of them) filters every command
+ * against every row, 10,000 comparisons for a fetch of 100, a third of the
+ * statement's time.
  *
  * Messages are taken by priority: first those above 0 from the queue's
  * partial priority index (which holds only messages with a priority), then
@@ -69,13 +74,15 @@ void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
   cb_strbuf_puts(sql,
                  " RETURNING q.msg_id, q.read_ct, q.message, commandbus.priority_of(q.message) AS priority,"
                  " commandbus.message_command_id(q.message) AS command_id),"
+                 " named AS (SELECT jsonb_object_agg(msg_id::text, command_id) AS p FROM m"
+                 " WHERE command_id IS NOT NULL),"
                  " c AS (UPDATE commandbus.command k SET attempts = k.attempts + 1, status = 'IN_PROGRESS',"
                  " updated_at = now(), lease_expires_at = clock_timestamp() + make_interval(secs => $2::float8)"
-                 " FROM m WHERE k.domain = $3 AND k.command_id = m.command_id AND k.msg_id = m.msg_id"
-                 " AND k.command_id = ANY(ARRAY(SELECT command_id FROM m WHERE command_id IS NOT NULL))"
+                 " WHERE k.domain = $3 AND k.command_id = ANY(ARRAY(SELECT command_id FROM m WHERE command_id IS NOT NULL))"
+                 " AND ((SELECT p FROM named) ->> k.msg_id::text)::uuid = k.command_id"
                  " AND " CB_STATUS_OF("k") " IN ('PENDING', 'IN_PROGRESS')"
                  " RETURNING k.command_id, k.command_type, k.attempts, k.max_attempts, k.correlation_id,"
-                 " k.reply_queue, k.batch_id, m.msg_id),"
+                 " k.reply_queue, k.batch_id, k.msg_id),"
                  " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                  " SELECT $3, command_id, 'RECEIVED', jsonb_build_object('msg_id', msg_id, 'attempt', attempts,"
                  " 'max_attempts', max_attempts) FROM c),"
