@@ -26,6 +26,10 @@
 -- give WAL bytes, WAL records, full-page images, commits (pg_stat_database's
 -- xact_commit, read-only transactions included) and WAL fsyncs per command:
 -- what the work costs PostgreSQL, whoever is faster. Ends with one JSON line.
+--
+-- BENCH_PEERS_PARTS (default "insert,burn_down,latency") runs only the parts
+-- it names, e.g. BENCH_PEERS_PARTS=latency for the third alone; the JSON line
+-- then holds only their figures.
 local commandbus = require "commandbus"
 local cjson = require "cjson"
 local socket = require "socket"
@@ -35,6 +39,12 @@ local N = tonumber(os.getenv("BENCH_COMMANDS")) or 50000
 local INSERT_ROUNDS = tonumber(os.getenv("BENCH_INSERT_ROUNDS")) or 3
 local REQUESTS = tonumber(os.getenv("BENCH_REQUESTS")) or 1000
 local WARMUP = 20
+local PARTS = {}
+for part in (os.getenv("BENCH_PEERS_PARTS") or "insert,burn_down,latency"):gmatch("[^,%s]+") do
+  assert(part == "insert" or part == "burn_down" or part == "latency",
+         "bench/peers: BENCH_PEERS_PARTS names insert, burn_down and latency, not " .. part)
+  PARTS[part] = true
+end
 local GRAPHILE_WORKER = "0.17.3"
 -- graphile-worker's schema for the run: never its default, graphile_worker,
 -- which a database given in DATABASE_URL may use for real.
@@ -165,11 +175,12 @@ end
 local function peer_latency()
   peer_clear()
   local out = common.sh(("%s latency %d %d"):format(node, REQUESTS, WARMUP))
-  local list = out:match("latencies ([%d%. ]+)")
+  local list = out:match("latencies ([^\n]*)")
   assert(list, "bench/peers: graphile-worker's latency run failed: " .. out)
   local latencies = {}
-  for x in list:gmatch("[%d%.]+") do latencies[#latencies + 1] = tonumber(x) end
-  assert(#latencies == REQUESTS)
+  for x in list:gmatch("%S+") do latencies[#latencies + 1] = tonumber(x) end
+  assert(#latencies == REQUESTS, ("bench/peers: graphile-worker's latency run printed %d latencies for %d requests: %s")
+    :format(#latencies, REQUESTS, out))
   return latencies
 end
 
@@ -177,14 +188,7 @@ local function ms(seconds) return math.floor(seconds * 100000 + 0.5) / 100 end
 
 local result = {bench = "peers", peer = "graphile-worker " .. GRAPHILE_WORKER, commands = N}
 
-local function main()
-  assert(os.execute(("bench/peers/setup %q %s"):format(folder, GRAPHILE_WORKER)), "bench/peers: setup failed")
-  common.psql(("DROP SCHEMA IF EXISTS %s CASCADE"):format(SCHEMA))
-  local migrated = common.sh(node .. " migrate")
-  assert(migrated == "", "bench/peers: graphile-worker's migration failed: " .. migrated)
-  warn("%d jobs, %s cores, PostgreSQL on the same machine; graphile-worker %s on Node.js %s",
-       N, common.sh("nproc"):match("%d+"), GRAPHILE_WORKER, common.sh("node --version"):match("v[%d%.]+"))
-
+local function insert_part()
   -- 1. Insert.
   local cb_inserts, peer_inserts, cb_insert_per, peer_insert_per = {}, {}, nil, nil
   for r = 1, INSERT_ROUNDS do
@@ -204,7 +208,10 @@ local function main()
   print(("  rounds: commandbus %s | graphile-worker %s"):format(common.rates_text(cb_inserts), common.rates_text(peer_inserts)))
   print("  commandbus, per command: " .. common.per_unit_text(cb_insert_per))
   print("  graphile-worker, per job: " .. common.per_unit_text(peer_insert_per))
+  return cb_insert_per, peer_insert_per
+end
 
+local function burn_down_part()
   -- 2. Burn down, the two sides' configurations taking turns.
   local runs = {
     {side = "cb", processes = 1, concurrency = 1}, {side = "peer", processes = 2, concurrency = 4},
@@ -236,15 +243,10 @@ local function main()
   result.burn_down_ratio = common.ratio(cb.rate, peer.rate)
   print(("burn down, best of each: commandbus %s %.0f/s, graphile-worker %s %.0f/s: %.2fx"):format(
     cb.name, cb.rate, peer.name, peer.rate, cb.rate / peer.rate))
+  return cb.per, peer.per
+end
 
-  -- What each side's command costs PostgreSQL (the best runs' windows).
-  local costs = {cb_insert = cb_insert_per, peer_insert = peer_insert_per, cb_burn_down = cb.per, peer_burn_down = peer.per}
-  for name, per in pairs(costs) do
-    result[name .. "_wal_bytes_per_cmd"] = math.floor(per.wal_bytes + 0.5)
-    result[name .. "_commits_per_cmd"] = math.floor(per.commits * 1000 + 0.5) / 1000
-    result[name .. "_wal_fsyncs_per_cmd"] = math.floor(per.wal_syncs * 1000 + 0.5) / 1000
-  end
-
+local function latency_part()
   -- 3. One request in flight.
   local to_handler, to_await = cb_latency()
   local peer_to_task = peer_latency()
@@ -260,6 +262,33 @@ local function main()
     result.cb_latency_p50_ms / result.peer_latency_p50_ms, result.cb_latency_p99_ms / result.peer_latency_p99_ms))
   print(("  commandbus send, handler, await returns: p50 %.2f ms, p99 %.2f ms"):format(
     result.cb_roundtrip_p50_ms, result.cb_roundtrip_p99_ms))
+end
+
+local function main()
+  assert(os.execute(("bench/peers/setup %q %s"):format(folder, GRAPHILE_WORKER)), "bench/peers: setup failed")
+  common.psql(("DROP SCHEMA IF EXISTS %s CASCADE"):format(SCHEMA))
+  local migrated = common.sh(node .. " migrate")
+  assert(migrated == "", "bench/peers: graphile-worker's migration failed: " .. migrated)
+  warn("%d jobs, %s cores, PostgreSQL on the same machine; graphile-worker %s on Node.js %s",
+       N, common.sh("nproc"):match("%d+"), GRAPHILE_WORKER, common.sh("node --version"):match("v[%d%.]+"))
+
+  local costs = {}
+  if PARTS.insert then
+    local cb_per, peer_per = insert_part()
+    costs.cb_insert, costs.peer_insert = cb_per, peer_per
+  end
+  if PARTS.burn_down then
+    local cb_per, peer_per = burn_down_part()
+    costs.cb_burn_down, costs.peer_burn_down = cb_per, peer_per
+  end
+  -- What each side's command costs PostgreSQL (the best runs' windows).
+  for name, per in pairs(costs) do
+    result[name .. "_wal_bytes_per_cmd"] = math.floor(per.wal_bytes + 0.5)
+    result[name .. "_commits_per_cmd"] = math.floor(per.commits * 1000 + 0.5) / 1000
+    result[name .. "_wal_fsyncs_per_cmd"] = math.floor(per.wal_syncs * 1000 + 0.5) / 1000
+  end
+
+  if PARTS.latency then latency_part() end
 end
 
 local ok, err = xpcall(main, debug.traceback)

@@ -2,8 +2,9 @@
 // (makeWorkerUtils, addJobs, addJob, runOnce, run and a task list). The
 // bench installs graphile-worker into a temporary folder and points NODE_PATH
 // at it; the schema is the bench's own (BENCH_PEERS_SCHEMA), never
-// graphile_worker. Every time printed is wall-clock seconds, comparable with
-// socket.gettime() on the Lua side.
+// graphile_worker. The times insert and work print are wall-clock seconds,
+// comparable with socket.gettime() on the Lua side; the latency mode times
+// both ends of each request on CLOCK_MONOTONIC and prints the differences.
 //
 //   node graphile.js migrate
 //       creates or updates the schema
@@ -21,7 +22,8 @@
 //       warm-up requests left out)
 //   node graphile.js latency-worker <port>
 //       runs a worker (concurrency 1, default settings) whose "signal" task
-//       sends "<payload.i> <time>" to the UDP port on loopback as it starts,
+//       sends "<payload.i> <time>" to the UDP port on loopback as it starts
+//       (CLOCK_MONOTONIC seconds, the clock the latency mode reads too),
 //       and whose "stop" task stops it; prints "ready" once running
 "use strict";
 
@@ -44,6 +46,11 @@ const logger = new Logger(() => (level, message) => {
 });
 
 const now = () => (performance.timeOrigin + performance.now()) / 1000;
+// The latency part's clock: CLOCK_MONOTONIC, one clock for every process of
+// the machine. timeOrigin + now() above is wall-clock time as each process
+// sampled it at its start, and two processes disagree by 0.4 to 10 ms
+// (measured here): the worker's start could come before the caller's send.
+const monotonic = () => Number(process.hrtime.bigint()) / 1e9;
 const sleepUntil = (t) => new Promise((resolve) => setTimeout(resolve, Math.max(0, (t - now()) * 1000)));
 const seconds = (t) => t.toFixed(6);
 
@@ -102,7 +109,7 @@ async function latencyWorker(port) {
   const socket = dgram.createSocket("udp4");
   let runner = null;
   const taskList = {
-    signal: (payload) => { socket.send(`${payload.i} ${seconds(now())}`, port, "127.0.0.1"); },
+    signal: (payload) => { socket.send(`${payload.i} ${seconds(monotonic())}`, port, "127.0.0.1"); },
     // Stopping waits for running jobs, this one included: not from inside it.
     stop: () => { setImmediate(() => runner.stop()); },
   };
@@ -141,12 +148,14 @@ async function latency(requests, warmup) {
       signalled = resolve;
       timer = setTimeout(() => reject(new Error(`job ${i}: no task started within 10 s`)), 10000);
     });
-    const t0 = now();
+    const t0 = monotonic();
     await utils.addJob("signal", { i });
     const [n, at] = (await started).split(" ");
     clearTimeout(timer);
     if (Number(n) !== i) throw new Error(`job ${i}: the task of job ${n} signalled`);
-    if (i > warmup) latencies.push(Number(at) - t0);
+    const latency = Number(at) - t0;
+    if (!(latency >= 0)) throw new Error(`job ${i}: its task started ${seconds(latency)} s after addJob was called`);
+    if (i > warmup) latencies.push(latency);
   }
   await utils.addJob("stop", {});
   await exited;

@@ -73,7 +73,7 @@ int cb_engine_init(cb_engine *e, cb_runtime *rt, const cb_engine_config *c, cb_e
 /* ---- fetching (loop) ------------------------------------------------------------ */
 
 int cb_engine_room(cb_engine *e) {
-  if (e->fetching || e->stop_seen || e->finished) return 0;
+  if (e->fetching || e->drained || e->stop_seen || e->finished) return 0;
   return e->c.ops->room(e->c.owner);
 }
 
@@ -82,6 +82,7 @@ static int add_fetch(cb_engine *e, cb_unit *u, int room, int *index) {
   if (i < 0) return i;
   *index = i;
   e->fetching = 1;
+  e->fetch_room = room;
   e->wake_pending = 0; /* this fetch runs after the notification: it sees what was sent */
   return CB_OK;
 }
@@ -102,12 +103,16 @@ int cb_engine_fetched(cb_engine *e, cb_unit *u, int index) {
       cb_log(CB_LOG_WARN, "%s %s: fetch failed (%s: %s); retrying at each poll", e->c.name, e->c.domain,
              cb_strerror(err->code), err->message);
     e->fetch_failing = 1;
+    e->drained = 0;
     return 0; /* next try at the poll, not at once */
   }
   if (e->fetch_failing) cb_log(CB_LOG_INFO, "%s %s: fetching again", e->c.name, e->c.domain);
   e->fetch_failing = 0;
   e->c.ops->fetched(e->c.owner, u, index);
-  return cb_result_rows(cb_unit_result(u, index)) > 0 || e->wake_pending;
+  /* Fewer rows than it asked for: it took what the queue held. */
+  int more = cb_result_rows(cb_unit_result(u, index)) >= e->fetch_room || e->wake_pending;
+  e->drained = !more;
+  return more;
 }
 
 static void on_fetched(cb_unit *u, void *arg) {
@@ -187,6 +192,7 @@ void cb_engine_write(cb_engine *e, cb_unit *u, const char *what, const char *the
 
 static void on_poll(uv_timer_t *t) {
   cb_engine *e = t->data;
+  e->drained = 0; /* redeliveries and delays that ran out notify nobody */
   if (e->c.ops->polled) e->c.ops->polled(e->c.owner);
   cb_engine_fetch(e);
 }
@@ -197,6 +203,7 @@ static void on_poll(uv_timer_t *t) {
 static void on_notified(void *arg) {
   cb_engine *e = arg;
   e->wake_pending = 1;
+  e->drained = 0;
   cb_engine_fetch(e);
 }
 

@@ -99,6 +99,14 @@ struct cb_engine {
   /* Notified since the last fetch was built: a fetch on its way may have
    * read the queue before the send committed, so another one follows it. */
   int wake_pending;
+  /* The last fetch read fewer rows than it asked for (and no notification
+   * came while it was on its way): it took all the queue held. No fetch is
+   * made until a notification or the poll clears it, not after outcomes
+   * free room nor in an acknowledgement's transaction: with one request in
+   * flight those fetches only found the queue empty, and a send's
+   * notification that came while one was on its way waited for it. */
+  int drained;
+  int fetch_room; /* how many rows the fetch on its way asked for */
   int fetch_index;
   int in_flight; /* routed, not yet handed back */
   int stop_seen;
@@ -141,8 +149,9 @@ void cb_engine_wake_now(cb_engine *e);
 
 /* ---- the loop thread ------------------------------------------------------------ */
 
-/* How many a fetch may take now: 0 while one is on its way, once stopping,
- * or when the owner has no room. */
+/* How many a fetch may take now: 0 while one is on its way, when the last
+ * one drained the queue (see drained), once stopping, or when the owner has
+ * no room. */
 int cb_engine_room(cb_engine *e);
 /* Fetches in a transaction of its own, when there is room. */
 void cb_engine_fetch(cb_engine *e);
@@ -154,9 +163,9 @@ int cb_engine_fetch_into(cb_engine *e, cb_unit *u, int *index);
 /* The owner's unit holding a fetch was never sent. */
 void cb_engine_fetch_cancel(cb_engine *e);
 /* A fetch came back (statement `index` of u): hands the rows to the owner,
- * or logs the failure (once per outage). 1 when it read rows (there may be
- * more) or when a notification came while it was on its way (a send it may
- * not have seen): fetch again. */
+ * or logs the failure (once per outage). 1 when it read as many rows as it
+ * asked for (there may be more) or when a notification came while it was on
+ * its way (a send it may not have seen): fetch again. */
 int cb_engine_fetched(cb_engine *e, cb_unit *u, int index);
 /* Routes n items to lanes; those that cannot be routed (only when
  * stopping) are freed, to be redelivered later. */
