@@ -26,6 +26,8 @@
 -- give WAL bytes, WAL records, full-page images, commits (pg_stat_database's
 -- xact_commit, read-only transactions included) and WAL fsyncs per command:
 -- what the work costs PostgreSQL, whoever is faster. Ends with one JSON line.
+-- BENCH_PEERS_PARTS (default "insert,burn_down,latency") runs only the parts
+-- it names, e.g. "insert" for the insert figures alone.
 local commandbus = require "commandbus"
 local cjson = require "cjson"
 local socket = require "socket"
@@ -34,6 +36,8 @@ local common = require "bench.support.common"
 local N = tonumber(os.getenv("BENCH_COMMANDS")) or 50000
 local INSERT_ROUNDS = tonumber(os.getenv("BENCH_INSERT_ROUNDS")) or 3
 local REQUESTS = tonumber(os.getenv("BENCH_REQUESTS")) or 1000
+local PARTS = {}
+for part in (os.getenv("BENCH_PEERS_PARTS") or "insert,burn_down,latency"):gmatch("[%w_]+") do PARTS[part] = true end
 local WARMUP = 20
 local GRAPHILE_WORKER = "0.17.3"
 -- graphile-worker's schema for the run: never its default, graphile_worker,
@@ -177,6 +181,8 @@ local function ms(seconds) return math.floor(seconds * 100000 + 0.5) / 100 end
 
 local result = {bench = "peers", peer = "graphile-worker " .. GRAPHILE_WORKER, commands = N}
 
+local insert_part, burn_down_part, latency_part -- defined below main
+
 local function main()
   assert(os.execute(("bench/peers/setup %q %s"):format(folder, GRAPHILE_WORKER)), "bench/peers: setup failed")
   common.psql(("DROP SCHEMA IF EXISTS %s CASCADE"):format(SCHEMA))
@@ -185,7 +191,13 @@ local function main()
   warn("%d jobs, %s cores, PostgreSQL on the same machine; graphile-worker %s on Node.js %s",
        N, common.sh("nproc"):match("%d+"), GRAPHILE_WORKER, common.sh("node --version"):match("v[%d%.]+"))
 
-  -- 1. Insert.
+  if PARTS.insert then insert_part() end
+  if PARTS.burn_down then burn_down_part() end
+  if PARTS.latency then latency_part() end
+end
+
+-- 1. Insert.
+function insert_part()
   local cb_inserts, peer_inserts, cb_insert_per, peer_insert_per = {}, {}, nil, nil
   for r = 1, INSERT_ROUNDS do
     local rate, per = cb_insert()
@@ -204,7 +216,14 @@ local function main()
   print(("  rounds: commandbus %s | graphile-worker %s"):format(common.rates_text(cb_inserts), common.rates_text(peer_inserts)))
   print("  commandbus, per command: " .. common.per_unit_text(cb_insert_per))
   print("  graphile-worker, per job: " .. common.per_unit_text(peer_insert_per))
+  for name, per in pairs({cb_insert = cb_insert_per, peer_insert = peer_insert_per}) do
+    result[name .. "_wal_bytes_per_cmd"] = math.floor(per.wal_bytes + 0.5)
+    result[name .. "_commits_per_cmd"] = math.floor(per.commits * 1000 + 0.5) / 1000
+    result[name .. "_wal_fsyncs_per_cmd"] = math.floor(per.wal_syncs * 1000 + 0.5) / 1000
+  end
+end
 
+function burn_down_part()
   -- 2. Burn down, the two sides' configurations taking turns.
   local runs = {
     {side = "cb", processes = 1, concurrency = 1}, {side = "peer", processes = 2, concurrency = 4},
@@ -238,13 +257,16 @@ local function main()
     cb.name, cb.rate, peer.name, peer.rate, cb.rate / peer.rate))
 
   -- What each side's command costs PostgreSQL (the best runs' windows).
-  local costs = {cb_insert = cb_insert_per, peer_insert = peer_insert_per, cb_burn_down = cb.per, peer_burn_down = peer.per}
+  local costs = {cb_burn_down = cb.per, peer_burn_down = peer.per}
   for name, per in pairs(costs) do
     result[name .. "_wal_bytes_per_cmd"] = math.floor(per.wal_bytes + 0.5)
     result[name .. "_commits_per_cmd"] = math.floor(per.commits * 1000 + 0.5) / 1000
     result[name .. "_wal_fsyncs_per_cmd"] = math.floor(per.wal_syncs * 1000 + 0.5) / 1000
   end
 
+end
+
+function latency_part()
   -- 3. One request in flight.
   local to_handler, to_await = cb_latency()
   local peer_to_task = peer_latency()

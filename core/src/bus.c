@@ -214,14 +214,14 @@ static int send_fresh_sql(char *sql, size_t len, const char *queue) {
       " max int, batch uuid, prio int)) WITH ORDINALITY AS e(id, corr, type, data, reply, max, batch, prio, ord)),"
       " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
       " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
-      " SELECT $2, '%s', msg_id, id, type, 'PENDING', 0, max, reply, corr, batch FROM input ORDER BY ord),"
+      " SELECT $2, '%s', msg_id, id, type, 'PENDING', 0, max, reply, corr, batch FROM input),"
       " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
       " SELECT msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
       " jsonb_build_object('domain', $2::text, 'command_type', type, 'command_id', id, 'correlation_id', corr,"
       " 'data', data)"
       " || CASE WHEN reply <> '' THEN jsonb_build_object('reply_to', reply) ELSE '{}'::jsonb END"
       " || CASE WHEN prio <> 0 THEN jsonb_build_object('priority', prio) ELSE '{}'::jsonb END"
-      " FROM input ORDER BY ord),"
+      " FROM input),"
       " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
       " SELECT $2, id, 'SENT', jsonb_build_object('command_type', type, 'correlation_id', corr,"
       " 'reply_to', nullif(reply, ''), 'msg_id', msg_id, 'batch_id', batch) FROM input ORDER BY ord)"
@@ -410,14 +410,14 @@ typedef struct send_call {
   int row;             /* merged: its row in that statement's result; -1: its own statements */
   int rc;
   cb_err err;
-  int done; /* [g->lock] */
+  int done;            /* [g->lock] */
+  pthread_cond_t cond; /* its caller waits on it for done: an answer wakes that caller only */
   struct send_call *next;
 } send_call;
 
 struct cb_send_groups {
   cb_runtime *rt;
   pthread_mutex_t lock;
-  pthread_cond_t done;    /* a call was answered */
   int out, max;           /* groups on their way; at most one per connection */
   send_call *head, *tail; /* waiting for the next group */
 };
@@ -435,14 +435,12 @@ static void *send_groups_new(cb_runtime *rt) {
   if (g == NULL) return NULL;
   g->rt = rt; /* max is read from it on first use: this runs under its lock */
   pthread_mutex_init(&g->lock, NULL);
-  pthread_cond_init(&g->done, NULL);
   return g;
 }
 
 static void send_groups_free(void *state) {
   cb_send_groups *g = state;
   if (g == NULL) return;
-  pthread_cond_destroy(&g->done);
   pthread_mutex_destroy(&g->lock);
   free(g);
 }
@@ -465,7 +463,7 @@ static void answer(cb_send_groups *g, send_call *c, int rc, const cb_err *err) {
   if (rc != CB_OK && err) c->err = *err;
   pthread_mutex_lock(&g->lock);
   c->done = 1;
-  pthread_cond_broadcast(&g->done);
+  pthread_cond_signal(&c->cond); /* under the lock: once it is released, c may be gone */
   pthread_mutex_unlock(&g->lock);
 }
 
@@ -631,6 +629,7 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
                  .element = element,
                  .flags = flags,
                  .rc = CB_OK};
+  pthread_cond_init(&c.cond, NULL);
   pthread_mutex_lock(&g->lock);
   if (g->max == 0) g->max = cb_runtime_pool_size(rt) > 0 ? cb_runtime_pool_size(rt) : 1;
   if (g->tail) g->tail->next = &c;
@@ -641,8 +640,9 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
   pthread_mutex_unlock(&g->lock);
   if (calls) start_group(g, calls, count);
   pthread_mutex_lock(&g->lock);
-  while (!c.done) pthread_cond_wait(&g->done, &g->lock);
+  while (!c.done) pthread_cond_wait(&c.cond, &g->lock);
   pthread_mutex_unlock(&g->lock);
+  pthread_cond_destroy(&c.cond);
   cb_unit_on_done(u, NULL, NULL);
   if (c.rc != CB_OK) *err = c.err;
   return c.rc;
