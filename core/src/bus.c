@@ -248,6 +248,18 @@ int cb_bus_add_send_from(cb_unit *u, const char *domain, const char *prefix, con
 /* Validates specs, makes sure the queues exist, then appends the send
  * statements (one per chunk) and the queue's notify to u, without running it.
  * On an error u may hold part of them: the caller discards the unit. */
+/* Appends a decimal integer: a send_batch writes a few for each command,
+ * and printf's machinery costs more than the rest of the command's JSON. */
+static void put_int(cb_strbuf *b, long long v) {
+  char text[24], *p = text + sizeof text;
+  unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
+  *--p = '\0';
+  do *--p = (char)('0' + u % 10);
+  while ((u /= 10) > 0);
+  if (v < 0) *--p = '-';
+  cb_strbuf_puts(b, p);
+}
+
 /* As cb_bus_add_send; when `element` is given and n is 1, the command's
  * JSON object (an element of send_sql's array) is copied there and *flags
  * tells whether it has a dedup key (SEND_DEDUP) or an id its caller gave
@@ -284,12 +296,29 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
       results[i].duplicate = 0;
       results[i].duplicate_of[0] = '\0';
       if (i > start) cb_strbuf_putc(&json, ',');
-      cb_strbuf_printf(&json, "{\"id\":\"%s\",\"corr\":\"%s\",\"type\":", id, corr);
+      /* Ids and queue names need no escaping: checked above. */
+      cb_strbuf_puts(&json, "{\"id\":\"");
+      cb_strbuf_puts(&json, id);
+      cb_strbuf_puts(&json, "\",\"corr\":\"");
+      cb_strbuf_puts(&json, corr);
+      cb_strbuf_puts(&json, "\",\"type\":");
       cb_strbuf_json_string(&json, s->command_type);
-      cb_strbuf_printf(&json, ",\"max\":%d", s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
-      if (s->reply_to && s->reply_to[0]) cb_strbuf_printf(&json, ",\"reply\":\"%s\"", s->reply_to);
-      if (batch[0]) cb_strbuf_printf(&json, ",\"batch\":\"%s\"", batch);
-      if (s->priority) cb_strbuf_printf(&json, ",\"prio\":%d", s->priority);
+      cb_strbuf_puts(&json, ",\"max\":");
+      put_int(&json, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
+      if (s->reply_to && s->reply_to[0]) {
+        cb_strbuf_puts(&json, ",\"reply\":\"");
+        cb_strbuf_puts(&json, s->reply_to);
+        cb_strbuf_putc(&json, '"');
+      }
+      if (batch[0]) {
+        cb_strbuf_puts(&json, ",\"batch\":\"");
+        cb_strbuf_puts(&json, batch);
+        cb_strbuf_putc(&json, '"');
+      }
+      if (s->priority) {
+        cb_strbuf_puts(&json, ",\"prio\":");
+        put_int(&json, s->priority);
+      }
       if (s->dedup_key) {
         dedup = 1;
         cb_strbuf_puts(&json, ",\"dedup\":");
