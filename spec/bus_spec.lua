@@ -2,6 +2,7 @@
 -- contract": the command message, the tables, the SENT audit event).
 local helper = require "spec.helper"
 local world = require "spec.support.world"
+local cjson = require "cjson"
 
 describe("send", function()
   local bus, domain, commands
@@ -159,6 +160,63 @@ describe("send_batch", function()
       assert.equal(i, msgs[i].data.n)
       assert.same({"SENT"}, world.events(bus, domain, res[i].command_id))
     end
+  end)
+
+  -- send_batch and send write through different statements (core/src/bus.c):
+  -- what each leaves behind must be the same, row for row.
+  it("writes the same command rows, messages and SENT audit rows as send", function()
+    local single, batched = world.domain(), domain
+    local function specs()
+      return {
+        {type = "A", data = {n = 1}, correlation_id = "0190a5d0-0000-7000-8000-000000000001"},
+        {type = "B", correlation_id = "0190a5d0-0000-7000-8000-000000000002"},
+        {type = "C", data = {s = "x\"y\\z", list = {1, 2.5, true}}, reply_to = "rows__replies",
+         correlation_id = "0190a5d0-0000-7000-8000-000000000003"},
+        {type = "D", data = {}, priority = 5, max_attempts = 7, correlation_id = "0190a5d0-0000-7000-8000-000000000004"},
+        {type = "E", data = {n = 2}, priority = -3, reply_to = "rows__replies", batch_id = world.uuid(),
+         correlation_id = "0190a5d0-0000-7000-8000-000000000005"},
+      }
+    end
+    local sent = {}
+    for i, spec in ipairs(specs()) do
+      spec.domain = single
+      sent[i] = assert(bus:send(spec))
+    end
+    local res = assert(bus:send_batch{domain = batched, commands = specs()})
+    -- Each command's rows, its ids and times left out (but checked to agree).
+    local function rows(d)
+      return cjson.decode(helper.sql(([[
+        SELECT json_agg(json_build_object(
+          'row', to_jsonb(c) - 'domain' - 'command_id' - 'msg_id' - 'created_at' - 'updated_at' - 'batch_id'
+                 || jsonb_build_object('queue_name', c.queue_name = '%s__commands', 'batch', c.batch_id IS NOT NULL),
+          'message', q.message - 'command_id' - 'domain',
+          'message_ids', q.message->>'command_id' = c.command_id::text AND q.message->>'domain' = c.domain,
+          'queued', jsonb_build_object('read_ct', q.read_ct, 'headers', q.headers, 'visible', q.vt <= clock_timestamp()),
+          'audit', (SELECT json_agg(json_build_object('event', a.event_type, 'ts', a.ts = c.created_at,
+                      'details', a.details_json - 'msg_id' - 'batch_id',
+                      'ids', (a.details_json->>'msg_id')::bigint = c.msg_id
+                             AND (a.details_json->'batch_id' = 'null' AND c.batch_id IS NULL
+                                  OR a.details_json->>'batch_id' = c.batch_id::text)) ORDER BY a.audit_id)
+                    FROM commandbus.audit a WHERE a.domain = c.domain AND a.command_id = c.command_id))
+          ORDER BY c.msg_id)
+        FROM commandbus.command c JOIN pgmq.q_%s__commands q ON q.msg_id = c.msg_id WHERE c.domain = '%s']]):format(d, d, d)))
+    end
+    local want, got = rows(single), rows(batched)
+    assert.equal(5, #got)
+    assert.same(want, got)
+    for i, r in ipairs(got) do
+      assert.is_true(r.message_ids)
+      assert.is_true(r.audit[1].ids)
+      assert.equal(i, ({A = 1, B = 2, C = 3, D = 4, E = 5})[r.row.command_type])
+    end
+    -- In the order of the call: message ids and audit ids.
+    local order = helper.sql(([[
+      SELECT bool_and(ok) FROM (SELECT c.msg_id > lag(c.msg_id) OVER w AND a.audit_id > lag(a.audit_id) OVER w AS ok
+      FROM commandbus.command c JOIN commandbus.audit a USING (domain, command_id)
+      WHERE c.domain = '%s' WINDOW w AS (ORDER BY c.command_type)) t]]):format(batched))
+    assert.equal("t", order:match("%a+"))
+    for i, r in ipairs(res) do assert.equal(sent[i].msg_id ~= nil, r.msg_id ~= nil) end
+    assert.is_true(bus:queue(single .. "__commands"):drop())
   end)
 
   it("reports a command that already exists as a duplicate and writes the rest", function()

@@ -214,14 +214,14 @@ static int send_fresh_sql(char *sql, size_t len, const char *queue) {
       " max int, batch uuid, prio int)) WITH ORDINALITY AS e(id, corr, type, data, reply, max, batch, prio, ord)),"
       " fresh AS (INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type,"
       " status, attempts, max_attempts, reply_queue, correlation_id, batch_id)"
-      " SELECT $2, '%s', msg_id, id, type, 'PENDING', 0, max, reply, corr, batch FROM input ORDER BY ord),"
+      " SELECT $2, '%s', msg_id, id, type, 'PENDING', 0, max, reply, corr, batch FROM input),"
       " msgs AS (INSERT INTO pgmq.q_%s (msg_id, vt, message) OVERRIDING SYSTEM VALUE"
       " SELECT msg_id, clock_timestamp() + make_interval(secs => $3::float8),"
       " jsonb_build_object('domain', $2::text, 'command_type', type, 'command_id', id, 'correlation_id', corr,"
       " 'data', data)"
       " || CASE WHEN reply <> '' THEN jsonb_build_object('reply_to', reply) ELSE '{}'::jsonb END"
       " || CASE WHEN prio <> 0 THEN jsonb_build_object('priority', prio) ELSE '{}'::jsonb END"
-      " FROM input ORDER BY ord),"
+      " FROM input),"
       " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
       " SELECT $2, id, 'SENT', jsonb_build_object('command_type', type, 'correlation_id', corr,"
       " 'reply_to', nullif(reply, ''), 'msg_id', msg_id, 'batch_id', batch) FROM input ORDER BY ord)"
@@ -248,6 +248,18 @@ int cb_bus_add_send_from(cb_unit *u, const char *domain, const char *prefix, con
 /* Validates specs, makes sure the queues exist, then appends the send
  * statements (one per chunk) and the queue's notify to u, without running it.
  * On an error u may hold part of them: the caller discards the unit. */
+/* Appends a decimal integer: a send_batch writes a few for each command,
+ * and printf's machinery costs more than the rest of the command's JSON. */
+static void put_int(cb_strbuf *b, long long v) {
+  char text[24], *p = text + sizeof text;
+  unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
+  *--p = '\0';
+  do *--p = (char)('0' + u % 10);
+  while ((u /= 10) > 0);
+  if (v < 0) *--p = '-';
+  cb_strbuf_puts(b, p);
+}
+
 /* As cb_bus_add_send; when `element` is given and n is 1, the command's
  * JSON object (an element of send_sql's array) is copied there and *flags
  * tells whether it has a dedup key (SEND_DEDUP) or an id its caller gave
@@ -284,12 +296,29 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
       results[i].duplicate = 0;
       results[i].duplicate_of[0] = '\0';
       if (i > start) cb_strbuf_putc(&json, ',');
-      cb_strbuf_printf(&json, "{\"id\":\"%s\",\"corr\":\"%s\",\"type\":", id, corr);
+      /* Ids and queue names need no escaping: checked above. */
+      cb_strbuf_puts(&json, "{\"id\":\"");
+      cb_strbuf_puts(&json, id);
+      cb_strbuf_puts(&json, "\",\"corr\":\"");
+      cb_strbuf_puts(&json, corr);
+      cb_strbuf_puts(&json, "\",\"type\":");
       cb_strbuf_json_string(&json, s->command_type);
-      cb_strbuf_printf(&json, ",\"max\":%d", s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
-      if (s->reply_to && s->reply_to[0]) cb_strbuf_printf(&json, ",\"reply\":\"%s\"", s->reply_to);
-      if (batch[0]) cb_strbuf_printf(&json, ",\"batch\":\"%s\"", batch);
-      if (s->priority) cb_strbuf_printf(&json, ",\"prio\":%d", s->priority);
+      cb_strbuf_puts(&json, ",\"max\":");
+      put_int(&json, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
+      if (s->reply_to && s->reply_to[0]) {
+        cb_strbuf_puts(&json, ",\"reply\":\"");
+        cb_strbuf_puts(&json, s->reply_to);
+        cb_strbuf_putc(&json, '"');
+      }
+      if (batch[0]) {
+        cb_strbuf_puts(&json, ",\"batch\":\"");
+        cb_strbuf_puts(&json, batch);
+        cb_strbuf_putc(&json, '"');
+      }
+      if (s->priority) {
+        cb_strbuf_puts(&json, ",\"prio\":");
+        put_int(&json, s->priority);
+      }
       if (s->dedup_key) {
         dedup = 1;
         cb_strbuf_puts(&json, ",\"dedup\":");
@@ -410,14 +439,14 @@ typedef struct send_call {
   int row;             /* merged: its row in that statement's result; -1: its own statements */
   int rc;
   cb_err err;
-  int done; /* [g->lock] */
+  int done;            /* [g->lock] */
+  pthread_cond_t cond; /* its caller waits on it for done: an answer wakes that caller only */
   struct send_call *next;
 } send_call;
 
 struct cb_send_groups {
   cb_runtime *rt;
   pthread_mutex_t lock;
-  pthread_cond_t done;    /* a call was answered */
   int out, max;           /* groups on their way; at most one per connection */
   send_call *head, *tail; /* waiting for the next group */
 };
@@ -435,14 +464,12 @@ static void *send_groups_new(cb_runtime *rt) {
   if (g == NULL) return NULL;
   g->rt = rt; /* max is read from it on first use: this runs under its lock */
   pthread_mutex_init(&g->lock, NULL);
-  pthread_cond_init(&g->done, NULL);
   return g;
 }
 
 static void send_groups_free(void *state) {
   cb_send_groups *g = state;
   if (g == NULL) return;
-  pthread_cond_destroy(&g->done);
   pthread_mutex_destroy(&g->lock);
   free(g);
 }
@@ -465,7 +492,7 @@ static void answer(cb_send_groups *g, send_call *c, int rc, const cb_err *err) {
   if (rc != CB_OK && err) c->err = *err;
   pthread_mutex_lock(&g->lock);
   c->done = 1;
-  pthread_cond_broadcast(&g->done);
+  pthread_cond_signal(&c->cond); /* under the lock: once it is released, c may be gone */
   pthread_mutex_unlock(&g->lock);
 }
 
@@ -631,6 +658,7 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
                  .element = element,
                  .flags = flags,
                  .rc = CB_OK};
+  pthread_cond_init(&c.cond, NULL);
   pthread_mutex_lock(&g->lock);
   if (g->max == 0) g->max = cb_runtime_pool_size(rt) > 0 ? cb_runtime_pool_size(rt) : 1;
   if (g->tail) g->tail->next = &c;
@@ -641,8 +669,9 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
   pthread_mutex_unlock(&g->lock);
   if (calls) start_group(g, calls, count);
   pthread_mutex_lock(&g->lock);
-  while (!c.done) pthread_cond_wait(&g->done, &g->lock);
+  while (!c.done) pthread_cond_wait(&c.cond, &g->lock);
   pthread_mutex_unlock(&g->lock);
+  pthread_cond_destroy(&c.cond);
   cb_unit_on_done(u, NULL, NULL);
   if (c.rc != CB_OK) *err = c.err;
   return c.rc;

@@ -60,7 +60,8 @@ typedef struct cb_conn {
 
 struct cb_runtime {
   uv_loop_t loop;     /* [loop] */
-  uv_async_t wake;    /* [loop]; uv_async_send from any thread */
+  uv_poll_t wake;     /* [loop] readable when wake_fd was written */
+  int wake_fd;        /* an eventfd: any thread writes to it to wake the loop (runtime.c, wake_loop) */
   pthread_t thread;   /* [init] */
   int thread_started; /* [init] */
   pid_t pid;          /* [init] the process that created it: a fork's child may not use it */

@@ -2,9 +2,12 @@
  * Connections themselves live in pg.c. */
 #include "internal.h"
 
+#include <errno.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "commandbus/error.h"
@@ -58,10 +61,29 @@ static void close_leftover(uv_handle_t *h, void *arg) {
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
+/* Wakes the loop thread, from any thread. An eventfd rather than a
+ * uv_async_t: libuv's async handle makes the loop thread spin until the
+ * sending thread has finished its uv_async_send, and a sender that the
+ * wake-up itself pushed off the core (two cores, a loaded machine) keeps it
+ * spinning for tens of microseconds on every hand-over. A write to an
+ * eventfd is all there is to it. */
+static void wake_loop(cb_runtime *rt) {
+  uint64_t one = 1;
+  ssize_t n;
+  do n = write(rt->wake_fd, &one, sizeof one);
+  while (n < 0 && errno == EINTR);
+  /* EAGAIN: the counter is full, so the loop is due to wake anyway. */
+}
+
 /* Runs on the loop thread when woken: takes what other threads handed over,
  * or, once closing, tears everything down so that uv_run can return. */
-static void on_wake(uv_async_t *async) {
-  cb_runtime *rt = async->data;
+static void on_wake(uv_poll_t *poll, int status, int events) {
+  (void)status;
+  (void)events;
+  cb_runtime *rt = poll->data;
+  uint64_t count;
+  /* Reset before taking the lists: a hand-over after this wakes us again. */
+  while (read(rt->wake_fd, &count, sizeof count) < 0 && errno == EINTR) continue;
   pthread_mutex_lock(&rt->lock);
   cb_unit *units = rt->submitted_head;
   rt->submitted_head = rt->submitted_tail = NULL;
@@ -222,8 +244,23 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   pthread_mutex_init(&rt->signal_lock, NULL);
   pthread_cond_init(&rt->started, NULL);
   uv_loop_init(&rt->loop);
-  uv_async_init(&rt->loop, &rt->wake, on_wake);
+  rt->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (rt->wake_fd < 0 || uv_poll_init(&rt->loop, &rt->wake, rt->wake_fd) != 0) {
+    if (rt->wake_fd >= 0) close(rt->wake_fd);
+    uv_loop_close(&rt->loop);
+    pthread_cond_destroy(&rt->started);
+    pthread_mutex_destroy(&rt->signal_lock);
+    pthread_mutex_destroy(&rt->lock);
+    free(rt->conninfo);
+    free(rt->application_name);
+    free(rt->conns);
+    cb_hub_free(rt->hub);
+    cb_event_feed_free(rt->events);
+    free(rt);
+    return cb_err_set(err, CB_ENOMEM, "cannot make the loop's wake-up descriptor");
+  }
   rt->wake.data = rt;
+  uv_poll_start(&rt->wake, UV_READABLE, on_wake);
   for (int i = 0; i < rt->nconns; i++) cb__conn_init(rt, &rt->conns[i], i);
   cb__conn_init(rt, &rt->listener, -1);
   rt->startup_pending = rt->nconns;
@@ -278,10 +315,11 @@ void cb_runtime_close(cb_runtime *rt) {
   pthread_mutex_unlock(&rt->lock);
 
   if (rt->thread_started) {
-    uv_async_send(&rt->wake);
+    wake_loop(rt);
     pthread_join(rt->thread, NULL);
   }
   uv_loop_close(&rt->loop);
+  close(rt->wake_fd); /* its poll handle was closed with the loop */
   cb_hub_close(rt->hub);
   unlink_open(rt);
   pthread_mutex_lock(&rt->lock);
@@ -364,7 +402,7 @@ int cb_runtime_submit(cb_runtime *rt, cb_unit *const *units, size_t n) {
   else rt->submitted_head = units[0];
   rt->submitted_tail = units[n - 1];
   pthread_mutex_unlock(&rt->lock);
-  uv_async_send(&rt->wake);
+  wake_loop(rt);
   return CB_OK;
 }
 
@@ -385,7 +423,7 @@ int cb_runtime_call(cb_runtime *rt, void (*fn)(cb_runtime *rt, void *arg), void 
   else rt->calls_head = c;
   rt->calls_tail = c;
   pthread_mutex_unlock(&rt->lock);
-  uv_async_send(&rt->wake);
+  wake_loop(rt);
   return CB_OK;
 }
 

@@ -1,6 +1,9 @@
 /* commandbus: UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random
  * bits; within one millisecond a per-process counter in the high random bits
- * keeps ids from one process increasing. */
+ * keeps ids from one process increasing. The random bits come from a pool
+ * filled by one getrandom call for many ids (a send_batch makes two ids a
+ * command); a forked child empties its copy of the pool, so that parent and
+ * child never hand out the same bits. */
 #include "commandbus/uuid.h"
 
 #include <pthread.h>
@@ -11,18 +14,43 @@
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static uint64_t last_ms;
-static uint16_t counter; /* 12 bits: rand_a */
+static uint16_t counter;        /* 12 bits: rand_a */
+static unsigned char pool[640]; /* [lock] random bytes, 10 an id */
+static size_t pool_left;        /* [lock] unused bytes at the end of pool */
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void) { pthread_mutex_lock(&lock); }
+static void fork_parent(void) { pthread_mutex_unlock(&lock); }
+static void fork_child(void) {
+  pool_left = 0;
+  pthread_mutex_unlock(&lock);
+}
+static void watch_forks(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
+
+/* Takes n random bytes from the pool, refilling it when it runs short;
+ * [lock] held. Returns 0 when the system gave none. */
+static int take_random(unsigned char *out, size_t n) {
+  if (pool_left < n) {
+    if (getrandom(pool, sizeof pool, 0) != (ssize_t)sizeof pool) return 0;
+    pool_left = sizeof pool;
+  }
+  memcpy(out, pool + sizeof pool - pool_left, n);
+  memset(pool + sizeof pool - pool_left, 0, n); /* used bits never linger */
+  pool_left -= n;
+  return 1;
+}
 
 void cb_uuid_v7(char out[CB_UUID_LEN + 1]) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   uint64_t ms = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
   unsigned char r[10];
-  if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r) {
+  pthread_once(&fork_once, watch_forks);
+  pthread_mutex_lock(&lock);
+  if (!take_random(r, sizeof r)) {
     /* Never expected; fall back on the clock's nanoseconds. */
     for (size_t i = 0; i < sizeof r; i++) r[i] = (unsigned char)(ts.tv_nsec >> (i % 4 * 8));
   }
-  pthread_mutex_lock(&lock);
   if (ms > last_ms) {
     last_ms = ms;
     counter = (uint16_t)(((r[0] << 8) | r[1]) & 0x07ff); /* leave room to count up */

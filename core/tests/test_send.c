@@ -12,11 +12,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "commandbus/bus.h"
 #include "commandbus/queue.h"
 #include "commandbus/schema.h"
+#include "commandbus/uuid.h"
 #include "test_support.h"
 
 #define CALLERS 8
@@ -354,12 +356,54 @@ static void a_caller_alone_sends_in_a_transaction_of_its_own(void **state) {
   cb_runtime_free(rt);
 }
 
+/* Ids draw their random bits from a pool (uuid.c): a forked child must not
+ * hand out the bits its parent has left in it. Parent and child each make
+ * ids at once after the fork; no two share their random part. */
+#define FORK_IDS 200
+static void ids_made_after_a_fork_differ_from_the_parents(void **state) {
+  (void)state;
+  char id[CB_UUID_LEN + 1];
+  cb_uuid_v7(id); /* the pool is filled, most of it unused */
+  int fds[2];
+  assert_int_equal(pipe(fds), 0);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    close(fds[0]);
+    for (int i = 0; i < FORK_IDS; i++) {
+      cb_uuid_v7(id);
+      if (write(fds[1], id, CB_UUID_LEN) != CB_UUID_LEN) _exit(1);
+    }
+    _exit(0);
+  }
+  close(fds[1]);
+  static char mine[FORK_IDS][CB_UUID_LEN + 1], theirs[FORK_IDS][CB_UUID_LEN + 1];
+  for (int i = 0; i < FORK_IDS; i++) cb_uuid_v7(mine[i]);
+  for (int i = 0; i < FORK_IDS; i++) {
+    size_t got = 0;
+    while (got < CB_UUID_LEN) {
+      ssize_t n = read(fds[0], theirs[i] + got, CB_UUID_LEN - got);
+      assert_true(n > 0);
+      got += (size_t)n;
+    }
+    theirs[i][CB_UUID_LEN] = '\0';
+  }
+  close(fds[0]);
+  int status;
+  assert_int_equal(waitpid(pid, &status, 0), pid);
+  assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  /* The last 12 hex digits are random bits only. */
+  for (int i = 0; i < FORK_IDS; i++)
+    for (int j = 0; j < FORK_IDS; j++) assert_string_not_equal(mine[i] + 24, theirs[j] + 24);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(concurrent_sends_share_a_transaction_and_a_refused_one_fails_alone),
       cmocka_unit_test(sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart),
       cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
       cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
+      cmocka_unit_test(ids_made_after_a_fork_differ_from_the_parents),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
