@@ -217,6 +217,16 @@ static void drop_parts(cb_runtime *rt) {
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
+/* Frees what cb_runtime_new allocated before its loop and threads exist. */
+static void free_parts(cb_runtime *rt) {
+  free(rt->conninfo);
+  free(rt->application_name);
+  free(rt->conns);
+  cb_hub_free(rt->hub);
+  cb_event_feed_free(rt->events);
+  free(rt);
+}
+
 int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *err) {
   *out = NULL;
   cb_runtime_options defaults = {0};
@@ -232,12 +242,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   rt->hub = cb_hub_new();
   rt->events = cb_event_feed_new();
   if (!rt->conninfo || !rt->application_name || !rt->conns || !rt->hub || !rt->events) {
-    free(rt->conninfo);
-    free(rt->application_name);
-    free(rt->conns);
-    cb_hub_free(rt->hub);
-    cb_event_feed_free(rt->events);
-    free(rt);
+    free_parts(rt);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
   pthread_mutex_init(&rt->lock, NULL);
@@ -251,12 +256,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
     pthread_cond_destroy(&rt->started);
     pthread_mutex_destroy(&rt->signal_lock);
     pthread_mutex_destroy(&rt->lock);
-    free(rt->conninfo);
-    free(rt->application_name);
-    free(rt->conns);
-    cb_hub_free(rt->hub);
-    cb_event_feed_free(rt->events);
-    free(rt);
+    free_parts(rt);
     return cb_err_set(err, CB_ENOMEM, "cannot make the loop's wake-up descriptor");
   }
   rt->wake.data = rt;

@@ -32,7 +32,7 @@
 
 typedef struct owner {
   cb_engine e;
-  char table[64], sql[256];
+  char name[56], table[64], sql[256];
   long long key;  /* the advisory lock the fetch waits for */
   long long last; /* [loop] the highest id fetched */
   pthread_mutex_t lock;
@@ -114,6 +114,50 @@ static long long count_of(cb_runtime *rt, const char *sql) {
   return n;
 }
 
+/* The owner's lock and its table (public.<name>, ids only), made afresh. */
+static void open_owner(owner *o, cb_runtime *other, const char *name) {
+  memset(o, 0, sizeof *o);
+  pthread_mutex_init(&o->lock, NULL);
+  pthread_cond_init(&o->changed, NULL);
+  snprintf(o->name, sizeof o->name, "%s", name);
+  snprintf(o->table, sizeof o->table, "public.%s", name);
+  char sql[512];
+  snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", o->table);
+  exec_ok(other, sql, 0, NULL);
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (id bigserial PRIMARY KEY)", o->table);
+  exec_ok(other, sql, 0, NULL);
+}
+
+/* Starts the owner's engine on rt: one lane, fetching o->sql. */
+static void start_engine(owner *o, cb_runtime *rt, double poll_interval) {
+  cb_engine_config c = {.kind = "test",
+                        .name = "test engine",
+                        .domain = o->name,
+                        .queue = o->name,
+                        .lanes = 1,
+                        .capacity = 16,
+                        .visibility_timeout = 30,
+                        .statement_timeout = 60,
+                        .poll_interval = poll_interval,
+                        .ops = &OPS,
+                        .owner = o};
+  cb_err err;
+  assert_int_equal(cb_engine_init(&o->e, rt, &c, &err), CB_OK);
+  assert_int_equal(cb_engine_start(&o->e, &err), CB_OK);
+}
+
+/* Stops the engine, drops the table. */
+static void close_owner(owner *o, cb_runtime *other) {
+  cb_engine_stop(&o->e);
+  assert_true(cb_engine_wait(&o->e, 60000));
+  cb_engine_destroy(&o->e);
+  char sql[512];
+  snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", o->table);
+  exec_ok(other, sql, 0, NULL);
+  pthread_cond_destroy(&o->changed);
+  pthread_mutex_destroy(&o->lock);
+}
+
 static void test_notification_during_fetch_is_kept(void **state) {
   (void)state;
   cb_runtime *rt = test_runtime(2);     /* the engine's */
@@ -123,35 +167,15 @@ static void test_notification_during_fetch_is_kept(void **state) {
   assert_int_equal(cb_schema_setup(other, NULL, &err), CB_OK);
 
   owner o;
-  memset(&o, 0, sizeof o);
-  pthread_mutex_init(&o.lock, NULL);
-  pthread_cond_init(&o.changed, NULL);
-  const char *name = test_name("engine_wake");
-  snprintf(o.table, sizeof o.table, "public.%s", name);
+  open_owner(&o, other, test_name("engine_wake"));
   o.key = 1000000 + (long long)getpid();
   snprintf(o.sql, sizeof o.sql,
            "SELECT i.id FROM %s i WHERE (SELECT 1 FROM (SELECT pg_advisory_xact_lock_shared(%lld)) l) = 1"
            " AND i.id > $1::bigint ORDER BY i.id",
            o.table, o.key);
   char sql[512];
-  snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", o.table);
-  exec_ok(other, sql, 0, NULL);
-  snprintf(sql, sizeof sql, "CREATE TABLE %s (id bigserial PRIMARY KEY)", o.table);
-  exec_ok(other, sql, 0, NULL);
 
-  cb_engine_config c = {.kind = "test",
-                        .name = "test engine",
-                        .domain = name,
-                        .queue = name,
-                        .lanes = 1,
-                        .capacity = 16,
-                        .visibility_timeout = 30,
-                        .statement_timeout = 60,
-                        .poll_interval = 3600, /* no poll within the test */
-                        .ops = &OPS,
-                        .owner = &o};
-  assert_int_equal(cb_engine_init(&o.e, rt, &c, &err), CB_OK);
-  assert_int_equal(cb_engine_start(&o.e, &err), CB_OK);
+  start_engine(&o, rt, 3600);                    /* no poll within the test */
   assert_true(wait_for(&o, one_fetch_back, 60)); /* the fetch at start: nothing there */
   pthread_mutex_lock(&o.lock);
   assert_int_equal(o.rows[0], 0);
@@ -195,13 +219,7 @@ static void test_notification_during_fetch_is_kept(void **state) {
   assert_int_equal(waited_rows, 0); /* the fetch that waited did not see the row: the race happened */
   assert_true(found);               /* a fetch after it did, without a poll */
 
-  cb_engine_stop(&o.e);
-  assert_true(cb_engine_wait(&o.e, 60000));
-  cb_engine_destroy(&o.e);
-  snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", o.table);
-  exec_ok(other, sql, 0, NULL);
-  pthread_cond_destroy(&o.changed);
-  pthread_mutex_destroy(&o.lock);
+  close_owner(&o, other);
   cb_runtime_free(holder);
   cb_runtime_free(other);
   cb_runtime_free(rt);
@@ -218,41 +236,15 @@ static void test_poll_fetches_after_a_drained_queue(void **state) {
   cb_err err;
   assert_int_equal(cb_schema_setup(other, NULL, &err), CB_OK);
   owner o;
-  memset(&o, 0, sizeof o);
-  pthread_mutex_init(&o.lock, NULL);
-  pthread_cond_init(&o.changed, NULL);
-  const char *name = test_name("engine_poll");
-  snprintf(o.table, sizeof o.table, "public.%s", name);
+  open_owner(&o, other, test_name("engine_poll"));
   snprintf(o.sql, sizeof o.sql, "SELECT i.id FROM %s i WHERE i.id > $1::bigint ORDER BY i.id", o.table);
   char sql[512];
-  snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", o.table);
-  exec_ok(other, sql, 0, NULL);
-  snprintf(sql, sizeof sql, "CREATE TABLE %s (id bigserial PRIMARY KEY)", o.table);
-  exec_ok(other, sql, 0, NULL);
-  cb_engine_config c = {.kind = "test",
-                        .name = "test engine",
-                        .domain = name,
-                        .queue = name,
-                        .lanes = 1,
-                        .capacity = 16,
-                        .visibility_timeout = 30,
-                        .statement_timeout = 60,
-                        .poll_interval = 0.05,
-                        .ops = &OPS,
-                        .owner = &o};
-  assert_int_equal(cb_engine_init(&o.e, rt, &c, &err), CB_OK);
-  assert_int_equal(cb_engine_start(&o.e, &err), CB_OK);
+  start_engine(&o, rt, 0.05);
   assert_true(wait_for(&o, one_fetch_back, 60)); /* nothing there: drained */
   snprintf(sql, sizeof sql, "INSERT INTO %s DEFAULT VALUES", o.table);
   exec_ok(other, sql, 0, NULL); /* no notification */
   assert_true(wait_for(&o, row_found, 60));
-  cb_engine_stop(&o.e);
-  assert_true(cb_engine_wait(&o.e, 60000));
-  cb_engine_destroy(&o.e);
-  snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", o.table);
-  exec_ok(other, sql, 0, NULL);
-  pthread_cond_destroy(&o.changed);
-  pthread_mutex_destroy(&o.lock);
+  close_owner(&o, other);
   cb_runtime_free(other);
   cb_runtime_free(rt);
 }
