@@ -29,6 +29,8 @@ int cb_await_safety_backoff_ms(int attempt) {
   return ms > CB_AWAIT_SAFETY_CAP_MS ? CB_AWAIT_SAFETY_CAP_MS : ms;
 }
 
+/* The command table's trigger notifies awaiters only for these states
+ * (core/sql/009_notify_final_states.sql): the two lists must agree. */
 static const char *const COMMAND_DONE[] = {"COMPLETED", "FAILED", "CANCELED", "IN_TROUBLESHOOTING_QUEUE", NULL};
 static const char *const PROCESS_DONE[] = {"COMPLETED", "COMPENSATED", "FAILED", "CANCELED", NULL};
 
