@@ -29,7 +29,10 @@ int cb_await_safety_backoff_ms(int attempt) {
   return ms > CB_AWAIT_SAFETY_CAP_MS ? CB_AWAIT_SAFETY_CAP_MS : ms;
 }
 
+/* The command table's trigger notifies awaiters only for these states
+ * (core/sql/009_notify_final_states.sql): the lists must agree. */
 static const char *const COMMAND_DONE[] = {"COMPLETED", "FAILED", "CANCELED", "IN_TROUBLESHOOTING_QUEUE", NULL};
+#define COMMAND_DONE_SQL "('COMPLETED', 'FAILED', 'CANCELED', 'IN_TROUBLESHOOTING_QUEUE')"
 static const char *const PROCESS_DONE[] = {"COMPLETED", "COMPENSATED", "FAILED", "CANCELED", NULL};
 
 static int listed(const char *const *names, const char *s) {
@@ -54,6 +57,10 @@ typedef struct target {
   int (*check)(const cb_unit *u, const struct target *t, char *why, size_t n);
   const char *event_type; /* await_event */
   const char *after;
+  /* Removes this waiter's registration ($1 domain, $2 id, $3 waiter) when
+   * the record is in a state the await returns on, returning a row when it
+   * did; NULL: the registration is always removed after the await. */
+  const char *unregister_done_sql;
 } target;
 
 #define READ_COMMAND                                                                                     \
@@ -103,6 +110,17 @@ static int check_event(const cb_unit *u, const target *t, char *why, size_t n) {
 static void add_reads(cb_unit *u, const target *t, int locked) {
   for (int i = 0; i < t->nsql; i++)
     cb_unit_add(u, i == 0 && locked ? t->lock_sql : t->sql[i], t->sql_nparams[i], t->params);
+}
+
+/* A registered waiter's read also removes the registration once the record
+ * is done, in the same transaction: the await that returns then needs no
+ * transaction of its own to unregister. Before the reads, so that they stay
+ * the unit's last statements; the index of its result, or -1. */
+static int add_unregister_if_done(cb_unit *u, const target *t, const char *const *register_params) {
+  if (t->unregister_done_sql == NULL) return -1;
+  int index = cb_unit_count(u);
+  cb_unit_add(u, t->unregister_done_sql, 3, register_params);
+  return index;
 }
 
 /* The first round trip of a listening await: register (so that writers
@@ -193,17 +211,18 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
   snprintf(lock_ms, sizeof lock_ms, "%d", timeout >= 5 ? 5000 : timeout * 1000 < 1 ? 1 : (int)(timeout * 1000));
   if (no_listen) add_reads(u, t, 0);
   else add_first_round(u, t, register_params, locked, lock_ms);
-  int registered = 0;
+  int registered = 0, first_round = !no_listen, done_index = -1;
   for (int attempt = 0;; attempt++) {
     rc = cb_runtime_exec(rt, u, err);
-    if (rc != CB_OK && locked && !registered && lock_refused(err)) {
+    if (rc != CB_OK && first_round && locked && lock_refused(err)) {
       locked = 0;
       cb_unit_reset(u);
       add_first_round(u, t, register_params, 0, lock_ms);
       rc = cb_runtime_exec(rt, u, err);
     }
-    if (rc != CB_OK) break;
-    registered = !no_listen;
+    if (rc != CB_OK) break; /* rolled back: the registration is as it was */
+    if (first_round) registered = 1;
+    if (done_index >= 0 && cb_result_rows(cb_unit_result(u, done_index)) > 0) registered = 0;
     int found = t->check(u, t, why, sizeof why);
     if (found == CB_ENOTFOUND) {
       rc = cb_err_set(err, CB_ENOTFOUND, "unknown %s `%s`", t->what, t->id);
@@ -222,6 +241,17 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
     /* The next read is ready before the wait, and the last one's results
      * are gone: an idle waiter holds little memory. */
     cb_unit_reset(u);
+    first_round = 0;
+    done_index = -1;
+    if (!no_listen && !registered) {
+      /* Unregistered as done, then read as not done: the record left its
+       * final state between the two statements (an operator's retry).
+       * Registered again at once, the gap closed as at the start. */
+      first_round = 1;
+      add_first_round(u, t, register_params, locked, lock_ms);
+      registered_until = now_seconds() + lasts;
+      continue;
+    }
     if (registered && now_seconds() > registered_until - CB_AWAIT_SAFETY_CAP_MS / 1000.0 * 1.5) {
       cb_unit_add(u,
                   "UPDATE commandbus.awaiter SET expires_at = now() + make_interval(secs => $4::float8)"
@@ -229,9 +259,10 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
                   4, register_params);
       registered_until = now_seconds() + lasts;
     }
+    if (registered) done_index = add_unregister_if_done(u, t, register_params);
     add_reads(u, t, 0);
     /* Listening, every writer's change reaches us (the command and process
-     * tables' triggers notify awaiters, core/sql/003 and 004): polling is
+     * tables' triggers notify awaiters, core/sql/003, 004 and 009): polling is
      * only a safety net. Otherwise re-reads back off from 25 ms to 1 s. */
     int wait = no_listen ? cb_await_backoff_ms(attempt) : cb_await_safety_backoff_ms(attempt);
     if (wait > left * 1000) wait = (int)(left * 1000) + 1;
@@ -270,6 +301,10 @@ int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id,
   t.sql[t.nsql++] = READ_COMMAND;
   t.lock_sql = READ_COMMAND " FOR SHARE";
   t.check = check_command;
+  t.unregister_done_sql =
+      "DELETE FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = $2::uuid AND a.waiter = $3::uuid"
+      " AND EXISTS (SELECT 1 FROM commandbus.command c WHERE c.domain = $1"
+      " AND c.command_id = $2::uuid AND c.status IN " COMMAND_DONE_SQL ") RETURNING 1 AS unregistered";
   return await_target(rt, &t, timeout, flags, rows, err);
 }
 

@@ -34,6 +34,7 @@ typedef struct waiter_arg {
   const char *id;
   int rc;
   char status[32];
+  int unregistered; /* the read that returned removed the registration */
 } waiter_arg;
 
 static void *await_main(void *p) {
@@ -41,8 +42,14 @@ static void *await_main(void *p) {
   cb_unit *rows = NULL;
   cb_err err;
   a->rc = cb_await_command(a->rt, a->domain, a->id, 20, 0, &rows, &err);
-  if (a->rc == CB_OK)
+  if (a->rc == CB_OK) {
     snprintf(a->status, sizeof a->status, "%s", cb_result_value(cb_unit_result(rows, cb_unit_count(rows) - 1), 0, 3));
+    for (int i = 0; i < cb_unit_count(rows); i++) {
+      const cb_result *r = cb_unit_result(rows, i);
+      if (r && cb_result_columns(r) == 1 && strcmp(cb_result_column_name(r, 0), "unregistered") == 0)
+        a->unregistered += (int)cb_result_rows(r);
+    }
+  }
   cb_unit_free(rows);
   return NULL;
 }
@@ -74,7 +81,7 @@ static void sixteen_waiters_are_released_together_by_one_completion(void **state
   waiter_arg args[16];
   pthread_t threads[16];
   for (int i = 0; i < 16; i++) {
-    args[i] = (waiter_arg){rt, domain, sent.command_id, -99, ""};
+    args[i] = (waiter_arg){rt, domain, sent.command_id, -99, "", 0};
     pthread_create(&threads[i], NULL, await_main, &args[i]);
   }
   cb_worker_options o;
@@ -422,7 +429,7 @@ static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_i
 
   assert_int_equal(cb_runtime_listen(waiter_rt, CB_AWAIT_CHANNEL, &err), CB_OK); /* counted before */
   uint64_t units_before = cb_runtime_units_sent(waiter_rt);
-  waiter_arg a = {waiter_rt, domain, sent.command_id, -99, ""};
+  waiter_arg a = {waiter_rt, domain, sent.command_id, -99, "", 0};
   pthread_t waiter;
   pthread_create(&waiter, NULL, await_main, &a);
   /* The registering read waits for the writer instead of reading the row
@@ -458,6 +465,123 @@ static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_i
   cb_runtime_free(rt);
 }
 
+static void exec_on_command(cb_runtime *rt, const char *sql, const char *domain, const char *id) {
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {domain, id};
+  cb_unit_add(u, sql, 2, params);
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_unit_free(u);
+}
+
+/* Whether the write (one transaction) notified the command's awaiters. A
+ * marker notification on the same channel follows it, from a later
+ * transaction: PostgreSQL delivers notifications in commit order on the
+ * listening connection, so once the marker is heard, the write's
+ * notification, had there been one, has been heard too. No timing. */
+static int write_notified(cb_runtime *rt, const char *sql, const char *domain, const char *id, cb_hub_sub *command,
+                          cb_hub_sub *marker) {
+  exec_on_command(rt, sql, domain, id);
+  exec_on_command(rt, "SELECT pg_notify('" CB_AWAIT_CHANNEL "', $1 || ':marker'), $2", domain, id);
+  assert_int_equal(cb_hub_wait(marker, 30000), 1);
+  return cb_hub_wait(command, 0);
+}
+
+static void only_states_an_await_returns_on_notify_whoever_writes_them(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  assert_int_equal(cb_runtime_listen(rt, CB_AWAIT_CHANNEL, &err), CB_OK);
+  char domain[64], key[CB_HUB_KEY_MAX];
+  snprintf(domain, sizeof domain, "%s", test_name("awfinal"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result sent;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  const char *id = sent.command_id;
+  /* Watched as a waiter would: by the hub key and a row in the awaiter table. */
+  cb_hub_change_key(domain, id, key);
+  cb_hub_sub *command = cb_hub_subscribe(cb_runtime_hub(rt), key);
+  cb_hub_change_key(domain, "marker", key);
+  cb_hub_sub *marker = cb_hub_subscribe(cb_runtime_hub(rt), key);
+  exec_on_command(rt,
+                  "INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
+                  " VALUES ($1, $2::uuid, $2::uuid, now() + interval '10 minutes')",
+                  domain, id);
+  const char *receive = "SELECT status FROM commandbus.sp_receive_command($1, $2::uuid)"; /* as rcmd's worker */
+  const char *pending = "UPDATE commandbus.command SET status = 'PENDING' WHERE domain = $1 AND command_id = $2::uuid";
+  assert_int_equal(write_notified(rt, receive, domain, id, command, marker), 0);
+  assert_int_equal(write_notified(rt, pending, domain, id, command, marker), 0);
+  /* Each state an await returns on, written as an operator would. */
+  static const char *const final[] = {"COMPLETED", "FAILED", "CANCELED", "IN_TROUBLESHOOTING_QUEUE"};
+  for (int i = 0; i < 4; i++) {
+    char sql[200];
+    snprintf(sql, sizeof sql, "UPDATE commandbus.command SET status = '%s' WHERE domain = $1 AND command_id = $2::uuid",
+             final[i]);
+    assert_int_equal(write_notified(rt, sql, domain, id, command, marker), 1);
+    assert_int_equal(write_notified(rt, pending, domain, id, command, marker), 0); /* an operator's retry */
+  }
+  /* rcmd's worker finishing it. */
+  assert_int_equal(write_notified(rt, receive, domain, id, command, marker), 0);
+  assert_int_equal(write_notified(rt, "SELECT commandbus.sp_finish_command($1, $2::uuid, 'COMPLETED', 'COMPLETED')",
+                                  domain, id, command, marker),
+                   1);
+  cb_hub_unsubscribe(command);
+  cb_hub_unsubscribe(marker);
+  exec_on_command(rt, "DELETE FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid", domain, id);
+  char queue[80];
+  snprintf(queue, sizeof queue, "%s__commands", domain);
+  int existed;
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
+static int64_t registrations(cb_runtime *rt, const char *domain, const char *id) {
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {domain, id};
+  cb_unit_add(u, "SELECT count(*) FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid", 2, params);
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  int64_t n = atoll(cb_result_value(cb_unit_result(u, 0), 0, 0));
+  cb_unit_free(u);
+  return n;
+}
+
+/* The read a completion wakes also removes the waiter's registration, in
+ * its own transaction: no transaction of its own after the await returns,
+ * and nothing left behind when it has. */
+static void a_woken_waiter_unregisters_in_the_read_that_returns(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("awunreg"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result sent;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  waiter_arg arg = {rt, domain, sent.command_id, -99, "", 0};
+  pthread_t thread;
+  pthread_create(&thread, NULL, await_main, &arg);
+  double until = now_s() + 20;
+  while (registrations(rt, domain, sent.command_id) == 0 && now_s() < until) usleep(5 * 1000);
+  assert_int_equal(registrations(rt, domain, sent.command_id), 1);
+  exec_on_command(rt, "UPDATE commandbus.command SET status = 'COMPLETED' WHERE domain = $1 AND command_id = $2::uuid",
+                  domain, sent.command_id);
+  pthread_join(thread, NULL);
+  assert_int_equal(arg.rc, CB_OK);
+  assert_string_equal(arg.status, "COMPLETED");
+  assert_int_equal(arg.unregistered, 1);
+  assert_int_equal(registrations(rt, domain, sent.command_id), 0);
+  char queue[80];
+  snprintf(queue, sizeof queue, "%s__commands", domain);
+  int existed;
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(the_poll_schedule_is_25_ms_doubling_capped_at_1_s),
@@ -468,6 +592,8 @@ int main(void) {
       cmocka_unit_test(a_polling_waiter_resolves_by_backoff_without_notifications),
       cmocka_unit_test(historical_events_return_at_once_and_unknown_ids_say_so),
       cmocka_unit_test(removing_finished_processes_wakes_nobody),
+      cmocka_unit_test(only_states_an_await_returns_on_notify_whoever_writes_them),
+      cmocka_unit_test(a_woken_waiter_unregisters_in_the_read_that_returns),
       cmocka_unit_test(the_sink_gets_committed_events_in_order_and_counts_what_does_not_fit),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
