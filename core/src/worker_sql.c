@@ -74,12 +74,10 @@ void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
   cb_strbuf_puts(sql,
                  " RETURNING q.msg_id, q.read_ct, q.message, commandbus.priority_of(q.message) AS priority,"
                  " commandbus.message_command_id(q.message) AS command_id),"
-                 " named AS (SELECT jsonb_object_agg(msg_id::text, command_id) AS p FROM m"
-                 " WHERE command_id IS NOT NULL),"
                  " c AS (UPDATE commandbus.command k SET attempts = k.attempts + 1, status = 'IN_PROGRESS',"
                  " updated_at = now(), lease_expires_at = clock_timestamp() + make_interval(secs => $2::float8)"
                  " WHERE k.domain = $3 AND k.command_id = ANY(ARRAY(SELECT command_id FROM m WHERE command_id IS NOT NULL))"
-                 " AND ((SELECT p FROM named) ->> k.msg_id::text)::uuid = k.command_id"
+                 " AND coalesce((k.msg_id, k.command_id) IN (SELECT msg_id, command_id FROM m), false)"
                  " AND " CB_STATUS_OF("k") " IN ('PENDING', 'IN_PROGRESS')"
                  " RETURNING k.command_id, k.command_type, k.attempts, k.max_attempts, k.correlation_id,"
                  " k.reply_queue, k.batch_id, k.msg_id),"
