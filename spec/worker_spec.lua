@@ -300,6 +300,28 @@ describe("worker", function()
                        "INVALID_COMMAND_ID")
     end)
 
+    it("reads a command_id only as a canonical UUID, in either case (commandbus.message_command_id)", function()
+      -- The receive statement pairs messages with commands through this
+      -- function; whatever it refuses is set aside as INVALID_COMMAND_ID.
+      local id = "0190a3b2-1c2d-7e3f-8a9b-0c1d2e3f4a5b"
+      local cases = {
+        {id, id}, {id:upper(), id},
+        {"{" .. id .. "}", ""}, {id:gsub("-", ""), ""}, {id:sub(1, 35), ""}, {id .. "b", ""},
+        {string.rep("-", 36), ""}, {id:sub(1, 28) .. "-" .. id:sub(30), ""}, {id:sub(1, 35) .. "g", ""},
+        {id:sub(1, 23) .. "_" .. id:sub(25), ""}, {id:sub(1, 35) .. "%", ""}, {" " .. id:sub(2), ""},
+        {id:sub(1, 35) .. "\\n", ""}, {id:sub(1, 35) .. "\\u00e9", ""},
+      }
+      for _, case in ipairs(cases) do
+        local message = ('{"command_id": "%s"}'):format(case[1])
+        local got = helper.sql(("SELECT commandbus.message_command_id('%s'::jsonb)"):format(message))
+        assert.equal(case[2], got:gsub("\n$", ""), message)
+      end
+      for _, message in ipairs{'{"command_id": 12}', '{"command_id": null}', '{}', '[1]', '"x"', 'null'} do
+        local got = helper.sql(("SELECT commandbus.message_command_id('%s'::jsonb)"):format(message))
+        assert.equal("", got:gsub("\n$", ""), message)
+      end
+    end)
+
     it("archives a message for a command that has no row (UNKNOWN_COMMAND)", function()
       local id = world.uuid()
       expect_set_aside({domain = domain, command_type = "Echo", command_id = id, data = {}}, id, "UNKNOWN_COMMAND")

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# bench/defer_gate/burn.sh BUILD C...: the direct burn-down (burn.lua) with the
+# build tree BUILD (its build/ directory is used), one fresh database per run.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+tree=$1; shift
+base=postgresql://commandbus@127.0.0.1:54330
+for c in "$@"; do
+  psql -qAt "$base/commandbus" -c "DROP DATABASE IF EXISTS defer_burn WITH (FORCE)" -c "CREATE DATABASE defer_burn" 2>&1 | grep -v NOTICE || true
+  (cd "$tree" && eval "$(COMMANDBUS_BUILD=$tree/build "$here"/scripts/env lua5.4)" && export LUA_PATH="$tree/lua/?.lua;$tree/lua/?/init.lua;$here/?.lua;$LUA_PATH" &&
+     DATABASE_URL=$base/defer_burn lua5.4 "$here/bench/defer_gate/burn.lua" "$c") | sed "s|^|$(basename "$tree") |"
+done
+psql -qAt "$base/commandbus" -c "DROP DATABASE IF EXISTS defer_burn WITH (FORCE)"
