@@ -4,10 +4,13 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 tree=$1; shift
-base=postgresql://commandbus@127.0.0.1:54330
+# The cluster of DATABASE_URL (its user must be allowed to create databases),
+# or the private one scripts/pg starts; databases are made and dropped in it.
+url=${DATABASE_URL:-$("$here"/scripts/pg start)}
+base=${url%/*}
 for c in "$@"; do
-  psql -qAt "$base/commandbus" -c "DROP DATABASE IF EXISTS defer_burn WITH (FORCE)" -c "CREATE DATABASE defer_burn" 2>&1 | grep -v NOTICE || true
+  psql -qAt "$url" -c "DROP DATABASE IF EXISTS defer_burn WITH (FORCE)" -c "CREATE DATABASE defer_burn" 2>&1 | grep -v NOTICE || true
   (cd "$tree" && eval "$(COMMANDBUS_BUILD=$tree/build "$here"/scripts/env lua5.4)" && export LUA_PATH="$tree/lua/?.lua;$tree/lua/?/init.lua;$here/?.lua;$LUA_PATH" &&
      DATABASE_URL=$base/defer_burn lua5.4 "$here/bench/defer_gate/burn.lua" "$c") | sed "s|^|$(basename "$tree") |"
 done
-psql -qAt "$base/commandbus" -c "DROP DATABASE IF EXISTS defer_burn WITH (FORCE)"
+psql -qAt "$url" -c "DROP DATABASE IF EXISTS defer_burn WITH (FORCE)"

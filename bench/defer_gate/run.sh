@@ -4,12 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 eval "$(scripts/env lua5.4)"
-base=postgresql://commandbus@127.0.0.1:54330
+# The cluster of DATABASE_URL (its user must be allowed to create databases),
+# or the private one scripts/pg starts; databases are made and dropped in it.
+url=${DATABASE_URL:-$(scripts/pg start)}
+base=${url%/*}
 pgb=$(ls /usr/lib/postgresql/*/bin/pgbench | sort -V | tail -n1)
 N=${N:-50000}
 for pair in $(seq 1 "${1:-3}"); do
   for shape in today deferred; do
-    psql -qAt "$base/commandbus" -c "DROP DATABASE IF EXISTS defer_gate WITH (FORCE)" -c "CREATE DATABASE defer_gate"
+    psql -qAt "$url" -c "DROP DATABASE IF EXISTS defer_gate WITH (FORCE)" -c "CREATE DATABASE defer_gate"
     db=$base/defer_gate
     DATABASE_URL=$db lua5.4 bench/defer_gate/setup.lua
     $pgb -n -M prepared -c 1 -t $((N / 100)) -f bench/throughput/floor_send.sql "$db" >/dev/null
@@ -33,4 +36,4 @@ for pair in $(seq 1 "${1:-3}"); do
     echo "$pair $shape rate $(echo "$N / ($t1 - $t0)" | bc -l | xargs printf %.0f)/s wal $((bytes / N)) B/cmd cpu $((ticks * 10000000 / N / 1000))us/cmd records $(echo "($rec1 - $rec0) / $N" | bc -l | xargs printf %.1f)/cmd left $left completed $done_n audits $audits load $(cut -d' ' -f1 /proc/loadavg)"
   done
 done
-psql -qAt "$base/commandbus" -c "DROP DATABASE IF EXISTS defer_gate WITH (FORCE)"
+psql -qAt "$url" -c "DROP DATABASE IF EXISTS defer_gate WITH (FORCE)"
