@@ -540,7 +540,8 @@ static void only_states_an_await_returns_on_notify_whoever_writes_them(void **st
 static int64_t registrations(cb_runtime *rt, const char *domain, const char *id) {
   cb_unit *u = cb_unit_new();
   const char *params[] = {domain, id};
-  cb_unit_add(u, "SELECT count(*) FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid", 2, params);
+  cb_unit_add(u, "SELECT count(*) FROM commandbus.awaiter WHERE domain = $1 AND ($2::uuid IS NULL OR id = $2::uuid)", 2,
+              params);
   cb_err err;
   assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
   int64_t n = atoll(cb_result_value(cb_unit_result(u, 0), 0, 0));
@@ -588,7 +589,8 @@ typedef struct request_lane {
   cb_worker *w;
   cb_runtime *rt;
   const char *domain;
-  int64_t registered_at_receipt; /* waiters of the command when the worker had it */
+  int received;   /* commands the worker had */
+  int registered; /* of them, those whose caller was registered by then */
 } request_lane;
 
 static void *request_lane_main(void *p) {
@@ -597,7 +599,8 @@ static void *request_lane_main(void *p) {
   int n;
   while ((n = cb_worker_take(l->w, 0, &work, 1, 100)) >= 0) {
     if (n == 0) continue;
-    l->registered_at_receipt = registrations(l->rt, l->domain, work->command_id);
+    l->received++;
+    l->registered += registrations(l->rt, l->domain, work->command_id) == 1;
     cb_work_succeed(work, "{\"done\": true}");
     cb_worker_done(l->w, work);
   }
@@ -614,11 +617,41 @@ static int count_unregistered(const cb_unit *rows) {
   return n;
 }
 
-/* A worker on a runtime of its own (its own connections, as another
- * process's) completes the command: the requester hears of it through its
- * registration, which the send's transaction made (the worker finds it
+#define REQUESTERS 6
+#define REQUESTS_EACH 3
+
+typedef struct requester {
+  cb_runtime *rt;
+  const char *domain;
+  int ok;           /* requests answered with their own command, COMPLETED */
+  int unregistered; /* of them, those whose returning read removed the registration */
+} requester;
+
+static void *requester_main(void *p) {
+  requester *a = p;
+  for (int i = 0; i < REQUESTS_EACH; i++) {
+    cb_command_spec spec = {0};
+    spec.command_type = "Work";
+    spec.data_json = "{\"n\": 1}";
+    cb_send_result sent;
+    cb_unit *rows = NULL;
+    cb_err err;
+    if (cb_await_send(a->rt, a->domain, &spec, 0, 20, 0, &sent, &rows, &err) != CB_OK) continue;
+    const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
+    a->ok += sent.msg_id > 0 && strcmp(cb_result_value(r, 0, 1), sent.command_id) == 0 &&
+             strcmp(cb_result_value(r, 0, 3), "COMPLETED") == 0;
+    a->unregistered += count_unregistered(rows);
+    cb_unit_free(rows);
+  }
+  return NULL;
+}
+
+/* Callers on threads of one runtime (their sends may share transactions)
+ * request commands that a worker on a runtime of its own (its own
+ * connections, as another process's) completes: each hears of its command
+ * through the registration its send's transaction made (the worker finds it
  * there when it receives the command), and the read that returns removes it. */
-static void a_request_returns_the_outcome_a_worker_elsewhere_gives(void **state) {
+static void requests_return_the_outcome_a_worker_elsewhere_gives(void **state) {
   (void)state;
   cb_runtime *rt = test_runtime(2), *elsewhere = test_runtime(2);
   cb_err err;
@@ -633,31 +666,26 @@ static void a_request_returns_the_outcome_a_worker_elsewhere_gives(void **state)
   o.poll_interval = 0.05;
   cb_worker *w;
   assert_int_equal(cb_worker_new(elsewhere, &o, &w, &err), CB_OK);
-  request_lane lane = {w, elsewhere, domain, -1};
-  pthread_t thread;
+  request_lane lane = {w, elsewhere, domain, 0, 0};
+  pthread_t thread, threads[REQUESTERS];
   pthread_create(&thread, NULL, request_lane_main, &lane);
   assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
-  for (int i = 0; i < 3; i++) {
-    cb_command_spec spec = {0};
-    spec.command_type = "Work";
-    spec.data_json = "{\"n\": 1}";
-    cb_send_result sent;
-    cb_unit *rows = NULL;
-    lane.registered_at_receipt = -1;
-    int rc = cb_await_send(rt, domain, &spec, 0, 20, 0, &sent, &rows, &err);
-    assert_int_equal(rc, CB_OK);
-    assert_true(sent.msg_id > 0);
-    const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
-    assert_string_equal(cb_result_value(r, 0, 1), sent.command_id);
-    assert_string_equal(cb_result_value(r, 0, 3), "COMPLETED");
-    assert_int_equal(lane.registered_at_receipt, 1);
-    assert_int_equal(count_unregistered(rows), 1);
-    assert_int_equal(registrations(rt, domain, sent.command_id), 0);
-    cb_unit_free(rows);
+  requester args[REQUESTERS];
+  for (int i = 0; i < REQUESTERS; i++) {
+    args[i] = (requester){rt, domain, 0, 0};
+    pthread_create(&threads[i], NULL, requester_main, &args[i]);
+  }
+  for (int i = 0; i < REQUESTERS; i++) {
+    pthread_join(threads[i], NULL);
+    assert_int_equal(args[i].ok, REQUESTS_EACH);
+    assert_int_equal(args[i].unregistered, REQUESTS_EACH);
   }
   cb_engine_stop(cb_worker_engine(w));
   cb_engine_wait(cb_worker_engine(w), -1);
   pthread_join(thread, NULL);
+  assert_int_equal(lane.received, REQUESTERS * REQUESTS_EACH);
+  assert_int_equal(lane.registered, REQUESTERS * REQUESTS_EACH);
+  assert_int_equal(registrations(rt, domain, NULL), 0);
   cb_worker_free(w);
   cb_runtime_free(elsewhere);
   drop_domain_queues(rt, domain);
@@ -762,7 +790,7 @@ int main(void) {
       cmocka_unit_test(removing_finished_processes_wakes_nobody),
       cmocka_unit_test(only_states_an_await_returns_on_notify_whoever_writes_them),
       cmocka_unit_test(a_woken_waiter_unregisters_in_the_read_that_returns),
-      cmocka_unit_test(a_request_returns_the_outcome_a_worker_elsewhere_gives),
+      cmocka_unit_test(requests_return_the_outcome_a_worker_elsewhere_gives),
       cmocka_unit_test(a_request_that_times_out_leaves_the_command_and_no_registration),
       cmocka_unit_test(a_refused_request_registers_nothing),
       cmocka_unit_test(the_sink_gets_committed_events_in_order_and_counts_what_does_not_fit),
