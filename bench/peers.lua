@@ -17,7 +17,8 @@
 -- 3. one request in flight, BENCH_REQUESTS = 1000 times (after 20 to warm
 --    up), the worker in another process: the time from the send (our
 --    bus:send, their addJob) to the handler running, p50 and p99; and ours
---    from the send until bus:await returns the completed command.
+--    from the send until bus:await returns the completed command, and, in
+--    turn with it, from bus:request's call until it returns.
 --
 -- Every timed part runs in processes of its own, started together at an
 -- agreed wall-clock time once connected and ready (Node's start-up is not
@@ -139,10 +140,12 @@ local function peer_burn_down(processes, concurrency)
   return N / took, per
 end
 
--- One request in flight through our bus, as a caller does it: send, then
--- await the completed command; meanwhile the handler (in a worker process)
--- has said over UDP when it started. Returns the lists of send-to-handler
--- and send-to-await seconds.
+-- One request in flight through our bus, the two ways a caller does it, in
+-- turn (so that both meet the same load): send, then await the completed
+-- command; and bus:request, whose send registers the waiter in its own
+-- transaction. Meanwhile the handler (in a worker process) has said over UDP
+-- when it started. Returns, for each way, the lists of send-to-handler and
+-- send-to-answer seconds.
 local function cb_latency()
   common.fresh_domain(bus, DOMAIN)
   local udp = assert(socket.udp())
@@ -151,25 +154,33 @@ local function cb_latency()
   udp:settimeout(10)
   local worker = io.popen(("BENCH_PEERS_SIGNAL_PORT=%d %s bench/peers/cb_worker.lua serve %s"):format(port, common.lua, DOMAIN))
   assert(worker:read("l") == "ready", "bench/peers: our latency worker did not start")
-  local to_handler, to_await = {}, {}
-  for i = 1, WARMUP + REQUESTS do
+  local ways = {
+    send_await = {to_handler = {}, to_answer = {}, call = function(i)
+      local sent = assert(bus:send{domain = DOMAIN, type = "Signal", data = {i = i}})
+      return assert(bus:await(DOMAIN, sent.command_id, {timeout = 10}))
+    end},
+    request = {to_handler = {}, to_answer = {}, call = function(i)
+      return assert(bus:request{domain = DOMAIN, type = "Signal", data = {i = i}, timeout = 10})
+    end},
+  }
+  for i = 1, 2 * (WARMUP + REQUESTS) do
+    local way = i % 2 == 1 and ways.send_await or ways.request
     local t0 = common.now()
-    local sent = assert(bus:send{domain = DOMAIN, type = "Signal", data = {i = i}})
-    local cmd = assert(bus:await(DOMAIN, sent.command_id, {timeout = 10}))
+    local cmd = way.call(i)
     local t2 = common.now()
     assert(cmd.status == "COMPLETED", "bench/peers: a latency command ended " .. tostring(cmd.status))
-    local signal = assert(udp:receive()) -- sent while this process was in await
+    local signal = assert(udp:receive()) -- sent while this process was waiting
     local n, started = signal:match("^(%d+) ([%d%.]+)$")
     assert(tonumber(n) == i, "bench/peers: the handler of another command signalled: " .. signal)
-    if i > WARMUP then
-      to_handler[#to_handler + 1] = tonumber(started) - t0
-      to_await[#to_await + 1] = t2 - t0
+    if i > 2 * WARMUP then
+      way.to_handler[#way.to_handler + 1] = tonumber(started) - t0
+      way.to_answer[#way.to_answer + 1] = t2 - t0
     end
   end
   assert(bus:send{domain = DOMAIN, type = "Stop"})
   worker:close()
   udp:close()
-  return to_handler, to_await
+  return ways.send_await, ways.request
 end
 
 local function peer_latency()
@@ -248,20 +259,27 @@ end
 
 local function latency_part()
   -- 3. One request in flight.
-  local to_handler, to_await = cb_latency()
+  local send_await, request = cb_latency()
   local peer_to_task = peer_latency()
-  for _, f in ipairs({{"cb_latency", to_handler}, {"cb_roundtrip", to_await}, {"peer_latency", peer_to_task}}) do
+  for _, f in ipairs({{"cb_latency", send_await.to_handler}, {"cb_roundtrip", send_await.to_answer},
+                      {"cb_request_latency", request.to_handler}, {"cb_request", request.to_answer},
+                      {"peer_latency", peer_to_task}}) do
     result[f[1] .. "_p50_ms"] = ms(common.percentile(f[2], 50))
     result[f[1] .. "_p99_ms"] = ms(common.percentile(f[2], 99))
   end
   result.latency_p50_ratio = common.ratio(result.cb_latency_p50_ms, result.peer_latency_p50_ms)
   result.latency_p99_ratio = common.ratio(result.cb_latency_p99_ms, result.peer_latency_p99_ms)
-  print(("one request in flight (%d, after %d to warm up), the worker in another process:"):format(REQUESTS, WARMUP))
+  print(("one request in flight (%d each way, in turn, after %d to warm up), the worker in another process:"):format(
+    REQUESTS, WARMUP))
   print(("  send to handler started: commandbus p50 %.2f ms, p99 %.2f ms; graphile-worker addJob to task started p50 %.2f ms, p99 %.2f ms: %.2fx, %.2fx (lower is better)"):format(
     result.cb_latency_p50_ms, result.cb_latency_p99_ms, result.peer_latency_p50_ms, result.peer_latency_p99_ms,
     result.cb_latency_p50_ms / result.peer_latency_p50_ms, result.cb_latency_p99_ms / result.peer_latency_p99_ms))
   print(("  commandbus send, handler, await returns: p50 %.2f ms, p99 %.2f ms"):format(
     result.cb_roundtrip_p50_ms, result.cb_roundtrip_p99_ms))
+  print(("  commandbus request (its send registers the waiter), handler, returns: p50 %.2f ms, p99 %.2f ms;"
+         .. " send to handler started p50 %.2f ms, p99 %.2f ms"):format(
+    result.cb_request_p50_ms, result.cb_request_p99_ms, result.cb_request_latency_p50_ms,
+    result.cb_request_latency_p99_ms))
 end
 
 local function main()

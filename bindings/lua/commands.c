@@ -402,6 +402,40 @@ static int l_await(lua_State *L) {
   return cbL_push_query(L, rc, rows, &err, 1);
 }
 
+/* bus:request{domain=, type=, ... (the fields of send), timeout=30, listen=true}
+ * -> the command once it is COMPLETED, FAILED, CANCELED or in the TSQ |
+ * nil, err: as send's (DUPLICATE_COMMAND, with err.command_id) when the send
+ * is refused, then as await's (TIMEOUT...), err.command_id naming the
+ * command sent. The send's transaction registers the waiter: no await round
+ * of its own. */
+static int l_request(lua_State *L) {
+  cbL_checkbus(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  const char *domain;
+  double delay, timeout;
+  if (!send_fields(L, &domain, &delay)) return 2;
+  int flags = cbL_opt_boolean(L, 2, "listen", 1) ? 0 : CB_AWAIT_NO_LISTEN;
+  if (!cbL_opt_number(L, 2, "timeout", 30, 0, CBL_DELAY_MAX, &timeout)) return 2;
+  lua_newtable(L);
+  int anchor = lua_gettop(L);
+  cb_command_spec spec;
+  if (!cbL_read_command(L, 2, anchor, 1, &spec, "command")) return 2;
+  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  if (rt == NULL) return 2;
+  cb_send_result result;
+  cb_unit *rows;
+  cb_err err;
+  int rc = cb_await_send(rt, domain, &spec, delay, timeout, flags, &result, &rows, &err);
+  if (rc == CB_OK) return cbL_push_query(L, rc, rows, &err, 1);
+  cbL_pusherror(L, &err);
+  const char *command = rc == CB_EDUPLICATE ? result.duplicate_of : result.msg_id != 0 ? result.command_id : NULL;
+  if (command) {
+    lua_pushstring(L, command);
+    lua_setfield(L, -2, "command_id");
+  }
+  return 2;
+}
+
 void cbL_open_commands(lua_State *L) {
   static const luaL_Reg methods[] = {
       {"send", l_send},
@@ -417,6 +451,7 @@ void cbL_open_commands(lua_State *L) {
       {"tsq_cancel", l_tsq_cancel},
       {"tsq_complete", l_tsq_complete},
       {"await", l_await},
+      {"request", l_request},
       {NULL, NULL},
   };
   luaL_getmetatable(L, CBL_BUS_MT);

@@ -179,7 +179,45 @@ static void unregister(cb_runtime *rt, const target *t, const char *waiter) {
 
 #define REGISTRATION_S 600.0
 
-static int await_target(cb_runtime *rt, const target *t, double timeout, int flags, cb_unit **rows, cb_err *err) {
+/* A request's send (cb_await_send): the unit holding it, and its result. */
+typedef struct request {
+  cb_unit *unit;
+  const cb_command_spec *spec;
+  cb_send_result *result;
+} request;
+
+/* Registers the waiter in the send's transaction, only when the send wrote
+ * the command: a command id that exists fails the send (sent refusing
+ * duplicates), and a held dedup key leaves no row with this id. Waiters
+ * that died are cleared on the way, as by the first round. */
+#define REGISTER_SENT                                                                      \
+  "WITH expired AS (DELETE FROM commandbus.awaiter WHERE expires_at < now())"              \
+  " INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"                       \
+  " SELECT $1, $2::uuid, $3::uuid, now() + make_interval(secs => $4::float8) WHERE EXISTS" \
+  " (SELECT 1 FROM commandbus.command WHERE domain = $1 AND command_id = $2::uuid)"
+
+/* Sends the request's command, registering the waiter in that transaction
+ * unless it does not listen. The command cannot be done before that commits,
+ * so there is nothing to read yet, nor a gap to close with a lock: the
+ * listener and the subscription are in place before the commit, so the
+ * completion's notification reaches us. */
+static int send_request(cb_runtime *rt, const target *t, const request *req, const char *const *register_params,
+                        int listening, cb_err *err) {
+  if (listening && cb_unit_add(req->unit, REGISTER_SENT, 4, register_params) < 0)
+    return cb_err_set(err, CB_ENOMEM, "out of memory");
+  int rc = cb_bus_send_unit(rt, req->unit, 1, req->result, err);
+  if (rc != CB_OK && cb_bus_is_duplicate(err)) {
+    snprintf(req->result->duplicate_of, sizeof req->result->duplicate_of, "%s", t->id);
+    return cb_err_set(err, CB_EDUPLICATE, "command %s already exists in domain %s", t->id, t->domain);
+  }
+  if (rc == CB_OK && req->result->duplicate)
+    return cb_err_set(err, CB_EDUPLICATE, "dedup key `%.200s` is held by command %s in domain %s until its window ends",
+                      req->spec->dedup_key, req->result->duplicate_of, t->domain);
+  return rc;
+}
+
+static int await_target(cb_runtime *rt, const target *t, double timeout, int flags, const request *req, cb_unit **rows,
+                        cb_err *err) {
   *rows = NULL;
   if (!(timeout >= 0)) return cb_err_set(err, CB_EINVAL, "timeout must be a number of seconds >= 0");
   int no_listen = (flags & CB_AWAIT_NO_LISTEN) != 0;
@@ -209,21 +247,32 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
   int locked = !no_listen && timeout > 0;
   char lock_ms[24];
   snprintf(lock_ms, sizeof lock_ms, "%d", timeout >= 5 ? 5000 : timeout * 1000 < 1 ? 1 : (int)(timeout * 1000));
-  if (no_listen) add_reads(u, t, 0);
+  if (req) { /* the send is the first round: nothing else to run */
+  } else if (no_listen) add_reads(u, t, 0);
   else add_first_round(u, t, register_params, locked, lock_ms);
-  int registered = 0, first_round = !no_listen, done_index = -1;
+  int registered = 0, first_round = !no_listen && !req, done_index = -1, to_send = req != NULL;
   for (int attempt = 0;; attempt++) {
-    rc = cb_runtime_exec(rt, u, err);
-    if (rc != CB_OK && first_round && locked && lock_refused(err)) {
-      locked = 0;
-      cb_unit_reset(u);
-      add_first_round(u, t, register_params, 0, lock_ms);
+    int found;
+    if (to_send) {
+      to_send = 0;
+      rc = send_request(rt, t, req, register_params, !no_listen, err);
+      if (rc != CB_OK) break; /* rolled back, or a held dedup key: nothing registered */
+      registered = !no_listen;
+      found = 0;
+      snprintf(why, sizeof why, "command %s did not finish (it is PENDING)", t->id);
+    } else {
       rc = cb_runtime_exec(rt, u, err);
+      if (rc != CB_OK && first_round && locked && lock_refused(err)) {
+        locked = 0;
+        cb_unit_reset(u);
+        add_first_round(u, t, register_params, 0, lock_ms);
+        rc = cb_runtime_exec(rt, u, err);
+      }
+      if (rc != CB_OK) break; /* rolled back: the registration is as it was */
+      if (first_round) registered = 1;
+      if (done_index >= 0 && cb_result_rows(cb_unit_result(u, done_index)) > 0) registered = 0;
+      found = t->check(u, t, why, sizeof why);
     }
-    if (rc != CB_OK) break; /* rolled back: the registration is as it was */
-    if (first_round) registered = 1;
-    if (done_index >= 0 && cb_result_rows(cb_unit_result(u, done_index)) > 0) registered = 0;
-    int found = t->check(u, t, why, sizeof why);
     if (found == CB_ENOTFOUND) {
       rc = cb_err_set(err, CB_ENOTFOUND, "unknown %s `%s`", t->what, t->id);
       break;
@@ -291,21 +340,48 @@ static int init_target(target *t, const char *what, const char *domain, const ch
   return CB_OK;
 }
 
+/* The reads of a command's await. */
+static void command_target(target *t) {
+  t->sql_nparams[t->nsql] = 2;
+  t->sql[t->nsql++] = READ_COMMAND;
+  t->lock_sql = READ_COMMAND " FOR SHARE";
+  t->check = check_command;
+  t->unregister_done_sql =
+      "DELETE FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = $2::uuid AND a.waiter = $3::uuid"
+      " AND EXISTS (SELECT 1 FROM commandbus.command c WHERE c.domain = $1"
+      " AND c.command_id = $2::uuid AND c.status IN " COMMAND_DONE_SQL ") RETURNING 1 AS unregistered";
+}
+
 int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id, double timeout, int flags,
                      cb_unit **rows, cb_err *err) {
   target t;
   *rows = NULL;
   int rc = init_target(&t, "command", domain, command_id, err);
   if (rc != CB_OK) return rc;
-  t.sql_nparams[t.nsql] = 2;
-  t.sql[t.nsql++] = READ_COMMAND;
-  t.lock_sql = READ_COMMAND " FOR SHARE";
-  t.check = check_command;
-  t.unregister_done_sql =
-      "DELETE FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = $2::uuid AND a.waiter = $3::uuid"
-      " AND EXISTS (SELECT 1 FROM commandbus.command c WHERE c.domain = $1"
-      " AND c.command_id = $2::uuid AND c.status IN " COMMAND_DONE_SQL ") RETURNING 1 AS unregistered";
-  return await_target(rt, &t, timeout, flags, rows, err);
+  command_target(&t);
+  return await_target(rt, &t, timeout, flags, NULL, rows, err);
+}
+
+int cb_await_send(cb_runtime *rt, const char *domain, const cb_command_spec *spec, double delay, double timeout,
+                  int flags, cb_send_result *result, cb_unit **rows, cb_err *err) {
+  *rows = NULL;
+  memset(result, 0, sizeof *result);
+  if (!(timeout >= 0)) return cb_err_set(err, CB_EINVAL, "timeout must be a number of seconds >= 0");
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  /* Refusing duplicates: a command id that exists fails the transaction,
+   * the waiter's registration with it. */
+  const cb_send_options refuse = {.refuse_duplicates = 1};
+  target t;
+  int rc = cb_bus_add_send(rt, u, domain, spec, 1, delay, result, &refuse, err);
+  if (rc == CB_OK) rc = init_target(&t, "command", domain, result->command_id, err);
+  if (rc == CB_OK) {
+    command_target(&t);
+    const request req = {u, spec, result};
+    rc = await_target(rt, &t, timeout, flags, &req, rows, err);
+  }
+  cb_unit_free(u);
+  return rc;
 }
 
 int cb_await_process(cb_runtime *rt, const char *domain, const char *process_id, double timeout, int flags,
@@ -318,7 +394,7 @@ int cb_await_process(cb_runtime *rt, const char *domain, const char *process_id,
   t.sql[t.nsql++] = READ_PROCESS;
   t.lock_sql = READ_PROCESS " FOR SHARE";
   t.check = check_process;
-  return await_target(rt, &t, timeout, flags, rows, err);
+  return await_target(rt, &t, timeout, flags, NULL, rows, err);
 }
 
 int cb_await_event(cb_runtime *rt, const char *domain, const char *process_id, const char *event_type,
@@ -343,5 +419,5 @@ int cb_await_event(cb_runtime *rt, const char *domain, const char *process_id, c
   t.sql_nparams[t.nsql] = 4;
   t.sql[t.nsql++] = READ_EVENT;
   t.check = check_event;
-  return await_target(rt, &t, timeout, flags, rows, err);
+  return await_target(rt, &t, timeout, flags, NULL, rows, err);
 }

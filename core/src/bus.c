@@ -701,6 +701,16 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   return rc;
 }
 
+/* ---- a send with more statements -------------------------------------------------
+ *
+ * A unit that begins with cb_bus_add_send's statements and carries the
+ * caller's after them (cb_await_send's registration of its waiter), run in
+ * a shared transaction as cb_bus_send runs its own: never merged into
+ * another send's statement, which would leave the caller's statements out. */
+int cb_bus_send_unit(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, cb_err *err) {
+  return exec_send_shared(rt, u, n, results, NULL, NULL, NULL, 0, err);
+}
+
 /* ---- queries ------------------------------------------------------------------- */
 
 #define COMMAND_COLUMNS                                                                                            \

@@ -540,7 +540,8 @@ static void only_states_an_await_returns_on_notify_whoever_writes_them(void **st
 static int64_t registrations(cb_runtime *rt, const char *domain, const char *id) {
   cb_unit *u = cb_unit_new();
   const char *params[] = {domain, id};
-  cb_unit_add(u, "SELECT count(*) FROM commandbus.awaiter WHERE domain = $1 AND id = $2::uuid", 2, params);
+  cb_unit_add(u, "SELECT count(*) FROM commandbus.awaiter WHERE domain = $1 AND ($2::uuid IS NULL OR id = $2::uuid)", 2,
+              params);
   cb_err err;
   assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
   int64_t n = atoll(cb_result_value(cb_unit_result(u, 0), 0, 0));
@@ -582,6 +583,201 @@ static void a_woken_waiter_unregisters_in_the_read_that_returns(void **state) {
   cb_runtime_free(rt);
 }
 
+/* ---- requests: a send that registers its waiter -------------------------- */
+
+typedef struct request_lane {
+  cb_worker *w;
+  cb_runtime *rt;
+  const char *domain;
+  int received;   /* commands the worker had */
+  int registered; /* of them, those whose caller was registered by then */
+} request_lane;
+
+static void *request_lane_main(void *p) {
+  request_lane *l = p;
+  cb_work *work;
+  int n;
+  while ((n = cb_worker_take(l->w, 0, &work, 1, 100)) >= 0) {
+    if (n == 0) continue;
+    l->received++;
+    l->registered += registrations(l->rt, l->domain, work->command_id) == 1;
+    cb_work_succeed(work, "{\"done\": true}");
+    cb_worker_done(l->w, work);
+  }
+  return NULL;
+}
+
+static int count_unregistered(const cb_unit *rows) {
+  int n = 0;
+  for (int i = 0; i < cb_unit_count(rows); i++) {
+    const cb_result *r = cb_unit_result(rows, i);
+    if (r && cb_result_columns(r) == 1 && strcmp(cb_result_column_name(r, 0), "unregistered") == 0)
+      n += (int)cb_result_rows(r);
+  }
+  return n;
+}
+
+#define REQUESTERS 6
+#define REQUESTS_EACH 3
+
+typedef struct requester {
+  cb_runtime *rt;
+  const char *domain;
+  int ok;           /* requests answered with their own command, COMPLETED */
+  int unregistered; /* of them, those whose returning read removed the registration */
+} requester;
+
+static void *requester_main(void *p) {
+  requester *a = p;
+  for (int i = 0; i < REQUESTS_EACH; i++) {
+    cb_command_spec spec = {0};
+    spec.command_type = "Work";
+    spec.data_json = "{\"n\": 1}";
+    cb_send_result sent;
+    cb_unit *rows = NULL;
+    cb_err err;
+    if (cb_await_send(a->rt, a->domain, &spec, 0, 20, 0, &sent, &rows, &err) != CB_OK) continue;
+    const cb_result *r = cb_unit_result(rows, cb_unit_count(rows) - 1);
+    a->ok += sent.msg_id > 0 && strcmp(cb_result_value(r, 0, 1), sent.command_id) == 0 &&
+             strcmp(cb_result_value(r, 0, 3), "COMPLETED") == 0;
+    a->unregistered += count_unregistered(rows);
+    cb_unit_free(rows);
+  }
+  return NULL;
+}
+
+/* Callers on threads of one runtime (their sends may share transactions)
+ * request commands that a worker on a runtime of its own (its own
+ * connections, as another process's) completes: each hears of its command
+ * through the registration its send's transaction made (the worker finds it
+ * there when it receives the command), and the read that returns removes it. */
+static void requests_return_the_outcome_a_worker_elsewhere_gives(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2), *elsewhere = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("request"));
+  assert_int_equal(cb_bus_ensure_command_queue(rt, domain, 0, &err), CB_OK);
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  o.domain = domain;
+  o.lanes = 1;
+  o.poll_interval = 0.05;
+  cb_worker *w;
+  assert_int_equal(cb_worker_new(elsewhere, &o, &w, &err), CB_OK);
+  request_lane lane = {w, elsewhere, domain, 0, 0};
+  pthread_t thread, threads[REQUESTERS];
+  pthread_create(&thread, NULL, request_lane_main, &lane);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  requester args[REQUESTERS];
+  for (int i = 0; i < REQUESTERS; i++) {
+    args[i] = (requester){rt, domain, 0, 0};
+    pthread_create(&threads[i], NULL, requester_main, &args[i]);
+  }
+  for (int i = 0; i < REQUESTERS; i++) {
+    pthread_join(threads[i], NULL);
+    assert_int_equal(args[i].ok, REQUESTS_EACH);
+    assert_int_equal(args[i].unregistered, REQUESTS_EACH);
+  }
+  cb_engine_stop(cb_worker_engine(w));
+  cb_engine_wait(cb_worker_engine(w), -1);
+  pthread_join(thread, NULL);
+  assert_int_equal(lane.received, REQUESTERS * REQUESTS_EACH);
+  assert_int_equal(lane.registered, REQUESTERS * REQUESTS_EACH);
+  assert_int_equal(registrations(rt, domain, NULL), 0);
+  cb_worker_free(w);
+  cb_runtime_free(elsewhere);
+  drop_domain_queues(rt, domain);
+  cb_runtime_free(rt);
+}
+
+/* Timed out, the command stays sent and its registration goes. */
+static void a_request_that_times_out_leaves_the_command_and_no_registration(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("reqtime"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Never";
+  cb_send_result sent;
+  cb_unit *rows = NULL;
+  assert_int_equal(cb_await_send(rt, domain, &spec, 0, 0.2, 0, &sent, &rows, &err), CB_ETIMEOUT);
+  assert_null(rows);
+  assert_true(sent.msg_id > 0);
+  assert_non_null(strstr(err.message, sent.command_id));
+  double until = now_s() + 10;
+  while (registrations(rt, domain, sent.command_id) > 0 && now_s() < until) usleep(5 * 1000);
+  assert_int_equal(registrations(rt, domain, sent.command_id), 0);
+  assert_int_equal(cb_bus_get_command(rt, domain, sent.command_id, &rows, &err), CB_OK);
+  assert_string_equal(cb_result_value(cb_unit_result(rows, 0), 0, 3), "PENDING");
+  cb_unit_free(rows);
+  drop_domain_queues(rt, domain);
+  cb_runtime_free(rt);
+}
+
+static int64_t commands_with_id(cb_runtime *rt, const char *id) {
+  cb_unit *u = cb_unit_new();
+  const char *params[] = {id};
+  cb_unit_add(u, "SELECT count(*) FROM commandbus.command WHERE command_id = $1::uuid", 1, params);
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  int64_t n = atoll(cb_result_value(cb_unit_result(u, 0), 0, 0));
+  cb_unit_free(u);
+  return n;
+}
+
+/* A send refused (an id that exists, a dedup key held, data the server
+ * cannot read) writes nothing and registers no waiter. */
+static void a_refused_request_registers_nothing(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("reqrefuse"));
+  cb_command_spec first = {0};
+  first.command_type = "Work";
+  first.dedup_key = "the-key";
+  first.dedup_for = 60;
+  cb_send_result held, sent;
+  assert_int_equal(cb_bus_send(rt, domain, &first, 1, 0, &held, &err), CB_OK);
+  cb_unit *rows = NULL;
+
+  cb_command_spec same_id = {0};
+  same_id.command_type = "Work";
+  same_id.command_id = held.command_id;
+  assert_int_equal(cb_await_send(rt, domain, &same_id, 0, 5, 0, &sent, &rows, &err), CB_EDUPLICATE);
+  assert_string_equal(sent.duplicate_of, held.command_id);
+  assert_int_equal(registrations(rt, domain, held.command_id), 0);
+
+  cb_command_spec same_key = {0};
+  same_key.command_type = "Work";
+  same_key.dedup_key = "the-key";
+  same_key.dedup_for = 60;
+  assert_int_equal(cb_await_send(rt, domain, &same_key, 0, 5, 0, &sent, &rows, &err), CB_EDUPLICATE);
+  assert_string_equal(sent.duplicate_of, held.command_id);
+  assert_int_equal(commands_with_id(rt, sent.command_id), 0);
+  assert_int_equal(registrations(rt, domain, sent.command_id), 0);
+
+  cb_command_spec bad_data = {0};
+  bad_data.command_type = "Work";
+  bad_data.data_json = "{not json";
+  assert_int_equal(cb_await_send(rt, domain, &bad_data, 0, 5, 0, &sent, &rows, &err), CB_EINVAL);
+  assert_int_equal(commands_with_id(rt, sent.command_id), 0);
+  assert_int_equal(registrations(rt, domain, sent.command_id), 0);
+
+  cb_command_spec no_type = {0};
+  assert_int_equal(cb_await_send(rt, domain, &no_type, 0, 5, 0, &sent, &rows, &err), CB_EINVAL);
+  assert_int_equal(cb_await_send(rt, domain, &first, 0, -1, 0, &sent, &rows, &err), CB_EINVAL);
+  assert_null(rows);
+  assert_int_equal(registrations(rt, domain, held.command_id), 0);
+  drop_domain_queues(rt, domain);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(the_poll_schedule_is_25_ms_doubling_capped_at_1_s),
@@ -594,6 +790,9 @@ int main(void) {
       cmocka_unit_test(removing_finished_processes_wakes_nobody),
       cmocka_unit_test(only_states_an_await_returns_on_notify_whoever_writes_them),
       cmocka_unit_test(a_woken_waiter_unregisters_in_the_read_that_returns),
+      cmocka_unit_test(requests_return_the_outcome_a_worker_elsewhere_gives),
+      cmocka_unit_test(a_request_that_times_out_leaves_the_command_and_no_registration),
+      cmocka_unit_test(a_refused_request_registers_nothing),
       cmocka_unit_test(the_sink_gets_committed_events_in_order_and_counts_what_does_not_fit),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

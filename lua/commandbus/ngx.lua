@@ -21,8 +21,8 @@
 -- back, so tostring(err) and err.code behave as with the plain API.
 --
 -- Limits (docs/nginx.md says more): a waiting call (await, await_process,
--- await_event, read_with_poll) holds a pool thread for as long as it waits,
--- so size the await pool for the waits you expect at once; process event
+-- await_event, request, read_with_poll) holds a pool thread for as long as it
+-- waits, so size the await pool for the waits you expect at once; process event
 -- sinks (on_process_event) are not offered; the bus cannot be used in
 -- init_by_lua (before nginx forks its workers), nor in phases that cannot
 -- yield (set, header/body filter, log). In init_worker_by_lua calls block
@@ -216,7 +216,7 @@ local CALLS = {
   "list_processes", "process_audit", "process_events", "append_process_event", "purge_processes", "queue_metrics",
   "metrics", "metrics_text", "runners",
 }
-local WAITS = {"await", "await_process", "await_event"}
+local WAITS = {"await", "await_process", "await_event", "request"}
 local QUEUE_CALLS = {"create", "drop", "send", "send_batch", "read", "pop", "delete", "archive", "set_vt", "metrics",
                      "purge"}
 local QUEUE_WAITS = {"read_with_poll"}

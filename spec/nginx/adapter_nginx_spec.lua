@@ -77,6 +77,7 @@ describe("commandbus.ngx in one nginx worker", function()
       {"await_process", {domain, UNKNOWN_ID, {timeout = 1}}, "NOT_FOUND"},
       {"tsq_retry", {domain, pending_cmd.command_id}, "INVALID_STATE"},
       {"send", {{domain = "Not A Domain", type = "Echo"}}, "INVALID_ARGUMENT"},
+      {"request", {{domain = domain, type = "Echo", id = fixed.command_id, timeout = 1}}, "DUPLICATE_COMMAND"},
     }
     for code, c in pairs(calls) do more[#more + 1] = {c[1], c[2], code} end
     for _, c in ipairs(more) do
@@ -224,6 +225,28 @@ describe("commandbus.ngx in one nginx worker", function()
     local status, id = server:request("GET", "/timer?domain=" .. domain)
     assert.are.equal(200, status)
     assert.are.equal("PENDING", assert(bus:get_command(domain, (id:gsub("%s", "")))).status)
+  end)
+
+  it("answers a request (send and await in one call) once a worker elsewhere completes the command", function()
+    local id = "01900000-0000-7000-8000-0000000000bb"
+    local call = require("cjson").encode{method = "request", n = 1,
+                                         args = {{domain = domain, type = "Echo", id = id, data = {n = 1}, timeout = 30}}}
+    local waiting = server:open("POST", "/call", call)
+    -- Sent and registered by one transaction inside nginx; then this
+    -- process's worker completes it.
+    ngx_world.wait_until("the request is sent and registered", function()
+      return tonumber(require("spec.helper").sql(("SELECT count(*) FROM commandbus.awaiter a JOIN commandbus.command c"
+        .. " USING (domain) WHERE a.domain = '%s' AND a.id = '%s' AND c.command_id = a.id"):format(domain, id))
+        :match("%d+")) == 1
+    end, 30)
+    assert.is_false(waiting:ready())
+    settle()
+    local status, body = waiting:finish()
+    assert.are.equal(200, status)
+    local answer = require("cjson").decode(body)
+    assert.is_nil(answer.err)
+    assert.are.equal(id, answer.results[1].command_id)
+    assert.are.equal("COMPLETED", answer.results[1].status)
   end)
 
   it("keeps serving while 50 requests await commands, which a worker inside nginx then completes", function()

@@ -15,6 +15,7 @@
 
 #include <stdint.h>
 
+#include "commandbus/bus.h"
 #include "commandbus/error.h"
 #include "commandbus/hub.h"
 #include "commandbus/runtime.h"
@@ -54,6 +55,17 @@ enum {
  * queue. Columns as cb_bus_get_command's. */
 int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id, double timeout, int flags,
                      cb_unit **rows, cb_err *err);
+
+/* Sends one command (as cb_bus_send with n 1) and awaits it as
+ * cb_await_command, the waiter registered by the send's own transaction:
+ * one transaction before the outcome instead of two. result tells the
+ * command's id (and msg_id once sent). A send refused writes and registers
+ * nothing: CB_EDUPLICATE for an id that exists or a held dedup key
+ * (result->duplicate_of: the command there), CB_EINVAL for bad input. Once
+ * sent, CB_ETIMEOUT and CB_ECLOSED leave the command sent (result->msg_id
+ * is not 0) and its waiter unregistered. */
+int cb_await_send(cb_runtime *rt, const char *domain, const cb_command_spec *spec, double delay, double timeout,
+                  int flags, cb_send_result *result, cb_unit **rows, cb_err *err);
 
 /* Until the process is COMPLETED, COMPENSATED, FAILED or CANCELED. Columns as
  * cb_process_get's. */

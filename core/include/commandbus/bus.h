@@ -85,6 +85,11 @@ typedef struct cb_send_options {
  * statements: discard it. */
 int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const cb_send_options *options, cb_err *err);
+/* Runs u, whose first statements are a send cb_bus_add_send appended (n
+ * commands), as cb_bus_send runs its own: in a transaction it may share with
+ * concurrent sends, filling results. The statements the caller added after
+ * the send's commit or roll back with it. */
+int cb_bus_send_unit(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, cb_err *err);
 /* Whether a failed unit's error is a unique violation on the command table's
  * key, (domain, command_id): a command id that exists. Any other error,
  * unique violations elsewhere included, is not a duplicate. */
