@@ -377,7 +377,11 @@ static void *holder_main(void *p) {
               "UPDATE commandbus.command SET status = 'COMPLETED', updated_at = now()"
               " WHERE domain = $1 AND command_id = $2::uuid",
               2, params);
-  cb_unit_add(u, "SELECT pg_sleep($3::float8), $1::text, $2::text", 3, params);
+  /* The domain in a comment names this test's holder among the backends
+   * of the other builds running the same test at once (see holder_probe). */
+  char sleep_sql[160];
+  snprintf(sleep_sql, sizeof sleep_sql, "SELECT pg_sleep($3::float8), $1::text, $2::text /* holder %s */", a->domain);
+  cb_unit_add(u, sleep_sql, 3, params);
   cb_err err;
   a->rc = cb_runtime_exec(a->rt, u, &err);
   cb_unit_free(u);
@@ -402,12 +406,24 @@ static int wait_for_backend(cb_runtime *rt, const char *sql, double within_s) {
   return 0;
 }
 
-#define IN_PG_SLEEP                                                                  \
-  "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()" \
-  " AND wait_event = 'PgSleep' AND query LIKE '%pg_sleep($3::float8)%')"
-#define WAITING_FOR_SHARE                                                            \
-  "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()" \
-  " AND wait_event_type = 'Lock' AND query LIKE '%FROM commandbus.command%FOR SHARE%')"
+/* The probes below, for this test's holder of `domain` only: the plain,
+ * sanitizer and valgrind builds run this test at the same time on one
+ * database, and each must see its own holder and waiter. */
+static const char *holder_probe(char *sql, size_t n, const char *what, const char *domain) {
+  const char *holder =
+      "SELECT 1 FROM pg_stat_activity h WHERE h.datname = current_database()"
+      " AND h.wait_event = 'PgSleep' AND h.query LIKE '%%/* holder %s */%%'";
+  char h[256];
+  snprintf(h, sizeof h, holder, domain);
+  if (strcmp(what, "sleeping") == 0) snprintf(sql, n, "SELECT EXISTS (%s)", h);
+  else /* a waiter's read FOR SHARE blocked by that holder */
+    snprintf(sql, n,
+             "SELECT EXISTS (SELECT 1 FROM pg_stat_activity w WHERE w.datname = current_database()"
+             " AND w.wait_event_type = 'Lock' AND w.query LIKE '%%FROM commandbus.command%%FOR SHARE%%'"
+             " AND EXISTS (%s AND h.pid = ANY(pg_blocking_pids(w.pid))))",
+             h);
+  return sql;
+}
 
 static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_its_outcome(void **state) {
   (void)state;
@@ -417,6 +433,7 @@ static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_i
   assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
   char domain[64];
   snprintf(domain, sizeof domain, "%s", test_name("await_gap"));
+  char probe[768];
   cb_command_spec spec = {0};
   spec.command_type = "Work";
   cb_send_result sent;
@@ -425,7 +442,7 @@ static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_i
   holder_arg h = {rt, domain, sent.command_id, 1.5, -99};
   pthread_t holder;
   pthread_create(&holder, NULL, holder_main, &h);
-  assert_true(wait_for_backend(rt, IN_PG_SLEEP, 10));
+  assert_true(wait_for_backend(rt, holder_probe(probe, sizeof probe, "sleeping", domain), 10));
 
   assert_int_equal(cb_runtime_listen(waiter_rt, CB_AWAIT_CHANNEL, &err), CB_OK); /* counted before */
   uint64_t units_before = cb_runtime_units_sent(waiter_rt);
@@ -434,7 +451,7 @@ static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_i
   pthread_create(&waiter, NULL, await_main, &a);
   /* The registering read waits for the writer instead of reading the row
    * as it was before the writer's change... */
-  assert_true(wait_for_backend(rt, WAITING_FOR_SHARE, 10));
+  assert_true(wait_for_backend(rt, holder_probe(probe, sizeof probe, "blocking", domain), 10));
   pthread_join(holder, NULL);
   assert_int_equal(h.rc, CB_OK);
   pthread_join(waiter, NULL);
@@ -451,7 +468,7 @@ static void a_waiter_registering_under_a_writer_waits_for_its_commit_and_reads_i
   assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &second, &err), CB_OK);
   holder_arg h2 = {rt, domain, second.command_id, 1.0, -99};
   pthread_create(&holder, NULL, holder_main, &h2);
-  assert_true(wait_for_backend(rt, IN_PG_SLEEP, 10));
+  assert_true(wait_for_backend(rt, holder_probe(probe, sizeof probe, "sleeping", domain), 10));
   cb_unit *rows = NULL;
   assert_int_equal(cb_await_command(waiter_rt, domain, second.command_id, 0.2, 0, &rows, &err), CB_ETIMEOUT);
   assert_null(rows);
