@@ -1,8 +1,9 @@
-/* Sends from concurrent callers share transactions (bus.c): while the
- * connection is busy, sends gather and leave as one transaction, each caller
- * getting its own answer; a send the server refuses fails only itself; ids
- * and dedup keys are told apart as if the sends came one by one; a caller
- * alone sends in a transaction of its own. */
+/* Sends from concurrent callers share transactions (bus.c): while a group
+ * of sends is on its way (one at a time, whatever the pool size), sends
+ * gather and leave as one transaction, each caller getting its own answer;
+ * a send the server refuses fails only itself; ids and dedup keys are told
+ * apart as if the sends came one by one; a caller alone sends in a
+ * transaction of its own. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -22,6 +23,7 @@
 #include "test_support.h"
 
 #define CALLERS 8
+#define MANY 17 /* more commands than a send that joins a group has (bus.c's SHARE_MAX) */
 
 typedef struct caller {
   cb_runtime *rt;
@@ -29,7 +31,8 @@ typedef struct caller {
   const char *data; /* the command's data (JSON text) */
   const char *id;   /* NULL: a new one */
   const char *dedup_key;
-  int two; /* sends two commands in one call (not merged into the group's statement) */
+  int two;  /* sends two commands in one call (not merged into the group's statement) */
+  int many; /* sends MANY commands in one call (too many to join a group) */
   pthread_barrier_t *go;
   int rc;
   cb_err err;
@@ -46,7 +49,13 @@ static void *caller_main(void *p) {
   spec.dedup_key = c->dedup_key;
   spec.dedup_for = c->dedup_key ? 60 : 0;
   pthread_barrier_wait(c->go);
-  if (c->two) {
+  if (c->many) {
+    cb_command_spec specs[MANY];
+    cb_send_result results[MANY];
+    for (int i = 0; i < MANY; i++) specs[i] = spec;
+    c->rc = cb_bus_send(c->rt, c->domain, specs, MANY, 0, results, &c->err);
+    c->sent = results[0];
+  } else if (c->two) {
     cb_command_spec specs[2] = {spec, spec};
     specs[1].command_id = NULL;
     cb_send_result results[2];
@@ -356,6 +365,101 @@ static void a_caller_alone_sends_in_a_transaction_of_its_own(void **state) {
   cb_runtime_free(rt);
 }
 
+/* Holds a command's id for a second: sends it, then sleeps, in one
+ * transaction. A send of that id meanwhile waits until it commits. */
+typedef struct holder {
+  cb_runtime *rt;
+  const char *domain;
+  const char *id;
+  int rc;
+} holder;
+
+static void *holder_main(void *p) {
+  holder *h = p;
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  spec.command_id = h->id;
+  cb_send_result sent;
+  cb_err err;
+  cb_unit *u = cb_unit_new();
+  h->rc = cb_bus_add_send(h->rt, u, h->domain, &spec, 1, 0, &sent, NULL, &err);
+  char sleep[96]; /* names the id, so that the test can see it is held */
+  snprintf(sleep, sizeof sleep, "SELECT pg_sleep(1), '%s'", h->id);
+  if (h->rc == CB_OK) cb_unit_add_flags(u, sleep, 0, NULL, CB_STMT_ONESHOT);
+  if (h->rc == CB_OK) h->rc = cb_runtime_exec(h->rt, u, &err);
+  cb_unit_free(u);
+  return NULL;
+}
+
+/* One group of sends on its way at a time, however many connections the
+ * pool has: with two, one busy (a transaction holding an id) and the other
+ * carrying a send (the opener, which waits for that id), the sends made
+ * meanwhile do not take the idle connection one by one; they gather and
+ * leave in one transaction when the opener is back. In the second round one
+ * caller sends MANY commands in one call: too many to join a group, it
+ * leaves at once, alone. */
+static void one_group_of_sends_is_on_its_way_at_a_time(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2), *watcher = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendonce"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result first;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &first, &err), CB_OK); /* makes the queue */
+
+  for (int round = 0; round < 2; round++) {
+    char held[CB_UUID_LEN + 1];
+    cb_uuid_v7(held);
+    holder h = {.rt = rt, .domain = domain, .id = held, .rc = -99};
+    pthread_barrier_t go, go_opener;
+    pthread_barrier_init(&go, NULL, CALLERS + 1);
+    pthread_barrier_init(&go_opener, NULL, 2);
+    caller callers[CALLERS];
+    caller opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}", .id = held};
+    pthread_t threads[CALLERS], holder_thread, opener_thread;
+    for (int i = 0; i < CALLERS; i++) {
+      callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99, .data = "{}"};
+      callers[i].many = round == 1 && i == 0;
+      pthread_create(&threads[i], NULL, caller_main, &callers[i]);
+    }
+    pthread_create(&opener_thread, NULL, caller_main, &opener);
+    uint64_t before = cb_runtime_units_sent(rt);
+    pthread_create(&holder_thread, NULL, holder_main, &h);
+    wait_for_units(rt, before + 1);
+    while (count_of(watcher,
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                    " AND strpos(query, $1) > 0",
+                    held, NULL) == 0)
+      usleep(1000); /* until the id is held, on one connection */
+    pthread_barrier_wait(&go_opener);
+    wait_for_units(rt, before + 2); /* the opener is on the other, waiting for the id */
+    pthread_barrier_wait(&go);
+    for (int i = 0; i < CALLERS; i++) pthread_join(threads[i], NULL);
+    pthread_join(opener_thread, NULL);
+    pthread_join(holder_thread, NULL);
+    pthread_barrier_destroy(&go);
+    pthread_barrier_destroy(&go_opener);
+    uint64_t units = cb_runtime_units_sent(rt) - before;
+
+    assert_int_equal(h.rc, CB_OK);
+    assert_int_equal(opener.rc, CB_EDUPLICATE); /* the holder's id, once it committed */
+    for (int i = 0; i < CALLERS; i++) {
+      assert_int_equal(callers[i].rc, CB_OK);
+      assert_sent(rt, domain, &callers[i].sent);
+    }
+    /* The holder, the opener, one transaction for the callers; in the
+     * second round one more, the call of MANY alone. */
+    assert_int_equal(units, round == 0 ? 3 : 4);
+  }
+  assert_int_equal(count_commands(rt, domain), 1 + 2 * (1 + CALLERS) + MANY - 1);
+  drop(rt, domain);
+  cb_runtime_free(watcher);
+  cb_runtime_free(rt);
+}
+
 /* Ids draw their random bits from a pool (uuid.c): a forked child must not
  * hand out the bits its parent has left in it. Parent and child each make
  * ids at once after the fork; no two share their random part. */
@@ -403,6 +507,7 @@ int main(void) {
       cmocka_unit_test(sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart),
       cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
       cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
+      cmocka_unit_test(one_group_of_sends_is_on_its_way_at_a_time),
       cmocka_unit_test(ids_made_after_a_fork_differ_from_the_parents),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
