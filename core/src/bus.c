@@ -1,12 +1,14 @@
 /* commandbus: sending commands and reading them back (see bus.h). */
 #include "commandbus/bus.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "strbuf.h"
 
@@ -432,6 +434,7 @@ static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
 
 #define GROUP_MAX 128 /* sends per shared transaction, at most */
 #define SHARE_MAX 16  /* commands of a send that joins a group, at most */
+#define STALL_MS 50   /* a group out this long lets the next leave beside it */
 
 typedef struct send_call {
   struct cb_send_groups *g;
@@ -457,7 +460,7 @@ typedef struct send_call {
 struct cb_send_groups {
   cb_runtime *rt;
   pthread_mutex_t lock;
-  int out;                /* groups on their way: 0 or 1 */
+  int out;                /* groups on their way: 1 at most, unless one stalls (STALL_MS) */
   int leading;            /* the first one waiting was woken to take the next group out */
   send_call *head, *tail; /* waiting for the next group */
 };
@@ -509,11 +512,13 @@ static void answer(cb_send_groups *g, send_call *c, int rc, const cb_err *err) {
 
 static void start_group(cb_send_groups *g, send_call *calls, int count);
 
-/* Takes the sends waiting (up to GROUP_MAX) when a group may leave now;
- * [g->lock] held. */
-static send_call *take_waiting(cb_send_groups *g, int *count) {
+/* Takes the sends waiting (up to GROUP_MAX) when a group may leave now:
+ * none is on its way, or (stalled) the one on its way has been out for
+ * STALL_MS and a connection is free for another; [g->lock] held. */
+static send_call *take_waiting(cb_send_groups *g, int *count, int stalled) {
   *count = 0;
-  if (g->head == NULL || g->out > 0 || g->leading) return NULL;
+  if (g->head == NULL || g->leading) return NULL;
+  if (g->out > 0 && !(stalled && g->out < cb_runtime_pool_size(g->rt))) return NULL;
   send_call *calls = g->head, *last = calls;
   *count = 1;
   while (last->next && *count < GROUP_MAX) last = last->next, (*count)++;
@@ -681,26 +686,49 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
                  .element = element,
                  .flags = flags,
                  .rc = CB_OK};
-  pthread_cond_init(&c.cond, NULL);
+  pthread_condattr_t monotonic;
+  pthread_condattr_init(&monotonic);
+  pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+  pthread_cond_init(&c.cond, &monotonic);
+  pthread_condattr_destroy(&monotonic);
   pthread_mutex_lock(&g->lock);
   if (g->tail) g->tail->next = &c;
   else g->head = &c;
   g->tail = &c;
   int count;
-  send_call *calls = take_waiting(g, &count);
+  send_call *calls = take_waiting(g, &count, 0);
   pthread_mutex_unlock(&g->lock);
   if (calls) start_group(g, calls, count);
   pthread_mutex_lock(&g->lock);
   while (!c.done) {
     if (c.lead) { /* woken by group_finished: this call and those behind it leave */
       c.lead = g->leading = 0;
-      calls = take_waiting(g, &count);
+      calls = take_waiting(g, &count, 1); /* beside a stalled group, if one is still out */
       pthread_mutex_unlock(&g->lock);
       if (calls) start_group(g, calls, count);
       pthread_mutex_lock(&g->lock);
       continue;
     }
-    pthread_cond_wait(&c.cond, &g->lock);
+    if (g->head != &c) {
+      pthread_cond_wait(&c.cond, &g->lock);
+      continue;
+    }
+    /* First in line: the group on its way left before this call came, so
+     * when the wait runs out it has been out for STALL_MS (waiting for a
+     * lock, say on an id another transaction is inserting, or a slow
+     * server): then the next group leaves on another connection rather
+     * than wait behind it. */
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    long ns = until.tv_nsec + STALL_MS % 1000 * 1000000L;
+    until.tv_sec += STALL_MS / 1000 + ns / 1000000000L;
+    until.tv_nsec = ns % 1000000000L;
+    if (pthread_cond_timedwait(&c.cond, &g->lock, &until) == ETIMEDOUT && !c.done && !c.lead && g->head == &c) {
+      calls = take_waiting(g, &count, 1);
+      pthread_mutex_unlock(&g->lock);
+      if (calls) start_group(g, calls, count);
+      pthread_mutex_lock(&g->lock);
+    }
   }
   pthread_mutex_unlock(&g->lock);
   pthread_cond_destroy(&c.cond);

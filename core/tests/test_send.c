@@ -460,6 +460,60 @@ static void one_group_of_sends_is_on_its_way_at_a_time(void **state) {
   cb_runtime_free(rt);
 }
 
+/* A group of sends that stalls (here the opener, waiting for an id another
+ * process's open transaction holds) does not hold back the sends behind it
+ * for long: once it has been out for bus.c's STALL_MS, the next group leaves
+ * on the pool's other connection, and a fresh send completes while the id
+ * is still held. */
+static void a_stalled_group_does_not_hold_back_the_next(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2), *elsewhere = test_runtime(1), *watcher = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendstall"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result first;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &first, &err), CB_OK); /* makes the queue */
+
+  char held[CB_UUID_LEN + 1];
+  cb_uuid_v7(held);
+  holder h = {.rt = elsewhere, .domain = domain, .id = held, .rc = -99};
+  pthread_t holder_thread, opener_thread;
+  pthread_create(&holder_thread, NULL, holder_main, &h);
+  while (count_of(watcher,
+                  "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND strpos(query, $1) > 0", held,
+                  NULL) == 0)
+    usleep(1000); /* until the id is held */
+  pthread_barrier_t go_opener;
+  pthread_barrier_init(&go_opener, NULL, 2);
+  caller opener = {.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}", .id = held};
+  uint64_t before = cb_runtime_units_sent(rt);
+  pthread_create(&opener_thread, NULL, caller_main, &opener);
+  pthread_barrier_wait(&go_opener);
+  wait_for_units(rt, before + 1); /* the opener's group is out, waiting for the id */
+
+  cb_send_result fresh;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &fresh, &err), CB_OK);
+  /* Sent and committed while the id is still held (the holder sleeps 1 s). */
+  assert_int_equal(
+      count_of(watcher, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND strpos(query, $1) > 0",
+               held, NULL),
+      1);
+  assert_sent(rt, domain, &fresh);
+
+  pthread_join(opener_thread, NULL);
+  pthread_join(holder_thread, NULL);
+  pthread_barrier_destroy(&go_opener);
+  assert_int_equal(h.rc, CB_OK);
+  assert_int_equal(opener.rc, CB_EDUPLICATE);
+  drop(rt, domain);
+  cb_runtime_free(watcher);
+  cb_runtime_free(elsewhere);
+  cb_runtime_free(rt);
+}
+
 /* Ids draw their random bits from a pool (uuid.c): a forked child must not
  * hand out the bits its parent has left in it. Parent and child each make
  * ids at once after the fork; no two share their random part. */
@@ -508,6 +562,7 @@ int main(void) {
       cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
       cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
       cmocka_unit_test(one_group_of_sends_is_on_its_way_at_a_time),
+      cmocka_unit_test(a_stalled_group_does_not_hold_back_the_next),
       cmocka_unit_test(ids_made_after_a_fork_differ_from_the_parents),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
