@@ -141,6 +141,16 @@ static int send_fields(lua_State *L, const char **domain, double *delay) {
   return cbL_field_text(L, 2, "domain", domain) && cbL_opt_number(L, 2, "delay", 0, 0, CBL_DELAY_MAX, delay);
 }
 
+/* The one command of send and request, from the table at 2: its domain,
+ * delay and fields (kept alive by a table pushed as their anchor), and the
+ * bus's runtime; NULL with nil, err pushed when something is wrong. */
+static cb_runtime *one_command(lua_State *L, const char **domain, double *delay, cb_command_spec *spec) {
+  if (!send_fields(L, domain, delay)) return NULL;
+  lua_newtable(L);
+  if (!cbL_read_command(L, 2, lua_gettop(L), 1, spec, "command")) return NULL;
+  return cbL_bus_runtime(L, 1);
+}
+
 /* bus:send{domain=, type=, data=, id=, correlation_id=, reply_to=,
  *          max_attempts=, delay=, batch_id=, priority=, dedup_key=, dedup_for=}
  * -> {command_id=, msg_id=} | nil, err (DUPLICATE_COMMAND: err.command_id is
@@ -150,12 +160,8 @@ static int l_send(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   const char *domain;
   double delay;
-  if (!send_fields(L, &domain, &delay)) return 2;
-  lua_newtable(L);
-  int anchor = lua_gettop(L);
   cb_command_spec spec;
-  if (!cbL_read_command(L, 2, anchor, 1, &spec, "command")) return 2;
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cb_runtime *rt = one_command(L, &domain, &delay, &spec);
   if (rt == NULL) return 2;
   cb_send_result result;
   cb_err err;
@@ -413,14 +419,10 @@ static int l_request(lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   const char *domain;
   double delay, timeout;
-  if (!send_fields(L, &domain, &delay)) return 2;
   int flags = cbL_opt_boolean(L, 2, "listen", 1) ? 0 : CB_AWAIT_NO_LISTEN;
   if (!cbL_opt_number(L, 2, "timeout", 30, 0, CBL_DELAY_MAX, &timeout)) return 2;
-  lua_newtable(L);
-  int anchor = lua_gettop(L);
   cb_command_spec spec;
-  if (!cbL_read_command(L, 2, anchor, 1, &spec, "command")) return 2;
-  cb_runtime *rt = cbL_bus_runtime(L, 1);
+  cb_runtime *rt = one_command(L, &domain, &delay, &spec);
   if (rt == NULL) return 2;
   cb_send_result result;
   cb_unit *rows;

@@ -554,16 +554,22 @@ static void only_states_an_await_returns_on_notify_whoever_writes_them(void **st
   cb_runtime_free(rt);
 }
 
-static int64_t registrations(cb_runtime *rt, const char *domain, const char *id) {
+/* The count a query answers, its nparams parameters ($1, $2) bound to a and b. */
+static int64_t count_of(cb_runtime *rt, const char *sql, int nparams, const char *a, const char *b) {
   cb_unit *u = cb_unit_new();
-  const char *params[] = {domain, id};
-  cb_unit_add(u, "SELECT count(*) FROM commandbus.awaiter WHERE domain = $1 AND ($2::uuid IS NULL OR id = $2::uuid)", 2,
-              params);
+  const char *params[] = {a, b};
+  cb_unit_add(u, sql, nparams, params);
   cb_err err;
   assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
   int64_t n = atoll(cb_result_value(cb_unit_result(u, 0), 0, 0));
   cb_unit_free(u);
   return n;
+}
+
+static int64_t registrations(cb_runtime *rt, const char *domain, const char *id) {
+  return count_of(rt,
+                  "SELECT count(*) FROM commandbus.awaiter WHERE domain = $1 AND ($2::uuid IS NULL OR id = $2::uuid)",
+                  2, domain, id);
 }
 
 /* The read a completion wakes also removes the waiter's registration, in
@@ -736,14 +742,7 @@ static void a_request_that_times_out_leaves_the_command_and_no_registration(void
 }
 
 static int64_t commands_with_id(cb_runtime *rt, const char *id) {
-  cb_unit *u = cb_unit_new();
-  const char *params[] = {id};
-  cb_unit_add(u, "SELECT count(*) FROM commandbus.command WHERE command_id = $1::uuid", 1, params);
-  cb_err err;
-  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
-  int64_t n = atoll(cb_result_value(cb_unit_result(u, 0), 0, 0));
-  cb_unit_free(u);
-  return n;
+  return count_of(rt, "SELECT count(*) FROM commandbus.command WHERE command_id = $1::uuid", 1, id, NULL);
 }
 
 /* A send refused (an id that exists, a dedup key held, data the server
