@@ -148,8 +148,10 @@ void cb__worker_fetched(void *arg, cb_unit *u, int index) {
       continue;
     }
     cb_work *work = cb__work_new(r, i);
-    if (work == NULL) continue;                                         /* redelivered after the visibility timeout */
-    cb_hub_changed(cb_runtime_hub(w->rt), w->domain, work->command_id); /* received: a state change */
+    /* Awaiters in this process are not told of the receive (IN_PROGRESS):
+     * an await returns only on a final state, as the trigger of
+     * core/sql/009 tells other processes' awaiters only of those. */
+    if (work == NULL) continue; /* redelivered after the visibility timeout */
     work->started_at = fetched_at;
     if (work->batch_id && nbatches < FETCH_MAX && !batch_seen_started(w, work->batch_id))
       batches[nbatches++] = work->batch_id;
