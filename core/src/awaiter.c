@@ -247,9 +247,10 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
   int locked = !no_listen && timeout > 0;
   char lock_ms[24];
   snprintf(lock_ms, sizeof lock_ms, "%d", timeout >= 5 ? 5000 : timeout * 1000 < 1 ? 1 : (int)(timeout * 1000));
-  if (req) { /* the send is the first round: nothing else to run */
-  } else if (no_listen) add_reads(u, t, 0);
-  else add_first_round(u, t, register_params, locked, lock_ms);
+  if (req == NULL) { /* a request's send is its first round */
+    if (no_listen) add_reads(u, t, 0);
+    else add_first_round(u, t, register_params, locked, lock_ms);
+  }
   int registered = 0, first_round = !no_listen && !req, done_index = -1, to_send = req != NULL;
   for (int attempt = 0;; attempt++) {
     int found;
@@ -366,7 +367,6 @@ int cb_await_send(cb_runtime *rt, const char *domain, const cb_command_spec *spe
                   int flags, cb_send_result *result, cb_unit **rows, cb_err *err) {
   *rows = NULL;
   memset(result, 0, sizeof *result);
-  if (!(timeout >= 0)) return cb_err_set(err, CB_EINVAL, "timeout must be a number of seconds >= 0");
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   /* Refusing duplicates: a command id that exists fails the transaction,

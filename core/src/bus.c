@@ -701,34 +701,31 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
   if (calls) start_group(g, calls, count);
   pthread_mutex_lock(&g->lock);
   while (!c.done) {
+    int leave;
     if (c.lead) { /* woken by group_finished: this call and those behind it leave */
       c.lead = g->leading = 0;
-      calls = take_waiting(g, &count, 1); /* beside a stalled group, if one is still out */
-      pthread_mutex_unlock(&g->lock);
-      if (calls) start_group(g, calls, count);
-      pthread_mutex_lock(&g->lock);
-      continue;
-    }
-    if (g->head != &c) {
+      leave = 1;
+    } else if (g->head != &c) {
       pthread_cond_wait(&c.cond, &g->lock);
-      continue;
+      leave = 0;
+    } else {
+      /* First in line: the group on its way left before this call came,
+       * so when the wait runs out it has been out for STALL_MS (waiting
+       * for a lock, say on an id another transaction is inserting, or a
+       * slow server): then the next group leaves on another connection
+       * rather than wait behind it. */
+      struct timespec until;
+      clock_gettime(CLOCK_MONOTONIC, &until);
+      long ns = until.tv_nsec + STALL_MS * 1000000L;
+      until.tv_sec += ns / 1000000000L;
+      until.tv_nsec = ns % 1000000000L;
+      leave = pthread_cond_timedwait(&c.cond, &g->lock, &until) == ETIMEDOUT && !c.done && !c.lead && g->head == &c;
     }
-    /* First in line: the group on its way left before this call came, so
-     * when the wait runs out it has been out for STALL_MS (waiting for a
-     * lock, say on an id another transaction is inserting, or a slow
-     * server): then the next group leaves on another connection rather
-     * than wait behind it. */
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    long ns = until.tv_nsec + STALL_MS % 1000 * 1000000L;
-    until.tv_sec += STALL_MS / 1000 + ns / 1000000000L;
-    until.tv_nsec = ns % 1000000000L;
-    if (pthread_cond_timedwait(&c.cond, &g->lock, &until) == ETIMEDOUT && !c.done && !c.lead && g->head == &c) {
-      calls = take_waiting(g, &count, 1);
-      pthread_mutex_unlock(&g->lock);
-      if (calls) start_group(g, calls, count);
-      pthread_mutex_lock(&g->lock);
-    }
+    if (!leave) continue;
+    calls = take_waiting(g, &count, 1); /* beside a stalled group, if one is still out */
+    pthread_mutex_unlock(&g->lock);
+    if (calls) start_group(g, calls, count);
+    pthread_mutex_lock(&g->lock);
   }
   pthread_mutex_unlock(&g->lock);
   pthread_cond_destroy(&c.cond);
