@@ -8,9 +8,12 @@ tree=$1; shift
 # or the private one scripts/pg starts; databases are made and dropped in it.
 url=${DATABASE_URL:-$("$here"/scripts/pg start)}
 base=${url%/*}
+# BURN_DB names the database (made and dropped here), so that runs side by
+# side do not share one.
+db=${BURN_DB:-defer_burn}
 for c in "$@"; do
-  psql -qAt "$url" -c "DROP DATABASE IF EXISTS defer_burn WITH (FORCE)" -c "CREATE DATABASE defer_burn" 2>&1 | grep -v NOTICE || true
+  psql -qAt "$url" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" 2>&1 | grep -v NOTICE || true
   (cd "$tree" && eval "$(COMMANDBUS_BUILD=$tree/build "$here"/scripts/env lua5.4)" && export LUA_PATH="$tree/lua/?.lua;$tree/lua/?/init.lua;$here/?.lua;$LUA_PATH" &&
-     DATABASE_URL=$base/defer_burn lua5.4 "$here/bench/defer_gate/burn.lua" "$c") | sed "s|^|$(basename "$tree") |"
+     DATABASE_URL=$base/$db lua5.4 "$here/bench/defer_gate/burn.lua" "$c") | sed "s|^|$(basename "$tree") |"
 done
-psql -qAt "$url" -c "DROP DATABASE IF EXISTS defer_burn WITH (FORCE)"
+psql -qAt "$url" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"

@@ -72,8 +72,24 @@ int cb_engine_init(cb_engine *e, cb_runtime *rt, const cb_engine_config *c, cb_e
 
 /* ---- fetching (loop) ------------------------------------------------------------ */
 
+/* A fetch of its own on its way (fetch_one); `u` once it came back. */
+typedef struct engine_fetch {
+  cb_engine *e;
+  cb_unit *u;
+  int index, room;
+  unsigned seq;
+} engine_fetch;
+
+static int max_fetches(const cb_engine *e) {
+  int n = e->c.max_fetches;
+  return n < 1 ? 1 : n > CB_ENGINE_MAX_FETCHES ? CB_ENGINE_MAX_FETCHES : n;
+}
+
 int cb_engine_room(cb_engine *e) {
-  if (e->fetching || e->drained || e->stop_seen || e->finished) return 0;
+  if (e->drained || e->stop_seen || e->finished || e->riding) return 0;
+  /* A second fetch only while the queue is known to hold more than one
+   * reads: after a notification or a poll, one fetch finds out. */
+  if (e->fetching >= (e->last_full ? max_fetches(e) : 1)) return 0;
   return e->c.ops->room(e->c.owner);
 }
 
@@ -81,22 +97,37 @@ static int add_fetch(cb_engine *e, cb_unit *u, int room, int *index) {
   int i = e->c.ops->add_fetch(e->c.owner, u, room);
   if (i < 0) return i;
   *index = i;
-  e->fetching = 1;
-  e->fetch_room = room;
+  e->fetching++;
+  e->fetch_asked += room;
+  e->fetch_seq++;
   e->wake_pending = 0; /* this fetch runs after the notification: it sees what was sent */
   return CB_OK;
 }
 
 int cb_engine_fetch_into(cb_engine *e, cb_unit *u, int *index) {
   *index = -1;
+  if (e->fetching) return CB_OK; /* riding fetches go alone: no order to keep */
   int room = cb_engine_room(e);
-  return room > 0 ? add_fetch(e, u, room, index) : CB_OK;
+  if (room <= 0) return CB_OK;
+  int rc = add_fetch(e, u, room, index);
+  if (rc == CB_OK) {
+    e->riding = 1;
+    e->riding_room = room;
+  }
+  return rc;
 }
 
-void cb_engine_fetch_cancel(cb_engine *e) { e->fetching = 0; }
+void cb_engine_fetch_cancel(cb_engine *e) {
+  e->fetching--;
+  e->fetch_asked -= e->riding_room;
+  e->riding = 0;
+}
 
-int cb_engine_fetched(cb_engine *e, cb_unit *u, int index) {
-  e->fetching = 0;
+/* A fetch came back: hands its rows to the owner (or logs the failure); 1
+ * when there may be more to fetch. `newest`: no fetch was built after it. */
+static int fetch_came_back(cb_engine *e, cb_unit *u, int index, int room, int newest) {
+  e->fetching--;
+  e->fetch_asked -= room;
   if (cb_unit_status(u) != CB_OK) {
     const cb_err *err = cb_unit_error(u);
     if (!e->fetch_failing) /* once per outage, not once per poll */
@@ -104,39 +135,73 @@ int cb_engine_fetched(cb_engine *e, cb_unit *u, int index) {
              cb_strerror(err->code), err->message);
     e->fetch_failing = 1;
     e->drained = 0;
+    e->last_full = 0;
     return 0; /* next try at the poll, not at once */
   }
   if (e->fetch_failing) cb_log(CB_LOG_INFO, "%s %s: fetching again", e->c.name, e->c.domain);
   e->fetch_failing = 0;
+  e->fetch_room = room;
   e->c.ops->fetched(e->c.owner, u, index);
-  /* Fewer rows than it asked for: it took what the queue held. */
-  int more = cb_result_rows(cb_unit_result(u, index)) >= e->fetch_room || e->wake_pending;
-  e->drained = !more;
+  /* Fewer rows than it asked for: it took what the queue held (when it
+   * read). A fetch built after it read later and has the last word. */
+  e->last_full = cb_result_rows(cb_unit_result(u, index)) >= room;
+  int more = e->last_full || e->wake_pending;
+  if (newest || more) e->drained = !more;
   return more;
 }
 
+int cb_engine_fetched(cb_engine *e, cb_unit *u, int index) {
+  e->riding = 0;
+  return fetch_came_back(e, u, index, e->riding_room, 1);
+}
+
 static void on_fetched(cb_unit *u, void *arg) {
-  cb_engine *e = arg;
-  int more = cb_engine_fetched(e, u, e->fetch_index);
-  cb_unit_free(u);
+  engine_fetch *f = arg;
+  cb_engine *e = f->e;
+  f->u = u;
+  int more = 0;
+  /* The oldest first: a later one that came back first waits for it. */
+  while (e->nown > 0 && e->own[0]->u) {
+    engine_fetch *first = e->own[0];
+    e->nown--;
+    memmove(e->own, e->own + 1, (size_t)e->nown * sizeof *e->own);
+    more |= fetch_came_back(e, first->u, first->index, first->room, first->seq == e->fetch_seq);
+    cb_unit_free(first->u);
+    free(first);
+  }
   if (more) cb_engine_fetch(e);
   cb_engine_check(e);
 }
 
-void cb_engine_fetch(cb_engine *e) {
+/* Sends one fetch of its own; 0 when none could go. */
+static int fetch_one(cb_engine *e) {
   int room = cb_engine_room(e);
-  if (room <= 0) return;
+  if (room <= 0) return 0;
   cb_unit *u = cb_unit_new();
-  if (u == NULL) return;
-  if (cb_add_keyed_begin(u, e->c.statement_timeout) < 0 || add_fetch(e, u, room, &e->fetch_index) != CB_OK) {
+  engine_fetch *f = malloc(sizeof *f);
+  int index;
+  if (u == NULL || f == NULL || cb_add_keyed_begin(u, e->c.statement_timeout) < 0 ||
+      add_fetch(e, u, room, &index) != CB_OK) {
     cb_unit_free(u);
-    return;
+    free(f);
+    return 0;
   }
-  cb_unit_on_done(u, on_fetched, e);
+  *f = (engine_fetch){.e = e, .u = NULL, .index = index, .room = room, .seq = e->fetch_seq};
+  e->own[e->nown++] = f;
+  cb_unit_on_done(u, on_fetched, f);
   if (cb_runtime_submit(e->rt, &u, 1) != CB_OK) {
-    e->fetching = 0;
+    e->nown--;
+    e->fetching--;
+    e->fetch_asked -= room;
+    free(f);
     cb_unit_free(u);
+    return 0;
   }
+  return 1;
+}
+
+void cb_engine_fetch(cb_engine *e) {
+  while (fetch_one(e)) continue;
 }
 
 static void free_item(const cb_engine *e, void *item) {

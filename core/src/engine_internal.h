@@ -38,6 +38,10 @@
 
 enum { CB_ENGINE_STARTING, CB_ENGINE_RUNNING, CB_ENGINE_STOPPING, CB_ENGINE_STOPPED };
 
+#define CB_ENGINE_MAX_FETCHES 2
+
+struct engine_fetch; /* engine.c: a fetch of its own on its way */
+
 /* The owner's part. Every hook runs on the loop thread except report and
  * free_item; those marked optional may be NULL. */
 typedef struct cb_engine_ops {
@@ -81,6 +85,11 @@ typedef struct cb_engine_config {
   const char *queue;
   int lanes;
   int capacity; /* items routed and not yet handed back, at most */
+  /* Fetches on their way at once, at most (0: 1; CB_ENGINE_MAX_FETCHES at
+   * most). More than one only while the last fetch came back full (a
+   * burn-down): each is a transaction of its own, so that the pool's
+   * connections read the queue side by side. */
+  int max_fetches;
   double visibility_timeout, statement_timeout, poll_interval;
   const cb_engine_ops *ops;
   void *owner;
@@ -95,7 +104,17 @@ struct cb_engine {
   int ready; /* initialised: destroy has something to undo */
 
   /* [loop] */
-  int fetching; /* a fetch is on its way */
+  int fetching;       /* fetches on their way (their own, or riding in an owner's unit) */
+  int fetch_asked;    /* how many rows the fetches on their way asked for, in all */
+  int riding;         /* the fetch on its way rides in an owner's unit: no other goes */
+  int riding_room;    /* how many rows that one asked for */
+  int last_full;      /* the last fetch that came back read as many rows as it asked for */
+  unsigned fetch_seq; /* fetches built so far: the newest one's number */
+  /* Fetches of their own on their way, oldest first: their rows are handed
+   * to the owner in this order, whichever comes back first, so that
+   * commands keep the queue's order on their lanes. */
+  struct engine_fetch *own[CB_ENGINE_MAX_FETCHES];
+  int nown;
   /* Notified since the last fetch was built: a fetch on its way may have
    * read the queue before the send committed, so another one follows it. */
   int wake_pending;
@@ -106,9 +125,8 @@ struct cb_engine {
    * flight those fetches only found the queue empty, and a send's
    * notification that came while one was on its way waited for it. */
   int drained;
-  int fetch_room; /* how many rows the fetch on its way asked for */
-  int fetch_index;
-  int in_flight; /* routed, not yet handed back */
+  int fetch_room; /* how many rows the fetch whose rows the owner is handed asked for */
+  int in_flight;  /* routed, not yet handed back */
   int stop_seen;
   int finished;
   int fetch_failing; /* logged once per outage */
@@ -149,20 +167,25 @@ void cb_engine_wake_now(cb_engine *e);
 
 /* ---- the loop thread ------------------------------------------------------------ */
 
-/* How many a fetch may take now: 0 while one is on its way, when the last
- * one drained the queue (see drained), once stopping, or when the owner has
- * no room. */
+/* How many a fetch may take now: 0 when the last one drained the queue (see
+ * drained), once stopping, when the owner has no room, or while fetches are
+ * on their way: one at all, unless the last one came back full (then up to
+ * max_fetches, none riding in an owner's unit). The owner counts
+ * fetch_asked as taken. */
 int cb_engine_room(cb_engine *e);
-/* Fetches in a transaction of its own, when there is room. */
+/* Fetches in transactions of their own while there is room (see
+ * cb_engine_room). */
 void cb_engine_fetch(cb_engine *e);
 /* Appends a fetch to the owner's unit u (it already holds the keyed
- * begin), when there is room: *index is its statement, or -1 for none.
+ * begin), when there is room and no fetch is on its way: *index is its
+ * statement, or -1 for none.
  * CB_OK, or a negative cb_code (nothing is on its way then). Once u
  * completed, the owner calls cb_engine_fetched. */
 int cb_engine_fetch_into(cb_engine *e, cb_unit *u, int *index);
 /* The owner's unit holding a fetch was never sent. */
 void cb_engine_fetch_cancel(cb_engine *e);
-/* A fetch came back (statement `index` of u): hands the rows to the owner,
+/* The fetch riding in the owner's unit came back (statement `index` of
+ * u): hands the rows to the owner,
  * or logs the failure (once per outage). 1 when it read as many rows as it
  * asked for (there may be more) or when a notification came while it was on
  * its way (a send it may not have seen): fetch again. */

@@ -198,6 +198,7 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
                         .queue = w->queue,
                         .lanes = w->lanes,
                         .capacity = 4 * FETCH_MAX,
+                        .max_fetches = FETCHES_IN_FLIGHT,
                         .visibility_timeout = opts->visibility_timeout,
                         .statement_timeout = opts->statement_timeout,
                         .poll_interval = opts->poll_interval,

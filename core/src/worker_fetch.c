@@ -35,7 +35,8 @@ static int capacity(cb_worker *w) {
 int cb__worker_room(void *arg) {
   cb_worker *w = arg;
   w->capacity = capacity(w);
-  int in_flight = w->engine.in_flight;
+  /* What fetches on their way will bring counts as taken already. */
+  int in_flight = w->engine.in_flight + w->engine.fetch_asked;
   int room = w->capacity - in_flight;
   if (room <= 0) return 0;
   /* Batches of at least a few, so that a busy queue is read in bulk. */
@@ -53,7 +54,6 @@ int cb__worker_add_fetch(void *arg, cb_unit *u, int room) {
   snprintf(vt, sizeof vt, "%.3f", w->o.visibility_timeout);
   snprintf(from, sizeof from, "%lld", w->full_scan_due ? 0LL : (long long)w->scan_from);
   w->full_scan_due = 0;
-  w->asked = room;
   const char *params[] = {qty, vt, w->domain, from};
   /* The receive statement's plan is made once per connection: left to
    * choose, PostgreSQL plans it again for every execution (its generic cost
@@ -171,5 +171,5 @@ void cb__worker_fetched(void *arg, cb_unit *u, int index) {
   if (nbatches) cb__worker_refresh_batches(w, batches, nbatches); /* BATCH_STARTED */
   cb_engine_route(&w->engine, entries, n);
   if (lowest) w->scan_from = lowest;
-  if (cb_result_rows(cb_unit_result(u, index - 1)) > 0 && rows < w->asked) poll_at_next_second(w);
+  if (cb_result_rows(cb_unit_result(u, index - 1)) > 0 && rows < w->engine.fetch_room) poll_at_next_second(w);
 }

@@ -26,7 +26,11 @@
 #include "engine_internal.h"
 #include "strbuf.h"
 
-#define FETCH_MAX 100      /* commands received at once, at most */
+#define FETCH_MAX 100 /* commands received at once, at most */
+/* Receives on their way at once while the queue holds more (engine.h): a
+ * burn-down's fetch is its critical path, and two keep both pooled
+ * connections (and their backends) reading side by side. */
+#define FETCHES_IN_FLIGHT 2
 #define MAX_REPLY_QUEUES 8 /* per acknowledgement statement; more go one by one */
 /* Acknowledgement rounds on their way at once: two keep both pooled
  * connections (and their backends) busy while the rest gather. */
@@ -59,7 +63,6 @@ struct cb_worker {
    * found by the next full scan, which every poll asks for. */
   int64_t scan_from;
   int full_scan_due;
-  int asked;         /* how many the last receive asked for */
   cb_upkeep *upkeep; /* background jobs; [loop] once started */
   int upkeep_running;
   int rounds_in_flight;         /* acknowledgement rounds sent, not answered */

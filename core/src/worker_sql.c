@@ -44,37 +44,68 @@
  * more than their room is received; the rest stay in the queue untouched
  * (not received, no attempt, no audit). Each received type's window count
  * goes up in the same statement. With no limits this costs a probe of an
- * empty table and a test per message read. */
+ * empty table and a test per message read.
+ *
+ * The receive never waits for a command row. It locks messages first and
+ * their commands second, while an acknowledgement (ours, and rcmd's
+ * sp_finish_command) locks the command row first and then deletes,
+ * archives or delays the message. A message read again (read_ct > 0: its
+ * visibility timeout ran out, or its backoff ended) may belong to a
+ * delivery whose acknowledgement is under way right now; had the receive
+ * waited for that command row while holding the message, the
+ * acknowledgement would wait for the message in turn: a deadlock, and until
+ * PostgreSQL broke it every other message of the fetch was held up with it
+ * (bench-throughput stalled that way behind a slow checkpoint). So the
+ * commands of messages read again are locked first with SKIP LOCKED (taken),
+ * and a message whose command is locked by someone else (busy) is left in
+ * the queue as it is: not received, no attempt, no audit; a later fetch
+ * finds it if the acknowledgement did not remove it. A message read for the
+ * first time names a command no acknowledgement can hold (none has had a
+ * delivery of it), so its command is only updated, at no extra cost. A
+ * command that does not exist is neither taken nor busy, and its message is
+ * set aside as before. */
 void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
 #define NOT_FULL " AND NOT coalesce(message->>'command_type' = ANY((SELECT t FROM full_types)::text[]), false)"
 #define VISIBLE " AND " CB_QUEUE_SQL_VISIBLE NOT_FULL
-  cb_strbuf_puts(sql,
-                 "WITH room AS (SELECT command_type, room FROM commandbus.type_room($3)),"
-                 " full_types AS (SELECT coalesce(array_agg(command_type) FILTER (WHERE room <= 0), '{}') AS t"
-                 " FROM room),"
-                 " hi AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
-                 " FROM ");
+#define AGAIN " CASE WHEN read_ct > 0 THEN commandbus.message_command_id(message) END AS again"
+  cb_strbuf_puts(
+      sql,
+      "WITH room AS (SELECT command_type, room FROM commandbus.type_room($3)),"
+      " full_types AS (SELECT coalesce(array_agg(command_type) FILTER (WHERE room <= 0), '{}') AS t"
+      " FROM room),"
+      " hi AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio," AGAIN
+      " FROM ");
   cb_queue_sql_table(sql, queue);
   cb_strbuf_puts(sql, " WHERE commandbus.priority_of(message) > 0" VISIBLE
                       " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-                      " mid AS (SELECT msg_id, message->>'command_type' AS type, 0 AS prio FROM ");
+                      " mid AS (SELECT msg_id, message->>'command_type' AS type, 0 AS prio," AGAIN " FROM ");
   cb_queue_sql_table(sql, queue);
-  cb_strbuf_puts(sql, " WHERE msg_id >= $4::bigint AND " CB_QUEUE_SQL_VISIBLE
-                      " AND (NOT (message ? 'priority') OR coalesce(commandbus.priority_of(message), 0) = 0)" NOT_FULL
-                      " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-                      " lo AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio"
-                      " FROM ");
+  cb_strbuf_puts(
+      sql, " WHERE msg_id >= $4::bigint AND " CB_QUEUE_SQL_VISIBLE
+           " AND (NOT (message ? 'priority') OR coalesce(commandbus.priority_of(message), 0) = 0)" NOT_FULL
+           " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+           " lo AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio," AGAIN
+           " FROM ");
   cb_queue_sql_table(sql, queue);
-  cb_strbuf_puts(sql,
-                 " WHERE commandbus.priority_of(message) < 0" VISIBLE
-                 " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-                 " pick AS (SELECT * FROM (SELECT * FROM hi UNION ALL SELECT * FROM mid UNION ALL SELECT * FROM lo) x"
-                 " LIMIT $1::int),"
-                 " kept AS (SELECT p.msg_id FROM (SELECT msg_id, type, row_number() OVER (PARTITION BY type"
-                 " ORDER BY prio DESC, msg_id) AS nth FROM pick) p LEFT JOIN room r ON r.command_type = p.type"
-                 " WHERE r.room IS NULL OR p.nth <= r.room),"
-                 " m AS (");
-  cb_queue_sql_receive(sql, queue, "ARRAY(SELECT msg_id FROM kept)", "$2::float8");
+  cb_strbuf_puts(
+      sql, " WHERE commandbus.priority_of(message) < 0" VISIBLE
+           " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+           " pick AS (SELECT * FROM (SELECT * FROM hi UNION ALL SELECT * FROM mid UNION ALL SELECT * FROM lo) x"
+           " LIMIT $1::int),"
+           " kept AS (SELECT p.msg_id, p.again FROM (SELECT msg_id, type, again, row_number() OVER (PARTITION BY type"
+           " ORDER BY prio DESC, msg_id) AS nth FROM pick) p LEFT JOIN room r ON r.command_type = p.type"
+           " WHERE r.room IS NULL OR p.nth <= r.room),"
+           " taken AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
+           " AND k.command_id = ANY(ARRAY(SELECT again FROM kept WHERE again IS NOT NULL))"
+           " FOR NO KEY UPDATE OF k SKIP LOCKED),"
+           " busy AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
+           " AND k.command_id = ANY(ARRAY(SELECT again FROM kept WHERE again IS NOT NULL))"
+           " AND k.command_id <> ALL(ARRAY(SELECT command_id FROM taken))),"
+           " m AS (");
+  cb_queue_sql_receive(sql, queue,
+                       "ARRAY(SELECT msg_id FROM kept WHERE again IS NULL"
+                       " OR again <> ALL(ARRAY(SELECT command_id FROM busy)))",
+                       "$2::float8");
   cb_strbuf_puts(sql,
                  " RETURNING q.msg_id, q.read_ct, q.message, commandbus.priority_of(q.message) AS priority,"
                  " commandbus.message_command_id(q.message) AS command_id),"
@@ -99,6 +130,7 @@ void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
                  " CASE WHEN c.command_id IS NULL THEN (SELECT k2.status FROM commandbus.command k2"
                  " WHERE k2.domain = $3 AND k2.command_id = m.command_id) END, coalesce(m.priority, 0)"
                  " FROM m LEFT JOIN c ON c.msg_id = m.msg_id ORDER BY coalesce(m.priority, 0) DESC, m.msg_id");
+#undef AGAIN
 #undef VISIBLE
 #undef NOT_FULL
 }

@@ -1,5 +1,5 @@
-/* The engine's wake-up (core/src/engine.c), with an owner of the test's
- * own: a notification that arrives while a fetch is on its way must bring
+/* The engine's fetches (core/src/engine.c), with an owner of the test's
+ * own. Its wake-up: a notification that arrives while a fetch is on its way must bring
  * another fetch once that one is back, not wait for the next poll.
  *
  * The race, made to happen every time: the owner's fetch is one SELECT that
@@ -33,13 +33,17 @@
 typedef struct owner {
   cb_engine e;
   char name[56], table[64], sql[256];
-  long long key;  /* the advisory lock the fetch waits for */
+  long long key; /* the advisory lock the fetch waits for */
+  int nth_param; /* the fetch's number (from 1) is its $2 */
+  int max_fetches;
   long long last; /* [loop] the highest id fetched */
   pthread_mutex_t lock;
   pthread_cond_t changed;
-  int fetches;           /* [lock] fetches that came back */
-  int rows[MAX_FETCHES]; /* [lock] rows of each */
-  long long found;       /* [lock] the highest id fetched */
+  int built;                    /* [lock] fetches built */
+  int fetches;                  /* [lock] fetches handed over */
+  int rows[MAX_FETCHES];        /* [lock] rows of each */
+  long long first[MAX_FETCHES]; /* [lock] the first id of each */
+  long long found;              /* [lock] the highest id fetched */
 } owner;
 
 static int room(void *self) {
@@ -50,10 +54,14 @@ static int room(void *self) {
 static int add_fetch(void *self, cb_unit *u, int n) {
   (void)n;
   owner *o = self;
-  char last[32];
+  char last[32], nth[16];
   snprintf(last, sizeof last, "%lld", o->last);
-  const char *params[] = {last};
-  return cb_unit_add(u, o->sql, 1, params);
+  pthread_mutex_lock(&o->lock);
+  snprintf(nth, sizeof nth, "%d", ++o->built);
+  pthread_cond_broadcast(&o->changed);
+  pthread_mutex_unlock(&o->lock);
+  const char *params[] = {last, nth};
+  return cb_unit_add(u, o->sql, o->nth_param ? 2 : 1, params);
 }
 
 static void fetched(void *self, cb_unit *u, int index) {
@@ -65,7 +73,10 @@ static void fetched(void *self, cb_unit *u, int index) {
     if (id > o->last) o->last = id;
   }
   pthread_mutex_lock(&o->lock);
-  if (o->fetches < MAX_FETCHES) o->rows[o->fetches] = rows;
+  if (o->fetches < MAX_FETCHES) {
+    o->rows[o->fetches] = rows;
+    o->first[o->fetches] = rows ? cb_result_int(r, 0, 0) : 0;
+  }
   o->fetches++;
   o->found = o->last;
   pthread_cond_broadcast(&o->changed);
@@ -93,6 +104,8 @@ static int wait_for(owner *o, int (*pred)(const owner *), int seconds) {
 }
 
 static int one_fetch_back(const owner *o) { return o->fetches >= 1; }
+static int three_built(const owner *o) { return o->built >= 3; }
+static int three_back(const owner *o) { return o->fetches >= 3; }
 static int row_found(const owner *o) { return o->found > 0; }
 
 static void exec_ok(cb_runtime *rt, const char *sql, int nparams, const char *const *params) {
@@ -139,6 +152,7 @@ static void start_engine(owner *o, cb_runtime *rt, double poll_interval) {
                         .visibility_timeout = 30,
                         .statement_timeout = 60,
                         .poll_interval = poll_interval,
+                        .max_fetches = o->max_fetches,
                         .ops = &OPS,
                         .owner = o};
   cb_err err;
@@ -249,10 +263,72 @@ static void test_poll_fetches_after_a_drained_queue(void **state) {
   cb_runtime_free(rt);
 }
 
+/* A fetch that came back full (the queue holds more) brings two at once,
+ * each in its own transaction, so that the pool's connections read side by
+ * side; their rows are handed over in the order the fetches were built,
+ * even when the later one comes back first (commands keep the queue's order
+ * on their lanes).
+ *
+ * The owner's fetches number themselves ($2): the first returns a full
+ * batch, the second waits for an advisory lock the test holds, the third
+ * returns at once, the later ones nothing (the queue drained). */
+static void test_full_fetch_brings_two_in_order(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2);
+  cb_runtime *other = test_runtime(2);
+  cb_runtime *holder = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(other, NULL, &err), CB_OK);
+  owner o;
+  open_owner(&o, other, test_name("engine_two"));
+  o.key = 2000000 + (long long)getpid();
+  o.nth_param = 1;
+  o.max_fetches = 2;
+  snprintf(o.sql, sizeof o.sql,
+           "SELECT g FROM generate_series($2::int * 100 + 1, $2::int * 100 + CASE WHEN $2::int <= 3 THEN 16 ELSE 0"
+           " END) g WHERE $1::bigint >= 0 AND (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared(%lld)"
+           " WHERE $2::int = 2) l) >= 0",
+           o.key);
+  char key[32];
+  snprintf(key, sizeof key, "%lld", o.key);
+  const char *key_param[] = {key};
+  exec_ok(holder, "SELECT pg_advisory_lock($1::bigint)", 1, key_param);
+
+  start_engine(&o, rt, 3600);                 /* no poll within the test */
+  assert_true(wait_for(&o, three_built, 60)); /* the second waits: the third went beside it */
+  /* The third has come back from the server: only the waiting one runs. */
+  char sql[512];
+  snprintf(sql, sizeof sql,
+           "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
+           " AND query LIKE '%%advisory_xact_lock_shared(%lld)%%'",
+           o.key);
+  for (int i = 0; count_of(other, sql) != 1; i++) {
+    assert_true(i < 6000); /* a minute */
+    usleep(10000);
+  }
+  pthread_mutex_lock(&o.lock);
+  assert_int_equal(o.fetches, 1); /* the third waits for the second */
+  pthread_mutex_unlock(&o.lock);
+
+  exec_ok(holder, "SELECT pg_advisory_unlock($1::bigint)", 1, key_param);
+  assert_true(wait_for(&o, three_back, 60));
+  pthread_mutex_lock(&o.lock);
+  assert_int_equal(o.first[0], 101);
+  assert_int_equal(o.first[1], 201);
+  assert_int_equal(o.first[2], 301);
+  pthread_mutex_unlock(&o.lock);
+
+  close_owner(&o, other);
+  cb_runtime_free(holder);
+  cb_runtime_free(other);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_notification_during_fetch_is_kept),
       cmocka_unit_test(test_poll_fetches_after_a_drained_queue),
+      cmocka_unit_test(test_full_fetch_brings_two_in_order),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

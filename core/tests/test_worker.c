@@ -220,12 +220,147 @@ static void a_worker_stopped_before_it_started_ends_at_once(void **state) {
   cb_runtime_free(rt);
 }
 
+/* ---- a receive never waits for a command row ------------------------------------ */
+
+typedef struct ack_holder {
+  cb_runtime *rt;
+  const char *domain, *queue_table, *key, *msg;
+  int status;
+} ack_holder;
+
+static void exec_or_fail(cb_runtime *rt, const char *sql, int nparams, const char *const *params) {
+  cb_unit *u = cb_unit_new();
+  cb_unit_add(u, sql, nparams, params);
+  cb_err err;
+  int rc = cb_runtime_exec(rt, u, &err);
+  if (rc != CB_OK) fprintf(stderr, "%s: %s\n", sql, err.message);
+  assert_int_equal(rc, CB_OK);
+  cb_unit_free(u);
+}
+
+static int64_t count_of(cb_runtime *rt, const char *sql, const char *param) {
+  cb_unit *u = cb_unit_new();
+  const char *p[] = {param};
+  cb_unit_add(u, sql, param ? 1 : 0, p);
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  int64_t n = cb_result_int(cb_unit_result(u, 0), 0, 0);
+  cb_unit_free(u);
+  return n;
+}
+
+/* An acknowledgement in the order the worker's own takes its locks: the
+ * command row first, then (once the test lets it go on) the message. */
+static void *hold_and_acknowledge(void *p) {
+  ack_holder *h = p;
+  char del[160];
+  snprintf(del, sizeof del, "DELETE FROM %s WHERE msg_id = $1::bigint", h->queue_table);
+  const char *domain[] = {h->domain}, *key[] = {h->key}, *msg[] = {h->msg};
+  cb_unit *u = cb_unit_new();
+  cb_unit_add(u,
+              "UPDATE commandbus.command SET status = 'COMPLETED', updated_at = now() WHERE domain = $1"
+              " AND attempts = 1 AND status = 'IN_PROGRESS'",
+              1, domain);
+  cb_unit_add(u, "SELECT pg_advisory_xact_lock_shared($1::bigint)", 1, key);
+  cb_unit_add(u, del, 1, msg);
+  cb_err err;
+  h->status = cb_runtime_exec(h->rt, u, &err);
+  if (h->status != CB_OK) fprintf(stderr, "the acknowledgement failed: %s\n", err.message);
+  cb_unit_free(u);
+  return NULL;
+}
+
+/* A delivery whose visibility timeout ran out while its acknowledgement is
+ * under way: the acknowledgement holds the command row and will delete the
+ * message next. A receive that takes the message and then waits for the
+ * command row closes a cycle (the acknowledgement's delete waits for the
+ * receive): PostgreSQL ends one of them as a deadlock, and until then the
+ * receive holds up every other message it took. The receive leaves such a
+ * message alone: another command sent beside it completes while the
+ * acknowledgement still holds its row, and then the acknowledgement
+ * completes as it is, the message never received again. */
+static void a_receive_leaves_a_message_whose_command_is_being_acknowledged(void **state) {
+  cb_runtime *rt = test_runtime(2), *other = test_runtime(1), *gate = test_runtime(1), *acker = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], queue[80], table[96], key[32], msg[32], sql[256];
+  snprintf(domain, sizeof domain, "%s", test_name("cbusy"));
+  snprintf(queue, sizeof queue, "%s__commands", domain);
+  snprintf(table, sizeof table, "pgmq.q_%s", queue);
+  snprintf(key, sizeof key, "%lld", 3000000LL + (long long)getpid());
+  send_many(rt, domain, "Ok", 1, NULL);
+  /* Received once, at attempt 1, and its visibility timeout has run out. */
+  const char *dp[] = {domain};
+  exec_or_fail(other, "UPDATE commandbus.command SET status = 'IN_PROGRESS', attempts = 1 WHERE domain = $1", 1, dp);
+  snprintf(sql, sizeof sql, "UPDATE %s SET read_ct = 1, vt = now() - interval '1 second'", table);
+  exec_or_fail(other, sql, 0, NULL);
+  snprintf(sql, sizeof sql, "SELECT max(msg_id) FROM %s", table);
+  snprintf(msg, sizeof msg, "%lld", (long long)count_of(other, sql, NULL));
+
+  const char *kp[] = {key};
+  exec_or_fail(gate, "SELECT pg_advisory_lock($1::bigint)", 1, kp);
+  ack_holder h = {acker, domain, table, key, msg, -1};
+  pthread_t holder;
+  pthread_create(&holder, NULL, hold_and_acknowledge, &h);
+  /* It holds the command row once it waits for the gate. */
+  for (int i = 0; count_of(other,
+                           "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                           " AND objid = $1::bigint",
+                           key) != 1;
+       i++) {
+    assert_true(i < 6000); /* a minute */
+    usleep(10 * 1000);
+  }
+
+  send_many(rt, domain, "Ok", 1, NULL); /* the other command */
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  o.domain = domain;
+  o.lanes = 2;
+  o.poll_interval = 0.05;
+  cb_worker *w;
+  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
+  lane_arg args[2];
+  pthread_t threads[2];
+  run_lanes(w, args, threads, 2, 0);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  /* Well within the statement timeout (25 s) a waiting receive would end at. */
+  for (int i = 0; count_status(rt, domain, "COMPLETED") < 1; i++) {
+    assert_true(i < 300); /* 15 s */
+    usleep(50 * 1000);
+  }
+
+  exec_or_fail(gate, "SELECT pg_advisory_unlock($1::bigint)", 1, kp);
+  pthread_join(holder, NULL);
+  assert_int_equal(h.status, CB_OK);
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
+  for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+  cb_worker_free(w);
+
+  assert_int_equal(count_status(rt, domain, "COMPLETED"), 2);
+  /* Only the other command was received; the acknowledged one kept its attempt. */
+  assert_int_equal(
+      count_of(other, "SELECT count(*) FROM commandbus.audit WHERE domain = $1 AND event_type = 'RECEIVED'", domain),
+      1);
+  assert_int_equal(count_of(other, "SELECT max(attempts) FROM commandbus.command WHERE domain = $1", domain), 1);
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+  assert_int_equal(count_of(other, sql, NULL), 0);
+  int existed;
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(acker);
+  cb_runtime_free(gate);
+  cb_runtime_free(other);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(every_outcome_lands_as_the_contract_says),
       cmocka_unit_test(stop_lets_running_handlers_finish_and_acknowledges_them),
       cmocka_unit_test(a_statement_timeout_not_below_the_visibility_timeout_is_refused),
       cmocka_unit_test(a_worker_stopped_before_it_started_ends_at_once),
+      cmocka_unit_test(a_receive_leaves_a_message_whose_command_is_being_acknowledged),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
