@@ -1,34 +1,27 @@
 /*
- * A gate, not a feature (make bench-copy_gate): would send_batch be faster
- * if it wrote its rows with COPY rather than with its INSERT statements?
- * Both shapes write the same rows for N (BENCH_COMMANDS, 50,000) fresh
- * commands of one domain, delay 0, in one transaction each, alternating,
- * BENCH_COPY_ROUNDS (3) pairs, each on a fresh domain:
+ * send_batch of many fresh commands by COPY against the statement it used
+ * before (make bench-send_batch): N (BENCH_COMMANDS, 50,000) fresh commands
+ * of one domain, delay 0, in one call, each shape on a fresh domain,
+ * alternating, BENCH_SEND_BATCH_ROUNDS (3) pairs:
  *
- *   statement  cb_bus_send, i.e. bus:send_batch today: chunks of 1,000
- *              commands as JSON arrays, pipelined, one INSERT ... SELECT
- *              statement per chunk writing the command rows, the queue
- *              messages and the SENT audit rows.
- *   copy       raw libpq on one connection: the message ids drawn first
- *              and the audit ids drawn first (nextval over generate_series,
- *              outside the transaction, as a sequence is anyway; a column
- *              default calling nextval is volatile, and a volatile default
- *              keeps COPY from inserting rows a page at a time), then BEGIN, three COPY ... FROM STDIN
- *              (command, queue message, audit) streamed as they are built,
- *              the queue's NOTIFY, COMMIT. The message's vt is the text
- *              'now' (the transaction's start): COPY takes no expressions,
- *              so a delay other than 0 would need another way.
+ *   statement  cb_bus_add_send run as a unit: chunks of 1,000 commands as
+ *              JSON arrays, pipelined, one INSERT ... SELECT statement per
+ *              chunk writing the command rows, the queue messages and the
+ *              SENT audit rows (what send_batch did for every size, and
+ *              still does below bus.c's COPY_MIN and for sends composed
+ *              into other units).
+ *   copy       cb_bus_send, i.e. bus:send_batch: the message and audit ids
+ *              drawn first, then one transaction of three COPY ... FROM
+ *              STDIN and the queue's notify.
  *
  * For each: commands/s, the CPU its backends used per command (utime +
- * stime of /proc/<pid>/stat) and WAL bytes per command (the cluster's: other
- * sessions' WAL is counted too on a shared server). After each run the
- * rows are checked against what the send statement writes (the message
- * and the SENT details rebuilt from the command row with
- * jsonb_build_object): a shape writing other rows is not counted. The copy
- * shape is a measurement of the mechanism only: COPY cannot run in libpq's
- * pipeline mode, which every runtime connection is in (core/src/pg.c).
- * Environment: DATABASE_URL (required; a database of its own, made fresh
- * by the caller), BENCH_COMMANDS, BENCH_COPY_ROUNDS. Ends with one JSON line.
+ * stime of /proc/<pid>/stat, the draw included) and WAL bytes per command
+ * (the cluster's: other sessions' WAL is counted too on a shared server).
+ * After each run the rows are checked against what the send statement
+ * writes (the message and the SENT details rebuilt from the command row
+ * with jsonb_build_object). Environment: DATABASE_URL (required; a
+ * database of its own, made fresh by the caller), BENCH_COMMANDS,
+ * BENCH_SEND_BATCH_ROUNDS. Ends with one JSON line.
  */
 #include <libpq-fe.h>
 #include <stdio.h>
@@ -40,10 +33,8 @@
 #include "commandbus/bus.h"
 #include "commandbus/runtime.h"
 #include "commandbus/schema.h"
-#include "commandbus/uuid.h"
 
-#define APP_STATEMENT "copy_gate_statement"
-#define PIECE 65536 /* bytes handed to PQputCopyData at a time */
+#define APP "bench_send_batch" /* the runtime's connections, whose CPU is counted */
 
 static const char *url;
 static int n_commands = 50000;
@@ -55,7 +46,7 @@ static double now_s(void) {
 }
 
 static void die(const char *what, const char *why) {
-  fprintf(stderr, "bench/copy_gate: %s: %s\n", what, why);
+  fprintf(stderr, "bench/send_batch: %s: %s\n", what, why);
   exit(1);
 }
 
@@ -162,147 +153,40 @@ typedef struct figure {
   double rate, cpu_us, wal;
 } figure;
 
-static figure statement_run(cb_runtime *rt, PGconn *own, const char *domain) {
+/* One send of n_commands by one shape: by_copy through cb_bus_send, else
+ * cb_bus_add_send's statements run as a unit. */
+static figure send_run(cb_runtime *rt, PGconn *own, const char *domain, int by_copy) {
   cb_command_spec *specs = calloc((size_t)n_commands, sizeof *specs);
   cb_send_result *results = calloc((size_t)n_commands, sizeof *results);
   char(*data)[32] = calloc((size_t)n_commands, sizeof *data);
-  if (!specs || !results || !data) die("statement", "out of memory");
+  const char *shape = by_copy ? "copy" : "statement";
+  if (!specs || !results || !data) die(shape, "out of memory");
   for (int i = 0; i < n_commands; i++) {
     snprintf(data[i], sizeof data[i], "{\"n\":%d}", i + 1);
     specs[i] = (cb_command_spec){.command_type = "Noop", .data_json = data[i]};
   }
   int pids[8];
-  int np = backends(own, APP_STATEMENT, pids, 8);
+  int np = backends(own, APP, pids, 8);
   long t0 = ticks_of(pids, np);
   double w0 = wal_bytes(own), s0 = now_s();
   cb_err err;
-  if (cb_bus_send(rt, domain, specs, (size_t)n_commands, 0, results, &err) != CB_OK) die("statement", err.message);
+  int rc;
+  if (by_copy) {
+    rc = cb_bus_send(rt, domain, specs, (size_t)n_commands, 0, results, &err);
+  } else {
+    cb_unit *u = cb_unit_new();
+    rc = cb_bus_add_send(rt, u, domain, specs, (size_t)n_commands, 0, results, NULL, &err);
+    if (rc == CB_OK) rc = cb_runtime_exec(rt, u, &err);
+    cb_unit_free(u);
+  }
+  if (rc != CB_OK) die(shape, err.message);
   double s1 = now_s();
   figure f = {n_commands / (s1 - s0), (double)(ticks_of(pids, np) - t0) / sysconf(_SC_CLK_TCK) * 1e6 / n_commands,
               (wal_bytes(own) - w0) / n_commands};
   free(specs);
   free(results);
   free(data);
-  check_rows(own, domain, "statement");
-  return f;
-}
-
-/* A growing buffer of COPY text, handed to the server a piece at a time. */
-typedef struct copy_out {
-  PGconn *pg;
-  char buf[PIECE + 4096];
-  size_t len;
-} copy_out;
-
-static void copy_flush(copy_out *o) {
-  if (o->len && PQputCopyData(o->pg, o->buf, (int)o->len) != 1) die("copy", PQerrorMessage(o->pg));
-  o->len = 0;
-}
-
-static void copy_puts(copy_out *o, const char *s) {
-  size_t len = strlen(s);
-  if (o->len + len > sizeof o->buf) copy_flush(o);
-  memcpy(o->buf + o->len, s, len);
-  o->len += len;
-}
-
-/* JSON text in COPY's text format: a backslash is doubled (the ids, the
- * type and the data here hold no tab, newline or carriage return). */
-static void copy_json(copy_out *o, const char *s) {
-  char tmp[512];
-  size_t k = 0;
-  for (; *s && k < sizeof tmp - 2; s++) {
-    if (*s == '\\') tmp[k++] = '\\';
-    tmp[k++] = *s;
-  }
-  tmp[k] = '\0';
-  copy_puts(o, tmp);
-}
-
-static void copy_begin(copy_out *o, const char *sql) {
-  PGresult *r = PQexec(o->pg, sql);
-  if (PQresultStatus(r) != PGRES_COPY_IN) die(sql, PQresultErrorMessage(r));
-  PQclear(r);
-  o->len = 0;
-}
-
-static void copy_end(copy_out *o) {
-  copy_flush(o);
-  if (PQputCopyEnd(o->pg, NULL) != 1) die("copy end", PQerrorMessage(o->pg));
-  PGresult *r = PQgetResult(o->pg);
-  if (PQresultStatus(r) != PGRES_COMMAND_OK) die("copy", PQresultErrorMessage(r));
-  PQclear(r);
-  while ((r = PQgetResult(o->pg)) != NULL) PQclear(r);
-}
-
-static figure copy_run(PGconn *pg, int pid, PGconn *own, const char *domain) {
-  char(*ids)[CB_UUID_LEN + 1] = calloc((size_t)n_commands, sizeof *ids);
-  char(*corrs)[CB_UUID_LEN + 1] = calloc((size_t)n_commands, sizeof *corrs);
-  copy_out *o = malloc(sizeof *o);
-  if (!ids || !corrs || !o) die("copy", "out of memory");
-  o->pg = pg;
-  char queue[128], sql[512], line[1024];
-  snprintf(queue, sizeof queue, "%s__commands", domain);
-  long t0 = backend_ticks(pid);
-  double w0 = wal_bytes(own), s0 = now_s();
-  for (int i = 0; i < n_commands; i++) { /* the ids a send makes */
-    cb_uuid_v7(ids[i]);
-    cb_uuid_v7(corrs[i]);
-  }
-  snprintf(sql, sizeof sql,
-           "SELECT nextval('pgmq.q_%s_msg_id_seq'), nextval('commandbus.audit_audit_id_seq')"
-           " FROM generate_series(1, %d)",
-           queue, n_commands);
-  PGresult *drawn = PQexec(pg, sql);
-  if (PQresultStatus(drawn) != PGRES_TUPLES_OK || PQntuples(drawn) != n_commands)
-    die("draw", PQresultErrorMessage(drawn));
-  exec_ok(pg, "BEGIN");
-  snprintf(sql, sizeof sql,
-           "COPY commandbus.command (domain, queue_name, msg_id, command_id, command_type, status, attempts,"
-           " max_attempts, reply_queue, correlation_id, batch_id) FROM STDIN");
-  copy_begin(o, sql);
-  for (int i = 0; i < n_commands; i++) {
-    snprintf(line, sizeof line, "%s\t%s\t%s\t%s\tNoop\tPENDING\t0\t3\t\t%s\t\\N\n", domain, queue,
-             PQgetvalue(drawn, i, 0), ids[i], corrs[i]);
-    copy_puts(o, line);
-  }
-  copy_end(o);
-  snprintf(sql, sizeof sql, "COPY pgmq.q_%s (msg_id, vt, message) FROM STDIN", queue);
-  copy_begin(o, sql);
-  for (int i = 0; i < n_commands; i++) {
-    copy_puts(o, PQgetvalue(drawn, i, 0));
-    copy_puts(o, "\tnow\t");
-    snprintf(line, sizeof line,
-             "{\"domain\":\"%s\",\"command_type\":\"Noop\",\"command_id\":\"%s\",\"correlation_id\":\"%s\","
-             "\"data\":{\"n\":%d}}",
-             domain, ids[i], corrs[i], i + 1);
-    copy_json(o, line);
-    copy_puts(o, "\n");
-  }
-  copy_end(o);
-  copy_begin(o, "COPY commandbus.audit (audit_id, domain, command_id, event_type, details_json) FROM STDIN");
-  for (int i = 0; i < n_commands; i++) {
-    snprintf(line, sizeof line, "%s\t%s\t%s\tSENT\t", PQgetvalue(drawn, i, 1), domain, ids[i]);
-    copy_puts(o, line);
-    snprintf(line, sizeof line,
-             "{\"command_type\":\"Noop\",\"correlation_id\":\"%s\",\"reply_to\":null,\"msg_id\":%s,"
-             "\"batch_id\":null}",
-             corrs[i], PQgetvalue(drawn, i, 0));
-    copy_json(o, line);
-    copy_puts(o, "\n");
-  }
-  copy_end(o);
-  snprintf(sql, sizeof sql, "NOTIFY pgmq_notify_%s", queue);
-  exec_ok(pg, sql);
-  exec_ok(pg, "COMMIT");
-  double s1 = now_s();
-  figure f = {n_commands / (s1 - s0), (double)(backend_ticks(pid) - t0) / sysconf(_SC_CLK_TCK) * 1e6 / n_commands,
-              (wal_bytes(own) - w0) / n_commands};
-  PQclear(drawn);
-  free(ids);
-  free(corrs);
-  free(o);
-  check_rows(own, domain, "copy");
+  check_rows(own, domain, shape);
   return f;
 }
 
@@ -326,40 +210,37 @@ int main(void) {
   url = getenv("DATABASE_URL");
   if (url == NULL || url[0] == '\0') die("DATABASE_URL", "not set");
   if (getenv("BENCH_COMMANDS")) n_commands = atoi(getenv("BENCH_COMMANDS"));
-  int rounds = getenv("BENCH_COPY_ROUNDS") ? atoi(getenv("BENCH_COPY_ROUNDS")) : 3;
-  if (n_commands < 1 || rounds < 1) die("BENCH_COMMANDS, BENCH_COPY_ROUNDS", "must be positive");
+  int rounds = getenv("BENCH_SEND_BATCH_ROUNDS") ? atoi(getenv("BENCH_SEND_BATCH_ROUNDS")) : 3;
+  if (n_commands < 1 || rounds < 1) die("BENCH_COMMANDS, BENCH_SEND_BATCH_ROUNDS", "must be positive");
 
-  cb_runtime_options o = {.conninfo = url, .pool_size = 1, .application_name = APP_STATEMENT};
+  cb_runtime_options o = {.conninfo = url, .pool_size = 1, .application_name = APP};
   cb_runtime *rt;
   cb_err err;
   if (cb_runtime_new(&o, &rt, &err) != CB_OK) die("connect", err.message);
   if (cb_schema_setup(rt, NULL, &err) != CB_OK) die("setup", err.message);
-  PGconn *own = connect_as("copy_gate_driver");
-  PGconn *pg = connect_as("copy_gate_copy");
-  int pid = PQbackendPID(pg);
+  PGconn *own = connect_as("bench_send_batch_driver");
 
   figure best_statement = {0}, best_copy = {0};
   for (int round = 1; round <= rounds; round++) {
     char domain[64];
-    snprintf(domain, sizeof domain, "copy_gate_s%d", round);
+    snprintf(domain, sizeof domain, "bench_send_batch_s%d", round);
     fresh_domain(rt, own, domain);
-    figure s = statement_run(rt, own, domain);
+    figure s = send_run(rt, own, domain, 0);
     print_figure("statement", round, s);
     drop_domain(own, domain);
-    snprintf(domain, sizeof domain, "copy_gate_c%d", round);
+    snprintf(domain, sizeof domain, "bench_send_batch_c%d", round);
     fresh_domain(rt, own, domain);
-    figure c = copy_run(pg, pid, own, domain);
+    figure c = send_run(rt, own, domain, 1);
     print_figure("copy", round, c);
     drop_domain(own, domain);
     if (s.rate > best_statement.rate) best_statement = s;
     if (c.rate > best_copy.rate) best_copy = c;
   }
   printf(
-      "{\"bench\":\"copy_gate\",\"commands\":%d,\"statement_per_s\":%.0f,\"copy_per_s\":%.0f,\"ratio\":%.2f,"
+      "{\"bench\":\"send_batch\",\"commands\":%d,\"statement_per_s\":%.0f,\"copy_per_s\":%.0f,\"ratio\":%.2f,"
       "\"statement_cpu_us\":%.1f,\"copy_cpu_us\":%.1f,\"statement_wal_b\":%.0f,\"copy_wal_b\":%.0f}\n",
       n_commands, best_statement.rate, best_copy.rate, best_copy.rate / best_statement.rate, best_statement.cpu_us,
       best_copy.cpu_us, best_statement.wal, best_copy.wal);
-  PQfinish(pg);
   PQfinish(own);
   cb_runtime_free(rt);
   return 0;
