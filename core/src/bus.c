@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "queue_layout.h"
 #include "strbuf.h"
 
 #define SEND_CHUNK 1000 /* commands per statement: bounded parameter size */
@@ -404,8 +405,247 @@ void cb_bus_read_send(const cb_unit *u, int first, size_t n, cb_send_result *res
  * caller's mistake, not the database's. */
 static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
   int rc = cb_runtime_exec(rt, u, err);
-  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0)
-    rc = cb_err_set(err, CB_EINVAL, "invalid command data: %s", err->message);
+  if (rc == CB_EDATABASE && strcmp(err->sqlstate, "22P02") == 0) {
+    char why[sizeof err->message]; /* not formatted into itself */
+    memcpy(why, err->message, sizeof why);
+    rc = cb_err_set(err, CB_EINVAL, "invalid command data: %s", why);
+  }
+  return rc;
+}
+
+/* ---- large sends by COPY ------------------------------------------------------
+ *
+ * A send_batch of many fresh commands (ids made by the call, no dedup key,
+ * no delay) writes its rows with COPY rather than with send_fresh_sql's
+ * statement: the same rows, for about three quarters of the server's CPU
+ * (bench/copy_gate.c): COPY puts a page of rows in at a time, where an
+ * INSERT puts one row at a time, and the message and SENT details are
+ * JSON text made here rather than built by jsonb_build_object. The message
+ * ids and audit ids are drawn first, in a round trip of their own (a column
+ * default calling nextval is volatile, which would make COPY insert row by
+ * row); an id drawn by a send that then fails is skipped, as an insert
+ * rolled back skips it. The vt is the text 'now', the transaction's start:
+ * COPY takes no expression, hence no delay. */
+#define COPY_MIN 2000 /* fewer commands go by statement: the draw's round trip costs more than COPY saves */
+
+/* Whether a command's data text is one JSON value at most, as far as its
+ * commas and brackets go (strings skipped): the server checks the rest
+ * when it reads the message. Data such as `1,"reply_to":"x"` would
+ * otherwise add keys to the message text that the command row lacks; such
+ * a send goes by statement, which reads the data from the same parsed
+ * element as the rest of the command. */
+static int one_json_value(const char *s) {
+  int depth = 0, in_string = 0;
+  for (; *s; s++) {
+    if (in_string) {
+      if (*s == '\\' && s[1]) s++;
+      else if (*s == '"') in_string = 0;
+    } else if (*s == '"') {
+      in_string = 1;
+    } else if (*s == '{' || *s == '[') {
+      depth++;
+    } else if (*s == '}' || *s == ']') {
+      if (--depth < 0) return 0;
+    } else if (depth == 0 && (*s == ',' || *s == ':')) {
+      return 0;
+    }
+  }
+  return depth == 0 && !in_string;
+}
+
+static int copy_eligible(const cb_command_spec *specs, size_t n, double delay) {
+  if (n < COPY_MIN || delay != 0) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (specs[i].command_id || specs[i].dedup_key || (specs[i].data_json && !one_json_value(specs[i].data_json)))
+      return 0;
+  return 1;
+}
+
+/* Appends s in COPY's text format: backslash, tab, newline and carriage
+ * return escaped. */
+static void put_copy_text(cb_strbuf *b, const char *s) {
+  const char *run = s;
+  for (; *s; s++) {
+    const char *escape = *s == '\\' ? "\\\\" : *s == '\t' ? "\\t" : *s == '\n' ? "\\n" : *s == '\r' ? "\\r" : NULL;
+    if (escape == NULL) continue;
+    cb_strbuf_printf(b, "%.*s", (int)(s - run), run);
+    cb_strbuf_puts(b, escape);
+    run = s + 1;
+  }
+  cb_strbuf_puts(b, run);
+}
+
+/* The rows of one command, appended to the three COPY texts. */
+static void copy_rows(cb_strbuf *commands, cb_strbuf *messages, cb_strbuf *audit, cb_strbuf *json, const char *domain,
+                      const char *queue, const cb_command_spec *s, const char *id, const char *corr, const char *batch,
+                      const char *msg_id, const char *audit_id) {
+  const char *reply = s->reply_to && s->reply_to[0] ? s->reply_to : NULL;
+  /* command: domain, queue_name, msg_id, command_id, command_type, status,
+   * attempts, max_attempts, reply_queue, correlation_id, batch_id (names
+   * and ids need no escaping: checked) */
+  cb_strbuf_puts(commands, domain);
+  cb_strbuf_putc(commands, '\t');
+  cb_strbuf_puts(commands, queue);
+  cb_strbuf_putc(commands, '\t');
+  cb_strbuf_puts(commands, msg_id);
+  cb_strbuf_putc(commands, '\t');
+  cb_strbuf_puts(commands, id);
+  cb_strbuf_putc(commands, '\t');
+  put_copy_text(commands, s->command_type);
+  cb_strbuf_puts(commands, "\tPENDING\t0\t");
+  put_int(commands, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
+  cb_strbuf_putc(commands, '\t');
+  cb_strbuf_puts(commands, reply ? reply : "");
+  cb_strbuf_putc(commands, '\t');
+  cb_strbuf_puts(commands, corr);
+  cb_strbuf_putc(commands, '\t');
+  cb_strbuf_puts(commands, batch[0] ? batch : "\\N");
+  cb_strbuf_putc(commands, '\n');
+
+  /* message: msg_id, vt, message (the keys of send_fresh_sql's) */
+  cb_strbuf_reset(json);
+  cb_strbuf_puts(json, "{\"domain\":\"");
+  cb_strbuf_puts(json, domain);
+  cb_strbuf_puts(json, "\",\"command_type\":");
+  cb_strbuf_json_string(json, s->command_type);
+  cb_strbuf_puts(json, ",\"command_id\":\"");
+  cb_strbuf_puts(json, id);
+  cb_strbuf_puts(json, "\",\"correlation_id\":\"");
+  cb_strbuf_puts(json, corr);
+  cb_strbuf_puts(json, "\",\"data\":");
+  cb_strbuf_puts(json, s->data_json ? s->data_json : "{}");
+  if (reply) {
+    cb_strbuf_puts(json, ",\"reply_to\":\"");
+    cb_strbuf_puts(json, reply);
+    cb_strbuf_putc(json, '"');
+  }
+  if (s->priority) {
+    cb_strbuf_puts(json, ",\"priority\":");
+    put_int(json, s->priority);
+  }
+  cb_strbuf_putc(json, '}');
+  cb_strbuf_puts(messages, msg_id);
+  cb_strbuf_puts(messages, "\tnow\t");
+  put_copy_text(messages, json->data);
+  cb_strbuf_putc(messages, '\n');
+
+  /* audit: audit_id, domain, command_id, event_type, details_json */
+  cb_strbuf_reset(json);
+  cb_strbuf_puts(json, "{\"command_type\":");
+  cb_strbuf_json_string(json, s->command_type);
+  cb_strbuf_puts(json, ",\"correlation_id\":\"");
+  cb_strbuf_puts(json, corr);
+  cb_strbuf_puts(json, "\",\"reply_to\":");
+  if (reply) {
+    cb_strbuf_putc(json, '"');
+    cb_strbuf_puts(json, reply);
+    cb_strbuf_putc(json, '"');
+  } else {
+    cb_strbuf_puts(json, "null");
+  }
+  cb_strbuf_puts(json, ",\"msg_id\":");
+  cb_strbuf_puts(json, msg_id);
+  cb_strbuf_puts(json, ",\"batch_id\":");
+  if (batch[0]) {
+    cb_strbuf_putc(json, '"');
+    cb_strbuf_puts(json, batch);
+    cb_strbuf_putc(json, '"');
+  } else {
+    cb_strbuf_puts(json, "null");
+  }
+  cb_strbuf_putc(json, '}');
+  cb_strbuf_puts(audit, audit_id);
+  cb_strbuf_putc(audit, '\t');
+  cb_strbuf_puts(audit, domain);
+  cb_strbuf_putc(audit, '\t');
+  cb_strbuf_puts(audit, id);
+  cb_strbuf_puts(audit, "\tSENT\t");
+  put_copy_text(audit, json->data);
+  cb_strbuf_putc(audit, '\n');
+}
+
+/* Draws n message ids and n audit ids; *drawn holds them (columns 0 and 1),
+ * for the caller to free. */
+static int draw_ids(cb_runtime *rt, const char *queue, size_t n, cb_unit **drawn, cb_err *err) {
+  char sql[512], count[24];
+  snprintf(sql, sizeof sql,
+           "WITH a AS MATERIALIZED (SELECT pg_get_serial_sequence('commandbus.audit', 'audit_id')::regclass AS seq)"
+           " SELECT nextval('pgmq.q_%s_msg_id_seq'), nextval(a.seq) FROM a, generate_series(1, $1::int)",
+           queue);
+  snprintf(count, sizeof count, "%zu", n);
+  const char *params[] = {count};
+  cb_unit *u = cb_unit_new();
+  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_unit_add(u, sql, 1, params);
+  int rc = cb_runtime_exec(rt, u, err);
+  if (rc == CB_OK && cb_result_rows(cb_unit_result(u, 0)) != (int)n)
+    rc = cb_err_set(err, CB_EINTERNAL, "drew %d ids for %zu commands", cb_result_rows(cb_unit_result(u, 0)), n);
+  if (rc != CB_OK) {
+    cb_unit_free(u);
+    return rc;
+  }
+  *drawn = u;
+  return CB_OK;
+}
+
+/* cb_bus_send for copy_eligible commands: checks them all, makes the
+ * queues, draws the ids, then one transaction of three COPYs and the
+ * queue's notify. */
+static int send_by_copy(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n,
+                        cb_send_result *results, cb_err *err) {
+  int rc = cb_domain_valid(domain, err);
+  if (rc != CB_OK) return rc;
+  char queue[CB_QUEUE_NAME_MAX + 1], batch[CB_UUID_LEN + 1];
+  cb_command_queue_name(domain, queue);
+  char(*corrs)[CB_UUID_LEN + 1] = malloc(n * sizeof *corrs);
+  if (corrs == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  for (size_t i = 0; i < n && rc == CB_OK; i++) { /* bad input writes nothing */
+    rc = check_spec(&specs[i], i, results[i].command_id, corrs[i], batch, err);
+    results[i].msg_id = 0;
+    results[i].duplicate = 0;
+    results[i].duplicate_of[0] = '\0';
+  }
+  if (rc == CB_OK) rc = cb_bus_ensure_command_queue(rt, domain, 0, err);
+  for (size_t i = 0; i < n && rc == CB_OK; i++)
+    if (specs[i].reply_to && specs[i].reply_to[0]) rc = cb_bus_ensure_queue(rt, specs[i].reply_to, err);
+  cb_unit *drawn = NULL;
+  if (rc == CB_OK) rc = draw_ids(rt, queue, n, &drawn, err);
+  cb_strbuf commands = {0}, messages = {0}, audit = {0}, json = {0}, sql = {0};
+  for (size_t i = 0; i < n && rc == CB_OK; i++) {
+    const cb_result *ids = cb_unit_result(drawn, 0);
+    batch[0] = '\0';
+    if (specs[i].batch_id) cb_uuid_parse(specs[i].batch_id, batch); /* checked above */
+    copy_rows(&commands, &messages, &audit, &json, domain, queue, &specs[i], results[i].command_id, corrs[i], batch,
+              cb_result_value(ids, (int)i, 0), cb_result_value(ids, (int)i, 1));
+    results[i].msg_id = cb_result_int(ids, (int)i, 0);
+  }
+  char channel[CB_QUEUE_CHANNEL_MAX];
+  cb_queue_channel(queue, channel);
+  cb_strbuf_printf(&sql,
+                   "COPY commandbus.command (domain, queue_name, msg_id, command_id, command_type, status, attempts,"
+                   " max_attempts, reply_queue, correlation_id, batch_id) FROM STDIN;"
+                   " COPY pgmq.q_%s (msg_id, vt, message) FROM STDIN;"
+                   " COPY commandbus.audit (audit_id, domain, command_id, event_type, details_json) FROM STDIN;"
+                   " SELECT pg_notify('%s', '')",
+                   queue, channel);
+  if (rc == CB_OK && (commands.failed || messages.failed || audit.failed || json.failed || sql.failed))
+    rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  cb_unit *u = rc == CB_OK ? cb_unit_new() : NULL;
+  if (rc == CB_OK && u == NULL) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (rc == CB_OK) {
+    const char *data[] = {commands.data, messages.data, audit.data};
+    if (cb_unit_add_flags(u, sql.data, 3, data, CB_STMT_COPY) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
+  /* The texts are in the unit now: freed before the long wait. */
+  cb_strbuf_free(&commands);
+  cb_strbuf_free(&messages);
+  cb_strbuf_free(&audit);
+  cb_strbuf_free(&json);
+  cb_strbuf_free(&sql);
+  if (rc == CB_OK) rc = exec_send(rt, u, err);
+  cb_unit_free(u);
+  cb_unit_free(drawn);
+  free(corrs);
   return rc;
 }
 
@@ -737,6 +977,7 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
 int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, double delay,
                 cb_send_result *results, cb_err *err) {
   if (n == 0) return cb_domain_valid(domain, err);
+  if (copy_eligible(specs, n, delay)) return send_by_copy(rt, domain, specs, n, results, err);
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   cb_strbuf element = {0};

@@ -50,6 +50,8 @@ typedef struct cb_conn {
   pipe_slot *slots;     /* [loop] ring of what the server will answer */
   size_t slot_head, slot_count, slot_cap;
   int units_in_flight;     /* [loop] */
+  cb_unit *copying;        /* [loop] the CB_STMT_COPY unit running here (out of pipeline mode), or NULL */
+  int copy_next;           /* [loop] its parameter the next COPY reads */
   int want_write;          /* [loop] PQflush left data to send */
   int goodbye;             /* [loop] the server said FATAL while nothing was in flight */
   stmt_cache_entry *cache; /* [loop] prepared statements of this session */

@@ -113,6 +113,12 @@ static void pop_slot(cb_conn *conn) {
 static void fail_in_flight(cb_conn *conn, int code, const char *why) {
   cb_err err;
   cb_err_set(&err, code, "%s", why);
+  if (conn->copying) {
+    cb_unit *u = conn->copying;
+    conn->copying = NULL;
+    conn->units_in_flight--;
+    cb__unit_complete(u, code, &err);
+  }
   while (conn->slot_count) {
     pipe_slot s = *head_slot(conn);
     pop_slot(conn);
@@ -529,6 +535,12 @@ static void fill_values(const cb_unit *u, const unit_stmt *s, const char **value
   }
 }
 
+static int is_copy_unit(const cb_unit *u) {
+  for (int i = 0; i < u->nstmts; i++)
+    if (u->stmts[i].flags & CB_STMT_COPY) return 1;
+  return 0;
+}
+
 /* Writes one unit into the pipeline: first, in a segment of their own, the
  * Prepares this session lacks (so that an error inside the unit, which makes
  * PostgreSQL skip the rest of its segment, can never skip a Prepare the cache
@@ -539,6 +551,12 @@ static void fill_values(const cb_unit *u, const unit_stmt *s, const char **value
 static int send_unit(cb_conn *conn, cb_unit *u) {
   PGconn *pg = conn->pg;
   if (u->broken) { /* it lost a statement while it was filled: none runs, its Sync completes it in turn */
+    conn->units_in_flight++;
+    int ok = PQpipelineSync(pg);
+    return push_slot(conn, SLOT_SYNC, u, -1) == 0 && ok ? 0 : -1;
+  }
+  if (is_copy_unit(u)) { /* one sharing a group with others: it cannot leave the pipeline */
+    u->status = cb_err_set(&u->err, CB_EINVAL, "a COPY statement must be the only one of its unit");
     conn->units_in_flight++;
     int ok = PQpipelineSync(pg);
     return push_slot(conn, SLOT_SYNC, u, -1) == 0 && ok ? 0 : -1;
@@ -580,6 +598,19 @@ static int send_unit(cb_conn *conn, cb_unit *u) {
   return ok ? 0 : -1;
 }
 
+/* Starts a CB_STMT_COPY unit on a connection with nothing in flight: out of
+ * pipeline mode, its query goes as one simple query (one transaction); the
+ * data follow as the server asks for them (read_copy_results). Returns 0,
+ * or -1 when libpq refused (the connection is then broken). */
+static int send_copy_unit(cb_conn *conn, cb_unit *u) {
+  conn->units_in_flight++;
+  conn->copying = u;
+  conn->copy_next = 0;
+  __atomic_fetch_add(&conn->rt->units_sent, 1, __ATOMIC_RELAXED);
+  if (u->broken) return -1; /* unreachable: dispatch completes a broken one */
+  return PQexitPipelineMode(conn->pg) == 1 && PQsendQuery(conn->pg, u->arena + u->stmts[0].sql) ? 0 : -1;
+}
+
 static void flush(cb_conn *conn) {
   int r = PQflush(conn->pg);
   if (r < 0) {
@@ -614,7 +645,7 @@ static cb_conn *least_loaded(cb_runtime *rt, int *connecting) {
   for (int i = 0; i < rt->nconns; i++) {
     cb_conn *c = &rt->conns[i];
     if (c->state == CONN_CONNECTING) *connecting = 1;
-    if (c->state != CONN_READY) continue;
+    if (c->state != CONN_READY || c->copying) continue; /* a COPY holds its connection out of the pipeline */
     if (best == NULL || c->units_in_flight < best->units_in_flight) best = c;
   }
   return best;
@@ -651,6 +682,21 @@ static int reconnect_now(cb_runtime *rt, cb_unit *u) {
   return 0;
 }
 
+/* A ready pool connection with nothing in flight, for a COPY unit; NULL when
+ * none is idle now (*busy: one is ready, and will be once its answers are
+ * in; *connecting: one is being made). */
+static cb_conn *idle_conn(cb_runtime *rt, int *busy, int *connecting) {
+  *busy = *connecting = 0;
+  for (int i = 0; i < rt->nconns; i++) {
+    cb_conn *c = &rt->conns[i];
+    if (c->state == CONN_CONNECTING) *connecting = 1;
+    if (c->state != CONN_READY) continue;
+    if (c->units_in_flight == 0) return c;
+    *busy = 1;
+  }
+  return NULL;
+}
+
 void cb__dispatch(cb_runtime *rt) {
   while (rt->pending_head) {
     cb_unit *first = rt->pending_head;
@@ -658,7 +704,29 @@ void cb__dispatch(cb_runtime *rt) {
     while (!last->group_end && last->next) last = last->next;
     int connecting;
     cb_conn *conn;
-    if (first->to_listener) {
+    if (is_copy_unit(first) && (first != last || first->nstmts != 1 || first->to_listener || first->broken)) {
+      rt->pending_head = last->next; /* a COPY runs alone, in a unit of its own, on a pool connection */
+      if (rt->pending_head == NULL) rt->pending_tail = NULL;
+      last->next = NULL;
+      cb_err err;
+      cb_err_set(&err, CB_EINVAL, "a COPY statement must be the only one of its unit");
+      while (first) {
+        cb_unit *next = first->next;
+        cb__unit_complete(first, first->broken ? first->broken : CB_EINVAL, first->broken ? &first->err : &err);
+        first = next;
+      }
+      continue;
+    }
+    if (is_copy_unit(first)) {
+      int busy;
+      conn = idle_conn(rt, &busy, &connecting);
+      if (conn && !still_alive(conn)) continue;
+      /* Waits for the connections' answers (on_poll dispatches again when
+       * one has none left owed); the units behind it wait too, so that it
+       * is not passed over forever. */
+      if (conn == NULL && (busy || connecting)) return;
+      if (conn == NULL && reconnect_now(rt, first)) return;
+    } else if (first->to_listener) {
       conn = rt->listener.state == CONN_READY ? &rt->listener : NULL;
       connecting = rt->listener.state == CONN_CONNECTING || rt->listener.state == CONN_IDLE;
     } else {
@@ -681,6 +749,11 @@ void cb__dispatch(cb_runtime *rt) {
         cb__unit_complete(first, CB_ECONNECTION, &err);
         first = next;
       }
+      continue;
+    }
+    if (is_copy_unit(first)) {
+      if (send_copy_unit(conn, first) < 0) conn_broken(conn, PQerrorMessage(conn->pg));
+      else flush(conn);
       continue;
     }
     send_units(conn, first);
@@ -709,8 +782,53 @@ static void record_error(cb_unit *u, const PGresult *r) {
            detail ? ": " : "", detail ? detail : "");
 }
 
+/* The answers to a COPY unit: each COPY ... FROM STDIN gets the unit's next
+ * parameter as its data (none left: the COPY is ended with an error), the
+ * first error is kept, and when the query is done the connection goes back
+ * to pipeline mode and the unit completes. */
+static void read_copy_results(cb_conn *conn) {
+  PGconn *pg = conn->pg;
+  cb_unit *u = conn->copying;
+  while (!PQisBusy(pg)) {
+    PGresult *r = PQgetResult(pg);
+    if (r == NULL) {
+      conn->copying = NULL;
+      conn->units_in_flight--;
+      int back = PQenterPipelineMode(pg) == 1;
+      cb__unit_complete(u, CB_OK, NULL);
+      if (!back) conn_broken(conn, PQerrorMessage(pg));
+      return;
+    }
+    ExecStatusType st = PQresultStatus(r);
+    if (st == PGRES_FATAL_ERROR) record_error(u, r);
+    PQclear(r);
+    if (st != PGRES_COPY_IN) continue;
+    const unit_stmt *s = &u->stmts[0];
+    int ok;
+    if (conn->copy_next < s->nparams) {
+      size_t off = u->param_offsets[s->params + (size_t)conn->copy_next++];
+      const char *data = off == PARAM_NULL ? "" : u->arena + off;
+      /* Nonblocking libpq queues it all, growing its buffer; flush sends it
+       * as the socket takes it. */
+      ok = PQputCopyData(pg, data, (int)strlen(data)) == 1 && PQputCopyEnd(pg, NULL) == 1;
+    } else {
+      ok = PQputCopyEnd(pg, "no data was given for this COPY") == 1;
+    }
+    if (!ok) {
+      conn_broken(conn, PQerrorMessage(pg));
+      return;
+    }
+    flush(conn);
+    if (conn->pg == NULL) return;
+  }
+}
+
 static void read_results(cb_conn *conn) {
   PGconn *pg = conn->pg;
+  if (conn->copying) {
+    read_copy_results(conn);
+    return;
+  }
   while (conn->slot_count && !PQisBusy(pg)) {
     PGresult *r = PQgetResult(pg);
     pipe_slot *s = head_slot(conn);
@@ -782,6 +900,10 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
       conn_broken(conn, PQerrorMessage(conn->pg));
       return;
     }
+    /* A COPY unit waits at the head of the queue for a connection with
+     * nothing in flight: this one may just have become one. */
+    if (conn->units_in_flight == 0 && conn->index >= 0 && conn->rt->pending_head) cb__dispatch(conn->rt);
+    if (conn->pg == NULL) return;
   }
   if (conn->want_write || (events & UV_WRITABLE)) flush(conn);
 }
