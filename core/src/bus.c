@@ -432,11 +432,10 @@ static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
  * outcome is unknown (the connection broke) every sender gets that error,
  * as a send alone would. */
 
-#define GROUP_MAX 128   /* sends per shared transaction, at most */
-#define SHARE_MAX 16    /* commands of a send that joins a group, at most */
-#define STALL_MS 50     /* a group out this long lets the next leave beside it */
-#define GATHER_US 300   /* the next group waits this long, at most, for the callers just answered */
-#define GATHER_PAUSE 16 /* groups that leave without gathering after two gatherings ran out of time */
+#define GROUP_MAX 128 /* sends per shared transaction, at most */
+#define SHARE_MAX 16  /* commands of a send that joins a group, at most */
+#define STALL_MS 50   /* a group out this long lets the next leave beside it */
+#define GATHER_US 300 /* the next group waits this long, at most, for the callers just answered */
 
 typedef struct send_call {
   struct cb_send_groups *g;
@@ -473,8 +472,6 @@ struct cb_send_groups {
   int gathering;                /* a group came back: the next waits for its callers (group_finished) */
   int returning;                /* calls answered by the last group to come back, not yet here again */
   struct timespec gather_until; /* gathering with nobody waiting: ends then, whoever is back */
-  int gather_misses;            /* gatherings in a row that ran out of time */
-  int gather_off;               /* groups to leave without gathering (GATHER_PAUSE) */
   send_call *head, *tail;       /* waiting for the next group */
 };
 
@@ -563,9 +560,7 @@ static int is_past(const struct timespec *t) {
  * handlers): the last of them to come back takes it out (exec_send_shared),
  * or, when some does not come back within GATHER_US, the first caller in line,
  * woken here for it. When every one of them is back already, the loop thread
- * takes it out at once. Callers that send now and then would make every
- * group wait GATHER_US: after two gatherings in a row ran out of time, the
- * next GATHER_PAUSE groups leave without one. Groups of 8 callers grow so from 5.5-6 calls to
+ * takes it out at once. Groups of 8 callers grow so from 5.5-6 calls to
  * nearly 8 (each commit costs the server more than a small send's rows).
  * Before, the first in line took the group out as soon as it woke, and
  * whoever was not back by then waited for the next group. */
@@ -574,17 +569,14 @@ static void group_finished(cb_send_groups *g) {
   g->out--;
   send_call *calls = NULL;
   int count = 0;
-  int pause = g->gather_off > 0; /* callers that send now and then: do not wait for them */
-  if (pause) g->gather_off--;
   if (g->head && g->returning == 0 && cb_runtime_on_loop(g->rt)) {
     calls = take_waiting(g, &count, 1);
   } else if (g->head == NULL) {
-    g->gathering = !pause && g->returning > 0; /* the first one back waits for the others */
+    g->gathering = g->returning > 0; /* the first one back waits for the others */
     g->gather_until = after_us(GATHER_US);
   } else {
     send_call *first = g->head; /* waits until taken out, which takes g->lock */
     g->gathering = 1;
-    if (pause) g->returning = 0; /* it leaves as soon as it wakes */
     pthread_mutex_lock(&first->wait);
     first->lead = 1;
     pthread_cond_signal(&first->cond);
@@ -761,7 +753,6 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
   int leading = g->gathering && g->head == &c;
   if (g->gathering && g->returning == 0) { /* the last one back: the next group leaves now */
     g->gathering = 0;
-    g->gather_misses = 0;
     leading = 0;
     calls = take_waiting(g, &count, 1);
   } else {
@@ -796,10 +787,6 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
       wait_us = GATHER_US; /* callers just answered are still on their way back */
     } else if (leading && g->gathering) {
       g->gathering = 0;
-      if (g->returning > 0 && ++g->gather_misses >= 2) { /* a caller answered did not send again, twice */
-        g->gather_misses = 0;
-        g->gather_off = GATHER_PAUSE;
-      }
       calls = take_waiting(g, &count, 1);
     } else if (g->head == &c) {
       calls = take_waiting(g, &count, 1); /* beside a stalled group, if one is still out */
