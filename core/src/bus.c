@@ -691,10 +691,17 @@ typedef struct send_call {
   int row;             /* merged: its row in that statement's result; -1: its own statements */
   int rc;
   cb_err err;
-  int done;            /* [g->lock] */
-  int lead;            /* [g->lock] woken to take the next group out */
-  pthread_cond_t cond; /* its caller waits on it for done: an answer wakes that caller only */
-  struct send_call *next;
+  /* Its caller waits on a lock and condition of its own rather than the
+   * groups' lock: an answer or a lead then wakes that caller only, and the
+   * woken caller does not queue behind the loop thread, which holds the
+   * groups' lock no longer than its own changes take (with the one lock,
+   * callers woken while the loop thread was still answering the rest of
+   * their group slept again on it). Lock order: g->lock, then wait. */
+  pthread_mutex_t wait;
+  pthread_cond_t cond;
+  int done;               /* [wait] */
+  int lead;               /* [wait] woken to take the next group out */
+  struct send_call *next; /* [g->lock] */
 } send_call;
 
 struct cb_send_groups {
@@ -741,13 +748,13 @@ static int send_outcome(const cb_unit *u, cb_err *err) {
   return rc;
 }
 
-static void answer(cb_send_groups *g, send_call *c, int rc, const cb_err *err) {
+static void answer(send_call *c, int rc, const cb_err *err) {
   c->rc = rc;
   if (rc != CB_OK && err) c->err = *err;
-  pthread_mutex_lock(&g->lock);
+  pthread_mutex_lock(&c->wait);
   c->done = 1;
   pthread_cond_signal(&c->cond); /* under the lock: once it is released, c may be gone */
-  pthread_mutex_unlock(&g->lock);
+  pthread_mutex_unlock(&c->wait);
 }
 
 static void start_group(cb_send_groups *g, send_call *calls, int count);
@@ -778,9 +785,12 @@ static void group_finished(cb_send_groups *g) {
   pthread_mutex_lock(&g->lock);
   g->out--;
   if (g->head) {
+    send_call *first = g->head; /* waits until taken out, which takes g->lock */
     g->leading = 1;
-    g->head->lead = 1;
-    pthread_cond_signal(&g->head->cond);
+    pthread_mutex_lock(&first->wait);
+    first->lead = 1;
+    pthread_cond_signal(&first->cond);
+    pthread_mutex_unlock(&first->wait);
   }
   pthread_mutex_unlock(&g->lock);
 }
@@ -790,7 +800,7 @@ static void alone_done(cb_unit *u, void *arg) {
   cb_err err;
   int rc = send_outcome(u, &err);
   if (rc == CB_OK) cb_bus_read_send(u, 0, c->n, c->results);
-  answer(c->g, c, rc, &err);
+  answer(c, rc, &err);
 }
 
 static void group_done(cb_unit *u, void *arg) {
@@ -806,13 +816,13 @@ static void group_done(cb_unit *u, void *arg) {
       if (cb_runtime_submit(g->rt, &c->unit, 1) != CB_OK) {
         cb_err closed;
         cb_err_set(&closed, CB_ECLOSED, "the runtime is closed");
-        answer(g, c, CB_ECLOSED, &closed);
+        answer(c, CB_ECLOSED, &closed);
       }
       continue;
     }
     if (rc == CB_OK && c->row >= 0) read_send_row(cb_unit_result(u, c->first), c->row, &c->results[0]);
     else if (rc == CB_OK) cb_bus_read_send(u, c->first, c->n, c->results);
-    answer(g, c, rc, &err);
+    answer(c, rc, &err);
   }
   if (grp->count > 1) cb_unit_free(u); /* a group of one ran the caller's own unit */
   free(grp);
@@ -901,7 +911,7 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
                                   : "the runtime is closed");
   for (send_call *c = calls, *next; c; c = next) {
     next = c->next;
-    answer(g, c, rc, &err);
+    answer(c, rc, &err);
   }
   group_finished(g);
 }
@@ -931,6 +941,7 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
   pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
   pthread_cond_init(&c.cond, &monotonic);
   pthread_condattr_destroy(&monotonic);
+  pthread_mutex_init(&c.wait, NULL);
   pthread_mutex_lock(&g->lock);
   if (g->tail) g->tail->next = &c;
   else g->head = &c;
@@ -939,35 +950,39 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
   send_call *calls = take_waiting(g, &count, 0);
   pthread_mutex_unlock(&g->lock);
   if (calls) start_group(g, calls, count);
-  pthread_mutex_lock(&g->lock);
-  while (!c.done) {
-    int leave;
-    if (c.lead) { /* woken by group_finished: this call and those behind it leave */
-      c.lead = g->leading = 0;
-      leave = 1;
-    } else if (g->head != &c) {
-      pthread_cond_wait(&c.cond, &g->lock);
-      leave = 0;
-    } else {
-      /* First in line: the group on its way left before this call came,
-       * so when the wait runs out it has been out for STALL_MS (waiting
-       * for a lock, say on an id another transaction is inserting, or a
-       * slow server): then the next group leaves on another connection
-       * rather than wait behind it. */
-      struct timespec until;
+  struct timespec until;
+  pthread_mutex_lock(&c.wait);
+  for (int waited = 0; !c.done;) {
+    if (!waited) { /* a first wait, or one after the call took a group out */
       clock_gettime(CLOCK_MONOTONIC, &until);
       long ns = until.tv_nsec + STALL_MS * 1000000L;
       until.tv_sec += ns / 1000000000L;
       until.tv_nsec = ns % 1000000000L;
-      leave = pthread_cond_timedwait(&c.cond, &g->lock, &until) == ETIMEDOUT && !c.done && !c.lead && g->head == &c;
+      waited = 1;
     }
-    if (!leave) continue;
-    calls = take_waiting(g, &count, 1); /* beside a stalled group, if one is still out */
+    int lead = c.lead;
+    if (!lead && pthread_cond_timedwait(&c.cond, &c.wait, &until) != ETIMEDOUT) continue;
+    if (c.done) break;
+    /* Woken by group_finished to lead (this call and those behind it
+     * leave), or STALL_MS passed. In the latter case, when this call is
+     * first in line, the group on its way left before it came and has
+     * been out for STALL_MS (waiting for a lock, say on an id another
+     * transaction is inserting, or a slow server): then the next group
+     * leaves on another connection rather than wait behind it. */
+    lead = c.lead;
+    c.lead = 0;
+    pthread_mutex_unlock(&c.wait);
+    pthread_mutex_lock(&g->lock);
+    calls = NULL;
+    if (lead) g->leading = 0;
+    if (lead || g->head == &c) calls = take_waiting(g, &count, 1); /* beside a stalled group, if one is still out */
     pthread_mutex_unlock(&g->lock);
     if (calls) start_group(g, calls, count);
-    pthread_mutex_lock(&g->lock);
+    waited = 0;
+    pthread_mutex_lock(&c.wait);
   }
-  pthread_mutex_unlock(&g->lock);
+  pthread_mutex_unlock(&c.wait);
+  pthread_mutex_destroy(&c.wait);
   pthread_cond_destroy(&c.cond);
   cb_unit_on_done(u, NULL, NULL);
   if (c.rc != CB_OK) *err = c.err;
