@@ -673,7 +673,7 @@ static void *requester_main(void *p) {
  * request commands that a worker on a runtime of its own (its own
  * connections, as another process's) completes: each hears of its command
  * through the registration its send's transaction made (the worker finds it
- * there when it receives the command), and the read that returns removes it. */
+ * there when it receives the command), and none is left when they return. */
 static void requests_return_the_outcome_a_worker_elsewhere_gives(void **state) {
   (void)state;
   cb_runtime *rt = test_runtime(2), *elsewhere = test_runtime(2);
@@ -698,11 +698,18 @@ static void requests_return_the_outcome_a_worker_elsewhere_gives(void **state) {
     args[i] = (requester){rt, domain, 0, 0};
     pthread_create(&threads[i], NULL, requester_main, &args[i]);
   }
+  int unregistered = 0;
   for (int i = 0; i < REQUESTERS; i++) {
     pthread_join(threads[i], NULL);
     assert_int_equal(args[i].ok, REQUESTS_EACH);
-    assert_int_equal(args[i].unregistered, REQUESTS_EACH);
+    unregistered += args[i].unregistered;
   }
+  /* Most returning reads remove their registration. Not every one: a
+   * safety poll's unregistering statement may run just before the
+   * completion commits and its read just after (each statement has its own
+   * snapshot); the await then removes it on its way out, which the count of
+   * registrations left below checks. */
+  assert_true(unregistered > 0);
   cb_engine_stop(cb_worker_engine(w));
   cb_engine_wait(cb_worker_engine(w), -1);
   pthread_join(thread, NULL);
