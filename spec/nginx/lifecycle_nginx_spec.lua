@@ -116,7 +116,10 @@ describe("commandbus.ngx's life in nginx", function()
     wait_until("the old workers' sessions ended", function() return connections(app_name) == expected end)
     -- No extra thread: a new nginx worker that has had no request since the
     -- last reload has not started its bus yet, so it may hold fewer.
-    wait_until("no more threads than before", function() return server:threads() <= threads end)
+    wait_until(function()
+      local now, each = server:threads()
+      return ("no more threads than before (%d before, %d now: %s)"):format(threads, now, each)
+    end, function() return server:threads() <= threads end)
     assert.are.same({}, server:errors())
     assert.is_true(server:quit(30))
     wait_until("every session ended", function() return connections(app_name) == 0 end)

@@ -217,16 +217,19 @@ function server_mt:worker_pids()
   return pids
 end
 
---- Threads of the master and its workers together.
+--- Threads of the master and its workers together, and a line naming each
+-- process's count (for a failure message).
 function server_mt:threads()
-  local n = 0
+  local n, each = 0, {}
   local pids = self:worker_pids()
   pids[#pids + 1] = self.master
   for _, pid in ipairs(pids) do
     local out = shell(("ls /proc/%d/task 2>/dev/null | wc -l"):format(pid))
-    n = n + (tonumber(out:match("%d+")) or 0)
+    local count = tonumber(out:match("%d+")) or 0
+    n = n + count
+    each[#each + 1] = ("%d%s: %d"):format(pid, pid == self.master and " (master)" or "", count)
   end
-  return n
+  return n, table.concat(each, ", ")
 end
 
 -- Whether pid runs (a zombie, which nobody may reap in a container, does not).

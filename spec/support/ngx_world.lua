@@ -76,14 +76,15 @@ function ngx_world.connections(application_name)
                              :format(application_name)):match("%d+"))
 end
 
---- Waits until condition() holds; raises naming `what` after timeout seconds.
+--- Waits until condition() holds; raises naming `what` after timeout seconds
+-- (`what` may be a function, called then, to say what was seen).
 function ngx_world.wait_until(what, condition, timeout)
   local deadline = helper.clock() + (timeout or 10)
   while helper.clock() < deadline do
     if condition() then return true end
     nginx.sleep(0.05)
   end
-  error("timed out waiting until " .. what, 2)
+  error("timed out waiting until " .. (type(what) == "function" and what() or what), 2)
 end
 
 return ngx_world
