@@ -263,6 +263,15 @@ static void put_int(cb_strbuf *b, long long v) {
   cb_strbuf_puts(b, p);
 }
 
+/* The command queue and the reply queues a send writes into: they exist
+ * before the transaction that writes into them. */
+static int ensure_send_queues(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, cb_err *err) {
+  int rc = cb_bus_ensure_command_queue(rt, domain, 0, err);
+  for (size_t i = 0; i < n && rc == CB_OK; i++)
+    if (specs[i].reply_to && specs[i].reply_to[0]) rc = cb_bus_ensure_queue(rt, specs[i].reply_to, err);
+  return rc;
+}
+
 /* As cb_bus_add_send; when `element` is given and n is 1, the command's
  * JSON object (an element of send_sql's array) is copied there and *flags
  * tells whether it has a dedup key (SEND_DEDUP) or an id its caller gave
@@ -367,10 +376,7 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
     }
   }
   cb_strbuf_free(&json);
-  /* Queues exist before the transaction that writes into them. */
-  if (rc == CB_OK) rc = cb_bus_ensure_command_queue(rt, domain, 0, err);
-  for (size_t i = 0; i < n && rc == CB_OK; i++)
-    if (specs[i].reply_to && specs[i].reply_to[0]) rc = cb_bus_ensure_queue(rt, specs[i].reply_to, err);
+  if (rc == CB_OK) rc = ensure_send_queues(rt, domain, specs, n, err);
   if (rc == CB_OK && cb_queue_add_notify(u, queue) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
   return rc;
 }
@@ -418,7 +424,7 @@ static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
  * A send_batch of many fresh commands (ids made by the call, no dedup key,
  * no delay) writes its rows with COPY rather than with send_fresh_sql's
  * statement: the same rows, for about three quarters of the server's CPU
- * (bench/copy_gate.c): COPY puts a page of rows in at a time, where an
+ * (bench/send_batch.c): COPY puts a page of rows in at a time, where an
  * INSERT puts one row at a time, and the message and SENT details are
  * JSON text made here rather than built by jsonb_build_object. The message
  * ids and audit ids are drawn first, in a round trip of their own (a column
@@ -605,9 +611,7 @@ static int send_by_copy(cb_runtime *rt, const char *domain, const cb_command_spe
     results[i].duplicate = 0;
     results[i].duplicate_of[0] = '\0';
   }
-  if (rc == CB_OK) rc = cb_bus_ensure_command_queue(rt, domain, 0, err);
-  for (size_t i = 0; i < n && rc == CB_OK; i++)
-    if (specs[i].reply_to && specs[i].reply_to[0]) rc = cb_bus_ensure_queue(rt, specs[i].reply_to, err);
+  if (rc == CB_OK) rc = ensure_send_queues(rt, domain, specs, n, err);
   cb_unit *drawn = NULL;
   if (rc == CB_OK) rc = draw_ids(rt, queue, n, &drawn, err);
   cb_strbuf commands = {0}, messages = {0}, audit = {0}, json = {0}, sql = {0};

@@ -27,9 +27,9 @@
 #include "strbuf.h"
 
 #define FETCH_MAX 100 /* commands received at once, at most */
-/* Receives on their way at once while the queue holds more (engine.h): a
- * burn-down's fetch is its critical path, and two keep both pooled
- * connections (and their backends) reading side by side. */
+/* Receives on their way at once while the queue holds more (max_fetches,
+ * engine_internal.h): a burn-down's fetch is its critical path, and two
+ * keep both pooled connections (and their backends) reading side by side. */
 #define FETCHES_IN_FLIGHT 2
 #define MAX_REPLY_QUEUES 8 /* per acknowledgement statement; more go one by one */
 /* Acknowledgement rounds on their way at once: two keep both pooled
