@@ -97,6 +97,13 @@ describe("commandbus.ngx's life in nginx", function()
     end)
     local expected = workers * (pool_size + 1)
     wait_until("both workers connected", function() return connections(app_name) == expected end)
+    -- The background worker's lane threads start after its connections are
+    -- made: counted once it has handled a command (counted before them,
+    -- nginx worker 0's lanes after the reloads were "extra", under load).
+    local first = assert(bus:send{domain = domain, type = "Echo"})
+    wait_until("the background worker handled a command", function()
+      return assert(bus:get_command(domain, first.command_id)).status == "COMPLETED"
+    end)
     local threads = server:threads()
     out, pidfile = os.tmpname(), os.tmpname()
     os.execute(("wrk -t1 -c8 -d120s 'http://127.0.0.1:%d/send?domain=%s' >%s 2>&1 & echo $! >%s")
