@@ -1,6 +1,8 @@
 /* commandbus: awaiting commands, processes and process events (see awaiter.h). */
 #include "commandbus/awaiter.h"
 
+#include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -216,6 +218,94 @@ static int send_request(cb_runtime *rt, const target *t, const request *req, con
   return rc;
 }
 
+/* The next read of a waiting await, armed on its subscription
+ * (cb_hub_arm): the change that wakes the await hands the read to the loop
+ * thread at once, from the thread that saw it. Woken first and then handing
+ * the read over itself, the waiting thread added two wake-ups to the path of
+ * every answer (itself, then the loop thread). Lives on the waiter's stack
+ * until the read is back or was never handed over. */
+typedef struct armed_read {
+  cb_runtime *rt;
+  cb_unit *unit;
+  pthread_mutex_t lock;
+  pthread_cond_t back;
+  int done;      /* [lock] the read is back, or could not be handed over */
+  int submit_rc; /* set before done: the hand-over's failure */
+} armed_read;
+
+static void armed_read_back(cb_unit *u, void *arg) {
+  (void)u;
+  armed_read *a = arg;
+  pthread_mutex_lock(&a->lock);
+  a->done = 1;
+  pthread_cond_signal(&a->back);
+  pthread_mutex_unlock(&a->lock);
+}
+
+/* On the thread that bumped the key. Once handed over, the read may be back
+ * and its waiter gone before cb_runtime_submit returns: a is not touched
+ * after it. */
+static void armed_read_fire(void *arg) {
+  armed_read *a = arg;
+  cb_unit *u = a->unit;
+  int rc = cb_runtime_submit(a->rt, &u, 1);
+  if (rc != CB_OK) {
+    a->submit_rc = rc;
+    armed_read_back(u, a);
+  }
+}
+
+static void deadline_in(struct timespec *ts, int ms) {
+  clock_gettime(CLOCK_REALTIME, ts);
+  ts->tv_sec += ms / 1000;
+  ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+  if (ts->tv_nsec >= 1000000000L) {
+    ts->tv_sec++;
+    ts->tv_nsec -= 1000000000L;
+  }
+}
+
+/* Waits for the subscription's key to move, as cb_hub_wait does (1: it
+ * moved, 0: wait_ms passed, CB_ECLOSED), with the read u armed on it. When
+ * the change ran the read, *read_rc is its outcome (CB_OK, or the failure,
+ * in err) and *ran is 1; otherwise the caller runs it. */
+static int wait_reading(cb_runtime *rt, cb_hub_sub *sub, cb_unit *u, int wait_ms, int *ran, int *read_rc,
+                        cb_err *err) {
+  *ran = 0;
+  armed_read a = {.rt = rt, .unit = u};
+  pthread_mutex_init(&a.lock, NULL);
+  pthread_cond_init(&a.back, NULL);
+  cb_unit_on_done(u, armed_read_back, &a);
+  int woke = cb_hub_arm(sub, armed_read_fire, &a);
+  if (woke == 0) {
+    struct timespec deadline;
+    deadline_in(&deadline, wait_ms);
+    pthread_mutex_lock(&a.lock);
+    while (!a.done && pthread_cond_timedwait(&a.back, &a.lock, &deadline) != ETIMEDOUT) {}
+    int done = a.done;
+    pthread_mutex_unlock(&a.lock);
+    /* Out of time, unless a change took the read just now: then it is on
+     * its way, and comes back. */
+    if (done || cb_hub_disarm(sub) == 1) {
+      pthread_mutex_lock(&a.lock);
+      while (!a.done) pthread_cond_wait(&a.back, &a.lock);
+      pthread_mutex_unlock(&a.lock);
+      woke = 1;
+      *ran = 1;
+      if (a.submit_rc != CB_OK) {
+        *read_rc = cb_err_set(err, CB_ECLOSED, "the bus was closed");
+      } else {
+        *read_rc = cb_unit_status(u);
+        if (*read_rc != CB_OK && err) *err = *cb_unit_error(u);
+      }
+    }
+  }
+  cb_unit_on_done(u, NULL, NULL);
+  pthread_cond_destroy(&a.back);
+  pthread_mutex_destroy(&a.lock);
+  return woke;
+}
+
 static int await_target(cb_runtime *rt, const target *t, double timeout, int flags, const request *req, cb_unit **rows,
                         cb_err *err) {
   *rows = NULL;
@@ -252,9 +342,16 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
     else add_first_round(u, t, register_params, locked, lock_ms);
   }
   int registered = 0, first_round = !no_listen && !req, done_index = -1, to_send = req != NULL;
+  int read_ran = 0, read_rc = CB_OK;
   for (int attempt = 0;; attempt++) {
     int found;
-    if (to_send) {
+    if (read_ran) { /* the change that woke us ran the read */
+      read_ran = 0;
+      rc = read_rc;
+      if (rc != CB_OK) break;
+      if (done_index >= 0 && cb_result_rows(cb_unit_result(u, done_index)) > 0) registered = 0;
+      found = t->check(u, t, why, sizeof why);
+    } else if (to_send) {
       to_send = 0;
       rc = send_request(rt, t, req, register_params, !no_listen, err);
       if (rc != CB_OK) break; /* rolled back, or a held dedup key: nothing registered */
@@ -316,7 +413,7 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
      * only a safety net. Otherwise re-reads back off from 25 ms to 1 s. */
     int wait = no_listen ? cb_await_backoff_ms(attempt) : cb_await_safety_backoff_ms(attempt);
     if (wait > left * 1000) wait = (int)(left * 1000) + 1;
-    int woke = cb_hub_wait(sub, wait);
+    int woke = wait_reading(rt, sub, u, wait, &read_ran, &read_rc, err);
     if (woke == CB_ECLOSED) {
       rc = cb_err_set(err, CB_ECLOSED, "the bus was closed");
       break;

@@ -20,6 +20,7 @@ typedef struct hub_entry {
   uint64_t version;
   int subscribers;
   int is_record; /* a record-change key (cb_hub_change_key) */
+  struct cb_hub_sub *armed; /* subscriptions armed on this key (cb_hub_arm) */
   pthread_cond_t changed;
   char key[];
 } hub_entry;
@@ -37,6 +38,12 @@ struct cb_hub_sub {
   cb_hub *hub;
   hub_entry *entry;
   uint64_t seen;
+  /* While armed: what the next bump calls, and the entry's chain of armed
+   * subscriptions. Guarded by the hub's lock. */
+  int armed;
+  cb_hub_fire_fn fire;
+  void *fire_arg;
+  struct cb_hub_sub *next_armed;
 };
 
 static uint64_t hash_key(const char *key) {
@@ -135,8 +142,48 @@ cb_hub_sub *cb_hub_subscribe(cb_hub *hub, const char *key) {
   sub->hub = hub;
   sub->entry = e;
   sub->seen = e->version;
+  sub->armed = 0;
+  sub->fire = NULL;
+  sub->fire_arg = NULL;
+  sub->next_armed = NULL;
   pthread_mutex_unlock(&hub->lock);
   return sub;
+}
+
+/* Takes sub out of its entry's chain of armed subscriptions. Under the lock. */
+static void unlink_armed(cb_hub_sub *sub) {
+  cb_hub_sub **pp = &sub->entry->armed;
+  while (*pp != sub) pp = &(*pp)->next_armed;
+  *pp = sub->next_armed;
+  sub->next_armed = NULL;
+  sub->armed = 0;
+}
+
+/* Moves the entry's armed subscriptions, which now see its new version, to
+ * the chain *fired, whose callbacks the bumping thread calls once it has let
+ * go of the lock. Under the lock. */
+static void take_armed(hub_entry *e, cb_hub_sub **fired) {
+  while (e->armed) {
+    cb_hub_sub *sub = e->armed;
+    e->armed = sub->next_armed;
+    sub->armed = 0;
+    sub->seen = e->version;
+    sub->next_armed = *fired;
+    *fired = sub;
+  }
+}
+
+/* Outside the lock. Each subscription is read before its callback runs: the
+ * callback may let its owner go on, and the owner unsubscribe. */
+static void call_fired(cb_hub_sub *fired) {
+  while (fired) {
+    cb_hub_sub *next = fired->next_armed;
+    cb_hub_fire_fn fn = fired->fire;
+    void *arg = fired->fire_arg;
+    fired->next_armed = NULL;
+    fn(arg);
+    fired = next;
+  }
 }
 
 void cb_hub_unsubscribe(cb_hub_sub *sub) {
@@ -144,6 +191,7 @@ void cb_hub_unsubscribe(cb_hub_sub *sub) {
   cb_hub *hub = sub->hub;
   hub_entry *e = sub->entry;
   pthread_mutex_lock(&hub->lock);
+  if (sub->armed) unlink_armed(sub);
   hub->record_waiters -= (size_t)e->is_record;
   if (--e->subscribers == 0) {
     hub_entry **pp = &hub->buckets[e->hash & (hub->nbuckets - 1)];
@@ -196,36 +244,74 @@ int cb_hub_wait(cb_hub_sub *sub, int timeout_ms) {
   return rc;
 }
 
+int cb_hub_arm(cb_hub_sub *sub, cb_hub_fire_fn fn, void *arg) {
+  cb_hub *hub = sub->hub;
+  hub_entry *e = sub->entry;
+  int rc = 0;
+  pthread_mutex_lock(&hub->lock);
+  if (hub->closed) {
+    rc = CB_ECLOSED;
+  } else if (e->version != sub->seen) {
+    sub->seen = e->version;
+    rc = 1;
+  } else if (!sub->armed) {
+    sub->armed = 1;
+    sub->fire = fn;
+    sub->fire_arg = arg;
+    sub->next_armed = e->armed;
+    e->armed = sub;
+  }
+  pthread_mutex_unlock(&hub->lock);
+  return rc;
+}
+
+int cb_hub_disarm(cb_hub_sub *sub) {
+  cb_hub *hub = sub->hub;
+  pthread_mutex_lock(&hub->lock);
+  int was_armed = sub->armed;
+  if (was_armed) unlink_armed(sub);
+  pthread_mutex_unlock(&hub->lock);
+  return was_armed ? 0 : 1;
+}
+
 void cb_hub_notify(cb_hub *hub, const char *key) {
   uint64_t h = hash_key(key);
+  cb_hub_sub *fired = NULL;
   pthread_mutex_lock(&hub->lock);
   hub_entry *e = find(hub, key, h);
   if (e) {
     e->version++;
     pthread_cond_broadcast(&e->changed);
+    take_armed(e, &fired);
   }
   pthread_mutex_unlock(&hub->lock);
+  call_fired(fired);
 }
 
-static void bump_all(cb_hub *hub) {
+static void bump_all(cb_hub *hub, cb_hub_sub **fired) {
   for (size_t i = 0; i < hub->nbuckets; i++)
     for (hub_entry *e = hub->buckets[i]; e; e = e->next) {
       e->version++;
       pthread_cond_broadcast(&e->changed);
+      take_armed(e, fired);
     }
 }
 
 void cb_hub_notify_all(cb_hub *hub) {
+  cb_hub_sub *fired = NULL;
   pthread_mutex_lock(&hub->lock);
-  bump_all(hub);
+  bump_all(hub, &fired);
   pthread_mutex_unlock(&hub->lock);
+  call_fired(fired);
 }
 
 void cb_hub_close(cb_hub *hub) {
+  cb_hub_sub *fired = NULL;
   pthread_mutex_lock(&hub->lock);
   hub->closed = 1;
-  bump_all(hub);
+  bump_all(hub, &fired);
   pthread_mutex_unlock(&hub->lock);
+  call_fired(fired);
 }
 
 size_t cb_hub_size(cb_hub *hub) {

@@ -39,6 +39,27 @@ uint64_t cb_hub_sub_version(const cb_hub_sub *sub);
  * closed. */
 int cb_hub_wait(cb_hub_sub *sub, int timeout_ms);
 
+/* ---- armed subscriptions ------------------------------------------------------ */
+
+/* A waiter that would, once woken, only hand the loop thread a read can
+ * instead arm its subscription with that hand-over: the thread that bumps the
+ * key (the loop thread, for a notification) makes it at once, and the
+ * waiter sleeps until the read is back. Each hop between threads costs a
+ * wake-up, which on a busy machine waits for a CPU. */
+typedef void (*cb_hub_fire_fn)(void *arg);
+/* Arms sub: the next bump of its key calls fn(arg) once, on the bumping
+ * thread, outside the hub's lock, and the subscription counts that change as
+ * seen. Returns 0 when armed; 1 without arming when the key moved since the
+ * subscription last looked (that change is now seen, as by cb_hub_wait);
+ * CB_ECLOSED once the hub is closed. fn must not wait for the armed
+ * subscription's owner, and may call the hub. Arming an armed subscription
+ * leaves it as it is. */
+int cb_hub_arm(cb_hub_sub *sub, cb_hub_fire_fn fn, void *arg);
+/* Disarms sub: 0 when it was still armed (fn will not be called), 1 when a
+ * bump took it first (fn has been or is being called). Unsubscribing disarms
+ * too. */
+int cb_hub_disarm(cb_hub_sub *sub);
+
 /* Bumps key's version and wakes its waiters; a key without subscribers costs
  * one lookup and is not stored. */
 void cb_hub_notify(cb_hub *hub, const char *key);
