@@ -269,8 +269,7 @@ static void deadline_in(struct timespec *ts, int ms) {
  * moved, 0: wait_ms passed, CB_ECLOSED), with the read u armed on it. When
  * the change ran the read, *read_rc is its outcome (CB_OK, or the failure,
  * in err) and *ran is 1; otherwise the caller runs it. */
-static int wait_reading(cb_runtime *rt, cb_hub_sub *sub, cb_unit *u, int wait_ms, int *ran, int *read_rc,
-                        cb_err *err) {
+static int wait_reading(cb_runtime *rt, cb_hub_sub *sub, cb_unit *u, int wait_ms, int *ran, int *read_rc, cb_err *err) {
   *ran = 0;
   armed_read a = {.rt = rt, .unit = u};
   pthread_mutex_init(&a.lock, NULL);
@@ -281,7 +280,8 @@ static int wait_reading(cb_runtime *rt, cb_hub_sub *sub, cb_unit *u, int wait_ms
     struct timespec deadline;
     deadline_in(&deadline, wait_ms);
     pthread_mutex_lock(&a.lock);
-    while (!a.done && pthread_cond_timedwait(&a.back, &a.lock, &deadline) != ETIMEDOUT) {}
+    while (!a.done && pthread_cond_timedwait(&a.back, &a.lock, &deadline) != ETIMEDOUT) {
+    }
     int done = a.done;
     pthread_mutex_unlock(&a.lock);
     /* Out of time, unless a change took the read just now: then it is on

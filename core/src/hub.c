@@ -19,7 +19,7 @@ typedef struct hub_entry {
   uint64_t hash;
   uint64_t version;
   int subscribers;
-  int is_record; /* a record-change key (cb_hub_change_key) */
+  int is_record;            /* a record-change key (cb_hub_change_key) */
   struct cb_hub_sub *armed; /* subscriptions armed on this key (cb_hub_arm) */
   pthread_cond_t changed;
   char key[];

@@ -329,6 +329,153 @@ static void many_threads_subscribing_notifying_and_unsubscribing_stay_consistent
   cb_hub_free(hub);
 }
 
+/* ------------------------------------------------------------ armed subscriptions */
+
+/* A fire callback that counts its calls and the thread it ran on. */
+typedef struct fired_count {
+  atomic_int calls;
+  pthread_t thread;
+} fired_count;
+
+static void count_fire(void *arg) {
+  fired_count *f = arg;
+  f->thread = pthread_self();
+  atomic_fetch_add(&f->calls, 1);
+}
+
+static void *notify_key_a(void *arg) {
+  cb_hub_notify(arg, "a");
+  return NULL;
+}
+
+static void an_armed_subscription_fires_once_on_the_notifying_thread_and_sees_the_change(void **state) {
+  (void)state;
+  cb_hub *hub = hub_new();
+  cb_hub_sub *sub = subscribe(hub, "a");
+  fired_count f;
+  atomic_init(&f.calls, 0);
+  assert_int_equal(cb_hub_arm(sub, count_fire, &f), 0);
+  cb_hub_notify(hub, "b"); /* another key: nothing */
+  assert_int_equal(atomic_load(&f.calls), 0);
+  pthread_t t;
+  assert_int_equal(pthread_create(&t, NULL, notify_key_a, hub), 0);
+  pthread_join(t, NULL);
+  assert_int_equal(atomic_load(&f.calls), 1);
+  assert_true(pthread_equal(f.thread, t));
+  /* The change is seen: a wait now waits for the next one. */
+  assert_int_equal(cb_hub_wait(sub, 0), 0);
+  /* Fired once: the next notify calls nothing, and disarming says it fired. */
+  cb_hub_notify(hub, "a");
+  assert_int_equal(atomic_load(&f.calls), 1);
+  assert_int_equal(cb_hub_disarm(sub), 1);
+  assert_int_equal(cb_hub_wait(sub, 0), 1);
+  cb_hub_unsubscribe(sub);
+  cb_hub_free(hub);
+}
+
+static void arming_after_a_change_returns_one_and_arms_nothing(void **state) {
+  (void)state;
+  cb_hub *hub = hub_new();
+  cb_hub_sub *sub = subscribe(hub, "a");
+  fired_count f;
+  atomic_init(&f.calls, 0);
+  cb_hub_notify(hub, "a");
+  assert_int_equal(cb_hub_arm(sub, count_fire, &f), 1);
+  assert_int_equal(cb_hub_wait(sub, 0), 0); /* that change was taken by the arm */
+  cb_hub_notify(hub, "a");
+  assert_int_equal(atomic_load(&f.calls), 0);
+  cb_hub_unsubscribe(sub);
+  cb_hub_free(hub);
+}
+
+static void a_disarmed_or_unsubscribed_subscription_is_not_fired(void **state) {
+  (void)state;
+  cb_hub *hub = hub_new();
+  cb_hub_sub *one = subscribe(hub, "a"), *two = subscribe(hub, "a"), *three = subscribe(hub, "a");
+  fired_count f;
+  atomic_init(&f.calls, 0);
+  assert_int_equal(cb_hub_arm(one, count_fire, &f), 0);
+  assert_int_equal(cb_hub_arm(two, count_fire, &f), 0);
+  assert_int_equal(cb_hub_arm(three, count_fire, &f), 0);
+  assert_int_equal(cb_hub_disarm(two), 0);
+  cb_hub_unsubscribe(three);
+  cb_hub_notify(hub, "a");
+  assert_int_equal(atomic_load(&f.calls), 1); /* one only */
+  assert_int_equal(cb_hub_disarm(one), 1);
+  assert_int_equal(cb_hub_wait(two, 0), 1); /* a disarmed one still sees the change */
+  cb_hub_unsubscribe(one);
+  cb_hub_unsubscribe(two);
+  assert_int_equal(cb_hub_size(hub), 0);
+  cb_hub_free(hub);
+}
+
+static void notify_all_and_close_fire_armed_subscriptions(void **state) {
+  (void)state;
+  cb_hub *hub = hub_new();
+  cb_hub_sub *a = subscribe(hub, "a"), *b = subscribe(hub, "b");
+  fired_count f;
+  atomic_init(&f.calls, 0);
+  assert_int_equal(cb_hub_arm(a, count_fire, &f), 0);
+  assert_int_equal(cb_hub_arm(b, count_fire, &f), 0);
+  cb_hub_notify_all(hub);
+  assert_int_equal(atomic_load(&f.calls), 2);
+  assert_int_equal(cb_hub_arm(a, count_fire, &f), 0);
+  cb_hub_close(hub);
+  assert_int_equal(atomic_load(&f.calls), 3);
+  assert_int_equal(cb_hub_arm(b, count_fire, &f), CB_ECLOSED);
+  cb_hub_unsubscribe(a);
+  cb_hub_unsubscribe(b);
+  cb_hub_free(hub);
+}
+
+/* A waiter that arms and disarms, again and again, while another thread
+ * notifies: a disarm that says "fired" is always followed by exactly one
+ * call, one that says "not fired" by none (TSan checks the hand-over). */
+enum { ARM_ROUNDS = 20000 };
+
+typedef struct arm_race {
+  cb_hub *hub;
+  atomic_int stop;
+} arm_race;
+
+static void *run_arm_notifier(void *arg) {
+  arm_race *r = arg;
+  while (!atomic_load(&r->stop)) cb_hub_notify(r->hub, "raced");
+  return NULL;
+}
+
+static void arming_and_disarming_race_with_notifies_without_losing_a_fire(void **state) {
+  (void)state;
+  arm_race r;
+  r.hub = hub_new();
+  atomic_init(&r.stop, 0);
+  cb_hub_sub *sub = subscribe(r.hub, "raced");
+  pthread_t t;
+  assert_int_equal(pthread_create(&t, NULL, run_arm_notifier, &r), 0);
+  int missed = 0;
+  for (int i = 0; i < ARM_ROUNDS; i++) {
+    fired_count f;
+    atomic_init(&f.calls, 0);
+    int rc = cb_hub_arm(sub, count_fire, &f);
+    if (rc == 1) continue;
+    assert_int_equal(rc, 0);
+    if (cb_hub_disarm(sub) == 1) {
+      /* Fired: the callback runs now or soon, once. */
+      double until = now_seconds() + 10;
+      while (atomic_load(&f.calls) == 0 && now_seconds() < until) {
+      }
+      if (atomic_load(&f.calls) != 1) missed++;
+    } else if (atomic_load(&f.calls) != 0) {
+      missed++;
+    }
+  }
+  atomic_store(&r.stop, 1);
+  pthread_join(t, NULL);
+  assert_int_equal(missed, 0);
+  cb_hub_unsubscribe(sub);
+  cb_hub_free(r.hub);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(a_notify_after_subscribe_wakes_a_waiting_thread),
@@ -339,6 +486,11 @@ int main(void) {
       cmocka_unit_test(notify_all_bumps_every_key),
       cmocka_unit_test(closing_the_hub_makes_waits_return_closed),
       cmocka_unit_test(many_threads_subscribing_notifying_and_unsubscribing_stay_consistent),
+      cmocka_unit_test(an_armed_subscription_fires_once_on_the_notifying_thread_and_sees_the_change),
+      cmocka_unit_test(arming_after_a_change_returns_one_and_arms_nothing),
+      cmocka_unit_test(a_disarmed_or_unsubscribed_subscription_is_not_fired),
+      cmocka_unit_test(notify_all_and_close_fire_armed_subscriptions),
+      cmocka_unit_test(arming_and_disarming_race_with_notifies_without_losing_a_fire),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
