@@ -1,8 +1,10 @@
 /* commandbus: the change hub (see hub.h).
  *
  * One mutex guards the whole table; waits use one condition variable per
- * entry, so a notify wakes only that key's waiters. Entries are reference
- * counted by their subscriptions and freed with the last one. */
+ * entry, so a notify wakes only that key's waiters, and an entry chains its
+ * armed subscriptions, whose callbacks the bumping thread calls after it
+ * let go of the mutex. Entries are reference counted by their subscriptions
+ * and freed with the last one. */
 #include "commandbus/hub.h"
 
 #include "commandbus/error.h"

@@ -60,8 +60,9 @@ int cb_hub_arm(cb_hub_sub *sub, cb_hub_fire_fn fn, void *arg);
  * too. */
 int cb_hub_disarm(cb_hub_sub *sub);
 
-/* Bumps key's version and wakes its waiters; a key without subscribers costs
- * one lookup and is not stored. */
+/* Bumps key's version, wakes its waiters and fires its armed subscriptions
+ * (once the hub's lock is let go); a key without subscribers costs one
+ * lookup and is not stored. */
 void cb_hub_notify(cb_hub *hub, const char *key);
 
 /* Bumps every key (after a lost notification connection, say: anything may
