@@ -34,7 +34,7 @@
  * little to trim: most of the server's time goes to the rows rcmd's schema
  * asks for (four indexes on the command table, updated twice a command; two
  * audit rows). At 100 a burn-down at concurrency 4 or 8 committed some 2.1
- * times per 100 commands; at 400, 0.7 to 0.8 times, for some 10-25% less
+ * times per 100 commands; at 400, 0.7 to 0.8 times, for some 10-27% less
  * server CPU a command (bench/defer_gate/burn.sh, base and this side by
  * side on the two-core box). The worker's capacity (4 x this, and a quarter
  * of the visibility timeout at the handlers' pace) still bounds what is
