@@ -230,6 +230,7 @@ void cb_worker_free(cb_worker *w) {
   free(w->buffers);
   cb_upkeep_free(w->upkeep);
   cb_strbuf_free(&w->receive_sql);
+  for (int kind = 0; kind < ACK_KINDS; kind++) cb_strbuf_free(&w->ack_sql[kind]);
   free(w);
 }
 

@@ -149,9 +149,15 @@ static cb_unit *build_round(cb_worker *w, round_input *in, ack_round *round) {
   for (int kind = 0; ok && kind < ACK_KINDS; kind++) {
     if (in->input[kind].len == 0) continue;
     cb_strbuf_putc(&in->input[kind], ']');
-    cb__worker_sql_ack(&sql, w->queue, kind, in->reply[kind], in->nreply[kind]);
+    cb_strbuf *text = &sql;
+    if (in->nreply[kind] == 0) {
+      text = &w->ack_sql[kind];
+      if (text->len == 0 || text->failed) cb__worker_sql_ack(text, w->queue, kind, NULL, 0);
+    } else {
+      cb__worker_sql_ack(text, w->queue, kind, in->reply[kind], in->nreply[kind]);
+    }
     const char *params[] = {w->domain, in->input[kind].data};
-    ok = !sql.failed && !in->input[kind].failed && cb_unit_add(u, sql.data, 2, params) >= 0;
+    ok = !text->failed && !in->input[kind].failed && cb_unit_add(u, text->data, 2, params) >= 0;
     for (int i = 0; ok && i < in->nreply[kind]; i++) ok = cb_queue_add_notify(u, in->reply[kind][i]) >= 0;
   }
   cb_strbuf_free(&sql);
