@@ -489,6 +489,32 @@ describe("worker", function()
       assert.equal(1, c.attempts)
     end)
 
+    it("a handler's context kept past its return raises when used, and the command is a plain table", function()
+      local corr = world.uuid()
+      local id = send{type = "Keep", data = {n = 1}, correlation_id = corr}
+      local kept, keys, cmd_seen
+      local worker = assert(bus:worker(world.options(domain, {
+        handlers = {
+          Keep = function(cmd, ctx)
+            kept, cmd_seen, keys = ctx, cmd, {}
+            for k in pairs(cmd) do keys[#keys + 1] = k end
+            table.sort(keys)
+            ctx:stop_worker()
+          end,
+        },
+      })))
+      assert(worker:run())
+      assert.same({"attempt", "correlation_id", "data", "id", "max_attempts", "msg_id", "type"}, keys)
+      assert.same({n = 1}, cmd_seen.data)
+      assert.equal(id, cmd_seen.id)
+      assert.equal(corr, cmd_seen.correlation_id)
+      local ok, err = pcall(kept.extend_visibility, kept, 5)
+      assert.is_false(ok)
+      assert.matches("no longer valid", tostring(err))
+      assert.has_error(function() kept:stop_worker() end)
+      assert.equal("COMPLETED", assert(bus:get_command(domain, id)).status)
+    end)
+
     it("extend_visibility works from module handlers in lane threads", function()
       local id = send{type = "Extend", reply_to = replies}
       work_until_settled({id})

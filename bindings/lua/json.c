@@ -62,7 +62,7 @@ int cbL_json_encode(lua_State *L, int idx) {
 
 int cbL_json_decode(lua_State *L, const char *text) {
   lua_getfield(L, LUA_REGISTRYINDEX, "commandbus.json_decode");
-  lua_pushstring(L, text);
+  lua_pushlstring(L, text, strlen(text)); /* not through the string cache (see worker.c's set_string) */
   if (lua_pcall(L, 1, 1, 0) != 0) return 0;
   return 1;
 }

@@ -58,14 +58,21 @@ static void open_ctx(lua_State *L) {
   lua_pop(L, 1);
 }
 
+/* lua_pushlstring rather than lua_pushstring: the latter first looks the
+ * pointer up in Lua 5.4's string cache, comparing the text with what is
+ * cached there, which a fresh id never is. */
 static void set_string(lua_State *L, const char *k, const char *v) {
   if (v == NULL) return;
-  lua_pushstring(L, v);
+  lua_pushlstring(L, v, strlen(v));
   lua_setfield(L, -2, k);
 }
 
+/* The command table a handler gets. Sized for exactly its fields: a hash
+ * part holds a power of two, so the hint of all nine (16 slots) would
+ * double the table's allocation whenever one of the three optional fields
+ * is absent, which for most commands one is (reply_to). */
 static void push_command(lua_State *L, const cb_work *work) {
-  lua_createtable(L, 0, 9);
+  lua_createtable(L, 0, 6 + !!work->correlation_id + !!work->reply_to + !!work->batch_id);
   set_string(L, "id", work->command_id);
   set_string(L, "type", work->command_type);
   if (!cbL_json_decode(L, work->data_json)) {
@@ -146,14 +153,17 @@ static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work)
     lua_settop(L, top);
     return;
   }
-  push_command(L, work);
+  /* The context stays on the stack under the call (at top + 2, the handler
+   * moved above it): it is invalidated when the handler returns, with no
+   * registry reference to take and give back for each command. */
   handler_ctx *ctx = lua_newuserdata(L, sizeof *ctx);
   ctx->w = w;
   ctx->work = work;
   luaL_getmetatable(L, CTX_MT);
   lua_setmetatable(L, -2);
-  lua_pushvalue(L, -1);
-  int ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_insert(L, -2); /* traceback, ctx, handler */
+  push_command(L, work);
+  lua_pushvalue(L, top + 2);
   if (lua_pcall(L, 2, 1, top + 1) != 0) {
     classify_error(L, work);
   } else if (lua_isnil(L, -1)) {
@@ -163,9 +173,7 @@ static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work)
   } else {
     cb_work_fail(work, CB_OUTCOME_PERMANENT, "BAD_RESULT", lua_tostring(L, -1), NULL);
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ctx_ref);
-  ((handler_ctx *)lua_touserdata(L, -1))->work = NULL; /* a kept ctx cannot reach freed work */
-  luaL_unref(L, LUA_REGISTRYINDEX, ctx_ref);
+  ctx->work = NULL; /* a kept ctx cannot reach freed work */
   lua_settop(L, top);
 }
 

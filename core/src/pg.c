@@ -23,13 +23,22 @@ static void send_units(cb_conn *conn, cb_unit *first);
 
 /* ---- prepared statement cache (per connection) -------------------------- */
 
+/* Eight bytes a step: every statement of every unit is looked up here, and
+ * a worker's receive and acknowledgement run to kilobytes each round (a
+ * byte at a time this was some 4% of a burn-down worker's instructions).
+ * Equal hashes are compared in full, so a collision costs only time. */
 static uint64_t hash_sql(const char *s) {
-  uint64_t h = 1469598103934665603ULL;
-  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-    h ^= *p;
-    h *= 1099511628211ULL;
+  size_t n = strlen(s), i = 0;
+  uint64_t h = 1469598103934665603ULL ^ n, word;
+  for (; i + 8 <= n; i += 8) {
+    memcpy(&word, s + i, 8);
+    h = (h ^ word) * 0x9e3779b97f4a7c15ULL;
+    h ^= h >> 29;
   }
-  return h;
+  word = 0;
+  memcpy(&word, s + i, n - i);
+  h = (h ^ word) * 0x9e3779b97f4a7c15ULL;
+  return h ^ (h >> 32);
 }
 
 static void cache_clear(cb_conn *conn) {

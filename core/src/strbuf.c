@@ -47,16 +47,40 @@ void cb_strbuf_puts(cb_strbuf *b, const char *s) {
   b->len += n;
 }
 
+/* Formats into the room the buffer has, and only when that was too small
+ * grows it and formats again: most pieces fit, and formatting is the
+ * costly part (a worker formats every outcome it acknowledges). */
 void cb_strbuf_printf(cb_strbuf *b, const char *fmt, ...) {
+  if (b->failed) return;
+  size_t room = b->cap - b->len; /* 0 before the first write */
   va_list ap;
   va_start(ap, fmt);
-  int n = vsnprintf(NULL, 0, fmt, ap);
+  int n = vsnprintf(room ? b->data + b->len : NULL, room, fmt, ap);
   va_end(ap);
-  if (n < 0 || reserve(b, (size_t)n) < 0) return;
-  va_start(ap, fmt);
-  vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
-  va_end(ap);
+  if (n < 0) return;
+  if ((size_t)n >= room) {
+    if (reserve(b, (size_t)n) < 0) {
+      if (b->data) b->data[b->len] = '\0'; /* drop the part that fitted */
+      return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+  }
   b->len += (size_t)n;
+}
+
+void cb_strbuf_put_int(cb_strbuf *b, long long v) {
+  char digits[24], *p = digits + sizeof digits;
+  unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+  do *--p = (char)('0' + u % 10);
+  while (u /= 10);
+  if (v < 0) *--p = '-';
+  size_t n = (size_t)(digits + sizeof digits - p);
+  if (reserve(b, n) < 0) return;
+  memcpy(b->data + b->len, p, n);
+  b->len += n;
+  b->data[b->len] = '\0';
 }
 
 void cb_strbuf_json_string(cb_strbuf *b, const char *s) {

@@ -17,6 +17,8 @@ void cb_strbuf_free(cb_strbuf *b);
 void cb_strbuf_putc(cb_strbuf *b, char c);
 void cb_strbuf_puts(cb_strbuf *b, const char *s);
 void cb_strbuf_printf(cb_strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends v in decimal. */
+void cb_strbuf_put_int(cb_strbuf *b, long long v);
 /* Appends s as a JSON string literal, quoted and escaped. */
 void cb_strbuf_json_string(cb_strbuf *b, const char *s);
 

@@ -159,7 +159,21 @@ int cb_result_rows(const cb_result *r) { return r ? PQntuples(r) : 0; }
 int cb_result_columns(const cb_result *r) { return r ? PQnfields(r) : 0; }
 const char *cb_result_value(const cb_result *r, int row, int col) { return PQgetvalue(r, row, col); }
 int cb_result_is_null(const cb_result *r, int row, int col) { return PQgetisnull(r, row, col); }
-int64_t cb_result_int(const cb_result *r, int row, int col) { return strtoll(PQgetvalue(r, row, col), NULL, 10); }
+/* PostgreSQL writes an integer as an optional '-' and digits: up to 18 of
+ * them cannot overflow, and are read here in a loop; anything else (more
+ * digits, NULL's "") goes to strtoll. A worker reads several a command. */
+int64_t cb_result_int(const cb_result *r, int row, int col) {
+  const char *s = PQgetvalue(r, row, col);
+  const char *p = s + (*s == '-');
+  int64_t v = 0;
+  int n = 0;
+  for (; p[n] >= '0' && p[n] <= '9'; n++) {
+    if (n == 18) return strtoll(s, NULL, 10);
+    v = v * 10 + (p[n] - '0');
+  }
+  if (n == 0 || p[n] != '\0') return strtoll(s, NULL, 10);
+  return *s == '-' ? -v : v;
+}
 int64_t cb_result_affected(const cb_result *r) {
   const char *s = r ? PQcmdTuples((PGresult *)r) : "";
   return *s ? strtoll(s, NULL, 10) : 0;

@@ -230,6 +230,7 @@ void cb_worker_free(cb_worker *w) {
   free(w->buffers);
   cb_upkeep_free(w->upkeep);
   cb_strbuf_free(&w->receive_sql);
+  for (int kind = 0; kind < ACK_KINDS; kind++) cb_strbuf_free(&w->ack_sql[kind]);
   free(w);
 }
 
@@ -274,13 +275,14 @@ int cb_worker_take(cb_worker *w, int lane, cb_work **works, int max, int timeout
 static void count_outcome(cb_worker *w, const cb_work *work) {
   if (work->outcome == CB_OUTCOME_NONE) return;
   if (w->current[work->lane] == work) w->current[work->lane] = NULL;
-  double took = cb__worker_now() - work->started_at;
+  double now = cb__worker_now();
+  double took = now - work->started_at;
   w->avg_handler_s = w->avg_handler_s == 0 ? took : 0.9 * w->avg_handler_s + 0.1 * took;
   if (w->avg_handler_s < 1e-6) w->avg_handler_s = 1e-6;
   if (work->outcome == CB_OUTCOME_SUCCESS) {
     w->health.successes++;
     w->health.consecutive_failures = 0;
-    w->health.last_success_at = cb__worker_now();
+    w->health.last_success_at = now;
   } else {
     w->health.failures++;
     w->health.consecutive_failures++;

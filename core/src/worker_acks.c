@@ -75,15 +75,18 @@ static int ack_kind(const cb_work *work) {
 
 static void json_or_null(cb_strbuf *b, const char *json) { cb_strbuf_puts(b, json ? json : "null"); }
 
+/* Pieces put one by one rather than formatted: every outcome passes here. */
 static void append_input(cb_strbuf *b, const cb_worker *w, const cb_work *work, int kind) {
-  cb_strbuf_putc(b, b->len ? ',' : '[');
-  cb_strbuf_printf(b, "{\"id\":\"%s\",\"msg\":%lld,\"attempt\":%d", work->command_id, (long long)work->msg_id,
-                   work->attempt);
+  cb_strbuf_puts(b, b->len ? ",{\"id\":\"" : "[{\"id\":\"");
+  cb_strbuf_puts(b, work->command_id);
+  cb_strbuf_puts(b, "\",\"msg\":");
+  cb_strbuf_put_int(b, work->msg_id);
+  cb_strbuf_puts(b, ",\"attempt\":");
+  cb_strbuf_put_int(b, work->attempt);
   if (kind == ACK_SUCCESS) {
     cb_strbuf_puts(b, ",\"result\":");
     json_or_null(b, work->result_json);
-    cb_strbuf_printf(b, ",\"has\":%s", work->result_json && strcmp(work->result_json, "null") ? "true" : "false");
-    cb_strbuf_putc(b, '}');
+    cb_strbuf_puts(b, work->result_json && strcmp(work->result_json, "null") ? ",\"has\":true}" : ",\"has\":false}");
     return;
   }
   cb_strbuf_puts(b, ",\"code\":");
@@ -146,9 +149,15 @@ static cb_unit *build_round(cb_worker *w, round_input *in, ack_round *round) {
   for (int kind = 0; ok && kind < ACK_KINDS; kind++) {
     if (in->input[kind].len == 0) continue;
     cb_strbuf_putc(&in->input[kind], ']');
-    cb__worker_sql_ack(&sql, w->queue, kind, in->reply[kind], in->nreply[kind]);
+    cb_strbuf *text = &sql;
+    if (in->nreply[kind] == 0) {
+      text = &w->ack_sql[kind];
+      if (text->len == 0 || text->failed) cb__worker_sql_ack(text, w->queue, kind, NULL, 0);
+    } else {
+      cb__worker_sql_ack(text, w->queue, kind, in->reply[kind], in->nreply[kind]);
+    }
     const char *params[] = {w->domain, in->input[kind].data};
-    ok = !sql.failed && !in->input[kind].failed && cb_unit_add(u, sql.data, 2, params) >= 0;
+    ok = !text->failed && !in->input[kind].failed && cb_unit_add(u, text->data, 2, params) >= 0;
     for (int i = 0; ok && i < in->nreply[kind]; i++) ok = cb_queue_add_notify(u, in->reply[kind][i]) >= 0;
   }
   cb_strbuf_free(&sql);
@@ -185,13 +194,18 @@ static void round_committed(cb_worker *w, ack_round *round, cb_unit *u) {
   if (w->ack_failing) cb_log(CB_LOG_INFO, "worker %s: acknowledging again", w->domain);
   w->ack_failing = 0;
   cb_events_published(w->rt, u, round->events_index);
+  /* Awaiters in this process hear of each command, when there are any:
+   * one subscribes before its first read of the command, so one that
+   * subscribes after this look reads what this round committed. */
+  cb_hub *hub = cb_runtime_hub(w->rt);
+  int awaited = cb_hub_record_waiters(hub) > 0;
   const char *ids[64];
   size_t n = 0;
   for (int st = 0; st < cb_unit_count(u); st++) {
     const cb_result *r = cb_unit_result(u, st);
     if (cb_result_columns(r) != 2 || strcmp(cb_result_column_name(r, 1), "batch_id") != 0) continue;
     for (int row = 0; row < cb_result_rows(r); row++) {
-      cb_hub_changed(cb_runtime_hub(w->rt), w->domain, cb_result_value(r, row, 0));
+      if (awaited) cb_hub_changed(hub, w->domain, cb_result_value(r, row, 0));
       if (cb_result_is_null(r, row, 1)) continue;
       const char *id = cb_result_value(r, row, 1);
       int seen = 0;

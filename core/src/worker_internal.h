@@ -83,6 +83,9 @@ struct cb_worker {
   int acks_held;                /* the last round failed for a lost connection: wait for the poll */
   int ack_failing;              /* acknowledgements fail: logged once */
   cb_work *ack_head, *ack_tail; /* outcomes waiting for the next round */
+  /* Each kind's acknowledgement statement without reply queues, built on
+   * first use: rounds of a few dozen commands rebuilt kilobytes of SQL. */
+  cb_strbuf ack_sql[ACK_KINDS];
   char started_batches[STARTED_BATCHES][CB_UUID_LEN + 1]; /* recently seen as started */
   int started_next;
   uv_timer_t stuck_timer, drain_timer;

@@ -32,20 +32,25 @@ void cb_work_fail(cb_work *w, int outcome, const char *code, const char *message
 }
 
 cb_work *cb__work_new(const cb_result *r, int row) {
-  static const int cols[] = {2, 3, 4, 7, 8, 9}; /* id, type, data, correlation, reply, batch */
-  size_t len = sizeof(cb_work);
-  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) len += strlen(cb_result_value(r, row, cols[i])) + 1;
-  cb_work *w = calloc(1, len);
+  enum { NCOLS = 6 };
+  static const int cols[NCOLS] = {2, 3, 4, 7, 8, 9}; /* id, type, data, correlation, reply, batch */
+  const char *values[NCOLS];
+  size_t sizes[NCOLS], len = sizeof(cb_work);
+  for (int i = 0; i < NCOLS; i++) { /* each value read and measured once: every command passes here */
+    values[i] = cb_result_value(r, row, cols[i]);
+    sizes[i] = strlen(values[i]) + 1;
+    len += sizes[i];
+  }
+  cb_work *w = malloc(len);
   if (w == NULL) return NULL;
+  memset(w, 0, sizeof *w); /* the strings after it are copied whole */
   char *p = (char *)(w + 1);
-  const char **fields[] = {&w->command_id,     &w->command_type, &w->data_json,
-                           &w->correlation_id, &w->reply_to,     &w->batch_id};
-  for (size_t i = 0; i < sizeof cols / sizeof cols[0]; i++) {
-    const char *v = cb_result_value(r, row, cols[i]);
-    size_t n = strlen(v) + 1;
-    memcpy(p, v, n);
+  const char **fields[NCOLS] = {&w->command_id,     &w->command_type, &w->data_json,
+                                &w->correlation_id, &w->reply_to,     &w->batch_id};
+  for (int i = 0; i < NCOLS; i++) {
+    memcpy(p, values[i], sizes[i]);
     *fields[i] = cb_result_is_null(r, row, cols[i]) ? NULL : p;
-    p += n;
+    p += sizes[i];
   }
   if (w->data_json == NULL) w->data_json = "{}";
   w->msg_id = cb_result_int(r, row, 0);

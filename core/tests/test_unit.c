@@ -236,8 +236,37 @@ static void appending_copies_statements_and_passes_a_failure_on(void **state) {
   cb_runtime_free(rt);
 }
 
+/* Integers read back as PostgreSQL wrote them, at the ends of int8 and
+ * where a digit count stops fitting (cb_result_int reads short ones itself
+ * and hands the rest to strtoll); NULL reads as 0. */
+static void integers_read_back_whole(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(1);
+  static const int64_t want[] = {0,
+                                 -1,
+                                 7,
+                                 123456789012345678LL,
+                                 -123456789012345678LL,
+                                 1234567890123456789LL,
+                                 -1234567890123456789LL,
+                                 INT64_MAX,
+                                 INT64_MIN,
+                                 0};
+  cb_unit *u = test_sql(rt,
+                        "SELECT 0::int8, -1::int8, 7::int8, 123456789012345678::int8, -123456789012345678::int8, "
+                        "1234567890123456789::int8, -1234567890123456789::int8, 9223372036854775807::int8, "
+                        "(-9223372036854775807 - 1)::int8, NULL::int8");
+  assert_int_equal(cb_unit_status(u), CB_OK);
+  const cb_result *r = cb_unit_result(u, 0);
+  for (int col = 0; col < (int)(sizeof want / sizeof want[0]); col++)
+    assert_int_equal(cb_result_int(r, 0, col), want[col]);
+  cb_unit_free(u);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(integers_read_back_whole),
       cmocka_unit_test(a_failed_add_is_remembered_and_the_exec_runs_nothing),
       cmocka_unit_test(every_kind_of_bad_statement_fails_the_unit),
       cmocka_unit_test(among_several_units_only_the_failed_one_runs_nothing),
