@@ -488,19 +488,15 @@ static int copy_eligible(const cb_command_spec *specs, size_t n, double delay) {
 static const char copy_signature[] = "PGCOPY\n\377\r\n\0\0\0\0\0\0\0\0\0"; /* signature, flags, extension */
 #define COPY_SIGNATURE_LEN 19
 
-static void put_bytes(cb_strbuf *b, const void *data, size_t n) {
-  for (const char *p = data; n > 0; n--) cb_strbuf_putc(b, *p++);
-}
-
 static void put_be(cb_strbuf *b, uint64_t v, int bytes) {
   char out[8];
   for (int i = bytes - 1; i >= 0; i--, v >>= 8) out[i] = (char)(v & 0xff);
-  put_bytes(b, out, (size_t)bytes);
+  cb_strbuf_putn(b, out, (size_t)bytes);
 }
 
 static void field_text(cb_strbuf *b, const char *s, size_t n) {
   put_be(b, n, 4);
-  put_bytes(b, s, n);
+  cb_strbuf_putn(b, s, n);
 }
 
 static void field_int8(cb_strbuf *b, int64_t v) {
@@ -524,13 +520,13 @@ static void field_uuid(cb_strbuf *b, const char *text) {
     k++;
   }
   put_be(b, 16, 4);
-  put_bytes(b, out, sizeof out);
+  cb_strbuf_putn(b, out, sizeof out);
 }
 
 static void field_jsonb(cb_strbuf *b, const cb_strbuf *json) {
   put_be(b, json->len + 1, 4);
   cb_strbuf_putc(b, 1); /* jsonb's binary form: version 1, then the text */
-  put_bytes(b, json->data, json->len);
+  cb_strbuf_putn(b, json->data, json->len);
 }
 
 /* A command row: domain, queue_name, msg_id, command_id, command_type,
@@ -666,7 +662,7 @@ static int copy_source(void *arg, int copy, const cb_result *runs, const char **
     return -1;
   }
   cb_strbuf_reset(&c->piece);
-  if (c->next == 0) put_bytes(&c->piece, copy_signature, COPY_SIGNATURE_LEN);
+  if (c->next == 0) cb_strbuf_putn(&c->piece, copy_signature, COPY_SIGNATURE_LEN);
   size_t end = c->next + COPY_PIECE < c->n ? c->next + COPY_PIECE : c->n;
   for (size_t i = c->next; i < end; i++) {
     const cb_command_spec *s = &c->specs[i];

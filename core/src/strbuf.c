@@ -47,6 +47,13 @@ void cb_strbuf_puts(cb_strbuf *b, const char *s) {
   b->len += n;
 }
 
+void cb_strbuf_putn(cb_strbuf *b, const void *data, size_t n) {
+  if (reserve(b, n) < 0) return;
+  memcpy(b->data + b->len, data, n);
+  b->len += n;
+  b->data[b->len] = '\0';
+}
+
 void cb_strbuf_printf(cb_strbuf *b, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
