@@ -12,6 +12,7 @@
 
 #include "queue_layout.h"
 #include "strbuf.h"
+#include "unit_internal.h"
 
 #define SEND_CHUNK 1000 /* commands per statement: bounded parameter size */
 #define SEND_DEDUP 1    /* a command of the send has a dedup key */
@@ -426,13 +427,24 @@ static int exec_send(cb_runtime *rt, cb_unit *u, cb_err *err) {
  * statement: the same rows, for about three quarters of the server's CPU
  * (bench/send_batch.c): COPY puts a page of rows in at a time, where an
  * INSERT puts one row at a time, and the message and SENT details are
- * JSON text made here rather than built by jsonb_build_object. The message
- * ids and audit ids are drawn first, in a round trip of their own (a column
- * default calling nextval is volatile, which would make COPY insert row by
- * row); an id drawn by a send that then fails is skipped, as an insert
- * rolled back skips it. The vt is the text 'now', the transaction's start:
- * COPY takes no expression, hence no delay. */
-#define COPY_MIN 2000 /* fewer commands go by statement: the draw's round trip costs more than COPY saves */
+ * JSON text made here rather than built by jsonb_build_object.
+ *
+ * One simple query, one transaction: a SELECT draws the message ids, then
+ * three COPY ... FROM STDIN (command rows, queue messages, SENT audit rows),
+ * then the queue's notify. The rows need the message ids, so they are made
+ * once the draw is back, on the loop thread, a piece at a time as the
+ * connection sends them (copy_source, pg.c's pump_copy): the server reads
+ * one piece while the next is made. The draw answers with runs of
+ * consecutive ids (one run unless another session drew from the sequence
+ * meanwhile) rather than a row per id. An id drawn by a send that then
+ * fails is skipped, as an insert rolled back skips it. The audit ids are
+ * the column's default: COPY evaluates a nextval default row by row and
+ * still writes a page at a time (PostgreSQL exempts nextval from its
+ * volatile-default check). The vt is the transaction's start, now() as
+ * the draw read it, as enqueued_at's default reads it: COPY takes no
+ * expression, hence no delay. */
+#define COPY_MIN 2000  /* fewer commands go by statement: COPY's fixed costs are more than it saves */
+#define COPY_PIECE 256 /* commands' rows per piece of COPY data (about 40 KB) */
 
 /* Whether a command's data text is one JSON value at most, as far as its
  * commas and brackets go (strings skipped): the server checks the rest
@@ -467,55 +479,88 @@ static int copy_eligible(const cb_command_spec *specs, size_t n, double delay) {
   return 1;
 }
 
-/* Appends s in COPY's text format: backslash, tab, newline and carriage
- * return escaped. */
-static void put_copy_text(cb_strbuf *b, const char *s) {
-  const char *run = s;
-  for (; *s; s++) {
-    const char *escape = *s == '\\' ? "\\\\" : *s == '\t' ? "\\t" : *s == '\n' ? "\\n" : *s == '\r' ? "\\r" : NULL;
-    if (escape == NULL) continue;
-    cb_strbuf_printf(b, "%.*s", (int)(s - run), run);
-    cb_strbuf_puts(b, escape);
-    run = s + 1;
-  }
-  cb_strbuf_puts(b, run);
+/* COPY's binary format (PostgreSQL's "COPY" page): a signature and two
+ * zero words, then each row as a count of fields and each field as its
+ * length (-1: NULL) and its bytes in the type's binary form, then -1. The
+ * server then takes each value as it is: no line to split, no escapes, no
+ * text to parse into a number, a UUID or a time (about 6% of its CPU in
+ * a large send); JSON is still text, behind jsonb's version byte. */
+static const char copy_signature[] = "PGCOPY\n\377\r\n\0\0\0\0\0\0\0\0\0"; /* signature, flags, extension */
+#define COPY_SIGNATURE_LEN 19
+
+static void put_be(cb_strbuf *b, uint64_t v, int bytes) {
+  char out[8];
+  for (int i = bytes - 1; i >= 0; i--, v >>= 8) out[i] = (char)(v & 0xff);
+  cb_strbuf_putn(b, out, (size_t)bytes);
 }
 
-/* The rows of one command, appended to the three COPY texts. */
-static void copy_rows(cb_strbuf *commands, cb_strbuf *messages, cb_strbuf *audit, cb_strbuf *json, const char *domain,
-                      const char *queue, const cb_command_spec *s, const char *id, const char *corr, const char *batch,
-                      const char *msg_id, const char *audit_id) {
-  const char *reply = s->reply_to && s->reply_to[0] ? s->reply_to : NULL;
-  /* command: domain, queue_name, msg_id, command_id, command_type, status,
-   * attempts, max_attempts, reply_queue, correlation_id, batch_id (names
-   * and ids need no escaping: checked) */
-  cb_strbuf_puts(commands, domain);
-  cb_strbuf_putc(commands, '\t');
-  cb_strbuf_puts(commands, queue);
-  cb_strbuf_putc(commands, '\t');
-  cb_strbuf_puts(commands, msg_id);
-  cb_strbuf_putc(commands, '\t');
-  cb_strbuf_puts(commands, id);
-  cb_strbuf_putc(commands, '\t');
-  put_copy_text(commands, s->command_type);
-  cb_strbuf_puts(commands, "\tPENDING\t0\t");
-  put_int(commands, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
-  cb_strbuf_putc(commands, '\t');
-  cb_strbuf_puts(commands, reply ? reply : "");
-  cb_strbuf_putc(commands, '\t');
-  cb_strbuf_puts(commands, corr);
-  cb_strbuf_putc(commands, '\t');
-  cb_strbuf_puts(commands, batch[0] ? batch : "\\N");
-  cb_strbuf_putc(commands, '\n');
+static void field_text(cb_strbuf *b, const char *s, size_t n) {
+  put_be(b, n, 4);
+  cb_strbuf_putn(b, s, n);
+}
 
-  /* message: msg_id, vt, message (the keys of send_fresh_sql's) */
+static void field_int8(cb_strbuf *b, int64_t v) {
+  put_be(b, 8, 4);
+  put_be(b, (uint64_t)v, 8);
+}
+
+static void field_int4(cb_strbuf *b, int32_t v) {
+  put_be(b, 4, 4);
+  put_be(b, (uint32_t)v, 4);
+}
+
+/* A UUID's 16 bytes, from its text (checked or made by check_spec). */
+static void field_uuid(cb_strbuf *b, const char *text) {
+  char out[16];
+  int k = 0;
+  for (const char *p = text; *p && k < 32; p++) {
+    if (*p == '-') continue;
+    int v = *p <= '9' ? *p - '0' : (*p | 0x20) - 'a' + 10;
+    out[k / 2] = (char)(k % 2 ? out[k / 2] | v : v << 4);
+    k++;
+  }
+  put_be(b, 16, 4);
+  cb_strbuf_putn(b, out, sizeof out);
+}
+
+static void field_jsonb(cb_strbuf *b, const cb_strbuf *json) {
+  put_be(b, json->len + 1, 4);
+  cb_strbuf_putc(b, 1); /* jsonb's binary form: version 1, then the text */
+  cb_strbuf_putn(b, json->data, json->len);
+}
+
+/* A command row: domain, queue_name, msg_id, command_id, command_type,
+ * status, attempts, max_attempts, reply_queue, correlation_id, batch_id. */
+static void command_row(cb_strbuf *b, const char *domain, const char *queue, const cb_command_spec *s,
+                        const cb_send_result *res, const char *corr, const char *batch) {
+  const char *reply = s->reply_to ? s->reply_to : "";
+  put_be(b, 11, 2);
+  field_text(b, domain, strlen(domain));
+  field_text(b, queue, strlen(queue));
+  field_int8(b, res->msg_id);
+  field_uuid(b, res->command_id);
+  field_text(b, s->command_type, strlen(s->command_type));
+  field_text(b, "PENDING", 7);
+  field_int4(b, 0);
+  field_int4(b, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
+  field_text(b, reply, strlen(reply));
+  field_uuid(b, corr);
+  if (batch[0]) field_uuid(b, batch);
+  else put_be(b, UINT32_MAX, 4); /* NULL */
+}
+
+/* A queue message: msg_id, vt, message (the keys of send_fresh_sql's);
+ * json is scratch space. */
+static void message_row(cb_strbuf *b, cb_strbuf *json, const char *domain, const cb_command_spec *s,
+                        const cb_send_result *res, const char *corr, int64_t vt) {
+  const char *reply = s->reply_to && s->reply_to[0] ? s->reply_to : NULL;
   cb_strbuf_reset(json);
   cb_strbuf_puts(json, "{\"domain\":\"");
   cb_strbuf_puts(json, domain);
   cb_strbuf_puts(json, "\",\"command_type\":");
   cb_strbuf_json_string(json, s->command_type);
   cb_strbuf_puts(json, ",\"command_id\":\"");
-  cb_strbuf_puts(json, id);
+  cb_strbuf_puts(json, res->command_id);
   cb_strbuf_puts(json, "\",\"correlation_id\":\"");
   cb_strbuf_puts(json, corr);
   cb_strbuf_puts(json, "\",\"data\":");
@@ -530,12 +575,17 @@ static void copy_rows(cb_strbuf *commands, cb_strbuf *messages, cb_strbuf *audit
     put_int(json, s->priority);
   }
   cb_strbuf_putc(json, '}');
-  cb_strbuf_puts(messages, msg_id);
-  cb_strbuf_puts(messages, "\tnow\t");
-  put_copy_text(messages, json->data);
-  cb_strbuf_putc(messages, '\n');
+  put_be(b, 3, 2);
+  field_int8(b, res->msg_id);
+  field_int8(b, vt);
+  field_jsonb(b, json);
+}
 
-  /* audit: audit_id, domain, command_id, event_type, details_json */
+/* A SENT audit row: domain, command_id, event_type, details_json (the
+ * audit_id is the column's default); json is scratch space. */
+static void audit_row(cb_strbuf *b, cb_strbuf *json, const char *domain, const cb_command_spec *s,
+                      const cb_send_result *res, const char *corr, const char *batch) {
+  const char *reply = s->reply_to && s->reply_to[0] ? s->reply_to : NULL;
   cb_strbuf_reset(json);
   cb_strbuf_puts(json, "{\"command_type\":");
   cb_strbuf_json_string(json, s->command_type);
@@ -550,7 +600,7 @@ static void copy_rows(cb_strbuf *commands, cb_strbuf *messages, cb_strbuf *audit
     cb_strbuf_puts(json, "null");
   }
   cb_strbuf_puts(json, ",\"msg_id\":");
-  cb_strbuf_puts(json, msg_id);
+  put_int(json, res->msg_id);
   cb_strbuf_puts(json, ",\"batch_id\":");
   if (batch[0]) {
     cb_strbuf_putc(json, '"');
@@ -560,96 +610,133 @@ static void copy_rows(cb_strbuf *commands, cb_strbuf *messages, cb_strbuf *audit
     cb_strbuf_puts(json, "null");
   }
   cb_strbuf_putc(json, '}');
-  cb_strbuf_puts(audit, audit_id);
-  cb_strbuf_putc(audit, '\t');
-  cb_strbuf_puts(audit, domain);
-  cb_strbuf_putc(audit, '\t');
-  cb_strbuf_puts(audit, id);
-  cb_strbuf_puts(audit, "\tSENT\t");
-  put_copy_text(audit, json->data);
-  cb_strbuf_putc(audit, '\n');
+  put_be(b, 4, 2);
+  field_text(b, domain, strlen(domain));
+  field_uuid(b, res->command_id);
+  field_text(b, "SENT", 4);
+  field_jsonb(b, json);
 }
 
-/* Draws n message ids and n audit ids; *drawn holds them (columns 0 and 1),
- * for the caller to free. */
-static int draw_ids(cb_runtime *rt, const char *queue, size_t n, cb_unit **drawn, cb_err *err) {
-  char sql[512], count[24];
-  snprintf(sql, sizeof sql,
-           "WITH a AS MATERIALIZED (SELECT pg_get_serial_sequence('commandbus.audit', 'audit_id')::regclass AS seq)"
-           " SELECT nextval('pgmq.q_%s_msg_id_seq'), nextval(a.seq) FROM a, generate_series(1, $1::int)",
-           queue);
-  snprintf(count, sizeof count, "%zu", n);
-  const char *params[] = {count};
-  cb_unit *u = cb_unit_new();
-  if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  cb_unit_add(u, sql, 1, params);
-  int rc = cb_runtime_exec(rt, u, err);
-  if (rc == CB_OK && cb_result_rows(cb_unit_result(u, 0)) != (int)n)
-    rc = cb_err_set(err, CB_EINTERNAL, "drew %d ids for %zu commands", cb_result_rows(cb_unit_result(u, 0)), n);
-  if (rc != CB_OK) {
-    cb_unit_free(u);
-    return rc;
+/* What the rows of a COPY send are made from: the caller's commands, and
+ * the pieces made so far. Filled by send_by_copy; then, while the unit
+ * runs, read and written by copy_source on the loop thread only (the
+ * caller waits for the unit). */
+typedef struct copy_send {
+  const char *domain, *queue;
+  const cb_command_spec *specs;
+  cb_send_result *results; /* msg_id set from the draw */
+  char (*corrs)[CB_UUID_LEN + 1];
+  char (*batches)[CB_UUID_LEN + 1]; /* "" for none */
+  size_t n;
+  int64_t vt;            /* the transaction's start, in COPY's binary form of a timestamptz */
+  size_t next;           /* the command whose rows the next piece starts with */
+  cb_strbuf piece, json; /* the piece handed to pg.c; scratch for JSON */
+  int failed;            /* a cb_code: the source aborted the COPY (why in err) */
+  cb_err err;
+} copy_send;
+
+/* Sets each command's msg_id from the draw's runs of ids (first, last),
+ * in order, and the vt from its third column; 0, or -1 when they do not
+ * add up to one id per command. */
+static int take_ids(copy_send *c, const cb_result *runs) {
+  size_t k = 0;
+  for (int row = 0; runs && row < cb_result_rows(runs); row++) {
+    int64_t first = cb_result_int(runs, row, 0), last = cb_result_int(runs, row, 1);
+    for (int64_t id = first; id <= last && k < c->n; id++) c->results[k++].msg_id = id;
   }
-  *drawn = u;
-  return CB_OK;
+  if (k == c->n && runs && cb_result_rows(runs) > 0 &&
+      cb_result_int(runs, cb_result_rows(runs) - 1, 1) == c->results[c->n - 1].msg_id) {
+    c->vt = cb_result_int(runs, 0, 2);
+    return 0;
+  }
+  cb_err_set(&c->err, CB_EINTERNAL, "drew %zu message ids for %zu commands", k, c->n);
+  return -1;
+}
+
+/* The cb__copy_source of a COPY send: COPY 0 takes the command rows, 1 the
+ * messages, 2 the audit rows, COPY_PIECE commands a piece. */
+static int copy_source(void *arg, int copy, const cb_result *runs, const char **data, size_t *len) {
+  copy_send *c = arg;
+  if (copy == 0 && c->next == 0 && take_ids(c, runs) < 0) {
+    c->failed = CB_EINTERNAL;
+    return -1;
+  }
+  cb_strbuf_reset(&c->piece);
+  if (c->next == 0) cb_strbuf_putn(&c->piece, copy_signature, COPY_SIGNATURE_LEN);
+  size_t end = c->next + COPY_PIECE < c->n ? c->next + COPY_PIECE : c->n;
+  for (size_t i = c->next; i < end; i++) {
+    const cb_command_spec *s = &c->specs[i];
+    const cb_send_result *res = &c->results[i];
+    if (copy == 0) command_row(&c->piece, c->domain, c->queue, s, res, c->corrs[i], c->batches[i]);
+    else if (copy == 1) message_row(&c->piece, &c->json, c->domain, s, res, c->corrs[i], c->vt);
+    else audit_row(&c->piece, &c->json, c->domain, s, res, c->corrs[i], c->batches[i]);
+  }
+  if (end == c->n) put_be(&c->piece, UINT16_MAX, 2); /* the end: -1 fields */
+  if (c->piece.failed || c->json.failed) {
+    c->failed = cb_err_set(&c->err, CB_ENOMEM, "out of memory");
+    return -1;
+  }
+  *data = c->piece.data ? c->piece.data : "";
+  *len = c->piece.len;
+  c->next = end == c->n ? 0 : end;
+  return end < c->n;
 }
 
 /* cb_bus_send for copy_eligible commands: checks them all, makes the
- * queues, draws the ids, then one transaction of three COPYs and the
- * queue's notify. */
+ * queues, then runs the draw, the three COPYs and the notify as one
+ * query. */
 static int send_by_copy(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n,
                         cb_send_result *results, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
-  char queue[CB_QUEUE_NAME_MAX + 1], batch[CB_UUID_LEN + 1];
+  char queue[CB_QUEUE_NAME_MAX + 1];
   cb_command_queue_name(domain, queue);
   char(*corrs)[CB_UUID_LEN + 1] = malloc(n * sizeof *corrs);
-  if (corrs == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  char(*batches)[CB_UUID_LEN + 1] = malloc(n * sizeof *batches);
+  if (corrs == NULL || batches == NULL) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
   for (size_t i = 0; i < n && rc == CB_OK; i++) { /* bad input writes nothing */
-    rc = check_spec(&specs[i], i, results[i].command_id, corrs[i], batch, err);
+    rc = check_spec(&specs[i], i, results[i].command_id, corrs[i], batches[i], err);
     results[i].msg_id = 0;
     results[i].duplicate = 0;
     results[i].duplicate_of[0] = '\0';
   }
   if (rc == CB_OK) rc = ensure_send_queues(rt, domain, specs, n, err);
-  cb_unit *drawn = NULL;
-  if (rc == CB_OK) rc = draw_ids(rt, queue, n, &drawn, err);
-  cb_strbuf commands = {0}, messages = {0}, audit = {0}, json = {0}, sql = {0};
-  for (size_t i = 0; i < n && rc == CB_OK; i++) {
-    const cb_result *ids = cb_unit_result(drawn, 0);
-    batch[0] = '\0';
-    if (specs[i].batch_id) cb_uuid_parse(specs[i].batch_id, batch); /* checked above */
-    copy_rows(&commands, &messages, &audit, &json, domain, queue, &specs[i], results[i].command_id, corrs[i], batch,
-              cb_result_value(ids, (int)i, 0), cb_result_value(ids, (int)i, 1));
-    results[i].msg_id = cb_result_int(ids, (int)i, 0);
-  }
   char channel[CB_QUEUE_CHANNEL_MAX];
   cb_queue_channel(queue, channel);
+  cb_strbuf sql = {0};
+  /* The runs: ids minus their rank is constant along a run (the ids grow
+   * in the order they are drawn). The vt: now() in microseconds from
+   * 2000-01-01, a timestamptz's binary form. */
   cb_strbuf_printf(&sql,
-                   "COPY commandbus.command (domain, queue_name, msg_id, command_id, command_type, status, attempts,"
-                   " max_attempts, reply_queue, correlation_id, batch_id) FROM STDIN;"
-                   " COPY pgmq.q_%s (msg_id, vt, message) FROM STDIN;"
-                   " COPY commandbus.audit (audit_id, domain, command_id, event_type, details_json) FROM STDIN;"
+                   "SELECT min(id), max(id), (extract(epoch FROM now()) * 1000000)::int8 - 946684800000000"
+                   " FROM (SELECT id, id - row_number() OVER (ORDER BY id) AS run"
+                   " FROM (SELECT nextval('pgmq.q_%s_msg_id_seq') AS id FROM generate_series(1, %zu)) drawn) ids"
+                   " GROUP BY run ORDER BY 1;"
+                   " COPY commandbus.command (domain, queue_name, msg_id, command_id, command_type, status, attempts,"
+                   " max_attempts, reply_queue, correlation_id, batch_id) FROM STDIN (FORMAT binary);"
+                   " COPY pgmq.q_%s (msg_id, vt, message) FROM STDIN (FORMAT binary);"
+                   " COPY commandbus.audit (domain, command_id, event_type, details_json) FROM STDIN (FORMAT binary);"
                    " SELECT pg_notify('%s', '')",
-                   queue, channel);
-  if (rc == CB_OK && (commands.failed || messages.failed || audit.failed || json.failed || sql.failed))
-    rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+                   queue, n, queue, channel);
+  if (rc == CB_OK && sql.failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  copy_send c = {
+      .domain = domain, .queue = queue, .specs = specs, .results = results, .corrs = corrs, .batches = batches, .n = n};
   cb_unit *u = rc == CB_OK ? cb_unit_new() : NULL;
   if (rc == CB_OK && u == NULL) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (rc == CB_OK && cb_unit_add_flags(u, sql.data, 0, NULL, CB_STMT_COPY) < 0)
+    rc = cb_err_set(err, CB_ENOMEM, "out of memory");
   if (rc == CB_OK) {
-    const char *data[] = {commands.data, messages.data, audit.data};
-    if (cb_unit_add_flags(u, sql.data, 3, data, CB_STMT_COPY) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+    cb__unit_copy_source(u, copy_source, &c);
+    rc = exec_send(rt, u, err);
+    if (c.failed) rc = cb_err_set(err, c.failed, "%s", c.err.message); /* the database only saw the COPY fail */
   }
-  /* The texts are in the unit now: freed before the long wait. */
-  cb_strbuf_free(&commands);
-  cb_strbuf_free(&messages);
-  cb_strbuf_free(&audit);
-  cb_strbuf_free(&json);
-  cb_strbuf_free(&sql);
-  if (rc == CB_OK) rc = exec_send(rt, u, err);
+  for (size_t i = 0; rc != CB_OK && i < n; i++) results[i].msg_id = 0;
   cb_unit_free(u);
-  cb_unit_free(drawn);
+  cb_strbuf_free(&sql);
+  cb_strbuf_free(&c.piece);
+  cb_strbuf_free(&c.json);
   free(corrs);
+  free(batches);
   return rc;
 }
 

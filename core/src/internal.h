@@ -51,7 +51,8 @@ typedef struct cb_conn {
   size_t slot_head, slot_count, slot_cap;
   int units_in_flight;     /* [loop] */
   cb_unit *copying;        /* [loop] the CB_STMT_COPY unit running here (out of pipeline mode), or NULL */
-  int copy_next;           /* [loop] its parameter the next COPY reads */
+  int copy_next;           /* [loop] its parameter the next COPY reads (its copy source: the next COPY's number) */
+  int copy_streaming;      /* [loop] a COPY is taking pieces from the unit's copy source */
   int want_write;          /* [loop] PQflush left data to send */
   int goodbye;             /* [loop] the server said FATAL while nothing was in flight */
   stmt_cache_entry *cache; /* [loop] prepared statements of this session */

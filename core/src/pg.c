@@ -125,6 +125,7 @@ static void fail_in_flight(cb_conn *conn, int code, const char *why) {
   if (conn->copying) {
     cb_unit *u = conn->copying;
     conn->copying = NULL;
+    conn->copy_streaming = 0;
     conn->units_in_flight--;
     cb__unit_complete(u, code, &err);
   }
@@ -174,8 +175,10 @@ static int poll_watch(cb_conn *conn, int events) {
   return 0;
 }
 
+/* Readable always; writable while libpq holds data to send, and while a
+ * streamed COPY waits to send its next piece (pump_copy). */
 static void watch_ready(cb_conn *conn) {
-  if (poll_watch(conn, UV_READABLE | (conn->want_write ? UV_WRITABLE : 0)) < 0)
+  if (poll_watch(conn, UV_READABLE | (conn->want_write || conn->copy_streaming ? UV_WRITABLE : 0)) < 0)
     conn_broken(conn, "cannot watch the connection's socket");
 }
 
@@ -615,6 +618,7 @@ static int send_copy_unit(cb_conn *conn, cb_unit *u) {
   conn->units_in_flight++;
   conn->copying = u;
   conn->copy_next = 0;
+  conn->copy_streaming = 0;
   __atomic_fetch_add(&conn->rt->units_sent, 1, __ATOMIC_RELAXED);
   if (u->broken) return -1; /* unreachable: dispatch completes a broken one */
   return PQexitPipelineMode(conn->pg) == 1 && PQsendQuery(conn->pg, u->arena + u->stmts[0].sql) ? 0 : -1;
@@ -791,13 +795,42 @@ static void record_error(cb_unit *u, const PGresult *r) {
            detail ? ": " : "", detail ? detail : "");
 }
 
-/* The answers to a COPY unit: each COPY ... FROM STDIN gets the unit's next
- * parameter as its data (none left: the COPY is ended with an error), the
- * first error is kept, and when the query is done the connection goes back
- * to pipeline mode and the unit completes. */
+/* Hands the server the next piece of a streamed COPY's data (the unit's
+ * copy source makes it), and ends the COPY after the last. One piece a
+ * call: the loop calls again once the connection has sent it
+ * (on_poll), so that the source makes each piece while the server reads
+ * the one before, and other connections are served in between. */
+static void pump_copy(cb_conn *conn) {
+  PGconn *pg = conn->pg;
+  cb_unit *u = conn->copying;
+  const char *data = NULL;
+  size_t len = 0;
+  int more = u->copy_source(u->copy_arg, conn->copy_next, u->results[0], &data, &len);
+  int ok = more < 0 || len == 0 || PQputCopyData(pg, data, (int)len) == 1;
+  if (ok && more <= 0) {
+    conn->copy_streaming = 0;
+    conn->copy_next++;
+    ok = PQputCopyEnd(pg, more < 0 ? "the data for this COPY could not be made" : NULL) == 1;
+  }
+  if (!ok) {
+    conn_broken(conn, PQerrorMessage(pg));
+    return;
+  }
+  flush(conn);
+}
+
+/* The answers to a COPY unit: each COPY ... FROM STDIN gets its data from
+ * the unit's copy source, or else the unit's next parameter (none left:
+ * the COPY is ended with an error); the first error is kept, and so is the
+ * first result with rows (the statement's result, for the copy source);
+ * when the query is done the connection goes back to pipeline mode and the
+ * unit completes. */
 static void read_copy_results(cb_conn *conn) {
   PGconn *pg = conn->pg;
   cb_unit *u = conn->copying;
+  /* While a COPY takes data libpq answers each PQgetResult with another
+   * COPY_IN; a server error waits in libpq until the COPY is ended. */
+  if (conn->copy_streaming) return;
   while (!PQisBusy(pg)) {
     PGresult *r = PQgetResult(pg);
     if (r == NULL) {
@@ -810,8 +843,14 @@ static void read_copy_results(cb_conn *conn) {
     }
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_FATAL_ERROR) record_error(u, r);
-    PQclear(r);
+    if (st == PGRES_TUPLES_OK && u->results[0] == NULL) u->results[0] = r;
+    else PQclear(r);
     if (st != PGRES_COPY_IN) continue;
+    if (u->copy_source) {
+      conn->copy_streaming = 1;
+      pump_copy(conn);
+      return; /* on_poll pumps the rest, then reads on */
+    }
     const unit_stmt *s = &u->stmts[0];
     int ok;
     if (conn->copy_next < s->nparams) {
@@ -915,6 +954,11 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
     if (conn->pg == NULL) return;
   }
   if (conn->want_write || (events & UV_WRITABLE)) flush(conn);
+  if (conn->pg && conn->copy_streaming && !conn->want_write) {
+    pump_copy(conn);
+    /* Its last piece ended the COPY: the answers may be in already. */
+    if (conn->pg && !conn->copy_streaming && PQconsumeInput(conn->pg)) read_results(conn);
+  }
 }
 
 void cb__conn_shutdown(cb_conn *conn) {

@@ -47,6 +47,13 @@ void cb_strbuf_puts(cb_strbuf *b, const char *s) {
   b->len += n;
 }
 
+void cb_strbuf_putn(cb_strbuf *b, const void *data, size_t n) {
+  if (reserve(b, n) < 0) return;
+  memcpy(b->data + b->len, data, n);
+  b->len += n;
+  b->data[b->len] = '\0';
+}
+
 /* Formats into the room the buffer has, and only when that was too small
  * grows it and formats again: most pieces fit, and formatting is the
  * costly part (a worker formats every outcome it acknowledges). */
@@ -76,11 +83,7 @@ void cb_strbuf_put_int(cb_strbuf *b, long long v) {
   do *--p = (char)('0' + u % 10);
   while (u /= 10);
   if (v < 0) *--p = '-';
-  size_t n = (size_t)(digits + sizeof digits - p);
-  if (reserve(b, n) < 0) return;
-  memcpy(b->data + b->len, p, n);
-  b->len += n;
-  b->data[b->len] = '\0';
+  cb_strbuf_putn(b, p, (size_t)(digits + sizeof digits - p));
 }
 
 void cb_strbuf_json_string(cb_strbuf *b, const char *s) {

@@ -16,6 +16,8 @@ void cb_strbuf_reset(cb_strbuf *b);
 void cb_strbuf_free(cb_strbuf *b);
 void cb_strbuf_putc(cb_strbuf *b, char c);
 void cb_strbuf_puts(cb_strbuf *b, const char *s);
+/* Appends n bytes, NULs among them (binary data). */
+void cb_strbuf_putn(cb_strbuf *b, const void *data, size_t n);
 void cb_strbuf_printf(cb_strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Appends v in decimal. */
 void cb_strbuf_put_int(cb_strbuf *b, long long v);

@@ -29,6 +29,8 @@ void cb_unit_reset(cb_unit *u) {
   u->next = NULL;
   u->group_end = 0;
   u->to_listener = 0;
+  u->copy_source = NULL;
+  u->copy_arg = NULL;
 }
 
 void cb_unit_free(cb_unit *u) {
@@ -136,6 +138,11 @@ const cb_err *cb_unit_error(const cb_unit *u) { return &u->err; }
 const cb_result *cb_unit_result(const cb_unit *u, int i) {
   if (i < 0 || i >= u->nstmts) return NULL;
   return u->results[i];
+}
+
+void cb__unit_copy_source(cb_unit *u, cb__copy_source source, void *arg) {
+  u->copy_source = source;
+  u->copy_arg = arg;
 }
 
 void cb_unit_on_done(cb_unit *u, cb_unit_done done, void *arg) {

@@ -11,6 +11,23 @@
 
 #include "commandbus/unit.h"
 
+/* The data of a CB_STMT_COPY unit's COPY statements, made piece by piece on
+ * the loop thread while the server reads the pieces before (pg.c), instead
+ * of made whole beforehand as parameters. Called when the server asks for
+ * the data of COPY number `copy` (0 for the query's first COPY), and again
+ * each time the connection has sent what it was given: sets *data and *len
+ * to the next piece (the source's own memory, valid until its next call)
+ * and returns 1 while more follows, 0 with the COPY's last piece (*len may
+ * be 0), -1 to abort the COPY (the transaction rolls back; the source
+ * keeps its reason). `rows` is the result of the query's first statement
+ * that returned rows, or NULL: what the data depends on, drawn in the same
+ * transaction. The unit's caller waits meanwhile, so the source may read
+ * and write its memory. */
+typedef int (*cb__copy_source)(void *arg, int copy, const cb_result *rows, const char **data, size_t *len);
+
+/* Makes u's CB_STMT_COPY statement take its data from source (see above). */
+void cb__unit_copy_source(cb_unit *u, cb__copy_source source, void *arg);
+
 /* One statement of a unit: offsets into the unit's arena, so that the arena
  * may grow while the unit is being filled. */
 typedef struct unit_stmt {
@@ -36,10 +53,12 @@ struct cb_unit {
   cb_err err;
   cb_unit_done done;
   void *done_arg;
-  cb_unit *next;       /* [runtime] */
-  int group_end;       /* [runtime] last unit of a group that must share one connection */
-  int to_listener;     /* [runtime] run on the listener connection */
-  int reconnect_tried; /* [runtime] it waited for a fresh connection once (pg.c) */
+  cb_unit *next;               /* [runtime] */
+  int group_end;               /* [runtime] last unit of a group that must share one connection */
+  int to_listener;             /* [runtime] run on the listener connection */
+  int reconnect_tried;         /* [runtime] it waited for a fresh connection once (pg.c) */
+  cb__copy_source copy_source; /* a CB_STMT_COPY unit's data, made as it is sent; NULL: its parameters */
+  void *copy_arg;
 };
 
 /* Completion of a unit (on the runtime's loop thread): keeps the first

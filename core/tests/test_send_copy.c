@@ -1,8 +1,10 @@
 /* A large send of fresh commands goes by COPY (bus.c): the same rows as the
  * send statement writes (cb_bus_add_send still writes by statement), the
- * queue's notify, bad data refused as invalid input with nothing written,
- * data that is not one JSON value left to the statement, and a COPY unit
- * that waits for a connection with nothing in flight (pg.c). */
+ * queue's notify, message ids drawn in several runs, bad data refused as
+ * invalid input with nothing written, data that is not one JSON value left
+ * to the statement; and COPY units (pg.c): one waits for a connection with
+ * nothing in flight, one takes its data from a copy source piece by piece
+ * after the rows its query drew, one whose source fails rolls back. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,7 +21,9 @@
 #include "commandbus/bus.h"
 #include "commandbus/queue.h"
 #include "commandbus/schema.h"
+#include "strbuf.h"
 #include "test_support.h"
+#include "unit_internal.h"
 
 #define LARGE 2500 /* more than bus.c's COPY_MIN */
 
@@ -208,6 +212,41 @@ static void a_large_send_notifies_its_queue(void **state) {
   cb_runtime_free(rt);
 }
 
+static void message_ids_drawn_in_several_runs_go_to_the_commands_in_order(void **state) {
+  (void)state;
+  cb_runtime *rt = setup_runtime(1);
+  char domain[64], sql[512];
+  snprintf(domain, sizeof domain, "%s", test_name("copy_runs"));
+  drop(rt, domain);
+  cb_err err;
+  assert_int_equal(cb_bus_ensure_command_queue(rt, domain, 0, &err), CB_OK);
+  /* Ids three apart: every id a run of its own, as when other sessions
+   * draw from the sequence at the same time. */
+  snprintf(sql, sizeof sql, "ALTER SEQUENCE pgmq.q_%s__commands_msg_id_seq INCREMENT BY 3", domain);
+  cb_unit_free(test_sql(rt, sql));
+  specs *p = make_specs(NULL);
+  assert_int_equal(cb_bus_send(rt, domain, p->s, LARGE, 0, p->results, &err), CB_OK);
+  for (int i = 1; i < LARGE; i++) assert_int_equal(p->results[i].msg_id - p->results[i - 1].msg_id, 3);
+  /* Each command, its message and its SENT row name the result's id. */
+  cb_strbuf ids = {0};
+  cb_strbuf_putc(&ids, '{');
+  for (int i = 0; i < LARGE; i++)
+    cb_strbuf_printf(&ids, "%s\"(%s,%lld)\"", i ? "," : "", p->results[i].command_id, (long long)p->results[i].msg_id);
+  cb_strbuf_putc(&ids, '}');
+  snprintf(sql, sizeof sql,
+           "SELECT count(*) FROM unnest($1::text[]) r(v), LATERAL (SELECT split_part(trim(r.v, '()'), ',', 1)::uuid"
+           " AS id, split_part(trim(r.v, '()'), ',', 2)::bigint AS msg_id) x"
+           " JOIN commandbus.command c ON c.domain = $2 AND c.command_id = x.id AND c.msg_id = x.msg_id"
+           " JOIN pgmq.q_%s__commands m ON m.msg_id = x.msg_id AND m.message->>'command_id' = x.id::text"
+           " JOIN commandbus.audit a ON a.command_id = x.id AND (a.details_json->>'msg_id')::bigint = x.msg_id",
+           domain);
+  assert_int_equal(number(rt, sql, ids.data, domain), LARGE);
+  cb_strbuf_free(&ids);
+  free(p);
+  drop(rt, domain);
+  cb_runtime_free(rt);
+}
+
 static void bad_data_in_a_large_send_is_invalid_input_and_writes_nothing(void **state) {
   (void)state;
   cb_runtime *rt = setup_runtime(1);
@@ -215,14 +254,19 @@ static void bad_data_in_a_large_send_is_invalid_input_and_writes_nothing(void **
   snprintf(domain, sizeof domain, "%s", test_name("copy_bad"));
   drop(rt, domain);
   specs *p = make_specs(NULL);
-  p->s[LARGE - 1].data_json = "{\"a\": tru}"; /* one value as far as brackets go: the server refuses it */
   cb_err err;
-  assert_int_equal(cb_bus_send(rt, domain, p->s, LARGE, 0, p->results, &err), CB_EINVAL);
-  assert_non_null(strstr(err.message, "invalid command data"));
-  assert_int_equal(number(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1", domain, NULL), 0);
-  assert_int_equal(number(rt, "SELECT count(*) FROM commandbus.audit WHERE domain = $1", domain, NULL), 0);
+  /* The first command's message fails while the rest are still being
+   * sent (the server skips them); the last one's at the end. */
+  int bad[] = {0, LARGE - 1};
+  for (int k = 0; k < 2; k++) {
+    p->s[bad[k]].data_json = "{\"a\": tru}"; /* one value as far as brackets go: the server refuses it */
+    assert_int_equal(cb_bus_send(rt, domain, p->s, LARGE, 0, p->results, &err), CB_EINVAL);
+    assert_non_null(strstr(err.message, "invalid command data"));
+    assert_int_equal(number(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1", domain, NULL), 0);
+    assert_int_equal(number(rt, "SELECT count(*) FROM commandbus.audit WHERE domain = $1", domain, NULL), 0);
+    p->s[bad[k]].data_json = NULL;
+  }
   /* The connection is back in the pipeline: the next send goes. */
-  p->s[LARGE - 1].data_json = NULL;
   assert_int_equal(cb_bus_send(rt, domain, p->s, LARGE, 0, p->results, &err), CB_OK);
   assert_int_equal(cb_bus_send(rt, domain, p->s, 1, 0, p->results, &err), CB_OK);
   assert_int_equal(number(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1", domain, NULL), LARGE + 1);
@@ -292,6 +336,82 @@ static void a_copy_waits_for_a_connection_with_nothing_in_flight(void **state) {
   cb_runtime_free(rt);
 }
 
+/* A copy source for the tests below: `pieces` pieces of `rows` numbers each
+ * for every COPY, each number the first drawn row's value plus its place;
+ * or, with fail_at, -1 at that piece. */
+typedef struct numbers {
+  int pieces, rows, fail_at, made;
+  long long base;
+  char piece[4096];
+} numbers;
+
+static int numbers_source(void *arg, int copy, const cb_result *rows, const char **data, size_t *len) {
+  (void)copy;
+  numbers *n = arg;
+  if (n->made == n->fail_at) return -1;
+  if (n->made == 0) n->base = rows ? cb_result_int(rows, 0, 0) : -1;
+  size_t at = 0;
+  for (int i = 0; i < n->rows; i++)
+    at += (size_t)snprintf(n->piece + at, sizeof n->piece - at, "%lld\n", n->base + n->made * n->rows + i);
+  n->made++;
+  *data = n->piece;
+  *len = at;
+  return n->made < n->pieces;
+}
+
+static void a_copy_takes_its_data_from_a_source_piece_by_piece(void **state) {
+  (void)state;
+  cb_runtime *rt = setup_runtime(1);
+  char table[80], sql[256];
+  snprintf(table, sizeof table, "public.%s", test_name("copy_source"));
+  snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", table);
+  cb_unit_free(test_sql(rt, sql));
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (n bigint)", table);
+  cb_unit_free(test_sql(rt, sql));
+  /* More pieces than the socket takes at once: the loop comes back for them. */
+  numbers n = {.pieces = 2000, .rows = 100, .fail_at = -1};
+  cb_unit *u = cb_unit_new();
+  snprintf(sql, sizeof sql, "SELECT 1000; COPY %s (n) FROM STDIN; SELECT 7", table);
+  cb_unit_add_flags(u, sql, 0, NULL, CB_STMT_COPY);
+  cb__unit_copy_source(u, numbers_source, &n);
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  /* The statement's result: the first rows the query returned. */
+  assert_int_equal(cb_result_int(cb_unit_result(u, 0), 0, 0), 1000);
+  cb_unit_free(u);
+  snprintf(sql, sizeof sql, "SELECT count(DISTINCT n) FROM %s WHERE n BETWEEN 1000 AND 200999", table);
+  assert_int_equal(number(rt, sql, NULL, NULL), 200000);
+  snprintf(sql, sizeof sql, "DROP TABLE %s", table);
+  cb_unit_free(test_sql(rt, sql));
+  cb_runtime_free(rt);
+}
+
+static void a_copy_whose_source_fails_writes_nothing(void **state) {
+  (void)state;
+  cb_runtime *rt = setup_runtime(1);
+  char table[80], sql[256];
+  snprintf(table, sizeof table, "public.%s", test_name("copy_source_fails"));
+  snprintf(sql, sizeof sql, "DROP TABLE IF EXISTS %s", table);
+  cb_unit_free(test_sql(rt, sql));
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (n bigint)", table);
+  cb_unit_free(test_sql(rt, sql));
+  numbers n = {.pieces = 50, .rows = 100, .fail_at = 30};
+  cb_unit *u = cb_unit_new();
+  snprintf(sql, sizeof sql, "SELECT 1; COPY %s (n) FROM STDIN", table);
+  cb_unit_add_flags(u, sql, 0, NULL, CB_STMT_COPY);
+  cb__unit_copy_source(u, numbers_source, &n);
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_EDATABASE);
+  assert_non_null(strstr(err.message, "could not be made"));
+  cb_unit_free(u);
+  /* Nothing written, and the connection is back in the pipeline. */
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+  assert_int_equal(number(rt, sql, NULL, NULL), 0);
+  snprintf(sql, sizeof sql, "DROP TABLE %s", table);
+  cb_unit_free(test_sql(rt, sql));
+  cb_runtime_free(rt);
+}
+
 static void a_copy_statement_runs_alone_in_its_unit(void **state) {
   (void)state;
   cb_runtime *rt = setup_runtime(1);
@@ -313,9 +433,12 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(a_large_send_writes_by_copy_the_rows_a_statement_writes),
       cmocka_unit_test(a_large_send_notifies_its_queue),
+      cmocka_unit_test(message_ids_drawn_in_several_runs_go_to_the_commands_in_order),
       cmocka_unit_test(bad_data_in_a_large_send_is_invalid_input_and_writes_nothing),
       cmocka_unit_test(data_that_is_not_one_json_value_goes_by_statement),
       cmocka_unit_test(a_copy_waits_for_a_connection_with_nothing_in_flight),
+      cmocka_unit_test(a_copy_takes_its_data_from_a_source_piece_by_piece),
+      cmocka_unit_test(a_copy_whose_source_fails_writes_nothing),
       cmocka_unit_test(a_copy_statement_runs_alone_in_its_unit),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -35,7 +35,8 @@ typedef struct pg_result cb_result; /* libpq's PGresult, read through cb_result_
  * CB_STMT_COPY: the SQL text is a simple query (one or more statements, run
  * as one transaction) whose COPY ... FROM STDIN statements take the
  * parameters in turn as their data, in COPY's text format; such a statement
- * is the only one of its unit. COPY cannot run in libpq's pipeline mode, so
+ * is the only one of its unit, and its result is the first result of its
+ * statements that returned rows (NULL when none did). COPY cannot run in libpq's pipeline mode, so
  * the unit waits for a connection with nothing in flight and takes it out
  * of pipeline mode while it runs. */
 enum { CB_STMT_ONESHOT = 1, CB_STMT_COPY = 2 };
