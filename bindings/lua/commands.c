@@ -67,7 +67,7 @@ static const char *const command_keys[K_ENCODER] = {"type",      "id",        "c
 /* Pushes the keys, then the JSON encoder (K_ENCODER); returns the index of
  * the first. */
 static int push_command_keys(lua_State *L) {
-  luaL_checkstack(L, K_COUNT, "commands");
+  luaL_checkstack(L, K_COUNT + LUA_MINSTACK, "commands"); /* and room for reading one */
   int keys = lua_gettop(L) + 1;
   for (int k = 0; k < K_ENCODER; k++) lua_pushstring(L, command_keys[k]);
   cbL_push_json_encoder(L);
@@ -159,7 +159,7 @@ int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
 enum { R_COMMAND_ID, R_MSG_ID, R_DUPLICATE, R_DUPLICATE_OF, R_COUNT };
 static int push_result_keys(lua_State *L) {
   static const char *const names[R_COUNT] = {"command_id", "msg_id", "duplicate", "duplicate_of"};
-  luaL_checkstack(L, R_COUNT + 3, "results");
+  luaL_checkstack(L, R_COUNT + LUA_MINSTACK, "results");
   int keys = lua_gettop(L) + 1;
   for (int k = 0; k < R_COUNT; k++) lua_pushstring(L, names[k]);
   return keys;
