@@ -70,6 +70,9 @@ int cbL_arg_int64(lua_State *L, int arg, const char *name, int64_t min, int64_t 
 int cbL_arg_text(lua_State *L, int arg, const char *name, const char **out);
 /* The number at stack index idx, named as option `name` in messages. */
 int cbL_number_at(lua_State *L, int idx, const char *name, double min, double max, double *out);
+/* The same for an integer, and for text (as cbL_arg_text's). */
+int cbL_integer_at(lua_State *L, int idx, const char *name, int64_t min, int64_t max, int64_t *out);
+int cbL_text_at(lua_State *L, int idx, const char *name, const char **out);
 int cbL_opt_number(lua_State *L, int idx, const char *name, double def, double min, double max, double *out);
 int cbL_opt_integer(lua_State *L, int idx, const char *name, int64_t def, int64_t min, int64_t max, int64_t *out);
 int cbL_opt_int(lua_State *L, int idx, const char *name, int def, int min, int max, int *out);
@@ -128,6 +131,10 @@ void cbL_open_json(lua_State *L);
 int cbL_json_encode(lua_State *L, int idx);
 /* The same without the PostgreSQL checks (values that never leave the process). */
 int cbL_json_encode_any(lua_State *L, int idx);
+/* Pushes the encoder cbL_json_encode calls; cbL_json_encode_by calls the
+ * one at `encoder`: a loop over many values looks it up once. */
+void cbL_push_json_encoder(lua_State *L);
+int cbL_json_encode_by(lua_State *L, int encoder, int idx);
 /* Decodes a JSON text; pushes the value (or nil+message: returns 0). */
 int cbL_json_decode(lua_State *L, const char *text);
 

@@ -121,6 +121,13 @@ int cbL_number_at(lua_State *L, int idx, const char *name, double min, double ma
   return number_at(L, lua_absindex(L, idx), 0, name, min, max, 0, out);
 }
 
+int cbL_integer_at(lua_State *L, int idx, const char *name, int64_t min, int64_t max, int64_t *out) {
+  double v;
+  if (!number_at(L, lua_absindex(L, idx), 0, name, (double)min, (double)max, 1, &v)) return 0;
+  *out = (int64_t)v;
+  return 1;
+}
+
 int cbL_arg_number(lua_State *L, int arg, const char *name, double min, double max, double *out) {
   return number_at(L, arg, arg, name, min, max, 0, out);
 }
@@ -257,6 +264,10 @@ static int text_at(lua_State *L, int idx, int arg, const char *name, const char 
 }
 
 int cbL_arg_text(lua_State *L, int arg, const char *name, const char **out) { return text_at(L, arg, arg, name, out); }
+
+int cbL_text_at(lua_State *L, int idx, const char *name, const char **out) {
+  return text_at(L, lua_absindex(L, idx), 0, name, out);
+}
 
 int cbL_opt_text(lua_State *L, int idx, const char *name, const char *def, const char **out) {
   idx = lua_absindex(L, idx);

@@ -42,51 +42,98 @@ static int spec_error(lua_State *L, const char *what, int i) {
   return 0;
 }
 
-int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what) {
+/* A command table's fields, in the order of the key strings that
+ * push_command_keys pushes: a list of commands pushes them once, and each
+ * lookup then goes by a string already in the Lua state, where
+ * lua_getfield would intern its name again (with strcmp) every time. */
+enum {
+  K_TYPE,
+  K_ID,
+  K_CORRELATION_ID,
+  K_REPLY_TO,
+  K_BATCH_ID,
+  K_DEDUP_KEY,
+  K_MAX_ATTEMPTS,
+  K_PRIORITY,
+  K_DEDUP_FOR,
+  K_DATA,
+  K_ENCODER,
+  K_COUNT
+};
+static const char *const command_keys[K_ENCODER] = {"type",      "id",        "correlation_id", "reply_to",
+                                                    "batch_id",  "dedup_key", "max_attempts",   "priority",
+                                                    "dedup_for", "data"};
+
+/* Pushes the keys, then the JSON encoder (K_ENCODER); returns the index of
+ * the first. */
+static int push_command_keys(lua_State *L) {
+  luaL_checkstack(L, K_COUNT + LUA_MINSTACK, "commands"); /* and room for reading one */
+  int keys = lua_gettop(L) + 1;
+  for (int k = 0; k < K_ENCODER; k++) lua_pushstring(L, command_keys[k]);
+  cbL_push_json_encoder(L);
+  return keys;
+}
+
+/* Pushes the command's field k (as lua_getfield would) and returns its type. */
+static int get_key(lua_State *L, int idx, int keys, int k) {
+  lua_pushvalue(L, keys + k);
+  lua_gettable(L, idx);
+  return lua_type(L, -1);
+}
+
+/* A number field, checked with cbL_integer_at's or cbL_number_at's range;
+ * nil leaves *out as it is. */
+static int number_key(lua_State *L, int idx, int keys, int k, const char *what, int i, const char *expected, double min,
+                      double max, int integral, double *out) {
+  int type = get_key(L, idx, keys, k);
+  if (type == LUA_TNIL) {
+    lua_pop(L, 1);
+    return 1;
+  }
+  if (type != LUA_TNUMBER)
+    spec_raise(L, what, i, " field '%s': %s, got %s", command_keys[k], expected, lua_typename(L, type));
+  int64_t whole;
+  int ok = integral ? cbL_integer_at(L, -1, command_keys[k], (int64_t)min, (int64_t)max, &whole)
+                    : cbL_number_at(L, -1, command_keys[k], min, max, out);
+  if (!ok) return spec_error(L, what, i);
+  if (integral) *out = (double)whole;
+  lua_pop(L, 1);
+  return 1;
+}
+
+static int read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what,
+                        int keys) {
   idx = lua_absindex(L, idx);
   memset(spec, 0, sizeof *spec);
   if (lua_type(L, idx) != LUA_TTABLE) spec_raise(L, what, i, ": table expected, got %s", luaL_typename(L, idx));
-  struct {
-    const char *name;
-    const char **out;
-  } strings[] = {
-      {"type", &spec->command_type}, {"id", &spec->command_id},     {"correlation_id", &spec->correlation_id},
-      {"reply_to", &spec->reply_to}, {"batch_id", &spec->batch_id}, {"dedup_key", &spec->dedup_key}};
-  for (size_t k = 0; k < sizeof strings / sizeof strings[0]; k++) {
-    lua_getfield(L, idx, strings[k].name);
-    int type = lua_type(L, -1);
-    lua_pop(L, 1);
-    if (type == LUA_TNIL) continue;
+  const char **strings[] = {
+      [K_TYPE] = &spec->command_type, [K_ID] = &spec->command_id,     [K_CORRELATION_ID] = &spec->correlation_id,
+      [K_REPLY_TO] = &spec->reply_to, [K_BATCH_ID] = &spec->batch_id, [K_DEDUP_KEY] = &spec->dedup_key};
+  for (int k = K_TYPE; k <= K_DEDUP_KEY; k++) {
+    int type = get_key(L, idx, keys, k);
+    if (type == LUA_TNIL) {
+      lua_pop(L, 1);
+      continue;
+    }
     if (type != LUA_TSTRING)
-      spec_raise(L, what, i, " field '%s': string expected, got %s", strings[k].name, lua_typename(L, type));
-    if (!cbL_opt_text(L, idx, strings[k].name, NULL, strings[k].out)) return spec_error(L, what, i);
+      spec_raise(L, what, i, " field '%s': string expected, got %s", command_keys[k], lua_typename(L, type));
+    if (!cbL_text_at(L, -1, command_keys[k], strings[k])) return spec_error(L, what, i);
+    lua_pop(L, 1); /* still referenced by the command's table */
   }
   if (spec->command_type == NULL) spec_raise(L, what, i, ": field 'type' is required");
-  lua_getfield(L, idx, "max_attempts");
-  int type = lua_type(L, -1);
-  lua_pop(L, 1);
-  if (type != LUA_TNIL && type != LUA_TNUMBER)
-    spec_raise(L, what, i, " field 'max_attempts': integer expected, got %s", lua_typename(L, type));
-  if (!cbL_opt_int(L, idx, "max_attempts", 0, 1, CBL_MAX_ATTEMPTS, &spec->max_attempts)) return spec_error(L, what, i);
-  lua_getfield(L, idx, "priority");
-  type = lua_type(L, -1);
-  lua_pop(L, 1);
-  if (type != LUA_TNIL && type != LUA_TNUMBER)
-    spec_raise(L, what, i, " field 'priority': integer expected, got %s", lua_typename(L, type));
-  if (!cbL_opt_int(L, idx, "priority", 0, CB_PRIORITY_MIN, CB_PRIORITY_MAX, &spec->priority))
-    return spec_error(L, what, i);
-  lua_getfield(L, idx, "dedup_for");
-  type = lua_type(L, -1);
-  lua_pop(L, 1);
-  if (type != LUA_TNIL && type != LUA_TNUMBER)
-    spec_raise(L, what, i, " field 'dedup_for': number of seconds expected, got %s", lua_typename(L, type));
-  if (!cbL_opt_number(L, idx, "dedup_for", 0, CBL_TIMING_MIN, CBL_AGE_MAX, &spec->dedup_for))
-    return spec_error(L, what, i);
-  lua_getfield(L, idx, "data");
-  if (!lua_isnil(L, -1)) {
+  double max_attempts = 0, priority = 0;
+  if (!number_key(L, idx, keys, K_MAX_ATTEMPTS, what, i, "integer expected", 1, CBL_MAX_ATTEMPTS, 1, &max_attempts) ||
+      !number_key(L, idx, keys, K_PRIORITY, what, i, "integer expected", CB_PRIORITY_MIN, CB_PRIORITY_MAX, 1,
+                  &priority) ||
+      !number_key(L, idx, keys, K_DEDUP_FOR, what, i, "number of seconds expected", CBL_TIMING_MIN, CBL_AGE_MAX, 0,
+                  &spec->dedup_for))
+    return 0;
+  spec->max_attempts = (int)max_attempts;
+  spec->priority = (int)priority;
+  if (get_key(L, idx, keys, K_DATA) != LUA_TNIL) {
     if (lua_type(L, -1) != LUA_TTABLE)
       spec_raise(L, what, i, " field 'data': table expected, got %s", luaL_typename(L, -1));
-    if (!cbL_json_encode(L, -1)) {
+    if (!cbL_json_encode_by(L, keys + K_ENCODER, -1)) {
       const char *why = lua_tostring(L, -1);
       const char *name = spec_name(L, what, i);
       cbL_pusherrorcode(L, CB_EINVAL, "cannot encode %s data as JSON: %s", name, why ? why : "?");
@@ -99,19 +146,49 @@ int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
   return 1;
 }
 
-static void push_result(lua_State *L, const cb_send_result *r) {
-  lua_createtable(L, 0, 3);
-  lua_pushstring(L, r->command_id);
-  lua_setfield(L, -2, "command_id");
+int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what) {
+  idx = lua_absindex(L, idx);
+  int keys = push_command_keys(L);
+  if (!read_command(L, idx, anchor_idx, i, spec, what, keys)) return 0; /* nil, err on top */
+  lua_settop(L, keys - 1);
+  return 1;
+}
+
+/* A result's keys, pushed once for a list of results (as the command
+ * keys are). */
+enum { R_COMMAND_ID, R_MSG_ID, R_DUPLICATE, R_DUPLICATE_OF, R_COUNT };
+static int push_result_keys(lua_State *L) {
+  static const char *const names[R_COUNT] = {"command_id", "msg_id", "duplicate", "duplicate_of"};
+  luaL_checkstack(L, R_COUNT + LUA_MINSTACK, "results");
+  int keys = lua_gettop(L) + 1;
+  for (int k = 0; k < R_COUNT; k++) lua_pushstring(L, names[k]);
+  return keys;
+}
+
+static void push_result_with(lua_State *L, const cb_send_result *r, int keys) {
+  lua_createtable(L, 0, r->duplicate ? 3 : 2);
+  lua_pushvalue(L, keys + R_COMMAND_ID);
+  lua_pushlstring(L, r->command_id, strlen(r->command_id));
+  lua_rawset(L, -3);
   if (r->duplicate) {
+    lua_pushvalue(L, keys + R_DUPLICATE);
     lua_pushboolean(L, 1);
-    lua_setfield(L, -2, "duplicate");
+    lua_rawset(L, -3);
+    lua_pushvalue(L, keys + R_DUPLICATE_OF);
     lua_pushstring(L, r->duplicate_of);
-    lua_setfield(L, -2, "duplicate_of");
+    lua_rawset(L, -3);
   } else {
+    lua_pushvalue(L, keys + R_MSG_ID);
     cbL_pushint64(L, r->msg_id);
-    lua_setfield(L, -2, "msg_id");
+    lua_rawset(L, -3);
   }
+}
+
+static void push_result(lua_State *L, const cb_send_result *r) {
+  int keys = push_result_keys(L);
+  push_result_with(L, r, keys);
+  lua_replace(L, keys);
+  lua_settop(L, keys);
 }
 
 /* Reads the list of command tables at `list` into userdata arrays (so that a
@@ -120,20 +197,25 @@ static void push_result(lua_State *L, const cb_send_result *r) {
 static int read_specs(lua_State *L, int list, int anchor, size_t n, cb_command_spec **specs, cb_send_result **results) {
   *specs = lua_newuserdata(L, n * sizeof **specs);
   *results = lua_newuserdata(L, n * sizeof **results);
+  int keys = push_command_keys(L);
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, list, (int)i + 1);
-    if (!cbL_read_command(L, -1, anchor, (int)i + 1, &(*specs)[i], NULL)) return 0;
+    if (!read_command(L, -1, anchor, (int)i + 1, &(*specs)[i], NULL, keys)) return 0;
     lua_pop(L, 1);
   }
+  lua_settop(L, keys - 1);
   return 1;
 }
 
 static void push_results(lua_State *L, const cb_send_result *results, size_t n) {
+  int keys = push_result_keys(L);
   lua_createtable(L, (int)n, 0);
   for (size_t i = 0; i < n; i++) {
-    push_result(L, &results[i]);
+    push_result_with(L, &results[i], keys);
     lua_rawseti(L, -2, (int)i + 1);
   }
+  lua_replace(L, keys);
+  lua_settop(L, keys);
 }
 
 /* The {domain=, delay=} fields every send has. */
@@ -186,12 +268,8 @@ static size_t commands_field(lua_State *L) {
   return lua_rawlen(L, -1);
 }
 
-/* bus:send_batch{domain=, commands={{type=, data=, ...}, ...}, delay=}
- * -> {{command_id=, msg_id=} or {command_id=, duplicate=true}, ...} | nil, err
- * One round trip and one transaction for all. */
-static int l_send_batch(lua_State *L) {
-  cbL_checkbus(L, 1);
-  luaL_checktype(L, 2, LUA_TTABLE);
+/* send_batch once its two arguments are checked. */
+static int send_batch(lua_State *L) {
   const char *domain;
   double delay;
   if (!send_fields(L, &domain, &delay)) return 2;
@@ -209,6 +287,37 @@ static int l_send_batch(lua_State *L) {
   if (cb_bus_send(rt, domain, specs, n, delay, results, &err) != CB_OK) return cbL_pusherror(L, &err);
   push_results(L, results, n);
   return 1;
+}
+
+/* bus:send_batch{domain=, commands={{type=, data=, ...}, ...}, delay=}
+ * -> {{command_id=, msg_id=} or {command_id=, duplicate=true}, ...} | nil, err
+ * One round trip and one transaction for all.
+ *
+ * Under Lua 5.4 the collector is paused for the call (when it was running):
+ * what the call makes (each command's JSON text, kept until the call
+ * returns, and the result tables it returns) is not garbage before the call
+ * returns, so the steps the collector would take meanwhile would only
+ * traverse the caller's live tables; for 50,000 commands that was about a
+ * third of the call's own CPU before the first byte reached the server. The
+ * body runs protected so that a raise restarts the collector before it
+ * goes on. LuaJIT cannot tell whether its collector is running, and is left
+ * as it is. */
+static int l_send_batch(lua_State *L) {
+  cbL_checkbus(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_settop(L, 2);
+#if LUA_VERSION_NUM >= 504
+  int paused = lua_gc(L, LUA_GCISRUNNING, 0);
+  if (paused) lua_gc(L, LUA_GCSTOP, 0);
+  lua_pushcfunction(L, send_batch);
+  lua_insert(L, 1);
+  int status = lua_pcall(L, 2, LUA_MULTRET, 0);
+  if (paused) lua_gc(L, LUA_GCRESTART, 0);
+  if (status != LUA_OK) return lua_error(L);
+  return lua_gettop(L);
+#else
+  return send_batch(L);
+#endif
 }
 
 /* bus:get_command(domain, id) -> record | nil, err (NOT_FOUND) */

@@ -26,12 +26,20 @@ void cbL_open_json(lua_State *L) {
   lua_pop(L, 1);
 }
 
+void cbL_push_json_encoder(lua_State *L) { lua_getfield(L, LUA_REGISTRYINDEX, "commandbus.json_encode"); }
+
+static int encode_by(lua_State *L, int encoder, int idx) {
+  lua_pushvalue(L, encoder);
+  lua_pushvalue(L, idx);
+  return lua_pcall(L, 1, 1, 0) == 0;
+}
+
 int cbL_json_encode_any(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
-  lua_getfield(L, LUA_REGISTRYINDEX, "commandbus.json_encode");
-  lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 1, 0) != 0) return 0;
-  return 1;
+  cbL_push_json_encoder(L);
+  int ok = encode_by(L, lua_gettop(L), idx);
+  lua_remove(L, -2); /* the encoder */
+  return ok;
 }
 
 /* Why PostgreSQL would refuse the JSON text, or NULL. jsonb cannot hold the
@@ -50,7 +58,15 @@ static const char *unstorable(const char *json, size_t len) {
 }
 
 int cbL_json_encode(lua_State *L, int idx) {
-  if (!cbL_json_encode_any(L, idx)) return 0;
+  idx = lua_absindex(L, idx);
+  cbL_push_json_encoder(L);
+  int ok = cbL_json_encode_by(L, lua_gettop(L), idx);
+  lua_remove(L, -2); /* the encoder */
+  return ok;
+}
+
+int cbL_json_encode_by(lua_State *L, int encoder, int idx) {
+  if (!encode_by(L, lua_absindex(L, encoder), lua_absindex(L, idx))) return 0;
   size_t len;
   const char *json = lua_tolstring(L, -1, &len);
   const char *why = unstorable(json, len);
