@@ -249,21 +249,6 @@ int cb_bus_add_send_from(cb_unit *u, const char *domain, const char *prefix, con
   return cb_unit_add(u, sql, nparams, params);
 }
 
-/* Validates specs, makes sure the queues exist, then appends the send
- * statements (one per chunk) and the queue's notify to u, without running it.
- * On an error u may hold part of them: the caller discards the unit. */
-/* Appends a decimal integer: a send_batch writes a few for each command,
- * and printf's machinery costs more than the rest of the command's JSON. */
-static void put_int(cb_strbuf *b, long long v) {
-  char text[24], *p = text + sizeof text;
-  unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
-  *--p = '\0';
-  do *--p = (char)('0' + u % 10);
-  while ((u /= 10) > 0);
-  if (v < 0) *--p = '-';
-  cb_strbuf_puts(b, p);
-}
-
 /* The command queue and the reply queues a send writes into: they exist
  * before the transaction that writes into them. */
 static int ensure_send_queues(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, cb_err *err) {
@@ -273,7 +258,10 @@ static int ensure_send_queues(cb_runtime *rt, const char *domain, const cb_comma
   return rc;
 }
 
-/* As cb_bus_add_send; when `element` is given and n is 1, the command's
+/* As cb_bus_add_send: validates specs, makes sure the queues exist, then
+ * appends the send statements (one per chunk) and the queue's notify to u,
+ * without running it; on an error u may hold part of them (the caller
+ * discards the unit). When `element` is given and n is 1, the command's
  * JSON object (an element of send_sql's array) is copied there and *flags
  * tells whether it has a dedup key (SEND_DEDUP) or an id its caller gave
  * (SEND_GIVEN_ID). */
@@ -317,7 +305,7 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
       cb_strbuf_puts(&json, "\",\"type\":");
       cb_strbuf_json_string(&json, s->command_type);
       cb_strbuf_puts(&json, ",\"max\":");
-      put_int(&json, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
+      cb_strbuf_put_int(&json, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
       if (s->reply_to && s->reply_to[0]) {
         cb_strbuf_puts(&json, ",\"reply\":\"");
         cb_strbuf_puts(&json, s->reply_to);
@@ -330,7 +318,7 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
       }
       if (s->priority) {
         cb_strbuf_puts(&json, ",\"prio\":");
-        put_int(&json, s->priority);
+        cb_strbuf_put_int(&json, s->priority);
       }
       if (s->dedup_key) {
         dedup = 1;
@@ -575,7 +563,7 @@ static void message_row(cb_strbuf *b, cb_strbuf *json, const char *domain, const
   }
   if (s->priority) {
     cb_strbuf_puts(json, ",\"priority\":");
-    put_int(json, s->priority);
+    cb_strbuf_put_int(json, s->priority);
   }
   cb_strbuf_putc(json, '}');
   put_be(b, 3, 2);
@@ -603,7 +591,7 @@ static void audit_row(cb_strbuf *b, cb_strbuf *json, const char *domain, const c
     cb_strbuf_puts(json, "null");
   }
   cb_strbuf_puts(json, ",\"msg_id\":");
-  put_int(json, res->msg_id);
+  cb_strbuf_put_int(json, res->msg_id);
   cb_strbuf_puts(json, ",\"batch_id\":");
   if (batch[0]) {
     cb_strbuf_putc(json, '"');
