@@ -86,6 +86,11 @@ void cb_queue_sql_receive(cb_strbuf *b, const char *queue, const char *ids, cons
   cb_strbuf_printf(b, ", read_ct = q.read_ct + 1 WHERE q.msg_id = ANY(%s)", ids);
 }
 
+void cb_queue_sql_receive_locked(cb_strbuf *b, const char *queue, const char *ctids, const char *seconds) {
+  cb_queue_sql_set_vt(b, queue, seconds);
+  cb_strbuf_printf(b, ", read_ct = q.read_ct + 1 WHERE q.ctid = ANY(%s)", ctids);
+}
+
 /* `msg_id = ANY(ARRAY(...))`, not a join: a join is planned as a hash over
  * a scan of the whole queue, slower as the queue and its dead rows grow;
  * this is primary-key lookups. */

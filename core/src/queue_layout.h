@@ -40,6 +40,15 @@ void cb_queue_sql_read(cb_strbuf *b, const char *queue, const char *limit, const
  * RETURNING q.<columns>. */
 void cb_queue_sql_receive(cb_strbuf *b, const char *queue, const char *ids, const char *seconds);
 
+/* The same for messages this statement has locked (FOR UPDATE), found by
+ * the tuple ids `ctids` (a tid[]) the locking read returned: a locked row
+ * keeps its place until our transaction ends, so this fetches each directly
+ * instead of searching the queue's primary key for it. A row whose newest
+ * version the statement's snapshot cannot see (it was changed and committed
+ * after the statement began, then locked) is not found: that message is not
+ * received this time and stays as it was. */
+void cb_queue_sql_receive_locked(cb_strbuf *b, const char *queue, const char *ctids, const char *seconds);
+
 /* Hides messages for `seconds` from now: an UPDATE, alias q, to which the
  * caller adds its FROM and WHERE. */
 void cb_queue_sql_set_vt(cb_strbuf *b, const char *queue, const char *seconds);

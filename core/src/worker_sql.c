@@ -44,7 +44,11 @@
  * more than their room is received; the rest stay in the queue untouched
  * (not received, no attempt, no audit). Each received type's window count
  * goes up in the same statement. With no limits this costs a probe of an
- * empty table and a test per message read.
+ * empty table: with no full types each message's type is not looked up
+ * (the comparison of the statement's one list with '{}' comes first and
+ * settles the OR), and with no limits at all the fetch's messages are not
+ * numbered by type (that branch's EXISTS is a one-time filter, so neither
+ * its sort nor its window runs).
  *
  * The receive never waits for a command row. It locks messages first and
  * their commands second, while an acknowledgement (ours, and rcmd's
@@ -65,9 +69,11 @@
  * command that does not exist is neither taken nor busy, and its message is
  * set aside as before. */
 void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
-#define NOT_FULL " AND NOT coalesce(message->>'command_type' = ANY((SELECT t FROM full_types)::text[]), false)"
+#define NOT_FULL                            \
+  " AND ((SELECT t FROM full_types) = '{}'" \
+  " OR NOT coalesce(message->>'command_type' = ANY((SELECT t FROM full_types)::text[]), false))"
 #define VISIBLE " AND " CB_QUEUE_SQL_VISIBLE NOT_FULL
-#define AGAIN " CASE WHEN read_ct > 0 THEN commandbus.message_command_id(message) END AS again"
+#define AGAIN " CASE WHEN read_ct > 0 THEN commandbus.message_command_id(message) END AS again, ctid AS at"
   cb_strbuf_puts(
       sql,
       "WITH room AS (SELECT command_type, room FROM commandbus.type_room($3)),"
@@ -88,24 +94,26 @@ void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
            " FROM ");
   cb_queue_sql_table(sql, queue);
   cb_strbuf_puts(
-      sql, " WHERE commandbus.priority_of(message) < 0" VISIBLE
-           " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-           " pick AS (SELECT * FROM (SELECT * FROM hi UNION ALL SELECT * FROM mid UNION ALL SELECT * FROM lo) x"
-           " LIMIT $1::int),"
-           " kept AS (SELECT p.msg_id, p.again FROM (SELECT msg_id, type, again, row_number() OVER (PARTITION BY type"
-           " ORDER BY prio DESC, msg_id) AS nth FROM pick) p LEFT JOIN room r ON r.command_type = p.type"
-           " WHERE r.room IS NULL OR p.nth <= r.room),"
-           " taken AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
-           " AND k.command_id = ANY(ARRAY(SELECT again FROM kept WHERE again IS NOT NULL))"
-           " FOR NO KEY UPDATE OF k SKIP LOCKED),"
-           " busy AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
-           " AND k.command_id = ANY(ARRAY(SELECT again FROM kept WHERE again IS NOT NULL))"
-           " AND k.command_id <> ALL(ARRAY(SELECT command_id FROM taken))),"
-           " m AS (");
-  cb_queue_sql_receive(sql, queue,
-                       "ARRAY(SELECT msg_id FROM kept WHERE again IS NULL"
-                       " OR again <> ALL(ARRAY(SELECT command_id FROM busy)))",
-                       "$2::float8");
+      sql,
+      " WHERE commandbus.priority_of(message) < 0" VISIBLE
+      " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+      " pick AS (SELECT * FROM (SELECT * FROM hi UNION ALL SELECT * FROM mid UNION ALL SELECT * FROM lo) x"
+      " LIMIT $1::int),"
+      " kept AS (SELECT msg_id, again, at FROM pick WHERE NOT EXISTS (SELECT FROM room)"
+      " UNION ALL SELECT p.msg_id, p.again, p.at FROM (SELECT msg_id, type, again, at, row_number() OVER (PARTITION BY"
+      " type ORDER BY prio DESC, msg_id) AS nth FROM pick WHERE EXISTS (SELECT FROM room)) p"
+      " LEFT JOIN room r ON r.command_type = p.type WHERE r.room IS NULL OR p.nth <= r.room),"
+      " taken AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
+      " AND k.command_id = ANY(ARRAY(SELECT again FROM kept WHERE again IS NOT NULL))"
+      " FOR NO KEY UPDATE OF k SKIP LOCKED),"
+      " busy AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
+      " AND k.command_id = ANY(ARRAY(SELECT again FROM kept WHERE again IS NOT NULL))"
+      " AND k.command_id <> ALL(ARRAY(SELECT command_id FROM taken))),"
+      " m AS (");
+  cb_queue_sql_receive_locked(sql, queue,
+                              "ARRAY(SELECT at FROM kept WHERE again IS NULL"
+                              " OR again <> ALL(ARRAY(SELECT command_id FROM busy)))",
+                              "$2::float8");
   cb_strbuf_puts(sql,
                  " RETURNING q.msg_id, q.read_ct, q.message, commandbus.priority_of(q.message) AS priority,"
                  " commandbus.message_command_id(q.message) AS command_id),"
