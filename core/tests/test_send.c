@@ -368,17 +368,23 @@ static void a_caller_alone_sends_in_a_transaction_of_its_own(void **state) {
 }
 
 /* Whether the listener hears a notification within `ms` milliseconds; what
- * came is consumed. */
-static int heard(PGconn *listener, int ms) {
+ * came is consumed. *marker (may be NULL) is set when one of them carried
+ * the payload "end". */
+static int heard_marked(PGconn *listener, int ms, int *marker) {
   for (int waited = 0;; waited += 20) {
     int got = 0;
     PQconsumeInput(listener);
-    for (PGnotify *n; (n = PQnotifies(listener)) != NULL; got = 1) PQfreemem(n);
-    if (got || waited >= ms) return got;
+    for (PGnotify *n; (n = PQnotifies(listener)) != NULL; PQfreemem(n)) {
+      if (marker && strcmp(n->extra, "end") == 0) *marker = 1;
+      else got = 1;
+    }
+    if (got || (marker && *marker) || waited >= ms) return got;
     struct pollfd fd = {PQsocket(listener), POLLIN, 0};
     poll(&fd, 1, 20);
   }
 }
+
+static int heard(PGconn *listener, int ms) { return heard_marked(listener, ms, NULL); }
 
 static long long pq_number(PGconn *pg, const char *sql) {
   PGresult *r = PQexec(pg, sql);
@@ -443,18 +449,27 @@ static void a_sends_wake_up_comes_once_its_rows_are_there(void **state) {
     assert_false(heard(listener, 300));                                 /* nothing committed, nothing heard */
     pq_ok(locker, "COMMIT");
     assert_true(heard(listener, 30000));
-    assert_true(pq_number(listener, count_sql) > sent); /* the rows of what woke it are there */
+    long long seen = pq_number(listener, count_sql);
+    assert_true(seen > sent); /* the rows of what woke it are there */
     for (int i = 0; i < n; i++) {
       pthread_join(threads[i], NULL);
       assert_int_equal(callers[i].rc, CB_OK);
     }
     pthread_barrier_destroy(&go);
     sent += n;
-    /* Each send's wake-up follows its commit: the last one heard (drained
-     * until a quiet spell) leaves nothing sent unseen. */
-    while (heard(listener, 300)) {
+    /* Each commit is followed by a wake-up: what the listener reads after
+     * the last one it hears is everything sent. Notifications arrive in
+     * the order of their transactions' commits, so once a marker notified
+     * after every send has returned is heard, none of theirs is still to
+     * come. */
+    snprintf(sql, sizeof sql, "NOTIFY pgmq_notify_%s__commands, 'end'", domain);
+    pq_ok(locker, sql);
+    int marker = 0;
+    for (int tries = 0; !marker; tries++) {
+      assert_true(tries < 100);
+      if (heard_marked(listener, 300, &marker)) seen = pq_number(listener, count_sql);
     }
-    assert_int_equal(pq_number(listener, count_sql), sent);
+    assert_int_equal(seen, sent);
   }
   PQfinish(locker);
   PQfinish(listener);
