@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <libpq-fe.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -365,6 +367,117 @@ static void a_caller_alone_sends_in_a_transaction_of_its_own(void **state) {
   cb_runtime_free(rt);
 }
 
+/* Whether the listener hears a notification within `ms` milliseconds; what
+ * came is consumed. *marker (may be NULL) is set when one of them carried
+ * the payload "end". */
+static int heard_marked(PGconn *listener, int ms, int *marker) {
+  for (int waited = 0;; waited += 20) {
+    int got = 0;
+    PQconsumeInput(listener);
+    for (PGnotify *n; (n = PQnotifies(listener)) != NULL; PQfreemem(n)) {
+      if (marker && strcmp(n->extra, "end") == 0) *marker = 1;
+      else got = 1;
+    }
+    if (got || (marker && *marker) || waited >= ms) return got;
+    struct pollfd fd = {PQsocket(listener), POLLIN, 0};
+    poll(&fd, 1, 20);
+  }
+}
+
+static int heard(PGconn *listener, int ms) { return heard_marked(listener, ms, NULL); }
+
+static long long pq_number(PGconn *pg, const char *sql) {
+  PGresult *r = PQexec(pg, sql);
+  assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+  long long n = atoll(PQgetvalue(r, 0, 0));
+  PQclear(r);
+  return n;
+}
+
+static void pq_ok(PGconn *pg, const char *sql) {
+  PGresult *r = PQexec(pg, sql);
+  assert_int_equal(PQresultStatus(r), PGRES_COMMAND_OK);
+  PQclear(r);
+}
+
+/* A send's wake-up (its queue's notify, which workers wait on between
+ * polls) comes once its rows are there to read, never before: while the
+ * queue's table is locked, so that the sends' inserts wait, a listener on
+ * the queue's channel hears nothing; the first notification after the lock
+ * is released finds commands of those sends committed; and every send is
+ * followed by one. A send alone, then concurrent sends sharing
+ * transactions. */
+static void a_sends_wake_up_comes_once_its_rows_are_there(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(2), *watcher = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], sql[256];
+  snprintf(domain, sizeof domain, "%s", test_name("sendwake"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result first;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &first, &err), CB_OK); /* makes the queue */
+  PGconn *listener = PQconnectdb(test_dsn()), *locker = PQconnectdb(test_dsn());
+  assert_int_equal(PQstatus(listener), CONNECTION_OK);
+  assert_int_equal(PQstatus(locker), CONNECTION_OK);
+  snprintf(sql, sizeof sql, "LISTEN pgmq_notify_%s__commands", domain);
+  pq_ok(listener, sql);
+  heard(listener, 0);
+  char count_sql[160];
+  snprintf(count_sql, sizeof count_sql, "SELECT count(*) FROM commandbus.command WHERE domain = '%s'", domain);
+
+  long long sent = 1;
+  for (int round = 0; round < 2; round++) {
+    int n = round == 0 ? 1 : CALLERS;
+    pq_ok(locker, "BEGIN");
+    snprintf(sql, sizeof sql, "LOCK TABLE pgmq.q_%s__commands IN SHARE MODE", domain);
+    pq_ok(locker, sql);
+    pthread_barrier_t go;
+    pthread_barrier_init(&go, NULL, (unsigned)n + 1);
+    caller callers[CALLERS];
+    pthread_t threads[CALLERS];
+    for (int i = 0; i < n; i++) {
+      callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99, .data = "{}"};
+      pthread_create(&threads[i], NULL, caller_main, &callers[i]);
+    }
+    pthread_barrier_wait(&go);
+    const char *waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND strpos(query, 'q_' || $1 || '__commands') > 0";
+    while (count_of(watcher, waiting, domain, NULL) == 0) usleep(1000); /* a send waits for the table */
+    assert_false(heard(listener, 300));                                 /* nothing committed, nothing heard */
+    pq_ok(locker, "COMMIT");
+    assert_true(heard(listener, 30000));
+    long long seen = pq_number(listener, count_sql);
+    assert_true(seen > sent); /* the rows of what woke it are there */
+    for (int i = 0; i < n; i++) {
+      pthread_join(threads[i], NULL);
+      assert_int_equal(callers[i].rc, CB_OK);
+    }
+    pthread_barrier_destroy(&go);
+    sent += n;
+    /* Each commit is followed by a wake-up: what the listener reads after
+     * the last one it hears is everything sent. Notifications arrive in
+     * the order of their transactions' commits, so once a marker notified
+     * after every send has returned is heard, none of theirs is still to
+     * come. */
+    snprintf(sql, sizeof sql, "NOTIFY pgmq_notify_%s__commands, 'end'", domain);
+    pq_ok(locker, sql);
+    int marker = 0;
+    for (int tries = 0; !marker; tries++) {
+      assert_true(tries < 100);
+      if (heard_marked(listener, 300, &marker)) seen = pq_number(listener, count_sql);
+    }
+    assert_int_equal(seen, sent);
+  }
+  PQfinish(locker);
+  PQfinish(listener);
+  drop(rt, domain);
+  cb_runtime_free(watcher);
+  cb_runtime_free(rt);
+}
+
 /* Holds a command's id for a second: sends it, then sleeps, in one
  * transaction. A send of that id meanwhile waits until it commits. */
 typedef struct holder {
@@ -561,6 +674,7 @@ int main(void) {
       cmocka_unit_test(sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart),
       cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
       cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
+      cmocka_unit_test(a_sends_wake_up_comes_once_its_rows_are_there),
       cmocka_unit_test(one_group_of_sends_is_on_its_way_at_a_time),
       cmocka_unit_test(a_stalled_group_does_not_hold_back_the_next),
       cmocka_unit_test(ids_made_after_a_fork_differ_from_the_parents),

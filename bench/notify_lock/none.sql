@@ -1,0 +1,2 @@
+-- The insert alone.
+INSERT INTO probe (v) VALUES ('x');
