@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "internal.h" /* cb__kick_copies */
 #include "queue_layout.h"
 #include "strbuf.h"
 #include "unit_internal.h"

@@ -127,6 +127,9 @@ void cb__conn_shutdown(cb_conn *conn); /* fails in-flight units with CB_ECLOSED,
 void cb__dispatch(cb_runtime *rt);     /* sends pending units where a connection is ready */
 /* Asks each COPY whose source had no piece yet for one again (pg.c). */
 void cb__resume_copies(cb_runtime *rt);
+/* From any thread: each COPY whose source answered CB__COPY_LATER is
+ * asked again soon, on the loop thread (runtime.c). */
+void cb__kick_copies(cb_runtime *rt);
 /* Writes message to out (outlen bytes, truncated) with whatever it echoes of
  * a password in conninfo (URI user info or password=, as written or
  * percent-decoded) shown as "***". conninfo may be NULL. */

@@ -9,7 +9,6 @@
 #include <libpq-fe.h>
 #include <stddef.h>
 
-#include "commandbus/runtime.h"
 #include "commandbus/unit.h"
 
 /* The data of a CB_STMT_COPY unit's COPY statements, made piece by piece on
@@ -22,16 +21,13 @@
  * be 0), -1 to abort the COPY (the transaction rolls back; the source
  * keeps its reason), or CB__COPY_LATER when the piece's makings are not
  * there yet: the connection then waits, sending nothing, until
- * cb__kick_copies asks again. `rows` is the result of the query's first statement
+ * cb__kick_copies (internal.h) asks again. `rows` is the result of the query's first statement
  * that returned rows, or NULL: what the data depends on, drawn in the same
  * transaction. The unit's caller waits meanwhile, so the source may read
- * and write its memory. */
+ * and write its memory; or, for a stream (bus.c), it goes on making what
+ * the source has not been told is there yet, and touches nothing else. */
 #define CB__COPY_LATER 2
 typedef int (*cb__copy_source)(void *arg, int copy, const cb_result *rows, const char **data, size_t *len);
-
-/* From any thread: each COPY whose source answered CB__COPY_LATER is
- * asked again soon, on the loop thread (runtime.c). */
-void cb__kick_copies(cb_runtime *rt);
 
 /* Makes u's CB_STMT_COPY statement take its data from source (see above). */
 void cb__unit_copy_source(cb_unit *u, cb__copy_source source, void *arg);
