@@ -261,6 +261,88 @@ describe("send_batch", function()
     assert.same({}, assert(bus:list_commands{domain = domain}))
   end)
 
+  -- From 2,000 fresh commands send_batch starts the send before it has read
+  -- them all, and hands them over as it reads (cb_bus_stream_start in
+  -- core/src/bus.c): a bad command found after the first ones went must
+  -- still write nothing, answer as it always did, and leave the bus usable.
+  describe("of many commands", function()
+    local N = 2500
+    local function many()
+      local list = {}
+      for i = 1, N do list[i] = {type = "T", data = {n = i}} end
+      return list
+    end
+    local function written()
+      return tonumber(helper.sql(([[SELECT (SELECT count(*) FROM commandbus.command WHERE domain = '%s')
+        + (SELECT count(*) FROM commandbus.audit WHERE domain = '%s')]]):format(domain, domain)):match("%d+"))
+    end
+    -- Nothing of the failed call is left under way on the bus's connections
+    -- (a COPY waiting for commands would hold one and its transaction).
+    local function still_usable()
+      local busy = helper.sql(([[SELECT count(*) FROM pg_stat_activity
+        WHERE application_name = 'spec_%s' AND state <> 'idle']]):format(domain))
+      assert.equal(0, tonumber(busy:match("%d+")))
+      assert.equal(N, #assert(bus:send_batch{domain = domain, commands = many()}))
+      assert.equal(2 * N, written())
+    end
+
+    before_each(function()
+      bus:close()
+      bus = helper.bus{application_name = "spec_" .. domain}
+    end)
+
+    it("answers each command with the ids the database holds", function()
+      local res = assert(bus:send_batch{domain = domain, commands = many()})
+      assert.equal(N, #res)
+      local want = {}
+      for i, r in ipairs(res) do
+        assert.is_nil(r.duplicate)
+        if i > 1 then assert.is_true(r.msg_id > res[i - 1].msg_id) end
+        want[i] = ("%s %d %d"):format(r.command_id, r.msg_id, i)
+      end
+      local got = helper.sql(([[SELECT string_agg(c.command_id || ' ' || c.msg_id || ' ' || (q.message->'data'->>'n'),
+        ',' ORDER BY c.msg_id) FROM commandbus.command c JOIN pgmq.q_%s q ON q.msg_id = c.msg_id
+        WHERE c.domain = '%s']]):format(commands, domain))
+      assert.equal(table.concat(want, ","), got:match("^(.-)\n?$"))
+      assert.equal(2 * N, written())
+    end)
+
+    it("raises for a bad command found late, writing nothing", function()
+      local list = many()
+      list[N - 100] = {type = 5}
+      local ok, why = pcall(bus.send_batch, bus, {domain = domain, commands = list})
+      assert.is_false(ok)
+      assert.matches(("bad command #%d field 'type': string expected, got number"):format(N - 100), why, 1, true)
+      assert.equal(0, written())
+      still_usable()
+    end)
+
+    it("returns nil, err for a command found late that it cannot send, writing nothing", function()
+      local list = many()
+      list[N - 100] = {type = "T", id = "nope"}
+      local res, err = bus:send_batch{domain = domain, commands = list}
+      assert.is_nil(res)
+      assert.equal("INVALID_ARGUMENT", err.code)
+      assert.matches(("command #%d: id `nope` is not a UUID"):format(N - 100), err.message, 1, true)
+      list[N - 100] = {type = "T", data = {f = print}}
+      res, err = bus:send_batch{domain = domain, commands = list}
+      assert.is_nil(res)
+      assert.equal("INVALID_ARGUMENT", err.code)
+      assert.matches(("cannot encode command #%d data as JSON"):format(N - 100), err.message, 1, true)
+      assert.equal(0, written())
+      still_usable()
+    end)
+
+    it("sends a command found late with its own id by statement, with the rest", function()
+      local list = many()
+      local id = world.uuid()
+      list[N - 100] = {type = "T", id = id}
+      local res = assert(bus:send_batch{domain = domain, commands = list})
+      assert.equal(id, res[N - 100].command_id)
+      assert.equal(2 * N, written())
+    end)
+  end)
+
   -- Under Lua 5.4 send_batch pauses the collector while it runs
   -- (bindings/lua/commands.c): it must leave it as it found it, whether the
   -- call returns, returns nil, err or raises.

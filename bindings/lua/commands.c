@@ -268,8 +268,36 @@ static size_t commands_field(lua_State *L) {
   return lua_rawlen(L, -1);
 }
 
-/* send_batch once its two arguments are checked. */
+/* How far send_batch got, for l_send_batch when it raised. */
+typedef struct batch_call {
+  cb_send_stream *stream; /* a stream under way: abandoned when the call raises */
+} batch_call;
+
+/* Reads the commands into specs (see read_specs) and, when a stream is
+ * under way, hands them over a piece at a time: the server writes the
+ * first ones while the rest are read. A stream that cannot take one of
+ * them is gone (call->stream NULL); the send then goes as it would
+ * without. Returns 0 after pushing nil, err, as read_specs. */
+static int read_streamed(lua_State *L, int list, int anchor, size_t n, cb_command_spec *specs, batch_call *call) {
+  int keys = push_command_keys(L);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, list, (int)i + 1);
+    if (!read_command(L, -1, anchor, (int)i + 1, &specs[i], NULL, keys)) return 0;
+    lua_pop(L, 1);
+    /* About the COPY path's pieces, so that the first is there early. */
+    if (call->stream && ((i + 1) % 256 == 0 || i + 1 == n) && !cb_bus_stream_add(call->stream, i + 1))
+      call->stream = NULL;
+  }
+  lua_settop(L, keys - 1);
+  return 1;
+}
+
+/* send_batch once its two arguments are checked, run protected by
+ * l_send_batch; the table at 3 keeps what the call makes alive until
+ * l_send_batch has abandoned a stream. */
 static int send_batch(lua_State *L) {
+  batch_call *call = lua_touserdata(L, 4);
+  lua_settop(L, 3);
   const char *domain;
   double delay;
   if (!send_fields(L, &domain, &delay)) return 2;
@@ -277,9 +305,33 @@ static int send_batch(lua_State *L) {
   int list = lua_gettop(L);
   lua_createtable(L, (int)n, 0);
   int anchor = lua_gettop(L);
+  lua_pushvalue(L, anchor);
+  lua_rawseti(L, 3, 1);
   cb_command_spec *specs = NULL;
   cb_send_result *results = NULL;
-  if (n > 0 && !read_specs(L, list, anchor, n, &specs, &results)) return 2;
+  if (n > 0) {
+    specs = lua_newuserdata(L, n * sizeof *specs);
+    lua_rawseti(L, 3, 2);
+    results = lua_newuserdata(L, n * sizeof *results);
+    lua_rawseti(L, 3, 3);
+    /* A bus that cannot send now does not stream: the send below says why,
+     * once the commands are read, as it always did. */
+    int top = lua_gettop(L);
+    cb_runtime *rt = cbL_bus_runtime(L, 1);
+    lua_settop(L, top);
+    if (rt) call->stream = cb_bus_stream_start(rt, domain, specs, results, n, delay);
+    if (!read_streamed(L, list, anchor, n, specs, call)) return 2;
+  }
+  if (call->stream) {
+    /* While the server writes, the answers are made from the drawn ids. */
+    int answered = cb_bus_stream_ids(call->stream);
+    if (answered) push_results(L, results, n);
+    cb_err err;
+    cb_send_stream *stream = call->stream;
+    call->stream = NULL;
+    if (cb_bus_stream_finish(stream, &err) != CB_OK) return cbL_pusherror(L, &err);
+    return 1;
+  }
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
   cb_err err;
@@ -293,31 +345,41 @@ static int send_batch(lua_State *L) {
  * -> {{command_id=, msg_id=} or {command_id=, duplicate=true}, ...} | nil, err
  * One round trip and one transaction for all.
  *
+ * The body runs protected: when it raises while a stream is under way
+ * (cb_bus_stream_start: a bad command found after the first ones went),
+ * the stream is abandoned, and the transaction rolled back, before the
+ * error goes on.
+ *
  * Under Lua 5.4 the collector is paused for the call (when it was running):
  * what the call makes (each command's JSON text, kept until the call
  * returns, and the result tables it returns) is not garbage before the call
  * returns, so the steps the collector would take meanwhile would only
  * traverse the caller's live tables; for 50,000 commands that was about a
- * third of the call's own CPU before the first byte reached the server. The
- * body runs protected so that a raise restarts the collector before it
- * goes on. LuaJIT cannot tell whether its collector is running, and is left
- * as it is. */
+ * third of the call's own CPU before the first byte reached the server.
+ * LuaJIT cannot tell whether its collector is running, and is left as it
+ * is. */
 static int l_send_batch(lua_State *L) {
   cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
+  batch_call call = {NULL};
+  lua_newtable(L); /* 3: keeps the commands' JSON and the arrays alive until the end */
 #if LUA_VERSION_NUM >= 504
   int paused = lua_gc(L, LUA_GCISRUNNING, 0);
   if (paused) lua_gc(L, LUA_GCSTOP, 0);
-  lua_pushcfunction(L, send_batch);
-  lua_insert(L, 1);
-  int status = lua_pcall(L, 2, LUA_MULTRET, 0);
-  if (paused) lua_gc(L, LUA_GCRESTART, 0);
-  if (status != LUA_OK) return lua_error(L);
-  return lua_gettop(L);
-#else
-  return send_batch(L);
 #endif
+  lua_pushcfunction(L, send_batch);
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 3);
+  lua_pushlightuserdata(L, &call);
+  int status = lua_pcall(L, 4, LUA_MULTRET, 0);
+  if (call.stream) cb_bus_stream_abandon(call.stream);
+#if LUA_VERSION_NUM >= 504
+  if (paused) lua_gc(L, LUA_GCRESTART, 0);
+#endif
+  if (status != 0) return lua_error(L);
+  return lua_gettop(L) - 3;
 }
 
 /* bus:get_command(domain, id) -> record | nil, err (NOT_FOUND) */

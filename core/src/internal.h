@@ -53,6 +53,7 @@ typedef struct cb_conn {
   cb_unit *copying;        /* [loop] the CB_STMT_COPY unit running here (out of pipeline mode), or NULL */
   int copy_next;           /* [loop] its parameter the next COPY reads (its copy source: the next COPY's number) */
   int copy_streaming;      /* [loop] a COPY is taking pieces from the unit's copy source */
+  int copy_waiting;        /* [loop] its copy source had no piece yet: resumed by cb__resume_copies */
   int want_write;          /* [loop] PQflush left data to send */
   int goodbye;             /* [loop] the server said FATAL while nothing was in flight */
   stmt_cache_entry *cache; /* [loop] prepared statements of this session */
@@ -102,6 +103,7 @@ struct cb_runtime {
   cb_event_feed *events;      /* [init] the process event sink's queue */
   struct runtime_part *parts; /* [lock] states of components above (cb_runtime_part_of) */
   uint64_t units_sent;        /* atomic: units sent to PostgreSQL (each one transaction) */
+  int copies_kicked;          /* atomic: cb_runtime_kick_copies was called since the loop last looked */
   cb_runtime *next_open;      /* guarded by the global list's lock */
 };
 
@@ -123,6 +125,11 @@ void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index);
 void cb__conn_start(cb_conn *conn);
 void cb__conn_shutdown(cb_conn *conn); /* fails in-flight units with CB_ECLOSED, closes handles */
 void cb__dispatch(cb_runtime *rt);     /* sends pending units where a connection is ready */
+/* Asks each COPY whose source had no piece yet for one again (pg.c). */
+void cb__resume_copies(cb_runtime *rt);
+/* From any thread: each COPY whose source answered CB__COPY_LATER is
+ * asked again soon, on the loop thread (runtime.c). */
+void cb__kick_copies(cb_runtime *rt);
 /* Writes message to out (outlen bytes, truncated) with whatever it echoes of
  * a password in conninfo (URI user info or password=, as written or
  * percent-decoded) shown as "***". conninfo may be NULL. */

@@ -126,6 +126,7 @@ static void fail_in_flight(cb_conn *conn, int code, const char *why) {
     cb_unit *u = conn->copying;
     conn->copying = NULL;
     conn->copy_streaming = 0;
+    conn->copy_waiting = 0;
     conn->units_in_flight--;
     cb__unit_complete(u, code, &err);
   }
@@ -619,6 +620,7 @@ static int send_copy_unit(cb_conn *conn, cb_unit *u) {
   conn->copying = u;
   conn->copy_next = 0;
   conn->copy_streaming = 0;
+  conn->copy_waiting = 0;
   __atomic_fetch_add(&conn->rt->units_sent, 1, __ATOMIC_RELAXED);
   if (u->broken) return -1; /* unreachable: dispatch completes a broken one */
   return PQexitPipelineMode(conn->pg) == 1 && PQsendQuery(conn->pg, u->arena + u->stmts[0].sql) ? 0 : -1;
@@ -806,6 +808,12 @@ static void pump_copy(cb_conn *conn) {
   const char *data = NULL;
   size_t len = 0;
   int more = u->copy_source(u->copy_arg, conn->copy_next, u->results[0], &data, &len);
+  if (more == CB__COPY_LATER) { /* the caller has not handed over what it is made of yet */
+    conn->copy_streaming = 0;
+    conn->copy_waiting = 1;
+    flush(conn);
+    return;
+  }
   int ok = more < 0 || len == 0 || PQputCopyData(pg, data, (int)len) == 1;
   if (ok && more <= 0) {
     conn->copy_streaming = 0;
@@ -830,7 +838,7 @@ static void read_copy_results(cb_conn *conn) {
   cb_unit *u = conn->copying;
   /* While a COPY takes data libpq answers each PQgetResult with another
    * COPY_IN; a server error waits in libpq until the COPY is ended. */
-  if (conn->copy_streaming) return;
+  if (conn->copy_streaming || conn->copy_waiting) return;
   while (!PQisBusy(pg)) {
     PGresult *r = PQgetResult(pg);
     if (r == NULL) {
@@ -958,6 +966,16 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
     pump_copy(conn);
     /* Its last piece ended the COPY: the answers may be in already. */
     if (conn->pg && !conn->copy_streaming && PQconsumeInput(conn->pg)) read_results(conn);
+  }
+}
+
+void cb__resume_copies(cb_runtime *rt) {
+  for (int i = 0; i < rt->nconns; i++) {
+    cb_conn *c = &rt->conns[i];
+    if (c->pg == NULL || !c->copy_waiting) continue;
+    c->copy_waiting = 0;
+    c->copy_streaming = 1;
+    watch_ready(c); /* writable: on_poll pumps */
   }
 }
 

@@ -124,6 +124,12 @@ static void on_wake(uv_poll_t *poll, int status, int events) {
     rt->pending_tail = t;
   }
   cb__dispatch(rt);
+  if (__atomic_exchange_n(&rt->copies_kicked, 0, __ATOMIC_SEQ_CST)) cb__resume_copies(rt);
+}
+
+void cb__kick_copies(cb_runtime *rt) {
+  __atomic_store_n(&rt->copies_kicked, 1, __ATOMIC_SEQ_CST);
+  wake_loop(rt);
 }
 
 static void start_connections(cb_runtime *rt, void *arg) {

@@ -19,10 +19,14 @@
  * to the next piece (the source's own memory, valid until its next call)
  * and returns 1 while more follows, 0 with the COPY's last piece (*len may
  * be 0), -1 to abort the COPY (the transaction rolls back; the source
- * keeps its reason). `rows` is the result of the query's first statement
+ * keeps its reason), or CB__COPY_LATER when the piece's makings are not
+ * there yet: the connection then waits, sending nothing, until
+ * cb__kick_copies (internal.h) asks again. `rows` is the result of the query's first statement
  * that returned rows, or NULL: what the data depends on, drawn in the same
  * transaction. The unit's caller waits meanwhile, so the source may read
- * and write its memory. */
+ * and write its memory; or, for a stream (bus.c), it goes on making what
+ * the source has not been told is there yet, and touches nothing else. */
+#define CB__COPY_LATER 2
 typedef int (*cb__copy_source)(void *arg, int copy, const cb_result *rows, const char **data, size_t *len);
 
 /* Makes u's CB_STMT_COPY statement take its data from source (see above). */

@@ -4,7 +4,10 @@
  * invalid input with nothing written, data that is not one JSON value left
  * to the statement; and COPY units (pg.c): one waits for a connection with
  * nothing in flight, one takes its data from a copy source piece by piece
- * after the rows its query drew, one whose source fails rolls back. */
+ * after the rows its query drew, one whose source fails rolls back; and
+ * streams, whose COPY starts before the caller has all its commands: the
+ * same rows, nothing written when one is abandoned or cannot take a
+ * command, and the connection usable after. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -86,6 +89,44 @@ static specs *make_specs(const char *reply_queue) {
   return p;
 }
 
+/* How many rows k of two domains (in message order) are alike, but for
+ * the ids. */
+static long long alike_rows(cb_runtime *rt, const char *by_statement, const char *by_copy) {
+  char sql[4096];
+  snprintf(sql, sizeof sql,
+           "WITH rows AS (SELECT c.domain, row_number() OVER (PARTITION BY c.domain ORDER BY c.msg_id) AS k,"
+           " c.command_type, c.status, c.attempts, c.max_attempts, c.reply_queue, c.batch_id, m.read_ct,"
+           " c.queue_name = c.domain || '__commands' AS queue_ok, a.audit_id,"
+           " m.message - 'domain' - 'command_id' - 'correlation_id' AS message,"
+           " m.message->>'domain' = c.domain AND m.message->>'command_id' = c.command_id::text"
+           " AND m.message->>'correlation_id' = c.correlation_id::text AS message_ids_ok,"
+           " a.details_json - 'correlation_id' - 'msg_id' AS details,"
+           " a.details_json->>'correlation_id' = c.correlation_id::text"
+           " AND (a.details_json->>'msg_id')::bigint = c.msg_id AS details_ids_ok"
+           " FROM commandbus.command c JOIN pgmq.q_%s__commands m ON m.msg_id = c.msg_id AND c.domain = $2"
+           " JOIN commandbus.audit a ON a.domain = c.domain AND a.command_id = c.command_id AND a.event_type = 'SENT'"
+           " UNION ALL"
+           " SELECT c.domain, row_number() OVER (PARTITION BY c.domain ORDER BY c.msg_id),"
+           " c.command_type, c.status, c.attempts, c.max_attempts, c.reply_queue, c.batch_id, m.read_ct,"
+           " c.queue_name = c.domain || '__commands', a.audit_id,"
+           " m.message - 'domain' - 'command_id' - 'correlation_id',"
+           " m.message->>'domain' = c.domain AND m.message->>'command_id' = c.command_id::text"
+           " AND m.message->>'correlation_id' = c.correlation_id::text,"
+           " a.details_json - 'correlation_id' - 'msg_id',"
+           " a.details_json->>'correlation_id' = c.correlation_id::text"
+           " AND (a.details_json->>'msg_id')::bigint = c.msg_id"
+           " FROM commandbus.command c JOIN pgmq.q_%s__commands m ON m.msg_id = c.msg_id AND c.domain = $1"
+           " JOIN commandbus.audit a ON a.domain = c.domain AND a.command_id = c.command_id AND a.event_type = 'SENT')"
+           " SELECT count(*) FROM rows s JOIN rows c ON c.k = s.k AND s.domain = $1 AND c.domain = $2"
+           " WHERE s.command_type = c.command_type AND s.status = c.status AND s.attempts = c.attempts"
+           " AND s.max_attempts = c.max_attempts AND s.reply_queue = c.reply_queue"
+           " AND s.batch_id IS NOT DISTINCT FROM c.batch_id AND s.read_ct = c.read_ct AND s.queue_ok AND c.queue_ok"
+           " AND s.message = c.message AND s.details = c.details"
+           " AND s.message_ids_ok AND c.message_ids_ok AND s.details_ids_ok AND c.details_ids_ok",
+           by_copy, by_statement);
+  return number(rt, sql, by_statement, by_copy);
+}
+
 static void a_large_send_writes_by_copy_the_rows_a_statement_writes(void **state) {
   (void)state;
   cb_runtime *rt = setup_runtime(2);
@@ -123,39 +164,7 @@ static void a_large_send_writes_by_copy_the_rows_a_statement_writes(void **state
                             p->results[i].command_id, msg_id),
                      1);
   }
-  /* Row k of each domain (in message order) alike, but for the ids. */
-  snprintf(sql, sizeof sql,
-           "WITH rows AS (SELECT c.domain, row_number() OVER (PARTITION BY c.domain ORDER BY c.msg_id) AS k,"
-           " c.command_type, c.status, c.attempts, c.max_attempts, c.reply_queue, c.batch_id, m.read_ct,"
-           " c.queue_name = c.domain || '__commands' AS queue_ok, a.audit_id,"
-           " m.message - 'domain' - 'command_id' - 'correlation_id' AS message,"
-           " m.message->>'domain' = c.domain AND m.message->>'command_id' = c.command_id::text"
-           " AND m.message->>'correlation_id' = c.correlation_id::text AS message_ids_ok,"
-           " a.details_json - 'correlation_id' - 'msg_id' AS details,"
-           " a.details_json->>'correlation_id' = c.correlation_id::text"
-           " AND (a.details_json->>'msg_id')::bigint = c.msg_id AS details_ids_ok"
-           " FROM commandbus.command c JOIN pgmq.q_%s__commands m ON m.msg_id = c.msg_id AND c.domain = $2"
-           " JOIN commandbus.audit a ON a.domain = c.domain AND a.command_id = c.command_id AND a.event_type = 'SENT'"
-           " UNION ALL"
-           " SELECT c.domain, row_number() OVER (PARTITION BY c.domain ORDER BY c.msg_id),"
-           " c.command_type, c.status, c.attempts, c.max_attempts, c.reply_queue, c.batch_id, m.read_ct,"
-           " c.queue_name = c.domain || '__commands', a.audit_id,"
-           " m.message - 'domain' - 'command_id' - 'correlation_id',"
-           " m.message->>'domain' = c.domain AND m.message->>'command_id' = c.command_id::text"
-           " AND m.message->>'correlation_id' = c.correlation_id::text,"
-           " a.details_json - 'correlation_id' - 'msg_id',"
-           " a.details_json->>'correlation_id' = c.correlation_id::text"
-           " AND (a.details_json->>'msg_id')::bigint = c.msg_id"
-           " FROM commandbus.command c JOIN pgmq.q_%s__commands m ON m.msg_id = c.msg_id AND c.domain = $1"
-           " JOIN commandbus.audit a ON a.domain = c.domain AND a.command_id = c.command_id AND a.event_type = 'SENT')"
-           " SELECT count(*) FROM rows s JOIN rows c ON c.k = s.k AND s.domain = $1 AND c.domain = $2"
-           " WHERE s.command_type = c.command_type AND s.status = c.status AND s.attempts = c.attempts"
-           " AND s.max_attempts = c.max_attempts AND s.reply_queue = c.reply_queue"
-           " AND s.batch_id IS NOT DISTINCT FROM c.batch_id AND s.read_ct = c.read_ct AND s.queue_ok AND c.queue_ok"
-           " AND s.message = c.message AND s.details = c.details"
-           " AND s.message_ids_ok AND c.message_ids_ok AND s.details_ids_ok AND c.details_ids_ok",
-           by_copy, by_statement);
-  assert_int_equal(number(rt, sql, by_statement, by_copy), LARGE);
+  assert_int_equal(alike_rows(rt, by_statement, by_copy), LARGE);
   /* The SENT rows' ids follow the call's order, as the statement's do. */
   snprintf(sql, sizeof sql,
            "SELECT count(*) FROM (SELECT a.audit_id, lag(a.audit_id) OVER (ORDER BY c.msg_id) AS before"
@@ -429,6 +438,151 @@ static void a_copy_statement_runs_alone_in_its_unit(void **state) {
   cb_runtime_free(rt);
 }
 
+/* ---- streams (cb_bus_stream_*): the send leaves before its commands are all there */
+
+/* Hands p's commands over to s in pieces of `step`, pausing now and then
+ * so that the COPY catches up and waits for the next ones. */
+static int hand_over(cb_send_stream *s, size_t step) {
+  for (size_t upto = step;; upto += step) {
+    if (upto > LARGE) upto = LARGE;
+    if (upto % (4 * step) == 0) usleep(20000);
+    if (!cb_bus_stream_add(s, upto)) return 0;
+    if (upto == LARGE) return 1;
+  }
+}
+
+static void a_stream_writes_the_rows_a_statement_writes(void **state) {
+  (void)state;
+  cb_runtime *rt = setup_runtime(1);
+  char by_statement[64], by_stream[64], replies[80];
+  snprintf(by_statement, sizeof by_statement, "%s", test_name("stream_stmt"));
+  snprintf(by_stream, sizeof by_stream, "%s", test_name("stream_copy"));
+  snprintf(replies, sizeof replies, "%s__replies", by_stream);
+  drop(rt, by_statement);
+  drop(rt, by_stream);
+  specs *p = make_specs(replies);
+  cb_err err;
+  cb_unit *u = cb_unit_new();
+  assert_int_equal(cb_bus_add_send(rt, u, by_statement, p->s, LARGE, 0, p->results, NULL, &err), CB_OK);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_unit_free(u);
+  /* A stream takes reply queues that are made already (that one is, now). */
+  cb_send_result *results = calloc(LARGE, sizeof *results);
+  cb_send_stream *s = cb_bus_stream_start(rt, by_stream, p->s, results, LARGE, 0);
+  assert_non_null(s);
+  assert_int_equal(hand_over(s, 100), 1);
+  assert_int_equal(cb_bus_stream_ids(s), 1);
+  for (int i = 1; i < LARGE; i++) assert_true(results[i].msg_id > results[i - 1].msg_id);
+  assert_int_equal(cb_bus_stream_finish(s, &err), CB_OK);
+  assert_int_equal(alike_rows(rt, by_statement, by_stream), LARGE);
+  for (int i = 0; i < LARGE; i += 97) {
+    char msg_id[24];
+    snprintf(msg_id, sizeof msg_id, "%lld", (long long)results[i].msg_id);
+    assert_false(results[i].duplicate);
+    assert_int_equal(number(rt,
+                            "SELECT count(*) FROM commandbus.command WHERE command_id = $1::uuid"
+                            " AND msg_id = $2::bigint",
+                            results[i].command_id, msg_id),
+                     1);
+  }
+  free(results);
+  free(p);
+  drop(rt, by_statement);
+  drop(rt, by_stream);
+  int existed;
+  cb_queue_drop(rt, replies, &existed, &err);
+  cb_runtime_free(rt);
+}
+
+static long long commands_of(cb_runtime *rt, const char *domain) {
+  return number(rt, "SELECT count(*) FROM commandbus.command WHERE domain = $1", domain, NULL) +
+         number(rt, "SELECT count(*) FROM commandbus.audit WHERE domain = $1", domain, NULL);
+}
+
+static void a_stream_that_cannot_take_a_command_writes_nothing(void **state) {
+  (void)state;
+  cb_runtime *rt = setup_runtime(1);
+  char domain[64];
+  specs *p = make_specs(NULL);
+  cb_err err;
+  /* A command with its own id, a bad one, one replying to a queue not made:
+   * each found after the first ones went. */
+  const char *fields[] = {"id", "bad", "reply"};
+  for (int k = 0; k < 3; k++) {
+    snprintf(domain, sizeof domain, "%s_%d", test_name("stream_gone"), k); /* a queue dropped stays known */
+    drop(rt, domain);
+    cb_command_spec was = p->s[2100];
+    if (k == 0) p->s[2100].command_id = "01890a5d-ac96-774b-bcce-b302099a8058";
+    if (k == 1) p->s[2100].correlation_id = "nope";
+    if (k == 2) p->s[2100].reply_to = "stream_gone_nowhere";
+    cb_send_stream *s = cb_bus_stream_start(rt, domain, p->s, p->results, LARGE, 0);
+    assert_non_null(s);
+    if (hand_over(s, 300) != 0) fail_msg("the stream took the command with %s", fields[k]);
+    assert_int_equal(commands_of(rt, domain), 0);
+    /* The connection goes on; cb_bus_send answers as ever. */
+    int rc = cb_bus_send(rt, domain, p->s, LARGE, 0, p->results, &err);
+    assert_int_equal(rc, k == 1 ? CB_EINVAL : CB_OK);
+    if (k == 1) assert_non_null(strstr(err.message, "command #2101: correlation_id `nope` is not a UUID"));
+    assert_int_equal(commands_of(rt, domain), k == 1 ? 0 : 2 * LARGE);
+    p->s[2100] = was;
+    drop(rt, domain);
+  }
+  int existed;
+  cb_queue_drop(rt, "stream_gone_nowhere", &existed, &err);
+  free(p);
+  cb_runtime_free(rt);
+}
+
+static void an_abandoned_stream_writes_nothing(void **state) {
+  (void)state;
+  cb_runtime *rt = setup_runtime(1);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("stream_abandon"));
+  drop(rt, domain);
+  specs *p = make_specs(NULL);
+  cb_err err;
+  /* Before the draw is back, while the COPY waits for commands, and once
+   * they are all there. */
+  size_t handed[] = {0, 1000, LARGE};
+  for (int k = 0; k < 3; k++) {
+    cb_send_stream *s = cb_bus_stream_start(rt, domain, p->s, p->results, LARGE, 0);
+    assert_non_null(s);
+    if (handed[k]) assert_int_equal(cb_bus_stream_add(s, handed[k]), 1);
+    if (k == 1) usleep(100000);
+    cb_bus_stream_abandon(s);
+    assert_int_equal(commands_of(rt, domain), 0);
+  }
+  assert_int_equal(cb_bus_send(rt, domain, p->s, 1, 0, p->results, &err), CB_OK);
+  assert_int_equal(commands_of(rt, domain), 2);
+  free(p);
+  drop(rt, domain);
+  cb_runtime_free(rt);
+}
+
+static void a_stream_with_data_the_server_refuses_is_invalid_input(void **state) {
+  (void)state;
+  cb_runtime *rt = setup_runtime(1);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("stream_data"));
+  drop(rt, domain);
+  specs *p = make_specs(NULL);
+  p->s[LARGE - 1].data_json = "{\"a\": tru}";
+  cb_err err;
+  cb_send_stream *s = cb_bus_stream_start(rt, domain, p->s, p->results, LARGE, 0);
+  assert_non_null(s);
+  assert_int_equal(hand_over(s, 500), 1);
+  cb_bus_stream_ids(s);
+  assert_int_equal(cb_bus_stream_finish(s, &err), CB_EINVAL);
+  assert_non_null(strstr(err.message, "invalid command data"));
+  assert_int_equal(commands_of(rt, domain), 0);
+  /* Fewer than a COPY's worth, or a delay: no stream. */
+  assert_null(cb_bus_stream_start(rt, domain, p->s, p->results, 10, 0));
+  assert_null(cb_bus_stream_start(rt, domain, p->s, p->results, LARGE, 1));
+  free(p);
+  drop(rt, domain);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(a_large_send_writes_by_copy_the_rows_a_statement_writes),
@@ -440,6 +594,10 @@ int main(void) {
       cmocka_unit_test(a_copy_takes_its_data_from_a_source_piece_by_piece),
       cmocka_unit_test(a_copy_whose_source_fails_writes_nothing),
       cmocka_unit_test(a_copy_statement_runs_alone_in_its_unit),
+      cmocka_unit_test(a_stream_writes_the_rows_a_statement_writes),
+      cmocka_unit_test(a_stream_that_cannot_take_a_command_writes_nothing),
+      cmocka_unit_test(an_abandoned_stream_writes_nothing),
+      cmocka_unit_test(a_stream_with_data_the_server_refuses_is_invalid_input),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

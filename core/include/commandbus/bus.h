@@ -70,6 +70,34 @@ int cb_bus_ensure_command_queue(cb_runtime *rt, const char *domain, int again, c
 int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs, size_t n, double delay,
                 cb_send_result *results, cb_err *err);
 
+/* cb_bus_send of n fresh commands (no id, no dedup key, no delay) that the
+ * caller is still making: the transaction starts before the commands are
+ * all there, so that the server writes the first ones while the caller
+ * makes the rest. specs and results have room for n; the stream reads
+ * specs[i] once the caller has handed it over, and the caller writes
+ * neither array meanwhile but where it has not handed over yet.
+ *
+ *   cb_bus_stream_start: NULL when a stream cannot be had (too few
+ *     commands for the COPY path, a delay, a bad domain, ...): the caller
+ *     sends by cb_bus_send, which answers as it always does.
+ *   cb_bus_stream_add: specs [0, upto) are filled. 0 when the stream
+ *     could not take one of them (a command the COPY path does not take,
+ *     bad input, a reply queue not made yet): it has been abandoned, and
+ *     freed; nothing was written; the caller sends by cb_bus_send.
+ *   cb_bus_stream_ids: once every command was added, waits until results'
+ *     ids are in (1: results may be read, while the server still writes
+ *     them; 0: the send failed, see cb_bus_stream_finish).
+ *   cb_bus_stream_finish: waits for the transaction; frees the stream.
+ *   cb_bus_stream_abandon: the caller gives up (its own error): the
+ *     transaction rolls back; waits for that; frees the stream. */
+typedef struct cb_send_stream cb_send_stream;
+cb_send_stream *cb_bus_stream_start(cb_runtime *rt, const char *domain, const cb_command_spec *specs,
+                                    cb_send_result *results, size_t n, double delay);
+int cb_bus_stream_add(cb_send_stream *s, size_t upto);
+int cb_bus_stream_ids(cb_send_stream *s);
+int cb_bus_stream_finish(cb_send_stream *s, cb_err *err);
+void cb_bus_stream_abandon(cb_send_stream *s);
+
 typedef struct cb_send_options {
   const char *batch_id;  /* NULL: each spec's own; else every command joins this batch */
   int refuse_duplicates; /* an id that exists fails the whole unit (see cb_bus_is_duplicate)
