@@ -341,6 +341,22 @@ describe("send_batch", function()
       assert.equal(id, res[N - 100].command_id)
       assert.equal(2 * N, written())
     end)
+
+    -- A streamed send holds a connection while the commands are read; with
+    -- a pool of one, a command whose reading calls the bus must not wait
+    -- for it (it would fail for want of a connection).
+    it("reads commands that call the bus on a pool of one connection", function()
+      bus:close()
+      bus = helper.bus{pool_size = 1, application_name = "spec_" .. domain}
+      local list = many()
+      local nested
+      list[N - 100] = setmetatable({type = "T"}, {__index = function(_, key)
+        if key == "data" and not nested then nested = assert(bus:send{domain = domain, type = "Inner"}) end
+      end})
+      assert.equal(N, #assert(bus:send_batch{domain = domain, commands = list}))
+      assert.is_string(nested.command_id)
+      assert.equal(2 * (N + 1), written())
+    end)
   end)
 
   -- Under Lua 5.4 send_batch pauses the collector while it runs

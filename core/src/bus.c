@@ -841,8 +841,11 @@ static void stream_free(cb_send_stream *s) {
 cb_send_stream *cb_bus_stream_start(cb_runtime *rt, const char *domain, const cb_command_spec *specs,
                                     cb_send_result *results, size_t n, double delay) {
   cb_err err;
-  if (n < COPY_MIN || delay != 0 || cb_runtime_on_loop(rt) || cb_domain_valid(domain, &err) != CB_OK ||
-      cb_bus_ensure_command_queue(rt, domain, 0, &err) != CB_OK)
+  /* A stream holds its connection while the caller makes the commands; with
+   * a pool of one, anything the caller sent meanwhile (a Lua __index that
+   * calls the bus, say) would find no connection. */
+  if (n < COPY_MIN || delay != 0 || cb_runtime_pool_size(rt) < 2 || cb_runtime_on_loop(rt) ||
+      cb_domain_valid(domain, &err) != CB_OK || cb_bus_ensure_command_queue(rt, domain, 0, &err) != CB_OK)
     return NULL;
   cb_send_stream *s = calloc(1, sizeof *s);
   if (s == NULL) return NULL;

@@ -78,7 +78,8 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
  * neither array meanwhile but where it has not handed over yet.
  *
  *   cb_bus_stream_start: NULL when a stream cannot be had (too few
- *     commands for the COPY path, a delay, a bad domain, ...): the caller
+ *     commands for the COPY path, a delay, a bad domain, a pool of one
+ *     connection, which the stream would hold, ...): the caller
  *     sends by cb_bus_send, which answers as it always does.
  *   cb_bus_stream_add: specs [0, upto) are filled. 0 when the stream
  *     could not take one of them (a command the COPY path does not take,
