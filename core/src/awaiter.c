@@ -146,14 +146,16 @@ static int add_unregister_if_done(cb_unit *u, const target *t, const char *const
  * round is made again without it, and the safety poll covers the gap. */
 static void add_first_round(cb_unit *u, const target *t, const char *const *register_params, int locked,
                             const char *lock_ms) {
-  const char *settings[] = {lock_ms};
-  cb_unit_add(u, "SELECT set_config('synchronous_commit', 'off', true), set_config('lock_timeout', $1, true)", 1,
-              settings);
-  cb_unit_add(u, "DELETE FROM commandbus.awaiter WHERE expires_at < now()", 0, NULL);
+  /* One statement, not three: the settings (made once, by the row the
+   * insert reads them from; the read after it is the first statement to
+   * need them), the expired rows' delete and the registration. */
+  const char *params[] = {register_params[0], register_params[1], register_params[2], register_params[3], lock_ms};
   cb_unit_add(u,
-              "INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
-              " VALUES ($1, $2::uuid, $3::uuid, now() + make_interval(secs => $4::float8))",
-              4, register_params);
+              "WITH expired AS (DELETE FROM commandbus.awaiter WHERE expires_at < now())"
+              " INSERT INTO commandbus.awaiter (domain, id, waiter, expires_at)"
+              " SELECT $1, $2::uuid, $3::uuid, now() + make_interval(secs => $4::float8)"
+              " FROM (SELECT set_config('synchronous_commit', 'off', true), set_config('lock_timeout', $5, true)) s",
+              5, params);
   add_reads(u, t, locked);
 }
 

@@ -49,10 +49,13 @@ int cb_limits_list(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err *e
                       1, params, rows, err);
 }
 
+/* The lock is taken in a sub-select so that the statement returns one row
+ * even when there is nothing to lock, and the setting is made all the same. */
 int cb_limits_add_lock(cb_unit *u, const char *domain) {
   const char *params[] = {domain};
   return cb_unit_add(u,
-                     "SELECT command_type FROM commandbus.type_limit WHERE domain = $1 ORDER BY command_type"
-                     " FOR NO KEY UPDATE",
+                     "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),"
+                     " ARRAY(SELECT command_type FROM commandbus.type_limit WHERE domain = $1 ORDER BY command_type"
+                     " FOR NO KEY UPDATE)::text",
                      1, params);
 }

@@ -72,6 +72,10 @@ typedef struct cb_ingress {
   bool dispatcher_waiting;
   int producers_waiting;
   bool stopping; /* no more route(); the dispatcher drains and ends lanes */
+  /* Items the dispatcher took and has not yet appended to their lanes: while
+   * there are any, route() must not hand items to lanes itself (they would
+   * overtake them). */
+  size_t in_transit;
 } cb_ingress;
 
 /* One lane. Fields up to latency_max_ns are guarded by lock; thread/router/
@@ -121,6 +125,7 @@ struct cb_message_router {
   _Atomic uint64_t routed;
   _Atomic uint64_t dropped;
   _Atomic uint64_t batches_sent;
+  _Atomic uint64_t direct;
   _Atomic uint64_t queue_full_events;
   _Atomic uint64_t routing_errors;
 
@@ -426,17 +431,59 @@ static bool dispatcher_needs_wake(const cb_message_router *r, size_t before) {
   return in->dispatcher_waiting && (before == 0 || (before < batch && in->ring.count >= batch));
 }
 
-/* Appends slots[0..n) in order, waiting for room under BLOCK. Returns how
- * many were appended; *err says why the rest were not. */
+/* With no batching asked for (batch_timeout_ms 0) and nothing in the
+ * ingress or on its way through the dispatcher, route() appends the slots
+ * to their lanes itself: the dispatcher would only take them out at once
+ * and pass them on, and waking it put a thread's wake-up (and, on a busy
+ * machine, a wait for a CPU) between every lone item and its consumer: a
+ * worker's command, with one request in flight. Nothing can be overtaken:
+ * the ingress is empty and the dispatcher holds nothing, and the check and
+ * the appends happen under the ingress lock (taken before any lane's lock;
+ * the dispatcher never holds a lane's lock while it waits for the ingress).
+ * Stops at the first slot whose lane is full: it and the rest go through
+ * the ingress, where the policy applies as before. Caller holds the ingress
+ * lock. Returns how many were appended; the lanes whose consumers need a
+ * signal are added to wake[] (*nwake of them, no lane twice). */
+static size_t lanes_push_direct(cb_message_router *r, const cb_slot *slots, size_t n, cb_lane **wake, size_t *nwake) {
+  const cb_ingress *in = &r->ingress;
+  size_t done = 0;
+
+  if (r->batch_timeout_ns || in->ring.count || in->in_transit || in->stopping) return 0;
+  while (done < n) {
+    cb_lane *lane = &r->lanes[slots[done].lane];
+    pthread_mutex_lock(&lane->lock);
+    size_t m = 0; /* the run of slots for this lane that fits */
+    while (done + m < n && slots[done + m].lane == slots[done].lane && m < ring_free(&lane->ring)) m++;
+    if (m) ring_put(&lane->ring, slots + done, m);
+    bool signal = m && lane->consumers_waiting;
+    pthread_mutex_unlock(&lane->lock);
+    if (m == 0) break; /* full */
+    done += m;
+    for (size_t i = 0; signal && i < *nwake; i++) signal = wake[i] != lane;
+    if (signal) wake[(*nwake)++] = lane;
+  }
+  if (done) {
+    atomic_fetch_add_explicit(&r->routed, done, memory_order_relaxed);
+    atomic_fetch_add_explicit(&r->direct, done, memory_order_relaxed);
+    atomic_fetch_add_explicit(&r->batches_sent, 1, memory_order_relaxed);
+  }
+  return done;
+}
+
+/* Appends slots[0..n) in order (n <= ROUTE_CHUNK), waiting for room under
+ * BLOCK. Returns how many were appended; *err says why the rest were not. */
 static size_t ingress_push(cb_message_router *r, cb_slot *slots, size_t n, int *err) {
   cb_ingress *in = &r->ingress;
   uint64_t deadline = 0;
   size_t done = 0;
   bool wake = false;
+  cb_lane *wake_lanes[ROUTE_CHUNK];
+  size_t nwake = 0;
 
   /* Signals go out after unlock where possible, so the woken dispatcher
    * does not at once block on the lock we still hold. */
   pthread_mutex_lock(&in->lock);
+  done = lanes_push_direct(r, slots, n, wake_lanes, &nwake);
   while (done < n) {
     size_t room = ring_free(&in->ring);
     if (in->stopping) {
@@ -472,6 +519,7 @@ static size_t ingress_push(cb_message_router *r, cb_slot *slots, size_t n, int *
   }
   pthread_mutex_unlock(&in->lock);
   if (wake) pthread_cond_signal(&in->not_empty);
+  for (size_t i = 0; i < nwake; i++) pthread_cond_signal(&wake_lanes[i]->not_empty);
   return done;
 }
 
@@ -560,6 +608,7 @@ static size_t ingress_take_batches(cb_message_router *r, size_t *batches, bool *
   if (n >= batch) n = n < r->dispatch_max ? n / batch * batch : r->dispatch_max;
   *batches = (n + batch - 1) / batch;
   ring_get(&in->ring, r->batch, n);
+  in->in_transit = n;
   /* Producers blocked on a full ingress are woken as soon as a batch left
    * it: one wake-up per batch, never per item, and never a producer kept
    * waiting while there is room (a low-water mark would make a BLOCK
@@ -646,7 +695,11 @@ static void dispatcher_run(cb_message_router *r) {
   while (!drained) {
     size_t batches = 0;
     size_t n = ingress_take_batches(r, &batches, &drained);
-    if (n) dispatch_batches(r, n, batches);
+    if (n == 0) continue;
+    dispatch_batches(r, n, batches);
+    pthread_mutex_lock(&r->ingress.lock);
+    r->ingress.in_transit = 0;
+    pthread_mutex_unlock(&r->ingress.lock);
   }
   end_lanes(r); /* wakes every consumer */
 }
@@ -798,6 +851,7 @@ void cb_message_router_stats_get(cb_message_router *router, cb_message_router_st
   out->routed = atomic_load_explicit(&router->routed, memory_order_relaxed);
   out->dropped = atomic_load_explicit(&router->dropped, memory_order_relaxed);
   out->batches_sent = atomic_load_explicit(&router->batches_sent, memory_order_relaxed);
+  out->direct = atomic_load_explicit(&router->direct, memory_order_relaxed);
   out->queue_full_events = atomic_load_explicit(&router->queue_full_events, memory_order_relaxed);
   out->routing_errors = atomic_load_explicit(&router->routing_errors, memory_order_relaxed);
   for (int l = 0; l < router->cfg.lanes; l++) {

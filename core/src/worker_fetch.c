@@ -59,10 +59,10 @@ int cb__worker_add_fetch(void *arg, cb_unit *u, int room) {
    * choose, PostgreSQL plans it again for every execution (its generic cost
    * guesses lose to the custom plan's), which measured 4 ms a fetch, a
    * quarter of the statement's time. The generic plan is the same key
-   * lookups (see worker_sql.c), with the parameters left open. Only this
-   * transaction's later statements see the setting: nothing follows the
-   * receive but its own reads. */
-  if (cb_unit_add(u, "SELECT set_config('plan_cache_mode', 'force_generic_plan', true)", 0, NULL) < 0) return CB_ENOMEM;
+   * lookups (see worker_sql.c), with the parameters left open. The lock of
+   * the limits makes the setting (plan_cache_mode), which only this
+   * transaction's later statements see: nothing follows the receive but
+   * its own reads. */
   if (cb_limits_add_lock(u, w->domain) < 0) return CB_ENOMEM;
   return cb_unit_add(u, w->receive_sql.data, 4, params);
 }
@@ -171,5 +171,7 @@ void cb__worker_fetched(void *arg, cb_unit *u, int index) {
   if (nbatches) cb__worker_refresh_batches(w, batches, nbatches); /* BATCH_STARTED */
   cb_engine_route(&w->engine, entries, n);
   if (lowest) w->scan_from = lowest;
-  if (cb_result_rows(cb_unit_result(u, index - 1)) > 0 && rows < w->engine.fetch_room) poll_at_next_second(w);
+  const cb_result *limits = cb_unit_result(u, index - 1);
+  int limited = cb_result_rows(limits) > 0 && strcmp(cb_result_value(limits, 0, 1), "{}") != 0;
+  if (limited && rows < w->engine.fetch_room) poll_at_next_second(w);
 }

@@ -508,6 +508,60 @@ static void stop_without_start_still_hands_everything_to_the_lanes(void **state)
   cb_message_router_free(r);
 }
 
+/* The dispatcher is never started here: what a consumer takes, route()
+ * put in the lane itself. */
+static void a_lone_item_goes_straight_to_its_lane_when_nothing_is_batched(void **state) {
+  (void)state;
+  cb_message_router_config cfg = config(1);
+  cfg.batch_timeout_ms = 0;
+  cb_message_router *r = router_new(&cfg);
+  void *items[4];
+  cb_message_router_stats s;
+
+  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(7)), CB_OK);
+  assert_int_equal(cb_message_router_ingress_depth(r), 0);
+  assert_int_equal(cb_message_router_take(r, 0, items, 4, 0), 1);
+  assert_int_equal(number_of(items[0]), 7);
+  cb_message_router_stats_get(r, &s);
+  assert_int_equal(s.direct, 1);
+  assert_int_equal(s.routed, 1);
+  assert_int_equal(s.delivered, 1);
+  cb_message_router_free(r);
+}
+
+/* A full lane sends the rest through the ingress; what follows queues
+ * behind it rather than overtaking it, and the order holds. */
+static void items_queue_behind_the_ingress_rather_than_overtake_it(void **state) {
+  (void)state;
+  cb_message_router_config cfg = config(1);
+  cfg.batch_timeout_ms = 0;
+  cfg.batch_size = 1;
+  cfg.lane_capacity = 1;
+  cfg.policy = CB_MESSAGE_ROUTER_BLOCK;
+  cfg.block_timeout_ms = 10000;
+  cb_message_router *r = router_new(&cfg);
+  void *items[4];
+  cb_message_router_stats s;
+
+  for (int i = 0; i < 3; i++) assert_int_equal(cb_message_router_route(r, "k", 1, item_of(i)), CB_OK);
+  assert_int_equal(cb_message_router_lane_depth(r, 0), 1);
+  assert_int_equal(cb_message_router_ingress_depth(r), 2);
+  assert_int_equal(cb_message_router_take(r, 0, items, 4, 0), 1);
+  assert_int_equal(number_of(items[0]), 0);
+  /* The lane has room again, but the ingress holds items: they go first. */
+  assert_int_equal(cb_message_router_route(r, "k", 1, item_of(3)), CB_OK);
+  assert_int_equal(cb_message_router_ingress_depth(r), 3);
+  assert_int_equal(cb_message_router_start(r), CB_OK);
+  for (int i = 1; i < 4; i++) {
+    assert_int_equal(cb_message_router_take(r, 0, items, 4, 5000), 1);
+    assert_int_equal(number_of(items[0]), (uintptr_t)i);
+  }
+  cb_message_router_stats_get(r, &s);
+  assert_int_equal(s.direct, 1);
+  assert_int_equal(s.routed, 4);
+  cb_message_router_free(r);
+}
+
 typedef struct waiting_consumer {
   cb_message_router *router;
   int rc;
@@ -728,6 +782,8 @@ int main(void) {
       cmocka_unit_test(block_policy_waits_then_succeeds_when_a_lane_drains),
       cmocka_unit_test(stop_delivers_what_was_accepted_and_one_end_marker_per_lane),
       cmocka_unit_test(stop_without_start_still_hands_everything_to_the_lanes),
+      cmocka_unit_test(a_lone_item_goes_straight_to_its_lane_when_nothing_is_batched),
+      cmocka_unit_test(items_queue_behind_the_ingress_rather_than_overtake_it),
       cmocka_unit_test(stop_wakes_a_consumer_waiting_on_an_empty_lane),
       cmocka_unit_test(per_key_order_holds_with_four_producer_threads),
       cmocka_unit_test(route_many_keeps_order_and_lane_choice),

@@ -30,9 +30,12 @@ int cb_limits_set(cb_runtime *rt, const char *domain, const char *command_type, 
 int cb_limits_list(cb_runtime *rt, const char *domain, cb_unit **rows, cb_err *err);
 
 /* For the worker: appends the statement that locks the domain's limit rows,
- * in one order for every process, and returns them (no rows: the domain has
- * no limits). It goes right before the receive, in the same transaction.
- * Returns its index or a negative cb_code. */
+ * in one order for every process; its one row's second column lists their
+ * types (`{}`: the domain has no limits). It goes right before the receive,
+ * in the same transaction, and sets that transaction's plan_cache_mode to
+ * force_generic_plan for it (see worker_fetch.c): one statement rather than
+ * two on the way of every command. Returns its index or a negative
+ * cb_code. */
 int cb_limits_add_lock(cb_unit *u, const char *domain);
 
 #ifdef __cplusplus

@@ -5,6 +5,10 @@
  *   producers --route()--> ingress ring --dispatcher thread--> lane rings
  *                                                     lane consumers --take()
  *
+ *   With batch_timeout_ms 0, an item routed while the ingress is empty and
+ *   the dispatcher holds nothing goes straight to its lane (one thread's
+ *   wake-up less between a lone item and its consumer).
+ *
  * - Same key, same lane: keys are hashed (64-bit, unseeded, so stable across
  *   runs) and mapped with jump consistent hash, so growing N -> N+1 lanes
  *   moves only ~1/(N+1) of the keys.
@@ -88,7 +92,10 @@ typedef struct cb_message_router_stats {
   uint64_t routed;            /* items placed in a lane queue */
   uint64_t dropped;           /* refused by a full ingress, or lost to a
                                    full lane after acceptance */
-  uint64_t batches_sent;      /* ingress -> lanes hand-overs */
+  uint64_t batches_sent;      /* ingress -> lanes hand-overs (a route
+                                   call's direct hand-over counts as one) */
+  uint64_t direct;            /* items route() put in their lanes itself:
+                                   batch_timeout_ms 0, nothing waiting */
   uint64_t queue_full_events; /* times the dispatcher found a lane full */
   uint64_t routing_errors;    /* route calls refused: bad argument or the
                                    router was stopping */
