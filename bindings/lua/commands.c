@@ -191,17 +191,20 @@ static void push_result(lua_State *L, const cb_send_result *r) {
   lua_settop(L, keys);
 }
 
-/* Reads the list of command tables at `list` into userdata arrays (so that a
- * raise on a bad field leaks nothing): specs and results for n commands.
- * Returns 0 after pushing nil, err when a command's data cannot be encoded. */
-static int read_specs(lua_State *L, int list, int anchor, size_t n, cb_command_spec **specs, cb_send_result **results) {
-  *specs = lua_newuserdata(L, n * sizeof **specs);
-  *results = lua_newuserdata(L, n * sizeof **results);
+/* Reads the list of command tables at `list` into specs. With a stream
+ * under way (stream not NULL, *stream set), hands them over a piece at a
+ * time: the server writes the first ones while the rest are read; a
+ * stream that cannot take one of them is gone (*stream NULL), and the send
+ * then goes as it would without. Returns 0 after pushing nil, err when a
+ * command's data cannot be encoded. */
+static int read_specs(lua_State *L, int list, int anchor, size_t n, cb_command_spec *specs, cb_send_stream **stream) {
   int keys = push_command_keys(L);
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, list, (int)i + 1);
-    if (!read_command(L, -1, anchor, (int)i + 1, &(*specs)[i], NULL, keys)) return 0;
+    if (!read_command(L, -1, anchor, (int)i + 1, &specs[i], NULL, keys)) return 0;
     lua_pop(L, 1);
+    /* About the COPY path's pieces, so that the first is there early. */
+    if (stream && *stream && ((i + 1) % 256 == 0 || i + 1 == n) && !cb_bus_stream_add(*stream, i + 1)) *stream = NULL;
   }
   lua_settop(L, keys - 1);
   return 1;
@@ -273,25 +276,6 @@ typedef struct batch_call {
   cb_send_stream *stream; /* a stream under way: abandoned when the call raises */
 } batch_call;
 
-/* Reads the commands into specs (see read_specs) and, when a stream is
- * under way, hands them over a piece at a time: the server writes the
- * first ones while the rest are read. A stream that cannot take one of
- * them is gone (call->stream NULL); the send then goes as it would
- * without. Returns 0 after pushing nil, err, as read_specs. */
-static int read_streamed(lua_State *L, int list, int anchor, size_t n, cb_command_spec *specs, batch_call *call) {
-  int keys = push_command_keys(L);
-  for (size_t i = 0; i < n; i++) {
-    lua_rawgeti(L, list, (int)i + 1);
-    if (!read_command(L, -1, anchor, (int)i + 1, &specs[i], NULL, keys)) return 0;
-    lua_pop(L, 1);
-    /* About the COPY path's pieces, so that the first is there early. */
-    if (call->stream && ((i + 1) % 256 == 0 || i + 1 == n) && !cb_bus_stream_add(call->stream, i + 1))
-      call->stream = NULL;
-  }
-  lua_settop(L, keys - 1);
-  return 1;
-}
-
 /* send_batch once its two arguments are checked, run protected by
  * l_send_batch; the table at 3 keeps what the call makes alive until
  * l_send_batch has abandoned a stream. */
@@ -320,7 +304,7 @@ static int send_batch(lua_State *L) {
     cb_runtime *rt = cbL_bus_runtime(L, 1);
     lua_settop(L, top);
     if (rt) call->stream = cb_bus_stream_start(rt, domain, specs, results, n, delay);
-    if (!read_streamed(L, list, anchor, n, specs, call)) return 2;
+    if (!read_specs(L, list, anchor, n, specs, &call->stream)) return 2;
   }
   if (call->stream) {
     /* While the server writes, the answers are made from the drawn ids. */
@@ -443,9 +427,10 @@ static int l_create_batch(lua_State *L) {
   lua_createtable(L, (int)n, 0);
   int anchor = lua_gettop(L);
   if (n == 0) return cbL_pusherrorcode(L, CB_EINVAL, "a batch needs at least one command");
-  cb_command_spec *specs;
-  cb_send_result *results;
-  if (!read_specs(L, list, anchor, n, &specs, &results)) return 2;
+  /* userdata, so that a raise on a bad field leaks nothing */
+  cb_command_spec *specs = lua_newuserdata(L, n * sizeof *specs);
+  cb_send_result *results = lua_newuserdata(L, n * sizeof *results);
+  if (!read_specs(L, list, anchor, n, specs, NULL)) return 2;
   cb_runtime *rt = cbL_bus_runtime(L, 1);
   if (rt == NULL) return 2;
   char batch_id[CB_UUID_LEN + 1];

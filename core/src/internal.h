@@ -103,7 +103,7 @@ struct cb_runtime {
   cb_event_feed *events;      /* [init] the process event sink's queue */
   struct runtime_part *parts; /* [lock] states of components above (cb_runtime_part_of) */
   uint64_t units_sent;        /* atomic: units sent to PostgreSQL (each one transaction) */
-  int copies_kicked;          /* atomic: cb_runtime_kick_copies was called since the loop last looked */
+  int copies_kicked;          /* atomic: cb__kick_copies was called since the loop last looked */
   cb_runtime *next_open;      /* guarded by the global list's lock */
 };
 
