@@ -127,6 +127,16 @@ static long long alike_rows(cb_runtime *rt, const char *by_statement, const char
   return number(rt, sql, by_statement, by_copy);
 }
 
+/* Sends p's LARGE commands into domain by statement (cb_bus_add_send
+ * writes by statement, whatever the size): the rows a COPY must match. */
+static void send_by_statement(cb_runtime *rt, const char *domain, specs *p) {
+  cb_err err;
+  cb_unit *u = cb_unit_new();
+  assert_int_equal(cb_bus_add_send(rt, u, domain, p->s, LARGE, 0, p->results, NULL, &err), CB_OK);
+  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+  cb_unit_free(u);
+}
+
 static void a_large_send_writes_by_copy_the_rows_a_statement_writes(void **state) {
   (void)state;
   cb_runtime *rt = setup_runtime(2);
@@ -138,11 +148,7 @@ static void a_large_send_writes_by_copy_the_rows_a_statement_writes(void **state
   drop(rt, by_copy);
   specs *p = make_specs(replies);
   cb_err err;
-  /* cb_bus_add_send writes by statement, whatever the size */
-  cb_unit *u = cb_unit_new();
-  assert_int_equal(cb_bus_add_send(rt, u, by_statement, p->s, LARGE, 0, p->results, NULL, &err), CB_OK);
-  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
-  cb_unit_free(u);
+  send_by_statement(rt, by_statement, p);
   assert_int_equal(cb_bus_send(rt, by_copy, p->s, LARGE, 0, p->results, &err), CB_OK);
 
   /* By COPY: the message's vt is the transaction's start, as enqueued_at
@@ -462,10 +468,7 @@ static void a_stream_writes_the_rows_a_statement_writes(void **state) {
   drop(rt, by_stream);
   specs *p = make_specs(replies);
   cb_err err;
-  cb_unit *u = cb_unit_new();
-  assert_int_equal(cb_bus_add_send(rt, u, by_statement, p->s, LARGE, 0, p->results, NULL, &err), CB_OK);
-  assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
-  cb_unit_free(u);
+  send_by_statement(rt, by_statement, p);
   /* A stream takes reply queues that are made already (that one is, now). */
   cb_send_result *results = calloc(LARGE, sizeof *results);
   cb_send_stream *s = cb_bus_stream_start(rt, by_stream, p->s, results, LARGE, 0);
