@@ -76,9 +76,9 @@ local function run_in_process(domain, concurrency, n)
   -- Done once the queue is empty (a completed command's message is
   -- deleted); its length, a count over the queue that costs PostgreSQL
   -- about as much as receiving a hundred commands, is asked only when the
-  -- worker holds nothing.
+  -- worker holds nothing (health().held: received, not yet acknowledged).
   worker:run{tick_interval = 0.05, tick = function()
-    return worker:in_flight() > 0 or assert(q:metrics()).queue_length > 0
+    return assert(worker:health()).held > 0 or assert(q:metrics()).queue_length > 0
   end}
   local took = now() - t0
   worker:close()

@@ -690,6 +690,30 @@ describe("worker", function()
       assert.is_true(math.abs(h.last_success_at - os.time()) < 60)
     end)
 
+    it("held counts the commands received and not yet acknowledged; in_flight those whose handler runs", function()
+      local ids = {}
+      for i = 1, 3 do ids[i] = send{type = "Slow", data = {seconds = 0.3}} end
+      local worker = assert(bus:worker(world.options(domain)))
+      assert.equal(0, worker:health().held)
+      local settled = world.settled(bus, domain, ids)
+      local started = helper.clock()
+      local most_held, most_running = 0, 0
+      assert(worker:run{tick_interval = 0.02, tick = function()
+        local h = assert(worker:health())
+        most_held = math.max(most_held, h.held)
+        most_running = math.max(most_running, h.in_flight)
+        return not settled() and helper.clock() - started < 10
+      end})
+      assert.is_true(settled())
+      -- One lane: one handler at a time, while the worker holds more (its
+      -- first fetch takes two commands for the lane).
+      assert.equal(1, most_running)
+      assert.is_true(most_held >= 2, ("held at most %d"):format(most_held))
+      local h = worker:health()
+      assert.equal(0, h.held)
+      assert.equal(0, h.in_flight)
+    end)
+
     it("a success resets consecutive failures", function()
       local ids = {}
       for i, r in ipairs(assert(bus:send_batch{domain = domain, commands = {

@@ -59,7 +59,7 @@ end
 local q = assert(bus:queue("burn__commands"))
 local t0, clock0 = socket.gettime(), os.clock()
 worker:run{tick_interval = 0.05, tick = function()
-  return worker:in_flight() > 0 or assert(q:metrics()).queue_length > 0
+  return assert(worker:health()).held > 0 or assert(q:metrics()).queue_length > 0
 end}
 local took, worker_cpu = socket.gettime() - t0, os.clock() - clock0
 local cpu1 = ticks(pids)

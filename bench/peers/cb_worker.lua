@@ -24,10 +24,11 @@ if mode == "burn" then
   -- Done once the queue is empty (a completed command's message is
   -- deleted). The queue's length is a count over it, which at 50,000
   -- messages costs PostgreSQL about as much as receiving a hundred: it is
-  -- asked only when this worker holds nothing, so that the run measures the
-  -- worker (graphile-worker's runOnce asks nothing either).
+  -- asked only when this worker holds nothing (health().held: received and
+  -- not yet acknowledged), so that the run measures the worker
+  -- (graphile-worker's runOnce asks nothing either).
   worker:run{tick_interval = 0.02, tick = function()
-    return worker:in_flight() > 0 or assert(queue:metrics()).queue_length > 0
+    return assert(worker:health()).held > 0 or assert(queue:metrics()).queue_length > 0
   end}
   local t1 = socket.gettime()
   worker:close()

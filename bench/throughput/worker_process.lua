@@ -9,8 +9,8 @@ local worker = assert(bus:worker{domain = domain, handlers = "bench.throughput.n
 local q = assert(bus:queue(domain .. "__commands"))
 -- Done once the queue is empty (a completed command's message is deleted);
 -- its length, a count over the queue, is asked only when this worker holds
--- nothing (see bench/peers/cb_worker.lua).
+-- nothing (health().held; see bench/peers/cb_worker.lua).
 worker:run{tick_interval = 0.05, tick = function()
-  return worker:in_flight() > 0 or assert(q:metrics()).queue_length > 0
+  return assert(worker:health()).held > 0 or assert(q:metrics()).queue_length > 0
 end}
 bus:close()

@@ -198,6 +198,8 @@ static void health(lua_State *L, void *worker) {
   cb_worker_health_get(worker, &h);
   cbL_push_upkeep_stats(L, &h.upkeep);
   lua_setfield(L, -2, "retention");
+  lua_pushinteger(L, h.held);
+  lua_setfield(L, -2, "held");
 }
 
 static void free_worker(void *w) { cb_worker_free(w); }

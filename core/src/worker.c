@@ -322,6 +322,7 @@ void cb_worker_health_get(cb_worker *w, cb_worker_health *h) {
   h->state = cb_engine_state_name(&w->engine);
   pthread_mutex_unlock(&w->engine.lock);
   h->in_flight = cb_worker_in_flight(w);
+  h->held = __atomic_load_n(&w->held, __ATOMIC_RELAXED);
   cb_upkeep_stats_get(w->upkeep, &h->upkeep);
 }
 

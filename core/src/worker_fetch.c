@@ -153,6 +153,8 @@ void cb__worker_fetched(void *arg, cb_unit *u, int index) {
      * core/sql/009 tells other processes' awaiters only of those. */
     if (work == NULL) continue; /* redelivered after the visibility timeout */
     work->started_at = fetched_at;
+    work->held = &w->held;
+    __atomic_fetch_add(&w->held, 1, __ATOMIC_RELAXED);
     if (work->batch_id && nbatches < FETCH_MAX && !batch_seen_started(w, work->batch_id))
       batches[nbatches++] = work->batch_id;
     entries[n].key = work->correlation_id ? work->correlation_id : work->command_id;

@@ -90,6 +90,10 @@ struct cb_worker {
   int started_next;
   uv_timer_t stuck_timer, drain_timer;
   int timers_open;
+  /* [any thread, atomic] works received and not yet freed: the commands
+   * the worker holds, from the receive until their acknowledgement has
+   * answered (or they were let go, to be redelivered). */
+  int held;
 
   /* [lock] */
   cb_work *done_head, *done_tail; /* handed back by lanes, not yet collected */

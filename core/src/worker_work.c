@@ -61,6 +61,7 @@ cb_work *cb__work_new(const cb_result *r, int row) {
 
 void cb__work_free(cb_work *w) {
   if (w == NULL) return;
+  if (w->held) __atomic_fetch_sub(w->held, 1, __ATOMIC_RELAXED);
   free(w->result_json);
   free(w->error_code);
   free(w->error_message);

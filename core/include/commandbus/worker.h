@@ -72,6 +72,7 @@ typedef struct cb_work {
   double started_at;
   int stuck_reported;
   int reply_dropped; /* acknowledged without its reply after a failure */
+  int *held;         /* the worker's count of works alive, less one when this is freed */
 } cb_work;
 
 /* Outcomes (copy their strings; json may be NULL). */
@@ -83,7 +84,8 @@ typedef struct cb_worker_health {
   uint64_t successes, failures, consecutive_failures, stuck, poison;
   uint64_t retries;       /* failures that will be tried again (transient, attempts left) */
   double last_success_at; /* Unix seconds, 0 = never */
-  int in_flight;
+  int in_flight;          /* commands whose handler runs now */
+  int held;               /* commands received and not yet acknowledged (or let go) */
   cb_upkeep_stats upkeep; /* background jobs: retention counts, scheduled commands */
 } cb_worker_health;
 
