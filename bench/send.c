@@ -32,7 +32,8 @@
  * BENCH_SEND_SECONDS, BENCH_SEND_ROUNDS, COMMANDBUS_LUA (lua5.4), PGBENCH,
  * BENCH_SEND_ONLY (e.g. "floor_8,core_8": only those figures; of floor_1,
  * lua_1, core_1, floor_8, core_8, lua_8proc), BENCH_SEND_THREADS (8: the
- * callers of core_8, 1 to 8).
+ * callers of core_8, 1 to 8), BENCH_SEND_NOTIFY_AFTER (1: the runtimes
+ * measured, C and Lua, with notify_after_commit).
  */
 #include <dirent.h>
 #include <pthread.h>
@@ -311,6 +312,7 @@ static void core_run(figure *f, int round, int threads) {
   cb_runtime_options o = {0};
   o.conninfo = url;
   o.application_name = "bench_send_core";
+  o.notify_after_commit = getenv("BENCH_SEND_NOTIFY_AFTER") && strcmp(getenv("BENCH_SEND_NOTIFY_AFTER"), "1") == 0;
   cb_runtime *rt;
   cb_err err;
   if (cb_runtime_new(&o, &rt, &err) != CB_OK) die("connect", err.message);
