@@ -929,8 +929,7 @@ void cb_bus_stream_abandon(cb_send_stream *s) {
  * than a small send's rows (the WAL flush, the transaction's start and end).
  * So sends from concurrent callers share transactions: one group of sends
  * is on its way at a time; sends that arrive meanwhile gather and leave
- * together, as one transaction, when it comes back and its callers have
- * woken (those that send again at once join). A caller alone
+ * together, as one transaction, when it comes back. A caller alone
  * sends at once, in a transaction of its own (one round trip, one commit);
  * under load the groups grow with it. One group at a time rather than one
  * per pooled connection: with two on their way each gathers only the
@@ -979,7 +978,6 @@ typedef struct send_call {
   pthread_cond_t cond;
   int done;               /* [wait] */
   int lead;               /* [wait] woken to take the next group out */
-  int returning;          /* [g->lock] counted in g->returning until it has woken */
   struct send_call *next; /* [g->lock] */
 } send_call;
 
@@ -988,7 +986,6 @@ struct cb_send_groups {
   pthread_mutex_t lock;
   int out;                /* groups on their way: 1 at most, unless one stalls (STALL_MS) */
   int leading;            /* the first one waiting was woken to take the next group out */
-  int returning;          /* callers answered from a group that have not woken yet */
   send_call *head, *tail; /* waiting for the next group */
 };
 
@@ -1042,12 +1039,11 @@ static cb_unit *after_notify(send_call *calls, int one);
 static int submit_then_notify(cb_runtime *rt, cb_unit *u, cb_unit_done done, void *arg, cb_unit *n);
 
 /* Takes the sends waiting (up to GROUP_MAX) when a group may leave now:
- * none is on its way and every caller of the last one has woken, or
- * (stalled) the one on its way has been out for STALL_MS and a connection
- * is free for another; [g->lock] held. */
+ * none is on its way, or (stalled) the one on its way has been out for
+ * STALL_MS and a connection is free for another; [g->lock] held. */
 static send_call *take_waiting(cb_send_groups *g, int *count, int stalled) {
   *count = 0;
-  if (g->head == NULL || g->leading || (g->returning > 0 && !stalled)) return NULL;
+  if (g->head == NULL || g->leading) return NULL;
   if (g->out > 0 && !(stalled && g->out < cb_runtime_pool_size(g->rt))) return NULL;
   send_call *calls = g->head, *last = calls;
   *count = 1;
@@ -1059,40 +1055,22 @@ static send_call *take_waiting(cb_send_groups *g, int *count, int stalled) {
   return calls;
 }
 
-/* The next group leaves, not from the thread that found it may but from
- * the thread of its first caller, woken for it: while that thread wakes,
- * callers have time to send and join (8 callers: 0.14-0.18 commits per
- * command rather than 0.17-0.23 when the loop thread took out whoever was
- * waiting). Not while a group is out or a caller answered from the last
- * one has yet to wake (group_finished, exec_send_shared), unless beside a
- * stalled group; [g->lock] held. */
-static void wake_lead(cb_send_groups *g, int beside) {
-  if (g->head == NULL || g->leading || (!beside && (g->out > 0 || g->returning > 0))) return;
-  send_call *first = g->head; /* waits until taken out, which takes g->lock */
-  g->leading = 1;
-  pthread_mutex_lock(&first->wait);
-  first->lead = 1;
-  pthread_cond_signal(&first->cond);
-  pthread_mutex_unlock(&first->wait);
-}
-
-/* A group came back (its callers answered), or could not leave. */
+/* A group came back (its callers answered), or could not leave: the next
+ * one leaves, not from here but from the thread of its first caller, woken
+ * for it. While that thread wakes, the callers just answered have time to
+ * send again and join (8 callers: 0.14-0.18 commits per command rather than
+ * 0.17-0.23 when the loop thread took out whoever was waiting). */
 static void group_finished(cb_send_groups *g) {
   pthread_mutex_lock(&g->lock);
   g->out--;
-  wake_lead(g, g->out > 0); /* beside a group still out (stalled): at once, as before */
-  pthread_mutex_unlock(&g->lock);
-}
-
-/* The callers of a group about to be answered: the next group waits until
- * each has woken (exec_send_shared), so that a caller that sends again at
- * once is not left behind by one that was woken before it (with 8 callers
- * the first one back otherwise often left alone, or with a few). Waiting
- * for them to wake, not to send again: a caller that does not send again
- * holds nobody back. */
-static void count_returning(cb_send_groups *g, send_call *calls) {
-  pthread_mutex_lock(&g->lock);
-  for (send_call *c = calls; c; c = c->next) c->returning = 1, g->returning++;
+  if (g->head) {
+    send_call *first = g->head; /* waits until taken out, which takes g->lock */
+    g->leading = 1;
+    pthread_mutex_lock(&first->wait);
+    first->lead = 1;
+    pthread_cond_signal(&first->cond);
+    pthread_mutex_unlock(&first->wait);
+  }
   pthread_mutex_unlock(&g->lock);
 }
 
@@ -1110,7 +1088,6 @@ static void group_done(cb_unit *u, void *arg) {
   cb_err err;
   int rc = send_outcome(u, &err);
   int again = rc != CB_OK && grp->count > 1 && rc != CB_ECONNECTION && rc != CB_ECLOSED;
-  if (!again) count_returning(g, grp->calls);
   for (send_call *c = grp->calls, *next; c; c = next) {
     next = c->next; /* c may be gone once answered */
     if (again) {    /* each alone: the server tells which one it refuses */
@@ -1266,7 +1243,6 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
              rc == CB_ENOMEM      ? "out of memory"
              : rc == CB_EINTERNAL ? "the send statement does not fit its buffer"
                                   : "the runtime is closed");
-  count_returning(g, calls);
   for (send_call *c = calls, *next; c; c = next) {
     next = c->next;
     answer(c, rc, &err);
@@ -1346,12 +1322,6 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
     pthread_mutex_lock(&c.wait);
   }
   pthread_mutex_unlock(&c.wait);
-  if (c.returning) { /* woken by its answer: the last of its group to wake lets the next one leave */
-    pthread_mutex_lock(&g->lock);
-    g->returning--;
-    wake_lead(g, 0);
-    pthread_mutex_unlock(&g->lock);
-  }
   pthread_mutex_destroy(&c.wait);
   pthread_cond_destroy(&c.cond);
   cb_unit_on_done(u, NULL, NULL);
