@@ -24,16 +24,23 @@
  * work on a shared machine only ever slows a run down). Beside each figure:
  * WAL bytes and commits per command, from pg_stat_wal and pg_stat_database
  * (xact_commit) around the run, read once the measured connections have
- * closed (a backend reports its counters when it exits). Ends with one JSON
- * line. Environment: DATABASE_URL (required), BENCH_SEND_SECONDS,
- * BENCH_SEND_ROUNDS, COMMANDBUS_LUA (lua5.4), PGBENCH, BENCH_SEND_ONLY (e.g.
- * "floor_8,core_8": only those figures; of floor_1, lua_1, core_1, floor_8,
- * core_8, lua_8proc).
+ * closed (a backend reports its counters when it exits), and CPU per
+ * command in microseconds: the server's (this database's backends) and the
+ * client's (this process, or the Lua processes and pgbench). On a shared
+ * server the WAL bytes count everyone's; the CPU counts only this
+ * database's. Ends with one JSON line. Environment: DATABASE_URL (required),
+ * BENCH_SEND_SECONDS, BENCH_SEND_ROUNDS, COMMANDBUS_LUA (lua5.4), PGBENCH,
+ * BENCH_SEND_ONLY (e.g. "floor_8,core_8": only those figures; of floor_1,
+ * lua_1, core_1, floor_8, core_8, lua_8proc), BENCH_SEND_THREADS (8: the
+ * callers of core_8, 1 to 8), BENCH_SEND_NOTIFY_AFTER (1: the runtimes
+ * measured, C and Lua, with notify_after_commit).
  */
+#include <dirent.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,7 +59,8 @@ static int seconds = 5;
 static int rounds = 2;
 static const char *lua = "lua5.4";
 static char pgbench_path[1024];
-static cb_runtime *own; /* the counters, the tables: idle while work is measured */
+static int threads8 = THREADS_MAX; /* BENCH_SEND_THREADS: the "8 threads" figure's callers */
+static cb_runtime *own;            /* the counters, the tables: idle while work is measured */
 
 static double now_s(void) {
   struct timespec ts;
@@ -123,15 +131,121 @@ static counters settled(void) {
   return c;
 }
 
+/* ---- CPU per command --------------------------------------------------------------
+ *
+ * The server's side: the backends of this database other than the driver's
+ * own connection, found by their process titles ("postgres: <user> <db>
+ * ..."), sampled every 20 ms while a figure runs (a backend's counters go
+ * with it when it exits, so the last samples' maxima are kept). The
+ * client's side: this process's CPU (threads) or its children's (the Lua
+ * processes, pgbench) around the run. On a shared server only this
+ * database's backends count; the WAL writer's and other shared work is left
+ * out. */
+
+#define PIDS_MAX 64
+static char db_title[256]; /* "postgres: <user> <db> " */
+static long own_backend;
+
+typedef struct sampler {
+  pthread_t tid;
+  volatile int stop;
+  long pid[PIDS_MAX];
+  double ticks[PIDS_MAX];
+  int n;
+} sampler;
+
+static void sample_once(sampler *s) {
+  DIR *d = opendir("/proc");
+  if (d == NULL) return;
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    long pid = atol(e->d_name);
+    if (pid <= 0 || pid == own_backend) continue;
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%ld/cmdline", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) continue;
+    size_t got = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[got] = '\0';
+    if (strncmp(buf, db_title, strlen(db_title)) != 0) continue;
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    f = fopen(path, "r");
+    if (f == NULL) continue;
+    got = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[got] = '\0';
+    char *p = strrchr(buf, ')');
+    unsigned long ut = 0, st = 0;
+    if (p == NULL || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2) continue;
+    int i = 0;
+    while (i < s->n && s->pid[i] != pid) i++;
+    if (i == s->n) {
+      if (s->n == PIDS_MAX) continue;
+      s->n++;
+      s->pid[i] = pid;
+      s->ticks[i] = 0;
+    }
+    if ((double)(ut + st) > s->ticks[i]) s->ticks[i] = (double)(ut + st);
+  }
+  closedir(d);
+}
+
+static void *sampler_main(void *arg) {
+  sampler *s = arg;
+  while (!s->stop) {
+    sample_once(s);
+    usleep(20 * 1000);
+  }
+  sample_once(s);
+  return NULL;
+}
+
+typedef struct cpu_mark {
+  sampler *s;
+  double self, children;
+} cpu_mark;
+
+static double rusage_s(int who) {
+  struct rusage r;
+  getrusage(who, &r);
+  return (double)r.ru_utime.tv_sec + r.ru_utime.tv_usec / 1e6 + (double)r.ru_stime.tv_sec + r.ru_stime.tv_usec / 1e6;
+}
+
+static cpu_mark cpu_start(void) {
+  cpu_mark m = {calloc(1, sizeof(sampler)), rusage_s(RUSAGE_SELF), rusage_s(RUSAGE_CHILDREN)};
+  sample_once(m.s); /* backends already there (none, usually) count from here */
+  for (int i = 0; i < m.s->n; i++) m.s->ticks[i] = -m.s->ticks[i];
+  pthread_create(&m.s->tid, NULL, sampler_main, m.s);
+  return m;
+}
+
+/* Microseconds of CPU per command: the server's (*server) and the client's. */
+static void cpu_end(cpu_mark m, double commands, double *server, double *client) {
+  double self = rusage_s(RUSAGE_SELF) - m.self, children = rusage_s(RUSAGE_CHILDREN) - m.children;
+  m.s->stop = 1;
+  pthread_join(m.s->tid, NULL);
+  double ticks = 0;
+  for (int i = 0; i < m.s->n; i++) ticks += m.s->ticks[i];
+  free(m.s);
+  *server = ticks / (double)sysconf(_SC_CLK_TCK) / commands * 1e6;
+  *client = (self + children) / commands * 1e6;
+}
+
 typedef struct figure {
-  double rate;         /* commands/s, best round */
-  double wal, commits; /* per command, in the best round */
-  double rates[16];    /* each round */
+  double rate;                 /* commands/s, best round */
+  double wal, commits;         /* per command, in the best round */
+  double server_us, client_us; /* CPU per command, in the best round */
+  double rates[16];            /* each round */
 } figure;
 
-static void keep(figure *f, int round, double rate, counters before, counters after, double commands) {
+static void keep(figure *f, int round, double rate, counters before, counters after, double commands, cpu_mark m) {
+  double server, client;
+  cpu_end(m, commands, &server, &client);
   f->rates[round] = rate;
   if (rate > f->rate) {
+    f->server_us = server;
+    f->client_us = client;
     f->rate = rate;
     f->wal = (after.wal_bytes - before.wal_bytes) / commands;
     f->commits = (after.commits - before.commits) / commands;
@@ -143,6 +257,7 @@ static void keep(figure *f, int round, double rate, counters before, counters af
 static void floor_run(figure *f, int round, int clients) {
   fresh_domain(FLOOR_DOMAIN);
   counters before = settled();
+  cpu_mark m = cpu_start();
   char cmd[2048];
   snprintf(cmd, sizeof cmd, "%s -n -M prepared -c %d -j %d -T %d -f bench/send/floor_send_1.sql '%s' 2>&1",
            pgbench_path, clients, clients < 2 ? clients : 2, seconds, url);
@@ -157,7 +272,7 @@ static void floor_run(figure *f, int round, int clients) {
   pclose(p);
   if (tps <= 0 || done <= 0) die("pgbench", "no tps in its output");
   counters after = settled();
-  keep(f, round, tps, before, after, done);
+  keep(f, round, tps, before, after, done, m);
 }
 
 /* ---- ours, in threads of this process ------------------------------------------------ */
@@ -193,9 +308,11 @@ static void *caller_main(void *arg) {
 static void core_run(figure *f, int round, int threads) {
   fresh_domain(DOMAIN);
   counters before = settled();
+  cpu_mark m = cpu_start();
   cb_runtime_options o = {0};
   o.conninfo = url;
   o.application_name = "bench_send_core";
+  o.notify_after_commit = getenv("BENCH_SEND_NOTIFY_AFTER") && strcmp(getenv("BENCH_SEND_NOTIFY_AFTER"), "1") == 0;
   cb_runtime *rt;
   cb_err err;
   if (cb_runtime_new(&o, &rt, &err) != CB_OK) die("connect", err.message);
@@ -213,7 +330,7 @@ static void core_run(figure *f, int round, int threads) {
   }
   cb_runtime_free(rt);
   counters after = settled(); /* the warm-up's 50 per thread are counted too: a little, alike for all */
-  keep(f, round, sent / (double)seconds, before, after, (double)sent + 50.0 * threads);
+  keep(f, round, sent / (double)seconds, before, after, (double)sent + 50.0 * threads, m);
 }
 
 /* ---- ours, from Lua processes ---------------------------------------------------------- */
@@ -221,6 +338,7 @@ static void core_run(figure *f, int round, int threads) {
 static void lua_run(figure *f, int round, int processes) {
   fresh_domain(DOMAIN);
   counters before = settled();
+  cpu_mark m = cpu_start();
   char cmd[4096];
   double start_at = now_s() + 2; /* time to start Lua and connect */
   int n = snprintf(cmd, sizeof cmd, "(");
@@ -249,7 +367,7 @@ static void lua_run(figure *f, int round, int processes) {
   pclose(p);
   if (finished != processes) die("lua", "a caller process failed");
   counters after = settled();
-  keep(f, round, sent / (last - first), before, after, sent + warm);
+  keep(f, round, sent / (last - first), before, after, sent + warm, m);
 }
 
 /* ---- report -------------------------------------------------------------------------- */
@@ -267,7 +385,8 @@ static void print_figure(const char *name, const figure *f, const figure *floor)
   rounds_text(f, rs, sizeof rs);
   printf("%-46s %7.0f commands/s", name, f->rate);
   if (floor && floor->rate > 0) printf(" (%.2fx the floor)", f->rate / floor->rate);
-  printf("; per command %.0f WAL bytes, %.3f commits; rounds %s\n", f->wal, f->commits, rs);
+  printf("; per command %.0f WAL bytes, %.3f commits, CPU us server %.0f client %.0f; rounds %s\n", f->wal, f->commits,
+         f->server_us, f->client_us, rs);
 }
 
 int main(void) {
@@ -291,6 +410,17 @@ int main(void) {
   cb_err err;
   if (cb_runtime_new(&o, &own, &err) != CB_OK) die("connect", err.message);
   if (cb_schema_setup(own, NULL, &err) != CB_OK) die("setup", err.message);
+  {
+    cb_unit *u = cb_unit_new();
+    cb_unit_add_flags(u, "SELECT pg_backend_pid(), current_user, current_database()", 0, NULL, CB_STMT_ONESHOT);
+    if (cb_runtime_exec(own, u, &err) != CB_OK) die("backend", err.message);
+    const cb_result *r = cb_unit_result(u, 0);
+    own_backend = atol(cb_result_value(r, 0, 0));
+    snprintf(db_title, sizeof db_title, "postgres: %s %s ", cb_result_value(r, 0, 1), cb_result_value(r, 0, 2));
+    cb_unit_free(u);
+  }
+  if (getenv("BENCH_SEND_THREADS")) threads8 = atoi(getenv("BENCH_SEND_THREADS"));
+  if (threads8 < 1 || threads8 > THREADS_MAX) threads8 = THREADS_MAX;
   fprintf(stderr, "bench_send: %d s a figure, best of %d rounds, %ld cores, PostgreSQL on the same machine\n", seconds,
           rounds, sysconf(_SC_NPROCESSORS_ONLN));
 
@@ -302,7 +432,7 @@ int main(void) {
     if (WANT("lua_1")) lua_run(&lua1, r, 1);
     if (WANT("core_1")) core_run(&core1, r, 1);
     if (WANT("floor_8")) floor_run(&floor8, r, 8);
-    if (WANT("core_8")) core_run(&core8, r, 8);
+    if (WANT("core_8")) core_run(&core8, r, threads8);
     if (WANT("lua_8proc")) lua_run(&lua8, r, 8);
   }
   fresh_domain(DOMAIN);
@@ -319,7 +449,9 @@ int main(void) {
   print_figure("bus:send, 1 Lua caller", &lua1, &floor1);
   print_figure("cb_bus_send, 1 thread", &core1, &floor1);
   print_figure("floor, 8 clients (pgbench)", &floor8, NULL);
-  print_figure("cb_bus_send, 8 threads on one runtime (pool 2)", &core8, &floor8);
+  char name8[64];
+  snprintf(name8, sizeof name8, "cb_bus_send, %d threads on one runtime (pool 2)", threads8);
+  print_figure(name8, &core8, &floor8);
   print_figure("bus:send, 8 Lua processes of 1 caller", &lua8, &floor8);
   printf(
       "{\"bench\":\"send\",\"seconds\":%d,\"rounds\":%d,"

@@ -37,6 +37,9 @@ describe("a shared runtime", function()
     local c = assert(core.shared(dsn, {pool_size = 1, application_name = app}))
     assert.is_true(c:setup())
     assert.are.equal(2 + 1 + 1 + 1, connections(app)) -- other parameters, another runtime
+    local d = assert(core.shared(dsn, {pool_size = 1, application_name = app, notify_after_commit = true}))
+    assert.is_true(d:setup())
+    assert.are.equal(2 + 1 + 1 + 1 + 1 + 1, connections(app)) -- notify_after_commit too
   end)
 
   it("stays open when one handle closes, and closes for all with close_shared", function()

@@ -9,7 +9,8 @@ local commandbus = require "commandbus"
 local socket = require "socket"
 
 local domain, start_at, seconds = arg[1], tonumber(arg[2]), tonumber(arg[3])
-local bus = assert(commandbus.connect(nil, {application_name = "bench_send_lua"}))
+local bus = assert(commandbus.connect(nil, {application_name = "bench_send_lua",
+                                            notify_after_commit = os.getenv("BENCH_SEND_NOTIFY_AFTER") == "1"}))
 local WARM = 50
 for i = 1, WARM do assert(bus:send{domain = domain, type = "Noop", data = {n = i}}) end
 local wait = start_at - socket.gettime()

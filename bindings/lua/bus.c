@@ -101,7 +101,9 @@ static char *shared_key(const cb_runtime_options *o) {
   const char *app = o->application_name ? o->application_name : "";
   size_t n = strlen(o->conninfo) + strlen(app) + 64;
   char *key = malloc(n);
-  if (key) snprintf(key, n, "%s\x1f%d\x1f%d\x1f%s", o->conninfo, o->pool_size, o->connect_timeout_ms, app);
+  if (key)
+    snprintf(key, n, "%s\x1f%d\x1f%d\x1f%d\x1f%s", o->conninfo, o->pool_size, o->connect_timeout_ms,
+             o->notify_after_commit, app);
   return key;
 }
 

@@ -13,7 +13,8 @@
 
 /* The arguments of connect and shared: ([dsn], [options]).
  * dsn: a libpq conninfo or URI; else DATABASE_URL; else libpq's PG* variables.
- * options: pool_size (1..64), connect_timeout (seconds), application_name.
+ * options: pool_size (1..64), connect_timeout (seconds), application_name,
+ * notify_after_commit (boolean).
  * Returns 0 after pushing nil, err for an unusable value. */
 static int connect_options(lua_State *L, cb_runtime_options *o) {
   const char *dsn = NULL;
@@ -28,6 +29,7 @@ static int connect_options(lua_State *L, cb_runtime_options *o) {
       !cbL_opt_text(L, 2, "application_name", "commandbus", &o->application_name))
     return 0;
   o->connect_timeout_ms = (int)(connect_timeout * 1000.0 + 0.5);
+  o->notify_after_commit = cbL_opt_boolean(L, 2, "notify_after_commit", 0);
   return 1;
 }
 

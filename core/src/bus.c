@@ -268,7 +268,7 @@ static int ensure_send_queues(cb_runtime *rt, const char *domain, const cb_comma
  * (SEND_GIVEN_ID). */
 static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const cb_send_options *options, cb_strbuf *element,
-                    int *flags, cb_err *err) {
+                    int *flags, int no_notify, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
@@ -367,13 +367,13 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   }
   cb_strbuf_free(&json);
   if (rc == CB_OK) rc = ensure_send_queues(rt, domain, specs, n, err);
-  if (rc == CB_OK && cb_queue_add_notify(u, queue) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (rc == CB_OK && !no_notify && cb_queue_add_notify(u, queue) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
   return rc;
 }
 
 int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const cb_send_options *options, cb_err *err) {
-  return add_send(rt, u, domain, specs, n, delay, results, options, NULL, NULL, err);
+  return add_send(rt, u, domain, specs, n, delay, results, options, NULL, NULL, 0, err);
 }
 
 /* Reads row `row` of a send statement's result into *res. */
@@ -944,7 +944,9 @@ void cb_bus_stream_abandon(cb_send_stream *s) {
  * with another transaction), nothing of it was written, and each of its sends is
  * made again alone, so that one bad send never fails the others. When its
  * outcome is unknown (the connection broke) every sender gets that error,
- * as a send alone would. */
+ * as a send alone would. With the runtime's notify_after_commit, the
+ * queues' notifies leave the group's transaction for one of their own right
+ * behind it (after_notify, submit_then_notify). */
 
 #define GROUP_MAX 128 /* sends per shared transaction, at most */
 #define SHARE_MAX 16  /* commands of a send that joins a group, at most */
@@ -961,6 +963,7 @@ typedef struct send_call {
   const char *delay;   /* as bound: "%.6f" */
   const char *element; /* NULL: not merged */
   int flags;           /* the element's SEND_DEDUP, SEND_GIVEN_ID */
+  int after;           /* its unit lacks its queue's notify, sent after the commit (notify_after_commit) */
   int first;           /* its first statement in the group's unit */
   int row;             /* merged: its row in that statement's result; -1: its own statements */
   int rc;
@@ -1032,6 +1035,8 @@ static void answer(send_call *c, int rc, const cb_err *err) {
 }
 
 static void start_group(cb_send_groups *g, send_call *calls, int count);
+static cb_unit *after_notify(send_call *calls, int one);
+static int submit_then_notify(cb_runtime *rt, cb_unit *u, cb_unit_done done, void *arg, cb_unit *n);
 
 /* Takes the sends waiting (up to GROUP_MAX) when a group may leave now:
  * none is on its way, or (stalled) the one on its way has been out for
@@ -1086,8 +1091,7 @@ static void group_done(cb_unit *u, void *arg) {
   for (send_call *c = grp->calls, *next; c; c = next) {
     next = c->next; /* c may be gone once answered */
     if (again) {    /* each alone: the server tells which one it refuses */
-      cb_unit_on_done(c->unit, alone_done, c);
-      if (cb_runtime_submit(g->rt, &c->unit, 1) != CB_OK) {
+      if (submit_then_notify(g->rt, c->unit, alone_done, c, after_notify(c, 1)) != CB_OK) {
         cb_err closed;
         cb_err_set(&closed, CB_ECLOSED, "the runtime is closed");
         answer(c, CB_ECLOSED, &closed);
@@ -1146,9 +1150,66 @@ static int build_group(cb_unit *u, send_call *calls) {
                          : send_sql(sql, sizeof sql, queue, "", "jsonb_array_elements($1::jsonb) WITH ORDINALITY",
                                     flags & SEND_DEDUP, 0)) != CB_OK)
       rc = CB_EINTERNAL;
-    else if (cb_unit_add(u, sql, 3, params) < 0 || cb_queue_add_notify(u, queue) < 0) rc = CB_ENOMEM;
+    else if (cb_unit_add(u, sql, 3, params) < 0 || (!c->after && cb_queue_add_notify(u, queue) < 0)) rc = CB_ENOMEM;
   }
   cb_strbuf_free(&json);
+  return rc;
+}
+
+/* notify_after_commit: the notifies of the calls (of the first only, with
+ * one) whose units lack theirs, one per queue, as a unit of their own to
+ * run after the calls' (submit_then_notify), or NULL. A crash between the
+ * two transactions loses the wake-up only: workers poll (poll_interval). */
+static cb_unit *after_notify(send_call *calls, int one) {
+  cb_unit *n = NULL;
+  for (send_call *c = calls; c; c = one ? NULL : c->next) {
+    if (!c->after) continue;
+    int seen = 0;
+    for (send_call *d = calls; d != c && !seen; d = d->next) seen = d->after && strcmp(d->domain, c->domain) == 0;
+    if (seen) continue;
+    char queue[CB_QUEUE_NAME_MAX + 1];
+    cb_command_queue_name(c->domain, queue);
+    if (n == NULL) n = cb_unit_new();
+    if (n == NULL || cb_queue_add_notify(n, queue) < 0) break; /* the poll will find the rows */
+  }
+  return n;
+}
+
+typedef struct then_notify {
+  cb_unit *rows;
+  cb_unit_done done;
+  void *arg;
+} then_notify;
+
+static void notified(cb_unit *n, void *arg) {
+  then_notify t = *(then_notify *)arg;
+  free(arg);
+  cb_unit_free(n);
+  t.done(t.rows, t.arg);
+}
+
+/* Submits u, whose completion calls done, and then the notify unit n (may
+ * be NULL; taken over) on the same connection, in the same round trip (a
+ * second pipeline segment: its transaction starts once u's has committed,
+ * or failed). done is called once n is back too, so that a send returns
+ * after its wake-up went out, as with the notify inside. */
+static int submit_then_notify(cb_runtime *rt, cb_unit *u, cb_unit_done done, void *arg, cb_unit *n) {
+  then_notify *t = n ? malloc(sizeof *t) : NULL;
+  if (t == NULL) { /* none, or no memory: without the wake-up (the poll finds the rows) */
+    cb_unit_free(n);
+    cb_unit_on_done(u, done, arg);
+    return cb_runtime_submit(rt, &u, 1);
+  }
+  *t = (then_notify){u, done, arg};
+  cb_unit_on_done(u, NULL, NULL);
+  cb_unit_on_done(n, notified, t);
+  cb_unit *units[2] = {u, n};
+  int rc = cb_runtime_submit(rt, units, 2);
+  if (rc != CB_OK) {
+    free(t);
+    cb_unit_free(n);
+    cb_unit_on_done(u, done, arg);
+  }
   return rc;
 }
 
@@ -1171,8 +1232,7 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
     grp->g = g;
     grp->calls = calls;
     grp->count = count;
-    cb_unit_on_done(u, group_done, grp);
-    rc = cb_runtime_submit(g->rt, &u, 1);
+    rc = submit_then_notify(g->rt, u, group_done, grp, after_notify(calls, 0));
   }
   if (rc == CB_OK) return;
   if (u && count > 1) cb_unit_free(u);
@@ -1192,10 +1252,15 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
 
 /* Runs u (the statements of one send) in a shared transaction. */
 static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, const char *domain,
-                            const char *delay, const char *element, int flags, cb_err *err) {
+                            const char *delay, const char *element, int flags, int after, cb_err *err) {
   /* Alone: a send too big to join, or no groups (the deadlock, the fork or
    * the lack of memory is reported by exec_send). */
   cb_send_groups *g = n > SHARE_MAX || cb_runtime_on_loop(rt) ? NULL : cb_runtime_part_of(rt, &send_groups_part);
+  if (g == NULL && after) { /* no groups: the notify inside after all */
+    char queue[CB_QUEUE_NAME_MAX + 1];
+    cb_command_queue_name(domain, queue);
+    if (cb_queue_add_notify(u, queue) < 0) return cb_err_set(err, CB_ENOMEM, "out of memory");
+  }
   if (g == NULL) {
     int rc = exec_send(rt, u, err);
     if (rc == CB_OK) cb_bus_read_send(u, 0, n, results);
@@ -1209,6 +1274,7 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
                  .delay = delay,
                  .element = element,
                  .flags = flags,
+                 .after = after,
                  .rc = CB_OK};
   pthread_condattr_t monotonic;
   pthread_condattr_init(&monotonic);
@@ -1273,9 +1339,11 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   int flags = 0;
   char delay_text[32];
   snprintf(delay_text, sizeof delay_text, "%.6f", delay);
-  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &flags, err);
+  /* notify_after_commit: the unit without its notify, which follows it */
+  int after = cb_runtime_notify_after_commit(rt) && n <= SHARE_MAX && !cb_runtime_on_loop(rt);
+  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &flags, after, err);
   if (rc == CB_OK)
-    rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? element.data : NULL, flags, err);
+    rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? element.data : NULL, flags, after, err);
   cb_strbuf_free(&element);
   cb_unit_free(u);
   if (rc == CB_OK && n == 1 && results[0].duplicate) {
@@ -1295,7 +1363,7 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
  * a shared transaction as cb_bus_send runs its own: never merged into
  * another send's statement, which would leave the caller's statements out. */
 int cb_bus_send_unit(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, cb_err *err) {
-  return exec_send_shared(rt, u, n, results, NULL, NULL, NULL, 0, err);
+  return exec_send_shared(rt, u, n, results, NULL, NULL, NULL, 0, 0, err);
 }
 
 /* ---- queries ------------------------------------------------------------------- */

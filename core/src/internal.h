@@ -95,6 +95,7 @@ struct cb_runtime {
   int signals_inited, signals_on;             /* [loop] */
   cb_conn *conns;                             /* [init] the pool */
   int nconns;
+  int notify_after_commit; /* cb_runtime_options' */
   cb_conn listener;
   char *conninfo;             /* [init] */
   char *application_name;     /* [init] */

@@ -241,6 +241,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   if (rt == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
   rt->pid = getpid();
   rt->nconns = options->pool_size > 0 ? options->pool_size : 2;
+  rt->notify_after_commit = options->notify_after_commit != 0;
   rt->connect_timeout_ms = options->connect_timeout_ms > 0 ? options->connect_timeout_ms : 5000;
   rt->conninfo = dup_or_null(options->conninfo ? options->conninfo : "");
   rt->application_name = dup_or_null(options->application_name ? options->application_name : "commandbus");
@@ -369,6 +370,8 @@ cb_hub *cb_runtime_hub(cb_runtime *rt) { return rt->hub; }
 cb_event_feed *cb_runtime_event_feed(cb_runtime *rt) { return rt->events; }
 
 int cb_runtime_pool_size(const cb_runtime *rt) { return rt->nconns; }
+
+int cb_runtime_notify_after_commit(const cb_runtime *rt) { return rt->notify_after_commit; }
 
 uint64_t cb_runtime_units_sent(cb_runtime *rt) { return __atomic_load_n(&rt->units_sent, __ATOMIC_RELAXED); }
 

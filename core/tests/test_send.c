@@ -406,11 +406,16 @@ static void pq_ok(PGconn *pg, const char *sql) {
  * the queue's channel hears nothing; the first notification after the lock
  * is released finds commands of those sends committed; and every send is
  * followed by one. A send alone, then concurrent sends sharing
- * transactions. */
-static void a_sends_wake_up_comes_once_its_rows_are_there(void **state) {
-  (void)state;
-  cb_runtime *rt = test_runtime(2), *watcher = test_runtime(1);
+ * transactions. With notify_after_commit (after), the same, the notify in
+ * a transaction of its own after the rows': a send alone is two. */
+static void wake_up_once_rows_are_there(int after) {
+  cb_runtime_options o = {0};
+  o.conninfo = test_dsn();
+  o.pool_size = 2;
+  o.notify_after_commit = after;
+  cb_runtime *rt = NULL, *watcher = test_runtime(1);
   cb_err err;
+  assert_int_equal(cb_runtime_new(&o, &rt, &err), CB_OK);
   assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
   char domain[64], sql[256];
   snprintf(domain, sizeof domain, "%s", test_name("sendwake"));
@@ -437,6 +442,7 @@ static void a_sends_wake_up_comes_once_its_rows_are_there(void **state) {
     pthread_barrier_init(&go, NULL, (unsigned)n + 1);
     caller callers[CALLERS];
     pthread_t threads[CALLERS];
+    uint64_t units = cb_runtime_units_sent(rt);
     for (int i = 0; i < n; i++) {
       callers[i] = (caller){.rt = rt, .domain = domain, .go = &go, .rc = -99, .data = "{}"};
       pthread_create(&threads[i], NULL, caller_main, &callers[i]);
@@ -456,6 +462,7 @@ static void a_sends_wake_up_comes_once_its_rows_are_there(void **state) {
       assert_int_equal(callers[i].rc, CB_OK);
     }
     pthread_barrier_destroy(&go);
+    if (round == 0) assert_int_equal(cb_runtime_units_sent(rt) - units, after ? 2 : 1);
     sent += n;
     /* Each commit is followed by a wake-up: what the listener reads after
      * the last one it hears is everything sent. Notifications arrive in
@@ -476,6 +483,16 @@ static void a_sends_wake_up_comes_once_its_rows_are_there(void **state) {
   drop(rt, domain);
   cb_runtime_free(watcher);
   cb_runtime_free(rt);
+}
+
+static void a_sends_wake_up_comes_once_its_rows_are_there(void **state) {
+  (void)state;
+  wake_up_once_rows_are_there(0);
+}
+
+static void with_notify_after_commit_the_wake_up_follows_in_a_transaction_of_its_own(void **state) {
+  (void)state;
+  wake_up_once_rows_are_there(1);
 }
 
 /* Holds a command's id for a second: sends it, then sleeps, in one
@@ -675,6 +692,7 @@ int main(void) {
       cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
       cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
       cmocka_unit_test(a_sends_wake_up_comes_once_its_rows_are_there),
+      cmocka_unit_test(with_notify_after_commit_the_wake_up_follows_in_a_transaction_of_its_own),
       cmocka_unit_test(one_group_of_sends_is_on_its_way_at_a_time),
       cmocka_unit_test(a_stalled_group_does_not_hold_back_the_next),
       cmocka_unit_test(ids_made_after_a_fork_differ_from_the_parents),

@@ -18,7 +18,8 @@ local M = {
 
 --- Connects to PostgreSQL and starts the bus's loop thread.
 -- @param dsn libpq conninfo or URI (optional: DATABASE_URL, then PG* variables)
--- @param options {pool_size=2, connect_timeout=5, application_name="commandbus"}
+-- @param options {pool_size=2, connect_timeout=5, application_name="commandbus",
+--   notify_after_commit=false}
 -- @return bus | nil, err (err.code == "CONNECTION" when unreachable)
 function M.connect(dsn, options)
   if dsn ~= nil and type(dsn) ~= "string" then

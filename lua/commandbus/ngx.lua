@@ -60,8 +60,8 @@ local handles = {} -- this VM's handles on shared runtimes, by connection key
 local queues = {}  -- queue objects over them, by connection key, then name
 
 local function connection_key(dsn, options)
-  return format("%s\31%s\31%s\31%s", dsn, tostring(options.pool_size), tostring(options.connect_timeout),
-                tostring(options.application_name))
+  return format("%s\31%s\31%s\31%s\31%s", dsn, tostring(options.pool_size), tostring(options.connect_timeout),
+                tostring(options.application_name), tostring(options.notify_after_commit))
 end
 
 -- This VM's handle for the connection key (made on first use), or nil, err.
@@ -412,13 +412,14 @@ function bus_mt.__tostring(self)
 end
 
 local CONNECT_OPTIONS = {pool_size = "number", connect_timeout = "number", application_name = "string",
-                         thread_pool = "string", await_thread_pool = "string"}
+                         notify_after_commit = "boolean", thread_pool = "string", await_thread_pool = "string"}
 
 --- Connects: returns a bus for this nginx worker process.
 -- @param dsn libpq conninfo or URI (else DATABASE_URL, which nginx passes on
 --   only when nginx.conf says `env DATABASE_URL;`, else PG* variables)
 -- @param options pool_size (2), connect_timeout (5 s), application_name
---   ("commandbus"): as commandbus.connect; thread_pool ("commandbus"): the
+--   ("commandbus"), notify_after_commit (false): as commandbus.connect;
+--   thread_pool ("commandbus"): the
 --   nginx thread pool calls run on; await_thread_pool (thread_pool): the one
 --   waiting calls run on.
 -- @return bus | nil, err. In init_worker_by_lua it connects at once (and
@@ -446,7 +447,7 @@ function M.connect(dsn, options)
   local bus = setmetatable({
     dsn = dsn or os.getenv("DATABASE_URL") or "",
     options = {pool_size = copy.pool_size, connect_timeout = copy.connect_timeout,
-               application_name = copy.application_name},
+               application_name = copy.application_name, notify_after_commit = copy.notify_after_commit},
     pool = pool,
     await_pool = copy.await_thread_pool or pool,
   }, bus_mt)

@@ -47,6 +47,16 @@ typedef struct cb_runtime_options {
   int pool_size;                /* connections for queries; <= 0 means 2 */
   int connect_timeout_ms;       /* per connection attempt; <= 0 means 5000 */
   const char *application_name; /* NULL means "commandbus" */
+  /* Nonzero: cb_bus_send's wake-up (its queue's NOTIFY) goes in a
+   * transaction of its own right after the rows' commit, in the same round
+   * trip, rather than inside it. PostgreSQL makes transactions that notify
+   * commit one at a time, each with a WAL flush of its own, across the whole
+   * cluster; without the NOTIFY the rows' commits of several processes that
+   * send at once share flushes. Costs one more (unflushed) commit per send
+   * transaction and brings a lone send's wake-up a little later
+   * (docs/architecture.md). For many processes that each send alone
+   * (nginx workers, say); 0 (the default) keeps the NOTIFY inside. */
+  int notify_after_commit;
 } cb_runtime_options;
 
 /* Starts the loop thread and connects the pool. Returns CB_ECONNECTION (and no
@@ -90,6 +100,9 @@ int cb_runtime_on_loop(cb_runtime *rt);
 
 /* The connections of the pool (pool_size as it was resolved). */
 int cb_runtime_pool_size(const cb_runtime *rt);
+
+/* The runtime's notify_after_commit option (0 or 1). */
+int cb_runtime_notify_after_commit(const cb_runtime *rt);
 
 /* --- running units (unit.h) ------------------------------------------------ */
 
