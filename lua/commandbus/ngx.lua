@@ -146,10 +146,30 @@ local function finish(pool, ran, ok, ...)
   return ...
 end
 
+-- lua-nginx-module watches for the worker's shutdown with a placeholder
+-- connection (fd -2) that it makes on the worker's first ngx.timer.at, and
+-- that nginx closes when the shutdown begins (with the idle connections).
+-- One made after that is never closed: the worker then ends with the alerts
+-- "open socket #-2 left in connection N" and "aborting". A new worker's first
+-- call can come after a reload's signal (a request read just before it), so
+-- timers are started here only once one was started before the shutdown
+-- began (the placeholder is there, and closed); until then an exiting worker
+-- gets none from us, and does without (see below).
+local timer_made = false
+
+local function start_timer(f, arg)
+  if not timer_made and ngx.worker.exiting() then return nil end
+  local ok = ngx.timer.at(0, f, arg)
+  if ok then timer_made = true end
+  return ok
+end
+
 -- nginx ends a worker that is shutting down (reload, quit) once no timer is
 -- left, and a request waiting for ngx.run_worker_thread holds none: it would
 -- be cut off. While calls are in flight, a timer sleeps in short steps, so
--- that the worker waits for them as it does for any request.
+-- that the worker waits for them as it does for any request. When no timer
+-- can be started, the call spawns a light thread that sleeps in its stead
+-- until the call returns.
 local in_flight, keeper_running = 0, false
 
 local function keeper()
@@ -162,10 +182,22 @@ local function ended(...)
   return ...
 end
 
+local function guard()
+  while true do ngx.sleep(0.05) end
+end
+
+local function guarded_end(guard_thread, called, ...)
+  in_flight = in_flight - 1
+  ngx.thread.kill(guard_thread)
+  if not called then error((...), 0) end
+  return ...
+end
+
 local function run_in_thread(pool, ...)
   in_flight = in_flight + 1
-  if not keeper_running then keeper_running = ngx.timer.at(0, keeper) and true end
-  return ended(ngx.run_worker_thread(pool, MODULE, "_thread_call", ...))
+  if not keeper_running then keeper_running = start_timer(keeper) and true end
+  if keeper_running then return ended(ngx.run_worker_thread(pool, MODULE, "_thread_call", ...)) end
+  return guarded_end(ngx.thread.spawn(guard), pcall(ngx.run_worker_thread, pool, MODULE, "_thread_call", ...))
 end
 
 local function init_phase_error()
@@ -279,7 +311,7 @@ end
 local function schedule(sends, batch)
   batch.scheduled = true
   sends.out = sends.out + 1
-  if not ngx.timer.at(0, flush, batch) then flush(false, batch) end -- exiting: no more timers; send it now
+  if not start_timer(flush, batch) then flush(false, batch) end -- exiting: no timer to start; send it now
 end
 
 -- One command sent alone: its answer, {true, res, err} or {false, message}.

@@ -84,6 +84,44 @@ describe("commandbus.ngx's life in nginx", function()
     assert.are.same({}, server:errors())
   end)
 
+  -- lua-nginx-module makes a placeholder connection (fd -2) on a worker's
+  -- first ngx.timer.at and closes it when the worker starts shutting down;
+  -- one made later stays open, and the worker ends with the alerts "open
+  -- socket #-2 left in connection 0" and "aborting". Under load, a new
+  -- worker's first call can come after a reload's signal (its request read
+  -- just before). Here the request waits until the worker shuts down, then
+  -- calls: a send (batched: its own timer) or another call.
+  for _, call in ipairs{"send", "get_command"} do
+    it(("answers a %s that is a worker's first call and comes once the worker shuts down, and exits cleanly")
+       :format(call), function()
+      local server = ngx_world.start{workers = 1, server = [[
+        location = /when_exiting { content_by_lua_block {
+          ngx.shared.results:set("waiting", true)
+          while not ngx.worker.exiting() do ngx.sleep(0.01) end
+          ngx.exec("/" .. ngx.var.arg_call, ngx.var.args)
+        } }
+        location = /waiting { content_by_lua_block { ngx.say(ngx.shared.results:get("waiting") and "yes" or "no") } }
+        location = /get_command { content_by_lua_block {
+          local bus = require("spec.support.ngx_app").bus()
+          local cmd, err = bus:get_command(ngx.var.arg_domain, "01900000-0000-7000-8000-000000000000")
+          ngx.say(cmd and "found" or err.code)
+        } }
+      ]]}
+      finally(function() server:stop() end)
+      local pending = server:open("POST", ("/when_exiting?call=%s&domain=%s"):format(call, domain))
+      wait_until("the request waits", function() return select(2, server:request("GET", "/waiting")) == "yes\n" end)
+      assert.is_true(server:quit(30))
+      local status, body = pending:finish(10)
+      assert.are.equal(200, status, body)
+      if call == "send" then
+        assert.are.equal(1, #assert(bus:list_commands{domain = domain, limit = 10}))
+      else
+        assert.are.equal("NOT_FOUND\n", body)
+      end
+      assert.are.same({}, server:errors())
+    end)
+  end
+
   it("leaves no connection, thread or error behind after 20 reloads under load, nor after quit", function()
     local workers, pool_size = 2, 2
     local server = ngx_world.start{workers = workers, pool_size = pool_size, application_name = app_name,
