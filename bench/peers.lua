@@ -18,7 +18,10 @@
 --    up), the worker in another process: the time from the send (our
 --    bus:send, their addJob) to the handler running, p50 and p99; and ours
 --    from the send until bus:await returns the completed command, and, in
---    turn with it, from bus:request's call until it returns.
+--    turn with it, from bus:request's call until it returns. Beside those,
+--    the floor of a whole request on this machine and cluster, run next
+--    (bench/request_floor.c: the same rows and commits over plain libpq,
+--    two processes, no runtime), and ours over it.
 --
 -- Every timed part runs in processes of its own, started together at an
 -- agreed wall-clock time once connected and ready (Node's start-up is not
@@ -195,6 +198,17 @@ local function peer_latency()
   return latencies
 end
 
+-- The floor of one request in flight (bench/request_floor.c): the same rows
+-- and commits as ours over plain libpq, two processes and nothing else, run
+-- right after ours, as many requests. Its JSON line's figures.
+local function request_floor()
+  local build = os.getenv("COMMANDBUS_BUILD") or "build"
+  local out = common.sh(("BENCH_REQUESTS=%d %s/bench_request_floor"):format(REQUESTS, build))
+  local line = out:match("({\"bench\":\"request_floor\"[^\n]*})")
+  assert(line, "bench/peers: the request floor failed: " .. out)
+  return cjson.decode(line)
+end
+
 local function ms(seconds) return math.floor(seconds * 100000 + 0.5) / 100 end
 
 local result = {bench = "peers", peer = "graphile-worker " .. GRAPHILE_WORKER, commands = N}
@@ -260,6 +274,7 @@ end
 local function latency_part()
   -- 3. One request in flight.
   local send_await, request = cb_latency()
+  local floor = request_floor()
   local peer_to_task = peer_latency()
   for _, f in ipairs({{"cb_latency", send_await.to_handler}, {"cb_roundtrip", send_await.to_answer},
                       {"cb_request_latency", request.to_handler}, {"cb_request", request.to_answer},
@@ -267,6 +282,11 @@ local function latency_part()
     result[f[1] .. "_p50_ms"] = ms(common.percentile(f[2], 50))
     result[f[1] .. "_p99_ms"] = ms(common.percentile(f[2], 99))
   end
+  for _, k in ipairs({"floor_received_p50_ms", "floor_received_p99_ms", "floor_answer_p50_ms", "floor_answer_p99_ms"}) do
+    result[k] = floor[k]
+  end
+  result.roundtrip_floor_p50_ratio = common.ratio(result.cb_roundtrip_p50_ms, floor.floor_answer_p50_ms)
+  result.request_floor_p50_ratio = common.ratio(result.cb_request_p50_ms, floor.floor_answer_p50_ms)
   result.latency_p50_ratio = common.ratio(result.cb_latency_p50_ms, result.peer_latency_p50_ms)
   result.latency_p99_ratio = common.ratio(result.cb_latency_p99_ms, result.peer_latency_p99_ms)
   print(("one request in flight (%d each way, in turn, after %d to warm up), the worker in another process:"):format(
@@ -280,6 +300,11 @@ local function latency_part()
          .. " send to handler started p50 %.2f ms, p99 %.2f ms"):format(
     result.cb_request_p50_ms, result.cb_request_p99_ms, result.cb_request_latency_p50_ms,
     result.cb_request_latency_p99_ms))
+  print(("  floor (bench/request_floor: the same rows and commits over plain libpq, two processes, run next):"
+         .. " send to answer p50 %.2f ms, p99 %.2f ms; send to received p50 %.2f ms, p99 %.2f ms"):format(
+    floor.floor_answer_p50_ms, floor.floor_answer_p99_ms, floor.floor_received_p50_ms, floor.floor_received_p99_ms))
+  print(("  commandbus over the floor, p50: send, handler, await returns %.2fx; request %.2fx"):format(
+    result.cb_roundtrip_p50_ms / floor.floor_answer_p50_ms, result.cb_request_p50_ms / floor.floor_answer_p50_ms))
 end
 
 local function main()
