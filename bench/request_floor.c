@@ -17,8 +17,8 @@
  *     statement, one commit (flushed), whose NOTIFY to the caller comes from
  *     the command table's trigger (core/sql/009), as ours does;
  *   caller wakes on that notification and reads the command row, removing
- *     the waiter's registration in the same transaction (not flushed, as
- *     the registration's own commits are not).
+ *     the waiter's registration in the same transaction (not flushed: the
+ *     awaiter table is unlogged, core/sql/002).
  *
  * Three flushed commits and four wake-ups of a process a request. Prints
  * send -> received (the worker's receive committed: where a handler would
@@ -60,9 +60,14 @@ static void die(const char *what, const char *why) {
   exit(1);
 }
 
+/* Each statement is planned once (as ours are: see worker_fetch.c), not
+ * again at every execution. */
 static PGconn *connect_pq(const char *url) {
   PGconn *c = PQconnectdb(url);
   if (PQstatus(c) != CONNECTION_OK) die("connect", PQerrorMessage(c));
+  PGresult *r = PQexec(c, "SET plan_cache_mode = force_generic_plan");
+  if (PQresultStatus(r) != PGRES_COMMAND_OK) die("plan_cache_mode", PQerrorMessage(c));
+  PQclear(r);
   return c;
 }
 
@@ -129,8 +134,9 @@ static void worker_main(const char *url, const char *domain, const char *queue, 
   run(c, sql);
   snprintf(sql, sizeof sql,
            "WITH m AS (UPDATE pgmq.q_%s q SET vt = clock_timestamp() + make_interval(secs => 30),"
-           " read_ct = q.read_ct + 1 WHERE q.msg_id = (SELECT msg_id FROM pgmq.q_%s WHERE vt <= clock_timestamp()"
-           " ORDER BY msg_id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING q.msg_id, q.message),"
+           " read_ct = q.read_ct + 1 WHERE q.msg_id = (SELECT msg_id FROM pgmq.q_%s WHERE msg_id >= $2::bigint"
+           " AND vt <= clock_timestamp() ORDER BY msg_id LIMIT 1 FOR UPDATE SKIP LOCKED)"
+           " RETURNING q.msg_id, q.message),"
            " c AS (UPDATE commandbus.command k SET attempts = k.attempts + 1, status = 'IN_PROGRESS',"
            " updated_at = now(), lease_expires_at = clock_timestamp() + make_interval(secs => 30) FROM m"
            " WHERE k.domain = $1 AND k.command_id = (SELECT (message->>'command_id')::uuid FROM m)"
@@ -156,6 +162,7 @@ static void worker_main(const char *url, const char *domain, const char *queue, 
   if (write(out, "ready\n", 6) != 6) exit(1);
   double cpu0 = own_cpu_s(), bcpu0 = backend_cpu_s(c);
   int measuring = 0;
+  long long last_msg = 0;
   for (;;) {
     /* The caller's word (start measuring, stop) or a notification. */
     struct pollfd p[2] = {{in, POLLIN, 0}, {PQsocket(c), POLLIN, 0}};
@@ -178,8 +185,13 @@ static void worker_main(const char *url, const char *domain, const char *queue, 
     PQfreemem(n);
     while ((n = PQnotifies(c)) != NULL) PQfreemem(n);
     for (;;) {
-      const char *rp[] = {domain};
-      PGresult *r = exec_prepared(c, "receive", 1, rp);
+      /* From the last message received on, as our worker reads (its
+       * scan_from): the index entries of every message completed before
+       * lie below it. */
+      char from[24];
+      snprintf(from, sizeof from, "%lld", last_msg);
+      const char *rp[] = {domain, from};
+      PGresult *r = exec_prepared(c, "receive", 2, rp);
       if (PQntuples(r) == 0) {
         PQclear(r);
         break;
@@ -188,6 +200,7 @@ static void worker_main(const char *url, const char *domain, const char *queue, 
       int len = snprintf(line, sizeof line, "%.9f\n", now_s());
       if (write(out, line, (size_t)len) != len) exit(1);
       const char *cp[] = {domain, PQgetvalue(r, 0, 0), PQgetvalue(r, 0, 2), PQgetvalue(r, 0, 1)};
+      last_msg = atoll(PQgetvalue(r, 0, 1));
       PGresult *d = exec_prepared(c, "complete", 4, cp);
       PQclear(d);
       PQclear(r);
@@ -278,9 +291,8 @@ int main(void) {
            queue, queue, queue, queue);
   prepare(c, "send", sql);
   prepare(c, "read",
-          "WITH s AS (SELECT set_config('synchronous_commit', 'off', true)),"
-          " d AS (DELETE FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = $2::uuid AND a.waiter = $3::uuid"
-          " AND EXISTS (SELECT FROM s))"
+          "WITH d AS (DELETE FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = $2::uuid"
+          " AND a.waiter = $3::uuid)"
           " SELECT domain, command_id::text, command_type, status, attempts, max_attempts, msg_id, queue_name,"
           " nullif(reply_queue, ''), correlation_id::text, batch_id::text, last_error_type, last_error_code,"
           " last_error_msg, created_at::text, updated_at::text FROM commandbus.command"
