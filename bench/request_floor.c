@@ -24,10 +24,12 @@
  * send -> received (the worker's receive committed: where a handler would
  * start) and send -> answer (the caller holds the completed row), p50 and
  * p99 in ms, the CPU a request of the two processes and of their backends,
- * and one JSON line. BENCH_REQUESTS requests (default 1000) after 20 to
- * warm up; the schema is set up and a queue of its own made and dropped.
- * Run as bench/peers' latency part does (make bench-peers), or alone:
- * make bench-request_floor.
+ * and one JSON line. BENCH_REQUESTS requests (default 1000) after
+ * BENCH_WARMUP (default 20) to warm up; the schema is set up and a queue of
+ * its own made and dropped. BENCH_FLOOR_RAW=1 prints each request's two
+ * times too ("raw <received s> <answer s>"), for a caller that runs the
+ * floor in turns with its own requests and pools them, as bench/peers'
+ * latency part does (make bench-peers). Alone: make bench-request_floor.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -46,8 +48,6 @@
 #include "commandbus/runtime.h"
 #include "commandbus/schema.h"
 #include "commandbus/uuid.h"
-
-#define WARMUP 20
 
 static double now_s(void) {
   struct timespec ts;
@@ -250,6 +250,9 @@ int main(void) {
   if (url == NULL) die("DATABASE_URL", "not set");
   int requests = getenv("BENCH_REQUESTS") ? atoi(getenv("BENCH_REQUESTS")) : 1000;
   if (requests < 1) die("BENCH_REQUESTS", "must be at least 1");
+  int warmup = getenv("BENCH_WARMUP") ? atoi(getenv("BENCH_WARMUP")) : 20;
+  if (warmup < 0) die("BENCH_WARMUP", "must not be negative");
+  int raw = getenv("BENCH_FLOOR_RAW") && strcmp(getenv("BENCH_FLOOR_RAW"), "1") == 0;
   char domain[64], queue[96];
   snprintf(domain, sizeof domain, "bench_floor_%d", (int)getpid());
   snprintf(queue, sizeof queue, "%s__commands", domain);
@@ -302,8 +305,8 @@ int main(void) {
   double *to_answer = malloc(sizeof(double) * (size_t)requests);
   if (!to_received || !to_answer) die("memory", "out of memory");
   double cpu0 = 0, bcpu0 = 0, wall0 = 0;
-  for (int i = 0; i < WARMUP + requests; i++) {
-    if (i == WARMUP) {
+  for (int i = 0; i < warmup + requests; i++) {
+    if (i == warmup) {
       if (write(to_worker[1], "measure", 7) != 7) die("worker", "gone");
       usleep(20000);
       cpu0 = own_cpu_s();
@@ -329,9 +332,9 @@ int main(void) {
     PQclear(r);
     if (!read_line(from, line, sizeof line)) die("worker", "gone");
     double t1 = atof(line);
-    if (i >= WARMUP) {
-      to_received[i - WARMUP] = t1 - t0;
-      to_answer[i - WARMUP] = t2 - t0;
+    if (i >= warmup) {
+      to_received[i - warmup] = t1 - t0;
+      to_answer[i - warmup] = t2 - t0;
     }
   }
   double wall = now_s() - wall0, cpu = own_cpu_s() - cpu0, bcpu = backend_cpu_s(c) - bcpu0;
@@ -352,10 +355,12 @@ int main(void) {
     PQfinish(d);
   }
 
+  if (raw)
+    for (int i = 0; i < requests; i++) printf("raw %.9f %.9f\n", to_received[i], to_answer[i]);
   double r50 = pct(to_received, requests, 50), r99 = pct(to_received, requests, 99);
   double a50 = pct(to_answer, requests, 50), a99 = pct(to_answer, requests, 99);
   double per = 1000.0 / requests;
-  printf("request floor (raw libpq, %d requests one in flight, after %d to warm up):\n", requests, WARMUP);
+  printf("request floor (raw libpq, %d requests one in flight, after %d to warm up):\n", requests, warmup);
   printf("  send to received (the receive committed): p50 %.2f ms, p99 %.2f ms\n", r50 * 1000, r99 * 1000);
   printf("  send to answer (the completed row read): p50 %.2f ms, p99 %.2f ms\n", a50 * 1000, a99 * 1000);
   printf(
