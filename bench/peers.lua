@@ -18,7 +18,10 @@
 --    up), the worker in another process: the time from the send (our
 --    bus:send, their addJob) to the handler running, p50 and p99; and ours
 --    from the send until bus:await returns the completed command, and, in
---    turn with it, from bus:request's call until it returns.
+--    turn with it, from bus:request's call until it returns. Beside those,
+--    the floor of a whole request on this machine and cluster, in turns
+--    with ours (bench/request_floor.c: the same rows and commits over plain
+--    libpq, two processes, no runtime), and ours over it.
 --
 -- Every timed part runs in processes of its own, started together at an
 -- agreed wall-clock time once connected and ready (Node's start-up is not
@@ -40,6 +43,8 @@ local N = tonumber(os.getenv("BENCH_COMMANDS")) or 50000
 local INSERT_ROUNDS = tonumber(os.getenv("BENCH_INSERT_ROUNDS")) or 3
 local REQUESTS = tonumber(os.getenv("BENCH_REQUESTS")) or 1000
 local WARMUP = 20
+-- Requests of each of our ways between two turns of the floor (request_floor).
+local FLOOR_TURN = 100
 local PARTS = {}
 for part in (os.getenv("BENCH_PEERS_PARTS") or "insert,burn_down,latency"):gmatch("[^,%s]+") do
   assert(part == "insert" or part == "burn_down" or part == "latency",
@@ -146,7 +151,7 @@ end
 -- transaction. Meanwhile the handler (in a worker process) has said over UDP
 -- when it started. Returns, for each way, the lists of send-to-handler and
 -- send-to-answer seconds.
-local function cb_latency()
+local function cb_latency(between)
   common.fresh_domain(bus, DOMAIN)
   local udp = assert(socket.udp())
   assert(udp:setsockname("127.0.0.1", 0))
@@ -175,6 +180,10 @@ local function cb_latency()
     if i > 2 * WARMUP then
       way.to_handler[#way.to_handler + 1] = tonumber(started) - t0
       way.to_answer[#way.to_answer + 1] = t2 - t0
+      local done = math.floor((i - 2 * WARMUP) / 2)
+      if i % 2 == 0 and (done % FLOOR_TURN == 0 or done == REQUESTS) then
+        between(done % FLOOR_TURN == 0 and FLOOR_TURN or done % FLOOR_TURN)
+      end
     end
   end
   assert(bus:send{domain = DOMAIN, type = "Stop"})
@@ -193,6 +202,31 @@ local function peer_latency()
   assert(#latencies == REQUESTS, ("bench/peers: graphile-worker's latency run printed %d latencies for %d requests: %s")
     :format(#latencies, REQUESTS, out))
   return latencies
+end
+
+-- The floor of one request in flight (bench/request_floor.c): the same rows
+-- and commits as ours over plain libpq, two processes and nothing else. It
+-- runs in turns with ours (FLOOR_TURN requests after each FLOOR_TURN of each
+-- of our ways, a few more to warm up each time), so that both meet the same
+-- load. Returns the function that runs a turn of n requests, and the lists
+-- it fills: send-to-received and send-to-answer seconds, and the CPU (ms) of
+-- the floor's processes and backends, a request.
+local function request_floor()
+  local build = os.getenv("COMMANDBUS_BUILD") or "build"
+  local floor = {to_received = {}, to_answer = {}, cpu_ms = {}}
+  return function(n)
+    local out = common.sh(("BENCH_REQUESTS=%d BENCH_WARMUP=5 BENCH_FLOOR_RAW=1 %s/bench_request_floor"):format(n, build))
+    local line = out:match("({\"bench\":\"request_floor\"[^\n]*})")
+    assert(line, "bench/peers: the request floor failed: " .. out)
+    for l in out:gmatch("[^\n]+") do
+      local received, answer = l:match("^raw (%S+) (%S+)$")
+      if received then
+        floor.to_received[#floor.to_received + 1] = tonumber(received)
+        floor.to_answer[#floor.to_answer + 1] = tonumber(answer)
+      end
+    end
+    floor.cpu_ms[#floor.cpu_ms + 1] = cjson.decode(line).floor_cpu_ms
+  end, floor
 end
 
 local function ms(seconds) return math.floor(seconds * 100000 + 0.5) / 100 end
@@ -259,14 +293,22 @@ end
 
 local function latency_part()
   -- 3. One request in flight.
-  local send_await, request = cb_latency()
+  local floor_turn, floor = request_floor()
+  local send_await, request = cb_latency(floor_turn)
   local peer_to_task = peer_latency()
   for _, f in ipairs({{"cb_latency", send_await.to_handler}, {"cb_roundtrip", send_await.to_answer},
                       {"cb_request_latency", request.to_handler}, {"cb_request", request.to_answer},
+                      {"floor_received", floor.to_received}, {"floor_answer", floor.to_answer},
                       {"peer_latency", peer_to_task}}) do
     result[f[1] .. "_p50_ms"] = ms(common.percentile(f[2], 50))
     result[f[1] .. "_p99_ms"] = ms(common.percentile(f[2], 99))
   end
+  assert(#floor.to_answer == REQUESTS, "bench/peers: the request floor ran " .. #floor.to_answer .. " requests")
+  local cpu = 0
+  for _, x in ipairs(floor.cpu_ms) do cpu = cpu + x / #floor.cpu_ms end
+  result.floor_cpu_ms = math.floor(cpu * 1000 + 0.5) / 1000
+  result.roundtrip_floor_p50_ratio = common.ratio(result.cb_roundtrip_p50_ms, result.floor_answer_p50_ms)
+  result.request_floor_p50_ratio = common.ratio(result.cb_request_p50_ms, result.floor_answer_p50_ms)
   result.latency_p50_ratio = common.ratio(result.cb_latency_p50_ms, result.peer_latency_p50_ms)
   result.latency_p99_ratio = common.ratio(result.cb_latency_p99_ms, result.peer_latency_p99_ms)
   print(("one request in flight (%d each way, in turn, after %d to warm up), the worker in another process:"):format(
@@ -280,6 +322,13 @@ local function latency_part()
          .. " send to handler started p50 %.2f ms, p99 %.2f ms"):format(
     result.cb_request_p50_ms, result.cb_request_p99_ms, result.cb_request_latency_p50_ms,
     result.cb_request_latency_p99_ms))
+  print(("  floor (bench/request_floor: the same rows and commits over plain libpq, two processes, %d requests in"
+         .. " turns with ours): send to answer p50 %.2f ms, p99 %.2f ms; send to received p50 %.2f ms, p99 %.2f ms;"
+         .. " %.3f ms CPU a request (processes and backends)"):format(REQUESTS,
+    result.floor_answer_p50_ms, result.floor_answer_p99_ms, result.floor_received_p50_ms,
+    result.floor_received_p99_ms, result.floor_cpu_ms))
+  print(("  commandbus over the floor, p50: send, handler, await returns %.2fx; request %.2fx"):format(
+    result.cb_roundtrip_p50_ms / result.floor_answer_p50_ms, result.cb_request_p50_ms / result.floor_answer_p50_ms))
 end
 
 local function main()
