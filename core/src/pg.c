@@ -1010,17 +1010,20 @@ void cb__conn_shutdown(cb_conn *conn) {
  * caller writes the unit and waits on the socket itself. One caller at a
  * time (direct_lock); bus.c keeps its groups (one out at a time) on it, and
  * sends the rest through the loop. It is made on first use, blocking, with
- * the pool's parameters, and made again after it broke. Its statements
+ * the pool's parameters (its application_name gains ":send"), and made
+ * again after it broke; cb_runtime_close closes it. Its statements
  * are prepared as the pool's are (send_unit, read_results: the same slots
  * and cache). */
 
 #define DIRECT_POLL_MS 100 /* how often a send waiting on it looks whether the runtime is closing */
 
 static int direct_connect(cb_runtime *rt, cb_conn *conn) {
-  char timeout[16];
+  char timeout[16], name[80];
   snprintf(timeout, sizeof timeout, "%d", (rt->connect_timeout_ms + 999) / 1000);
+  /* Told apart from the pool's in pg_stat_activity (the server keeps 63 bytes). */
+  snprintf(name, sizeof name, "%.57s:send", rt->application_name);
   const char *keys[] = {"dbname", "application_name", "connect_timeout", NULL};
-  const char *values[] = {rt->conninfo, rt->application_name, timeout, NULL};
+  const char *values[] = {rt->conninfo, name, timeout, NULL};
   conn->pg = PQconnectdbParams(keys, values, 1);
   if (conn->pg == NULL || PQstatus(conn->pg) != CONNECTION_OK || PQenterPipelineMode(conn->pg) != 1) {
     if (conn->pg) PQfinish(conn->pg);
