@@ -13,6 +13,7 @@
 
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <sys/types.h>
 #include <uv.h>
 
@@ -109,7 +110,8 @@ struct cb_runtime {
   /* The send connection: made on first use, used from callers' threads
    * outside the loop, one at a time (cb__direct_exec; bus.c's sends). */
   pthread_mutex_t direct_lock;
-  cb_conn direct; /* [direct_lock] */
+  cb_conn direct;          /* [direct_lock] */
+  int64_t direct_retry_at; /* [direct_lock] CLOCK_MONOTONIC ms: no attempt to make it before */
 };
 
 typedef struct signal_watch {

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -1015,7 +1016,14 @@ void cb__conn_shutdown(cb_conn *conn) {
  * are prepared as the pool's are (send_unit, read_results: the same slots
  * and cache). */
 
-#define DIRECT_POLL_MS 100 /* how often a send waiting on it looks whether the runtime is closing */
+#define DIRECT_POLL_MS 100   /* how often a send waiting on it looks whether the runtime is closing */
+#define DIRECT_RETRY_MS 1000 /* after it could not be made, sends go through the loop this long */
+
+static int64_t monotonic_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static int direct_connect(cb_runtime *rt, cb_conn *conn) {
   char timeout[16], name[80];
@@ -1068,7 +1076,11 @@ int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n) {
     return -1;
   }
   if (conn->pg && !direct_alive(conn)) direct_drop(conn, CB_ECONNECTION, "the send connection was lost");
-  if (conn->pg == NULL && direct_connect(rt, conn) < 0) {
+  /* An unreachable server: one send a while pays for the attempt (up to
+   * connect_timeout), the others fail through the loop as they would. */
+  if (conn->pg == NULL && monotonic_ms() >= rt->direct_retry_at && direct_connect(rt, conn) < 0)
+    rt->direct_retry_at = monotonic_ms() + DIRECT_RETRY_MS;
+  if (conn->pg == NULL) {
     pthread_mutex_unlock(&rt->direct_lock);
     return -1;
   }

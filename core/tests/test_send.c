@@ -432,6 +432,43 @@ static void a_lone_send_does_not_wait_behind_the_pools_work(void **state) {
   cb_runtime_free(rt);
 }
 
+/* The send connection ended by the server while idle (a terminated
+ * backend): the next send finds it gone before writing anything, makes a
+ * new one and is sent, once; close() ends the new one. */
+static void a_send_after_its_connection_ended_makes_a_new_one(void **state) {
+  (void)state;
+  char app[64];
+  snprintf(app, sizeof app, "%s", test_name("sendconn"));
+  cb_runtime_options o = {0};
+  o.conninfo = test_dsn();
+  o.application_name = app;
+  cb_runtime *rt, *watcher = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_runtime_new(&o, &rt, &err), CB_OK);
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendconn"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result sent;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  assert_int_equal(count_of(watcher,
+                            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+                            " WHERE application_name = $1 || ':send'",
+                            app, NULL),
+                   1);
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  assert_sent(watcher, domain, &sent);
+  assert_int_equal(count_commands(watcher, domain), 2);
+  const char *sending = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 || ':send'";
+  assert_int_equal(count_of(watcher, sending, app, NULL), 1);
+  drop(rt, domain);
+  cb_runtime_close(rt);
+  while (count_of(watcher, sending, app, NULL) != 0) usleep(10000); /* gone once the server has seen it go */
+  cb_runtime_free(rt);
+  cb_runtime_free(watcher);
+}
+
 /* Whether the listener hears a notification within `ms` milliseconds; what
  * came is consumed. *marker (may be NULL) is set when one of them carried
  * the payload "end". */
@@ -757,6 +794,7 @@ int main(void) {
       cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
       cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
       cmocka_unit_test(a_lone_send_does_not_wait_behind_the_pools_work),
+      cmocka_unit_test(a_send_after_its_connection_ended_makes_a_new_one),
       cmocka_unit_test(a_sends_wake_up_comes_once_its_rows_are_there),
       cmocka_unit_test(with_notify_after_commit_the_wake_up_follows_in_a_transaction_of_its_own),
       cmocka_unit_test(one_group_of_sends_is_on_its_way_at_a_time),
