@@ -1019,6 +1019,15 @@ void cb__conn_shutdown(cb_conn *conn) {
 #define DIRECT_POLL_MS 100   /* how often a send waiting on it looks whether the runtime is closing */
 #define DIRECT_RETRY_MS 1000 /* after it could not be made, sends go through the loop this long */
 
+/* Whether cb_runtime_close has begun (read here, not through runtime.c,
+ * which calls into this file). */
+static int runtime_closing(cb_runtime *rt) {
+  pthread_mutex_lock(&rt->lock);
+  int closing = rt->closing;
+  pthread_mutex_unlock(&rt->lock);
+  return closing;
+}
+
 static int64_t monotonic_ms(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -1071,7 +1080,7 @@ int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n) {
   if (rt->pid != getpid() || n == 0) return -1;
   if (pthread_mutex_trylock(&rt->direct_lock) != 0) return -1;
   cb_conn *conn = &rt->direct;
-  if (cb_runtime_is_closed(rt)) {
+  if (runtime_closing(rt)) {
     pthread_mutex_unlock(&rt->direct_lock);
     return -1;
   }
@@ -1106,7 +1115,7 @@ int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n) {
     struct pollfd p = {.fd = PQsocket(conn->pg), .events = POLLIN};
     int r = poll(&p, 1, DIRECT_POLL_MS);
     if (r < 0 && errno != EINTR) failed = 1;
-    else if (r == 0 && cb_runtime_is_closed(rt)) closed = 1;
+    else if (r == 0 && runtime_closing(rt)) closed = 1;
     if (r <= 0) {
       if (closed) break;
       continue;
