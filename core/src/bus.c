@@ -1213,8 +1213,24 @@ static int submit_then_notify(cb_runtime *rt, cb_unit *u, cb_unit_done done, voi
   return rc;
 }
 
-/* Builds the group's transaction and submits it (from a caller's thread or
- * the loop thread). */
+/* Runs the group's unit u (and the notify after it, if any) on the
+ * runtime's send connection from this thread (pg.c's cb__direct_exec), and
+ * answers the group as group_done does; -1 when the connection is in use
+ * or cannot be had: the group then goes through the loop. */
+static int run_direct(cb_send_groups *g, cb_unit *u, send_group *grp) {
+  cb_unit *n = after_notify(grp->calls, 0);
+  cb_unit *units[2] = {u, n};
+  cb_unit_on_done(u, NULL, NULL);
+  if (n) cb_unit_on_done(n, NULL, NULL);
+  int rc = cb__direct_exec(g->rt, units, n ? 2 : 1);
+  cb_unit_free(n);
+  if (rc != 0) return -1;
+  group_done(u, grp);
+  return 0;
+}
+
+/* Builds the group's transaction and runs it, on the send connection from
+ * this caller's thread, or else through the loop. */
 static void start_group(cb_send_groups *g, send_call *calls, int count) {
   send_group *grp = calloc(1, sizeof *grp);
   cb_unit *u = NULL;
@@ -1232,6 +1248,7 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
     grp->g = g;
     grp->calls = calls;
     grp->count = count;
+    if (run_direct(g, u, grp) == 0) return;
     rc = submit_then_notify(g->rt, u, group_done, grp, after_notify(calls, 0));
   }
   if (rc == CB_OK) return;

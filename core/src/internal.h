@@ -13,6 +13,7 @@
 
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <sys/types.h>
 #include <uv.h>
 
@@ -106,6 +107,11 @@ struct cb_runtime {
   uint64_t units_sent;        /* atomic: units sent to PostgreSQL (each one transaction) */
   int copies_kicked;          /* atomic: cb__kick_copies was called since the loop last looked */
   cb_runtime *next_open;      /* guarded by the global list's lock */
+  /* The send connection: made on first use, used from callers' threads
+   * outside the loop, one at a time (cb__direct_exec; bus.c's sends). */
+  pthread_mutex_t direct_lock;
+  cb_conn direct;          /* [direct_lock] */
+  int64_t direct_retry_at; /* [direct_lock] CLOCK_MONOTONIC ms: no attempt to make it before */
 };
 
 typedef struct signal_watch {
@@ -126,6 +132,15 @@ void cb__conn_init(cb_runtime *rt, cb_conn *conn, int index);
 void cb__conn_start(cb_conn *conn);
 void cb__conn_shutdown(cb_conn *conn); /* fails in-flight units with CB_ECLOSED, closes handles */
 void cb__dispatch(cb_runtime *rt);     /* sends pending units where a connection is ready */
+/* Runs units (a chain of transactions, in order, in one round trip) on the
+ * send connection from the calling thread, blocking, without the loop
+ * thread: 0 once they ran (each unit's status says how it went; their
+ * done callbacks are called on this thread), -1 when they did not start
+ * (the connection is in use by another thread, cannot be made, the runtime
+ * is closing or was forked): the caller then submits them as usual. */
+int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n);
+/* Closes the send connection (cb_runtime_close, once the loop is joined). */
+void cb__direct_close(cb_runtime *rt);
 /* Asks each COPY whose source had no piece yet for one again (pg.c). */
 void cb__resume_copies(cb_runtime *rt);
 /* From any thread: each COPY whose source answered CB__COPY_LATER is

@@ -7,9 +7,13 @@
  * the server side. A broken connection fails the units in flight on it with
  * CB_ECONNECTION and reconnects with backoff; a new socket always gets a new
  * poll handle (libpq may hand out a new socket with the same number). */
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "internal.h"
 #include "strbuf.h"
@@ -993,4 +997,149 @@ void cb__conn_shutdown(cb_conn *conn) {
   conn->state = CONN_IDLE;
   uv_timer_stop(&conn->timer);
   uv_close((uv_handle_t *)&conn->timer, NULL);
+}
+
+/* ---- the send connection ------------------------------------------------------
+ *
+ * A single send waits for the server's answer whichever thread talks to the
+ * server; through the loop it also waits for two thread hand-overs (the
+ * caller wakes the loop thread, which writes the send; the answer wakes the
+ * loop thread, which wakes the caller), each a sleep and a wake-up that cost
+ * more than the send's own work on the client (most of a caller's CPU for
+ * a send, on a two-core virtual machine). So sends run from the caller's own
+ * thread on a connection of their own, the runtime's send connection: the
+ * caller writes the unit and waits on the socket itself. One caller at a
+ * time (direct_lock); bus.c keeps its groups (one out at a time) on it, and
+ * sends the rest through the loop. It is made on first use, blocking, with
+ * the pool's parameters (its application_name gains ":send"), and made
+ * again after it broke; cb_runtime_close closes it. Its statements
+ * are prepared as the pool's are (send_unit, read_results: the same slots
+ * and cache). */
+
+#define DIRECT_POLL_MS 100   /* how often a send waiting on it looks whether the runtime is closing */
+#define DIRECT_RETRY_MS 1000 /* after it could not be made, sends go through the loop this long */
+
+/* Whether cb_runtime_close has begun (read here, not through runtime.c,
+ * which calls into this file). */
+static int runtime_closing(cb_runtime *rt) {
+  pthread_mutex_lock(&rt->lock);
+  int closing = rt->closing;
+  pthread_mutex_unlock(&rt->lock);
+  return closing;
+}
+
+static int64_t monotonic_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int direct_connect(cb_runtime *rt, cb_conn *conn) {
+  char timeout[16], name[80];
+  snprintf(timeout, sizeof timeout, "%d", (rt->connect_timeout_ms + 999) / 1000);
+  /* Told apart from the pool's in pg_stat_activity (the server keeps 63 bytes). */
+  snprintf(name, sizeof name, "%.57s:send", rt->application_name);
+  const char *keys[] = {"dbname", "application_name", "connect_timeout", NULL};
+  const char *values[] = {rt->conninfo, name, timeout, NULL};
+  conn->pg = PQconnectdbParams(keys, values, 1);
+  if (conn->pg == NULL || PQstatus(conn->pg) != CONNECTION_OK || PQenterPipelineMode(conn->pg) != 1) {
+    if (conn->pg) PQfinish(conn->pg);
+    conn->pg = NULL;
+    return -1;
+  }
+  PQsetNoticeReceiver(conn->pg, on_notice, conn);
+  conn->rt = rt;
+  conn->index = -2;
+  conn->state = CONN_READY;
+  conn->goodbye = 0;
+  return 0;
+}
+
+/* Fails what it owes (code, why) and closes it; the next use makes it again. */
+static void direct_drop(cb_conn *conn, int code, const char *why) {
+  fail_in_flight(conn, code, why);
+  conn->units_in_flight = 0;
+  if (conn->pg) PQfinish(conn->pg);
+  conn->pg = NULL;
+  conn->state = CONN_IDLE;
+  conn->goodbye = 0;
+  cache_clear(conn);
+  free(conn->slots);
+  conn->slots = NULL;
+  conn->slot_cap = conn->slot_count = conn->slot_head = 0;
+}
+
+/* Whether the idle send connection is still there (still_alive's test). */
+static int direct_alive(cb_conn *conn) {
+  int read = PQconsumeInput(conn->pg);
+  if (read) PQisBusy(conn->pg);
+  return read && !conn->goodbye && PQstatus(conn->pg) == CONNECTION_OK;
+}
+
+int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n) {
+  if (rt->pid != getpid() || n == 0) return -1;
+  if (pthread_mutex_trylock(&rt->direct_lock) != 0) return -1;
+  cb_conn *conn = &rt->direct;
+  if (runtime_closing(rt)) {
+    pthread_mutex_unlock(&rt->direct_lock);
+    return -1;
+  }
+  if (conn->pg && !direct_alive(conn)) direct_drop(conn, CB_ECONNECTION, "the send connection was lost");
+  /* An unreachable server: one send a while pays for the attempt (up to
+   * connect_timeout), the others fail through the loop as they would. */
+  if (conn->pg == NULL && monotonic_ms() >= rt->direct_retry_at && direct_connect(rt, conn) < 0)
+    rt->direct_retry_at = monotonic_ms() + DIRECT_RETRY_MS;
+  if (conn->pg == NULL) {
+    pthread_mutex_unlock(&rt->direct_lock);
+    return -1;
+  }
+  int failed = 0, closed = 0;
+  for (size_t i = 0; i < n; i++) { /* as runtime.c's chain: each its own transaction */
+    cb_unit *u = units[i];
+    u->next = NULL;
+    u->group_end = 1;
+    u->reconnect_tried = 0;
+    if (!u->broken) {
+      u->status = CB_OK;
+      cb_err_clear(&u->err);
+    }
+    if (failed) { /* never sent: owed a failure like the rest */
+      conn->units_in_flight++;
+      push_slot(conn, SLOT_SYNC, u, -1);
+    } else if (send_unit(conn, u) < 0) {
+      failed = 1;
+    }
+  }
+  if (!failed && PQflush(conn->pg) != 0) failed = 1; /* blocking: 0 once all is sent */
+  while (!failed && conn->slot_count) {
+    struct pollfd p = {.fd = PQsocket(conn->pg), .events = POLLIN};
+    int r = poll(&p, 1, DIRECT_POLL_MS);
+    if (r < 0 && errno != EINTR) failed = 1;
+    else if (r == 0 && runtime_closing(rt)) closed = 1;
+    if (r <= 0) {
+      if (closed) break;
+      continue;
+    }
+    if (!PQconsumeInput(conn->pg)) failed = 1;
+    else read_results(conn);
+  }
+  if (closed) {
+    direct_drop(conn, CB_ECLOSED, "the runtime was closed");
+  } else if (failed) {
+    char msg[sizeof conn->last_error], full[320];
+    cb__redact_conninfo(rt->conninfo, *PQerrorMessage(conn->pg) ? PQerrorMessage(conn->pg) : "connection lost", msg,
+                        sizeof msg);
+    size_t len = strlen(msg);
+    while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == ' ')) msg[--len] = '\0';
+    snprintf(full, sizeof full, "lost the connection to PostgreSQL: %s", msg);
+    direct_drop(conn, CB_ECONNECTION, full);
+  }
+  pthread_mutex_unlock(&rt->direct_lock);
+  return 0;
+}
+
+void cb__direct_close(cb_runtime *rt) {
+  pthread_mutex_lock(&rt->direct_lock);
+  direct_drop(&rt->direct, CB_ECLOSED, "the runtime was closed");
+  pthread_mutex_unlock(&rt->direct_lock);
 }

@@ -253,6 +253,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
   pthread_mutex_init(&rt->lock, NULL);
+  pthread_mutex_init(&rt->direct_lock, NULL);
   pthread_mutex_init(&rt->signal_lock, NULL);
   pthread_cond_init(&rt->started, NULL);
   uv_loop_init(&rt->loop);
@@ -262,6 +263,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
     uv_loop_close(&rt->loop);
     pthread_cond_destroy(&rt->started);
     pthread_mutex_destroy(&rt->signal_lock);
+    pthread_mutex_destroy(&rt->direct_lock);
     pthread_mutex_destroy(&rt->lock);
     free_parts(rt);
     return cb_err_set(err, CB_ENOMEM, "cannot make the loop's wake-up descriptor");
@@ -326,7 +328,8 @@ void cb_runtime_close(cb_runtime *rt) {
     pthread_join(rt->thread, NULL);
   }
   uv_loop_close(&rt->loop);
-  close(rt->wake_fd); /* its poll handle was closed with the loop */
+  close(rt->wake_fd);   /* its poll handle was closed with the loop */
+  cb__direct_close(rt); /* a send under way on it sees the runtime closing */
   cb_hub_close(rt->hub);
   unlink_open(rt);
   pthread_mutex_lock(&rt->lock);
@@ -353,6 +356,7 @@ void cb_runtime_free(cb_runtime *rt) {
   drop_parts(rt);
   pthread_cond_destroy(&rt->started);
   pthread_mutex_destroy(&rt->signal_lock);
+  pthread_mutex_destroy(&rt->direct_lock);
   pthread_mutex_destroy(&rt->lock);
   free(rt);
 }

@@ -70,9 +70,25 @@ static void *caller_main(void *p) {
   return NULL;
 }
 
+/* Holds the domain's queue table (a lock its sends wait for) for a second,
+ * on a pool connection of rt. */
+typedef struct sleeper {
+  cb_runtime *rt;
+  const char *domain;
+} sleeper;
+
 static void *sleeper_main(void *p) {
-  cb_runtime *rt = p;
-  cb_unit *u = test_sql(rt, "SELECT pg_sleep(1)");
+  sleeper *s = p;
+  char lock[160], sleep[160];
+  snprintf(lock, sizeof lock, "LOCK TABLE pgmq.q_%s__commands IN SHARE MODE", s->domain);
+  snprintf(sleep, sizeof sleep, "SELECT pg_sleep(1), '%s holds its queue'", s->domain);
+  cb_unit *u = cb_unit_new();
+  cb_unit_add_flags(u, "BEGIN", 0, NULL, CB_STMT_ONESHOT);
+  cb_unit_add_flags(u, lock, 0, NULL, CB_STMT_ONESHOT);
+  cb_unit_add_flags(u, sleep, 0, NULL, CB_STMT_ONESHOT);
+  cb_unit_add_flags(u, "COMMIT", 0, NULL, CB_STMT_ONESHOT);
+  cb_err err;
+  if (cb_runtime_exec(s->rt, u, &err) != CB_OK) fprintf(stderr, "sleeper: %s\n", err.message);
   cb_unit_free(u);
   return NULL;
 }
@@ -138,10 +154,11 @@ static void wait_for_units(cb_runtime *rt, uint64_t n) {
   while (cb_runtime_units_sent(rt) < n) usleep(1000);
 }
 
-/* Makes the sends of callers[0..n) share one transaction. One connection is
- * kept busy for a second (a sleep); a send made meanwhile (*opener) leaves
- * at once, queued behind it; the callers, released together while it is on
- * its way, gather and leave in one transaction when it is back. Fills in
+/* Makes the sends of callers[0..n) share one transaction. The domain's
+ * queue is held for a second (a lock and a sleep, on a pool connection); a
+ * send made meanwhile (*opener) leaves at once and waits for the lock; the
+ * callers, released together while it is on its way, gather and leave in
+ * one transaction when it is back. Fills in
  * each caller's runtime, domain and barrier (the test sets what it sends);
  * returns the units the runtime sent meanwhile. */
 #define MAX_CALLERS 16
@@ -151,7 +168,7 @@ static uint64_t send_together(cb_runtime *rt, const char *domain, caller *caller
   pthread_barrier_init(&go, NULL, (unsigned)n + 1);
   pthread_barrier_init(&go_opener, NULL, 2);
   *opener = (caller){.rt = rt, .domain = domain, .go = &go_opener, .rc = -99, .data = "{}"};
-  pthread_t threads[MAX_CALLERS], sleeper, opener_thread;
+  pthread_t threads[MAX_CALLERS], sleeper_thread, opener_thread;
   for (int i = 0; i < n; i++) {
     callers[i].rt = rt;
     callers[i].domain = domain;
@@ -161,14 +178,22 @@ static uint64_t send_together(cb_runtime *rt, const char *domain, caller *caller
   }
   pthread_create(&opener_thread, NULL, caller_main, opener);
   uint64_t units_before = cb_runtime_units_sent(rt);
-  pthread_create(&sleeper, NULL, sleeper_main, rt);
-  wait_for_units(rt, units_before + 1); /* the sleep is on the connection */
+  sleeper s = {rt, domain};
+  pthread_create(&sleeper_thread, NULL, sleeper_main, &s);
+  wait_for_units(rt, units_before + 1);
+  cb_runtime *watcher = test_runtime(1);
+  while (count_of(watcher,
+                  "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                  " AND strpos(query, $1 || ' holds its queue') > 0",
+                  domain, NULL) == 0)
+    usleep(1000); /* the lock is held */
+  cb_runtime_free(watcher);
   pthread_barrier_wait(&go_opener);
-  wait_for_units(rt, units_before + 2); /* the opener is on its way behind it */
+  wait_for_units(rt, units_before + 2); /* the opener is on its way, waiting for the lock */
   pthread_barrier_wait(&go);
   for (int i = 0; i < n; i++) pthread_join(threads[i], NULL);
   pthread_join(opener_thread, NULL);
-  pthread_join(sleeper, NULL);
+  pthread_join(sleeper_thread, NULL);
   pthread_barrier_destroy(&go);
   pthread_barrier_destroy(&go_opener);
   return cb_runtime_units_sent(rt) - units_before;
@@ -365,6 +390,83 @@ static void a_caller_alone_sends_in_a_transaction_of_its_own(void **state) {
   assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_EDUPLICATE);
   drop(rt, domain);
   cb_runtime_free(rt);
+}
+
+static void *busy_main(void *p) {
+  sleeper *s = p;
+  char sleep[160];
+  snprintf(sleep, sizeof sleep, "SELECT pg_sleep(2), '%s keeps the pool busy'", s->domain);
+  cb_unit *u = test_sql(s->rt, sleep);
+  cb_unit_free(u);
+  return NULL;
+}
+
+/* A caller alone sends from its own thread, on the runtime's send
+ * connection: it does not wait behind the work the pool has in hand (here
+ * the pool's one connection sleeps for two seconds), and its rows are
+ * there once it returns. */
+static void a_lone_send_does_not_wait_behind_the_pools_work(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(1), *watcher = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendbeside"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result sent;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK); /* makes the queue */
+  sleeper s = {rt, domain};
+  pthread_t busy;
+  pthread_create(&busy, NULL, busy_main, &s);
+  const char *sleeping =
+      "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+      " AND strpos(query, $1 || ' keeps the pool busy') > 0";
+  while (count_of(watcher, sleeping, domain, NULL) == 0) usleep(1000);
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  assert_int_equal(count_of(watcher, sleeping, domain, NULL), 1); /* the pool is still busy */
+  assert_sent(watcher, domain, &sent);
+  pthread_join(busy, NULL);
+  drop(rt, domain);
+  cb_runtime_free(watcher);
+  cb_runtime_free(rt);
+}
+
+/* The send connection ended by the server while idle (a terminated
+ * backend): the next send finds it gone before writing anything, makes a
+ * new one and is sent, once; close() ends the new one. */
+static void a_send_after_its_connection_ended_makes_a_new_one(void **state) {
+  (void)state;
+  char app[64];
+  snprintf(app, sizeof app, "%s", test_name("sendconn"));
+  cb_runtime_options o = {0};
+  o.conninfo = test_dsn();
+  o.application_name = app;
+  cb_runtime *rt, *watcher = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_runtime_new(&o, &rt, &err), CB_OK);
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("sendconn"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result sent;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  assert_int_equal(count_of(watcher,
+                            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+                            " WHERE application_name = $1 || ':send'",
+                            app, NULL),
+                   1);
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
+  assert_sent(watcher, domain, &sent);
+  assert_int_equal(count_commands(watcher, domain), 2);
+  const char *sending = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 || ':send'";
+  assert_int_equal(count_of(watcher, sending, app, NULL), 1);
+  drop(rt, domain);
+  cb_runtime_close(rt);
+  while (count_of(watcher, sending, app, NULL) != 0) usleep(10000); /* gone once the server has seen it go */
+  cb_runtime_free(rt);
+  cb_runtime_free(watcher);
 }
 
 /* Whether the listener hears a notification within `ms` milliseconds; what
@@ -691,6 +793,8 @@ int main(void) {
       cmocka_unit_test(sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart),
       cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
       cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
+      cmocka_unit_test(a_lone_send_does_not_wait_behind_the_pools_work),
+      cmocka_unit_test(a_send_after_its_connection_ended_makes_a_new_one),
       cmocka_unit_test(a_sends_wake_up_comes_once_its_rows_are_there),
       cmocka_unit_test(with_notify_after_commit_the_wake_up_follows_in_a_transaction_of_its_own),
       cmocka_unit_test(one_group_of_sends_is_on_its_way_at_a_time),
