@@ -38,6 +38,9 @@ describe("commandbus.ngx's life in nginx", function()
     end
     assert.are.equal(150 + 50, #assert(bus:list_commands{domain = domain, limit = 1000}))
     assert.are.equal(workers * (pool_size + 1), connections(app_name))
+    -- and at most one send connection per worker (made by its first send)
+    local sending = connections(app_name .. ":send")
+    assert.is_true(sending >= 1 and sending <= workers, sending .. " send connections")
     assert.are.equal(threads, server:threads()) -- no thread per Lua VM either
     assert.are.same({}, server:errors())
   end)
@@ -159,6 +162,8 @@ describe("commandbus.ngx's life in nginx", function()
     local summary = io.open(out):read("*a")
     assert.is_nil(summary:match("Non%-2xx"), summary) -- every send under the reloads answered 200
     wait_until("the old workers' sessions ended", function() return connections(app_name) == expected end)
+    wait_until("the old workers' send connections ended",
+               function() return connections(app_name .. ":send") <= workers end)
     -- No extra thread: a new nginx worker that has had no request since the
     -- last reload has not started its bus yet, so it may hold fewer.
     wait_until(function()
@@ -167,7 +172,9 @@ describe("commandbus.ngx's life in nginx", function()
     end, function() return server:threads() <= threads end)
     assert.are.same({}, server:errors())
     assert.is_true(server:quit(30))
-    wait_until("every session ended", function() return connections(app_name) == 0 end)
+    wait_until("every session ended", function()
+      return connections(app_name) == 0 and connections(app_name .. ":send") == 0
+    end)
     assert.are.same({}, server:errors())
   end)
 end)
