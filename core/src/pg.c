@@ -467,6 +467,25 @@ void cb__conn_start(cb_conn *conn) {
   continue_connect(conn);
 }
 
+/* why (libpq's message, or the default) with the connection string's
+ * secrets redacted and its trailing newline trimmed, into msg. */
+static void failure_reason(const cb_runtime *rt, const char *why, char *msg, size_t len) {
+  cb__redact_conninfo(rt->conninfo, why && *why ? why : "connection lost", msg, len);
+  size_t n = strlen(msg);
+  while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = '\0';
+}
+
+/* Forgets the session: closes it (if open) with its prepared statements and
+ * the pipeline's slots; fail_in_flight must have run. */
+static void forget_session(cb_conn *conn) {
+  if (conn->pg) PQfinish(conn->pg);
+  conn->pg = NULL;
+  cache_clear(conn);
+  free(conn->slots);
+  conn->slots = NULL;
+  conn->slot_cap = conn->slot_count = conn->slot_head = 0;
+}
+
 /* Called for every failure: of a connection attempt or of a live connection.
  * Fails what was in flight, forgets the session (its prepared statements),
  * and schedules the next attempt. */
@@ -474,9 +493,7 @@ static void conn_broken(cb_conn *conn, const char *why) {
   cb_runtime *rt = conn->rt;
   conn->state = CONN_IDLE; /* first: callbacks below must not pick it */
   char msg[sizeof conn->last_error];
-  cb__redact_conninfo(rt->conninfo, why && *why ? why : "connection lost", msg, sizeof msg);
-  size_t n = strlen(msg);
-  while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = '\0';
+  failure_reason(rt, why, msg, sizeof msg);
   memcpy(conn->last_error, msg, sizeof msg);
 
   poll_close(conn);
@@ -675,11 +692,15 @@ static cb_conn *least_loaded(cb_runtime *rt, int *connecting) {
  * backend, a restart) has left its goodbye and the end of the stream in our
  * socket, and the poll callback may not have run yet. A dead one is marked
  * broken (nothing is in flight on it, so nothing fails) and 0 returned. */
-static int still_alive(cb_conn *conn) {
-  if (conn->units_in_flight > 0) return 1; /* busy: its answers will tell */
+static int session_alive(cb_conn *conn) {
   int read = PQconsumeInput(conn->pg);
   if (read) PQisBusy(conn->pg); /* parses what arrived: a goodbye reaches on_notice */
-  if (read && !conn->goodbye && PQstatus(conn->pg) == CONNECTION_OK) return 1;
+  return read && !conn->goodbye && PQstatus(conn->pg) == CONNECTION_OK;
+}
+
+static int still_alive(cb_conn *conn) {
+  if (conn->units_in_flight > 0) return 1; /* busy: its answers will tell */
+  if (session_alive(conn)) return 1;
   conn_broken(conn, conn->goodbye ? "the server ended the session" : PQerrorMessage(conn->pg));
   return 0;
 }
@@ -986,14 +1007,7 @@ void cb__resume_copies(cb_runtime *rt) {
 void cb__conn_shutdown(cb_conn *conn) {
   fail_in_flight(conn, CB_ECLOSED, "the runtime was closed");
   poll_close(conn);
-  if (conn->pg) {
-    PQfinish(conn->pg);
-    conn->pg = NULL;
-  }
-  cache_clear(conn);
-  free(conn->slots);
-  conn->slots = NULL;
-  conn->slot_cap = conn->slot_count = 0;
+  forget_session(conn);
   conn->state = CONN_IDLE;
   uv_timer_stop(&conn->timer);
   uv_close((uv_handle_t *)&conn->timer, NULL);
@@ -1059,21 +1073,9 @@ static int direct_connect(cb_runtime *rt, cb_conn *conn) {
 static void direct_drop(cb_conn *conn, int code, const char *why) {
   fail_in_flight(conn, code, why);
   conn->units_in_flight = 0;
-  if (conn->pg) PQfinish(conn->pg);
-  conn->pg = NULL;
+  forget_session(conn);
   conn->state = CONN_IDLE;
   conn->goodbye = 0;
-  cache_clear(conn);
-  free(conn->slots);
-  conn->slots = NULL;
-  conn->slot_cap = conn->slot_count = conn->slot_head = 0;
-}
-
-/* Whether the idle send connection is still there (still_alive's test). */
-static int direct_alive(cb_conn *conn) {
-  int read = PQconsumeInput(conn->pg);
-  if (read) PQisBusy(conn->pg);
-  return read && !conn->goodbye && PQstatus(conn->pg) == CONNECTION_OK;
 }
 
 int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n) {
@@ -1084,7 +1086,7 @@ int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n) {
     pthread_mutex_unlock(&rt->direct_lock);
     return -1;
   }
-  if (conn->pg && !direct_alive(conn)) direct_drop(conn, CB_ECONNECTION, "the send connection was lost");
+  if (conn->pg && !session_alive(conn)) direct_drop(conn, CB_ECONNECTION, "the send connection was lost");
   /* An unreachable server: one send a while pays for the attempt (up to
    * connect_timeout), the others fail through the loop as they would. */
   if (conn->pg == NULL && monotonic_ms() >= rt->direct_retry_at && direct_connect(rt, conn) < 0)
@@ -1127,10 +1129,7 @@ int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n) {
     direct_drop(conn, CB_ECLOSED, "the runtime was closed");
   } else if (failed) {
     char msg[sizeof conn->last_error], full[320];
-    cb__redact_conninfo(rt->conninfo, *PQerrorMessage(conn->pg) ? PQerrorMessage(conn->pg) : "connection lost", msg,
-                        sizeof msg);
-    size_t len = strlen(msg);
-    while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == ' ')) msg[--len] = '\0';
+    failure_reason(rt, PQerrorMessage(conn->pg), msg, sizeof msg);
     snprintf(full, sizeof full, "lost the connection to PostgreSQL: %s", msg);
     direct_drop(conn, CB_ECONNECTION, full);
   }
