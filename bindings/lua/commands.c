@@ -74,6 +74,19 @@ static int push_command_keys(lua_State *L) {
   return keys;
 }
 
+/* bus:send and bus:request read one command a call: they carry the keys
+ * (command_keys, the encoder, then result_keys) as upvalues, made once
+ * when the module loads, rather than push (intern) them every call. */
+#define UP_RESULT_KEYS (K_COUNT + 1) /* the upvalue of the first result key */
+
+/* Pushes upvalues first .. first + n - 1; returns the index of the first. */
+static int push_upvalues(lua_State *L, int first, int n) {
+  luaL_checkstack(L, n + LUA_MINSTACK, "commands");
+  int at = lua_gettop(L) + 1;
+  for (int k = 0; k < n; k++) lua_pushvalue(L, lua_upvalueindex(first + k));
+  return at;
+}
+
 /* Pushes the command's field k (as lua_getfield would) and returns its type. */
 static int get_key(lua_State *L, int idx, int keys, int k) {
   lua_pushvalue(L, keys + k);
@@ -140,7 +153,10 @@ static int read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command
       return 0;
     }
     spec->data_json = lua_tostring(L, -1);
-    lua_rawseti(L, anchor_idx, i); /* keeps the string alive */
+    /* keeps the string alive: in the table anchor_idx at i, or (i 0, a
+     * single command) in the stack slot anchor_idx itself */
+    if (i > 0) lua_rawseti(L, anchor_idx, i);
+    else lua_replace(L, anchor_idx);
   }
   lua_pop(L, 1);
   return 1;
@@ -157,11 +173,11 @@ int cbL_read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_sp
 /* A result's keys, pushed once for a list of results (as the command
  * keys are). */
 enum { R_COMMAND_ID, R_MSG_ID, R_DUPLICATE, R_DUPLICATE_OF, R_COUNT };
+static const char *const result_keys[R_COUNT] = {"command_id", "msg_id", "duplicate", "duplicate_of"};
 static int push_result_keys(lua_State *L) {
-  static const char *const names[R_COUNT] = {"command_id", "msg_id", "duplicate", "duplicate_of"};
   luaL_checkstack(L, R_COUNT + LUA_MINSTACK, "results");
   int keys = lua_gettop(L) + 1;
-  for (int k = 0; k < R_COUNT; k++) lua_pushstring(L, names[k]);
+  for (int k = 0; k < R_COUNT; k++) lua_pushstring(L, result_keys[k]);
   return keys;
 }
 
@@ -184,8 +200,9 @@ static void push_result_with(lua_State *L, const cb_send_result *r, int keys) {
   }
 }
 
+/* The result of bus:send (its keys from its upvalues). */
 static void push_result(lua_State *L, const cb_send_result *r) {
-  int keys = push_result_keys(L);
+  int keys = push_upvalues(L, UP_RESULT_KEYS, R_COUNT);
   push_result_with(L, r, keys);
   lua_replace(L, keys);
   lua_settop(L, keys);
@@ -227,12 +244,16 @@ static int send_fields(lua_State *L, const char **domain, double *delay) {
 }
 
 /* The one command of send and request, from the table at 2: its domain,
- * delay and fields (kept alive by a table pushed as their anchor), and the
- * bus's runtime; NULL with nil, err pushed when something is wrong. */
+ * delay and fields (its data's JSON text kept alive in a stack slot pushed
+ * for it), and the bus's runtime; NULL with nil, err pushed when something
+ * is wrong. The keys come from the calling function's upvalues. */
 static cb_runtime *one_command(lua_State *L, const char **domain, double *delay, cb_command_spec *spec) {
   if (!send_fields(L, domain, delay)) return NULL;
-  lua_newtable(L);
-  if (!cbL_read_command(L, 2, lua_gettop(L), 1, spec, "command")) return NULL;
+  lua_pushnil(L);
+  int anchor = lua_gettop(L);
+  int keys = push_upvalues(L, 1, K_COUNT);
+  if (!read_command(L, 2, anchor, 0, spec, "command", keys)) return NULL; /* nil, err on top */
+  lua_settop(L, anchor);
   return cbL_bus_runtime(L, 1);
 }
 
@@ -596,7 +617,6 @@ static int l_request(lua_State *L) {
 
 void cbL_open_commands(lua_State *L) {
   static const luaL_Reg methods[] = {
-      {"send", l_send},
       {"send_batch", l_send_batch},
       {"get_command", l_get_command},
       {"list_commands", l_list_commands},
@@ -609,11 +629,18 @@ void cbL_open_commands(lua_State *L) {
       {"tsq_cancel", l_tsq_cancel},
       {"tsq_complete", l_tsq_complete},
       {"await", l_await},
+      {NULL, NULL},
+  };
+  static const luaL_Reg one_command_methods[] = {
+      {"send", l_send},
       {"request", l_request},
       {NULL, NULL},
   };
   luaL_getmetatable(L, CBL_BUS_MT);
   lua_getfield(L, -1, "__index");
   luaL_setfuncs(L, methods, 0);
+  push_command_keys(L);
+  push_result_keys(L);
+  luaL_setfuncs(L, one_command_methods, K_COUNT + R_COUNT); /* their upvalues */
   lua_pop(L, 2);
 }

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "commandbus/thread.h"
 #include "internal.h"
 #include "strbuf.h"
 
@@ -608,8 +609,8 @@ static int send_unit(cb_conn *conn, cb_unit *u) {
     ids[i] = cache_lookup(conn, u->arena + s->sql, &fresh);
     if (ids[i] < 0) ok = 0;
     else if (fresh) {
-      char name[24];
-      snprintf(name, sizeof name, "cb%d", ids[i]);
+      char name[24] = "cb";
+      cb_str_int(name + 2, ids[i]);
       ok = PQsendPrepare(pg, name, u->arena + s->sql, s->nparams, NULL) && push_slot(conn, SLOT_PREPARE, u, i) == 0;
       prepared = 1;
     }
@@ -621,8 +622,8 @@ static int send_unit(cb_conn *conn, cb_unit *u) {
     if (ids[i] < 0) {
       ok = PQsendQueryParams(pg, u->arena + s->sql, s->nparams, NULL, values, NULL, NULL, 0);
     } else {
-      char name[24];
-      snprintf(name, sizeof name, "cb%d", ids[i]);
+      char name[24] = "cb";
+      cb_str_int(name + 2, ids[i]);
       ok = PQsendQueryPrepared(pg, name, s->nparams, values, NULL, NULL, 0);
     }
     ok = ok && push_slot(conn, SLOT_STMT, u, i) == 0;
@@ -1079,7 +1080,7 @@ static void direct_drop(cb_conn *conn, int code, const char *why) {
 }
 
 int cb__direct_exec(cb_runtime *rt, cb_unit *const *units, size_t n) {
-  if (rt->pid != getpid() || n == 0) return -1;
+  if (rt->pid != cb_process_id() || n == 0) return -1;
   if (pthread_mutex_trylock(&rt->direct_lock) != 0) return -1;
   cb_conn *conn = &rt->direct;
   if (runtime_closing(rt)) {

@@ -62,7 +62,7 @@ static char *id_array(const int64_t *ids, size_t n) {
 /* ---- the layout (queue_layout.h) ------------------------------------------------ */
 
 void cb_queue_channel(const char *queue, char out[CB_QUEUE_CHANNEL_MAX]) {
-  snprintf(out, CB_QUEUE_CHANNEL_MAX, "pgmq_notify_%s", queue);
+  cb_str_join(out, CB_QUEUE_CHANNEL_MAX, "pgmq_notify_", queue);
 }
 
 void cb_queue_sql_table(cb_strbuf *b, const char *queue) { cb_strbuf_printf(b, "pgmq.q_%s", queue); }

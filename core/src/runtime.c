@@ -26,7 +26,7 @@ typedef struct pending_call {
  * locks may be held for good and its wake-up descriptor still reaches the
  * parent's loop. So a child never touches it, not even a lock; every entry
  * point asks this first. (nginx forks its workers after init_by_lua.) */
-static int forked(const cb_runtime *rt) { return rt->pid != getpid(); }
+static int forked(const cb_runtime *rt) { return rt->pid != cb_process_id(); }
 
 static int fork_error(const cb_runtime *rt, cb_err *err) {
   return cb_err_set(err, CB_ESTATE,
@@ -239,7 +239,7 @@ int cb_runtime_new(const cb_runtime_options *options, cb_runtime **out, cb_err *
   if (options == NULL) options = &defaults;
   cb_runtime *rt = calloc(1, sizeof *rt);
   if (rt == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  rt->pid = getpid();
+  rt->pid = cb_process_id();
   rt->nconns = options->pool_size > 0 ? options->pool_size : 2;
   rt->notify_after_commit = options->notify_after_commit != 0;
   rt->connect_timeout_ms = options->connect_timeout_ms > 0 ? options->connect_timeout_ms : 5000;

@@ -103,6 +103,29 @@ void cb_strbuf_json_string(cb_strbuf *b, const char *s) {
   cb_strbuf_putc(b, '"');
 }
 
+/* Appends s to out (n bytes there), up to size - 1 bytes in all; the new n. */
+static size_t join_part(char *out, size_t size, size_t n, const char *s) {
+  size_t len = strlen(s);
+  if (len > size - 1 - n) len = size - 1 - n;
+  memcpy(out + n, s, len);
+  return n + len;
+}
+
+void cb_str_join(char *out, size_t size, const char *a, const char *b) {
+  if (size == 0) return;
+  out[join_part(out, size, join_part(out, size, 0, a), b)] = '\0';
+}
+
+void cb_str_int(char out[12], int v) {
+  char digits[12], *p = digits + sizeof digits;
+  unsigned int u = v < 0 ? 0u - (unsigned int)v : (unsigned int)v;
+  *--p = '\0';
+  do *--p = (char)('0' + u % 10);
+  while (u /= 10);
+  if (v < 0) *--p = '-';
+  memcpy(out, p, (size_t)(digits + sizeof digits - p));
+}
+
 int cb_grow(void **p, size_t *cap, size_t need, size_t elem) {
   if (need <= *cap) return 0;
   size_t n = *cap ? *cap : 8;

@@ -24,6 +24,12 @@ void cb_strbuf_put_int(cb_strbuf *b, long long v);
 /* Appends s as a JSON string literal, quoted and escaped. */
 void cb_strbuf_json_string(cb_strbuf *b, const char *s);
 
+/* What snprintf(out, size, "%s%s", a, b) writes (cut short to fit), without
+ * reading a format: names built on every send (a queue's, its channel's). */
+void cb_str_join(char *out, size_t size, const char *a, const char *b);
+/* v in decimal into out (room for 12 bytes), as snprintf "%d" writes it. */
+void cb_str_int(char out[12], int v);
+
 /* Makes room for `need` elements of `elem` bytes in the array *p of
  * capacity *cap (which doubles, from 8). 0, or -1 when out of memory (then
  * *p and *cap are unchanged). */

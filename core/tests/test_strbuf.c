@@ -72,12 +72,43 @@ static void integers_grow_the_buffer_when_the_room_is_short(void **state) {
   cb_strbuf_free(&b);
 }
 
+/* The names a send builds without a format (a queue's, its channel's) are
+ * what snprintf would write, cut short at the same byte. */
+static void joined_names_are_what_snprintf_writes(void **state) {
+  (void)state;
+  const char *parts[] = {"", "a", "orders", "pgmq_notify_", "a_domain_name_of_forty_seven_bytes_exactly_xyz"};
+  size_t np = sizeof parts / sizeof parts[0];
+  for (size_t size = 1; size <= 64; size++)
+    for (size_t i = 0; i < np; i++)
+      for (size_t j = 0; j < np; j++) {
+        char got[64], want[64];
+        memset(got, '#', sizeof got);
+        snprintf(want, size, "%s%s", parts[i], parts[j]);
+        cb_str_join(got, size, parts[i], parts[j]);
+        assert_string_equal(got, want);
+        for (size_t k = strlen(want) + 1; k < sizeof got; k++) assert_int_equal(got[k], '#'); /* nothing past it */
+      }
+}
+
+static void an_int_is_written_as_printf_writes_it(void **state) {
+  (void)state;
+  const int values[] = {0, 1, -1, 9, 10, -10, 3, 100, 1000, 12345, INT_MAX, INT_MIN};
+  for (size_t i = 0; i < sizeof values / sizeof values[0]; i++) {
+    char got[12], want[16];
+    cb_str_int(got, values[i]);
+    snprintf(want, sizeof want, "%d", values[i]);
+    assert_string_equal(got, want);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(formatted_pieces_land_whole_across_growth),
       cmocka_unit_test(a_first_formatted_piece_starts_the_buffer),
       cmocka_unit_test(integers_are_written_as_printf_writes_them),
       cmocka_unit_test(integers_grow_the_buffer_when_the_room_is_short),
+      cmocka_unit_test(joined_names_are_what_snprintf_writes),
+      cmocka_unit_test(an_int_is_written_as_printf_writes_it),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
