@@ -75,6 +75,7 @@ static void *caller_main(void *p) {
 typedef struct sleeper {
   cb_runtime *rt;
   const char *domain;
+  int done; /* atomic: its transaction is over */
 } sleeper;
 
 static void *sleeper_main(void *p) {
@@ -90,6 +91,7 @@ static void *sleeper_main(void *p) {
   cb_err err;
   if (cb_runtime_exec(s->rt, u, &err) != CB_OK) fprintf(stderr, "sleeper: %s\n", err.message);
   cb_unit_free(u);
+  __atomic_store_n(&s->done, 1, __ATOMIC_RELEASE);
   return NULL;
 }
 
@@ -178,16 +180,22 @@ static uint64_t send_together(cb_runtime *rt, const char *domain, caller *caller
   }
   pthread_create(&opener_thread, NULL, caller_main, opener);
   uint64_t units_before = cb_runtime_units_sent(rt);
-  sleeper s = {rt, domain};
+  sleeper s = {rt, domain, 0};
   pthread_create(&sleeper_thread, NULL, sleeper_main, &s);
   wait_for_units(rt, units_before + 1);
   cb_runtime *watcher = test_runtime(1);
-  while (count_of(watcher,
-                  "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
-                  " AND strpos(query, $1 || ' holds its queue') > 0",
-                  domain, NULL) == 0)
-    usleep(1000); /* the lock is held */
+  int held = 0; /* the lock is held: seen sleeping; the sleeper's end ends the wait too */
+  while (!held && !__atomic_load_n(&s.done, __ATOMIC_ACQUIRE)) {
+    held = count_of(watcher,
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                    " AND strpos(query, $1 || ' holds its queue') > 0",
+                    domain, NULL) > 0;
+    if (!held) usleep(1000);
+  }
   cb_runtime_free(watcher);
+  if (!held)
+    fprintf(stderr, "send_together: the queue's second-long lock ended before it was seen (a loaded machine)\n");
+  assert_true(held);
   pthread_barrier_wait(&go_opener);
   wait_for_units(rt, units_before + 2); /* the opener is on its way, waiting for the lock */
   pthread_barrier_wait(&go);
@@ -398,6 +406,7 @@ static void *busy_main(void *p) {
   snprintf(sleep, sizeof sleep, "SELECT pg_sleep(2), '%s keeps the pool busy'", s->domain);
   cb_unit *u = test_sql(s->rt, sleep);
   cb_unit_free(u);
+  __atomic_store_n(&s->done, 1, __ATOMIC_RELEASE);
   return NULL;
 }
 
@@ -416,13 +425,16 @@ static void a_lone_send_does_not_wait_behind_the_pools_work(void **state) {
   spec.command_type = "Work";
   cb_send_result sent;
   assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK); /* makes the queue */
-  sleeper s = {rt, domain};
+  sleeper s = {rt, domain, 0};
   pthread_t busy;
   pthread_create(&busy, NULL, busy_main, &s);
   const char *sleeping =
       "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
       " AND strpos(query, $1 || ' keeps the pool busy') > 0";
-  while (count_of(watcher, sleeping, domain, NULL) == 0) usleep(1000);
+  int seen = 0; /* the sleep, or its end (then the test cannot tell, and fails) */
+  while (!(seen = count_of(watcher, sleeping, domain, NULL) > 0) && !__atomic_load_n(&s.done, __ATOMIC_ACQUIRE))
+    usleep(1000);
+  assert_true(seen);
   assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK);
   assert_int_equal(count_of(watcher, sleeping, domain, NULL), 1); /* the pool is still busy */
   assert_sent(watcher, domain, &sent);
