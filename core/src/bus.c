@@ -181,8 +181,13 @@ static int send_sql(char *sql, size_t len, const char *queue, const char *prefix
  * time: a single send's cost is mostly this statement and its commit).
  * $1 domain, $2 delay, $3 id, $4 type, $5 max_attempts, $6 reply queue (''
  * for none), $7 correlation id, $8 batch id (NULL for none), $9 priority,
- * $10 data (JSON text, NULL for {}). One row: id, msg_id (0: a duplicate). */
-static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_duplicates) {
+ * $10 data (JSON text, NULL for {}). One row: id, msg_id (0: a duplicate).
+ * With `notify`, the statement also raises the queue's notification (as
+ * cb_queue_add_notify's statement would, in the same transaction): one
+ * statement rather than two costs the server a Bind and an Execute less
+ * (and a portal, a snapshot) and the client a result less, on every
+ * single send. */
+static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_duplicates, int notify) {
   /* refuse_duplicates: an existing id fails the statement (as in send_sql);
    * also given when the id is new by construction (made by this call), so
    * that the insert needs no speculative insertion. */
@@ -201,28 +206,37 @@ static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_dup
       " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
       " SELECT $1, $3::uuid, 'SENT', jsonb_build_object('command_type', $4::text, 'correlation_id', $7::uuid,"
       " 'reply_to', nullif($6::text, ''), 'msg_id', msg_id, 'batch_id', $8::uuid) FROM fresh)"
-      " SELECT $3::uuid::text, coalesce((SELECT msg_id FROM fresh), 0)",
-      queue, queue, refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue);
+      " SELECT $3::uuid::text, coalesce((SELECT msg_id FROM fresh), 0)%s%s%s",
+      queue, queue, refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue,
+      /* the channel as cb_queue_channel names it; a queue name needs no quoting (checked) */
+      notify ? " FROM pg_notify('pgmq_notify_" : "", notify ? queue : "", notify ? "', '') AS n" : "");
   return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
 }
 
-/* send_one_sql's text, as this thread made it last: a caller sending to one
- * domain again and again makes it once rather than format its 1.7 kB on
- * every send (about a tenth of a single send's instructions on the client).
- * NULL when it does not fit. */
-static const char *one_sql(const char *queue, int refuse_duplicates) {
+/* send_one_sql's text, as this thread made it last, and its cb__sql_hash:
+ * a caller sending to one domain again and again makes and hashes it once
+ * rather than format and hash its 1.7 kB on every send. NULL when it does
+ * not fit. The text changes when this thread next asks for another
+ * queue's: a unit that kept it (cb__unit_add_kept) must be done by then. */
+static const char *one_sql(const char *queue, int refuse_duplicates, int notify, uint64_t *hash) {
   static __thread struct {
     char queue[CB_QUEUE_NAME_MAX + 1];
-    int refuse_duplicates;
+    int refuse_duplicates, notify;
+    uint64_t hash;
     char sql[4096]; /* "" until made */
   } last;
-  if (last.sql[0] && last.refuse_duplicates == refuse_duplicates && strcmp(last.queue, queue) == 0) return last.sql;
-  if (send_one_sql(last.sql, sizeof last.sql, queue, refuse_duplicates) != CB_OK) {
-    last.sql[0] = '\0';
-    return NULL;
+  if (!(last.sql[0] && last.refuse_duplicates == refuse_duplicates && last.notify == notify &&
+        strcmp(last.queue, queue) == 0)) {
+    if (send_one_sql(last.sql, sizeof last.sql, queue, refuse_duplicates, notify) != CB_OK) {
+      last.sql[0] = '\0';
+      return NULL;
+    }
+    cb_str_join(last.queue, sizeof last.queue, queue, "");
+    last.refuse_duplicates = refuse_duplicates;
+    last.notify = notify;
+    last.hash = cb__sql_hash(last.sql);
   }
-  cb_str_join(last.queue, sizeof last.queue, queue, "");
-  last.refuse_duplicates = refuse_duplicates;
+  *hash = last.hash;
   return last.sql;
 }
 
@@ -287,15 +301,18 @@ static int ensure_send_queues(cb_runtime *rt, const char *domain, const cb_comma
 }
 
 /* As cb_bus_add_send: validates specs, makes sure the queues exist, then
- * appends the send statements (one per chunk) and the queue's notify to u,
+ * appends the send statements (one per chunk) and the queue's notify to u
+ * (a single send's statement raises the notify itself: send_one_sql),
  * without running it; on an error u may hold part of them (the caller
  * discards the unit). When `element` is given and n is 1, the command's
  * JSON object (an element of send_sql's array) is copied there and *flags
  * tells whether it has a dedup key (SEND_DEDUP) or an id its caller gave
- * (SEND_GIVEN_ID). */
+ * (SEND_GIVEN_ID). With `keep`, a single send's statement text is this
+ * thread's (one_sql), kept rather than copied: the caller frees u before
+ * this thread sends again. */
 static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const cb_send_options *options, cb_strbuf *element,
-                    int *flags, int no_notify, cb_err *err) {
+                    int *flags, int no_notify, int keep, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
@@ -307,6 +324,7 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   char id[CB_UUID_LEN + 1], corr[CB_UUID_LEN + 1], batch[CB_UUID_LEN + 1];
   char sql[6144];
   const char *forced_batch = options ? options->batch_id : NULL;
+  int notified = 0; /* the single send's statement raised the notification */
   char delay_text[32];
   delay_param(delay_text, delay);
   for (size_t start = 0; start < n && rc == CB_OK; start += SEND_CHUNK) {
@@ -377,9 +395,12 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
           domain, delay_text,  id, s->command_type, max, s->reply_to ? s->reply_to : "", corr, batch[0] ? batch : NULL,
           prio,   s->data_json};
       /* An id made here cannot be there already: no need to look. */
-      const char *one = one_sql(queue, (options && options->refuse_duplicates) || !given_ids);
+      uint64_t hash;
+      const char *one = one_sql(queue, (options && options->refuse_duplicates) || !given_ids, !no_notify, &hash);
       if (one == NULL) rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
-      else if (cb_unit_add(u, one, 10, params) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+      else if ((keep ? cb__unit_add_kept(u, one, hash, 10, params) : cb_unit_add(u, one, 10, params)) < 0)
+        rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+      notified = 1; /* inside it */
       break;
     }
     if (rc == CB_OK &&
@@ -394,13 +415,14 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   }
   cb_strbuf_free(&json);
   if (rc == CB_OK) rc = ensure_send_queues(rt, domain, specs, n, err);
-  if (rc == CB_OK && !no_notify && cb_queue_add_notify(u, queue) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (rc == CB_OK && !no_notify && !notified && cb_queue_add_notify(u, queue) < 0)
+    rc = cb_err_set(err, CB_ENOMEM, "out of memory");
   return rc;
 }
 
 int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const cb_send_options *options, cb_err *err) {
-  return add_send(rt, u, domain, specs, n, delay, results, options, NULL, NULL, 0, err);
+  return add_send(rt, u, domain, specs, n, delay, results, options, NULL, NULL, 0, 0, err);
 }
 
 /* Reads row `row` of a send statement's result into *res. */
@@ -1385,7 +1407,7 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   delay_param(delay_text, delay);
   /* notify_after_commit: the unit without its notify, which follows it */
   int after = cb_runtime_notify_after_commit(rt) && n <= SHARE_MAX && !cb_runtime_on_loop(rt);
-  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &flags, after, err);
+  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &flags, after, 1, err);
   if (rc == CB_OK)
     rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? element.data : NULL, flags, after, err);
   cb_strbuf_free(&element);
