@@ -356,9 +356,9 @@ static void put_element(cb_strbuf *json, const cb_command_spec *s, const char *i
  * (a single send's statement raises the notify itself: send_one_sql),
  * without running it; on an error u may hold part of them (the caller
  * discards the unit). When `one` is given and n is 1, it gets what the
- * command's JSON object is made of (see send_one). With `keep`, a single send's statement text is this
- * thread's (one_sql), kept rather than copied: the caller frees u before
- * this thread sends again. */
+ * command's JSON object is made of (see send_one). With `keep`, a single
+ * send's statement text is this thread's (one_sql), kept rather than
+ * copied: the caller frees u before this thread sends again. */
 static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const cb_send_options *options, send_one *one, int no_notify,
                     int keep, cb_err *err) {
