@@ -181,8 +181,15 @@ static int send_sql(char *sql, size_t len, const char *queue, const char *prefix
  * time: a single send's cost is mostly this statement and its commit).
  * $1 domain, $2 delay, $3 id, $4 type, $5 max_attempts, $6 reply queue (''
  * for none), $7 correlation id, $8 batch id (NULL for none), $9 priority,
- * $10 data (JSON text, NULL for {}). One row: id, msg_id (0: a duplicate). */
-static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_duplicates) {
+ * $10 data (JSON text, NULL for {}). One row: id, msg_id (0: a duplicate).
+ * With `notify`, the statement also raises the queue's notification (as
+ * cb_queue_add_notify's statement would, in the same transaction): one
+ * statement rather than two costs the server a Bind and an Execute less
+ * (and a portal, a snapshot) and the client a result less, on every
+ * single send. */
+static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_duplicates, int notify) {
+  char channel[CB_QUEUE_CHANNEL_MAX];
+  cb_queue_channel(queue, channel);
   /* refuse_duplicates: an existing id fails the statement (as in send_sql);
    * also given when the id is new by construction (made by this call), so
    * that the insert needs no speculative insertion. */
@@ -201,28 +208,37 @@ static int send_one_sql(char *sql, size_t len, const char *queue, int refuse_dup
       " audit AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
       " SELECT $1, $3::uuid, 'SENT', jsonb_build_object('command_type', $4::text, 'correlation_id', $7::uuid,"
       " 'reply_to', nullif($6::text, ''), 'msg_id', msg_id, 'batch_id', $8::uuid) FROM fresh)"
-      " SELECT $3::uuid::text, coalesce((SELECT msg_id FROM fresh), 0)",
-      queue, queue, refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue);
+      " SELECT $3::uuid::text, coalesce((SELECT msg_id FROM fresh), 0)%s%s%s",
+      queue, queue, refuse_duplicates ? "" : " ON CONFLICT (domain, command_id) DO NOTHING", queue,
+      /* a channel name needs no quoting: the queue's name is checked */
+      notify ? " FROM pg_notify('" : "", notify ? channel : "", notify ? "', '') AS n" : "");
   return n > 0 && (size_t)n < len ? CB_OK : CB_EINTERNAL;
 }
 
-/* send_one_sql's text, as this thread made it last: a caller sending to one
- * domain again and again makes it once rather than format its 1.7 kB on
- * every send (about a tenth of a single send's instructions on the client).
- * NULL when it does not fit. */
-static const char *one_sql(const char *queue, int refuse_duplicates) {
+/* send_one_sql's text, as this thread made it last, and its cb__sql_hash:
+ * a caller sending to one domain again and again makes and hashes it once
+ * rather than format and hash its 1.7 kB on every send. NULL when it does
+ * not fit. The text changes when this thread next asks for another
+ * queue's: a unit that kept it (cb__unit_add_kept) must be done by then. */
+static const char *one_sql(const char *queue, int refuse_duplicates, int notify, uint64_t *hash) {
   static __thread struct {
     char queue[CB_QUEUE_NAME_MAX + 1];
-    int refuse_duplicates;
+    int refuse_duplicates, notify;
+    uint64_t hash;
     char sql[4096]; /* "" until made */
   } last;
-  if (last.sql[0] && last.refuse_duplicates == refuse_duplicates && strcmp(last.queue, queue) == 0) return last.sql;
-  if (send_one_sql(last.sql, sizeof last.sql, queue, refuse_duplicates) != CB_OK) {
-    last.sql[0] = '\0';
-    return NULL;
+  if (!(last.sql[0] && last.refuse_duplicates == refuse_duplicates && last.notify == notify &&
+        strcmp(last.queue, queue) == 0)) {
+    if (send_one_sql(last.sql, sizeof last.sql, queue, refuse_duplicates, notify) != CB_OK) {
+      last.sql[0] = '\0';
+      return NULL;
+    }
+    cb_str_join(last.queue, sizeof last.queue, queue, "");
+    last.refuse_duplicates = refuse_duplicates;
+    last.notify = notify;
+    last.hash = cb__sql_hash(last.sql);
   }
-  cb_str_join(last.queue, sizeof last.queue, queue, "");
-  last.refuse_duplicates = refuse_duplicates;
+  *hash = last.hash;
   return last.sql;
 }
 
@@ -286,16 +302,66 @@ static int ensure_send_queues(cb_runtime *rt, const char *domain, const cb_comma
   return rc;
 }
 
+/* A single send's command as a group may merge it (build_group): what its
+ * JSON object (an element of send_sql's array) is made of, made only when
+ * the send does share a statement; a caller alone never needs it. The
+ * strings are the caller's (the spec, results[0].command_id) or here. */
+typedef struct send_one {
+  const cb_command_spec *spec;
+  const char *id;
+  char corr[CB_UUID_LEN + 1], batch[CB_UUID_LEN + 1]; /* batch "" for none */
+  int flags;                                          /* SEND_DEDUP, SEND_GIVEN_ID */
+} send_one;
+
+/* Appends a command's JSON object (an element of send_sql's array). Ids
+ * and queue names need no escaping: checked. */
+static void put_element(cb_strbuf *json, const cb_command_spec *s, const char *id, const char *corr,
+                        const char *batch) {
+  cb_strbuf_puts(json, "{\"id\":\"");
+  cb_strbuf_puts(json, id);
+  cb_strbuf_puts(json, "\",\"corr\":\"");
+  cb_strbuf_puts(json, corr);
+  cb_strbuf_puts(json, "\",\"type\":");
+  cb_strbuf_json_string(json, s->command_type);
+  cb_strbuf_puts(json, ",\"max\":");
+  cb_strbuf_put_int(json, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
+  if (s->reply_to && s->reply_to[0]) {
+    cb_strbuf_puts(json, ",\"reply\":\"");
+    cb_strbuf_puts(json, s->reply_to);
+    cb_strbuf_putc(json, '"');
+  }
+  if (batch[0]) {
+    cb_strbuf_puts(json, ",\"batch\":\"");
+    cb_strbuf_puts(json, batch);
+    cb_strbuf_putc(json, '"');
+  }
+  if (s->priority) {
+    cb_strbuf_puts(json, ",\"prio\":");
+    cb_strbuf_put_int(json, s->priority);
+  }
+  if (s->dedup_key) {
+    cb_strbuf_puts(json, ",\"dedup\":");
+    cb_strbuf_json_string(json, s->dedup_key);
+    cb_strbuf_printf(json, ",\"dedup_for\":%.6f", s->dedup_for);
+  }
+  if (s->data_json) {
+    cb_strbuf_puts(json, ",\"data\":");
+    cb_strbuf_puts(json, s->data_json);
+  }
+  cb_strbuf_putc(json, '}');
+}
+
 /* As cb_bus_add_send: validates specs, makes sure the queues exist, then
- * appends the send statements (one per chunk) and the queue's notify to u,
+ * appends the send statements (one per chunk) and the queue's notify to u
+ * (a single send's statement raises the notify itself: send_one_sql),
  * without running it; on an error u may hold part of them (the caller
- * discards the unit). When `element` is given and n is 1, the command's
- * JSON object (an element of send_sql's array) is copied there and *flags
- * tells whether it has a dedup key (SEND_DEDUP) or an id its caller gave
- * (SEND_GIVEN_ID). */
+ * discards the unit). When `one` is given and n is 1, it gets what the
+ * command's JSON object is made of (see send_one). With `keep`, a single
+ * send's statement text is this thread's (one_sql), kept rather than
+ * copied: the caller frees u before this thread sends again. */
 static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
-                    double delay, cb_send_result *results, const cb_send_options *options, cb_strbuf *element,
-                    int *flags, int no_notify, cb_err *err) {
+                    double delay, cb_send_result *results, const cb_send_options *options, send_one *one, int no_notify,
+                    int keep, cb_err *err) {
   int rc = cb_domain_valid(domain, err);
   if (rc != CB_OK) return rc;
   if (delay < 0) return cb_err_set(err, CB_EINVAL, "delay must not be negative");
@@ -307,12 +373,14 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   char id[CB_UUID_LEN + 1], corr[CB_UUID_LEN + 1], batch[CB_UUID_LEN + 1];
   char sql[6144];
   const char *forced_batch = options ? options->batch_id : NULL;
+  int notified = 0; /* the single send's statement raised the notification */
   char delay_text[32];
   delay_param(delay_text, delay);
+  int single = n == 1 && !specs[0].dedup_key; /* send_one_sql's statement, of parameters: no array */
   for (size_t start = 0; start < n && rc == CB_OK; start += SEND_CHUNK) {
     size_t end = start + SEND_CHUNK < n ? start + SEND_CHUNK : n;
     cb_strbuf_reset(&json);
-    cb_strbuf_putc(&json, '[');
+    if (!single) cb_strbuf_putc(&json, '[');
     int dedup = 0, given_ids = 0;
     for (size_t i = start; i < end && rc == CB_OK; i++) {
       const cb_command_spec *s = &specs[i];
@@ -324,51 +392,21 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
       results[i].msg_id = 0;
       results[i].duplicate = 0;
       results[i].duplicate_of[0] = '\0';
+      if (n == 1 && one) { /* its element, should a group merge it */
+        one->spec = s;
+        one->id = results[0].command_id;
+        memcpy(one->corr, corr, sizeof corr);
+        memcpy(one->batch, batch, sizeof batch);
+        one->flags = (s->dedup_key ? SEND_DEDUP : 0) | (s->command_id ? SEND_GIVEN_ID : 0);
+      }
+      dedup |= s->dedup_key != NULL;
+      if (single) break;
       if (i > start) cb_strbuf_putc(&json, ',');
-      /* Ids and queue names need no escaping: checked above. */
-      cb_strbuf_puts(&json, "{\"id\":\"");
-      cb_strbuf_puts(&json, id);
-      cb_strbuf_puts(&json, "\",\"corr\":\"");
-      cb_strbuf_puts(&json, corr);
-      cb_strbuf_puts(&json, "\",\"type\":");
-      cb_strbuf_json_string(&json, s->command_type);
-      cb_strbuf_puts(&json, ",\"max\":");
-      cb_strbuf_put_int(&json, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
-      if (s->reply_to && s->reply_to[0]) {
-        cb_strbuf_puts(&json, ",\"reply\":\"");
-        cb_strbuf_puts(&json, s->reply_to);
-        cb_strbuf_putc(&json, '"');
-      }
-      if (batch[0]) {
-        cb_strbuf_puts(&json, ",\"batch\":\"");
-        cb_strbuf_puts(&json, batch);
-        cb_strbuf_putc(&json, '"');
-      }
-      if (s->priority) {
-        cb_strbuf_puts(&json, ",\"prio\":");
-        cb_strbuf_put_int(&json, s->priority);
-      }
-      if (s->dedup_key) {
-        dedup = 1;
-        cb_strbuf_puts(&json, ",\"dedup\":");
-        cb_strbuf_json_string(&json, s->dedup_key);
-        cb_strbuf_printf(&json, ",\"dedup_for\":%.6f", s->dedup_for);
-      }
-      if (s->data_json) {
-        cb_strbuf_puts(&json, ",\"data\":");
-        cb_strbuf_puts(&json, s->data_json);
-      }
-      cb_strbuf_putc(&json, '}');
+      put_element(&json, s, id, corr, batch);
     }
-    cb_strbuf_putc(&json, ']');
+    if (!single) cb_strbuf_putc(&json, ']');
     if (rc == CB_OK && json.failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
-    if (rc == CB_OK && element && n == 1) {
-      cb_strbuf_reset(element);
-      cb_strbuf_putn(element, json.data + 1, json.len - 2); /* without [ ] */
-      *flags = (dedup ? SEND_DEDUP : 0) | (given_ids ? SEND_GIVEN_ID : 0);
-      if (element->failed) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
-    }
-    if (rc == CB_OK && n == 1 && !dedup) { /* the common single send */
+    if (rc == CB_OK && single) { /* the common single send */
       const cb_command_spec *s = &specs[0];
       char max[12], prio[12];
       cb_str_int(max, s->max_attempts > 0 ? s->max_attempts : CB_DEFAULT_MAX_ATTEMPTS);
@@ -377,9 +415,12 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
           domain, delay_text,  id, s->command_type, max, s->reply_to ? s->reply_to : "", corr, batch[0] ? batch : NULL,
           prio,   s->data_json};
       /* An id made here cannot be there already: no need to look. */
-      const char *one = one_sql(queue, (options && options->refuse_duplicates) || !given_ids);
-      if (one == NULL) rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
-      else if (cb_unit_add(u, one, 10, params) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+      uint64_t hash;
+      const char *text = one_sql(queue, (options && options->refuse_duplicates) || !given_ids, !no_notify, &hash);
+      if (text == NULL) rc = cb_err_set(err, CB_EINTERNAL, "the send statement does not fit its buffer");
+      else if ((keep ? cb__unit_add_kept(u, text, hash, 10, params) : cb_unit_add(u, text, 10, params)) < 0)
+        rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+      notified = 1; /* inside it */
       break;
     }
     if (rc == CB_OK &&
@@ -394,13 +435,14 @@ static int add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   }
   cb_strbuf_free(&json);
   if (rc == CB_OK) rc = ensure_send_queues(rt, domain, specs, n, err);
-  if (rc == CB_OK && !no_notify && cb_queue_add_notify(u, queue) < 0) rc = cb_err_set(err, CB_ENOMEM, "out of memory");
+  if (rc == CB_OK && !no_notify && !notified && cb_queue_add_notify(u, queue) < 0)
+    rc = cb_err_set(err, CB_ENOMEM, "out of memory");
   return rc;
 }
 
 int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
                     double delay, cb_send_result *results, const cb_send_options *options, cb_err *err) {
-  return add_send(rt, u, domain, specs, n, delay, results, options, NULL, NULL, 0, err);
+  return add_send(rt, u, domain, specs, n, delay, results, options, NULL, 0, 0, err);
 }
 
 /* Reads row `row` of a send statement's result into *res. */
@@ -984,12 +1026,12 @@ typedef struct send_call {
   cb_unit *unit; /* its statements, built and checked by the caller */
   size_t n;      /* its commands */
   cb_send_result *results;
-  /* A single command (n 1): its JSON object, so that the single sends of
-   * a group to one domain go as one statement (send_sql's array). */
+  /* A single command (n 1): what its JSON object is made of, so that the
+   * single sends of a group to one domain go as one statement (send_sql's
+   * array). */
   const char *domain;
   const char *delay;   /* as bound: "%.6f" */
-  const char *element; /* NULL: not merged */
-  int flags;           /* the element's SEND_DEDUP, SEND_GIVEN_ID */
+  const send_one *one; /* NULL: not merged */
   int after;           /* its unit lacks its queue's notify, sent after the commit (notify_after_commit) */
   int first;           /* its first statement in the group's unit */
   int row;             /* merged: its row in that statement's result; -1: its own statements */
@@ -1147,11 +1189,11 @@ static int build_group(cb_unit *u, send_call *calls) {
   int rc = CB_OK;
   for (send_call *c = calls; rc == CB_OK && c; c = c->next) {
     if (c->row != -2) continue;
-    int mates = 0, flags = c->flags;
-    for (send_call *d = c->next; c->element && d; d = d->next)
-      if (d->row == -2 && d->element && strcmp(d->domain, c->domain) == 0 && strcmp(d->delay, c->delay) == 0) {
+    int mates = 0, flags = c->one ? c->one->flags : 0;
+    for (send_call *d = c->next; c->one && d; d = d->next)
+      if (d->row == -2 && d->one && strcmp(d->domain, c->domain) == 0 && strcmp(d->delay, c->delay) == 0) {
         mates++;
-        flags |= d->flags;
+        flags |= d->one->flags;
       }
     if (mates == 0) { /* alone: its own statements */
       c->row = -1;
@@ -1163,9 +1205,9 @@ static int build_group(cb_unit *u, send_call *calls) {
     cb_strbuf_putc(&json, '[');
     int row = 0;
     for (send_call *d = c; d; d = d->next) {
-      if (d->row != -2 || !d->element || strcmp(d->domain, c->domain) != 0 || strcmp(d->delay, c->delay) != 0) continue;
+      if (d->row != -2 || !d->one || strcmp(d->domain, c->domain) != 0 || strcmp(d->delay, c->delay) != 0) continue;
       if (row) cb_strbuf_putc(&json, ',');
-      cb_strbuf_puts(&json, d->element);
+      put_element(&json, d->one->spec, d->one->id, d->one->corr, d->one->batch);
       d->first = cb_unit_count(u);
       d->row = row++;
     }
@@ -1296,7 +1338,7 @@ static void start_group(cb_send_groups *g, send_call *calls, int count) {
 
 /* Runs u (the statements of one send) in a shared transaction. */
 static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, const char *domain,
-                            const char *delay, const char *element, int flags, int after, cb_err *err) {
+                            const char *delay, const send_one *one, int after, cb_err *err) {
   /* Alone: a send too big to join, or no groups (the deadlock, the fork or
    * the lack of memory is reported by exec_send). */
   cb_send_groups *g = n > SHARE_MAX || cb_runtime_on_loop(rt) ? NULL : cb_runtime_part_of(rt, &send_groups_part);
@@ -1316,8 +1358,7 @@ static int exec_send_shared(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result
                  .results = results,
                  .domain = domain,
                  .delay = delay,
-                 .element = element,
-                 .flags = flags,
+                 .one = one,
                  .after = after,
                  .rc = CB_OK};
   pthread_condattr_t monotonic;
@@ -1379,16 +1420,13 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
   if (copy_eligible(specs, n, delay)) return send_by_copy(rt, domain, specs, n, results, err);
   cb_unit *u = cb_unit_new();
   if (u == NULL) return cb_err_set(err, CB_ENOMEM, "out of memory");
-  cb_strbuf element = {0};
-  int flags = 0;
+  send_one one;
   char delay_text[32];
   delay_param(delay_text, delay);
   /* notify_after_commit: the unit without its notify, which follows it */
   int after = cb_runtime_notify_after_commit(rt) && n <= SHARE_MAX && !cb_runtime_on_loop(rt);
-  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &element, &flags, after, err);
-  if (rc == CB_OK)
-    rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? element.data : NULL, flags, after, err);
-  cb_strbuf_free(&element);
+  int rc = add_send(rt, u, domain, specs, n, delay, results, NULL, &one, after, 1, err);
+  if (rc == CB_OK) rc = exec_send_shared(rt, u, n, results, domain, delay_text, n == 1 ? &one : NULL, after, err);
   cb_unit_free(u);
   if (rc == CB_OK && n == 1 && results[0].duplicate) {
     if (strcmp(results[0].duplicate_of, results[0].command_id) != 0)
@@ -1407,7 +1445,7 @@ int cb_bus_send(cb_runtime *rt, const char *domain, const cb_command_spec *specs
  * a shared transaction as cb_bus_send runs its own: never merged into
  * another send's statement, which would leave the caller's statements out. */
 int cb_bus_send_unit(cb_runtime *rt, cb_unit *u, size_t n, cb_send_result *results, cb_err *err) {
-  return exec_send_shared(rt, u, n, results, NULL, NULL, NULL, 0, 0, err);
+  return exec_send_shared(rt, u, n, results, NULL, NULL, NULL, 0, err);
 }
 
 /* ---- queries ------------------------------------------------------------------- */

@@ -32,7 +32,7 @@ static void send_units(cb_conn *conn, cb_unit *first);
  * a worker's receive and acknowledgement run to kilobytes each round (a
  * byte at a time this was some 4% of a burn-down worker's instructions).
  * Equal hashes are compared in full, so a collision costs only time. */
-static uint64_t hash_sql(const char *s) {
+uint64_t cb__sql_hash(const char *s) {
   size_t n = strlen(s), i = 0;
   uint64_t h = 1469598103934665603ULL ^ n, word;
   for (; i + 8 <= n; i += 8) {
@@ -43,7 +43,8 @@ static uint64_t hash_sql(const char *s) {
   word = 0;
   memcpy(&word, s + i, n - i);
   h = (h ^ word) * 0x9e3779b97f4a7c15ULL;
-  return h ^ (h >> 32);
+  h ^= h >> 32;
+  return h ? h : 1; /* 0 stands for "not known yet" (unit_stmt) */
 }
 
 static void cache_clear(cb_conn *conn) {
@@ -61,7 +62,7 @@ static stmt_cache_entry *cache_slot(stmt_cache_entry *tab, size_t cap, const cha
 
 /* The statement's id on this connection, or -1 when it is not prepared yet
  * (then *fresh is set and the id is reserved: the caller sends a Prepare). */
-static int cache_lookup(cb_conn *conn, const char *sql, int *fresh) {
+static int cache_lookup(cb_conn *conn, const char *sql, uint64_t h, int *fresh) {
   *fresh = 0;
   if (conn->cache_count * 2 >= conn->cache_cap) {
     size_t cap = conn->cache_cap ? conn->cache_cap * 2 : 64;
@@ -73,7 +74,6 @@ static int cache_lookup(cb_conn *conn, const char *sql, int *fresh) {
     conn->cache = tab;
     conn->cache_cap = cap;
   }
-  uint64_t h = hash_sql(sql);
   stmt_cache_entry *e = cache_slot(conn->cache, conn->cache_cap, sql, h);
   if (e->sql && e->id >= 0) return e->id;
   if (e->sql == NULL) {
@@ -91,7 +91,7 @@ static int cache_lookup(cb_conn *conn, const char *sql, int *fresh) {
  * statement is prepared again, under a new name, when next used. */
 static void cache_forget(cb_conn *conn, const char *sql) {
   if (conn->cache_cap == 0) return;
-  stmt_cache_entry *e = cache_slot(conn->cache, conn->cache_cap, sql, hash_sql(sql));
+  stmt_cache_entry *e = cache_slot(conn->cache, conn->cache_cap, sql, cb__sql_hash(sql));
   if (e->sql) e->id = -1;
 }
 
@@ -606,12 +606,13 @@ static int send_unit(cb_conn *conn, cb_unit *u) {
     ids[i] = -1;
     if (s->flags & CB_STMT_ONESHOT) continue;
     int fresh;
-    ids[i] = cache_lookup(conn, u->arena + s->sql, &fresh);
+    const char *sql = cb__stmt_sql(u, s);
+    ids[i] = cache_lookup(conn, sql, s->hash ? s->hash : cb__sql_hash(sql), &fresh);
     if (ids[i] < 0) ok = 0;
     else if (fresh) {
       char name[24] = "cb";
       cb_str_int(name + 2, ids[i]);
-      ok = PQsendPrepare(pg, name, u->arena + s->sql, s->nparams, NULL) && push_slot(conn, SLOT_PREPARE, u, i) == 0;
+      ok = PQsendPrepare(pg, name, sql, s->nparams, NULL) && push_slot(conn, SLOT_PREPARE, u, i) == 0;
       prepared = 1;
     }
   }
@@ -620,7 +621,7 @@ static int send_unit(cb_conn *conn, cb_unit *u) {
     const unit_stmt *s = &u->stmts[i];
     fill_values(u, s, values);
     if (ids[i] < 0) {
-      ok = PQsendQueryParams(pg, u->arena + s->sql, s->nparams, NULL, values, NULL, NULL, 0);
+      ok = PQsendQueryParams(pg, cb__stmt_sql(u, s), s->nparams, NULL, values, NULL, NULL, 0);
     } else {
       char name[24] = "cb";
       cb_str_int(name + 2, ids[i]);
@@ -645,7 +646,7 @@ static int send_copy_unit(cb_conn *conn, cb_unit *u) {
   conn->copy_waiting = 0;
   __atomic_fetch_add(&conn->rt->units_sent, 1, __ATOMIC_RELAXED);
   if (u->broken) return -1; /* unreachable: dispatch completes a broken one */
-  return PQexitPipelineMode(conn->pg) == 1 && PQsendQuery(conn->pg, u->arena + u->stmts[0].sql) ? 0 : -1;
+  return PQexitPipelineMode(conn->pg) == 1 && PQsendQuery(conn->pg, cb__stmt_sql(u, &u->stmts[0])) ? 0 : -1;
 }
 
 static void flush(cb_conn *conn) {
@@ -935,7 +936,7 @@ static void read_results(cb_conn *conn) {
     ExecStatusType st = PQresultStatus(r);
     cb_unit *u = s->unit;
     if (st == PGRES_FATAL_ERROR) record_error(u, r);
-    if (s->kind == SLOT_PREPARE && st != PGRES_COMMAND_OK) cache_forget(conn, u->arena + u->stmts[s->index].sql);
+    if (s->kind == SLOT_PREPARE && st != PGRES_COMMAND_OK) cache_forget(conn, cb__stmt_sql(u, &u->stmts[s->index]));
     if (s->kind == SLOT_STMT && (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)) {
       if (u->results[s->index]) PQclear(u->results[s->index]);
       u->results[s->index] = r;

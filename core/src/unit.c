@@ -43,9 +43,14 @@ void cb_unit_free(cb_unit *u) {
   free(u);
 }
 
+/* A new arena's first size: a unit's parameters are often a few hundred
+ * bytes, which cb_grow's doubling from 8 would reach in five reallocs. */
+#define ARENA_FIRST 512
+
 static size_t arena_put(cb_unit *u, const char *s) {
-  size_t len = strlen(s) + 1;
-  if (cb_grow((void **)&u->arena, &u->arena_cap, u->arena_len + len, 1) < 0) return PARAM_NULL;
+  size_t len = strlen(s) + 1, need = u->arena_len + len;
+  if (u->arena_cap == 0 && need < ARENA_FIRST) need = ARENA_FIRST;
+  if (cb_grow((void **)&u->arena, &u->arena_cap, need, 1) < 0) return PARAM_NULL;
   size_t off = u->arena_len;
   memcpy(u->arena + off, s, len);
   u->arena_len += len;
@@ -72,7 +77,8 @@ static int break_unit(cb_unit *u, int code) {
   return code;
 }
 
-int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *const *params, int flags) {
+static int add_stmt(cb_unit *u, const char *sql, const char *kept, uint64_t hash, int nparams,
+                    const char *const *params, int flags) {
   if (u->broken) return u->broken;
   if (sql == NULL)
     return break_unit(u, cb_err_set(&u->err, CB_EINVAL, "statement %d of a unit has no SQL text", u->nstmts + 1));
@@ -85,7 +91,9 @@ int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *cons
   size_t arena_len = u->arena_len, nparam_offsets = u->nparam_offsets;
   int ok = reserve(u, nparams) == 0;
   unit_stmt *s = ok ? &u->stmts[u->nstmts] : NULL;
-  if (ok) {
+  if (ok && kept) {
+    s->sql = 0;
+  } else if (ok) {
     s->sql = arena_put(u, sql);
     ok = s->sql != PARAM_NULL;
   }
@@ -99,11 +107,21 @@ int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *cons
     u->nparam_offsets = nparam_offsets;
     return break_unit(u, cb_err_set(&u->err, CB_ENOMEM, "out of memory adding statement %d of a unit", u->nstmts + 1));
   }
+  s->kept = kept;
+  s->hash = hash;
   s->params = nparam_offsets;
   s->nparams = nparams;
   s->flags = flags;
   u->results[u->nstmts] = NULL;
   return u->nstmts++;
+}
+
+int cb_unit_add_flags(cb_unit *u, const char *sql, int nparams, const char *const *params, int flags) {
+  return add_stmt(u, sql, NULL, 0, nparams, params, flags);
+}
+
+int cb__unit_add_kept(cb_unit *u, const char *sql, uint64_t hash, int nparams, const char *const *params) {
+  return add_stmt(u, sql, sql, hash, nparams, params, 0);
 }
 
 int cb_unit_add(cb_unit *u, const char *sql, int nparams, const char *const *params) {
@@ -125,7 +143,7 @@ int cb_unit_append(cb_unit *dst, const cb_unit *src) {
       size_t off = src->param_offsets[s->params + (size_t)p];
       params[p] = off == PARAM_NULL ? NULL : src->arena + off;
     }
-    int rc = cb_unit_add_flags(dst, src->arena + s->sql, s->nparams, params, s->flags);
+    int rc = add_stmt(dst, cb__stmt_sql(src, s), NULL, s->hash, s->nparams, params, s->flags);
     if (rc < 0) return rc;
   }
   return CB_OK;

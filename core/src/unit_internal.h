@@ -8,6 +8,7 @@
 
 #include <libpq-fe.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "commandbus/unit.h"
 
@@ -35,8 +36,10 @@ void cb__unit_copy_source(cb_unit *u, cb__copy_source source, void *arg);
 /* One statement of a unit: offsets into the unit's arena, so that the arena
  * may grow while the unit is being filled. */
 typedef struct unit_stmt {
-  size_t sql;    /* offset of the NUL-terminated SQL text */
-  size_t params; /* index of the first entry in param_offsets */
+  size_t sql;       /* offset of the NUL-terminated SQL text */
+  const char *kept; /* or the text itself, not copied (cb__unit_add_kept); NULL: at sql */
+  uint64_t hash;    /* cb__sql_hash of the text, 0: not known yet */
+  size_t params;    /* index of the first entry in param_offsets */
   int nparams;
   int flags; /* CB_STMT_* */
 } unit_stmt;
@@ -64,6 +67,23 @@ struct cb_unit {
   cb__copy_source copy_source; /* a CB_STMT_COPY unit's data, made as it is sent; NULL: its parameters */
   void *copy_arg;
 };
+
+/* The SQL text of statement s of u. */
+static inline const char *cb__stmt_sql(const cb_unit *u, const unit_stmt *s) {
+  return s->kept ? s->kept : u->arena + s->sql;
+}
+
+/* The hash of a statement's SQL text by which connections find it among
+ * the statements they have prepared (pg.c); never 0. */
+uint64_t cb__sql_hash(const char *sql);
+
+/* As cb_unit_add, but sql is neither copied nor hashed: the caller keeps the
+ * text, unchanged, for as long as the unit may run (until it is freed or
+ * reset), and gives its cb__sql_hash. For a statement a caller sends again
+ * and again, whose text is kilobytes (bus.c's single send), copying and
+ * hashing it is a good part of what the call costs the client.
+ * cb_unit_append copies the text into the destination. */
+int cb__unit_add_kept(cb_unit *u, const char *sql, uint64_t hash, int nparams, const char *const *params);
 
 /* Completion of a unit (on the runtime's loop thread): keeps the first
  * failure (status, err; err NULL: the code's name), then calls on_done. */

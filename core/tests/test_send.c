@@ -609,6 +609,48 @@ static void with_notify_after_commit_the_wake_up_follows_in_a_transaction_of_its
   wake_up_once_rows_are_there(1);
 }
 
+/* A single command's send is one statement, which also raises its queue's
+ * notification (a statement and a result less a send, for the server and
+ * the client): with an id the send makes, with one its caller gives, and
+ * for a duplicate id (not sent; notified as before). The listener hears
+ * each, and the rows are there. */
+static void a_single_send_is_one_statement_that_also_wakes_the_queue(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], sql[256];
+  snprintf(domain, sizeof domain, "%s", test_name("sendone"));
+  cb_command_spec spec = {0};
+  spec.command_type = "Work";
+  cb_send_result sent;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &sent, &err), CB_OK); /* makes the queue */
+  PGconn *listener = PQconnectdb(test_dsn());
+  assert_int_equal(PQstatus(listener), CONNECTION_OK);
+  snprintf(sql, sizeof sql, "LISTEN pgmq_notify_%s__commands", domain);
+  pq_ok(listener, sql);
+  heard(listener, 0);
+  char given[CB_UUID_LEN + 1];
+  cb_uuid_v7(given);
+  for (int round = 0; round < 3; round++) {
+    spec.command_id = round == 0 ? NULL : given; /* made, given, given again */
+    cb_unit *u = cb_unit_new();
+    assert_int_equal(cb_bus_add_send(rt, u, domain, &spec, 1, 0, &sent, NULL, &err), CB_OK);
+    assert_int_equal(cb_unit_count(u), 1);
+    assert_int_equal(cb_runtime_exec(rt, u, &err), CB_OK);
+    cb_bus_read_send(u, 0, 1, &sent);
+    assert_int_equal(sent.duplicate, round == 2);
+    assert_true(round == 2 || sent.msg_id > 0);
+    assert_true(heard(listener, 30000));
+    cb_unit_free(u);
+  }
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM pgmq.q_%s__commands", domain);
+  assert_int_equal(pq_number(listener, sql), 3);
+  PQfinish(listener);
+  drop(rt, domain);
+  cb_runtime_free(rt);
+}
+
 /* Holds a command's id for a second: sends it, then sleeps, in one
  * transaction. A send of that id meanwhile waits until it commits. */
 typedef struct holder {
@@ -809,6 +851,7 @@ int main(void) {
       cmocka_unit_test(a_send_after_its_connection_ended_makes_a_new_one),
       cmocka_unit_test(a_sends_wake_up_comes_once_its_rows_are_there),
       cmocka_unit_test(with_notify_after_commit_the_wake_up_follows_in_a_transaction_of_its_own),
+      cmocka_unit_test(a_single_send_is_one_statement_that_also_wakes_the_queue),
       cmocka_unit_test(one_group_of_sends_is_on_its_way_at_a_time),
       cmocka_unit_test(a_stalled_group_does_not_hold_back_the_next),
       cmocka_unit_test(ids_made_after_a_fork_differ_from_the_parents),

@@ -17,6 +17,7 @@
 #include "commandbus/runtime.h"
 #include "commandbus/unit.h"
 #include "test_support.h"
+#include "unit_internal.h" /* cb__unit_add_kept */
 
 /* A table of this run, and how many rows it holds. */
 static const char *make_table(cb_runtime *rt) {
@@ -236,6 +237,32 @@ static void appending_copies_statements_and_passes_a_failure_on(void **state) {
   cb_runtime_free(rt);
 }
 
+/* A kept statement's text is the caller's, read when the unit runs, not a
+ * copy (a single send keeps its thread's statement text rather than copy
+ * 1.7 kB into every unit); appending it to another unit copies it, so that
+ * the copy runs what it was given after the caller's text changed. */
+static void a_kept_statement_runs_the_callers_text_and_an_append_copies_it(void **state) {
+  cb_runtime *rt = test_runtime(1);
+  char text[64] = "SELECT 1 + $1::int";
+  const char *one[] = {"1"};
+  cb_unit *kept = cb_unit_new(), *copy = cb_unit_new();
+  assert_int_equal(cb__unit_add_kept(kept, text, cb__sql_hash(text), 1, one), 0);
+  assert_int_equal(cb_unit_append(copy, kept), CB_OK);
+  snprintf(text, sizeof text, "SELECT 10 + $1::int");
+  cb_err err;
+  assert_int_equal(cb_runtime_exec(rt, copy, &err), CB_OK);
+  assert_string_equal(cb_result_value(cb_unit_result(copy, 0), 0, 0), "2");
+  /* the kept one runs the text as it is now, prepared under its own hash */
+  cb_unit_free(kept);
+  kept = cb_unit_new();
+  assert_int_equal(cb__unit_add_kept(kept, text, cb__sql_hash(text), 1, one), 0);
+  assert_int_equal(cb_runtime_exec(rt, kept, &err), CB_OK);
+  assert_string_equal(cb_result_value(cb_unit_result(kept, 0), 0, 0), "11");
+  cb_unit_free(kept);
+  cb_unit_free(copy);
+  cb_runtime_free(rt);
+}
+
 /* Integers read back as PostgreSQL wrote them, at the ends of int8 and
  * where a digit count stops fitting (cb_result_int reads short ones itself
  * and hands the rest to strtoll); NULL reads as 0. */
@@ -272,6 +299,7 @@ int main(void) {
       cmocka_unit_test(among_several_units_only_the_failed_one_runs_nothing),
       cmocka_unit_test(a_statement_at_the_limit_is_taken_and_runs),
       cmocka_unit_test(appending_copies_statements_and_passes_a_failure_on),
+      cmocka_unit_test(a_kept_statement_runs_the_callers_text_and_an_append_copies_it),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -109,7 +109,9 @@ typedef struct cb_send_options {
  * writes share its transaction (a process's row with its first command, a
  * batch row with its commands). Validates every spec, makes sure the domain
  * queue and each reply queue exist, then appends one statement per 1000
- * commands followed by the queue's notify; u is not run. results[i] gets each
+ * commands followed by the queue's notify (one command without a dedup key:
+ * one statement, which raises the notify itself, so the caller's statements
+ * begin at the send's first index + 1); u is not run. results[i] gets each
  * command's id now; options may be NULL. On an error u may hold part of the
  * statements: discard it. */
 int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_command_spec *specs, size_t n,
