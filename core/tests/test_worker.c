@@ -613,6 +613,59 @@ static void a_limit_set_while_the_worker_runs_holds(void **state) {
   cb_runtime_free(rt);
 }
 
+/* The worker's receive and acknowledgement statements run on their generic
+ * plans, made once per connection: none is planned again at each execution
+ * (PostgreSQL's own choice planned the acknowledgement every time). The
+ * runtime has one connection for statements, so the worker's plans are in
+ * the plan cache the test reads. */
+static void the_worker_statements_are_not_planned_at_each_execution(void **state) {
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("cplans"));
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  o.domain = domain;
+  o.lanes = 1;
+  o.poll_interval = 0.05;
+  cb_worker *w;
+  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
+  lane_arg args[1];
+  pthread_t threads[1];
+  run_lanes(w, args, threads, 1, 0);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  for (int n = 1; n <= 8; n++) { /* one at a time: a round and a fetch each */
+    send_many(rt, domain, n % 2 ? "Ok" : "Fail", 1, NULL);
+    for (int i = 0; count_status(rt, domain, "COMPLETED") + count_status(rt, domain, "FAILED") < n; i++) {
+      assert_true(i < 300);
+      usleep(20 * 1000);
+    }
+  }
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
+  pthread_join(threads[0], NULL);
+  cb_worker_free(w);
+  const char *acks =
+      "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE"
+      " 'WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int%'";
+  const char *receives = "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%RECEIVED%'";
+  char sql[512];
+  snprintf(sql, sizeof sql, "%s AND generic_plans > 0", acks);
+  assert_int_equal(count_of(rt, sql, NULL), 2); /* success and business-rule failure */
+  snprintf(sql, sizeof sql, "%s AND custom_plans > 0", acks);
+  assert_int_equal(count_of(rt, sql, NULL), 0);
+  snprintf(sql, sizeof sql, "%s AND generic_plans > 0", receives);
+  assert_true(count_of(rt, sql, NULL) >= 1);
+  snprintf(sql, sizeof sql, "%s AND custom_plans > 0", receives);
+  assert_int_equal(count_of(rt, sql, NULL), 0);
+  char queue[CB_QUEUE_NAME_MAX + 1];
+  int existed;
+  cb_command_queue_name(domain, queue);
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(every_outcome_lands_as_the_contract_says),
@@ -623,6 +676,7 @@ int main(void) {
       cmocka_unit_test(both_receive_statements_receive_alike),
       cmocka_unit_test(the_lean_receive_takes_nothing_from_a_domain_with_limits),
       cmocka_unit_test(a_limit_set_while_the_worker_runs_holds),
+      cmocka_unit_test(the_worker_statements_are_not_planned_at_each_execution),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
