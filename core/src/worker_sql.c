@@ -50,6 +50,19 @@
  * numbered by type (that branch's EXISTS is a one-time filter, so neither
  * its sort nor its window runs).
  *
+ * That still sets up every node of the limits at each execution: a generic
+ * plan's executor start initialises the whole tree (64 nodes), which for a
+ * fetch of one message was a good part of the statement. So there are two
+ * statements: with `limits` 0 the lean one leaves out room, full_types,
+ * the numbering (kept) and the window's count (wnd), 42 nodes, and the
+ * worker uses it while its domain had no limits at the last fetch (see
+ * cb__worker_add_fetch). It reads the limits itself, in its own snapshot
+ * as the full statement does: when the domain has any, a one-time filter
+ * stops all three reads (nothing is locked, received or audited) and the
+ * statement returns one row of its own, all nulls, which sends the worker's
+ * next fetch through the full statement at once. The two return the same
+ * rows otherwise (test_worker runs both on the same queue).
+ *
  * The receive never waits for a command row. It locks messages first and
  * their commands second, while an acknowledgement (ours, and rcmd's
  * sp_finish_command) locks the command row first and then deletes,
