@@ -28,6 +28,23 @@ static inline int cb_add_keyed_begin(cb_unit *u, double statement_timeout) {
                      1, p);
 }
 
+/* The same, and the transaction's statements use their generic plans
+ * (plan_cache_mode). A statement whose generic plan PostgreSQL costs above
+ * its custom ones, as it does the worker's acknowledgement (the domain,
+ * unknown to a generic plan, is estimated to match many rows), is
+ * otherwise planned again at every execution: measured some 12% of a
+ * worker backend's CPU over one request at a time (perf: pg_plan_query).
+ * Only for statements whose generic plan is the same key lookups. */
+static inline int cb_add_keyed_begin_generic(cb_unit *u, double statement_timeout) {
+  char ms[32];
+  snprintf(ms, sizeof ms, "%d", (int)(statement_timeout * 1000));
+  const char *p[] = {ms};
+  return cb_unit_add(u,
+                     "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true),"
+                     " set_config('jit', 'off', true), set_config('plan_cache_mode', 'force_generic_plan', true)",
+                     1, p);
+}
+
 /* A row's status, tested without an index. These statements find their rows
  * by key; were the status test indexable, a plan made while the table was
  * small would walk every row in that status instead (measured 2x slower on a

@@ -180,7 +180,9 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   w->lanes = opts->lanes > 0 ? opts->lanes : cb_default_threads();
   if (w->lanes > CB_MESSAGE_ROUTER_MAX_LANES) w->lanes = CB_MESSAGE_ROUTER_MAX_LANES;
   w->capacity = w->lanes * 2;
-  cb__worker_sql_receive(&w->receive_sql, w->queue);
+  cb__worker_sql_receive(&w->receive_sql, w->queue, 1);
+  cb__worker_sql_receive(&w->lean_receive_sql, w->queue, 0);
+  w->limited = 1;
   cb_upkeep_options uo = {.retention = opts->retention,
                           .retention_interval = opts->retention_interval,
                           .schedules = opts->schedules,
@@ -188,7 +190,8 @@ int cb_worker_new(cb_runtime *rt, const cb_worker_options *opts, cb_worker **out
   w->upkeep = cb_upkeep_new(rt, w->domain, &uo);
   w->current = calloc((size_t)w->lanes, sizeof *w->current);
   w->buffers = calloc((size_t)w->lanes, sizeof *w->buffers);
-  if (w->current == NULL || w->buffers == NULL || w->upkeep == NULL || w->receive_sql.failed) {
+  if (w->current == NULL || w->buffers == NULL || w->upkeep == NULL || w->receive_sql.failed ||
+      w->lean_receive_sql.failed) {
     cb_worker_free(w);
     return cb_err_set(err, CB_ENOMEM, "out of memory");
   }
@@ -230,6 +233,7 @@ void cb_worker_free(cb_worker *w) {
   free(w->buffers);
   cb_upkeep_free(w->upkeep);
   cb_strbuf_free(&w->receive_sql);
+  cb_strbuf_free(&w->lean_receive_sql);
   for (int kind = 0; kind < ACK_KINDS; kind++) cb_strbuf_free(&w->ack_sql[kind]);
   free(w);
 }

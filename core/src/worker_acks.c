@@ -141,7 +141,9 @@ static cb_work *sort_works(const cb_worker *w, cb_work *works, round_input *in, 
 static cb_unit *build_round(cb_worker *w, round_input *in, ack_round *round) {
   cb_unit *u = cb_unit_new();
   cb_strbuf sql = {0};
-  int ok = u != NULL && cb_add_keyed_begin(u, w->o.statement_timeout) >= 0;
+  /* Generic plans: the statements of cb__worker_sql_ack are key lookups
+   * either way (and the riding fetch sets the same again). */
+  int ok = u != NULL && cb_add_keyed_begin_generic(u, w->o.statement_timeout) >= 0;
   /* A step moved to the TSQ pauses its process: an event (rare, so only
    * then is the transaction asked to collect what it appends). */
   int collect = ok && in->input[ACK_TSQ].len > 0;

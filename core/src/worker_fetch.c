@@ -48,7 +48,6 @@ int cb__worker_room(void *arg) {
  * commands; returns the receive's index (the lock's is one less). */
 int cb__worker_add_fetch(void *arg, cb_unit *u, int room) {
   cb_worker *w = arg;
-  if (w->receive_sql.failed) return CB_ENOMEM;
   char qty[16], vt[32], from[24];
   snprintf(qty, sizeof qty, "%d", room);
   snprintf(vt, sizeof vt, "%.3f", w->o.visibility_timeout);
@@ -62,9 +61,17 @@ int cb__worker_add_fetch(void *arg, cb_unit *u, int room) {
    * lookups (see worker_sql.c), with the parameters left open. The lock of
    * the limits makes the setting (plan_cache_mode), which only this
    * transaction's later statements see: nothing follows the receive but
-   * its own reads. */
+   * its own reads.
+   *
+   * A domain that had no limits at the last fetch is read by the lean
+   * statement, a third of the plan: executor start initialises every node
+   * of a generic plan at each execution, and the limits' nodes were a good
+   * part of a lone request's receive. It tests for limits itself, as the
+   * full statement reads them, in its own snapshot: a limit set since the
+   * last fetch stops it from receiving anything, and its sign row sends the
+   * next fetch, at once, through the full statement. */
   if (cb_limits_add_lock(u, w->domain) < 0) return CB_ENOMEM;
-  return cb_unit_add(u, w->receive_sql.data, 4, params);
+  return cb_unit_add(u, w->limited ? w->receive_sql.data : w->lean_receive_sql.data, 4, params);
 }
 
 /* ---- poison ------------------------------------------------------------------------- */
@@ -140,7 +147,12 @@ void cb__worker_fetched(void *arg, cb_unit *u, int index) {
   cb_strbuf poison = {0};
   const char *batches[FETCH_MAX];
   size_t nbatches = 0;
+  int limits_appeared = 0;
   for (int i = 0; i < rows; i++) {
+    if (cb_result_is_null(r, i, 0)) { /* the lean receive's sign: it received nothing */
+      limits_appeared = 1;
+      continue;
+    }
     int64_t msg_id = cb_result_int(r, i, 0);
     if (cb_result_int(r, i, 13) == 0 && (lowest == 0 || msg_id < lowest)) lowest = msg_id;
     if (cb_result_is_null(r, i, 2)) {
@@ -175,5 +187,8 @@ void cb__worker_fetched(void *arg, cb_unit *u, int index) {
   if (lowest) w->scan_from = lowest;
   const cb_result *limits = cb_unit_result(u, index - 1);
   int limited = cb_result_rows(limits) > 0 && strcmp(cb_result_value(limits, 0, 1), "{}") != 0;
-  if (limited && rows < w->engine.fetch_room) poll_at_next_second(w);
+  w->limited = limited || limits_appeared;
+  /* As a notification would: the engine fetches again when this one is back. */
+  if (limits_appeared) w->engine.wake_pending = 1;
+  else if (limited && rows < w->engine.fetch_room) poll_at_next_second(w);
 }

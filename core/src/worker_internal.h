@@ -63,7 +63,7 @@ struct cb_worker {
   cb_worker_options o;
   char domain[CB_QUEUE_NAME_MAX + 1];
   char queue[CB_QUEUE_NAME_MAX + 1];
-  cb_strbuf receive_sql;
+  cb_strbuf receive_sql, lean_receive_sql; /* with limits, without (worker_sql.c) */
   int lanes;
   cb_engine engine;
   lane_buffer *buffers; /* one per lane */
@@ -76,6 +76,9 @@ struct cb_worker {
    * found by the next full scan, which every poll asks for. */
   int64_t scan_from;
   int full_scan_due;
+  /* The domain had limits at the last fetch (or none has come back yet):
+   * the next fetch uses the receive statement that applies them. */
+  int limited;
   cb_upkeep *upkeep; /* background jobs; [loop] once started */
   int upkeep_running;
   int rounds_in_flight;         /* acknowledgement rounds sent, not answered */
@@ -132,8 +135,11 @@ void cb__worker_refresh_batches(cb_worker *w, const char **ids, size_t n);
 /* ---- worker_sql.c ---------------------------------------------------------------- */
 
 /* The receive statement: $1 how many, $2 the visibility timeout, $3 the
- * domain, $4 where the priority-0 read starts. */
-void cb__worker_sql_receive(cb_strbuf *sql, const char *queue);
+ * domain, $4 where the priority-0 read starts. With `limits` 0, the lean
+ * statement for a domain that has none: it receives nothing when the
+ * domain has limits after all, and then returns one row of its own, whose
+ * msg_id is null (see worker_sql.c). */
+void cb__worker_sql_receive(cb_strbuf *sql, const char *queue, int limits);
 /* Sets poison messages aside: $1 domain, $2 JSON [{msg, id, reason}], $3 queue. */
 void cb__worker_sql_set_aside(cb_strbuf *sql, const char *queue);
 /* The acknowledgement statement of one kind of outcome: $1 domain, $2 the

@@ -50,6 +50,19 @@
  * numbered by type (that branch's EXISTS is a one-time filter, so neither
  * its sort nor its window runs).
  *
+ * That still sets up every node of the limits at each execution: a generic
+ * plan's executor start initialises the whole tree (64 nodes), which for a
+ * fetch of one message was a good part of the statement. So there are two
+ * statements: with `limits` 0 the lean one leaves out room, full_types,
+ * the numbering (kept) and the window's count (wnd), 42 nodes, and the
+ * worker uses it while its domain had no limits at the last fetch (see
+ * cb__worker_add_fetch). It reads the limits itself, in its own snapshot
+ * as the full statement does: when the domain has any, a one-time filter
+ * stops all three reads (nothing is locked, received or audited) and the
+ * statement returns one row of its own, all nulls, which sends the worker's
+ * next fetch through the full statement at once. The two return the same
+ * rows otherwise (test_worker runs both on the same queue).
+ *
  * The receive never waits for a command row. It locks messages first and
  * their commands second, while an acknowledgement (ours, and rcmd's
  * sp_finish_command) locks the command row first and then deletes,
@@ -68,52 +81,67 @@
  * delivery of it), so its command is only updated, at no extra cost. A
  * command that does not exist is neither taken nor busy, and its message is
  * set aside as before. */
-void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
+void cb__worker_sql_receive(cb_strbuf *sql, const char *queue, int limits) {
+/* Limits: types with no room left are not read (full_types). */
 #define NOT_FULL                            \
   " AND ((SELECT t FROM full_types) = '{}'" \
   " OR NOT coalesce(message->>'command_type' = ANY((SELECT t FROM full_types)::text[]), false))"
-#define VISIBLE " AND " CB_QUEUE_SQL_VISIBLE NOT_FULL
 #define AGAIN " CASE WHEN read_ct > 0 THEN commandbus.message_command_id(message) END AS again, ctid AS at"
-  cb_strbuf_puts(
+/* Whether the domain has limits, as this statement sees the table. */
+#define HAS_LIMITS "EXISTS (SELECT FROM commandbus.type_limit WHERE domain = $3)"
+  const char *not_full = limits ? NOT_FULL : "";
+  const char *type = limits ? " message->>'command_type' AS type," : "";
+  /* What the reads keep for the rest: `kept` (the limits applied) or `pick`. */
+  const char *kept = limits ? "kept" : "pick";
+  cb_strbuf_puts(sql, "WITH ");
+  if (limits)
+    cb_strbuf_puts(sql,
+                   "room AS (SELECT command_type, room FROM commandbus.type_room($3)),"
+                   " full_types AS (SELECT coalesce(array_agg(command_type) FILTER (WHERE room <= 0), '{}') AS t"
+                   " FROM room), ");
+  cb_strbuf_printf(sql, "hi AS (SELECT msg_id,%s commandbus.priority_of(message) AS prio," AGAIN " FROM ", type);
+  cb_queue_sql_table(sql, queue);
+  cb_strbuf_printf(sql,
+                   " WHERE commandbus.priority_of(message) > 0 AND " CB_QUEUE_SQL_VISIBLE
+                   "%s ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+                   " mid AS (SELECT msg_id,%s 0 AS prio," AGAIN " FROM ",
+                   not_full, type);
+  cb_queue_sql_table(sql, queue);
+  cb_strbuf_printf(sql,
+                   " WHERE msg_id >= $4::bigint AND " CB_QUEUE_SQL_VISIBLE
+                   " AND (NOT (message ? 'priority') OR coalesce(commandbus.priority_of(message), 0) = 0)%s"
+                   " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+                   " lo AS (SELECT msg_id,%s commandbus.priority_of(message) AS prio," AGAIN " FROM ",
+                   not_full, type);
+  cb_queue_sql_table(sql, queue);
+  cb_strbuf_printf(
       sql,
-      "WITH room AS (SELECT command_type, room FROM commandbus.type_room($3)),"
-      " full_types AS (SELECT coalesce(array_agg(command_type) FILTER (WHERE room <= 0), '{}') AS t"
-      " FROM room),"
-      " hi AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio," AGAIN
-      " FROM ");
-  cb_queue_sql_table(sql, queue);
-  cb_strbuf_puts(sql, " WHERE commandbus.priority_of(message) > 0" VISIBLE
-                      " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-                      " mid AS (SELECT msg_id, message->>'command_type' AS type, 0 AS prio," AGAIN " FROM ");
-  cb_queue_sql_table(sql, queue);
-  cb_strbuf_puts(
-      sql, " WHERE msg_id >= $4::bigint AND " CB_QUEUE_SQL_VISIBLE
-           " AND (NOT (message ? 'priority') OR coalesce(commandbus.priority_of(message), 0) = 0)" NOT_FULL
-           " ORDER BY msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-           " lo AS (SELECT msg_id, message->>'command_type' AS type, commandbus.priority_of(message) AS prio," AGAIN
-           " FROM ");
-  cb_queue_sql_table(sql, queue);
-  cb_strbuf_puts(
-      sql,
-      " WHERE commandbus.priority_of(message) < 0" VISIBLE
-      " ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
-      " pick AS (SELECT * FROM (SELECT * FROM hi UNION ALL SELECT * FROM mid UNION ALL SELECT * FROM lo) x"
-      " LIMIT $1::int),"
-      " kept AS (SELECT msg_id, again, at FROM pick WHERE NOT EXISTS (SELECT FROM room)"
-      " UNION ALL SELECT p.msg_id, p.again, p.at FROM (SELECT msg_id, type, again, at, row_number() OVER (PARTITION BY"
-      " type ORDER BY prio DESC, msg_id) AS nth FROM pick WHERE EXISTS (SELECT FROM room)) p"
-      " LEFT JOIN room r ON r.command_type = p.type WHERE r.room IS NULL OR p.nth <= r.room),"
-      " taken AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
-      " AND k.command_id = ANY(ARRAY(SELECT again FROM kept WHERE again IS NOT NULL))"
-      " FOR NO KEY UPDATE OF k SKIP LOCKED),"
-      " busy AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
-      " AND k.command_id = ANY(ARRAY(SELECT again FROM kept WHERE again IS NOT NULL))"
-      " AND k.command_id <> ALL(ARRAY(SELECT command_id FROM taken))),"
-      " m AS (");
-  cb_queue_sql_receive_locked(sql, queue,
-                              "ARRAY(SELECT at FROM kept WHERE again IS NULL"
-                              " OR again <> ALL(ARRAY(SELECT command_id FROM busy)))",
-                              "$2::float8");
+      " WHERE commandbus.priority_of(message) < 0 AND " CB_QUEUE_SQL_VISIBLE
+      "%s ORDER BY commandbus.priority_of(message) DESC, msg_id LIMIT $1::int FOR UPDATE SKIP LOCKED),"
+      " pick AS (SELECT * FROM (SELECT * FROM hi UNION ALL SELECT * FROM mid UNION ALL SELECT * FROM lo) x",
+      not_full);
+  if (limits)
+    cb_strbuf_puts(sql,
+                   " LIMIT $1::int),"
+                   " kept AS (SELECT msg_id, again, at FROM pick WHERE NOT EXISTS (SELECT FROM room)"
+                   " UNION ALL SELECT p.msg_id, p.again, p.at FROM (SELECT msg_id, type, again, at, row_number() OVER"
+                   " (PARTITION BY type ORDER BY prio DESC, msg_id) AS nth FROM pick WHERE EXISTS (SELECT FROM room)) p"
+                   " LEFT JOIN room r ON r.command_type = p.type WHERE r.room IS NULL OR p.nth <= r.room),");
+  else /* a one-time filter: with limits, no read runs */
+    cb_strbuf_puts(sql, " WHERE NOT " HAS_LIMITS " LIMIT $1::int),");
+  cb_strbuf_printf(sql,
+                   " taken AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
+                   " AND k.command_id = ANY(ARRAY(SELECT again FROM %s WHERE again IS NOT NULL))"
+                   " FOR NO KEY UPDATE OF k SKIP LOCKED),"
+                   " busy AS (SELECT k.command_id FROM commandbus.command k WHERE k.domain = $3"
+                   " AND k.command_id = ANY(ARRAY(SELECT again FROM %s WHERE again IS NOT NULL))"
+                   " AND k.command_id <> ALL(ARRAY(SELECT command_id FROM taken))),"
+                   " m AS (",
+                   kept, kept);
+  char ctids[160];
+  snprintf(ctids, sizeof ctids,
+           "ARRAY(SELECT at FROM %s WHERE again IS NULL OR again <> ALL(ARRAY(SELECT command_id FROM busy)))", kept);
+  cb_queue_sql_receive_locked(sql, queue, ctids, "$2::float8");
   cb_strbuf_puts(sql,
                  " RETURNING q.msg_id, q.read_ct, q.message, commandbus.priority_of(q.message) AS priority,"
                  " commandbus.message_command_id(q.message) AS command_id),"
@@ -126,20 +154,28 @@ void cb__worker_sql_receive(cb_strbuf *sql, const char *queue) {
                  " k.reply_queue, k.batch_id, k.msg_id),"
                  " a AS (INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)"
                  " SELECT $3, command_id, 'RECEIVED', jsonb_build_object('msg_id', msg_id, 'attempt', attempts,"
-                 " 'max_attempts', max_attempts) FROM c),"
-                 " wnd AS (UPDATE commandbus.type_limit t SET window_start = date_trunc('second', now()),"
-                 " window_taken = CASE WHEN t.window_start = date_trunc('second', now()) THEN t.window_taken"
-                 " ELSE 0 END + x.n"
-                 " FROM (SELECT command_type, count(*) AS n FROM c GROUP BY command_type) x"
-                 " WHERE t.domain = $3 AND t.command_type = x.command_type AND t.per_second IS NOT NULL)"
+                 " 'max_attempts', max_attempts) FROM c)");
+  if (limits)
+    cb_strbuf_puts(sql,
+                   ", wnd AS (UPDATE commandbus.type_limit t SET window_start = date_trunc('second', now()),"
+                   " window_taken = CASE WHEN t.window_start = date_trunc('second', now()) THEN t.window_taken"
+                   " ELSE 0 END + x.n"
+                   " FROM (SELECT command_type, count(*) AS n FROM c GROUP BY command_type) x"
+                   " WHERE t.domain = $3 AND t.command_type = x.command_type AND t.per_second IS NOT NULL)");
+  cb_strbuf_puts(sql,
                  " SELECT m.msg_id, m.read_ct, c.command_id::text, c.command_type, (m.message->'data')::text,"
                  " c.attempts, c.max_attempts, c.correlation_id::text, nullif(c.reply_queue, ''), c.batch_id::text,"
                  " jsonb_typeof(m.message), m.command_id::text,"
                  " CASE WHEN c.command_id IS NULL THEN (SELECT k2.status FROM commandbus.command k2"
                  " WHERE k2.domain = $3 AND k2.command_id = m.command_id) END, coalesce(m.priority, 0)"
-                 " FROM m LEFT JOIN c ON c.msg_id = m.msg_id ORDER BY coalesce(m.priority, 0) DESC, m.msg_id");
+                 " FROM m LEFT JOIN c ON c.msg_id = m.msg_id");
+  if (limits) cb_strbuf_puts(sql, " ORDER BY coalesce(m.priority, 0) DESC, m.msg_id");
+  else /* the sign that limits appeared: a row of its own, msg_id null */
+    cb_strbuf_puts(sql,
+                   " UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
+                   " NULL, NULL WHERE " HAS_LIMITS " ORDER BY 14 DESC, 1");
+#undef HAS_LIMITS
 #undef AGAIN
-#undef VISIBLE
 #undef NOT_FULL
 }
 

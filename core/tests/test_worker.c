@@ -11,9 +11,12 @@
 #include <unistd.h>
 
 #include "commandbus/bus.h"
+#include "commandbus/limits.h"
 #include "commandbus/schema.h"
 #include "commandbus/worker.h"
+#include "keyed.h"
 #include "test_support.h"
+#include "worker_internal.h"
 
 typedef struct lane_arg {
   cb_worker *w;
@@ -354,6 +357,315 @@ static void a_receive_leaves_a_message_whose_command_is_being_acknowledged(void 
   cb_runtime_free(rt);
 }
 
+/* ---- the two receive statements ------------------------------------------------------ */
+
+/* Sends one command of `type` at `priority` with data {"n": n}. */
+static void send_one(cb_runtime *rt, const char *domain, const char *type, int priority, int n) {
+  char data[32];
+  snprintf(data, sizeof data, "{\"n\": %d}", n);
+  cb_command_spec spec = {0};
+  spec.command_type = type;
+  spec.data_json = data;
+  spec.max_attempts = 3;
+  spec.priority = priority;
+  cb_send_result result;
+  cb_err err;
+  assert_int_equal(cb_bus_send(rt, domain, &spec, 1, 0, &result, &err), CB_OK);
+}
+
+/* One fetch as the worker makes it (its transaction's settings, the lock of
+ * the limits, then the receive statement, with or without limits) for up
+ * to `room` messages. Returns the unit; the receive's rows are statement 2. */
+static cb_unit *receive(cb_runtime *rt, const char *domain, int limits, int room) {
+  char queue[CB_QUEUE_NAME_MAX + 1], qty[16];
+  cb_command_queue_name(domain, queue);
+  snprintf(qty, sizeof qty, "%d", room);
+  cb_strbuf sql = {0};
+  cb__worker_sql_receive(&sql, queue, limits);
+  assert_false(sql.failed);
+  const char *params[] = {qty, "30", domain, "0"};
+  cb_unit *u = cb_unit_new();
+  cb_add_keyed_begin(u, 10);
+  cb_limits_add_lock(u, domain);
+  cb_unit_add(u, sql.data, 4, params);
+  cb_strbuf_free(&sql);
+  cb_err err;
+  int rc = cb_runtime_exec(rt, u, &err);
+  if (rc != CB_OK) fprintf(stderr, "receive: %s\n", err.message);
+  assert_int_equal(rc, CB_OK);
+  return u;
+}
+
+/* One domain's receive, as text: each row's data and priority, or its
+ * poison reason's inputs (its message's kind and the command's status). */
+static void receive_as_text(cb_runtime *rt, const char *domain, int limits, int room, char *out, size_t size) {
+  cb_unit *u = receive(rt, domain, limits, room);
+  const cb_result *r = cb_unit_result(u, 2);
+  size_t len = 0;
+  out[0] = '\0';
+  for (int i = 0; i < cb_result_rows(r); i++) {
+    if (cb_result_is_null(r, i, 2))
+      len += (size_t)snprintf(out + len, size - len, "poison(%s,%s) ", cb_result_value(r, i, 10),
+                              cb_result_is_null(r, i, 12) ? "-" : cb_result_value(r, i, 12));
+    else
+      len += (size_t)snprintf(out + len, size - len, "%s@%s#%s ", cb_result_value(r, i, 4), cb_result_value(r, i, 13),
+                              cb_result_value(r, i, 5));
+    assert_true(len < size);
+  }
+  cb_unit_free(u);
+}
+
+typedef struct row_holder {
+  cb_runtime *rt;
+  const char *domain, *key;
+  int status;
+} row_holder;
+
+/* Holds the domain's "Held" command row until the test lets it go. */
+static void *hold_row(void *p) {
+  row_holder *h = p;
+  const char *domain[] = {h->domain}, *key[] = {h->key};
+  cb_unit *u = cb_unit_new();
+  cb_unit_add(u, "SELECT 1 FROM commandbus.command WHERE domain = $1 AND command_type = 'Held' FOR NO KEY UPDATE", 1,
+              domain);
+  cb_unit_add(u, "SELECT pg_advisory_xact_lock_shared($1::bigint)", 1, key);
+  cb_err err;
+  h->status = cb_runtime_exec(h->rt, u, &err);
+  cb_unit_free(u);
+  return NULL;
+}
+
+/* Both receive statements take the same messages in the same order and
+ * write the same rows: priorities first (higher first, the same priority in
+ * the order sent), poison handed back to be set aside, and a redelivered
+ * message whose command another transaction holds left in the queue. */
+static void both_receive_statements_receive_alike(void **state) {
+  cb_runtime *rt = test_runtime(2), *holder = test_runtime(1), *gate = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char result[2][1024];
+  for (int limits = 0; limits < 2; limits++) {
+    char domain[64], table[96], sql[512];
+    snprintf(domain, sizeof domain, "%s", test_name(limits ? "crecvfull" : "crecvlean"));
+    snprintf(table, sizeof table, "pgmq.q_%s__commands", domain);
+    /* A command received once whose visibility timeout ran out: its
+     * message is read again, while another transaction holds the command. */
+    send_one(rt, domain, "Held", 0, 0);
+    const char *dp[] = {domain};
+    exec_or_fail(rt, "UPDATE commandbus.command SET status = 'IN_PROGRESS', attempts = 1 WHERE domain = $1", 1, dp);
+    snprintf(sql, sizeof sql, "UPDATE %s SET read_ct = 1, vt = now() - interval '1 second'", table);
+    exec_or_fail(rt, sql, 0, NULL);
+    send_one(rt, domain, "T", 0, 1);
+    send_one(rt, domain, "T", 5, 2);
+    send_one(rt, domain, "T", -3, 3);
+    send_one(rt, domain, "T", 5, 4);
+    send_one(rt, domain, "T", 0, 5);
+    snprintf(sql, sizeof sql, "INSERT INTO %s (vt, message) VALUES (now(), '[1]')", table);
+    exec_or_fail(rt, sql, 0, NULL); /* not an object */
+    snprintf(
+        sql, sizeof sql,
+        "INSERT INTO %s (vt, message) VALUES (now(), '{\"command_id\": \"00000000-0000-0000-0000-000000000001\"}')",
+        table);
+    exec_or_fail(rt, sql, 0, NULL); /* no such command */
+    char key[32];
+    snprintf(key, sizeof key, "%lld", 4000000LL + 2LL * getpid() + limits);
+    const char *kp[] = {key};
+    exec_or_fail(gate, "SELECT pg_advisory_lock($1::bigint)", 1, kp);
+    row_holder h = {holder, domain, key, -1};
+    pthread_t t;
+    pthread_create(&t, NULL, hold_row, &h);
+    for (int i = 0; count_of(gate,
+                             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                             " AND objid = $1::bigint",
+                             key) != 1;
+         i++) {
+      assert_true(i < 6000); /* a minute */
+      usleep(10 * 1000);
+    }
+    receive_as_text(rt, domain, limits, 20, result[limits], sizeof result[limits]);
+    exec_or_fail(gate, "SELECT pg_advisory_unlock($1::bigint)", 1, kp);
+    pthread_join(t, NULL);
+    assert_int_equal(h.status, CB_OK);
+    /* Received: five commands at their first attempt, audited; the held one
+     * untouched, its message still in the queue, unread this time. */
+    assert_int_equal(count_status(rt, domain, "IN_PROGRESS"), 6);
+    assert_int_equal(count_of(rt,
+                              "SELECT count(*) FROM commandbus.audit WHERE domain = $1 AND event_type = 'RECEIVED'"
+                              " AND (details_json->>'attempt')::int = 1",
+                              domain),
+                     5);
+    assert_int_equal(count_of(rt,
+                              "SELECT count(*) FROM commandbus.command WHERE domain = $1 AND attempts = 1"
+                              " AND lease_expires_at > now()",
+                              domain),
+                     5);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM %s WHERE read_ct = 1 AND vt < now()", table);
+    assert_int_equal(count_of(rt, sql, NULL), 1);
+    char queue[CB_QUEUE_NAME_MAX + 1];
+    int existed;
+    cb_command_queue_name(domain, queue);
+    cb_queue_drop(rt, queue, &existed, &err);
+  }
+  /* Priorities, each command's attempt; the poison rows after them (priority 0, by msg_id). */
+  assert_string_equal(result[1],
+                      "{\"n\": 2}@5#1 {\"n\": 4}@5#1 {\"n\": 1}@0#1 {\"n\": 5}@0#1 poison(array,-) poison(object,-) "
+                      "{\"n\": 3}@-3#1 ");
+  assert_string_equal(result[0], result[1]);
+  cb_runtime_free(gate);
+  cb_runtime_free(holder);
+  cb_runtime_free(rt);
+}
+
+/* The lean statement, run for a domain that has limits, receives nothing
+ * (no attempt, no audit, the message untouched) and says so by its one
+ * row whose msg_id is null; the full statement applies the limit. */
+static void the_lean_receive_takes_nothing_from_a_domain_with_limits(void **state) {
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], table[96], sql[256];
+  snprintf(domain, sizeof domain, "%s", test_name("crecvlim"));
+  snprintf(table, sizeof table, "pgmq.q_%s__commands", domain);
+  for (int i = 0; i < 3; i++) send_one(rt, domain, "T", 0, i);
+  assert_int_equal(cb_limits_set(rt, domain, "T", 2, 0, &err), CB_OK);
+
+  cb_unit *u = receive(rt, domain, 0, 10);
+  const cb_result *r = cb_unit_result(u, 2);
+  assert_int_equal(cb_result_rows(r), 1);
+  assert_true(cb_result_is_null(r, 0, 0));
+  cb_unit_free(u);
+  assert_int_equal(count_status(rt, domain, "PENDING"), 3);
+  assert_int_equal(
+      count_of(rt, "SELECT count(*) FROM commandbus.audit WHERE domain = $1 AND event_type = 'RECEIVED'", domain), 0);
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM %s WHERE read_ct = 0 AND vt <= now()", table);
+  assert_int_equal(count_of(rt, sql, NULL), 3);
+
+  u = receive(rt, domain, 1, 10); /* two a second */
+  r = cb_unit_result(u, 2);
+  assert_int_equal(cb_result_rows(r), 2);
+  assert_false(cb_result_is_null(r, 0, 0));
+  cb_unit_free(u);
+  assert_int_equal(count_status(rt, domain, "IN_PROGRESS"), 2);
+
+  /* With the limit gone the lean statement receives as the full one does. */
+  assert_int_equal(cb_limits_set(rt, domain, "T", 0, 0, &err), CB_OK);
+  u = receive(rt, domain, 0, 10);
+  r = cb_unit_result(u, 2);
+  assert_int_equal(cb_result_rows(r), 1);
+  assert_false(cb_result_is_null(r, 0, 0));
+  cb_unit_free(u);
+  assert_int_equal(count_status(rt, domain, "IN_PROGRESS"), 3);
+  char queue[CB_QUEUE_NAME_MAX + 1];
+  int existed;
+  cb_command_queue_name(domain, queue);
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
+/* A worker that found no limits reads with the lean statement; a rate limit
+ * set while it runs holds from its next fetch on. */
+static void a_limit_set_while_the_worker_runs_holds(void **state) {
+  cb_runtime *rt = test_runtime(2);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("crecvset"));
+  send_many(rt, domain, "Ok", 1, NULL);
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  o.domain = domain;
+  o.lanes = 2;
+  o.poll_interval = 0.05;
+  cb_worker *w;
+  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
+  lane_arg args[2];
+  pthread_t threads[2];
+  run_lanes(w, args, threads, 2, 0);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  for (int i = 0; count_status(rt, domain, "COMPLETED") < 1; i++) {
+    assert_true(i < 300); /* 15 s */
+    usleep(50 * 1000);
+  }
+  /* It fetched and found no limits (and polls every 50 ms meanwhile). */
+  assert_int_equal(cb_limits_set(rt, domain, "Ok", 2, 0, &err), CB_OK);
+  send_many(rt, domain, "Ok", 6, NULL);
+  for (int i = 0; count_status(rt, domain, "COMPLETED") < 7; i++) {
+    assert_true(i < 300);
+    usleep(50 * 1000);
+  }
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
+  for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+  cb_worker_free(w);
+  /* The six after the limit: at most two a second. */
+  assert_int_equal(count_of(rt,
+                            "SELECT max(n) FROM (SELECT count(*) AS n FROM commandbus.audit a"
+                            " JOIN commandbus.command k ON k.domain = a.domain AND k.command_id = a.command_id"
+                            " WHERE a.domain = $1 AND a.event_type = 'RECEIVED' AND k.created_at >"
+                            " (SELECT min(created_at) FROM commandbus.command WHERE domain = $1)"
+                            " GROUP BY date_trunc('second', a.ts)) x",
+                            domain),
+                   2);
+  char queue[CB_QUEUE_NAME_MAX + 1];
+  int existed;
+  cb_command_queue_name(domain, queue);
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
+/* The worker's receive and acknowledgement statements run on their generic
+ * plans, made once per connection: none is planned again at each execution
+ * (PostgreSQL's own choice planned the acknowledgement every time). The
+ * runtime has one connection for statements, so the worker's plans are in
+ * the plan cache the test reads. */
+static void the_worker_statements_are_not_planned_at_each_execution(void **state) {
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64];
+  snprintf(domain, sizeof domain, "%s", test_name("cplans"));
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  o.domain = domain;
+  o.lanes = 1;
+  o.poll_interval = 0.05;
+  cb_worker *w;
+  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
+  lane_arg args[1];
+  pthread_t threads[1];
+  run_lanes(w, args, threads, 1, 0);
+  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  for (int n = 1; n <= 8; n++) { /* one at a time: a round and a fetch each */
+    send_many(rt, domain, n % 2 ? "Ok" : "Fail", 1, NULL);
+    for (int i = 0; count_status(rt, domain, "COMPLETED") + count_status(rt, domain, "FAILED") < n; i++) {
+      assert_true(i < 300);
+      usleep(20 * 1000);
+    }
+  }
+  cb_engine_stop(cb_worker_engine(w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
+  pthread_join(threads[0], NULL);
+  cb_worker_free(w);
+  const char *acks =
+      "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE"
+      " 'WITH i AS (SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, msg bigint, attempt int%'";
+  const char *receives = "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%RECEIVED%'";
+  char sql[512];
+  snprintf(sql, sizeof sql, "%s AND generic_plans > 0", acks);
+  assert_int_equal(count_of(rt, sql, NULL), 2); /* success and business-rule failure */
+  snprintf(sql, sizeof sql, "%s AND custom_plans > 0", acks);
+  assert_int_equal(count_of(rt, sql, NULL), 0);
+  snprintf(sql, sizeof sql, "%s AND generic_plans > 0", receives);
+  assert_true(count_of(rt, sql, NULL) >= 1);
+  snprintf(sql, sizeof sql, "%s AND custom_plans > 0", receives);
+  assert_int_equal(count_of(rt, sql, NULL), 0);
+  char queue[CB_QUEUE_NAME_MAX + 1];
+  int existed;
+  cb_command_queue_name(domain, queue);
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(every_outcome_lands_as_the_contract_says),
@@ -361,6 +673,10 @@ int main(void) {
       cmocka_unit_test(a_statement_timeout_not_below_the_visibility_timeout_is_refused),
       cmocka_unit_test(a_worker_stopped_before_it_started_ends_at_once),
       cmocka_unit_test(a_receive_leaves_a_message_whose_command_is_being_acknowledged),
+      cmocka_unit_test(both_receive_statements_receive_alike),
+      cmocka_unit_test(the_lean_receive_takes_nothing_from_a_domain_with_limits),
+      cmocka_unit_test(a_limit_set_while_the_worker_runs_holds),
+      cmocka_unit_test(the_worker_statements_are_not_planned_at_each_execution),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
