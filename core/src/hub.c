@@ -161,31 +161,43 @@ static void unlink_armed(cb_hub_sub *sub) {
   sub->armed = 0;
 }
 
-/* Moves the entry's armed subscriptions, which now see its new version, to
- * the chain *fired, whose callbacks the bumping thread calls once it has let
- * go of the lock. Under the lock. */
-static void take_armed(hub_entry *e, cb_hub_sub **fired) {
-  while (e->armed) {
-    cb_hub_sub *sub = e->armed;
-    e->armed = sub->next_armed;
+/* What a bump calls for one armed subscription, copied under the lock: the
+ * subscription itself is not touched once the lock is let go, as its owner
+ * may then arm it again (a disarm that found it taken tells the owner its
+ * callback is coming, not that it has run) or unsubscribe it. */
+typedef struct hub_fire {
+  cb_hub_fire_fn fn;
+  void *arg;
+} hub_fire;
+
+#define FIRE_BATCH 16 /* callbacks taken at a time; more wait for the next turn of the lock */
+
+/* Takes, into out (room at most), the entry's armed subscriptions that a
+ * bump has passed: each was armed when its version was the entry's (see
+ * cb_hub_arm), so one that has not seen the entry's version was armed
+ * before a bump whose callback is still owed, and one armed since has.
+ * They count the change as seen. Returns how many. Under the lock. */
+static int take_armed(hub_entry *e, hub_fire *out, int room) {
+  int n = 0;
+  cb_hub_sub **pp = &e->armed;
+  while (*pp && n < room) {
+    cb_hub_sub *sub = *pp;
+    if (sub->seen == e->version) {
+      pp = &sub->next_armed;
+      continue;
+    }
+    *pp = sub->next_armed;
+    sub->next_armed = NULL;
     sub->armed = 0;
     sub->seen = e->version;
-    sub->next_armed = *fired;
-    *fired = sub;
+    out[n++] = (hub_fire){sub->fire, sub->fire_arg};
   }
+  return n;
 }
 
-/* Outside the lock. Each subscription is read before its callback runs: the
- * callback may let its owner go on, and the owner unsubscribe. */
-static void call_fired(cb_hub_sub *fired) {
-  while (fired) {
-    cb_hub_sub *next = fired->next_armed;
-    cb_hub_fire_fn fn = fired->fire;
-    void *arg = fired->fire_arg;
-    fired->next_armed = NULL;
-    fn(arg);
-    fired = next;
-  }
+/* Outside the lock. */
+static void call_fired(const hub_fire *fired, int n) {
+  for (int i = 0; i < n; i++) fired[i].fn(fired[i].arg);
 }
 
 void cb_hub_unsubscribe(cb_hub_sub *sub) {
@@ -278,43 +290,50 @@ int cb_hub_disarm(cb_hub_sub *sub) {
 
 void cb_hub_notify(cb_hub *hub, const char *key) {
   uint64_t h = hash_key(key);
-  cb_hub_sub *fired = NULL;
-  pthread_mutex_lock(&hub->lock);
-  hub_entry *e = find(hub, key, h);
-  if (e) {
-    e->version++;
-    pthread_cond_broadcast(&e->changed);
-    take_armed(e, &fired);
-  }
-  pthread_mutex_unlock(&hub->lock);
-  call_fired(fired);
+  hub_fire fired[FIRE_BATCH];
+  int n, bumped = 0;
+  do { /* once, unless more than a batch are armed on the key */
+    n = 0;
+    pthread_mutex_lock(&hub->lock);
+    hub_entry *e = find(hub, key, h);
+    if (e && !bumped) {
+      e->version++;
+      pthread_cond_broadcast(&e->changed);
+    }
+    bumped = 1;
+    if (e) n = take_armed(e, fired, FIRE_BATCH);
+    pthread_mutex_unlock(&hub->lock);
+    call_fired(fired, n);
+  } while (n == FIRE_BATCH);
 }
 
-static void bump_all(cb_hub *hub, cb_hub_sub **fired) {
+/* Bumps every key (and closes the hub first, with `close`), then calls the
+ * armed subscriptions' callbacks a batch at a time, letting go of the lock
+ * for each batch. */
+static void bump_all(cb_hub *hub, int close) {
+  hub_fire fired[FIRE_BATCH];
+  pthread_mutex_lock(&hub->lock);
+  if (close) hub->closed = 1;
   for (size_t i = 0; i < hub->nbuckets; i++)
     for (hub_entry *e = hub->buckets[i]; e; e = e->next) {
       e->version++;
       pthread_cond_broadcast(&e->changed);
-      take_armed(e, fired);
     }
+  for (;;) {
+    int n = 0;
+    for (size_t i = 0; i < hub->nbuckets && n < FIRE_BATCH; i++)
+      for (hub_entry *e = hub->buckets[i]; e && n < FIRE_BATCH; e = e->next)
+        n += take_armed(e, fired + n, FIRE_BATCH - n);
+    pthread_mutex_unlock(&hub->lock);
+    call_fired(fired, n);
+    if (n < FIRE_BATCH) return;
+    pthread_mutex_lock(&hub->lock);
+  }
 }
 
-void cb_hub_notify_all(cb_hub *hub) {
-  cb_hub_sub *fired = NULL;
-  pthread_mutex_lock(&hub->lock);
-  bump_all(hub, &fired);
-  pthread_mutex_unlock(&hub->lock);
-  call_fired(fired);
-}
+void cb_hub_notify_all(cb_hub *hub) { bump_all(hub, 0); }
 
-void cb_hub_close(cb_hub *hub) {
-  cb_hub_sub *fired = NULL;
-  pthread_mutex_lock(&hub->lock);
-  hub->closed = 1;
-  bump_all(hub, &fired);
-  pthread_mutex_unlock(&hub->lock);
-  call_fired(fired);
-}
+void cb_hub_close(cb_hub *hub) { bump_all(hub, 1); }
 
 size_t cb_hub_size(cb_hub *hub) {
   pthread_mutex_lock(&hub->lock);

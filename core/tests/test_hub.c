@@ -476,6 +476,77 @@ static void arming_and_disarming_race_with_notifies_without_losing_a_fire(void *
   cb_hub_free(r.hub);
 }
 
+/* Two subscriptions fired by one notify, each of whose callbacks
+ * unsubscribes the other one: the first to run frees a subscription whose
+ * callback is still to come. Each callback still runs once (a fire taken
+ * is owed, as cb_hub_disarm says), and the hub reads nothing of a
+ * subscription once its callback is owed (ASan and valgrind check). */
+typedef struct unsubscribing {
+  cb_hub_sub *a, *b; /* the one the first callback unsubscribes becomes NULL */
+  int calls_a, calls_b;
+} unsubscribing;
+
+static void unsubscribe_the_other(cb_hub_sub **mine, cb_hub_sub **other) {
+  if (*mine && *other) { /* the first callback to run */
+    cb_hub_unsubscribe(*other);
+    *other = NULL;
+  }
+}
+
+static void fire_a(void *arg) {
+  unsubscribing *u = arg;
+  u->calls_a++;
+  unsubscribe_the_other(&u->a, &u->b);
+}
+
+static void fire_b(void *arg) {
+  unsubscribing *u = arg;
+  u->calls_b++;
+  unsubscribe_the_other(&u->b, &u->a);
+}
+
+static void a_callback_may_unsubscribe_another_fired_subscription(void **state) {
+  (void)state;
+  cb_hub *hub = hub_new();
+  unsubscribing u = {.a = subscribe(hub, "k"), .b = subscribe(hub, "k")};
+  assert_int_equal(cb_hub_arm(u.a, fire_a, &u), 0);
+  assert_int_equal(cb_hub_arm(u.b, fire_b, &u), 0);
+  cb_hub_notify(hub, "k");
+  assert_int_equal(u.calls_a, 1);
+  assert_int_equal(u.calls_b, 1);
+  assert_true((u.a == NULL) != (u.b == NULL)); /* one unsubscribed the other */
+  cb_hub_unsubscribe(u.a ? u.a : u.b);
+  assert_int_equal(cb_hub_size(hub), 0);
+  cb_hub_free(hub);
+}
+
+/* More armed subscriptions on one key than a bump takes at a time: each
+ * fires once, on a notify and on notify_all. */
+static void a_crowd_of_armed_subscriptions_all_fire_once(void **state) {
+  (void)state;
+  enum { CROWD = 50 };
+  cb_hub *hub = hub_new();
+  cb_hub_sub *subs[CROWD];
+  fired_count f;
+  atomic_init(&f.calls, 0);
+  for (int i = 0; i < CROWD; i++) {
+    subs[i] = subscribe(hub, i % 2 ? "odd" : "even");
+    assert_int_equal(cb_hub_arm(subs[i], count_fire, &f), 0);
+  }
+  cb_hub_notify(hub, "even");
+  assert_int_equal(atomic_load(&f.calls), CROWD / 2);
+  cb_hub_notify(hub, "even"); /* none armed there now */
+  assert_int_equal(atomic_load(&f.calls), CROWD / 2);
+  for (int i = 0; i < CROWD; i += 2) { /* the second notify is a change not yet seen: then armed */
+    assert_int_equal(cb_hub_arm(subs[i], count_fire, &f), 1);
+    assert_int_equal(cb_hub_arm(subs[i], count_fire, &f), 0);
+  }
+  cb_hub_notify_all(hub);
+  assert_int_equal(atomic_load(&f.calls), CROWD / 2 + CROWD); /* every one, once more */
+  for (int i = 0; i < CROWD; i++) cb_hub_unsubscribe(subs[i]);
+  cb_hub_free(hub);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(a_notify_after_subscribe_wakes_a_waiting_thread),
@@ -491,6 +562,8 @@ int main(void) {
       cmocka_unit_test(a_disarmed_or_unsubscribed_subscription_is_not_fired),
       cmocka_unit_test(notify_all_and_close_fire_armed_subscriptions),
       cmocka_unit_test(arming_and_disarming_race_with_notifies_without_losing_a_fire),
+      cmocka_unit_test(a_callback_may_unsubscribe_another_fired_subscription),
+      cmocka_unit_test(a_crowd_of_armed_subscriptions_all_fire_once),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
