@@ -18,14 +18,20 @@
  * index that is missing) enable_seqscan's penalty lifts the plan's cost over
  * the JIT thresholds: compiling the receive statement was measured at
  * 0.8 s, on every execution. Returns the statement's index. */
-static inline int cb_add_keyed_begin(cb_unit *u, double statement_timeout) {
+#define CB__KEYED_SETTINGS \
+  "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)"
+static inline int cb__keyed_begin(cb_unit *u, double statement_timeout, int generic) {
   char ms[32];
   snprintf(ms, sizeof ms, "%d", (int)(statement_timeout * 1000));
   const char *p[] = {ms};
-  return cb_unit_add(u,
-                     "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true),"
-                     " set_config('jit', 'off', true)",
-                     1, p);
+  return cb_unit_add(
+      u,
+      generic ? CB__KEYED_SETTINGS ", set_config('plan_cache_mode', 'force_generic_plan', true)" : CB__KEYED_SETTINGS,
+      1, p);
+}
+
+static inline int cb_add_keyed_begin(cb_unit *u, double statement_timeout) {
+  return cb__keyed_begin(u, statement_timeout, 0);
 }
 
 /* The same, and the transaction's statements use their generic plans
@@ -36,13 +42,7 @@ static inline int cb_add_keyed_begin(cb_unit *u, double statement_timeout) {
  * worker backend's CPU over one request at a time (perf: pg_plan_query).
  * Only for statements whose generic plan is the same key lookups. */
 static inline int cb_add_keyed_begin_generic(cb_unit *u, double statement_timeout) {
-  char ms[32];
-  snprintf(ms, sizeof ms, "%d", (int)(statement_timeout * 1000));
-  const char *p[] = {ms};
-  return cb_unit_add(u,
-                     "SELECT set_config('statement_timeout', $1, true), set_config('enable_seqscan', 'off', true),"
-                     " set_config('jit', 'off', true), set_config('plan_cache_mode', 'force_generic_plan', true)",
-                     1, p);
+  return cb__keyed_begin(u, statement_timeout, 1);
 }
 
 /* A row's status, tested without an index. These statements find their rows

@@ -84,6 +84,36 @@ static void run_lanes(cb_worker *w, lane_arg *args, pthread_t *threads, int lane
   }
 }
 
+/* A worker of `lanes` lanes (at most 4) on domain, its handlers taking
+ * sleep_ms each, polling every 50 ms, started. */
+typedef struct test_worker {
+  cb_worker *w;
+  int lanes;
+  lane_arg args[4];
+  pthread_t threads[4];
+} test_worker;
+
+static cb_worker *start_worker(cb_runtime *rt, const char *domain, int lanes, int sleep_ms, test_worker *t) {
+  cb_worker_options o;
+  cb_worker_options_init(&o);
+  o.domain = domain;
+  o.lanes = lanes;
+  o.poll_interval = 0.05;
+  cb_err err;
+  assert_int_equal(cb_worker_new(rt, &o, &t->w, &err), CB_OK);
+  t->lanes = lanes;
+  run_lanes(t->w, t->args, t->threads, lanes, sleep_ms);
+  assert_int_equal(cb_engine_start(cb_worker_engine(t->w), &err), CB_OK);
+  return t->w;
+}
+
+/* Stops it and joins its lanes; the worker is the caller's to free. */
+static void stop_worker(test_worker *t) {
+  cb_engine_stop(cb_worker_engine(t->w));
+  assert_int_equal(cb_engine_wait(cb_worker_engine(t->w), 30000), 1);
+  for (int i = 0; i < t->lanes; i++) pthread_join(t->threads[i], NULL);
+}
+
 static void every_outcome_lands_as_the_contract_says(void **state) {
   cb_runtime *rt = test_runtime(2);
   cb_err err;
@@ -96,21 +126,10 @@ static void every_outcome_lands_as_the_contract_says(void **state) {
   send_many(rt, domain, "Boom", 10, NULL);
   send_many(rt, domain, "Flaky", 10, NULL); /* max_attempts 1: exhausted at once */
 
-  cb_worker_options o;
-  cb_worker_options_init(&o);
-  o.domain = domain;
-  o.lanes = 4;
-  o.poll_interval = 0.05;
-  cb_worker *w;
-  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
-  lane_arg args[4];
-  pthread_t threads[4];
-  run_lanes(w, args, threads, 4, 0);
-  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  test_worker tw;
+  cb_worker *w = start_worker(rt, domain, 4, 0, &tw);
   for (int i = 0; i < 300 && !all_settled(rt, domain); i++) usleep(50 * 1000);
-  cb_engine_stop(cb_worker_engine(w));
-  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
-  for (int i = 0; i < 4; i++) pthread_join(threads[i], NULL);
+  stop_worker(&tw);
   cb_worker_health h;
   cb_worker_health_get(w, &h);
   assert_string_equal(h.state, "stopped");
@@ -141,22 +160,11 @@ static void stop_lets_running_handlers_finish_and_acknowledges_them(void **state
   char domain[64];
   snprintf(domain, sizeof domain, "%s", test_name("cdrain"));
   send_many(rt, domain, "Ok", 6, NULL);
-  cb_worker_options o;
-  cb_worker_options_init(&o);
-  o.domain = domain;
-  o.lanes = 2;
-  o.poll_interval = 0.05;
-  cb_worker *w;
-  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
-  lane_arg args[2];
-  pthread_t threads[2];
-  run_lanes(w, args, threads, 2, 300); /* each handler takes 0.3 s */
-  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  test_worker tw;
+  cb_worker *w = start_worker(rt, domain, 2, 300, &tw); /* each handler takes 0.3 s */
   while (cb_worker_in_flight(w) == 0) usleep(10 * 1000);
-  cb_engine_stop(cb_worker_engine(w));
-  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
-  for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
-  int handled = args[0].handled + args[1].handled;
+  stop_worker(&tw);
+  int handled = tw.args[0].handled + tw.args[1].handled;
   assert_true(handled >= 1);
   /* Whatever was handled was acknowledged; nothing is left half done. */
   assert_int_equal(count_status(rt, domain, "COMPLETED"), handled);
@@ -316,17 +324,8 @@ static void a_receive_leaves_a_message_whose_command_is_being_acknowledged(void 
   }
 
   send_many(rt, domain, "Ok", 1, NULL); /* the other command */
-  cb_worker_options o;
-  cb_worker_options_init(&o);
-  o.domain = domain;
-  o.lanes = 2;
-  o.poll_interval = 0.05;
-  cb_worker *w;
-  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
-  lane_arg args[2];
-  pthread_t threads[2];
-  run_lanes(w, args, threads, 2, 0);
-  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  test_worker tw;
+  cb_worker *w = start_worker(rt, domain, 2, 0, &tw);
   /* Well within the statement timeout (25 s) a waiting receive would end at. */
   for (int i = 0; count_status(rt, domain, "COMPLETED") < 1; i++) {
     assert_true(i < 300); /* 15 s */
@@ -336,9 +335,7 @@ static void a_receive_leaves_a_message_whose_command_is_being_acknowledged(void 
   exec_or_fail(gate, "SELECT pg_advisory_unlock($1::bigint)", 1, kp);
   pthread_join(holder, NULL);
   assert_int_equal(h.status, CB_OK);
-  cb_engine_stop(cb_worker_engine(w));
-  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
-  for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+  stop_worker(&tw);
   cb_worker_free(w);
 
   assert_int_equal(count_status(rt, domain, "COMPLETED"), 2);
@@ -571,17 +568,8 @@ static void a_limit_set_while_the_worker_runs_holds(void **state) {
   char domain[64];
   snprintf(domain, sizeof domain, "%s", test_name("crecvset"));
   send_many(rt, domain, "Ok", 1, NULL);
-  cb_worker_options o;
-  cb_worker_options_init(&o);
-  o.domain = domain;
-  o.lanes = 2;
-  o.poll_interval = 0.05;
-  cb_worker *w;
-  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
-  lane_arg args[2];
-  pthread_t threads[2];
-  run_lanes(w, args, threads, 2, 0);
-  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  test_worker tw;
+  cb_worker *w = start_worker(rt, domain, 2, 0, &tw);
   for (int i = 0; count_status(rt, domain, "COMPLETED") < 1; i++) {
     assert_true(i < 300); /* 15 s */
     usleep(50 * 1000);
@@ -593,9 +581,7 @@ static void a_limit_set_while_the_worker_runs_holds(void **state) {
     assert_true(i < 300);
     usleep(50 * 1000);
   }
-  cb_engine_stop(cb_worker_engine(w));
-  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
-  for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+  stop_worker(&tw);
   cb_worker_free(w);
   /* The six after the limit: at most two a second. */
   assert_int_equal(count_of(rt,
@@ -624,17 +610,8 @@ static void the_worker_statements_are_not_planned_at_each_execution(void **state
   assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
   char domain[64];
   snprintf(domain, sizeof domain, "%s", test_name("cplans"));
-  cb_worker_options o;
-  cb_worker_options_init(&o);
-  o.domain = domain;
-  o.lanes = 1;
-  o.poll_interval = 0.05;
-  cb_worker *w;
-  assert_int_equal(cb_worker_new(rt, &o, &w, &err), CB_OK);
-  lane_arg args[1];
-  pthread_t threads[1];
-  run_lanes(w, args, threads, 1, 0);
-  assert_int_equal(cb_engine_start(cb_worker_engine(w), &err), CB_OK);
+  test_worker tw;
+  cb_worker *w = start_worker(rt, domain, 1, 0, &tw);
   for (int n = 1; n <= 8; n++) { /* one at a time: a round and a fetch each */
     send_many(rt, domain, n % 2 ? "Ok" : "Fail", 1, NULL);
     for (int i = 0; count_status(rt, domain, "COMPLETED") + count_status(rt, domain, "FAILED") < n; i++) {
@@ -642,9 +619,7 @@ static void the_worker_statements_are_not_planned_at_each_execution(void **state
       usleep(20 * 1000);
     }
   }
-  cb_engine_stop(cb_worker_engine(w));
-  assert_int_equal(cb_engine_wait(cb_worker_engine(w), 30000), 1);
-  pthread_join(threads[0], NULL);
+  stop_worker(&tw);
   cb_worker_free(w);
   const char *acks =
       "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE"
