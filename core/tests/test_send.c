@@ -33,8 +33,9 @@ typedef struct caller {
   const char *data; /* the command's data (JSON text) */
   const char *id;   /* NULL: a new one */
   const char *dedup_key;
-  int two;  /* sends two commands in one call (not merged into the group's statement) */
-  int many; /* sends MANY commands in one call (too many to join a group) */
+  const cb_command_spec *spec; /* non-NULL: sends this rather than the fields above */
+  int two;                     /* sends two commands in one call (not merged into the group's statement) */
+  int many;                    /* sends MANY commands in one call (too many to join a group) */
   pthread_barrier_t *go;
   int rc;
   cb_err err;
@@ -50,6 +51,7 @@ static void *caller_main(void *p) {
   spec.command_id = c->id;
   spec.dedup_key = c->dedup_key;
   spec.dedup_for = c->dedup_key ? 60 : 0;
+  if (c->spec) spec = *c->spec;
   pthread_barrier_wait(c->go);
   if (c->many) {
     cb_command_spec specs[MANY];
@@ -379,6 +381,113 @@ static void a_refused_send_among_duplicates_fails_alone_and_the_others_keep_thei
 }
 
 /* A caller alone: one transaction per send. */
+/* A send's rows are the same whichever statement writes them: a group's
+ * (the merged single sends' array, each element carrying the message its
+ * caller made), a send of several commands (the same statement), or a
+ * lone send's (of parameters, the message built by the server). Every
+ * command column a send sets, every key and value of the queue message
+ * (reply_to and priority only when set) and of the SENT audit row's
+ * details are compared, sent each way with the same correlation id: only
+ * the ids (command_id, msg_id) differ, and those match the command row's.
+ * Data that is more than one JSON value as far as its commas go (a lone
+ * send refuses it) is read by the others as the statement reads it, its
+ * first value, and adds no key to the message. */
+static void a_groups_rows_are_those_of_lone_sends(void **state) {
+  (void)state;
+  cb_runtime *rt = test_runtime(1);
+  cb_err err;
+  assert_int_equal(cb_schema_setup(rt, NULL, &err), CB_OK);
+  char domain[64], replies[80];
+  snprintf(domain, sizeof domain, "%s", test_name("sendsame"));
+  snprintf(replies, sizeof replies, "%s_replies", domain);
+  enum { KINDS = 6, LONE = 5 }; /* the last kind, odd data, is not sent alone */
+  char corr[KINDS][CB_UUID_LEN + 1], batch[CB_UUID_LEN + 1];
+  for (int k = 0; k < KINDS; k++) cb_uuid_v7(corr[k]);
+  cb_uuid_v7(batch);
+  cb_command_spec specs[KINDS] = {
+      {.command_type = "Plain", .data_json = "{\"n\": 1, \"s\": \"a \\\"quoted\\\" \\u00e9\", \"f\": 1.50}"},
+      {.command_type = "Ask",
+       .data_json = "[1, 2, {\"x\": null}]",
+       .reply_to = replies,
+       .priority = 7,
+       .batch_id = batch},
+      {.command_type = "NoData", .max_attempts = 5},
+      {.command_type = "Low \"quoted\" type", .data_json = "\"text\"", .priority = -3, .reply_to = replies},
+      {.command_type = "Empty", .data_json = "{}", .reply_to = ""},
+      {.command_type = "Odd", .data_json = "1, \"priority\": 5, \"reply_to\": \"x\""},
+  };
+  for (int k = 0; k < KINDS; k++) specs[k].correlation_id = corr[k];
+
+  /* Lone sends: each in a transaction of its own, one at a time. */
+  char lone[LONE * (CB_UUID_LEN + 1) + 3] = "{";
+  for (int k = 0; k < LONE; k++) {
+    cb_send_result r;
+    assert_int_equal(cb_bus_send(rt, domain, &specs[k], 1, 0, &r, &err), CB_OK);
+    if (k) strcat(lone, ",");
+    strcat(lone, r.command_id);
+  }
+  strcat(lone, "}");
+  /* One send of all of them. */
+  cb_send_result results[KINDS];
+  assert_int_equal(cb_bus_send(rt, domain, specs, KINDS, 0, results, &err), CB_OK);
+  /* Their single sends from concurrent callers, merged into a group. */
+  caller callers[KINDS], opener;
+  for (int k = 0; k < KINDS; k++) callers[k] = (caller){.spec = &specs[k]};
+  assert_int_equal(send_together(rt, domain, callers, KINDS, &opener), 3); /* the sleep, the opener, the group */
+  assert_int_equal(opener.rc, CB_OK);
+  for (int k = 0; k < KINDS; k++) {
+    assert_int_equal(callers[k].rc, CB_OK);
+    assert_sent(rt, domain, &callers[k].sent);
+    assert_sent(rt, domain, &results[k]);
+  }
+
+  char sql[2048];
+  snprintf(
+      sql, sizeof sql,
+      "WITH rows AS (SELECT k.*, q.message, a.details_json FROM commandbus.command k"
+      " JOIN pgmq.q_%s__commands q ON q.msg_id = k.msg_id"
+      " JOIN commandbus.audit a ON a.domain = k.domain AND a.command_id = k.command_id AND a.event_type = 'SENT'"
+      " WHERE k.domain = $1)"
+      " SELECT count(*) FROM rows x JOIN rows l ON l.command_id = ANY ($2::uuid[])"
+      " AND l.correlation_id = x.correlation_id"
+      " WHERE x.queue_name = l.queue_name AND x.command_type = l.command_type AND x.status = 'PENDING'"
+      " AND l.status = 'PENDING' AND x.attempts = 0 AND l.attempts = 0 AND x.max_attempts = l.max_attempts"
+      " AND x.reply_queue = l.reply_queue AND x.batch_id IS NOT DISTINCT FROM l.batch_id"
+      " AND x.message - 'command_id' = l.message - 'command_id' AND x.message->>'command_id' = x.command_id::text"
+      " AND x.details_json - 'msg_id' = l.details_json - 'msg_id' AND x.details_json->'msg_id' = to_jsonb(x.msg_id)",
+      domain);
+  assert_int_equal(count_of(rt, sql, domain, lone), 3 * LONE);
+  /* What a lone send writes (the reference above), spelled out for one. */
+  snprintf(sql, sizeof sql,
+           "SELECT count(*) FROM commandbus.command k JOIN pgmq.q_%s__commands q ON q.msg_id = k.msg_id"
+           " JOIN commandbus.audit a ON a.domain = k.domain AND a.command_id = k.command_id AND a.event_type = 'SENT'"
+           " WHERE k.domain = $1 AND k.command_type = 'Ask' AND k.max_attempts = 3 AND k.reply_queue = $1 || '_replies'"
+           " AND q.message = jsonb_build_object('domain', $1, 'command_type', 'Ask', 'command_id', k.command_id,"
+           " 'correlation_id', k.correlation_id, 'data', '[1, 2, {\"x\": null}]'::jsonb, 'reply_to', $1 || '_replies',"
+           " 'priority', 7)"
+           " AND a.details_json = jsonb_build_object('command_type', 'Ask', 'correlation_id', k.correlation_id,"
+           " 'reply_to', $1 || '_replies', 'msg_id', k.msg_id, 'batch_id', k.batch_id) AND k.batch_id IS NOT NULL",
+           domain);
+  assert_int_equal(count_of(rt, sql, domain, NULL), 3);
+  /* The odd data, sent twice (by the group and with the others). */
+  snprintf(sql, sizeof sql,
+           "SELECT count(*) FROM commandbus.command k JOIN pgmq.q_%s__commands q ON q.msg_id = k.msg_id"
+           " JOIN commandbus.audit a ON a.domain = k.domain AND a.command_id = k.command_id AND a.event_type = 'SENT'"
+           " WHERE k.domain = $1 AND k.command_type = 'Odd' AND k.reply_queue = ''"
+           " AND q.message = jsonb_build_object('domain', $1, 'command_type', 'Odd', 'command_id', k.command_id,"
+           " 'correlation_id', k.correlation_id, 'data', 1)"
+           " AND a.details_json = jsonb_build_object('command_type', 'Odd', 'correlation_id', k.correlation_id,"
+           " 'reply_to', NULL, 'msg_id', k.msg_id, 'batch_id', NULL)",
+           domain);
+  assert_int_equal(count_of(rt, sql, domain, NULL), 2);
+  drop(rt, domain);
+  char queue[96];
+  int existed;
+  snprintf(queue, sizeof queue, "%s", replies);
+  cb_queue_drop(rt, queue, &existed, &err);
+  cb_runtime_free(rt);
+}
+
 static void a_caller_alone_sends_in_a_transaction_of_its_own(void **state) {
   (void)state;
   cb_runtime *rt = test_runtime(2);
@@ -846,6 +955,7 @@ int main(void) {
       cmocka_unit_test(concurrent_sends_share_a_transaction_and_a_refused_one_fails_alone),
       cmocka_unit_test(sends_sharing_a_transaction_keep_ids_and_dedup_keys_apart),
       cmocka_unit_test(a_refused_send_among_duplicates_fails_alone_and_the_others_keep_their_answers),
+      cmocka_unit_test(a_groups_rows_are_those_of_lone_sends),
       cmocka_unit_test(a_caller_alone_sends_in_a_transaction_of_its_own),
       cmocka_unit_test(a_lone_send_does_not_wait_behind_the_pools_work),
       cmocka_unit_test(a_send_after_its_connection_ended_makes_a_new_one),
