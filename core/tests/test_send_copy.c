@@ -171,12 +171,14 @@ static void a_large_send_writes_by_copy_the_rows_a_statement_writes(void **state
                      1);
   }
   assert_int_equal(alike_rows(rt, by_statement, by_copy), LARGE);
-  /* The SENT rows' ids follow the call's order, as the statement's do. */
+  /* The SENT rows' ids follow the call's order, by COPY as by the
+   * statement (which reads its input in order, unsorted). */
   snprintf(sql, sizeof sql,
            "SELECT count(*) FROM (SELECT a.audit_id, lag(a.audit_id) OVER (ORDER BY c.msg_id) AS before"
            " FROM commandbus.command c JOIN commandbus.audit a ON a.domain = c.domain AND a.command_id = c.command_id"
            " WHERE c.domain = $1) x WHERE audit_id < before");
   assert_int_equal(number(rt, sql, by_copy, NULL), 0);
+  assert_int_equal(number(rt, sql, by_statement, NULL), 0);
   /* The priority index holds the messages with a priority. */
   snprintf(sql, sizeof sql,
            "SELECT count(*) FROM pgmq.q_%s__commands WHERE commandbus.priority_of(message) <> 0"
