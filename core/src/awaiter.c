@@ -397,9 +397,10 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
     first_round = 0;
     unregistering = 0;
     if (!no_listen && !registered) {
-      /* Unregistered as done, then read as not done: the record left its
-       * final state between the two statements (an operator's retry).
-       * Registered again at once, the gap closed as at the start. */
+      /* Waiting unregistered: registered again at once, the gap closed as
+       * at the start. The reads above never leave a waiter so (the read
+       * that removes the registration is the one that returns; it was two
+       * statements, and a retry between them could); kept for safety. */
       first_round = 1;
       add_first_round(u, t, register_params, locked, lock_ms);
       registered_until = now_seconds() + lasts;
