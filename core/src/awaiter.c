@@ -59,10 +59,12 @@ typedef struct target {
   int (*check)(const cb_unit *u, const struct target *t, char *why, size_t n);
   const char *event_type; /* await_event */
   const char *after;
-  /* Removes this waiter's registration ($1 domain, $2 id, $3 waiter) when
-   * the record is in a state the await returns on, returning a row when it
-   * did; NULL: the registration is always removed after the await. */
-  const char *unregister_done_sql;
+  /* sql[0] for a registered waiter (nsql 1): it also removes the waiter's
+   * registration ($1 domain, $2 id, $3 waiter) when the record is in a
+   * state the await returns on, in the same statement, so under the same
+   * snapshot as the read: an answer it returns is one whose registration
+   * it removed. NULL: the registration is removed after the await. */
+  const char *read_unregister_sql;
 } target;
 
 #define READ_COMMAND                                                                                     \
@@ -115,14 +117,16 @@ static void add_reads(cb_unit *u, const target *t, int locked) {
 }
 
 /* A registered waiter's read also removes the registration once the record
- * is done, in the same transaction: the await that returns then needs no
- * transaction of its own to unregister. Before the reads, so that they stay
- * the unit's last statements; the index of its result, or -1. */
-static int add_unregister_if_done(cb_unit *u, const target *t, const char *const *register_params) {
-  if (t->unregister_done_sql == NULL) return -1;
-  int index = cb_unit_count(u);
-  cb_unit_add(u, t->unregister_done_sql, 3, register_params);
-  return index;
+ * is done, in the same statement: the await that returns then needs no
+ * transaction of its own to unregister, nor a statement of its own in the
+ * read's. 1 when the read added does that. */
+static int add_reads_unregistering(cb_unit *u, const target *t, const char *const *register_params) {
+  if (t->read_unregister_sql == NULL) {
+    add_reads(u, t, 0);
+    return 0;
+  }
+  cb_unit_add(u, t->read_unregister_sql, 3, register_params);
+  return 1;
 }
 
 /* The first round trip of a listening await: register (so that writers
@@ -343,7 +347,7 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
     if (no_listen) add_reads(u, t, 0);
     else add_first_round(u, t, register_params, locked, lock_ms);
   }
-  int registered = 0, first_round = !no_listen && !req, done_index = -1, to_send = req != NULL;
+  int registered = 0, first_round = !no_listen && !req, unregistering = 0, to_send = req != NULL;
   int read_ran = 0, read_rc = CB_OK;
   for (int attempt = 0;; attempt++) {
     int found;
@@ -351,7 +355,6 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
       read_ran = 0;
       rc = read_rc;
       if (rc != CB_OK) break;
-      if (done_index >= 0 && cb_result_rows(cb_unit_result(u, done_index)) > 0) registered = 0;
       found = t->check(u, t, why, sizeof why);
     } else if (to_send) {
       to_send = 0;
@@ -370,9 +373,10 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
       }
       if (rc != CB_OK) break; /* rolled back: the registration is as it was */
       if (first_round) registered = 1;
-      if (done_index >= 0 && cb_result_rows(cb_unit_result(u, done_index)) > 0) registered = 0;
       found = t->check(u, t, why, sizeof why);
     }
+    /* The read that found the record done removed the registration. */
+    if (found == 1 && unregistering) registered = 0;
     if (found == CB_ENOTFOUND) {
       rc = cb_err_set(err, CB_ENOTFOUND, "unknown %s `%s`", t->what, t->id);
       break;
@@ -391,11 +395,12 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
      * are gone: an idle waiter holds little memory. */
     cb_unit_reset(u);
     first_round = 0;
-    done_index = -1;
+    unregistering = 0;
     if (!no_listen && !registered) {
-      /* Unregistered as done, then read as not done: the record left its
-       * final state between the two statements (an operator's retry).
-       * Registered again at once, the gap closed as at the start. */
+      /* Waiting unregistered: registered again at once, the gap closed as
+       * at the start. The reads above never leave a waiter so (the read
+       * that removes the registration is the one that returns; it was two
+       * statements, and a retry between them could); kept for safety. */
       first_round = 1;
       add_first_round(u, t, register_params, locked, lock_ms);
       registered_until = now_seconds() + lasts;
@@ -408,8 +413,8 @@ static int await_target(cb_runtime *rt, const target *t, double timeout, int fla
                   4, register_params);
       registered_until = now_seconds() + lasts;
     }
-    if (registered) done_index = add_unregister_if_done(u, t, register_params);
-    add_reads(u, t, 0);
+    if (registered) unregistering = add_reads_unregistering(u, t, register_params);
+    else add_reads(u, t, 0);
     /* Listening, every writer's change reaches us (the command and process
      * tables' triggers notify awaiters, core/sql/003, 004 and 009): polling is
      * only a safety net. Otherwise re-reads back off from 25 ms to 1 s. */
@@ -446,10 +451,12 @@ static void command_target(target *t) {
   t->sql[t->nsql++] = READ_COMMAND;
   t->lock_sql = READ_COMMAND " FOR SHARE";
   t->check = check_command;
-  t->unregister_done_sql =
-      "DELETE FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = $2::uuid AND a.waiter = $3::uuid"
-      " AND EXISTS (SELECT 1 FROM commandbus.command c WHERE c.domain = $1"
-      " AND c.command_id = $2::uuid AND c.status IN " COMMAND_DONE_SQL ") RETURNING 1 AS unregistered";
+  /* A statement's sub-statements share its snapshot: the delete's status
+   * and the read's agree. */
+  t->read_unregister_sql =
+      "WITH unregistered AS (DELETE FROM commandbus.awaiter a WHERE a.domain = $1 AND a.id = $2::uuid"
+      " AND a.waiter = $3::uuid AND EXISTS (SELECT 1 FROM commandbus.command c WHERE c.domain = $1"
+      " AND c.command_id = $2::uuid AND c.status IN " COMMAND_DONE_SQL ")) " READ_COMMAND;
 }
 
 int cb_await_command(cb_runtime *rt, const char *domain, const char *command_id, double timeout, int flags,
