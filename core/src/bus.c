@@ -497,8 +497,19 @@ int cb_bus_add_send(cb_runtime *rt, cb_unit *u, const char *domain, const cb_com
   return add_send(rt, u, domain, specs, n, delay, results, options, NULL, 0, 0, err);
 }
 
-/* Reads row `row` of a send statement's result into *res. */
+/* Reads the row of a send statement's result for the command at `row` of
+ * the statement's commands (from 0) into *res. send_fresh_sql's result,
+ * read from its CTE unsorted, names each row's place (ord, from 1): the row
+ * is found by it (in practice the row at that place). */
 static void read_send_row(const cb_result *r, int row, cb_send_result *res) {
+  if (cb_result_columns(r) == 2 && strcmp(cb_result_column_name(r, 0), "ord") == 0 &&
+      cb_result_int(r, row, 0) != row + 1) {
+    for (int i = 0; i < cb_result_rows(r); i++)
+      if (cb_result_int(r, i, 0) == row + 1) {
+        row = i;
+        break;
+      }
+  }
   int holders = cb_result_columns(r) > 2; /* a send with dedup keys */
   res->msg_id = cb_result_int(r, row, 1);
   res->duplicate = res->msg_id == 0;
