@@ -58,6 +58,24 @@ static int64_t count_status(cb_runtime *rt, const char *domain, const char *stat
   return n;
 }
 
+/* Waits (up to 15 s) until `n` of the domain's commands are COMPLETED. */
+static void wait_completed(cb_runtime *rt, const char *domain, int64_t n) {
+  for (int i = 0; count_status(rt, domain, "COMPLETED") < n; i++) {
+    assert_true(i < 300);
+    usleep(50 * 1000);
+  }
+}
+
+/* Drops the domain's command queue, the test's last step before its
+ * runtime goes. */
+static void drop_commands_queue(cb_runtime *rt, const char *domain) {
+  char queue[CB_QUEUE_NAME_MAX + 1];
+  int existed;
+  cb_err err;
+  cb_command_queue_name(domain, queue);
+  cb_queue_drop(rt, queue, &existed, &err);
+}
+
 static void send_many(cb_runtime *rt, const char *domain, const char *type, int n, const char *reply_to) {
   cb_command_spec *specs = calloc((size_t)n, sizeof *specs);
   cb_send_result *results = calloc((size_t)n, sizeof *results);
@@ -172,10 +190,7 @@ static void stop_lets_running_handlers_finish_and_acknowledges_them(void **state
                        count_status(rt, domain, "COMPLETED"),
                    6);
   cb_worker_free(w);
-  char queue[80];
-  snprintf(queue, sizeof queue, "%s__commands", domain);
-  int existed;
-  cb_queue_drop(rt, queue, &existed, &err);
+  drop_commands_queue(rt, domain);
   cb_runtime_free(rt);
 }
 
@@ -224,10 +239,7 @@ static void a_worker_stopped_before_it_started_ends_at_once(void **state) {
     assert_int_equal(stat.lanes, 2);
     cb_worker_free(w);
   }
-  char queue[80];
-  snprintf(queue, sizeof queue, "%s__commands", domain);
-  int existed;
-  cb_queue_drop(rt, queue, &existed, &err);
+  drop_commands_queue(rt, domain);
   cb_runtime_free(rt);
 }
 
@@ -327,10 +339,7 @@ static void a_receive_leaves_a_message_whose_command_is_being_acknowledged(void 
   test_worker tw;
   cb_worker *w = start_worker(rt, domain, 2, 0, &tw);
   /* Well within the statement timeout (25 s) a waiting receive would end at. */
-  for (int i = 0; count_status(rt, domain, "COMPLETED") < 1; i++) {
-    assert_true(i < 300); /* 15 s */
-    usleep(50 * 1000);
-  }
+  wait_completed(rt, domain, 1);
 
   exec_or_fail(gate, "SELECT pg_advisory_unlock($1::bigint)", 1, kp);
   pthread_join(holder, NULL);
@@ -498,10 +507,7 @@ static void both_receive_statements_receive_alike(void **state) {
                      5);
     snprintf(sql, sizeof sql, "SELECT count(*) FROM %s WHERE read_ct = 1 AND vt < now()", table);
     assert_int_equal(count_of(rt, sql, NULL), 1);
-    char queue[CB_QUEUE_NAME_MAX + 1];
-    int existed;
-    cb_command_queue_name(domain, queue);
-    cb_queue_drop(rt, queue, &existed, &err);
+    drop_commands_queue(rt, domain);
   }
   /* Priorities, each command's attempt; the poison rows after them (priority 0, by msg_id). */
   assert_string_equal(result[1],
@@ -552,10 +558,7 @@ static void the_lean_receive_takes_nothing_from_a_domain_with_limits(void **stat
   assert_false(cb_result_is_null(r, 0, 0));
   cb_unit_free(u);
   assert_int_equal(count_status(rt, domain, "IN_PROGRESS"), 3);
-  char queue[CB_QUEUE_NAME_MAX + 1];
-  int existed;
-  cb_command_queue_name(domain, queue);
-  cb_queue_drop(rt, queue, &existed, &err);
+  drop_commands_queue(rt, domain);
   cb_runtime_free(rt);
 }
 
@@ -570,17 +573,11 @@ static void a_limit_set_while_the_worker_runs_holds(void **state) {
   send_many(rt, domain, "Ok", 1, NULL);
   test_worker tw;
   cb_worker *w = start_worker(rt, domain, 2, 0, &tw);
-  for (int i = 0; count_status(rt, domain, "COMPLETED") < 1; i++) {
-    assert_true(i < 300); /* 15 s */
-    usleep(50 * 1000);
-  }
+  wait_completed(rt, domain, 1);
   /* It fetched and found no limits (and polls every 50 ms meanwhile). */
   assert_int_equal(cb_limits_set(rt, domain, "Ok", 2, 0, &err), CB_OK);
   send_many(rt, domain, "Ok", 6, NULL);
-  for (int i = 0; count_status(rt, domain, "COMPLETED") < 7; i++) {
-    assert_true(i < 300);
-    usleep(50 * 1000);
-  }
+  wait_completed(rt, domain, 7);
   stop_worker(&tw);
   cb_worker_free(w);
   /* The six after the limit: at most two a second. */
@@ -592,10 +589,7 @@ static void a_limit_set_while_the_worker_runs_holds(void **state) {
                             " GROUP BY date_trunc('second', a.ts)) x",
                             domain),
                    2);
-  char queue[CB_QUEUE_NAME_MAX + 1];
-  int existed;
-  cb_command_queue_name(domain, queue);
-  cb_queue_drop(rt, queue, &existed, &err);
+  drop_commands_queue(rt, domain);
   cb_runtime_free(rt);
 }
 
@@ -634,10 +628,7 @@ static void the_worker_statements_are_not_planned_at_each_execution(void **state
   assert_true(count_of(rt, sql, NULL) >= 1);
   snprintf(sql, sizeof sql, "%s AND custom_plans > 0", receives);
   assert_int_equal(count_of(rt, sql, NULL), 0);
-  char queue[CB_QUEUE_NAME_MAX + 1];
-  int existed;
-  cb_command_queue_name(domain, queue);
-  cb_queue_drop(rt, queue, &existed, &err);
+  drop_commands_queue(rt, domain);
   cb_runtime_free(rt);
 }
 
