@@ -259,6 +259,20 @@ describe("worker", function()
       work_until_settled({id}, {handlers = {Echo = function() return {} end}})
       assert.equal("NO_HANDLER", assert(bus:get_command(domain, id)).last_error_code)
     end)
+
+    it("does the same for a long type whose text would be cut inside a character", function()
+      -- The message quotes the type; cut at a fixed size in the middle of a
+      -- two-byte character, it was not UTF-8, PostgreSQL refused the
+      -- acknowledgement, and the command came back after every visibility
+      -- timeout instead of reaching the TSQ.
+      local type = string.rep("x", 225) .. string.rep("\195\169", 20) -- é
+      local id = send{type = type}
+      work_until_settled({id}, {handlers = {Echo = function() return {} end}}, 5)
+      local c = assert(bus:get_command(domain, id))
+      assert.equal("IN_TROUBLESHOOTING_QUEUE", c.status)
+      assert.equal("NO_HANDLER", c.last_error_code)
+      assert.matches("^no handler for command type `x+", c.last_error_msg)
+    end)
   end)
 
   describe("with poison messages", function()
