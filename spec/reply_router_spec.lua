@@ -183,6 +183,33 @@ describe("reply router", function()
     assert.equal(2, health.rejected)
   end)
 
+  it("fails a compensation answered FAILED whose error_message is JSON null", function()
+    -- A peer's reply may carry its text fields as null. decide() joined the
+    -- reply's error_message into the failure's text, and null (cjson.null)
+    -- cannot be joined: the hook raised, the reply came back after every
+    -- visibility timeout, and the process stayed COMPENSATING.
+    local id = assert(order:start(bus, {order = 1}))
+    local command_id = assert(bus:process_audit(domain, id))[1].command_id
+    helper.sql(("UPDATE commandbus.process SET status = 'COMPENSATING', state = state ||"
+      .. " '{\"_compensating\": [], \"_failure\": {\"code\": \"DECLINED\", \"message\": \"card declined\"}}'"
+      .. " WHERE process_id = '%s'"):format(id))
+    local replies = assert(bus:queue(domain .. "__process_replies"))
+    assert(replies:create())
+    local null = require("cjson").null
+    assert(replies:send({command_id = command_id, correlation_id = id, outcome = "FAILED", error_code = null,
+                         error_message = null, reason = null}))
+    local router = assert(bus:reply_router{domain = domain, managers = {Order = order}, poll_interval = 0.05})
+    local deadline = helper.clock() + 5
+    router:run{tick_interval = 0.05, tick = function()
+      return assert(bus:get_process(domain, id)).status == "COMPENSATING" and helper.clock() < deadline
+    end}
+    router:close()
+    local p = assert(bus:get_process(domain, id))
+    assert.equal("FAILED", p.status)
+    assert.equal("COMPENSATION_FAILED", p.error_code)
+    assert.equal("a compensation step failed (while undoing: card declined)", p.error_message)
+  end)
+
   it("archives a reply for a process type with no manager", function()
     local id = assert(order:start(bus, {order = 1}))
     local health = settle(bus, domain, {managers = {Other = saga.Order}})
