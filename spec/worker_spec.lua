@@ -503,6 +503,35 @@ describe("worker", function()
       assert.equal(1, c.attempts)
     end)
 
+    it("a handler that extends its visibility does not make the worker take more than its lanes can run", function()
+      -- The worker sizes what it takes by the handlers' measured time. That
+      -- time was read from the stuck clock, which extend_visibility moves
+      -- forward: past the visibility timeout it came out negative, the worker
+      -- took all it could, and commands that waited in the lane for most of
+      -- the visibility timeout were let go for redelivery, each costing an
+      -- attempt.
+      local ids = {}
+      for i = 1, 30 do ids[i] = send{type = "Extends"} end
+      local worker, met = world.work(bus, domain, world.settled(bus, domain, ids), {
+        visibility_timeout = 2,
+        statement_timeout = 1,
+        handlers = {
+          Extends = function(_, ctx)
+            assert(ctx:extend_visibility(60))
+            world.sleep(0.15)
+            return {}
+          end,
+        },
+      }, 30)
+      assert.is_true(met, "the commands did not settle in time")
+      for _, id in ipairs(ids) do
+        local c = assert(bus:get_command(domain, id))
+        assert.equal("COMPLETED", c.status)
+        assert.equal(1, c.attempts)
+      end
+      assert.equal(30, worker:health().successes)
+    end)
+
     it("a handler's context kept past its return raises when used, and the command is a plain table", function()
       local corr = world.uuid()
       local id = send{type = "Keep", data = {n = 1}, correlation_id = corr}
