@@ -183,6 +183,33 @@ describe("reply router", function()
     assert.equal(2, health.rejected)
   end)
 
+  it("fails a compensation answered FAILED whose error_message is JSON null", function()
+    -- A peer's reply may carry its text fields as null. decide() joined the
+    -- reply's error_message into the failure's text, and null (cjson.null)
+    -- cannot be joined: the hook raised, the reply came back after every
+    -- visibility timeout, and the process stayed COMPENSATING.
+    local id = assert(order:start(bus, {order = 1}))
+    local command_id = assert(bus:process_audit(domain, id))[1].command_id
+    helper.sql(("UPDATE commandbus.process SET status = 'COMPENSATING', state = state ||"
+      .. " '{\"_compensating\": [], \"_failure\": {\"code\": \"DECLINED\", \"message\": \"card declined\"}}'"
+      .. " WHERE process_id = '%s'"):format(id))
+    local replies = assert(bus:queue(domain .. "__process_replies"))
+    assert(replies:create())
+    local null = require("cjson").null
+    assert(replies:send({command_id = command_id, correlation_id = id, outcome = "FAILED", error_code = null,
+                         error_message = null, reason = null}))
+    local router = assert(bus:reply_router{domain = domain, managers = {Order = order}, poll_interval = 0.05})
+    local deadline = helper.clock() + 5
+    router:run{tick_interval = 0.05, tick = function()
+      return assert(bus:get_process(domain, id)).status == "COMPENSATING" and helper.clock() < deadline
+    end}
+    router:close()
+    local p = assert(bus:get_process(domain, id))
+    assert.equal("FAILED", p.status)
+    assert.equal("COMPENSATION_FAILED", p.error_code)
+    assert.equal("a compensation step failed (while undoing: card declined)", p.error_message)
+  end)
+
   it("archives a reply for a process type with no manager", function()
     local id = assert(order:start(bus, {order = 1}))
     local health = settle(bus, domain, {managers = {Other = saga.Order}})
@@ -209,6 +236,34 @@ describe("reply router", function()
     assert.equal("WAITING", assert(bus:get_process(domain, id)).status)
     -- The reply is still there, hidden until its visibility timeout passes.
     assert.equal(1, assert(bus:queue(domain .. "__process_replies"):metrics()).queue_length)
+  end)
+
+  it("leaves the reply for redelivery when the next step's data cannot be encoded", function()
+    -- The next step's command went out with data {} in place of what
+    -- build_command returned, and the process moved on as if it were right.
+    local broken = {}
+    for k, v in pairs(saga.Order) do broken[k] = v end
+    broken.build_command = function(step) return {type = "Charge", data = {blob = "\255", step = step}} end
+    local manager = setmetatable(broken, getmetatable(saga.Order))
+    local id = assert(order:start(bus, {order = 1}))
+    local commands = assert(bus:queue(domain .. "__commands"))
+    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", poll_interval = 0.05})
+    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
+    worker:close()
+    local router
+    router = assert(bus:reply_router{domain = domain, managers = {Order = manager}, poll_interval = 0.05})
+    router:run{tick_interval = 0.05, tick = function()
+      local h = router:health()
+      return h.failures < 1 and h.applied < 1
+    end}
+    local health = router:health()
+    router:close()
+    assert.equal(0, health.applied)
+    assert.is_true(health.failures >= 1)
+    local p = assert(bus:get_process(domain, id))
+    assert.equal("WAITING", p.status)
+    assert.equal("reserve", p.current_step)
+    assert.equal(0, assert(commands:metrics()).queue_length) -- no Charge command went out
   end)
 
   it("checks run() and start() as a worker does, and reports its health alike", function()

@@ -259,6 +259,20 @@ describe("worker", function()
       work_until_settled({id}, {handlers = {Echo = function() return {} end}})
       assert.equal("NO_HANDLER", assert(bus:get_command(domain, id)).last_error_code)
     end)
+
+    it("does the same for a long type whose text would be cut inside a character", function()
+      -- The message quotes the type; cut at a fixed size in the middle of a
+      -- two-byte character, it was not UTF-8, PostgreSQL refused the
+      -- acknowledgement, and the command came back after every visibility
+      -- timeout instead of reaching the TSQ.
+      local type = string.rep("x", 225) .. string.rep("\195\169", 20) -- é
+      local id = send{type = type}
+      work_until_settled({id}, {handlers = {Echo = function() return {} end}}, 5)
+      local c = assert(bus:get_command(domain, id))
+      assert.equal("IN_TROUBLESHOOTING_QUEUE", c.status)
+      assert.equal("NO_HANDLER", c.last_error_code)
+      assert.matches("^no handler for command type `x+", c.last_error_msg)
+    end)
   end)
 
   describe("with poison messages", function()
@@ -487,6 +501,35 @@ describe("worker", function()
       local c = assert(bus:get_command(domain, id))
       assert.equal("COMPLETED", c.status)
       assert.equal(1, c.attempts)
+    end)
+
+    it("a handler that extends its visibility does not make the worker take more than its lanes can run", function()
+      -- The worker sizes what it takes by the handlers' measured time. That
+      -- time was read from the stuck clock, which extend_visibility moves
+      -- forward: past the visibility timeout it came out negative, the worker
+      -- took all it could, and commands that waited in the lane for most of
+      -- the visibility timeout were let go for redelivery, each costing an
+      -- attempt.
+      local ids = {}
+      for i = 1, 30 do ids[i] = send{type = "Extends"} end
+      local worker, met = world.work(bus, domain, world.settled(bus, domain, ids), {
+        visibility_timeout = 2,
+        statement_timeout = 1,
+        handlers = {
+          Extends = function(_, ctx)
+            assert(ctx:extend_visibility(60))
+            world.sleep(0.15)
+            return {}
+          end,
+        },
+      }, 30)
+      assert.is_true(met, "the commands did not settle in time")
+      for _, id in ipairs(ids) do
+        local c = assert(bus:get_command(domain, id))
+        assert.equal("COMPLETED", c.status)
+        assert.equal(1, c.attempts)
+      end
+      assert.equal(30, worker:health().successes)
     end)
 
     it("a handler's context kept past its return raises when used, and the command is a plain table", function()

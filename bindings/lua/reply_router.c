@@ -112,7 +112,15 @@ static int decide_reply(lua_State *L, int managers, int decide, int anchor, int 
     decision->next_type = anchored_field(L, cmd, "type", anchor, slot);
     lua_getfield(L, cmd, "data");
     decision->next_data_json = anchored_json(L, -1, "{}", anchor, slot);
-    if (decision->next_data_json == NULL) decision->next_data_json = "{}";
+    if (decision->next_data_json == NULL) { /* never sent as {} in its place */
+      cb_log(CB_LOG_WARN,
+             "reply router %s: the data of the command for step %s of process %s cannot be encoded: %s; the "
+             "reply comes back later",
+             domain_of(r), decision->step ? decision->step : "?", reply->process_id, lua_tostring(L, -1));
+      cb_reply_router_release(r, reply);
+      lua_settop(L, top);
+      return 0;
+    }
   }
   lua_settop(L, top);
   return 1;

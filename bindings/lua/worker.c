@@ -145,8 +145,9 @@ static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work)
   lua_pushcfunction(L, traceback);
   lua_getfield(L, handlers, work->command_type);
   if (!lua_isfunction(L, -1)) {
-    char msg[256];
-    snprintf(msg, sizeof msg, "no handler for command type `%s`", work->command_type);
+    /* Whole: the type is UTF-8 from the database, and a cut at a fixed size
+     * could split a character, which PostgreSQL refuses to store. */
+    const char *msg = lua_pushfstring(L, "no handler for command type `%s`", work->command_type);
     cb_work_fail(work, CB_OUTCOME_PERMANENT, "NO_HANDLER", msg, NULL);
     cb_log(CB_LOG_WARN, "worker %s: %s (command %s goes to the troubleshooting queue)",
            cb_engine_domain(cb_worker_engine(w)), msg, work->command_id);

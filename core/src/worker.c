@@ -262,7 +262,7 @@ int cb_worker_take(cb_worker *w, int lane, cb_work **works, int max, int timeout
            work->command_id, now - work->started_at);
   if (!abandon) {
     work->lane = lane;
-    work->started_at = now;
+    work->started_at = work->handler_started_at = now;
     w->current[lane] = work;
   }
   pthread_mutex_unlock(&w->engine.lock);
@@ -280,7 +280,7 @@ static void count_outcome(cb_worker *w, const cb_work *work) {
   if (work->outcome == CB_OUTCOME_NONE) return;
   if (w->current[work->lane] == work) w->current[work->lane] = NULL;
   double now = cb__worker_now();
-  double took = now - work->started_at;
+  double took = now - work->handler_started_at; /* started_at is the stuck clock, which extensions move */
   w->avg_handler_s = w->avg_handler_s == 0 ? took : 0.9 * w->avg_handler_s + 0.1 * took;
   if (w->avg_handler_s < 1e-6) w->avg_handler_s = 1e-6;
   if (work->outcome == CB_OUTCOME_SUCCESS) {

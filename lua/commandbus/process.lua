@@ -147,6 +147,11 @@ function manager_mt:start(bus, initial_state, options)
   return process_id
 end
 
+local function text(value)
+  if type(value) == "string" then return value end
+  return nil
+end
+
 --- What a reply means for its process: the reply router's lanes call this.
 -- p: {status=, step= (the step the reply answers), state=, completed_steps=
 -- {steps answered SUCCESS, in order}}; reply: the reply message.
@@ -161,6 +166,8 @@ end
 function M.decide(manager, p, reply)
   local state = p.state or {}
   local step = p.step
+  -- A reply's text fields, when they are text: a peer may send null (cjson.null).
+  local error_code, error_message, reason = text(reply.error_code), text(reply.error_message), text(reply.reason)
   local function compensate(remaining, final_status, failure)
     while #remaining > 0 do
       local done = table.remove(remaining, 1)
@@ -180,7 +187,7 @@ function M.decide(manager, p, reply)
     if reply.outcome ~= "SUCCESS" then
       state._compensating, state._failure = nil, nil
       return {status = "FAILED", step = step, state = state, error_code = "COMPENSATION_FAILED",
-              error_message = (reply.error_message or reply.reason or "a compensation step failed")
+              error_message = (error_message or reason or "a compensation step failed")
                               .. " (while undoing: " .. tostring(failure.message) .. ")"}
     end
     return compensate(state._compensating or {}, "COMPENSATED", failure)
@@ -194,8 +201,8 @@ function M.decide(manager, p, reply)
     return {status = "COMPLETED", step = step, state = state}
   end
   local canceled = reply.outcome == "CANCELED"
-  local failure = {code = reply.error_code or (canceled and "CANCELED" or "FAILED"),
-                   message = reply.error_message or reply.reason or (canceled and "the step was canceled")
+  local failure = {code = error_code or (canceled and "CANCELED" or "FAILED"),
+                   message = error_message or reason or (canceled and "the step was canceled")
                              or "the step failed"}
   local undo = {}
   local completed = p.completed_steps or {}

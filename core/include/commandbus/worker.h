@@ -69,7 +69,8 @@ typedef struct cb_work {
   /* Worker-private. */
   struct cb_work *next;
   int lane;
-  double started_at;
+  double started_at;         /* received, then the handler's start; the stuck clock (extend_visibility moves it) */
+  double handler_started_at; /* the handler's start, for its measured time */
   int stuck_reported;
   int reply_dropped; /* acknowledged without its reply after a failure */
   int *held;         /* the worker's count of works alive, less one when this is freed */
