@@ -31,6 +31,33 @@ describe("send", function()
     assert.is_nil(c.last_error_code)
   end)
 
+  it("takes a command's fields through its metatable, each string alive for the whole call", function()
+    -- A command table whose __index makes its fields (a class-like object):
+    -- the strings it hands out are referenced by nothing else, and the
+    -- collector running while the call reads the rest must not free them.
+    local function command(i)
+      return setmetatable({}, {__index = function(_, k)
+        if k == "type" then return ("Type%d_"):format(i) .. ("x"):rep(40) end
+        if k == "domain" then return domain end
+        if k == "data" then
+          collectgarbage("collect")
+          local fresh = {}
+          for j = 1, 200 do fresh[j] = ("other%d_"):format(j) .. ("y"):rep(40) end
+          return {i = i, n = #fresh}
+        end
+      end})
+    end
+    local function type_of(id) return assert(bus:get_command(domain, id)).type end
+    local one = assert(bus:send(command(0)))
+    assert.equal("Type0_" .. ("x"):rep(40), type_of(one.command_id))
+    local list = {}
+    for i = 1, 20 do list[i] = command(i) end
+    local many = assert(bus:send_batch{domain = domain, commands = list})
+    for i, r in ipairs(many) do assert.equal(("Type%d_"):format(i) .. ("x"):rep(40), type_of(r.command_id)) end
+    local batch = assert(bus:create_batch{domain = domain, name = "metatables", commands = {command(1), command(2)}})
+    assert.equal("Type2_" .. ("x"):rep(40), type_of(batch.commands[2].command_id))
+  end)
+
   it("queues a message in rcmd's format, without reply_to when none was given", function()
     local sent = assert(bus:send{domain = domain, type = "Echo", data = {order = 7, items = {"a"}}})
     local msgs = assert(assert(bus:queue(commands)):read{vt = 300, qty = 10})

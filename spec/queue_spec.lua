@@ -144,6 +144,19 @@ describe("queue", function()
     assert.is_true(woke_at - sent_at < 1, "woke " .. (woke_at - sent_at) .. " s after the send")
   end)
 
+  it("reads a message lua-cjson cannot decode (nested past its depth) as its JSON text", function()
+    -- Another producer (SQL, Python) may store JSON nested deeper than
+    -- lua-cjson's decoder goes (1000 levels); PostgreSQL takes it.
+    local text = '{"a": ' .. ("["):rep(1200) .. ("]"):rep(1200) .. '}'
+    helper.sql(("INSERT INTO pgmq.q_%s (vt, message) VALUES (now(), '%s')"):format(name, text))
+    local id = assert(q:send({n = 2}))
+    local msgs = assert(q:read{qty = 5})
+    assert.equal(2, #msgs)
+    assert.equal(text, msgs[1].message) -- as PostgreSQL prints it
+    assert.equal(id, msgs[2].msg_id)
+    assert.same({n = 2}, msgs[2].message)
+  end)
+
   it("read_with_poll returns an empty list after max_wait when nothing comes", function()
     local msgs = assert(q:read_with_poll{max_wait = 0.3, poll_interval = 0.1})
     assert.same({}, msgs)

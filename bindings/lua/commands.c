@@ -114,11 +114,38 @@ static int number_key(lua_State *L, int idx, int keys, int k, const char *what, 
   return 1;
 }
 
+/* A table with a metatable may hand out, through __index, strings that
+ * nothing else references: popped from the stack, the collector may free
+ * them while the call still points at their text. When the table at idx
+ * has one, its fields `names` (NULL-terminated) are copied, read as the
+ * table gives them, into a plain table that takes its stack slot (and
+ * keeps them alive as long as that slot); returns 1 then. */
+static int plain_fields(lua_State *L, int idx, const char *const *names) {
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx)) return 0;
+  lua_pop(L, 1);
+  lua_newtable(L);
+  for (int k = 0; names[k]; k++) {
+    lua_getfield(L, idx, names[k]);
+    lua_setfield(L, -2, names[k]);
+  }
+  lua_replace(L, idx);
+  return 1;
+}
+
+static const char *const command_fields[] = {"type",      "id",           "correlation_id", "reply_to",  "batch_id",
+                                             "dedup_key", "max_attempts", "priority",       "dedup_for", "data",
+                                             NULL};
+
 static int read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command_spec *spec, const char *what,
                         int keys) {
   idx = lua_absindex(L, idx);
   memset(spec, 0, sizeof *spec);
   if (lua_type(L, idx) != LUA_TTABLE) spec_raise(L, what, i, ": table expected, got %s", luaL_typename(L, idx));
+  if (i > 0 && plain_fields(L, idx, command_fields)) { /* an item of a list: the copy is kept in the anchor */
+    lua_pushvalue(L, idx);
+    lua_rawseti(L, anchor_idx, -i);
+  }
   const char **strings[] = {
       [K_TYPE] = &spec->command_type, [K_ID] = &spec->command_id,     [K_CORRELATION_ID] = &spec->correlation_id,
       [K_REPLY_TO] = &spec->reply_to, [K_BATCH_ID] = &spec->batch_id, [K_DEDUP_KEY] = &spec->dedup_key};
@@ -248,6 +275,10 @@ static int send_fields(lua_State *L, const char **domain, double *delay) {
  * for it), and the bus's runtime; NULL with nil, err pushed when something
  * is wrong. The keys come from the calling function's upvalues. */
 static cb_runtime *one_command(lua_State *L, const char **domain, double *delay, cb_command_spec *spec) {
+  static const char *const fields[] = {"domain",    "delay",    "type",      "id",           "correlation_id",
+                                       "reply_to",  "batch_id", "dedup_key", "max_attempts", "priority",
+                                       "dedup_for", "data",     NULL};
+  plain_fields(L, 2, fields); /* anchored in the argument's slot */
   if (!send_fields(L, domain, delay)) return NULL;
   lua_pushnil(L);
   int anchor = lua_gettop(L);
@@ -303,6 +334,8 @@ typedef struct batch_call {
 static int send_batch(lua_State *L) {
   batch_call *call = lua_touserdata(L, 4);
   lua_settop(L, 3);
+  static const char *const fields[] = {"domain", "delay", "commands", NULL};
+  plain_fields(L, 2, fields);
   const char *domain;
   double delay;
   if (!send_fields(L, &domain, &delay)) return 2;
@@ -440,6 +473,8 @@ static int l_audit(lua_State *L) {
 static int l_create_batch(lua_State *L) {
   cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
+  static const char *const fields[] = {"domain", "name", "custom_data", "commands", NULL};
+  plain_fields(L, 2, fields);
   const char *domain, *name, *custom;
   if (!cbL_field_text(L, 2, "domain", &domain) || !cbL_opt_text(L, 2, "name", NULL, &name)) return 2;
   size_t n = commands_field(L);

@@ -175,8 +175,10 @@ static int l_send_batch(lua_State *L) {
   return 1;
 }
 
-/* Pushes a list of message tables; returns 1, or 2 (nil, err) when a stored
- * message is not valid JSON (it cannot be: PostgreSQL validated it). */
+/* Pushes a list of message tables; returns 1. A stored message is valid
+ * JSON (PostgreSQL validated it), but one that lua-cjson cannot decode
+ * (nested deeper than its 1000 levels) is its JSON text, as a record's JSON
+ * column is (rows.c). */
 static int push_messages(lua_State *L, cb_messages *m) {
   lua_createtable(L, (int)m->count, 0);
   for (size_t i = 0; i < m->count; i++) {
@@ -191,7 +193,10 @@ static int push_messages(lua_State *L, cb_messages *m) {
     lua_pushstring(L, msg->vt);
     lua_setfield(L, -2, "vt");
     if (msg->message) {
-      if (!cbL_json_decode(L, msg->message)) lua_pushnil(L);
+      if (!cbL_json_decode(L, msg->message)) {
+        lua_pop(L, 1); /* the decoder's error */
+        lua_pushstring(L, msg->message);
+      }
       lua_setfield(L, -2, "message");
     }
     lua_rawseti(L, -2, (int)i + 1);
