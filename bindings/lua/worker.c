@@ -141,6 +141,16 @@ static void classify_error(lua_State *L, cb_work *work) {
   lua_settop(L, idx);
 }
 
+/* classify_error under lua_pcall, with the error value at 1 and the work at
+ * 2: reading the value may raise (an object whose __index or __tostring
+ * raises), and on a lane's thread nothing catches that but a panic. */
+static int classify_protected(lua_State *L) {
+  cb_work *work = lua_touserdata(L, 2);
+  lua_settop(L, 1);
+  classify_error(L, work);
+  return 0;
+}
+
 /* Runs the handler for work from the handlers table at index `handlers` and
  * sets the outcome. Leaves the stack as it found it. */
 static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work) {
@@ -180,7 +190,14 @@ static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work)
   }
   lua_pushvalue(L, top + 2);
   if (lua_pcall(L, 2, 1, top + 1) != 0) {
-    classify_error(L, work);
+    lua_pushcfunction(L, classify_protected);
+    lua_insert(L, -2);
+    lua_pushlightuserdata(L, work);
+    if (lua_pcall(L, 2, 0, 0) != 0) { /* classify_error sets no outcome before it has read everything */
+      lua_pushfstring(L, "the handler raised an error value that cannot be read: %s",
+                      lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1));
+      cb_work_fail(work, CB_OUTCOME_TRANSIENT, "HANDLER_ERROR", cbL_storable_text(L, -1), NULL);
+    }
   } else if (lua_isnil(L, -1)) {
     cb_work_succeed(work, NULL);
   } else if (cbL_json_encode(L, -1)) {
