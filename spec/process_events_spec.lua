@@ -222,6 +222,21 @@ describe("the process event sink", function()
     assert(order:start(bus, {order = 2}))
     assert.equal(0, bus:dispatch_process_events())
   end)
+
+  it("goes on when the sink raises a value that cannot be turned into text", function()
+    -- The log line's tostring() of it raised in turn, out of the dispatch
+    -- (out of a worker's run() between rounds), the events not yet handed
+    -- to the sink left unfreed.
+    local calls = 0
+    assert(bus:on_process_event(function()
+      calls = calls + 1
+      error(setmetatable({}, {__tostring = function() error("cannot say") end}))
+    end))
+    assert(order:start(bus, {order = 1}))
+    assert(order:start(bus, {order = 2}))
+    assert.equal(2, bus:dispatch_process_events())
+    assert.equal(2, calls)
+  end)
 end)
 
 describe("purge_processes", function()

@@ -207,6 +207,83 @@ describe("worker", function()
     end)
   end)
 
+  describe("with data lua-cjson cannot decode", function()
+    -- Another producer (rcmd, psql) may store data nested deeper than
+    -- lua-cjson's decoder goes (1000 levels); PostgreSQL takes it. The
+    -- handler used to run on {} in its place.
+    local deep = '{"a": ' .. ("["):rep(1200) .. ("]"):rep(1200) .. '}'
+
+    local function send_undecodable(type)
+      local id = send{type = type, data = {amount = 1}, reply_to = replies}
+      local msg_id = assert(bus:get_command(domain, id)).msg_id
+      helper.sql(("UPDATE pgmq.q_%s SET message = jsonb_set(message, '{data}', '%s') WHERE msg_id = %s"):format(
+        commands, deep, msg_id))
+      return id
+    end
+
+    local function expect_set_aside(id)
+      local c = assert(bus:get_command(domain, id))
+      assert.equal("IN_TROUBLESHOOTING_QUEUE", c.status)
+      assert.equal(1, c.attempts)
+      assert.equal("PERMANENT", c.last_error_type)
+      assert.equal("DATA_UNDECODABLE", c.last_error_code)
+      assert.matches("^the command's data cannot be decoded: .*nested", c.last_error_msg)
+      assert.same({"SENT", "RECEIVED", "MOVED_TO_TSQ"}, world.events(bus, domain, id))
+      assert.equal("DATA_UNDECODABLE", world.details(bus, domain, id, "MOVED_TO_TSQ")[1].error_code)
+      assert.equal(0, world.queue_length(bus, commands))
+      assert.same({}, world.drain_queue(bus, replies))
+    end
+
+    it("moves the command to the TSQ with code DATA_UNDECODABLE, the handler not run", function()
+      local id = send_undecodable("Echo")
+      local ok = send{type = "Echo", data = {amount = 2}}
+      work_until_settled({id, ok})
+      expect_set_aside(id)
+      assert.equal("COMPLETED", assert(bus:get_command(domain, ok)).status) -- the worker went on
+    end)
+
+    it("does the same for table-mode handlers", function()
+      local ran = 0
+      local id = send_undecodable("Count")
+      work_until_settled({id}, {handlers = {Count = function() ran = ran + 1 end}})
+      expect_set_aside(id)
+      assert.equal(0, ran)
+    end)
+  end)
+
+  describe("with an error value that raises when it is read", function()
+    -- A handler may raise an object whose metatable raises on a read (a
+    -- strict object's __index, a failing __tostring). The worker read it
+    -- outside any protected call: a lane's Lua state panicked and the
+    -- worker process aborted, its command left IN_PROGRESS.
+    local function expect_handler_error(id)
+      local c = assert(bus:get_command(domain, id))
+      assert.equal("IN_TROUBLESHOOTING_QUEUE", c.status)
+      assert.equal("TRANSIENT", c.last_error_type)
+      assert.equal("HANDLER_ERROR", c.last_error_code)
+      assert.matches("^the handler raised an error value that cannot be read: .*", c.last_error_msg)
+    end
+
+    for _, type in ipairs{"StrictError", "BadTostring"} do
+      it("records a transient HANDLER_ERROR (" .. type .. "), the worker process still running", function()
+        local id = send{type = type, max_attempts = 1}
+        local ok_id = send{type = "Echo"}
+        local lua = os.getenv("COMMANDBUS_LUA") or "lua5.4"
+        -- In its own process, which runs until nothing of the domain is open.
+        os.execute(("timeout 60 %s spec/support/worker_process.lua %s 1 10 >/dev/null 2>&1"):format(lua, domain))
+        expect_handler_error(id)
+        assert.equal("COMPLETED", assert(bus:get_command(domain, ok_id)).status)
+      end)
+    end
+
+    it("does the same for table-mode handlers", function()
+      local strict = {__index = function(_, k) error("no field " .. tostring(k)) end}
+      local id = send{type = "Strict", max_attempts = 1}
+      work_until_settled({id}, {handlers = {Strict = function() error(setmetatable({}, strict)) end}})
+      expect_handler_error(id)
+    end)
+  end)
+
   describe("on a business-rule failure", function()
     it("ends FAILED, archives the message and replies FAILED with code, message and details", function()
       local corr = world.uuid()

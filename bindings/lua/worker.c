@@ -70,14 +70,16 @@ static void set_string(lua_State *L, const char *k, const char *v) {
 /* The command table a handler gets. Sized for exactly its fields: a hash
  * part holds a power of two, so the hint of all nine (16 slots) would
  * double the table's allocation whenever one of the three optional fields
- * is absent, which for most commands one is (reply_to). */
-static void push_command(lua_State *L, const cb_work *work) {
+ * is absent, which for most commands one is (reply_to). Returns 0, with the
+ * decoder's error in the table's place, when lua-cjson cannot decode the
+ * data (another producer may store JSON nested deeper than it goes). */
+static int push_command(lua_State *L, const cb_work *work) {
   lua_createtable(L, 0, 6 + !!work->correlation_id + !!work->reply_to + !!work->batch_id);
   set_string(L, "id", work->command_id);
   set_string(L, "type", work->command_type);
   if (!cbL_json_decode(L, work->data_json)) {
-    lua_pop(L, 1);
-    lua_newtable(L);
+    lua_remove(L, -2);
+    return 0;
   }
   lua_setfield(L, -2, "data");
   lua_pushinteger(L, work->attempt);
@@ -89,6 +91,7 @@ static void push_command(lua_State *L, const cb_work *work) {
   set_string(L, "batch_id", work->batch_id);
   cbL_pushint64(L, work->msg_id);
   lua_setfield(L, -2, "msg_id");
+  return 1;
 }
 
 static int traceback(lua_State *L) {
@@ -138,6 +141,16 @@ static void classify_error(lua_State *L, cb_work *work) {
   lua_settop(L, idx);
 }
 
+/* classify_error under lua_pcall, with the error value at 1 and the work at
+ * 2: reading the value may raise (an object whose __index or __tostring
+ * raises), and on a lane's thread nothing catches that but a panic. */
+static int classify_protected(lua_State *L) {
+  cb_work *work = lua_touserdata(L, 2);
+  lua_settop(L, 1);
+  classify_error(L, work);
+  return 0;
+}
+
 /* Runs the handler for work from the handlers table at index `handlers` and
  * sets the outcome. Leaves the stack as it found it. */
 static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work) {
@@ -163,10 +176,28 @@ static void run_handler(lua_State *L, int handlers, cb_worker *w, cb_work *work)
   luaL_getmetatable(L, CTX_MT);
   lua_setmetatable(L, -2);
   lua_insert(L, -2); /* traceback, ctx, handler */
-  push_command(L, work);
+  if (!push_command(L, work)) {
+    /* Set aside: a handler run on other data than the command's could act
+     * on it. The decoder's message says why (nesting depth, position). */
+    lua_pushfstring(L, "the command's data cannot be decoded: %s", cbL_tostring(L, -1));
+    const char *msg = cbL_storable_text(L, -1);
+    cb_work_fail(work, CB_OUTCOME_PERMANENT, "DATA_UNDECODABLE", msg, NULL);
+    cb_log(CB_LOG_WARN, "worker %s: command %s: %s (it goes to the troubleshooting queue)",
+           cb_engine_domain(cb_worker_engine(w)), work->command_id, msg);
+    ctx->work = NULL;
+    lua_settop(L, top);
+    return;
+  }
   lua_pushvalue(L, top + 2);
   if (lua_pcall(L, 2, 1, top + 1) != 0) {
-    classify_error(L, work);
+    lua_pushcfunction(L, classify_protected);
+    lua_insert(L, -2);
+    lua_pushlightuserdata(L, work);
+    if (lua_pcall(L, 2, 0, 0) != 0) { /* classify_error sets no outcome before it has read everything */
+      lua_pushfstring(L, "the handler raised an error value that cannot be read: %s",
+                      lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1));
+      cb_work_fail(work, CB_OUTCOME_TRANSIENT, "HANDLER_ERROR", cbL_storable_text(L, -1), NULL);
+    }
   } else if (lua_isnil(L, -1)) {
     cb_work_succeed(work, NULL);
   } else if (cbL_json_encode(L, -1)) {

@@ -42,4 +42,15 @@ function handlers.Extend(cmd, ctx)
   return {extended = true}
 end
 
+-- Error objects that raise when read: a "strict" object whose metatable
+-- refuses unknown fields, and one whose __tostring fails. Neither may take
+-- the worker down; each counts as a transient HANDLER_ERROR.
+function handlers.StrictError()
+  error(setmetatable({}, {__index = function(_, k) error("no field " .. tostring(k)) end}))
+end
+
+function handlers.BadTostring()
+  error(setmetatable({}, {__tostring = function() error("cannot say") end}))
+end
+
 return handlers
