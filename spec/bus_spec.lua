@@ -1,5 +1,6 @@
 -- Sending commands and reading them back (docs/architecture.md, "Data
 -- contract": the command message, the tables, the SENT audit event).
+local commandbus = require "commandbus"
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 local cjson = require "cjson"
@@ -485,6 +486,85 @@ describe("send with bad input", function()
     refused{domain = domain, type = "Echo", id = "nope"}
     refused{domain = domain, type = "Echo", reply_to = "Bad"}
     assert.same({}, assert(bus:list_commands{domain = domain}))
+  end)
+end)
+
+-- An options table may be a proxy (a config object) whose __index makes the
+-- values it hands out: then nothing but the call holds those strings, and a
+-- collection while the call reads its other options must not free them.
+describe("options given through a metatable", function()
+  local bus, domain
+
+  before_each(function()
+    bus = world.bus()
+    domain = world.domain()
+  end)
+
+  after_each(function() bus:close() end)
+
+  -- Long text made anew at each call (referenced by nothing else until then).
+  local function text(prefix) return prefix .. "_" .. ("x"):rep(44) end
+
+  -- A table whose fields come from `fields` through __index (a function
+  -- there is called for a fresh string); reading field `last` collects
+  -- garbage first and makes strings of the same size, which take the memory
+  -- of anything freed.
+  local function proxy(fields, last)
+    return setmetatable({}, {__index = function(_, k)
+      if k == last then
+        collectgarbage("collect")
+        local fresh = {}
+        for j = 1, 200 do fresh[j] = ("other%03d_"):format(j) .. ("y"):rep(40) end
+      end
+      local v = fields[k]
+      if type(v) == "function" then return v() end
+      return v
+    end})
+  end
+
+  it("list_commands keeps every filter alive until the query is made", function()
+    assert(bus:send{domain = domain, type = text("Listed")})
+    local list = assert(bus:list_commands(proxy({domain = domain, type = function() return text("Listed") end},
+                                                "offset")))
+    assert.equal(1, #list)
+    assert.equal(text("Listed"), list[1].type)
+  end)
+
+  it("schedule keeps its name and type alive until the schedule is written", function()
+    local s = assert(bus:schedule(proxy({
+      name = function() return text(domain) end,
+      domain = domain,
+      type = function() return text("Tick") end,
+      every = 60,
+      data = {n = 1},
+    }, "data")))
+    assert.equal(text(domain), s.name)
+    assert.equal(text("Tick"), s.type)
+    assert(bus:unschedule(text(domain)))
+  end)
+
+  it("process_start keeps its type and step alive until the process is written", function()
+    local id = assert(bus:process_start(proxy({
+      domain = domain,
+      type = function() return text("Saga") end,
+      step = function() return text("step") end,
+      reply_to = domain .. "__process_replies",
+      state = {n = 1},
+      command = {type = "Reserve"},
+    }, "state")))
+    local p = assert(bus:get_process(domain, id))
+    assert.equal(text("Saga"), p.type)
+    assert.equal(text("step"), p.current_step)
+  end)
+
+  it("connect keeps application_name alive until the connections are made", function()
+    local name = function() return "app_" .. ("z"):rep(40) end
+    local b = assert(commandbus.connect(os.getenv("DATABASE_URL"),
+                                        proxy({application_name = name}, "notify_after_commit")))
+    assert(b:list_commands{domain = domain})
+    local seen = helper.sql(("SELECT count(*) FROM pg_stat_activity WHERE application_name = '%s'"):format(name()))
+    b:close()
+    assert.is_true(tonumber(seen:match("%d+")) > 0)
   end)
 end)
 
