@@ -489,6 +489,98 @@ describe("send with bad input", function()
   end)
 end)
 
+-- Command data is a JSON object by the contract shared with rcmd: a Lua list
+-- (or any table lua-cjson writes as an array) is refused at once, on every
+-- path that takes a command's data, and nothing is written.
+describe("command data that is not a JSON object", function()
+  local bus, domain
+
+  before_each(function()
+    bus = world.bus()
+    domain = world.domain()
+  end)
+
+  after_each(function() bus:close() end)
+
+  local lists = {{1, 2}, {"a"}, {[2] = "x"}, {{n = 1}}}
+
+  -- The error raised (under Lua 5.4 with the caller's position in front).
+  local function raised(message, err)
+    local text = tostring(err):gsub("^[^:]*:%d+: ", "")
+    assert.equal(message, text)
+  end
+
+  local function refused(call, message)
+    for _, data in ipairs(lists) do
+      local ok, err = pcall(call, data)
+      assert.is_false(ok)
+      raised(message, err)
+    end
+    assert.same({}, assert(bus:list_commands{domain = domain}))
+  end
+
+  it("send raises, naming the field", function()
+    refused(function(data) return bus:send{domain = domain, type = "Echo", data = data} end,
+            "bad command field 'data': JSON object expected, got a table that encodes as an array")
+  end)
+
+  it("request raises, naming the field", function()
+    refused(function(data) return bus:request{domain = domain, type = "Echo", data = data, timeout = 0} end,
+            "bad command field 'data': JSON object expected, got a table that encodes as an array")
+  end)
+
+  it("send_batch raises, naming the command's position, and writes none of the commands", function()
+    refused(function(data)
+      return bus:send_batch{domain = domain, commands = {{type = "Echo", data = {n = 1}}, {type = "Echo", data = data}}}
+    end, "bad command #2 field 'data': JSON object expected, got a table that encodes as an array")
+    -- Past the first piece of a streamed send (2,000 commands and more) too.
+    local many = {}
+    for i = 1, 3000 do many[i] = {type = "Echo", data = {i = i}} end
+    many[2900].data = {1, 2}
+    local ok, err = pcall(bus.send_batch, bus, {domain = domain, commands = many})
+    assert.is_false(ok)
+    raised("bad command #2900 field 'data': JSON object expected, got a table that encodes as an array", err)
+    assert.same({}, assert(bus:list_commands{domain = domain}))
+  end)
+
+  it("create_batch raises, naming the command's position", function()
+    refused(function(data)
+      return bus:create_batch{domain = domain, commands = {{type = "Echo"}, {type = "Echo", data = data}}}
+    end, "bad command #2 field 'data': JSON object expected, got a table that encodes as an array")
+    assert.same({}, assert(bus:list_batches{domain = domain}))
+  end)
+
+  it("process_start raises for the first step's command, and writes no process", function()
+    refused(function(data)
+      return bus:process_start{domain = domain, type = "Saga", step = "one", reply_to = domain .. "__process_replies",
+                               command = {type = "Echo", data = data}}
+    end, "bad command field 'data': JSON object expected, got a table that encodes as an array")
+    assert.same({}, assert(bus:list_processes{domain = domain}))
+  end)
+
+  it("schedule raises, naming the option, and writes no schedule", function()
+    for _, data in ipairs(lists) do
+      local ok, err = pcall(bus.schedule, bus, {name = domain, domain = domain, type = "Echo", every = 60, data = data})
+      assert.is_false(ok)
+      raised("bad option 'data': JSON object expected, got a table that encodes as an array", err)
+    end
+    assert.same({}, assert(bus:list_schedules{domain = domain}))
+  end)
+
+  it("still sends an empty table as the empty object", function()
+    assert(bus:send{domain = domain, type = "Echo", data = {}})
+    assert(bus:send_batch{domain = domain, commands = {{type = "Echo", data = {}}}})
+    assert(bus:create_batch{domain = domain, commands = {{type = "Echo", data = {}}}})
+    local stored = helper.sql(("SELECT string_agg((message->'data')::text, ' ' ORDER BY msg_id) FROM pgmq.q_%s__commands"):format(domain))
+    assert.equal("{} {} {}", stored:match("^%s*(.-)%s*$"))
+    local s = assert(bus:schedule{name = domain, domain = domain, type = "Echo", every = 60, data = {}})
+    assert.equal("{}", helper.sql(("SELECT data::text FROM commandbus.schedule WHERE name = '%s'"):format(domain))
+                         :match("^%s*(.-)%s*$"))
+    assert.same({}, s.data)
+    assert(bus:unschedule(domain))
+  end)
+end)
+
 -- An options table may be a proxy (a config object) whose __index makes the
 -- values it hands out: then nothing but the call holds those strings, and a
 -- collection while the call reads its other options must not free them.

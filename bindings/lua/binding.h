@@ -139,6 +139,12 @@ int cbL_json_encode_any(lua_State *L, int idx);
  * one at `encoder`: a loop over many values looks it up once. */
 void cbL_push_json_encoder(lua_State *L);
 int cbL_json_encode_by(lua_State *L, int encoder, int idx);
+/* Whether a JSON text made by these encoders is an object. A command's data
+ * must be one (the contract shared with rcmd), and lua-cjson writes a Lua
+ * list, or any table whose keys are all positive integers, as an array. */
+#define cbL_json_is_object(json) ((json)[0] == '{')
+/* The message a caller gets for command data that is not an object. */
+#define CBL_DATA_NOT_OBJECT "JSON object expected, got a table that encodes as an array"
 /* Decodes a JSON text; pushes the value (or nil+message: returns 0). */
 int cbL_json_decode(lua_State *L, const char *text);
 
