@@ -1,5 +1,6 @@
 -- Sending commands and reading them back (docs/architecture.md, "Data
 -- contract": the command message, the tables, the SENT audit event).
+local commandbus = require "commandbus"
 local helper = require "spec.helper"
 local world = require "spec.support.world"
 local cjson = require "cjson"
@@ -485,6 +486,177 @@ describe("send with bad input", function()
     refused{domain = domain, type = "Echo", id = "nope"}
     refused{domain = domain, type = "Echo", reply_to = "Bad"}
     assert.same({}, assert(bus:list_commands{domain = domain}))
+  end)
+end)
+
+-- Command data is a JSON object by the contract shared with rcmd: a Lua list
+-- (or any table lua-cjson writes as an array) is refused at once, on every
+-- path that takes a command's data, and nothing is written.
+describe("command data that is not a JSON object", function()
+  local bus, domain
+
+  before_each(function()
+    bus = world.bus()
+    domain = world.domain()
+  end)
+
+  after_each(function() bus:close() end)
+
+  local lists = {{1, 2}, {"a"}, {[2] = "x"}, {{n = 1}}}
+
+  -- The error raised (under Lua 5.4 with the caller's position in front).
+  local function raised(message, err)
+    local text = tostring(err):gsub("^[^:]*:%d+: ", "")
+    assert.equal(message, text)
+  end
+
+  local function refused(call, message)
+    for _, data in ipairs(lists) do
+      local ok, err = pcall(call, data)
+      assert.is_false(ok)
+      raised(message, err)
+    end
+    assert.same({}, assert(bus:list_commands{domain = domain}))
+  end
+
+  it("send raises, naming the field", function()
+    refused(function(data) return bus:send{domain = domain, type = "Echo", data = data} end,
+            "bad command field 'data': JSON object expected, got a table that encodes as an array")
+  end)
+
+  it("request raises, naming the field", function()
+    refused(function(data) return bus:request{domain = domain, type = "Echo", data = data, timeout = 0} end,
+            "bad command field 'data': JSON object expected, got a table that encodes as an array")
+  end)
+
+  it("send_batch raises, naming the command's position, and writes none of the commands", function()
+    refused(function(data)
+      return bus:send_batch{domain = domain, commands = {{type = "Echo", data = {n = 1}}, {type = "Echo", data = data}}}
+    end, "bad command #2 field 'data': JSON object expected, got a table that encodes as an array")
+    -- Past the first piece of a streamed send (2,000 commands and more) too.
+    local many = {}
+    for i = 1, 3000 do many[i] = {type = "Echo", data = {i = i}} end
+    many[2900].data = {1, 2}
+    local ok, err = pcall(bus.send_batch, bus, {domain = domain, commands = many})
+    assert.is_false(ok)
+    raised("bad command #2900 field 'data': JSON object expected, got a table that encodes as an array", err)
+    assert.same({}, assert(bus:list_commands{domain = domain}))
+  end)
+
+  it("create_batch raises, naming the command's position", function()
+    refused(function(data)
+      return bus:create_batch{domain = domain, commands = {{type = "Echo"}, {type = "Echo", data = data}}}
+    end, "bad command #2 field 'data': JSON object expected, got a table that encodes as an array")
+    assert.same({}, assert(bus:list_batches{domain = domain}))
+  end)
+
+  it("process_start raises for the first step's command, and writes no process", function()
+    refused(function(data)
+      return bus:process_start{domain = domain, type = "Saga", step = "one", reply_to = domain .. "__process_replies",
+                               command = {type = "Echo", data = data}}
+    end, "bad command field 'data': JSON object expected, got a table that encodes as an array")
+    assert.same({}, assert(bus:list_processes{domain = domain}))
+  end)
+
+  it("schedule raises, naming the option, and writes no schedule", function()
+    for _, data in ipairs(lists) do
+      local ok, err = pcall(bus.schedule, bus, {name = domain, domain = domain, type = "Echo", every = 60, data = data})
+      assert.is_false(ok)
+      raised("bad option 'data': JSON object expected, got a table that encodes as an array", err)
+    end
+    assert.same({}, assert(bus:list_schedules{domain = domain}))
+  end)
+
+  it("still sends an empty table as the empty object", function()
+    assert(bus:send{domain = domain, type = "Echo", data = {}})
+    assert(bus:send_batch{domain = domain, commands = {{type = "Echo", data = {}}}})
+    assert(bus:create_batch{domain = domain, commands = {{type = "Echo", data = {}}}})
+    local stored = helper.sql(("SELECT string_agg((message->'data')::text, ' ' ORDER BY msg_id) FROM pgmq.q_%s__commands"):format(domain))
+    assert.equal("{} {} {}", stored:match("^%s*(.-)%s*$"))
+    local s = assert(bus:schedule{name = domain, domain = domain, type = "Echo", every = 60, data = {}})
+    assert.equal("{}", helper.sql(("SELECT data::text FROM commandbus.schedule WHERE name = '%s'"):format(domain))
+                         :match("^%s*(.-)%s*$"))
+    assert.same({}, s.data)
+    assert(bus:unschedule(domain))
+  end)
+end)
+
+-- An options table may be a proxy (a config object) whose __index makes the
+-- values it hands out: then nothing but the call holds those strings, and a
+-- collection while the call reads its other options must not free them.
+describe("options given through a metatable", function()
+  local bus, domain
+
+  before_each(function()
+    bus = world.bus()
+    domain = world.domain()
+  end)
+
+  after_each(function() bus:close() end)
+
+  -- Long text made anew at each call (referenced by nothing else until then).
+  local function text(prefix) return prefix .. "_" .. ("x"):rep(44) end
+
+  -- A table whose fields come from `fields` through __index (a function
+  -- there is called for a fresh string); reading field `last` collects
+  -- garbage first and makes strings of the same size, which take the memory
+  -- of anything freed.
+  local function proxy(fields, last)
+    return setmetatable({}, {__index = function(_, k)
+      if k == last then
+        collectgarbage("collect")
+        local fresh = {}
+        for j = 1, 200 do fresh[j] = ("other%03d_"):format(j) .. ("y"):rep(40) end
+      end
+      local v = fields[k]
+      if type(v) == "function" then return v() end
+      return v
+    end})
+  end
+
+  it("list_commands keeps every filter alive until the query is made", function()
+    assert(bus:send{domain = domain, type = text("Listed")})
+    local list = assert(bus:list_commands(proxy({domain = domain, type = function() return text("Listed") end},
+                                                "offset")))
+    assert.equal(1, #list)
+    assert.equal(text("Listed"), list[1].type)
+  end)
+
+  it("schedule keeps its name and type alive until the schedule is written", function()
+    local s = assert(bus:schedule(proxy({
+      name = function() return text(domain) end,
+      domain = domain,
+      type = function() return text("Tick") end,
+      every = 60,
+      data = {n = 1},
+    }, "data")))
+    assert.equal(text(domain), s.name)
+    assert.equal(text("Tick"), s.type)
+    assert(bus:unschedule(text(domain)))
+  end)
+
+  it("process_start keeps its type and step alive until the process is written", function()
+    local id = assert(bus:process_start(proxy({
+      domain = domain,
+      type = function() return text("Saga") end,
+      step = function() return text("step") end,
+      reply_to = domain .. "__process_replies",
+      state = {n = 1},
+      command = {type = "Reserve"},
+    }, "state")))
+    local p = assert(bus:get_process(domain, id))
+    assert.equal(text("Saga"), p.type)
+    assert.equal(text("step"), p.current_step)
+  end)
+
+  it("connect keeps application_name alive until the connections are made", function()
+    local name = function() return "app_" .. ("z"):rep(40) end
+    local b = assert(commandbus.connect(os.getenv("DATABASE_URL"),
+                                        proxy({application_name = name}, "notify_after_commit")))
+    assert(b:list_commands{domain = domain})
+    local seen = helper.sql(("SELECT count(*) FROM pg_stat_activity WHERE application_name = '%s'"):format(name()))
+    b:close()
+    assert.is_true(tonumber(seen:match("%d+")) > 0)
   end)
 end)
 

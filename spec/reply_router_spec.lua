@@ -266,6 +266,37 @@ describe("reply router", function()
     assert.equal(0, assert(commands:metrics()).queue_length) -- no Charge command went out
   end)
 
+  it("leaves the reply for redelivery when the next step's data is not a JSON object", function()
+    -- A list as the next step's data went out as a JSON array, where the
+    -- contract shared with rcmd has a command's data an object.
+    local broken = {}
+    for k, v in pairs(saga.Order) do broken[k] = v end
+    broken.build_command = function(step, state)
+      if step == "reserve" then return saga.Order.build_command(step, state) end
+      return {type = "Charge", data = {state.order, step}}
+    end
+    local manager = setmetatable(broken, getmetatable(saga.Order))
+    local id = assert(order:start(bus, {order = 1}))
+    local commands = assert(bus:queue(domain .. "__commands"))
+    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", poll_interval = 0.05})
+    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
+    worker:close()
+    local router
+    router = assert(bus:reply_router{domain = domain, managers = {Order = manager}, poll_interval = 0.05})
+    router:run{tick_interval = 0.05, tick = function()
+      local h = router:health()
+      return h.failures < 1 and h.applied < 1
+    end}
+    local health = router:health()
+    router:close()
+    assert.equal(0, health.applied)
+    assert.is_true(health.failures >= 1)
+    local p = assert(bus:get_process(domain, id))
+    assert.equal("WAITING", p.status)
+    assert.equal("reserve", p.current_step)
+    assert.equal(0, assert(commands:metrics()).queue_length) -- no Charge command went out
+  end)
+
   it("checks run() and start() as a worker does, and reports its health alike", function()
     local router = assert(bus:reply_router{domain = domain, managers = {Order = saga.Order}})
     local worker = assert(bus:worker{domain = domain, handlers = {}})

@@ -76,8 +76,12 @@ int cbL_text_at(lua_State *L, int idx, const char *name, const char **out);
 int cbL_opt_number(lua_State *L, int idx, const char *name, double def, double min, double max, double *out);
 int cbL_opt_integer(lua_State *L, int idx, const char *name, int64_t def, int64_t min, int64_t max, int64_t *out);
 int cbL_opt_int(lua_State *L, int idx, const char *name, int def, int min, int max, int *out);
+/* A text field: its string is left on the stack (nothing when absent), for
+ * the caller to keep while it uses the text (an options table's __index may
+ * make the string, then nothing else holds it). */
 int cbL_opt_text(lua_State *L, int idx, const char *name, const char *def, const char **out);
-/* A required text field: nil raises like any wrong type. */
+/* A required text field, left on the stack the same way: nil raises like
+ * any wrong type. */
 int cbL_field_text(lua_State *L, int idx, const char *name, const char **out);
 /* The value at idx as an int64 (number or decimal string); returns 0 without
  * raising for other types (the caller says what it expected), or after
@@ -135,6 +139,12 @@ int cbL_json_encode_any(lua_State *L, int idx);
  * one at `encoder`: a loop over many values looks it up once. */
 void cbL_push_json_encoder(lua_State *L);
 int cbL_json_encode_by(lua_State *L, int encoder, int idx);
+/* Whether a JSON text made by these encoders is an object. A command's data
+ * must be one (the contract shared with rcmd), and lua-cjson writes a Lua
+ * list, or any table whose keys are all positive integers, as an array. */
+#define cbL_json_is_object(json) ((json)[0] == '{')
+/* The message a caller gets for command data that is not an object. */
+#define CBL_DATA_NOT_OBJECT "JSON object expected, got a table that encodes as an array"
 /* Decodes a JSON text; pushes the value (or nil+message: returns 0). */
 int cbL_json_decode(lua_State *L, const char *text);
 

@@ -269,23 +269,27 @@ int cbL_text_at(lua_State *L, int idx, const char *name, const char **out) {
   return text_at(L, lua_absindex(L, idx), 0, name, out);
 }
 
+/* A text option's string stays on the stack, above what was there: popped,
+ * it may be referenced by nothing (an options table whose __index makes its
+ * values, a proxy or config object), and the collector, run by whatever the
+ * call does next (reading another option through __index, any allocation),
+ * would free the text the caller still points at. The slot keeps it until
+ * the calling C function returns. */
 int cbL_opt_text(lua_State *L, int idx, const char *name, const char *def, const char **out) {
   idx = lua_absindex(L, idx);
+  luaL_checkstack(L, 4, name); /* the string kept, and nil, err above it */
   if (!push_field(L, idx, name)) {
     *out = def;
     return 1;
   }
-  int ok = text_at(L, -1, 0, name, out);
-  if (ok) lua_pop(L, 1); /* still referenced by the options table */
-  return ok;
+  return text_at(L, -1, 0, name, out);
 }
 
 int cbL_field_text(lua_State *L, int idx, const char *name, const char **out) {
   idx = lua_absindex(L, idx);
+  luaL_checkstack(L, 4, name);
   if (!push_field(L, idx, name)) return luaL_error(L, "bad option '%s': string expected, got nil", name);
-  int ok = text_at(L, -1, 0, name, out);
-  if (ok) lua_pop(L, 1);
-  return ok;
+  return text_at(L, -1, 0, name, out); /* the string stays, as for cbL_opt_text */
 }
 
 /* ---- tables ------------------------------------------------------------------------- */

@@ -180,6 +180,7 @@ static int read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command
       return 0;
     }
     spec->data_json = lua_tostring(L, -1);
+    if (!cbL_json_is_object(spec->data_json)) spec_raise(L, what, i, " field 'data': " CBL_DATA_NOT_OBJECT);
     /* keeps the string alive: in the table anchor_idx at i, or (i 0, a
      * single command) in the stack slot anchor_idx itself */
     if (i > 0) lua_rawseti(L, anchor_idx, i);

@@ -121,6 +121,15 @@ static int decide_reply(lua_State *L, int managers, int decide, int anchor, int 
       lua_settop(L, top);
       return 0;
     }
+    if (!cbL_json_is_object(decision->next_data_json)) { /* a list: rcmd's command data is an object */
+      cb_log(CB_LOG_WARN,
+             "reply router %s: the data of the command for step %s of process %s is not a JSON object (%.40s); "
+             "the reply comes back later",
+             domain_of(r), decision->step ? decision->step : "?", reply->process_id, decision->next_data_json);
+      cb_reply_router_release(r, reply);
+      lua_settop(L, top);
+      return 0;
+    }
   }
   lua_settop(L, top);
   return 1;

@@ -36,6 +36,7 @@ static int l_schedule(lua_State *L) {
       !cbL_opt_int(L, 2, "priority", 0, CB_PRIORITY_MIN, CB_PRIORITY_MAX, &s.priority) ||
       !cbL_opt_json(L, 2, "data", &s.data_json))
     return 2;
+  if (s.data_json && !cbL_json_is_object(s.data_json)) luaL_error(L, "bad option 'data': " CBL_DATA_NOT_OBJECT);
   if ((s.cron == NULL) == (s.every == 0))
     luaL_error(L, "bad schedule: either cron (a string) or every (seconds) expected");
   if (strcmp(missed, "skip") != 0 && strcmp(missed, "catch_up") != 0)
