@@ -238,12 +238,14 @@ describe("reply router", function()
     assert.equal(1, assert(bus:queue(domain .. "__process_replies"):metrics()).queue_length)
   end)
 
-  it("leaves the reply for redelivery when the next step's data cannot be encoded", function()
-    -- The next step's command went out with data {} in place of what
-    -- build_command returned, and the process moved on as if it were right.
+  -- Runs the saga's first step with a manager whose build_command is
+  -- `build_command`, then the reply router: the reply must be left for
+  -- redelivery, the process still waiting on its first step, and no next
+  -- command sent.
+  local function next_step_refused(build_command)
     local broken = {}
     for k, v in pairs(saga.Order) do broken[k] = v end
-    broken.build_command = function(step) return {type = "Charge", data = {blob = "\255", step = step}} end
+    broken.build_command = build_command
     local manager = setmetatable(broken, getmetatable(saga.Order))
     local id = assert(order:start(bus, {order = 1}))
     local commands = assert(bus:queue(domain .. "__commands"))
@@ -264,37 +266,21 @@ describe("reply router", function()
     assert.equal("WAITING", p.status)
     assert.equal("reserve", p.current_step)
     assert.equal(0, assert(commands:metrics()).queue_length) -- no Charge command went out
+  end
+
+  it("leaves the reply for redelivery when the next step's data cannot be encoded", function()
+    -- The next step's command went out with data {} in place of what
+    -- build_command returned, and the process moved on as if it were right.
+    next_step_refused(function(step) return {type = "Charge", data = {blob = "\255", step = step}} end)
   end)
 
   it("leaves the reply for redelivery when the next step's data is not a JSON object", function()
     -- A list as the next step's data went out as a JSON array, where the
     -- contract shared with rcmd has a command's data an object.
-    local broken = {}
-    for k, v in pairs(saga.Order) do broken[k] = v end
-    broken.build_command = function(step, state)
+    next_step_refused(function(step, state)
       if step == "reserve" then return saga.Order.build_command(step, state) end
       return {type = "Charge", data = {state.order, step}}
-    end
-    local manager = setmetatable(broken, getmetatable(saga.Order))
-    local id = assert(order:start(bus, {order = 1}))
-    local commands = assert(bus:queue(domain .. "__commands"))
-    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", poll_interval = 0.05})
-    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
-    worker:close()
-    local router
-    router = assert(bus:reply_router{domain = domain, managers = {Order = manager}, poll_interval = 0.05})
-    router:run{tick_interval = 0.05, tick = function()
-      local h = router:health()
-      return h.failures < 1 and h.applied < 1
-    end}
-    local health = router:health()
-    router:close()
-    assert.equal(0, health.applied)
-    assert.is_true(health.failures >= 1)
-    local p = assert(bus:get_process(domain, id))
-    assert.equal("WAITING", p.status)
-    assert.equal("reserve", p.current_step)
-    assert.equal(0, assert(commands:metrics()).queue_length) -- no Charge command went out
+    end)
   end)
 
   it("checks run() and start() as a worker does, and reports its health alike", function()
