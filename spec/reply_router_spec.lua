@@ -217,10 +217,12 @@ describe("reply router", function()
     assert.equal("WAITING", assert(bus:get_process(domain, id)).status)
   end)
 
-  it("leaves the reply for redelivery when a hook raises, and counts a failure", function()
+  -- A manager whose update_state raises `value`: the reply must be left for
+  -- redelivery, a failure counted, and run() go on.
+  local function hook_raises(value)
     local broken = {}
     for k, v in pairs(saga.Order) do broken[k] = v end
-    broken.update_state = function() error("hook broke") end
+    broken.update_state = function() error(value) end
     local manager = setmetatable(broken, getmetatable(saga.Order))
     local id = assert(order:start(bus, {order = 1}))
     local commands = assert(bus:queue(domain .. "__commands"))
@@ -236,6 +238,16 @@ describe("reply router", function()
     assert.equal("WAITING", assert(bus:get_process(domain, id)).status)
     -- The reply is still there, hidden until its visibility timeout passes.
     assert.equal(1, assert(bus:queue(domain .. "__process_replies"):metrics()).queue_length)
+  end
+
+  it("leaves the reply for redelivery when a hook raises, and counts a failure", function()
+    hook_raises("hook broke")
+  end)
+
+  it("does the same when the hook raises a value that cannot be turned into text", function()
+    -- The log line's tostring() ran the value's __tostring unprotected: the
+    -- error escaped run() (a lane of its own would have aborted the process).
+    hook_raises(setmetatable({}, {__tostring = function() error("cannot say") end}))
   end)
 
   -- Runs the saga's first step with a manager whose build_command is

@@ -38,7 +38,9 @@ static inline void cbL_pushint64(lua_State *L, int64_t v) {
 #endif
 }
 
-/* tostring(value at idx), pushed on the stack (luaL_tolstring is 5.2+). */
+/* tostring(value at idx), pushed on the stack (luaL_tolstring is 5.2+).
+ * Never raises: a __tostring that raises or gives no string yields the
+ * value's type name and why. */
 const char *cbL_tostring(lua_State *L, int idx);
 
 /* ---- checks at the door (checks.c) ---------------------------------------------

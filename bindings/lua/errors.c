@@ -65,9 +65,17 @@ const char *cbL_tostring(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
   lua_getglobal(L, "tostring");
   lua_pushvalue(L, idx);
-  lua_call(L, 1, 1);
-  const char *s = lua_tostring(L, -1);
-  return s ? s : "?";
+  /* Protected: the value's __tostring may raise, and on a lane's own state
+   * nothing would catch it but a panic. */
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    const char *why = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1);
+    lua_pushfstring(L, "%s (its __tostring raised: %s)", luaL_typename(L, idx), why);
+    lua_remove(L, -2);
+  } else if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_pop(L, 1);
+    lua_pushfstring(L, "%s (its __tostring gave no string)", luaL_typename(L, idx));
+  }
+  return lua_tostring(L, -1);
 }
 
 void cbL_new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc, lua_CFunction tostring) {

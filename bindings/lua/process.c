@@ -287,18 +287,6 @@ static int l_on_process_event(lua_State *L) {
   return 1;
 }
 
-/* The sink's error value at the top as text for the log line, pushed above
- * it; never raises (tostring() runs the value's __tostring, which may). */
-static const char *sink_error_text(lua_State *L) {
-  int idx = lua_gettop(L);
-  lua_getglobal(L, "tostring");
-  lua_pushvalue(L, idx);
-  if (lua_pcall(L, 1, 1, 0) == 0 && lua_type(L, -1) == LUA_TSTRING) return lua_tostring(L, -1);
-  lua_pop(L, 1);
-  lua_pushstring(L, luaL_typename(L, idx));
-  return lua_tostring(L, -1);
-}
-
 int cbL_dispatch_events(lua_State *L, int bus_idx, int max) {
   bus_idx = lua_absindex(L, bus_idx);
   cbL_bus *bus = cbL_checkbus(L, bus_idx);
@@ -316,7 +304,7 @@ int cbL_dispatch_events(lua_State *L, int bus_idx, int max) {
         push_event(L, events[i]);
         if (lua_pcall(L, 1, 0, 0) != 0) { /* the write stands whatever the sink does */
           cb_log(CB_LOG_WARN, "process event sink raised on %s #%lld of process %s: %s", events[i]->event_type,
-                 (long long)events[i]->sequence, events[i]->process_id, sink_error_text(L));
+                 (long long)events[i]->sequence, events[i]->process_id, cbL_tostring(L, -1));
           lua_pop(L, 2);
         }
       }
