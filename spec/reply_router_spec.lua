@@ -217,47 +217,14 @@ describe("reply router", function()
     assert.equal("WAITING", assert(bus:get_process(domain, id)).status)
   end)
 
-  -- A manager whose update_state raises `value`: the reply must be left for
-  -- redelivery, a failure counted, and run() go on.
-  local function hook_raises(value)
+  -- Runs the saga's first step, then the reply router with a manager whose
+  -- hooks `overrides` replaces: the reply must be left for redelivery (a
+  -- failure counted, nothing applied, run() going on), the process still
+  -- waiting on its first step, and no next command sent.
+  local function refused(overrides)
     local broken = {}
     for k, v in pairs(saga.Order) do broken[k] = v end
-    broken.update_state = function() error(value) end
-    local manager = setmetatable(broken, getmetatable(saga.Order))
-    local id = assert(order:start(bus, {order = 1}))
-    local commands = assert(bus:queue(domain .. "__commands"))
-    local worker = assert(bus:worker{domain = domain, handlers = "spec.support.saga_handlers", poll_interval = 0.05})
-    worker:run{tick_interval = 0.05, tick = function() return assert(commands:metrics()).queue_length > 0 end}
-    worker:close()
-    local router
-    router = assert(bus:reply_router{domain = domain, managers = {Order = manager}, poll_interval = 0.05})
-    router:run{tick_interval = 0.05, tick = function() return router:health().failures < 1 end}
-    local health = router:health()
-    router:close()
-    assert.is_true(health.failures >= 1)
-    assert.equal("WAITING", assert(bus:get_process(domain, id)).status)
-    -- The reply is still there, hidden until its visibility timeout passes.
-    assert.equal(1, assert(bus:queue(domain .. "__process_replies"):metrics()).queue_length)
-  end
-
-  it("leaves the reply for redelivery when a hook raises, and counts a failure", function()
-    hook_raises("hook broke")
-  end)
-
-  it("does the same when the hook raises a value that cannot be turned into text", function()
-    -- The log line's tostring() ran the value's __tostring unprotected: the
-    -- error escaped run() (a lane of its own would have aborted the process).
-    hook_raises(setmetatable({}, {__tostring = function() error("cannot say") end}))
-  end)
-
-  -- Runs the saga's first step with a manager whose build_command is
-  -- `build_command`, then the reply router: the reply must be left for
-  -- redelivery, the process still waiting on its first step, and no next
-  -- command sent.
-  local function next_step_refused(build_command)
-    local broken = {}
-    for k, v in pairs(saga.Order) do broken[k] = v end
-    broken.build_command = build_command
+    for k, v in pairs(overrides) do broken[k] = v end
     local manager = setmetatable(broken, getmetatable(saga.Order))
     local id = assert(order:start(bus, {order = 1}))
     local commands = assert(bus:queue(domain .. "__commands"))
@@ -277,22 +244,34 @@ describe("reply router", function()
     local p = assert(bus:get_process(domain, id))
     assert.equal("WAITING", p.status)
     assert.equal("reserve", p.current_step)
-    assert.equal(0, assert(commands:metrics()).queue_length) -- no Charge command went out
+    assert.equal(0, assert(commands:metrics()).queue_length) -- no next command went out
+    -- The reply is still there, hidden until its visibility timeout passes.
+    assert.equal(1, assert(bus:queue(domain .. "__process_replies"):metrics()).queue_length)
   end
+
+  it("leaves the reply for redelivery when a hook raises, and counts a failure", function()
+    refused{update_state = function() error("hook broke") end}
+  end)
+
+  it("does the same when the hook raises a value that cannot be turned into text", function()
+    -- The log line's tostring() ran the value's __tostring unprotected: the
+    -- error escaped run() (a lane of its own would have aborted the process).
+    refused{update_state = function() error(setmetatable({}, {__tostring = function() error("cannot say") end})) end}
+  end)
 
   it("leaves the reply for redelivery when the next step's data cannot be encoded", function()
     -- The next step's command went out with data {} in place of what
     -- build_command returned, and the process moved on as if it were right.
-    next_step_refused(function(step) return {type = "Charge", data = {blob = "\255", step = step}} end)
+    refused{build_command = function(step) return {type = "Charge", data = {blob = "\255", step = step}} end}
   end)
 
   it("leaves the reply for redelivery when the next step's data is not a JSON object", function()
     -- A list as the next step's data went out as a JSON array, where the
     -- contract shared with rcmd has a command's data an object.
-    next_step_refused(function(step, state)
+    refused{build_command = function(step, state)
       if step == "reserve" then return saga.Order.build_command(step, state) end
       return {type = "Charge", data = {state.order, step}}
-    end)
+    end}
   end)
 
   it("checks run() and start() as a worker does, and reports its health alike", function()
