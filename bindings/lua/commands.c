@@ -142,7 +142,10 @@ static int read_command(lua_State *L, int idx, int anchor_idx, int i, cb_command
   idx = lua_absindex(L, idx);
   memset(spec, 0, sizeof *spec);
   if (lua_type(L, idx) != LUA_TTABLE) spec_raise(L, what, i, ": table expected, got %s", luaL_typename(L, idx));
-  if (i > 0 && plain_fields(L, idx, command_fields)) { /* an item of a list: the copy is kept in the anchor */
+  /* The copy is kept by the anchor for an item of a list, by the argument's
+   * own slot for a single command (i 0). The call's other options (domain,
+   * delay) stay alive on the stack (cbL_field_text, cbL_opt_text). */
+  if (plain_fields(L, idx, command_fields) && i > 0) {
     lua_pushvalue(L, idx);
     lua_rawseti(L, anchor_idx, -i);
   }
@@ -276,10 +279,6 @@ static int send_fields(lua_State *L, const char **domain, double *delay) {
  * for it), and the bus's runtime; NULL with nil, err pushed when something
  * is wrong. The keys come from the calling function's upvalues. */
 static cb_runtime *one_command(lua_State *L, const char **domain, double *delay, cb_command_spec *spec) {
-  static const char *const fields[] = {"domain",    "delay",    "type",      "id",           "correlation_id",
-                                       "reply_to",  "batch_id", "dedup_key", "max_attempts", "priority",
-                                       "dedup_for", "data",     NULL};
-  plain_fields(L, 2, fields); /* anchored in the argument's slot */
   if (!send_fields(L, domain, delay)) return NULL;
   lua_pushnil(L);
   int anchor = lua_gettop(L);
@@ -335,8 +334,6 @@ typedef struct batch_call {
 static int send_batch(lua_State *L) {
   batch_call *call = lua_touserdata(L, 4);
   lua_settop(L, 3);
-  static const char *const fields[] = {"domain", "delay", "commands", NULL};
-  plain_fields(L, 2, fields);
   const char *domain;
   double delay;
   if (!send_fields(L, &domain, &delay)) return 2;
@@ -474,8 +471,6 @@ static int l_audit(lua_State *L) {
 static int l_create_batch(lua_State *L) {
   cbL_checkbus(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  static const char *const fields[] = {"domain", "name", "custom_data", "commands", NULL};
-  plain_fields(L, 2, fields);
   const char *domain, *name, *custom;
   if (!cbL_field_text(L, 2, "domain", &domain) || !cbL_opt_text(L, 2, "name", NULL, &name)) return 2;
   size_t n = commands_field(L);
