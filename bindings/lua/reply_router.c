@@ -112,20 +112,15 @@ static int decide_reply(lua_State *L, int managers, int decide, int anchor, int 
     decision->next_type = anchored_field(L, cmd, "type", anchor, slot);
     lua_getfield(L, cmd, "data");
     decision->next_data_json = anchored_json(L, -1, "{}", anchor, slot);
-    if (decision->next_data_json == NULL) { /* never sent as {} in its place */
+    /* Never sent as {} in its place, nor as a list: rcmd's command data is an object. */
+    const char *bad = decision->next_data_json == NULL                ? lua_tostring(L, -1)
+                      : !cbL_json_is_object(decision->next_data_json) ? "not a JSON object"
+                                                                      : NULL;
+    if (bad) {
       cb_log(CB_LOG_WARN,
-             "reply router %s: the data of the command for step %s of process %s cannot be encoded: %s; the "
-             "reply comes back later",
-             domain_of(r), decision->step ? decision->step : "?", reply->process_id, lua_tostring(L, -1));
-      cb_reply_router_release(r, reply);
-      lua_settop(L, top);
-      return 0;
-    }
-    if (!cbL_json_is_object(decision->next_data_json)) { /* a list: rcmd's command data is an object */
-      cb_log(CB_LOG_WARN,
-             "reply router %s: the data of the command for step %s of process %s is not a JSON object (%.40s); "
-             "the reply comes back later",
-             domain_of(r), decision->step ? decision->step : "?", reply->process_id, decision->next_data_json);
+             "reply router %s: the data of the command for step %s of process %s cannot be sent: %s; the reply "
+             "comes back later",
+             domain_of(r), decision->step ? decision->step : "?", reply->process_id, bad);
       cb_reply_router_release(r, reply);
       lua_settop(L, top);
       return 0;
